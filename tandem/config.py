@@ -1,0 +1,108 @@
+"""Typed engine configuration: small frozen dataclasses composed into one `EngineConfig`.
+
+Each component reads only its own sub-config. Every field is an engine argument with the
+vLLM spelling (`LLM(model, block_size=..., max_num_seqs=...)`, `--block-size` on the CLI);
+`EngineConfig.from_kwargs` routes keyword arguments to the sub-config that owns them and
+rejects unknown names. Validation lives in `__post_init__` so a bad value fails at once,
+with the field named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str  # local Hugging Face-format directory
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    load_format: str = "auto"  # "dummy": random weights of the right shapes from config.json
+    device: str = "auto"  # auto: cuda if available, else cpu
+    seed: int = 0  # seeds dummy weights and unseeded sampling
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    chat_template: str | None = None  # path or literal jinja; overrides the model's own
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # overrides both memory-based sizings below
+    gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory the engine may use
+    cpu_kv_cache_gib: float = 2.0  # CPU: memory budget for the KV pool
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.cpu_kv_cache_gib <= 0:
+            raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # token budget of one step (decodes + prefill chunks)
+    max_num_seqs: int = 256  # most requests running at once
+    max_model_len: int = 0  # resolved by EngineConfig from the model; prompt + output limit
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @staticmethod
+    def from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
+        """Route vLLM-style engine arguments to their sub-configs; unknown names raise."""
+        parts: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {},
+                                             SchedulerConfig: {}}
+        owners = {f.name: cls for cls in parts for f in dataclasses.fields(cls)}
+        for name, value in kwargs.items():
+            if name not in owners or name == "model":
+                raise ValueError(f"unknown engine argument {name!r}")
+            if name == "max_model_len":  # read by both the model and the scheduler
+                parts[SchedulerConfig]["max_model_len"] = value or 0
+            parts[owners[name]][name] = value
+        return EngineConfig(ModelConfig(**parts[ModelConfig]), CacheConfig(**parts[CacheConfig]),
+                            SchedulerConfig(**parts[SchedulerConfig]))
+
+    def with_max_model_len(self, max_model_len: int) -> EngineConfig:
+        """The config once the model's context length is known (resolved at load time)."""
+        model = dataclasses.replace(self.model, max_model_len=max_model_len)
+        sched = dataclasses.replace(self.scheduler, max_model_len=max_model_len)
+        return dataclasses.replace(self, model=model, scheduler=sched)
+
+
+def engine_arg_fields() -> list[dataclasses.Field]:
+    """Every engine argument (for generating CLI flags), in declaration order."""
+    out = []
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+        out += [f for f in dataclasses.fields(cls) if f.name not in [g.name for g in out]]
+    return out
