@@ -1,1 +1,21 @@
-"""tandem: an LLM inference engine built around the prefill/decode split."""
+"""tandem: an LLM inference engine built around the prefill/decode split.
+
+A request's path, with the file that owns each arrow:
+
+    LLM.generate / server endpoint          engine/llm.py, server/
+      -> Engine.add_request                 engine/engine.py (validate, tokenize, n x Request)
+      -> Scheduler.schedule -> StepPlan     scheduler/scheduler.py, kv_cache/ (pure Python)
+      -> ModelRunner.execute                runner/model_runner.py (inputs -> model -> sampler)
+           model.forward(ids, positions, attn_metadata)   models/, layers/, kernels/
+      -> StepResult -> Scheduler.update     (append tokens, finish, free or cache blocks)
+      -> OutputProcessor.process            engine/output_processor.py (detokenize, stops)
+      -> RequestOutput                      outputs.py
+"""
+
+from tandem.assets import default_draft_model_dir, default_model_dir
+from tandem.engine.llm import LLM
+from tandem.outputs import CompletionOutput, RequestOutput
+from tandem.request import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "default_model_dir",
+           "default_draft_model_dir"]

@@ -1,0 +1,177 @@
+"""`tandem bench latency` and `tandem bench throughput`: offline benchmarks with a contract.
+
+Each prints a human table, then ONE JSON object as the last stdout line: the device, the
+workload, the measured numbers, the hardware bound (`roofline_s`, see roofline.py) and
+`roofline_fraction = roofline_s / elapsed_s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from tandem.bench.roofline import ModelShape, Workload, measure_rates, roofline_seconds
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, cwd=sys.path[0] or None).stdout.strip()
+    except Exception:  # not a checkout
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _random_prompts(n: int, lens: list[int], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(lens[i])] for i in range(n)]
+
+
+def _make_llm(args: argparse.Namespace):
+    from tandem.assets import default_model_dir
+    from tandem.cli import engine_kwargs
+    from tandem.engine.llm import LLM
+    return LLM(args.model or default_model_dir(), **engine_kwargs(args))
+
+
+def _report(rows: list[tuple[str, Any]], record: dict[str, Any]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    print(json.dumps(record))
+
+
+def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
+    runner = llm.engine.runner
+    return {"benchmark": name, "device": _device_name(runner.device),
+            "model": args.model or "default", "dtype": str(runner.dtype).replace("torch.", ""),
+            "load_format": args.load_format or "auto",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["tandem"] + sys.argv[1:]), "git_commit": _git_commit()}
+
+
+def _shape_and_rates(llm) -> tuple[ModelShape, float, float]:
+    from tandem.models.loader import read_hf_config
+    runner = llm.engine.runner
+    shape = ModelShape.from_hf(read_hf_config(llm.engine.config.model.model), runner.dtype)
+    flops, bw = measure_rates(runner.device, runner.dtype)
+    return shape, flops, bw
+
+
+def _max_batch(llm, total_len: int) -> int:
+    e = llm.engine
+    blocks_per_req = -(-total_len // e.config.cache.block_size)
+    return max(1, min(e.config.scheduler.max_num_seqs, e.runner.num_blocks // blocks_per_req))
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from tandem.request import SamplingParams
+    llm = _make_llm(args)
+    vocab = llm.engine.vocab_size
+    prompts = _random_prompts(args.batch_size, [args.input_len] * args.batch_size, vocab,
+                              args.seed or 0)
+    first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    full = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    for _ in range(args.warmup):
+        llm.generate(prompts, full, use_tqdm=False)
+    ttfts, totals = [], []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        llm.generate(prompts, first, use_tqdm=False)
+        ttfts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        llm.generate(prompts, full, use_tqdm=False)
+        totals.append(time.perf_counter() - t0)
+    ttft, total = sorted(ttfts)[len(ttfts) // 2], sorted(totals)[len(totals) // 2]
+    tpot = (total - ttft) / max(1, args.output_len - 1)
+    shape, flops, bw = _shape_and_rates(llm)
+    work = Workload([(args.input_len, args.output_len)] * args.batch_size, args.batch_size)
+    roof, roof_c, roof_m = roofline_seconds(shape, work, flops, bw)
+    record = _base_record("latency", args, llm) | {
+        "batch_size": args.batch_size, "input_len": args.input_len,
+        "output_len": args.output_len, "ttft_ms": ttft * 1e3, "ms_per_output_token": tpot * 1e3,
+        "output_tokens_per_s": args.batch_size * args.output_len / total, "elapsed_s": total,
+        "matmul_flops_per_s": flops, "mem_bytes_per_s": bw, "roofline_s": roof,
+        "roofline_compute_s": roof_c, "roofline_memory_s": roof_m,
+        "roofline_fraction": roof / total}
+    _report([("TTFT (ms)", ttft * 1e3), ("ms per output token", tpot * 1e3),
+             ("end-to-end (s)", total), ("roofline (s)", roof),
+             ("roofline fraction", roof / total)], record)
+    return 0
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from tandem.request import SamplingParams
+    llm = _make_llm(args)
+    vocab = llm.engine.vocab_size
+    rng = random.Random(args.seed or 0)
+    n = args.num_prompts
+    if args.input_len_range:
+        lo, hi = args.input_len_range
+        in_lens = [rng.randint(lo, hi) for _ in range(n)]
+        lo, hi = args.output_len_range or (args.output_len, args.output_len)
+        out_lens = [rng.randint(lo, hi) for _ in range(n)]
+    else:
+        in_lens, out_lens = [args.input_len] * n, [args.output_len] * n
+    prompts = _random_prompts(n, in_lens, vocab, args.seed or 0)
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
+    if args.warmup:
+        llm.generate(prompts[: min(n, 8)], params[: min(n, 8)], use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(in_lens)
+    shape, flops, bw = _shape_and_rates(llm)
+    work = Workload(list(zip(in_lens, out_lens)),
+                    _max_batch(llm, max(i + o for i, o in zip(in_lens, out_lens))))
+    roof, roof_c, roof_m = roofline_seconds(shape, work, flops, bw)
+    record = _base_record("throughput", args, llm) | {
+        "num_prompts": n, "input_len": args.input_len_range or args.input_len,
+        "output_len": args.output_len_range or args.output_len,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": (out_tokens + in_tokens) / elapsed, "elapsed_s": elapsed,
+        "matmul_flops_per_s": flops, "mem_bytes_per_s": bw, "roofline_s": roof,
+        "roofline_compute_s": roof_c, "roofline_memory_s": roof_m,
+        "roofline_fraction": roof / elapsed}
+    _report([("prompts", n), ("output tokens/s", out_tokens / elapsed),
+             ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
+             ("roofline (s)", roof), ("roofline fraction", roof / elapsed)], record)
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from tandem.cli import add_engine_args
+    bench = sub.add_parser("bench", help="offline benchmarks (table + one JSON line)")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    for name, fn in (("latency", run_latency), ("throughput", run_throughput)):
+        p = kinds.add_parser(name)
+        p.add_argument("--model", default=None, help="model directory (default: embedded)")
+        p.add_argument("--input-len", type=int, default=128)
+        p.add_argument("--output-len", type=int, default=128)
+        if name == "latency":
+            p.add_argument("--batch-size", type=int, default=1)
+            p.add_argument("--iters", type=int, default=3)
+            p.add_argument("--warmup", type=int, default=1)
+        else:
+            p.add_argument("--num-prompts", type=int, default=100)
+            p.add_argument("--input-len-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+                           help="mixed workload: uniform prompt lengths in [MIN, MAX]")
+            p.add_argument("--output-len-range", type=int, nargs=2, metavar=("MIN", "MAX"))
+            p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+        add_engine_args(p)
+        p.set_defaults(func=fn)

@@ -1,0 +1,129 @@
+"""The hardware bound of a workload: the least time the machine needs to do its work.
+
+    roofline_s = max(FLOPs / matmul rate, bytes / memory bandwidth)
+
+Both rates are measured at start on the benchmark's own device (a large matmul in the
+model's dtype; a device-to-device copy counting bytes read and written).
+FLOPs: 2 x parameters x tokens through every linear layer (the LM head only for rows that
+produce logits), plus attention (QK^T and PV: 4 x heads x head_dim x context per token).
+Bytes: every weight read once per decode step (the embedding only for the rows looked up),
+with as few steps as the KV pool allows (the largest batch it holds), plus every K/V byte
+written once and read once per attention over it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    dtype_bytes: int
+
+    @staticmethod
+    def from_hf(cfg: dict, dtype: torch.dtype) -> ModelShape:
+        heads = cfg["num_attention_heads"]
+        return ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+                          cfg.get("num_key_value_heads") or heads,
+                          cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                          cfg["intermediate_size"], cfg["vocab_size"],
+                          bool(cfg.get("tie_word_embeddings", False)),
+                          torch.empty((), dtype=dtype).element_size())
+
+    @property
+    def layer_params(self) -> int:
+        """Linear parameters of all decoder layers (norms are negligible)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        mlp = 3 * h * self.intermediate_size
+        return self.num_layers * (attn + mlp)
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def attention_flops(self, context: int) -> int:
+        """FLOPs of one token's attention over `context` keys, all layers."""
+        return 4 * self.num_layers * self.num_heads * self.head_dim * context
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """Per request: prompt length, output length (every request computes all its tokens)."""
+
+    requests: list[tuple[int, int]]
+    max_batch: int  # most requests that run at once (KV pool and max_num_seqs)
+
+
+def workload_flops(shape: ModelShape, w: Workload) -> float:
+    flops = 0.0
+    for p, o in w.requests:
+        tokens = p + o - 1  # the last sampled token is never fed back
+        flops += 2 * shape.layer_params * tokens + 2 * shape.lm_head_params * o
+        # Token at position t attends over t + 1 keys: sum_{t<n} (t + 1) = n(n+1)/2.
+        flops += shape.attention_flops(1) * tokens * (tokens + 1) / 2
+    return flops
+
+
+def workload_bytes(shape: ModelShape, w: Workload) -> float:
+    """Weights once per decode step at the largest batch, plus K/V written and read."""
+    outputs = sorted((o for _, o in w.requests), reverse=True)
+    # Decode steps if requests run in waves of max_batch, longest first.
+    steps = sum(outputs[i] for i in range(0, len(outputs), max(1, w.max_batch)))
+    weight_bytes = (shape.layer_params + shape.lm_head_params) * shape.dtype_bytes
+    total = steps * weight_bytes
+    kv = shape.kv_bytes_per_token
+    for p, o in w.requests:
+        total += (p + o - 1) * kv  # every K/V written once
+        total += p * kv  # prefill reads its own K/V once
+        total += sum(p + t for t in range(1, o)) * kv  # each decode reads its context
+    return total
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s in `dtype`, memory bytes/s counting reads and writes) on `device`."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    size = (1 << 30) if cuda else (1 << 27)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def timed(fn, reps: int) -> float:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / reps
+
+    flops = 2 * n**3 / timed(lambda: torch.mm(a, b), 10 if cuda else 3)
+    bw = 2 * size / timed(lambda: dst.copy_(src), 20 if cuda else 5)
+    return flops, bw
+
+
+def roofline_seconds(shape: ModelShape, w: Workload, flops_rate: float, bw: float
+                     ) -> tuple[float, float, float]:
+    """(roofline_s, compute-bound seconds, memory-bound seconds)."""
+    c = workload_flops(shape, w) / flops_rate
+    m = workload_bytes(shape, w) / bw
+    return max(c, m), c, m

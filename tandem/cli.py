@@ -1,0 +1,99 @@
+"""The `tandem` command: generate, serve, eval, bench latency|throughput.
+
+Engine flags are generated from the config dataclasses (`--max-num-seqs`, `--block-size`, ...),
+so every engine argument has exactly one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from tandem.config import engine_arg_fields
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("engine")
+    for f in engine_arg_fields():
+        if f.name in ("model",) + skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base = str(f.type).replace(" | None", "").strip()
+        if base == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, type=_TYPES[base], default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine arguments the user set (unset flags keep the config defaults)."""
+    names = {f.name for f in engine_arg_fields()} - {"model"}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tandem.assets import default_model_dir
+    from tandem.config import EngineConfig
+    from tandem.engine.engine import Engine
+    from tandem.request import SamplingParams
+
+    engine = Engine(EngineConfig.from_kwargs(args.model or default_model_dir(),
+                                             **engine_kwargs(args)))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
+    engine.add_request("cli", args.prompt, params)
+    sent = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[sent:])
+            sys.stdout.flush()
+            sent = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream a completion of one prompt to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="model directory (default: embedded model)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_engine_args(gen, skip=("seed",))
+    gen.set_defaults(func=_cmd_generate)
+
+    from tandem.bench.cli import add_bench_parser
+    add_bench_parser(sub)
+    try:
+        from tandem.server.cli import add_serve_parser
+        add_serve_parser(sub)
+    except ImportError:  # the server's optional dependencies are missing
+        pass
+    try:
+        from tandem.eval import add_eval_parser
+        add_eval_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValueError as e:  # bad input: a clear message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""`Engine`: the in-process core. `step()` is schedule, execute, update; nothing else.
+
+    add_request: validate -> tokenize -> n x Request -> Scheduler.add_request
+    step:        Scheduler.schedule -> StepPlan -> ModelRunner.execute -> StepResult
+                 -> Scheduler.update (tokens, finishes, block caching)
+                 -> OutputProcessor.process (detokenize, stop strings) -> RequestOutput
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from tandem.config import EngineConfig
+from tandem.engine.output_processor import OutputProcessor
+from tandem.engine.stats import EngineStats, split_step_tokens
+from tandem.engine.tokenizer import Tokenizer
+from tandem.models.loader import read_hf_config
+from tandem.outputs import RequestOutput, StepPlan
+from tandem.request import FinishReason, Request, SamplingParams
+from tandem.runner.model_runner import ModelRunner
+from tandem.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        model_dir = config.model.model
+        hf_config = read_hf_config(model_dir)
+        config = config.with_max_model_len(self._resolve_max_model_len(config, hf_config))
+        self.config = config
+        self.tokenizer = Tokenizer(model_dir, config.model.chat_template)
+        self.runner = ModelRunner(config)
+        self.vocab_size = self.runner.vocab_size
+        num_blocks = self.runner.init_kv_cache()
+        capacity = num_blocks * config.cache.block_size
+        if config.model.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len={config.model.max_model_len} does not fit in the KV cache: "
+                f"{num_blocks} blocks x block_size {config.cache.block_size} = {capacity} tokens "
+                f"({self.runner.block_bytes * num_blocks / 2**30:.2f} GiB). Lower max_model_len "
+                f"or give the cache more memory (num_kv_blocks, gpu_memory_utilization, "
+                f"cpu_kv_cache_gib)")
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self._step = 0
+        self._last_split = (0, 0)
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        logger.info("engine ready: %s, %s on %s, KV cache %d blocks x %d = %d tokens",
+                    model_dir, self.runner.dtype, self.runner.device, num_blocks,
+                    config.cache.block_size, capacity)
+
+    @staticmethod
+    def _resolve_max_model_len(config: EngineConfig, hf_config: dict) -> int:
+        derived = int(hf_config.get("max_position_embeddings") or 2048)
+        asked = config.model.max_model_len
+        if asked is not None and asked > derived:
+            raise ValueError(f"max_model_len={asked} exceeds the model's "
+                             f"max_position_embeddings={derived}")
+        return asked or derived
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.model.max_model_len
+
+    # ---- requests ------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text, token ids or {"prompt_token_ids": ...}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got "
+                         f"{type(prompt).__name__}")
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids out of the vocabulary [0, {self.vocab_size}): "
+                             f"{bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, but max_model_len is "
+                             f"{self.max_model_len} (leaving no room to generate)")
+        if params.prompt_logprobs is not None and len(token_ids) < 1:
+            raise ValueError("prompt_logprobs needs a prompt")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Validate and queue; raises ValueError (naming the field) and changes nothing."""
+        if request_id in self.outputs.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        self.validate(token_ids, params)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:  # each sample is its own request; seeds differ per sample
+                child_params = dataclasses.replace(
+                    params, n=1, seed=None if params.seed is None else params.seed + i)
+            rid = request_id if params.n == 1 else f"{i}_{request_id}"
+            children.append(Request(rid, token_ids, child_params, self.eos_token_ids, arrival))
+        self.outputs.add(request_id, text, children)
+        for r in children:
+            self.scheduler.add_request(r)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort a user request (all n samples); its KV blocks are free on return."""
+        parent = self.outputs.parents.get(request_id)
+        if parent is None:
+            return None
+        self.scheduler.abort_requests([c.request.request_id for c in parent.children])
+        return self.outputs.aborted_output(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        updated = self.scheduler.update(plan, result)
+        self._account(plan, updated)
+        return self.outputs.process(plan, result, updated)
+
+    def _account(self, plan: StepPlan, updated: list[Request]) -> None:
+        self._step += 1
+        self._last_split = split_step_tokens(plan)
+        # A request's first token happens once (a recompute after preemption samples later
+        # tokens), so this counts each prompt once.
+        self._prompt_tokens += sum(r.num_prompt_tokens for r in updated
+                                   if len(r.output_token_ids) == 1)
+        self._generation_tokens += sum(1 for s in plan.seqs if s.sample)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        prefill, decode = self._last_split
+        return EngineStats(self._step, prefill, decode, s.num_running, s.num_waiting,
+                           s.num_kv_blocks_used, s.num_kv_blocks_total, s.kv_cache_usage,
+                           s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
+                           self._prompt_tokens, self._generation_tokens)

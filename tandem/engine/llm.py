@@ -1,0 +1,97 @@
+"""`LLM`: the offline API in the convention vLLM users know.
+
+    llm = LLM(model=DIR, max_num_seqs=64)
+    outs = llm.generate(["def fib(n):", [1, 2, 3]], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from tandem.config import EngineConfig
+from tandem.engine.engine import Engine, PromptType
+from tandem.outputs import RequestOutput
+from tandem.request import SamplingParams
+
+
+def _is_token_ids(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(t, int) for t in x)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        if model is None:
+            from tandem.assets import default_model_dir
+            model = default_model_dir()
+        self.engine = Engine(EngineConfig.from_kwargs(model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order.
+
+        Every prompt is validated before any is queued, so a ValueError leaves the engine
+        exactly as it was."""
+        if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(prompts))
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for "
+                             f"{len(prompts)} prompts")
+        tokenized = [self.engine.tokenize_prompt(p) for p in prompts]
+        for (_, token_ids), sp in zip(tokenized, params):
+            self.engine.validate(token_ids, sp)
+        ids = [str(next(self._ids)) for _ in prompts]
+        for rid, (text, token_ids), sp in zip(ids, tokenized, params):
+            self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them)."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        tok = self.engine.tokenizer
+        if chat_template is not None:
+            saved, tok.chat_template = tok.chat_template, chat_template
+        try:
+            prompts = [{"prompt": (t := tok.apply_chat_template(c, add_generation_prompt)),
+                        "prompt_token_ids": tok.encode(t, add_special_tokens=False)}
+                       for c in convs]
+        finally:
+            if chat_template is not None:
+                tok.chat_template = saved
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:  # leave nothing of this batch behind in the engine
+            for rid in pending:
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]

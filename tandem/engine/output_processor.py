@@ -1,0 +1,139 @@
+"""From updated `Request`s to `RequestOutput`s: detokenize, match stop strings, gather n > 1.
+
+A user request with n samples is n scheduler requests ("0_id", "1_id", ...) under one
+`ParentState`; its `RequestOutput` reports all n. Text in an unfinished output is only what
+is final (see detokenizer.py), so a streaming client may send `text[len(sent):]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tandem.engine.detokenizer import IncrementalDetokenizer
+from tandem.engine.tokenizer import Tokenizer
+from tandem.outputs import (CompletionOutput, Logprobs, RequestMetrics, RequestOutput, StepPlan,
+                            StepResult)
+from tandem.request import FinishReason, Request
+
+
+@dataclass(slots=True)
+class ChildState:
+    request: Request
+    index: int
+    detok: IncrementalDetokenizer | None
+    logprobs: list[Logprobs] | None
+    num_seen: int = 0  # output tokens already passed to the detokenizer
+
+
+@dataclass(slots=True)
+class ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[ChildState]
+    prompt_logprobs: list[Logprobs | None] | None
+    metrics: RequestMetrics
+    num_finished: int = 0
+    extra: dict = field(default_factory=dict)  # front ends may hang their own state here
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer | None,
+                 finish: Callable[[str, FinishReason], object]) -> None:
+        self.tokenizer = tokenizer
+        self.finish = finish  # scheduler.finish_request: ends a request a stop string matched
+        self.parents: dict[str, ParentState] = {}
+        self.child_to_parent: dict[str, ParentState] = {}
+
+    def add(self, request_id: str, prompt: str | None, children: list[Request]) -> ParentState:
+        first = children[0]
+        p = first.sampling_params
+        parent = ParentState(
+            request_id, prompt, first.prompt_token_ids,
+            [ChildState(r, i, IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids,
+                                                     r.sampling_params)
+                        if self.tokenizer is not None else None,
+                        [] if p.logprobs is not None else None)
+             for i, r in enumerate(children)],
+            [None] * len(first.prompt_token_ids) if p.prompt_logprobs is not None else None,
+            RequestMetrics(arrival_time=first.arrival_time))
+        self.parents[request_id] = parent
+        for r in children:
+            self.child_to_parent[r.request_id] = parent
+        return parent
+
+    def process(self, plan: StepPlan, result: StepResult, updated: list[Request]
+                ) -> list[RequestOutput]:
+        """The outputs of every parent that got a token or finished this step."""
+        touched: dict[str, ParentState] = {}
+        for i, seq in enumerate(plan.seqs):
+            parent = self.child_to_parent.get(seq.request.request_id)
+            if parent is None:
+                continue
+            child = next(c for c in parent.children if c.request is seq.request)
+            if result.logprobs and result.logprobs[i] is not None and child.logprobs is not None:
+                child.logprobs.append(result.logprobs[i])
+            if result.prompt_logprobs and result.prompt_logprobs[i] is not None:
+                entries = result.prompt_logprobs[i]
+                first = seq.start_pos + 1
+                parent.prompt_logprobs[first:first + len(entries)] = entries
+        for req in updated:
+            parent = self.child_to_parent.get(req.request_id)
+            if parent is None:
+                continue
+            child = next(c for c in parent.children if c.request is req)
+            self._advance(child)
+            touched[parent.request_id] = parent
+        return [self._output(p) for p in touched.values()]
+
+    def _advance(self, child: ChildState) -> None:
+        """Feed new tokens to the detokenizer; a matched stop string finishes the request."""
+        req = child.request
+        new = req.output_token_ids[child.num_seen:]
+        child.num_seen = len(req.output_token_ids)
+        if child.detok is None or not child.detok.add_tokens(new, finished=req.is_finished):
+            return
+        if req.is_finished:  # the stop string came with the last token allowed
+            req.finish_reason = FinishReason.STOP
+        else:
+            self.finish(req.request_id, FinishReason.STOP)
+
+    def aborted_output(self, request_id: str) -> RequestOutput | None:
+        """The final output of a user request after `Engine.abort_request`."""
+        parent = self.parents.get(request_id)
+        return self._output(parent) if parent is not None else None
+
+    def _output(self, parent: ParentState) -> RequestOutput:
+        outs = []
+        finished = True
+        for c in parent.children:
+            r = c.request
+            done = r.is_finished
+            finished &= done
+            text, stop_reason = "", None
+            if c.detok is not None:
+                c.detok.take_delta(done)
+                text = c.detok.text[: c.detok.num_streamed]
+                stop_reason = c.detok.stop_reason
+            if done and stop_reason is None and r.finish_reason is FinishReason.STOP:
+                last = r.output_token_ids[-1] if r.output_token_ids else None
+                stop_reason = last if last in r.sampling_params.stop_token_ids else None
+            token_ids = list(r.output_token_ids)
+            lps = list(c.logprobs) if c.logprobs is not None else None
+            cum = sum(d[t] for d, t in zip(lps, token_ids)) if lps else None
+            outs.append(CompletionOutput(
+                c.index, text, token_ids,
+                r.finish_reason.value if done and r.finish_reason else None,
+                stop_reason, lps, cum))
+        m = parent.metrics
+        firsts = [c.request.first_token_time for c in parent.children if c.request.first_token_time]
+        m.first_token_time = min(firsts) if firsts else None
+        if finished:
+            m.finished_time = max(c.request.finish_time or 0.0 for c in parent.children)
+            self.parents.pop(parent.request_id, None)
+            for c in parent.children:
+                self.child_to_parent.pop(c.request.request_id, None)
+        cached = max(parent.children[0].request.num_cached_tokens, 0)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
+                             parent.prompt_logprobs, outs, finished, m, cached)

@@ -1,0 +1,123 @@
+"""Turn a `StepPlan` into device tensors: model inputs, attention metadata, sampling rows.
+
+Built with plain Python lists and moved to the device in one copy per tensor; nothing here
+depends on the model. Row layout of the flattened step:
+
+    rows        | seq0 chunk (start..end) | seq1 (1 token) | ...
+    logits rows   last row of every seq that samples, then (if asked) prompt-logprob rows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.layers.attention_metadata import AttentionMetadata
+from tandem.outputs import StepPlan
+from tandem.runner.sampler import SamplingTensors
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    attn_metadata: AttentionMetadata
+    sample_rows: list[int]  # plan.seqs indices that sample, in logits-row order
+    logits_indices: torch.Tensor  # (S + P,) rows of hidden states to project to logits
+    prompt_lp_spans: list[tuple[int, int, int]]  # (seq index, first logits row, count)
+
+
+def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) -> ModelInputs:
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    query_start = [0]
+    seq_lens: list[int] = []
+    query_lens: list[int] = []
+    sample_rows: list[int] = []
+    sample_idx: list[int] = []
+    prompt_rows: list[int] = []
+    spans: list[tuple[int, int, int]] = []
+    for i, seq in enumerate(plan.seqs):
+        req, start, end, table = seq.request, seq.start_pos, seq.end_pos, seq.block_table
+        if seq.num_new_tokens == 1:
+            ids.append(req.token_at(start))
+        else:
+            ids.extend(req.all_token_ids[start:end])
+        rng = range(start, end)
+        pos.extend(rng)
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in rng)
+        row0 = query_start[-1]
+        query_start.append(row0 + seq.num_new_tokens)
+        query_lens.append(seq.num_new_tokens)
+        seq_lens.append(end)
+        if seq.sample:
+            sample_rows.append(i)
+            sample_idx.append(row0 + seq.num_new_tokens - 1)
+        if req.sampling_params.prompt_logprobs is not None:
+            # Row p predicts prompt token p + 1; only rows before the last prompt token count.
+            last = min(end, req.num_prompt_tokens - 1)
+            if last > start:
+                spans.append((i, len(prompt_rows), last - start))
+                prompt_rows.extend(range(row0, row0 + last - start))
+    max_blocks = max((len(s.block_table) for s in plan.seqs), default=1)
+    tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in plan.seqs]
+    meta = AttentionMetadata(
+        slot_mapping=_to(slots, torch.int64, device),
+        query_start_loc=_to(query_start, torch.int32, device),
+        seq_lens=_to(seq_lens, torch.int32, device),
+        block_tables=_to(tables, torch.int32, device),
+        query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+        max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),
+        block_size=block_size)
+    n = len(sample_idx)
+    spans = [(i, n + r, c) for i, r, c in spans]  # prompt rows follow the sampled rows
+    return ModelInputs(_to(ids, torch.int64, device), _to(pos, torch.int64, device), meta,
+                       sample_rows, _to(sample_idx + prompt_rows, torch.int64, device), spans)
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return _to([r + [pad] * (width - len(r)) for r in rows], torch.int64, device)
+
+
+def build_sampling_tensors(plan: StepPlan, sample_rows: list[int], vocab_size: int,
+                           generators: dict[str, torch.Generator], device: torch.device
+                           ) -> SamplingTensors:
+    reqs = [plan.seqs[i].request for i in sample_rows]
+    params = [r.sampling_params for r in reqs]
+    f32 = torch.float32
+    penalize = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                   or p.frequency_penalty != 0.0 for p in params)
+    repetition = any(p.repetition_penalty != 1.0 for p in params)
+    banned = [sorted(r.eos_token_ids | set(p.stop_token_ids))
+              if len(r.output_token_ids) < p.min_tokens else [] for r, p in zip(reqs, params)]
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingTensors(
+        temperature=_to([p.temperature for p in params], f32, device),
+        top_k=_to([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device),
+        top_p=_to([p.top_p for p in params], f32, device),
+        min_p=_to([p.min_p for p in params], f32, device),
+        repetition_penalty=_to([p.repetition_penalty for p in params], f32, device),
+        presence_penalty=_to([p.presence_penalty for p in params], f32, device),
+        frequency_penalty=_to([p.frequency_penalty for p in params], f32, device),
+        output_tokens=_padded([r.output_token_ids for r in reqs], vocab_size, device)
+        if penalize else None,
+        prompt_tokens=_padded([r.prompt_token_ids for r in reqs], vocab_size, device)
+        if repetition else None,
+        banned_tokens=_padded(banned, vocab_size, device) if any(banned) else None,
+        generators=[generators.get(r.request_id) for r in reqs],
+        all_greedy=all(p.temperature == 0.0 for p in params),
+        any_top_k=any(0 < p.top_k < vocab_size for p in params),
+        any_top_p=any(p.top_p < 1.0 for p in params),
+        any_min_p=any(p.min_p > 0.0 for p in params),
+        max_logprobs=max(asked, default=-1),
+    )

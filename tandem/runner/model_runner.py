@@ -1,0 +1,189 @@
+"""The model runner: owns the model, the KV pool and the sampler; executes one `StepPlan`.
+
+    StepPlan -> build_model_inputs -> model.forward -> compute_logits(selected rows)
+             -> Sampler (sampled rows) + log_softmax (prompt-logprob rows) -> StepResult
+
+It keeps one piece of per-request state: the `torch.Generator` of each seeded request, made
+on its first sampled step and dropped when the plan lists the request as finished.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tandem.config import EngineConfig
+from tandem.models.loader import load_model
+from tandem.outputs import Logprobs, StepPlan, StepResult
+from tandem.runner.input_batch import ModelInputs, build_model_inputs, build_sampling_tensors
+from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, num_blocks_for)
+from tandem.runner.sampler import Sampler, SamplerOutput
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        torch.manual_seed(config.model.seed)
+        self.model = load_model(config.model.model, self.dtype, self.device,
+                                config.model.load_format, config.model.seed)
+        self.vocab_size = self.model.vocab_size
+        self.block_size = config.cache.block_size
+        self.sampler = Sampler(self.vocab_size)
+        self.generators: dict[str, torch.Generator] = {}
+        self.num_blocks = 0
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV pool -------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        m = self.model
+        return kv_block_bytes(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim,
+                              self.dtype)
+
+    def init_kv_cache(self) -> int:
+        """Size the pool (profiling peak memory on CUDA), allocate and bind it; returns blocks."""
+        peak = self._profile_peak_memory() if self.device.type == "cuda" else 0
+        self.num_blocks = num_blocks_for(self.config.cache, self.block_bytes, self.device, peak)
+        m = self.model
+        self.kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, self.block_size,
+                                            m.num_kv_heads, m.head_dim, self.dtype, self.device)
+        for layer, cache in zip(m.attention_layers(), self.kv_caches):
+            layer.kv_cache = cache
+        return self.num_blocks
+
+    def _profile_peak_memory(self) -> int:
+        """Run the largest step the scheduler may plan on a scratch pool; return peak bytes."""
+        sched = self.config.scheduler
+        tokens = min(sched.max_num_batched_tokens, max(sched.max_model_len, 1) * sched.max_num_seqs)
+        scratch_blocks = -(-tokens // self.block_size) + 1
+        m = self.model
+        caches = allocate_kv_caches(m.num_layers, scratch_blocks, self.block_size,
+                                    m.num_kv_heads, m.head_dim, self.dtype, self.device)
+        for layer, cache in zip(m.attention_layers(), caches):
+            layer.kv_cache = cache
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        from tandem.layers.attention_metadata import AttentionMetadata
+        dev = self.device
+        seq_len = min(tokens, sched.max_model_len or tokens)
+        lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        per_seq = -(-seq_len // self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, device=dev) % (scratch_blocks * self.block_size),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(len(lens), per_seq, dtype=torch.int32, device=dev),
+            query_lens_cpu=lens, seq_lens_cpu=lens, max_query_len=max(lens),
+            max_seq_len=max(lens), block_size=self.block_size)
+        with torch.inference_mode():
+            ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+            hidden = self.model(ids, torch.arange(tokens, device=dev) % seq_len, meta)
+            rows = min(sched.max_num_seqs, tokens)
+            logits = self.model.compute_logits(hidden[:rows])
+            logits.float().log_softmax(-1).sort(dim=-1)  # the sampler's largest temporaries
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del caches, hidden, logits
+        for layer in m.attention_layers():
+            layer.kv_cache = torch.empty(0, device=dev)
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- one step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for rid in plan.finished_request_ids:
+            self.generators.pop(rid, None)
+        if plan.is_empty:
+            return StepResult([], [], [])
+        inputs = build_model_inputs(plan, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        num_sampled = len(inputs.sample_rows)
+        sampled = None
+        if num_sampled:
+            self._make_generators(plan, inputs)
+            tensors = build_sampling_tensors(plan, inputs.sample_rows, self.vocab_size,
+                                             self.generators, self.device)
+            sampled = self.sampler(logits[:num_sampled], tensors)
+        return self._to_result(plan, inputs, sampled, logits)
+
+    def _make_generators(self, plan: StepPlan, inputs: ModelInputs) -> None:
+        for i in inputs.sample_rows:
+            req = plan.seqs[i].request
+            seed = req.sampling_params.seed
+            if seed is not None and req.request_id not in self.generators:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(seed)
+                self.generators[req.request_id] = g
+                # A recomputed (preempted) request replays its earlier draws so its
+                # remaining samples match an uninterrupted run.
+                for _ in range(len(req.output_token_ids)):
+                    torch.empty(self.vocab_size, device=self.device).exponential_(generator=g)
+
+    def _to_result(self, plan: StepPlan, inputs: ModelInputs, sampled: SamplerOutput | None,
+                   logits: torch.Tensor) -> StepResult:
+        n = len(plan.seqs)
+        tokens: list[int | None] = [None] * n
+        logprobs: list[Logprobs | None] = [None] * n
+        if sampled is not None:
+            ids = sampled.token_ids.tolist()  # the step's one host synchronization
+            lp_vals = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+            lp_ids = sampled.logprob_token_ids.tolist() if lp_vals is not None else None
+            for row, i in enumerate(inputs.sample_rows):
+                tokens[i] = ids[row]
+                k = plan.seqs[i].request.sampling_params.logprobs
+                if k is not None and lp_vals is not None:
+                    logprobs[i] = dict(zip(lp_ids[row][: k + 1], lp_vals[row][: k + 1]))
+        prompt_lps: list[list[Logprobs | None] | None] = [None] * n
+        if inputs.prompt_lp_spans:
+            all_lp = logits[len(inputs.sample_rows):].float().log_softmax(dim=-1)
+            for i, row0, count in inputs.prompt_lp_spans:
+                prompt_lps[i] = self._prompt_logprobs(plan, i, all_lp[row0:row0 + count])
+        return StepResult(tokens, logprobs, prompt_lps)
+
+    def _prompt_logprobs(self, plan: StepPlan, i: int, lp: torch.Tensor) -> list[Logprobs | None]:
+        """Entries for prompt tokens start+1 .. start+count (row r predicts token r + 1)."""
+        seq = plan.seqs[i]
+        req = seq.request
+        k = req.sampling_params.prompt_logprobs or 0
+        targets = torch.tensor(req.prompt_token_ids[seq.start_pos + 1:
+                                                    seq.start_pos + 1 + lp.shape[0]],
+                               device=lp.device)
+        chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+        top_vals = top_vals.tolist() if k else None
+        top_ids = top_ids.tolist() if k else None
+        out: list[Logprobs | None] = []
+        for r, tok in enumerate(targets.tolist()):
+            entry = {tok: chosen[r]}
+            if top_vals is not None:
+                entry.update(zip(top_ids[r], top_vals[r]))
+                entry[tok] = chosen[r]
+            out.append(entry)
+        return out

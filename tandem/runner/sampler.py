@@ -1,0 +1,134 @@
+"""Batched sampling on the device: one row of logits per sequence that samples this step.
+
+Order of operations (the same as vLLM's, so outputs are comparable):
+    raw logprobs (returned to users)  <- log_softmax(logits)
+    min_tokens: ban EOS / stop tokens  -> penalties (repetition, presence, frequency)
+    greedy rows: argmax                -> other rows: / temperature, top-k, top-p, min-p masks
+    sample by the exponential race: argmax(p / q), q ~ Exp(1)   (== a draw from p)
+The race needs only one random vector per row, so a seeded request draws its row from its
+own generator and its samples do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters, built by the model runner for one step."""
+
+    temperature: torch.Tensor  # (N,) float32; 0 marks a greedy row
+    top_k: torch.Tensor  # (N,) int64; vocab_size when off
+    top_p: torch.Tensor  # (N,) float32; 1.0 when off
+    min_p: torch.Tensor  # (N,) float32; 0.0 when off
+    repetition_penalty: torch.Tensor  # (N,) float32; 1.0 when off
+    presence_penalty: torch.Tensor  # (N,) float32
+    frequency_penalty: torch.Tensor  # (N,) float32
+    output_tokens: torch.Tensor | None  # (N, L) int64 padded with vocab_size; None: no penalties
+    prompt_tokens: torch.Tensor | None  # (N, P) int64 padded with vocab_size (repetition only)
+    banned_tokens: torch.Tensor | None  # (N, B) int64 padded with vocab_size (min_tokens)
+    generators: list[torch.Generator | None]  # per row: the request's own generator, if seeded
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    max_logprobs: int  # most top-N asked by any row; -1: none asked
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # (N,) int64
+    logprobs: torch.Tensor | None  # (N, 1 + max_logprobs) float32: sampled token, then top-N
+    logprob_token_ids: torch.Tensor | None  # (N, 1 + max_logprobs) int64, same layout
+
+
+def _counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(N, L) padded ids -> (N, vocab) occurrence counts (the pad id vocab_size is dropped)."""
+    counts = torch.zeros(tokens.shape[0], vocab_size + 1, dtype=torch.float32,
+                         device=tokens.device)
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    vocab = logits.shape[1]
+    out_counts = _counts(t.output_tokens, vocab)
+    seen = out_counts > 0
+    if t.prompt_tokens is not None:
+        seen |= _counts(t.prompt_tokens, vocab) > 0
+    rep = t.repetition_penalty.unsqueeze(1)
+    # Repetition penalty (CTRL): shrink the logits of seen tokens toward "less likely".
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - t.frequency_penalty.unsqueeze(1) * out_counts
+    return logits - t.presence_penalty.unsqueeze(1) * (out_counts > 0).float()
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Mask (to -inf) every token outside each row's top-k, nucleus top-p and min-p sets."""
+    if t.any_min_p:
+        probs = logits.softmax(dim=-1)
+        thresh = t.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < thresh, _NEG_INF)
+    if not (t.any_top_k or t.any_top_p):
+        return logits
+    sorted_logits, idx = logits.sort(dim=-1, descending=False)  # ascending: the tail first
+    vocab = logits.shape[1]
+    if t.any_top_k:
+        # Keep the k largest: drop sorted positions below vocab - k.
+        kth = (vocab - t.top_k.clamp(1, vocab)).unsqueeze(1)
+        cutoff = sorted_logits.gather(1, kth)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < cutoff, _NEG_INF)
+    if t.any_top_p:
+        # Drop the tail whose total mass is <= 1 - top_p; the largest token always stays.
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1.0 - t.top_p.unsqueeze(1))
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
+
+
+def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]
+                       ) -> torch.Tensor:
+    q = torch.empty_like(probs).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:  # a seeded row draws from its own stream only
+            q[i].exponential_(generator=g)
+    return q
+
+
+class Sampler:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        # logits: (N, vocab) in any float dtype; all math in float32.
+        logits = logits[:, : self.vocab_size].float()
+        raw_logprobs = logits.log_softmax(dim=-1) if t.max_logprobs >= 0 else None
+        if t.banned_tokens is not None:
+            banned = torch.zeros(logits.shape[0], self.vocab_size + 1, dtype=torch.bool,
+                                 device=logits.device)
+            banned.scatter_(1, t.banned_tokens, True)
+            logits = logits.masked_fill(banned[:, : self.vocab_size], _NEG_INF)
+        if t.output_tokens is not None:
+            logits = apply_penalties(logits, t)
+        greedy = logits.argmax(dim=-1)
+        if t.all_greedy:
+            tokens = greedy
+        else:
+            temp = torch.where(t.temperature > 0, t.temperature, torch.ones_like(t.temperature))
+            scaled = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), t)
+            probs = scaled.softmax(dim=-1)
+            sampled = (probs / _exponential_noise(probs, t.generators)).argmax(dim=-1)
+            tokens = torch.where(t.temperature > 0, sampled, greedy)
+        if raw_logprobs is None:
+            return SamplerOutput(tokens, None, None)
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
+        top_vals, top_ids = raw_logprobs.topk(t.max_logprobs, dim=-1)
+        return SamplerOutput(tokens, torch.cat([chosen, top_vals], dim=1),
+                             torch.cat([tokens.unsqueeze(1), top_ids], dim=1))
