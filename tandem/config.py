@@ -88,8 +88,10 @@ class EngineConfig:
             if name not in owners or name == "model":
                 raise ValueError(f"unknown engine argument {name!r}")
             if name == "max_model_len":  # read by both the model and the scheduler
-                parts[SchedulerConfig]["max_model_len"] = value or 0
-            parts[owners[name]][name] = value
+                parts[SchedulerConfig][name] = value or 0
+                parts[ModelConfig][name] = value
+            else:
+                parts[owners[name]][name] = value
         return EngineConfig(ModelConfig(**parts[ModelConfig]), CacheConfig(**parts[CacheConfig]),
                             SchedulerConfig(**parts[SchedulerConfig]))
 

@@ -162,9 +162,9 @@ class ModelRunner:
                     logprobs[i] = dict(zip(lp_ids[row][: k + 1], lp_vals[row][: k + 1]))
         prompt_lps: list[list[Logprobs | None] | None] = [None] * n
         if inputs.prompt_lp_spans:
-            all_lp = logits[len(inputs.sample_rows):].float().log_softmax(dim=-1)
             for i, row0, count in inputs.prompt_lp_spans:
-                prompt_lps[i] = self._prompt_logprobs(plan, i, all_lp[row0:row0 + count])
+                lp = logits[row0:row0 + count].float().log_softmax(dim=-1)
+                prompt_lps[i] = self._prompt_logprobs(plan, i, lp)
         return StepResult(tokens, logprobs, prompt_lps)
 
     def _prompt_logprobs(self, plan: StepPlan, i: int, lp: torch.Tensor) -> list[Logprobs | None]:
