@@ -1,1 +1,87 @@
-"""(package docstring to be written)"""
+"""Kernels: attention backends behind one small interface and one dispatcher.
+
+An `AttentionBackend` owns the two operations an attention layer needs per step:
+
+    Attention.forward(q, k, v, meta)
+        -> backend.write_kv(k, v, kv_cache, meta.slot_mapping)     new K/V into cache slots
+        -> backend.forward(q, kv_cache, meta, scale)                paged causal attention
+
+Every backend uses the same KV cache layout, `kv_cache_shape(...)`:
+(2, num_blocks, block_size, num_kv_heads, head_dim), index 0 = K, 1 = V. The pure-PyTorch
+reference (`reference/`) is the spec and runs anywhere; fast backends (Triton, later)
+register themselves in `ATTENTION_BACKENDS` with the same signatures and are picked by
+`get_attention_backend(device)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from tandem.kernels import reference
+from tandem.layers.attention_metadata import AttentionMetadata
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    name: str
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """key, value: (num_tokens, num_kv_heads, head_dim) into kv_cache at slot_mapping."""
+        ...
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim)."""
+        ...
+
+
+class TorchReferenceBackend:
+    """The pure-PyTorch reference: CPU and CUDA, correct first, batched where it is cheap."""
+
+    name = "torch"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        reference.write_kv(key, value, kv_cache, slot_mapping)
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        return reference.paged_attention(query, kv_cache, meta, scale)
+
+
+ATTENTION_BACKENDS: dict[str, type] = {"torch": TorchReferenceBackend}
+# Preferred backend per device type, first available wins (Triton will go first for "cuda").
+_PREFERRED: dict[str, list[str]] = {"cpu": ["torch"], "cuda": ["torch"]}
+
+
+def register_attention_backend(name: str, cls: type, device_types: tuple[str, ...] = ()) -> None:
+    """Add a backend; listed device types will prefer it over the reference."""
+    ATTENTION_BACKENDS[name] = cls
+    for device_type in device_types:
+        _PREFERRED.setdefault(device_type, ["torch"]).insert(0, name)
+
+
+def get_attention_backend(name_or_device: str | torch.device = "torch") -> AttentionBackend:
+    """A backend by registered name ("torch"), or the preferred one for a device ("cuda:0")."""
+    if isinstance(name_or_device, str) and name_or_device in ATTENTION_BACKENDS:
+        return ATTENTION_BACKENDS[name_or_device]()
+    try:
+        device = torch.device(name_or_device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown attention backend {name_or_device!r}; "
+                         f"registered: {sorted(ATTENTION_BACKENDS)}") from None
+    name = _PREFERRED.get(device.type, ["torch"])[0]
+    return ATTENTION_BACKENDS[name]()
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                   head_dim: int) -> tuple[int, int, int, int, int]:
+    """Shape of one layer's KV cache tensor; index 0 = K, 1 = V."""
+    return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "TorchReferenceBackend",
+           "get_attention_backend", "kv_cache_shape", "register_attention_backend"]

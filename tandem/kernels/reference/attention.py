@@ -1,0 +1,114 @@
+"""Paged attention in plain PyTorch: the spec every fast kernel is tested against.
+
+KV cache layout, one tensor per attention layer (index 0 = K, 1 = V):
+
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    block b:  | slot b*bs+0 | slot b*bs+1 | ... | slot b*bs+bs-1 |
+    a sequence's position p lives in block block_table[p // bs], offset p % bs
+
+`write_kv` scatters the step's new K/V into their slots; `paged_attention` gathers each
+sequence's context through its block table and attends causally. The new tokens of a
+sequence are always the LAST `query_len` positions of its `seq_len`-long context, so query
+row j sits at absolute position `seq_len - query_len + j` and sees positions <= that.
+
+Decodes (query_len == 1) are batched into one padded gather + masked SDPA; longer chunks
+(prefills, chunked prefills, draft verification) run one SDPA each with an explicit causal
+mask whose diagonal is shifted by the cached prefix. Runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tandem.layers.attention_metadata import AttentionMetadata
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows into their cache slots (every slot must be valid, >= 0).
+
+    key, value: (num_tokens, num_kv_heads, head_dim); slot_mapping: (num_tokens,) int64.
+    """
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new query rows over its cached context.
+
+    query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
+    num_heads must be a multiple of num_kv_heads (GQA/MQA).
+    """
+    out = torch.empty_like(query)
+    starts = [0]
+    for q_len in meta.query_lens_cpu:
+        starts.append(starts[-1] + q_len)
+    decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
+    if decodes:
+        _decode_batch(query, kv_cache, meta, scale, decodes, [starts[i] for i in decodes], out)
+    for i, q_len in enumerate(meta.query_lens_cpu):
+        if q_len > 1:
+            rows = slice(starts[i], starts[i] + q_len)
+            out[rows] = _prefill_one(query[rows], kv_cache, meta.block_tables[i],
+                                     meta.seq_lens_cpu[i], scale)
+    return out
+
+
+def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor,
+                    num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first `num_positions` positions reached through `block_table`.
+
+    block_table: (..., max_blocks) -> K, V: (..., num_positions, num_kv_heads, head_dim).
+    """
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-num_positions // block_size)
+    blocks = block_table[..., :num_blocks].long()
+    lead = blocks.shape[:-1]
+    k = kv_cache[0][blocks].reshape(*lead, num_blocks * block_size, *kv_cache.shape[3:])
+    v = kv_cache[1][blocks].reshape(*lead, num_blocks * block_size, *kv_cache.shape[3:])
+    return k[..., :num_positions, :, :], v[..., :num_positions, :, :]
+
+
+def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, seqs: list[int], rows: list[int], out: torch.Tensor) -> None:
+    """One padded gather + masked SDPA for all single-token queries."""
+    device = query.device
+    seq_idx = torch.tensor(seqs, device=device)
+    row_idx = torch.tensor(rows, device=device)
+    lens = [meta.seq_lens_cpu[i] for i in seqs]
+    max_len = max(lens)
+    k, v = _gather_context(kv_cache, meta.block_tables[seq_idx], max_len)
+    # (decodes, max_len, kv_heads, head_dim) -> (decodes, kv_heads, max_len, head_dim)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    q = query[row_idx].unsqueeze(2)  # (num_decodes, num_heads, 1, head_dim)
+    lens_t = torch.tensor(lens, device=device)
+    # (num_decodes, max_len): True where the position exists in that sequence
+    valid = torch.arange(max_len, device=device)[None, :] < lens_t[:, None]
+    mask = valid[:, None, None, :]  # (num_decodes, 1, 1, max_len)
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                       scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out[row_idx] = o.squeeze(2)
+
+
+def _prefill_one(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 seq_len: int, scale: float) -> torch.Tensor:
+    """query: (query_len, num_heads, head_dim), the last query_len positions of seq_len."""
+    q_len = query.shape[0]
+    k, v = _gather_context(kv_cache, block_table, seq_len)  # (seq_len, num_kv_heads, head_dim)
+    q = query.transpose(0, 1).unsqueeze(0)  # (1, num_heads, query_len, head_dim)
+    k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, num_kv_heads, seq_len, head_dim)
+    v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
+    gqa = q.shape[1] != k.shape[1]
+    if q_len == seq_len:  # nothing cached before the chunk: plain causal
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        # Row j is absolute position seq_len - q_len + j: the diagonal shifts right.
+        pos_q = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        mask = torch.arange(seq_len, device=query.device)[None, :] <= pos_q[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.squeeze(0).transpose(0, 1)  # (query_len, num_heads, head_dim)

@@ -1,0 +1,49 @@
+"""The attention layer: new K/V into the paged cache, then causal attention over it.
+
+Holds no weights. The model runner allocates one KV cache tensor per layer and binds it:
+
+    for layer, cache in zip(model.attention_layers(), caches):
+        layer.kv_cache = cache   # (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+The arithmetic is the backend's (`tandem.kernels`); this layer only reshapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.kernels import AttentionBackend, get_attention_backend, kv_cache_shape
+from tandem.layers.attention_metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
+                 backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of "
+                             f"num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.backend = backend if backend is not None else get_attention_backend("torch")
+        self.kv_cache = torch.empty(0)  # bound by the model runner; a plain attribute, not a buffer
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return kv_cache_shape(num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata | None) -> torch.Tensor:
+        """q: (T, H*D), k, v: (T, Hkv*D) -> (T, H*D)."""
+        if meta is None:
+            raise ValueError("Attention.forward needs AttentionMetadata "
+                             "(built by the model runner)")
+        if self.kv_cache.numel() == 0:
+            raise RuntimeError("Attention.kv_cache is not bound; the model runner allocates it")
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
+        out = self.backend.forward(q, self.kv_cache, meta, self.scale)  # (T, H, D)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

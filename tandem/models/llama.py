@@ -1,0 +1,260 @@
+"""Llama and its close relatives, written like the paper: pre-norm decoder layers of
+grouped-query attention with rotary positions and a SwiGLU MLP.
+
+    input_ids (T,) -> embed_tokens -> [LlamaDecoderLayer] x L -> norm -> hidden (T, hidden)
+    LlamaDecoderLayer:  h = h + attn(rmsnorm(h));  h = h + mlp(rmsnorm(h))
+    attn:  qkv_proj -> (q_norm, k_norm: Qwen3) -> rotary -> paged attention -> o_proj
+    mlp:   down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up fused as gate_up_proj
+
+The relatives differ only in flags (`arch_flags`): Mistral has no biases; Qwen2 always
+biases q/k/v; Qwen3 adds a per-head RMSNorm on q and k before rotary and usually sets
+`head_dim` explicitly. The residual add is fused into the next RMSNorm, so a layer takes and
+returns (hidden, residual).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tandem.kernels import AttentionBackend
+from tandem.layers.activation import SiluAndMul
+from tandem.layers.attention import Attention
+from tandem.layers.attention_metadata import AttentionMetadata
+from tandem.layers.embedding import LMHead, VocabEmbedding
+from tandem.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
+from tandem.layers.norm import RMSNorm
+from tandem.layers.rotary import RotaryEmbedding, rope_parameters
+
+logger = logging.getLogger(__name__)
+
+# Checkpoint tensor name part -> (merged parameter name part, shard id of its weight_loader).
+STACKED_PARAMS = {".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"),
+                  ".v_proj.": (".qkv_proj.", "v"), ".gate_proj.": (".gate_up_proj.", 0),
+                  ".up_proj.": (".gate_up_proj.", 1)}
+IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaArgs:
+    """The fields of a Hugging Face config.json that this family reads."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None  # None: full attention (a window >= max positions is none)
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any], flags: dict[str, bool]) -> LlamaArgs:
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; only silu")
+        num_heads = hf["num_attention_heads"]
+        max_pos = hf.get("max_position_embeddings", 4096)
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        theta, scaling = rope_parameters(hf)
+        return LlamaArgs(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), max_position_embeddings=max_pos,
+            rope_theta=theta, rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=window if window is not None and window < max_pos else None,
+            **flags)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads,
+                                  args.num_kv_heads, bias=args.qkv_bias)
+        self.o_proj = RowLinear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(args.head_dim, args.max_position_embeddings,
+                                          args.rope_theta, args.rope_scaling)
+        self.attn = Attention(args.num_heads, args.head_dim, args.head_dim ** -0.5,
+                              args.num_kv_heads, backend)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head's D before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)
+        return self.o_proj(out)  # (T, hidden)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnLinear(args.hidden_size, [args.intermediate_size] * 2,
+                                               bias=args.mlp_bias)
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowLinear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args, backend)
+        self.mlp = LlamaMLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args, backend)
+                                    for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model the runner drives: forward -> hidden states, compute_logits -> logits."""
+
+    @staticmethod
+    def arch_flags(hf: dict[str, Any]) -> dict[str, bool]:
+        bias = bool(hf.get("attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
+                    qk_norm=False)
+
+    def __init__(self, hf_config: dict[str, Any],
+                 attn_backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.args = args = LlamaArgs.from_hf(hf_config, self.arch_flags(hf_config))
+        # What the runner reads to size and bind the KV cache, and to bound the context.
+        self.num_layers, self.num_kv_heads = args.num_layers, args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.vocab_size, self.hidden_size = args.vocab_size, args.hidden_size
+        self.max_position_embeddings = args.max_position_embeddings
+        self.sliding_window = args.sliding_window
+        self.tie_word_embeddings = args.tie_word_embeddings
+        if args.sliding_window is not None:
+            logger.warning("sliding_window=%d is not implemented: attention is full, so outputs "
+                           "are exact only up to %d tokens (clamp max_model_len to it)",
+                           args.sliding_window, args.sliding_window)
+        self.model = LlamaModel(args, attn_backend)
+        self.lm_head = LMHead(args.vocab_size, args.hidden_size)
+        if args.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (T,) -> final-normed hidden states (T, hidden)."""
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab_size), in the model dtype."""
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (HF names) into parameters; return the fully loaded names.
+
+        A merged parameter counts as loaded once every shard in its `shard_ids` arrived.
+        Raises ValueError naming the tensor on a shape mismatch or an unknown name.
+        """
+        params = dict(self.named_parameters())
+        shards_seen: dict[str, set] = {}
+        for name, tensor in weights:
+            if any(part in name for part in IGNORED_TENSORS):
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue  # tied: the head is the embedding
+            target, shard_id = name, None
+            for part, (merged, shard) in STACKED_PARAMS.items():
+                if part in name:
+                    target, shard_id = name.replace(part, merged), shard
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"unexpected tensor {name!r} in checkpoint: "
+                                 f"{type(self).__name__} has no parameter {target!r}")
+            try:
+                if shard_id is None:
+                    param.weight_loader(param, tensor)
+                else:
+                    param.weight_loader(param, tensor, shard_id)
+            except ValueError as err:
+                raise ValueError(f"tensor {name!r}: {err}") from None
+            shards_seen.setdefault(target, set()).add(shard_id)
+        return {name for name, seen in shards_seen.items()
+                if None in seen or seen >= set(getattr(params[name], "shard_ids", ()))}
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama without any bias (a finite sliding_window is only warned about)."""
+
+    @staticmethod
+    def arch_flags(hf: dict[str, Any]) -> dict[str, bool]:
+        return dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with biased q/k/v projections (always; o_proj and the MLP have none)."""
+
+    @staticmethod
+    def arch_flags(hf: dict[str, Any]) -> dict[str, bool]:
+        return dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama with RMSNorm on each query and key head before rotary (q_norm, k_norm)."""
+
+    @staticmethod
+    def arch_flags(hf: dict[str, Any]) -> dict[str, bool]:
+        bias = bool(hf.get("attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True)
