@@ -114,10 +114,9 @@ def run_latency(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_throughput(args: argparse.Namespace) -> int:
-    from tandem.request import SamplingParams
-    llm = _make_llm(args)
-    vocab = llm.engine.vocab_size
+def _throughput_workload(args: argparse.Namespace, vocab: int
+                         ) -> tuple[list[list[int]], list[int], list[int]]:
+    """(prompts, prompt lengths, output lengths): fixed, or uniform in the given ranges."""
     rng = random.Random(args.seed or 0)
     n = args.num_prompts
     if args.input_len_range:
@@ -127,14 +126,40 @@ def run_throughput(args: argparse.Namespace) -> int:
         out_lens = [rng.randint(lo, hi) for _ in range(n)]
     else:
         in_lens, out_lens = [args.input_len] * n, [args.output_len] * n
-    prompts = _random_prompts(n, in_lens, vocab, args.seed or 0)
+    return _random_prompts(n, in_lens, vocab, args.seed or 0), in_lens, out_lens
+
+
+def measure_tandem_throughput(llm, prompts: list[list[int]], out_lens: list[int],
+                              warmup: bool = True) -> tuple[float, int]:
+    """(elapsed seconds, output tokens) of one offline batch through the engine."""
+    from tandem.request import SamplingParams
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
-    if args.warmup:
-        llm.generate(prompts[: min(n, 8)], params[: min(n, 8)], use_tqdm=False)
+    if warmup:
+        llm.generate(prompts[:8], params[:8], use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def _measure_peer(args: argparse.Namespace, llm, prompts: list[list[int]], out_lens: list[int]
+                  ) -> dict[str, Any]:
+    from tandem.bench import peer
+    runner = llm.engine.runner
+    attn = "paged|sdpa" if args.backend == "transformers" else None
+    model = peer.load_hf_model(llm.engine.config.model.model, runner.device, runner.dtype, attn)
+    k = min(len(prompts), args.peer_num_prompts or len(prompts))
+    run = peer.run_hf_generate if args.backend == "hf-generate" else peer.run_hf_generate_batch
+    elapsed, tokens = run(model, prompts[:k], out_lens[:k])
+    return {"name": f"transformers {args.backend}", "num_prompts": k, "elapsed_s": elapsed,
+            "output_tokens_per_s": tokens / elapsed}
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    prompts, in_lens, out_lens = _throughput_workload(args, llm.engine.vocab_size)
+    n = len(prompts)
+    elapsed, out_tokens = measure_tandem_throughput(llm, prompts, out_lens, args.warmup)
     in_tokens = sum(in_lens)
     shape, flops, bw = _shape_and_rates(llm)
     work = Workload(list(zip(in_lens, out_lens)),
@@ -148,9 +173,16 @@ def run_throughput(args: argparse.Namespace) -> int:
         "matmul_flops_per_s": flops, "mem_bytes_per_s": bw, "roofline_s": roof,
         "roofline_compute_s": roof_c, "roofline_memory_s": roof_m,
         "roofline_fraction": roof / elapsed}
-    _report([("prompts", n), ("output tokens/s", out_tokens / elapsed),
-             ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
-             ("roofline (s)", roof), ("roofline fraction", roof / elapsed)], record)
+    rows = [("prompts", n), ("output tokens/s", out_tokens / elapsed),
+            ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
+            ("roofline (s)", roof), ("roofline fraction", roof / elapsed)]
+    if args.backend != "tandem":
+        peer_rec = _measure_peer(args, llm, prompts, out_lens)
+        record |= {"peer": peer_rec,
+                   "peer_speedup": record["output_tokens_per_s"] / peer_rec["output_tokens_per_s"]}
+        rows += [(f"{peer_rec['name']} output tokens/s", peer_rec["output_tokens_per_s"]),
+                 ("speedup over peer", record["peer_speedup"])]
+    _report(rows, record)
     return 0
 
 
@@ -173,5 +205,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                            help="mixed workload: uniform prompt lengths in [MIN, MAX]")
             p.add_argument("--output-len-range", type=int, nargs=2, metavar=("MIN", "MAX"))
             p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+            p.add_argument("--backend", choices=("tandem", "hf-generate", "transformers"),
+                           default="tandem", help="also measure a transformers peer: "
+                           "hf-generate (one padded generate call) or transformers "
+                           "(generate_batch, continuous batching)")
+            p.add_argument("--peer-num-prompts", type=int, default=None,
+                           help="run the peer on this many of the prompts (tokens/s compared)")
         add_engine_args(p)
         p.set_defaults(func=fn)
