@@ -1,0 +1,262 @@
+"""`Scheduler`: decides, each step, which requests compute how many tokens, and applies the
+runner's sampled tokens afterwards.
+
+Request state is counters, not phases: `num_computed_tokens` catches up with `num_tokens`.
+Prefill, chunked prefill, prefix-cache hits, decode and recompute after preemption all
+reduce to one rule: schedule the difference, within the step's token budget.
+
+    schedule():  1. RUNNING requests, in admission order: min(difference, budget) tokens each.
+                    Out of blocks -> preempt the most recently admitted running request
+                    (free its blocks, num_computed_tokens = 0, front of the waiting queue).
+                 2. If nothing was preempted: admit WAITING requests (FIFO, preempted ones
+                    at the front) while budget and max_num_seqs allow, after a prefix-cache
+                    lookup. Out of blocks -> stop admitting (never preempt for a newcomer).
+    update():    append sampled tokens, check stop conditions, free finished requests,
+                 register newly full blocks in the prefix cache.
+
+`num_computed_tokens` is advanced when a step is scheduled (the runner computes those
+tokens before `update` runs); `ScheduledSeq.start_pos` is the value before.
+
+Capacity guard: a request whose tokens need more blocks than the whole pool could never run.
+`add_request` raises ValueError for such a prompt, and `update` finishes a request with
+LENGTH once its tokens reach that size. So a lone request always fits, and the engine
+cannot hang on one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tandem.config import CacheConfig, SchedulerConfig
+from tandem.kv_cache import KVCacheManager
+from tandem.outputs import ScheduledSeq, StepPlan, StepResult
+from tandem.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """A snapshot for metrics and logs."""
+
+    num_running: int
+    num_waiting: int  # preempted requests included
+    num_kv_blocks_used: int  # blocks held by live requests (ref_cnt > 0)
+    num_kv_blocks_total: int
+    kv_cache_usage: float  # num_kv_blocks_used / num_kv_blocks_total
+    prefix_cache_queries: int  # cumulative prompt tokens looked up (first admission only)
+    prefix_cache_hits: int  # cumulative prompt tokens served from the prefix cache
+    num_preemptions: int  # cumulative
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig,
+                 num_blocks: int) -> None:
+        self.config = config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size,
+                                 cache_config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()  # FIFO; preempted requests re-enter at the front
+        self.running: list[Request] = []  # admission order: the last one is preempted first
+        self.requests: dict[str, Request] = {}  # every live (waiting or running) request
+        self._finished_ids: list[str] = []  # finished since the last plan, for the runner
+        self.num_preemptions = 0
+
+    # ---- intake -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (validated by the engine). Raises ValueError if its prompt needs
+        more KV blocks than the pool has, or its id is already live."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already live")
+        if not self._fits_in_pool(request.num_tokens):
+            raise ValueError(
+                f"request {request.request_id!r}: {request.num_tokens} tokens need more than "
+                f"the {self.kv.num_blocks} KV blocks of {self.block_size} tokens in the pool")
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def _fits_in_pool(self, num_tokens: int) -> bool:
+        return -(-num_tokens // self.block_size) <= self.kv.num_blocks
+
+    # ---- schedule -----------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Request] = []
+
+        # 1. Running requests: decodes and ongoing chunked prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new >= 1, f"running request {request.request_id} has nothing to compute"
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # most recently admitted; never one scheduled above
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._schedule_seq(request, request.num_computed_tokens, num_new))
+                budget -= num_new
+                i += 1
+
+        # 2. Waiting requests, unless this step already had to preempt (they would only
+        # take blocks back from the requests just preempted to make room).
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(request, num_new, hit_blocks):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens == -1:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._schedule_seq(request, num_hit, num_new))
+            budget -= num_new
+
+        # One-token queries (decodes) first, then longer chunks; stable, so within each
+        # group running requests keep admission order, ahead of newly admitted ones.
+        seqs = [s for s in scheduled if s.num_new_tokens == 1]
+        seqs += [s for s in scheduled if s.num_new_tokens != 1]
+        finished_ids, self._finished_ids = self._finished_ids, []
+        return StepPlan(
+            seqs=seqs,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            finished_request_ids=finished_ids,
+            preempted_request_ids=[r.request_id for r in preempted],
+        )
+
+    def _schedule_seq(self, request: Request, start_pos: int, num_new: int) -> ScheduledSeq:
+        request.num_computed_tokens = start_pos + num_new  # computed by the time update runs
+        return ScheduledSeq(
+            request=request,
+            start_pos=start_pos,
+            num_new_tokens=num_new,
+            block_table=list(self.kv.block_table(request.request_id)),
+            sample=start_pos + num_new == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute-style preemption: drop its K/V; it re-enters as one prefill of prompt
+        + output (its registered blocks may still be prefix hits then)."""
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- update -------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Apply one step's result. Returns the requests that got a token or finished, each
+        once, in plan order. Seqs whose request was aborted or finished since `schedule`
+        are skipped."""
+        touched: list[Request] = []
+        for seq, token in zip(plan.seqs, result.sampled_token_ids, strict=True):
+            request = seq.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            # Before the token is appended (and before a finish frees the blocks), so even
+            # a finishing request leaves its full blocks in the cache.
+            self.kv.cache_full_blocks(request)
+            if not seq.sample:
+                continue
+            if token is None:
+                raise ValueError(f"no sampled token for request {request.request_id}")
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = time.time()
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason)
+            touched.append(request)
+        return touched
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.sampling_params
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:
+            if token in request.eos_token_ids and not params.ignore_eos:
+                return FinishReason.STOP
+            if token in params.stop_token_ids:
+                return FinishReason.STOP
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return FinishReason.LENGTH
+        # max_model_len 0: not resolved (bare test configs), no limit.
+        if self.config.max_model_len and request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        # The capacity guard: computing the new token would need more blocks than exist.
+        if not self._fits_in_pool(request.num_tokens):
+            return FinishReason.LENGTH
+        return None
+
+    # ---- finishing from outside ---------------------------------------------------------
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Abort waiting or running requests; their blocks are freed at once. Unknown or
+        already finished ids are ignored. Returns the requests aborted."""
+        out = []
+        for rid in request_ids:
+            request = self.finish_request(rid, FinishReason.ABORT)
+            if request is not None:
+                out.append(request)
+        return out
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> Request | None:
+        """Finish a live request for `reason` (e.g. STOP on a stop string, found by the
+        engine's detokenizer). None if the id is not live."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, reason)
+        return request
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finish_time = time.time()
+        self._finished_ids.append(request.request_id)
+
+    # ---- introspection ------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes; refused (False) while any request holds blocks."""
+        return self.kv.reset_prefix_cache()
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_kv_blocks_used=self.kv.pool.num_used_blocks,
+            num_kv_blocks_total=self.kv.num_blocks,
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.prefix_cache_queries,
+            prefix_cache_hits=self.kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )

@@ -1,0 +1,183 @@
+"""Property tests: random add / step / abort / finish on small pools, so preemption, prefix
+hits, eviction and chunking interleave. A fake runner writes each computed token id into a
+simulated KV cache, so a prefix hit or a recycled block with the wrong content is caught."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule)
+
+from tandem.config import CacheConfig, SchedulerConfig
+from tandem.outputs import StepResult
+from tandem.request import FinishReason, Request, RequestStatus, SamplingParams
+from tandem.scheduler import Scheduler
+
+EOS, STOP_ID = 0, 3
+SAMPLED = [0, 1, 1, 1, 2, 2, 2, 3]  # the fake runner's draws: a 1 in 4 chance to stop
+BASE = [1, 2, 1, 1, 2, 2, 1, 2, 2, 2, 1, 1]  # prompts often start with a piece of this,
+# so prefixes are shared; the rest comes from {1, 2}, so blocks also collide by chance
+MAX_DRAIN_STEPS = 5000
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(num_blocks=st.integers(4, 12), block_size=st.integers(2, 4),
+                budget=st.integers(1, 16), max_num_seqs=st.integers(1, 4),
+                caching=st.booleans(), max_model_len=st.sampled_from([0, 0, 12, 30]))
+    def setup(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int,
+              caching: bool, max_model_len: int) -> None:
+        self.sched = Scheduler(
+            SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                            max_model_len=max_model_len),
+            CacheConfig(block_size=block_size, enable_prefix_caching=caching), num_blocks)
+        self.bs, self.num_blocks = block_size, num_blocks
+        self.added: dict[str, Request] = {}
+        self.finished: Counter[str] = Counter()  # from update() returns, aborts, finishes
+        self.reported: Counter[str] = Counter()  # from plans' finished_request_ids
+        self.kv_content: dict[int, int] = {}  # slot -> token id the fake runner wrote there
+        self.next_id = 0
+
+    # ---- operations ---------------------------------------------------------------------
+
+    @rule(shared=st.integers(0, len(BASE)), tail=st.lists(st.integers(1, 2), max_size=6),
+          max_tokens=st.one_of(st.none(), st.integers(1, 6)), ignore_eos=st.booleans(),
+          min_tokens=st.integers(0, 2), prompt_logprobs=st.sampled_from([None, None, None, 1]))
+    def add(self, shared: int, tail: list[int], max_tokens: int | None, ignore_eos: bool,
+            min_tokens: int, prompt_logprobs: int | None) -> None:
+        prompt = BASE[:shared] + tail
+        if not prompt:
+            return
+        max_model_len = self.sched.config.max_model_len
+        if max_model_len and len(prompt) >= max_model_len:
+            return  # the engine refuses these before they reach the scheduler
+        if max_tokens is not None:
+            min_tokens = min(min_tokens, max_tokens)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                min_tokens=min_tokens, stop_token_ids=[STOP_ID],
+                                prompt_logprobs=prompt_logprobs)
+        request = Request(f"r{self.next_id}", prompt, params, frozenset({EOS}))
+        self.next_id += 1
+        try:
+            self.sched.add_request(request)
+        except ValueError:
+            assert -(-len(prompt) // self.bs) > self.num_blocks
+            return
+        self.added[request.request_id] = request
+
+    @rule(seed=st.integers(0, 2**32 - 1), num_steps=st.integers(1, 4))
+    def step(self, seed: int, num_steps: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(num_steps):
+            self._step(rng)
+
+    @precondition(lambda self: self.sched.requests)
+    @rule(data=st.data(), reason=st.sampled_from([FinishReason.ABORT, FinishReason.STOP]))
+    def finish_from_outside(self, data: st.DataObject, reason: FinishReason) -> None:
+        """A client abort, or the engine finding a stop string."""
+        rid = data.draw(st.sampled_from(sorted(self.sched.requests)))
+        if reason is FinishReason.ABORT:
+            (request,) = self.sched.abort_requests([rid, "unknown"])
+        else:
+            request = self.sched.finish_request(rid, reason)
+        assert request is not None and request.finish_reason is reason
+        assert self.sched.finish_request(rid, reason) is None  # no longer live
+        self.finished[rid] += 1
+
+    def _step(self, rng: random.Random) -> None:
+        sched, bs = self.sched, self.bs
+        plan = sched.schedule()
+        self.reported.update(plan.finished_request_ids)
+        cfg = sched.config
+        assert plan.num_batched_tokens == sum(s.num_new_tokens for s in plan.seqs)
+        assert plan.num_batched_tokens <= cfg.max_num_batched_tokens
+        assert len(sched.running) <= cfg.max_num_seqs
+        assert len({id(s.request) for s in plan.seqs}) == len(plan.seqs)
+        ones = [s.num_new_tokens == 1 for s in plan.seqs]
+        assert ones == sorted(ones, reverse=True)  # one-token queries first
+        for rid in plan.preempted_request_ids:
+            r = self.added[rid]
+            assert r.status is RequestStatus.PREEMPTED and r.num_computed_tokens == 0
+        for s in plan.seqs:
+            r = s.request
+            assert r.status is RequestStatus.RUNNING and s.num_new_tokens >= 1
+            assert r.num_computed_tokens == s.end_pos <= r.num_tokens
+            assert s.sample == (s.end_pos == r.num_tokens)
+            assert s.block_table == sched.kv.block_table(r.request_id)
+            assert len(s.block_table) * bs >= s.end_pos
+            for pos in range(s.start_pos):  # the K/V this chunk attends to is right
+                slot = s.block_table[pos // bs] * bs + pos % bs
+                assert self.kv_content.get(slot) == r.token_at(pos), (r.request_id, pos)
+            for pos in range(s.start_pos, s.end_pos):  # never write into a shared block
+                block = s.block_table[pos // bs]
+                assert sched.kv.pool.ref_cnt[block] == 1
+                self.kv_content[block * bs + pos % bs] = r.token_at(pos)
+        if plan.seqs and rng.random() < 0.05:  # an abort lands between schedule and update
+            victim = rng.choice(plan.seqs).request
+            assert sched.abort_requests([victim.request_id]) == [victim]
+            self.finished[victim.request_id] += 1
+        n = len(plan.seqs)
+        tokens = [rng.choice(SAMPLED) if s.sample else None for s in plan.seqs]
+        touched = sched.update(plan, StepResult(tokens, [None] * n, [None] * n))
+        assert len({id(r) for r in touched}) == len(touched)
+        sampled = {id(s.request) for s in plan.seqs if s.sample}
+        for r in touched:
+            assert id(r) in sampled and r.finish_reason is not FinishReason.ABORT
+            if r.is_finished:
+                self.finished[r.request_id] += 1
+                p = r.sampling_params
+                assert p.max_tokens is None or len(r.output_token_ids) <= p.max_tokens
+                assert not cfg.max_model_len or r.num_tokens <= cfg.max_model_len
+
+    # ---- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def blocks_are_consistent(self) -> None:
+        if not hasattr(self, "sched"):
+            return
+        kv, pool = self.sched.kv, self.sched.kv.pool
+        holders: Counter[int] = Counter()
+        for rid, r in self.sched.requests.items():
+            table = kv.block_table(rid)
+            assert len(set(table)) == len(table)
+            holders.update(table)
+            assert not r.is_finished
+            if r.status is RequestStatus.RUNNING:
+                assert r.num_computed_tokens < r.num_tokens
+                assert len(table) * self.bs >= r.num_computed_tokens
+            else:
+                assert r.num_computed_tokens == 0 and table == []
+        assert [pool.ref_cnt[b] for b in range(self.num_blocks)] == [
+            holders[b] for b in range(self.num_blocks)]
+        free = pool.free_block_ids()
+        assert len(free) == len(set(free))
+        assert set(free) == {b for b in range(self.num_blocks) if pool.ref_cnt[b] == 0}
+        assert pool.num_used_blocks + pool.num_free_blocks == self.num_blocks
+        for b in range(self.num_blocks):
+            h = pool.block_hash[b]
+            assert h is None or pool.get_cached_block(h) == b
+        assert len(self.sched.running) + len(self.sched.waiting) == len(self.sched.requests)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "sched"):
+            return
+        rng = random.Random(0)
+        for _ in range(MAX_DRAIN_STEPS):
+            if not self.sched.has_unfinished_requests():
+                break
+            self._step(rng)
+            self.blocks_are_consistent()
+        assert not self.sched.has_unfinished_requests(), "did not drain"
+        self.reported.update(self.sched.schedule().finished_request_ids)
+        assert self.finished == Counter(self.added.keys()), "each request finishes exactly once"
+        assert self.reported == Counter(self.added.keys()), "each finish reaches the runner once"
+        assert all(c == 0 for c in self.sched.kv.pool.ref_cnt), "leaked blocks"
+        assert self.sched.stats().num_kv_blocks_used == 0
+
+
+SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30,
+                                              deadline=None)
+TestScheduler = SchedulerMachine.TestCase
