@@ -24,7 +24,7 @@ from tandem.bench.roofline import ModelShape, Workload, measure_rates, roofline_
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, cwd=sys.path[0] or None).stdout.strip()
+                              text=True, timeout=5).stdout.strip() or "unknown"
     except Exception:  # not a checkout
         return "unknown"
 

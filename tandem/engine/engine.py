@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 from tandem.config import EngineConfig
@@ -27,13 +28,20 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict
 
 
+def _config_eos_ids(hf_config: dict) -> frozenset[int]:
+    eos = hf_config.get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         model_dir = config.model.model
         hf_config = read_hf_config(model_dir)
         config = config.with_max_model_len(self._resolve_max_model_len(config, hf_config))
         self.config = config
-        self.tokenizer = Tokenizer(model_dir, config.model.chat_template)
+        # A directory with only config.json + weights (benchmark shapes) runs on token ids.
+        self.tokenizer = (Tokenizer(model_dir, config.model.chat_template)
+                          if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else None)
         self.runner = ModelRunner(config)
         self.vocab_size = self.runner.vocab_size
         num_blocks = self.runner.init_kv_cache()
@@ -47,7 +55,8 @@ class Engine:
                 f"cpu_kv_cache_gib)")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
-        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer is not None
+                              else _config_eos_ids(hf_config))
         self._step = 0
         self._last_split = (0, 0)
         self._prompt_tokens = 0
@@ -77,6 +86,8 @@ class Engine:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt.get("prompt")
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer.json; pass token ids")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)

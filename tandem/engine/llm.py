@@ -65,6 +65,8 @@ class LLM:
         """Apply the model's chat template to one conversation (or a list of them)."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer; this model directory has none")
         if chat_template is not None:
             saved, tok.chat_template = tok.chat_template, chat_template
         try:
