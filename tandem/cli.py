@@ -73,11 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tandem.bench.cli import add_bench_parser
     add_bench_parser(sub)
-    try:
-        from tandem.server.cli import add_serve_parser
-        add_serve_parser(sub)
-    except ImportError:  # the server's optional dependencies are missing
-        pass
+    from tandem.server.cli import add_serve_parser
+    add_serve_parser(sub)
     try:
         from tandem.eval import add_eval_parser
         add_eval_parser(sub)

@@ -57,13 +57,14 @@ _CORPUS = [
 
 
 @functools.lru_cache(maxsize=None)
-def _tokenizer_json(vocab_size: int) -> str:
+def _tokenizer_json(vocab_size: int, extra_special_tokens: tuple[str, ...] = ()) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=[EOS_TOKEN, *extra_special_tokens],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer)
@@ -92,17 +93,18 @@ def make_tiny_model(out_dir: str | os.PathLike | None = None,
                     intermediate_size: int = 128, vocab_size: int = 512,
                     max_position_embeddings: int = 512, rope_theta: float = 10000.0,
                     attention_bias: bool = False, weight_std: float = 0.1,
-                    seed: int = 0) -> str:
+                    seed: int = 0, extra_special_tokens: tuple[str, ...] = ()) -> str:
     """Write a tiny random float32 checkpoint + tokenizer; return its directory.
 
     rope_scaling: None, "llama3" (factor 8, original 64 positions, so scaling bites even in
     a short test), "linear" (factor 2), or a full HF dict.
+    extra_special_tokens: more special tokens after EOS (e.g. FIM tokens), inside vocab_size.
     """
     import transformers
 
     out_dir = str(out_dir) if out_dir is not None else tempfile.mkdtemp(prefix="tandem-tiny-")
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer_json = _tokenizer_json(vocab_size)
+    tokenizer_json = _tokenizer_json(vocab_size, tuple(extra_special_tokens))
     eos_id = json.loads(tokenizer_json)["model"]["vocab"][EOS_TOKEN]
     if rope_scaling == "llama3":
         rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

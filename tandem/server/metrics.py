@@ -1,0 +1,139 @@
+"""Prometheus metrics (GET /metrics) and the periodic status log line, both fed by the
+engine thread after every step through `AsyncEngine.on_step`.
+
+    gauges      tandem:num_requests_running, tandem:num_requests_waiting,
+                tandem:kv_cache_usage_perc (fraction of KV blocks held by live requests)
+    histograms  tandem:time_to_first_token_seconds, tandem:inter_token_latency_seconds,
+                tandem:e2e_request_latency_seconds
+    counters    tandem:prompt_tokens_total, tandem:generation_tokens_total,
+                tandem:prefix_cache_queries_total, tandem:prefix_cache_hits_total
+
+Each app gets its own CollectorRegistry (prometheus-client is thread-safe), so several
+servers, or tests, in one process never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tandem.engine.stats import EngineStats
+from tandem.outputs import RequestOutput
+
+logger = logging.getLogger("tandem.server")
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                50.0, 60.0, 120.0, 240.0)
+
+
+@dataclass(slots=True)
+class _Timing:
+    last_token_time: float
+    num_tokens: int
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("tandem:num_requests_running", "Requests running (in a batch)",
+                             registry=r)
+        self.waiting = Gauge("tandem:num_requests_waiting", "Requests waiting (incl. "
+                             "preempted)", registry=r)
+        self.kv_usage = Gauge("tandem:kv_cache_usage_perc", "Fraction of KV blocks held by "
+                              "live requests (0 to 1)", registry=r)
+        self.ttft = Histogram("tandem:time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("tandem:inter_token_latency_seconds", "Time between a request's "
+                             "successive outputs, per step", buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("tandem:e2e_request_latency_seconds", "Arrival to the last token "
+                             "of finished (not aborted) requests", buckets=_E2E_BUCKETS,
+                             registry=r)
+        # prometheus-client appends _total to counter names on exposition.
+        self.prompt_tokens = Counter("tandem:prompt_tokens", "Prompt tokens processed",
+                                     registry=r)
+        self.generation_tokens = Counter("tandem:generation_tokens", "Tokens generated",
+                                         registry=r)
+        self.prefix_queries = Counter("tandem:prefix_cache_queries", "Prompt tokens looked up "
+                                      "in the prefix cache", registry=r)
+        self.prefix_hits = Counter("tandem:prefix_cache_hits", "Prompt tokens found in the "
+                                   "prefix cache", registry=r)
+        self._last: EngineStats | None = None
+        self._timings: dict[str, _Timing] = {}  # live requests; engine thread only
+
+    def observe(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        """Engine thread, after each step (or abort)."""
+        now = time.time()
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        last = self._last
+        for counter, new, old in (
+                (self.prompt_tokens, stats.prompt_tokens_total, last and last.prompt_tokens_total),
+                (self.generation_tokens, stats.generation_tokens_total,
+                 last and last.generation_tokens_total),
+                (self.prefix_queries, stats.prefix_cache_queries,
+                 last and last.prefix_cache_queries),
+                (self.prefix_hits, stats.prefix_cache_hits, last and last.prefix_cache_hits)):
+            if new > (old or 0):
+                counter.inc(new - (old or 0))
+        self._last = stats
+        for out in outputs:
+            self._observe_request(out, now)
+
+    def _observe_request(self, out: RequestOutput, now: float) -> None:
+        num_tokens = sum(len(c.token_ids) for c in out.outputs)
+        timing = self._timings.get(out.request_id)
+        if timing is None:
+            if num_tokens:
+                first = out.metrics.first_token_time or now
+                self.ttft.observe(max(0.0, first - out.metrics.arrival_time))
+                self._timings[out.request_id] = _Timing(now, num_tokens)
+        elif num_tokens > timing.num_tokens:
+            self.itl.observe(now - timing.last_token_time)
+            timing.last_token_time, timing.num_tokens = now, num_tokens
+        if out.finished:
+            self._timings.pop(out.request_id, None)
+            if all(c.finish_reason != "abort" for c in out.outputs):
+                end = out.metrics.finished_time or now
+                self.e2e.observe(max(0.0, end - out.metrics.arrival_time))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StatusLogger:
+    """One log line every `interval` seconds while the engine works: throughput over the
+    interval, queue sizes, KV usage and the interval's prefix-cache hit rate."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._t0 = time.monotonic()
+        self._s0: EngineStats | None = None
+
+    def observe(self, stats: EngineStats) -> None:
+        now = time.monotonic()
+        if self._s0 is None:
+            self._t0, self._s0 = now, stats
+            return
+        dt = now - self._t0
+        if dt < self.interval:
+            return
+        s0 = self._s0
+        queries = stats.prefix_cache_queries - s0.prefix_cache_queries
+        hits = stats.prefix_cache_hits - s0.prefix_cache_hits
+        logger.info(
+            "prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, "
+            "waiting %d, KV cache usage %.1f%%, prefix cache hit rate %.1f%%",
+            (stats.prompt_tokens_total - s0.prompt_tokens_total) / dt,
+            (stats.generation_tokens_total - s0.generation_tokens_total) / dt,
+            stats.num_running, stats.num_waiting, 100 * stats.kv_cache_usage,
+            100 * hits / queries if queries else 0.0)
+        self._t0, self._s0 = now, stats

@@ -1,0 +1,380 @@
+"""The OpenAI-compatible server, end to end: a real `python -m tandem serve` subprocess on a
+loopback port, driven by the official `openai` client and raw HTTP (httpx).
+
+One server for this module (a tiny random Llama with a ChatML template, behind an API key);
+test_server_fim.py and test_server_shutdown.py start their own (FIM tokens without a chat
+template; SIGTERM). The helpers here start and stop them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from tests.model_factory import make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+API_KEY = "test-key"
+MAX_MODEL_LEN = 512
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    log_path: str
+    api_key: str | None
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none",
+                             max_retries=0, timeout=60)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def post(self, path: str, body: dict, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers=self.headers(), timeout=60, **kw)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: str, log_path: str, *args: str, api_key: str | None = None,
+                 timeout: float = 120.0) -> Server:
+    """Start `tandem serve` on a free loopback port and wait for /health."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tandem", "serve", "--model", model_dir, "--host",
+           "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
+           "--num-kv-blocks", "512", "--max-num-seqs", "128", *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    # One intra-op thread: the tiny model gains nothing from more, and on a small CI box
+    # they would fight the test client for the cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TANDEM_API_KEY", None)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    log.close()
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path, api_key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server did not come up in {timeout}s:\n{server.log()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("model"), "LlamaForCausalLM")
+    srv = start_server(path, str(tmp_path_factory.mktemp("log") / "server.log"),
+                       "--served-model-name", "tiny", api_key=API_KEY)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
+
+def test_health_models_metrics_open_without_key(server, client):
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    assert "tandem:kv_cache_usage_perc" in httpx.get(server.url + "/metrics", timeout=10).text
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": "test-key"}])
+def test_missing_or_wrong_key_is_401(server, headers):
+    for path, body in [("/v1/completions", {"prompt": "hi"}), ("/tokenize", {"prompt": "hi"})]:
+        r = httpx.post(server.url + path, json=body, headers=headers, timeout=10)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", headers=headers, timeout=10).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong",
+                      max_retries=0).models.list()
+
+
+def test_completion_usage_matches_tokenize(server, client):
+    count = server.post("/tokenize", {"prompt": PROMPT}).json()["count"]
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=7, **GREEDY)
+    assert out.object == "text_completion" and out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == count and out.usage.completion_tokens == 7
+    assert out.usage.total_tokens == count + 7
+    ids = server.post("/tokenize", {"prompt": PROMPT + out.choices[0].text}).json()["tokens"]
+    assert len(ids) >= count  # the text decodes to something tokenizable
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_stream_equals_non_stream_greedy(client, endpoint):
+    if endpoint == "completions":
+        kw = dict(model="tiny", prompt=PROMPT, max_tokens=24, **GREEDY)
+        full = client.completions.create(**kw).choices[0].text
+        chunks = list(client.completions.create(stream=True, **kw))
+        streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    else:
+        kw = dict(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                  max_tokens=24, **GREEDY)
+        full = client.chat.completions.create(**kw).choices[0].message.content
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full and full
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_and_several_prompts_in_openai_order(server, client):
+    prompts = [PROMPT, "def fibonacci(n):"]
+    single = [client.completions.create(model="tiny", prompt=p, max_tokens=6,
+                                        **GREEDY).choices[0].text for p in prompts]
+    out = client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=6, **GREEDY)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [single[0], single[0], single[1], single[1]]
+    assert out.usage.completion_tokens == 24
+    ids = [server.post("/tokenize", {"prompt": p}).json()["tokens"] for p in prompts]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, **GREEDY)
+    assert [c.text for c in by_ids.choices] == single
+    sampled = client.completions.create(model="tiny", prompt=PROMPT, n=3, max_tokens=12,
+                                        temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert len({c.text for c in sampled.choices}) > 1  # distinct seeds per sample
+    chat = client.chat.completions.create(model="tiny", n=2, max_tokens=4, **GREEDY,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_stop_string(client):
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40,
+                                     **GREEDY).choices[0].text
+    stop = next(full[i:i + 3] for i in range(2, len(full) - 3)
+                if full[i:i + 3].isascii() and full[i:i + 3].strip())
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, stop=[stop],
+                                    **GREEDY)
+    assert out.choices[0].text == full[:full.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_and_echo(server, client):
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, logprobs=2,
+                                    **GREEDY)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and chosen == pytest.approx(max(top.values()))  # greedy = argmax
+        assert tok in top and 2 <= len(top) <= 3
+    assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+    count = server.post("/tokenize", {"prompt": PROMPT}).json()["count"]
+    echo = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, echo=True,
+                                     logprobs=1, **GREEDY)
+    c = echo.choices[0]
+    assert c.text.startswith(PROMPT) and len(c.text) > len(PROMPT)
+    assert len(c.logprobs.tokens) == count + 3
+    assert c.logprobs.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in c.logprobs.token_logprobs[1:])
+
+
+def test_chat_logprobs_and_usage(server, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    count = server.post("/tokenize", {"messages": messages}).json()["count"]
+    out = client.chat.completions.create(model="tiny", messages=messages, logprobs=True,
+                                         top_logprobs=2, max_completion_tokens=5, **GREEDY)
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == count and out.usage.completion_tokens == 5
+    content = out.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+
+
+def test_repeated_long_prompt_reports_cached_tokens(client):
+    prompt = " ".join(f"item{i}" for i in range(90))
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **GREEDY)
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **GREEDY)
+    n = first.usage.prompt_tokens
+    assert n > 64
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < n
+
+
+def test_tokenize_detokenize_roundtrip(server):
+    r = server.post("/tokenize", {"prompt": PROMPT}).json()
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == MAX_MODEL_LEN
+    assert server.post("/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": PROMPT}
+    assert server.post("/detokenize", {"tokens": [1, 10**6]}).status_code == 400
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "hi", "top_p": 7}, "top_p"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "hi", "logprobs": 50}, "logprobs"),
+    ({"prompt": "hi", "presence_penalty": 9}, "presence_penalty"),
+    ({"prompt": "hi", "stop": 5}, "stop"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, 2, 99999]}, "prompt_token_ids"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix"),  # this tokenizer has no FIM tokens
+])
+def test_bad_completion_params_are_400(server, body, param):
+    assert _error(server.post("/v1/completions", body), 400)["param"] == param
+
+
+def test_too_long_prompt_is_400_with_lengths(server):
+    err = _error(server.post("/v1/completions", {"prompt": [5] * 600}), 400)
+    assert "512" in err["message"] and "600" in err["message"]
+    err = _error(server.post("/v1/completions", {"prompt": [5] * 500, "max_tokens": 20}), 400)
+    assert all(s in err["message"] for s in ("512", "520", "500", "20"))
+    assert err["code"] == "context_length_exceeded"
+    err = _error(server.post("/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "word " * 600}]}), 400)
+    assert "512" in err["message"]
+
+
+def test_malformed_requests_are_400_and_unknown_model_404(server):
+    bad_json = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi",',
+                          headers={**server.headers(), "Content-Type": "application/json"})
+    assert "JSON" in _error(bad_json, 400)["message"]
+    _error(server.post("/v1/chat/completions", {"messages": "hello"}), 400)
+    _error(server.post("/v1/chat/completions", {"messages": []}), 400)
+    _error(server.post("/v1/chat/completions", {"messages": [{"content": "no role"}]}), 400)
+    _error(httpx.post(server.url + "/v1/completions", content=b"[1, 2]",
+                      headers=server.headers()), 400)
+    err = _error(server.post("/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404)
+    assert err["code"] == "model_not_found"
+    _error(httpx.get(server.url + "/v1/nothing-here", headers=server.headers()), 404)
+
+
+def test_openai_client_sees_typed_errors_and_server_survives(server, client):
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model="tiny", prompt="hi", top_p=3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    assert server.proc.poll() is None
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+
+
+def _wait_idle(server: Server, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (server.metric("tandem:num_requests_running") == 0
+                and server.metric("tandem:kv_cache_usage_perc") == 0):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the request still holds KV blocks")
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    before = server.metric("tandem:generation_tokens_total")
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 480, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers=server.headers(), timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+        assert got and json.loads(got[0][6:])["choices"]
+        assert server.metric("tandem:kv_cache_usage_perc") > 0
+    _wait_idle(server)  # the client closed the connection: aborted, blocks freed
+    assert server.metric("tandem:generation_tokens_total") - before < 480
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_completion(server):
+    before = server.metric("tandem:generation_tokens_total")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers(),
+                   timeout=httpx.Timeout(10, read=0.3))
+    _wait_idle(server)
+    assert server.metric("tandem:generation_tokens_total") - before < 400
+
+
+def test_64_concurrent_streaming_clients(server):
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, int, str | None]:
+        common = dict(model="tiny", max_tokens=16, stream=True, temperature=0.8, seed=i,
+                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        if i % 2:
+            stream = await client.chat.completions.create(
+                messages=[{"role": "user", "content": f"Question {i}?"}], **common)
+        else:
+            stream = await client.completions.create(prompt=f"Request {i}: {PROMPT}", **common)
+        text, tokens, finish = "", -1, None
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += (c.delta.content or "") if i % 2 else c.text
+                finish = c.finish_reason or finish
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return text, tokens, finish
+
+    async def main() -> list:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY,
+                                    max_retries=0, timeout=120)
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(one(client, i) for i in range(64))), timeout=120)
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    assert [(tokens, finish) for _, tokens, finish in results] == [(16, "length")] * 64
+    assert all(text for text, _, _ in results)
+    assert server.metric("tandem:num_requests_running") == 0
+    assert server.metric("tandem:kv_cache_usage_perc") == 0
