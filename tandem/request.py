@@ -65,6 +65,7 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             ("n", self.n >= 1, "must be at least 1"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
             ("temperature", self.temperature >= 0.0, "must be non-negative"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be -1, 0 (off) or positive"),

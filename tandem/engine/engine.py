@@ -110,8 +110,6 @@ class Engine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         """Validate and queue; raises ValueError (naming the field) and changes nothing."""
-        if request_id in self.outputs.parents:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate(token_ids, params)
         arrival = arrival_time if arrival_time is not None else time.time()
@@ -119,13 +117,23 @@ class Engine:
         for i in range(params.n):
             child_params = params
             if params.n > 1:  # each sample is its own request; seeds differ per sample
-                child_params = dataclasses.replace(
-                    params, n=1, seed=None if params.seed is None else params.seed + i)
+                seed = None if params.seed is None else (params.seed + i) % 2**63
+                child_params = dataclasses.replace(params, n=1, seed=seed)
             rid = request_id if params.n == 1 else f"{i}_{request_id}"
             children.append(Request(rid, token_ids, child_params, self.eos_token_ids, arrival))
+        live = [r.request_id for r in children if r.request_id in self.outputs.child_to_parent]
+        if request_id in self.outputs.parents or live:
+            raise ValueError(f"request_id {request_id!r} is already in use")
         self.outputs.add(request_id, text, children)
-        for r in children:
-            self.scheduler.add_request(r)
+        added: list[str] = []
+        try:
+            for r in children:
+                self.scheduler.add_request(r)
+                added.append(r.request_id)
+        except ValueError:  # undo, so a refused request leaves no trace
+            self.scheduler.abort_requests(added)
+            self.outputs.remove(request_id)
+            raise
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Abort a user request (all n samples); its KV blocks are free on return."""

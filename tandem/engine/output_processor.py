@@ -63,6 +63,12 @@ class OutputProcessor:
             self.child_to_parent[r.request_id] = parent
         return parent
 
+    def remove(self, request_id: str) -> None:
+        """Forget a request that was never queued."""
+        parent = self.parents.pop(request_id)
+        for c in parent.children:
+            self.child_to_parent.pop(c.request.request_id, None)
+
     def process(self, plan: StepPlan, result: StepResult, updated: list[Request]
                 ) -> list[RequestOutput]:
         """The outputs of every parent that got a token or finished this step."""

@@ -4,7 +4,7 @@ An `AttentionBackend` owns the two operations an attention layer needs per step:
 
     Attention.forward(q, k, v, meta)
         -> backend.write_kv(k, v, kv_cache, meta.slot_mapping)     new K/V into cache slots
-        -> backend.forward(q, kv_cache, meta, scale)                paged causal attention
+        -> backend.forward(q, kv_cache, meta, scale, k, v)          paged causal attention
 
 Every backend uses the same KV cache layout, `kv_cache_shape(...)`:
 (2, num_blocks, block_size, num_kv_heads, head_dim), index 0 = K, 1 = V. The pure-PyTorch
@@ -33,8 +33,11 @@ class AttentionBackend(Protocol):
         ...
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim)."""
+                scale: float, key: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
+        """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
+        key, value: this step's new K/V, already in the cache; a backend may read them
+        directly instead of the cache (chunks with no cached prefix)."""
         ...
 
 
@@ -48,8 +51,9 @@ class TorchReferenceBackend:
         reference.write_kv(key, value, kv_cache, slot_mapping)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        return reference.paged_attention(query, kv_cache, meta, scale)
+                scale: float, key: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
+        return reference.paged_attention(query, kv_cache, meta, scale, key, value)
 
 
 ATTENTION_BACKENDS: dict[str, type] = {"torch": TorchReferenceBackend}

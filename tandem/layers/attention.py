@@ -45,5 +45,5 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
-        out = self.backend.forward(q, self.kv_cache, meta, self.scale)  # (T, H, D)
+        out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v)  # (T, H, D)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

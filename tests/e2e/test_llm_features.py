@@ -152,3 +152,22 @@ def test_max_tokens_none_runs_to_max_model_len(llm):
     out = llm.generate([GOOD], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     assert len(GOOD) + len(out.token_ids) == 128 and out.finish_reason == "length"
+
+
+def test_colliding_request_ids_are_refused_without_side_effects(llm):
+    eng = llm.engine
+    eng.add_request("x", GOOD, SamplingParams(n=2, max_tokens=3, ignore_eos=True))
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request("0_x", GOOD, SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request("x", GOOD, SamplingParams(max_tokens=3))
+    done = []
+    while eng.has_unfinished_requests():
+        done += [o for o in eng.step() if o.finished]
+    assert [o.request_id for o in done] == ["x"]
+    assert [len(c.token_ids) for c in done[0].outputs] == [3, 3]
+
+
+def test_seed_out_of_range_is_a_value_error():
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**70)

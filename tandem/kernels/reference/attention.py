@@ -38,10 +38,13 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, key: torch.Tensor | None = None,
+                    value: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new query rows over its cached context.
 
     query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
+    key, value: optional (num_tokens, num_kv_heads, head_dim), this step's new K/V (already
+    written to the cache); a chunk with nothing cached before it reads them directly.
     num_heads must be a multiple of num_kv_heads (GQA/MQA).
     """
     out = torch.empty_like(query)
@@ -50,56 +53,80 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         starts.append(starts[-1] + q_len)
     decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
     if decodes:
-        _decode_batch(query, kv_cache, meta, scale, decodes, [starts[i] for i in decodes], out)
+        _decode_batch(query, kv_cache, meta, scale, decodes, starts, out)
     for i, q_len in enumerate(meta.query_lens_cpu):
         if q_len > 1:
             rows = slice(starts[i], starts[i] + q_len)
+            fresh = None
+            if key is not None and q_len == meta.seq_lens_cpu[i]:
+                fresh = (key[rows], value[rows])
             out[rows] = _prefill_one(query[rows], kv_cache, meta.block_tables[i],
-                                     meta.seq_lens_cpu[i], scale)
+                                     meta.seq_lens_cpu[i], scale, fresh)
     return out
 
 
 def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor,
                     num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the first `num_positions` positions reached through `block_table`.
+    """K and V of the first `num_positions` positions reached through `block_table` (1-D).
 
-    block_table: (..., max_blocks) -> K, V: (..., num_positions, num_kv_heads, head_dim).
+    -> K, V: (num_positions, num_kv_heads, head_dim).
     """
     block_size = kv_cache.shape[2]
     num_blocks = -(-num_positions // block_size)
-    blocks = block_table[..., :num_blocks].long()
-    lead = blocks.shape[:-1]
-    k = kv_cache[0][blocks].reshape(*lead, num_blocks * block_size, *kv_cache.shape[3:])
-    v = kv_cache[1][blocks].reshape(*lead, num_blocks * block_size, *kv_cache.shape[3:])
-    return k[..., :num_positions, :, :], v[..., :num_positions, :, :]
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache[0].index_select(0, blocks).flatten(0, 1)
+    v = kv_cache[1].index_select(0, blocks).flatten(0, 1)
+    return k[:num_positions], v[:num_positions]
+
+
+_DECODE_GROUP = 16  # decodes per padded gather: sorted by length, so padding stays small
 
 
 def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, seqs: list[int], rows: list[int], out: torch.Tensor) -> None:
-    """One padded gather + masked SDPA for all single-token queries."""
+                  scale: float, seqs: list[int], starts: list[int], out: torch.Tensor) -> None:
+    """Single-token queries, in groups of similar context length.
+
+    Each group gathers its blocks once, (b, L, Hkv, D), and attends per KV head with bmm on
+    strided views, which needs no transposed copy of K or V:
+        scores (b, group, L) = q_h (b, group, D) @ K_h^T (b, D, L)
+    """
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    group = query.shape[1] // num_kv_heads
     device = query.device
-    seq_idx = torch.tensor(seqs, device=device)
-    row_idx = torch.tensor(rows, device=device)
-    lens = [meta.seq_lens_cpu[i] for i in seqs]
-    max_len = max(lens)
-    k, v = _gather_context(kv_cache, meta.block_tables[seq_idx], max_len)
-    # (decodes, max_len, kv_heads, head_dim) -> (decodes, kv_heads, max_len, head_dim)
-    k, v = k.transpose(1, 2), v.transpose(1, 2)
-    q = query[row_idx].unsqueeze(2)  # (num_decodes, num_heads, 1, head_dim)
-    lens_t = torch.tensor(lens, device=device)
-    # (num_decodes, max_len): True where the position exists in that sequence
-    valid = torch.arange(max_len, device=device)[None, :] < lens_t[:, None]
-    mask = valid[:, None, None, :]  # (num_decodes, 1, 1, max_len)
-    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                       scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    out[row_idx] = o.squeeze(2)
+    order = sorted(seqs, key=lambda i: meta.seq_lens_cpu[i])
+    for g0 in range(0, len(order), _DECODE_GROUP):
+        idx = order[g0:g0 + _DECODE_GROUP]
+        b = len(idx)
+        lens = [meta.seq_lens_cpu[i] for i in idx]
+        max_len = max(lens)
+        nb = -(-max_len // block_size)
+        sel = torch.tensor(idx, device=device)
+        blocks = meta.block_tables[sel, :nb].reshape(-1).long()
+        k = kv_cache[0].index_select(0, blocks).view(b, nb * block_size, num_kv_heads, head_dim)
+        v = kv_cache[1].index_select(0, blocks).view(b, nb * block_size, num_kv_heads, head_dim)
+        rows = torch.tensor([starts[i] for i in idx], device=device)
+        q = query.index_select(0, rows).view(b, num_kv_heads, group, head_dim).to(k.dtype)
+        # (b, 1, L) additive mask: -inf past each sequence's length.
+        lens_t = torch.tensor(lens, device=device)
+        pad = torch.arange(nb * block_size, device=device)[None, :] >= lens_t[:, None]
+        mask = torch.zeros(b, 1, nb * block_size, dtype=torch.float32, device=device)
+        mask.masked_fill_(pad[:, None, :], float("-inf"))
+        o = torch.empty(b, num_kv_heads, group, head_dim, dtype=query.dtype, device=device)
+        for h in range(num_kv_heads):
+            scores = torch.baddbmm(mask, q[:, h].float(), k[:, :, h].transpose(1, 2).float(),
+                                   alpha=scale)  # (b, group, L)
+            o[:, h] = torch.bmm(scores.softmax(-1).to(v.dtype), v[:, :, h]).to(query.dtype)
+        out.index_copy_(0, rows, o.view(b, -1, head_dim))
 
 
 def _prefill_one(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                 seq_len: int, scale: float) -> torch.Tensor:
-    """query: (query_len, num_heads, head_dim), the last query_len positions of seq_len."""
+                 seq_len: int, scale: float,
+                 fresh: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """query: (query_len, num_heads, head_dim), the last query_len positions of seq_len.
+    fresh: the chunk's own K/V when it is the whole context (nothing to gather)."""
     q_len = query.shape[0]
-    k, v = _gather_context(kv_cache, block_table, seq_len)  # (seq_len, num_kv_heads, head_dim)
+    # (seq_len, num_kv_heads, head_dim)
+    k, v = fresh if fresh is not None else _gather_context(kv_cache, block_table, seq_len)
     q = query.transpose(0, 1).unsqueeze(0)  # (1, num_heads, query_len, head_dim)
     k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, num_kv_heads, seq_len, head_dim)
     v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
