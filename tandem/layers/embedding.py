@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.layers import cpu_gemm
+
 from tandem.layers.linear import default_weight_loader
 
 
@@ -35,8 +37,13 @@ class LMHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
+        self.packed: torch.Tensor | None = None  # oneDNN copy of weight on CPU (cpu_gemm.py)
+
     def tie_to(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight
 
+    def process_weights_after_loading(self) -> None:
+        self.packed = cpu_gemm.pack_weight(self.weight)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        return cpu_gemm.linear(hidden, self.weight, self.packed)

@@ -18,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from tandem.layers import cpu_gemm
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -47,12 +48,17 @@ class Linear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed: torch.Tensor | None = None  # oneDNN copy of weight on CPU (cpu_gemm.py)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         default_weight_loader(param, loaded)
 
+    def process_weights_after_loading(self) -> None:
+        self.packed = cpu_gemm.pack_weight(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (..., input_size) -> (..., output_size)
+        # (..., input_size) -> (..., output_size)
+        return cpu_gemm.linear(x, self.weight, self.packed, self.bias)
 
 
 class ColumnLinear(Linear):

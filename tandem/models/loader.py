@@ -48,6 +48,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
         else:
             loaded = model.load_weights(_stream(files, dtype))
             check_complete(model, loaded)
+        for module in model.modules():  # e.g. pack weights for the CPU matmul
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
     return model.eval()
 
 
