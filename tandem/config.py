@@ -26,6 +26,7 @@ class ModelConfig:
     seed: int = 0  # seeds dummy weights and unseeded sampling
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     chat_template: str | None = None  # path or literal jinja; overrides the model's own
+    enforce_eager: bool = False  # never capture CUDA graphs (debugging, profiling)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -69,19 +69,23 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) ->
                 spans.append((i, len(prompt_rows), last - start))
                 prompt_rows.extend(range(row0, row0 + last - start))
     max_blocks = max((len(s.block_table) for s in plan.seqs), default=1)
-    tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in plan.seqs]
+    tables = [b for s in plan.seqs for b in s.block_table + [0] * (max_blocks - len(s.block_table))]
+    n = len(sample_idx)
+    spans = [(i, n + r, c) for i, r, c in spans]  # prompt rows follow the sampled rows
+    # Two host-to-device copies per step: every int64 array in one, every int32 in another.
+    t = len(ids)
+    longs = _to(ids + pos + slots + sample_idx + prompt_rows, torch.int64, device)
+    ints = _to(query_start + seq_lens + tables, torch.int32, device)
+    num_seqs = len(plan.seqs)
     meta = AttentionMetadata(
-        slot_mapping=_to(slots, torch.int64, device),
-        query_start_loc=_to(query_start, torch.int32, device),
-        seq_lens=_to(seq_lens, torch.int32, device),
-        block_tables=_to(tables, torch.int32, device),
+        slot_mapping=longs[2 * t:3 * t],
+        query_start_loc=ints[:num_seqs + 1],
+        seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
+        block_tables=ints[2 * num_seqs + 1:].view(num_seqs, max_blocks),
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),
         block_size=block_size)
-    n = len(sample_idx)
-    spans = [(i, n + r, c) for i, r, c in spans]  # prompt rows follow the sampled rows
-    return ModelInputs(_to(ids, torch.int64, device), _to(pos, torch.int64, device), meta,
-                       sample_rows, _to(sample_idx + prompt_rows, torch.int64, device), spans)
+    return ModelInputs(longs[:t], longs[t:2 * t], meta, sample_rows, longs[3 * t:], spans)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -101,14 +105,15 @@ def build_sampling_tensors(plan: StepPlan, sample_rows: list[int], vocab_size: i
     banned = [sorted(r.eos_token_ids | set(p.stop_token_ids))
               if len(r.output_token_ids) < p.min_tokens else [] for r, p in zip(reqs, params)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
+    # One host-to-device copy for all per-row floats: (7, N).
+    rows = _to([[p.temperature for p in params],
+                [p.top_k if p.top_k > 0 else vocab_size for p in params],
+                [p.top_p for p in params], [p.min_p for p in params],
+                [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params]], f32, device)
     return SamplingTensors(
-        temperature=_to([p.temperature for p in params], f32, device),
-        top_k=_to([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device),
-        top_p=_to([p.top_p for p in params], f32, device),
-        min_p=_to([p.min_p for p in params], f32, device),
-        repetition_penalty=_to([p.repetition_penalty for p in params], f32, device),
-        presence_penalty=_to([p.presence_penalty for p in params], f32, device),
-        frequency_penalty=_to([p.frequency_penalty for p in params], f32, device),
+        temperature=rows[0], top_k=rows[1].long(), top_p=rows[2], min_p=rows[3],
+        repetition_penalty=rows[4], presence_penalty=rows[5], frequency_penalty=rows[6],
         output_tokens=_padded([r.output_token_ids for r in reqs], vocab_size, device)
         if penalize else None,
         prompt_tokens=_padded([r.prompt_token_ids for r in reqs], vocab_size, device)

@@ -16,6 +16,7 @@ import torch
 from tandem.config import EngineConfig
 from tandem.models.loader import load_model
 from tandem.outputs import Logprobs, StepPlan, StepResult
+from tandem.runner.cuda_graph import CudaGraphRunner
 from tandem.runner.input_batch import ModelInputs, build_model_inputs, build_sampling_tensors
 from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, num_blocks_for)
 from tandem.runner.sampler import Sampler, SamplerOutput
@@ -54,6 +55,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: CudaGraphRunner | None = None
 
     # ---- KV pool -------------------------------------------------------------------------
     @property
@@ -64,13 +66,24 @@ class ModelRunner:
 
     def init_kv_cache(self) -> int:
         """Size the pool (profiling peak memory on CUDA), allocate and bind it; returns blocks."""
-        peak = self._profile_peak_memory() if self.device.type == "cuda" else 0
+        cuda = self.device.type == "cuda"
+        peak = self._profile_peak_memory() if cuda else 0
         self.num_blocks = num_blocks_for(self.config.cache, self.block_bytes, self.device, peak)
         m = self.model
-        self.kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks, self.block_size,
+        # One extra block past the scheduler's pool: padding rows of CUDA-graph batches
+        # write and read it, so no real sequence's cache is touched.
+        self.kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks + 1, self.block_size,
                                             m.num_kv_heads, m.head_dim, self.dtype, self.device)
         for layer, cache in zip(m.attention_layers(), self.kv_caches):
             layer.kv_cache = cache
+        backend = m.attention_layers()[0].backend
+        if (cuda and not self.config.model.enforce_eager
+                and getattr(backend, "supports_cuda_graphs", False)):
+            sched = self.config.scheduler
+            self.graphs = CudaGraphRunner(m, min(sched.max_num_seqs, 512), sched.max_model_len,
+                                          self.block_size, self.num_blocks, self.device)
+            self.graphs.capture()
+            logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
         return self.num_blocks
 
     def _profile_peak_memory(self) -> int:
@@ -122,7 +135,10 @@ class ModelRunner:
         if plan.is_empty:
             return StepResult([], [], [])
         inputs = build_model_inputs(plan, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        if self.graphs is not None and self.graphs.can_run(plan):
+            hidden = self.graphs.run(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         num_sampled = len(inputs.sample_rows)
         sampled = None
