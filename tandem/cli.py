@@ -75,11 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from tandem.server.cli import add_serve_parser
     add_serve_parser(sub)
-    try:
-        from tandem.eval import add_eval_parser
-        add_eval_parser(sub)
-    except ImportError:
-        pass
+    from tandem.eval import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 
