@@ -114,6 +114,38 @@ def run_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prefill(args: argparse.Namespace) -> int:
+    """One long prompt, one output token: TTFT against the matmul-rate bound."""
+    from tandem.bench.roofline import workload_flops
+    from tandem.request import SamplingParams
+    llm = _make_llm(args)
+    prompt = _random_prompts(1, [args.input_len], llm.engine.vocab_size, args.seed or 0)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    for _ in range(args.warmup):
+        llm.generate(prompt, params, use_tqdm=False)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    elapsed = sorted(times)[len(times) // 2]
+    shape, flops_rate, bw = _shape_and_rates(llm)
+    work = Workload([(args.input_len, 1)], 1)
+    flops = workload_flops(shape, work)
+    roof, roof_c, roof_m = roofline_seconds(shape, work, flops_rate, bw)
+    record = _base_record("prefill", args, llm) | {
+        "batch_size": 1, "input_len": args.input_len, "output_len": 1,
+        "ttft_ms": elapsed * 1e3, "elapsed_s": elapsed, "flops": flops,
+        "achieved_flops_per_s": flops / elapsed, "matmul_flops_per_s": flops_rate,
+        "mem_bytes_per_s": bw, "roofline_s": roof, "roofline_compute_s": roof_c,
+        "roofline_memory_s": roof_m, "roofline_fraction": roof / elapsed}
+    _report([("prompt tokens", args.input_len), ("TTFT (ms)", elapsed * 1e3),
+             ("achieved TFLOP/s", flops / elapsed / 1e12),
+             ("matmul TFLOP/s", flops_rate / 1e12), ("roofline fraction", roof / elapsed)],
+            record)
+    return 0
+
+
 def _throughput_workload(args: argparse.Namespace, vocab: int
                          ) -> tuple[list[list[int]], list[int], list[int]]:
     """(prompts, prompt lengths, output lengths): fixed, or uniform in the given ranges."""
@@ -190,13 +222,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from tandem.cli import add_engine_args
     bench = sub.add_parser("bench", help="offline benchmarks (table + one JSON line)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
-    for name, fn in (("latency", run_latency), ("throughput", run_throughput)):
+    for name, fn in (("latency", run_latency), ("throughput", run_throughput),
+                     ("prefill", run_prefill)):
         p = kinds.add_parser(name)
         p.add_argument("--model", default=None, help="model directory (default: embedded)")
         p.add_argument("--input-len", type=int, default=128)
         p.add_argument("--output-len", type=int, default=128)
-        if name == "latency":
-            p.add_argument("--batch-size", type=int, default=1)
+        if name in ("latency", "prefill"):
+            if name == "latency":
+                p.add_argument("--batch-size", type=int, default=1)
             p.add_argument("--iters", type=int, default=3)
             p.add_argument("--warmup", type=int, default=1)
         else:
