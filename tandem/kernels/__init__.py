@@ -87,5 +87,21 @@ def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
     return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
 
+def _triton_importable() -> bool:
+    """The Triton backend needs the `triton` package (GPU machines); CPU installs skip it."""
+    import importlib
+
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+if _triton_importable():
+    from tandem.kernels.triton.backend import TritonAttentionBackend
+
+    register_attention_backend("triton", TritonAttentionBackend, device_types=("cuda",))
+
 __all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "TorchReferenceBackend",
            "get_attention_backend", "kv_cache_shape", "register_attention_backend"]

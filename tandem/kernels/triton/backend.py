@@ -1,0 +1,78 @@
+"""`TritonAttentionBackend`: the CUDA attention backend, same signatures as the reference.
+
+One step's batch, split by query length (the order of sequences does not matter):
+
+    sequences  | s0: 1 | s1: chunk of 300 | s2: 1 | s3: fresh prompt of 80 |
+    decode.py    s0, s2      grid (decodes, Hkv, partitions) + log-sum-exp merge
+    prefill.py   s1, s3      grid (heads, query tiles, chunks), FlashAttention-2 tiles
+
+A decode-only step (max_query_len == 1) launches on the metadata tensors as they are: no
+host sync, no tensor built from a Python list, a grid that depends only on the batch size
+and meta.max_seq_len, so it can be captured in a CUDA graph. A mixed step copies the two
+index lists to the device (pinned, non-blocking). Head sizes that are not a power of two
+in [16, 256] fall back to the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.kernels import reference
+from tandem.kernels.triton.decode import decode_attention
+from tandem.kernels.triton.kv_write import write_kv
+from tandem.kernels.triton.prefill import prefill_attention
+from tandem.layers.attention_metadata import AttentionMetadata
+
+
+def _supported(head_dim: int) -> bool:
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    """(len(ids),) int32 on device, copied without blocking the host."""
+    host = torch.tensor(ids, dtype=torch.int32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class TritonAttentionBackend:
+    """Paged attention in Triton: split-K decode, FlashAttention-2 prefill, slot writes."""
+
+    name = "triton"
+    supports_cuda_graphs = True  # decode-only steps: device lengths, batch-sized grids
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        write_kv(key, value, kv_cache, slot_mapping)
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float, key: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
+        """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim)."""
+        if not _supported(query.shape[-1]) or query.shape[0] == 0:
+            return reference.paged_attention(query, kv_cache, meta, scale, key, value)
+        if query.stride(-1) != 1:
+            query = query.contiguous()
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        common = (query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                  scale)
+        if meta.max_query_len <= 1:  # decode-only: the CUDA-graph path
+            decode_attention(*common, max_seq_len=meta.max_seq_len,
+                             num_decodes=meta.seq_lens.shape[0])
+            return out
+
+        q_lens, s_lens = meta.query_lens_cpu, meta.seq_lens_cpu
+        decodes = [i for i, n in enumerate(q_lens) if n == 1]
+        chunks = [i for i, n in enumerate(q_lens) if n > 1]
+        if decodes:
+            decode_attention(*common, max_seq_len=max(s_lens[i] for i in decodes),
+                             seq_ids=_device_ids(decodes, query.device))
+        # Chunks with no cached prefix attend only to their own rows: read those directly.
+        fresh = key is not None and value is not None and all(
+            q_lens[i] == s_lens[i] for i in chunks)
+        prefill_attention(*common, max_query_len=max(q_lens[i] for i in chunks),
+                          seq_ids=None if not decodes else _device_ids(chunks, query.device),
+                          num_chunks=len(chunks),
+                          key=key if fresh else None, value=value if fresh else None)
+        return out

@@ -1,0 +1,219 @@
+"""Decode attention (query_len == 1) over the paged KV cache: split-K "flash-decoding".
+
+Grid of the main kernel: (num_decodes, num_kv_heads, num_parts). One program owns one
+sequence, one KV head and one partition of its context; it loads every K/V row of that
+range once and scores it against ALL the query heads of the KV head's group (GQA), padded
+to 16 rows so the scores are one tensor-core dot per tile. The partition length is computed
+on the device from the sequence's own length, so one grid serves any context:
+
+    part_len = max(MIN_PART, round_up(cdiv(seq_len, num_parts), BLOCK_N))
+    context  | part 0 (part_len) | part 1 | ... | part k (k < num_parts) | (seq_len)
+    tile     | n0 .. n0+BLOCK_N-1 |   rows gathered through the block table:
+               slot(n) = block_table[seq, n // block_size] * block_size + n % block_size
+
+    q  (GROUP_PAD, D)  x  K_tile^T (D, BLOCK_N)  ->  scores (GROUP_PAD, BLOCK_N)
+    p  (GROUP_PAD, BLOCK_N)  x  V_tile (BLOCK_N, D)  ->  acc (GROUP_PAD, D), online softmax
+
+With one partition the program writes the normalized output directly. Otherwise each
+writes (acc / l, max m, sum l) per head into fp32 scratch and a second kernel, grid
+(num_decodes, num_heads), merges the partitions by log-sum-exp:
+
+    M = max_p m_p,   w_p = l_p * 2^(m_p - M),   out = sum_p w_p * o_p / sum_p w_p
+
+Lengths come from device tensors (seq_lens, query_start_loc, block_tables); the host sizes
+the grid from the batch size (num_parts: enough programs to fill the SMs at batch 1),
+capped by max_seq_len / MIN_PART, so the launch can be captured in a CUDA graph. Programs
+past a sequence's last partition exit at once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr):
+    """Context tokens per partition: the sequence split num_parts ways, whole key tiles."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_parts), BLOCK_N) * BLOCK_N, MIN_PART)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+                   seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+                   scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                   num_parts,
+                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, SINGLE: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    i = tl.program_id(0)
+    kvh = tl.program_id(1)
+    p = tl.program_id(2)
+    if HAS_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + i)
+    else:
+        seq = i
+    seq_len = tl.load(seq_lens_ptr + seq)
+    part_len = _part_len(seq_len, num_parts, BLOCK_N, MIN_PART)
+    start = p * part_len
+    if start >= tl.maximum(seq_len, 1):  # partition 0 always runs, so padding rows get 0
+        return
+    end = tl.minimum(start + part_len, seq_len)
+    row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+
+    g = tl.arange(0, GROUP_PAD)  # query heads of this KV head, padded for the dot
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    head_ok = g < GROUP
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=head_ok[:, None], other=0.0).to(k_ptr.dtype.element_ty)  # (GROUP_PAD, D)
+
+    m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        valid = offs < end
+        blk = tl.load(table + offs // BLOCK_SIZE, mask=valid, other=0)
+        slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE  # (BLOCK_N,)
+        kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))  # (GROUP_PAD, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        pr = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SINGLE:
+        dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        # scratch (num_decodes, num_heads, num_parts[, D]), fp32
+        base = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_parts + p
+        tl.store(part_max_ptr + base, m_i, mask=head_ok)
+        tl.store(part_sum_ptr + base, l_i, mask=head_ok)
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], o, mask=head_ok[:, None])
+
+
+@triton.jit
+def _reduce_kernel(out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+                   seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr,
+                   stride_ot, stride_oh, num_parts,
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MIN_PART: tl.constexpr, P_CHUNK: tl.constexpr, HAS_SEQ_IDS: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    if HAS_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + i)
+    else:
+        seq = i
+    seq_len = tl.load(seq_lens_ptr + seq)
+    n = tl.cdiv(seq_len, _part_len(seq_len, num_parts, BLOCK_N, MIN_PART))  # ran for this seq
+    base = (i * NUM_HEADS + h).to(tl.int64) * num_parts
+    d = tl.arange(0, HEAD_DIM)
+
+    big = tl.zeros([], dtype=tl.float32) - float("inf")
+    for c in range(0, n, P_CHUNK):
+        pp = c + tl.arange(0, P_CHUNK)
+        m = tl.load(part_max_ptr + base + pp, mask=pp < n, other=float("-inf"))
+        big = tl.maximum(big, tl.max(m, 0))
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    denom = tl.zeros([], dtype=tl.float32)
+    for c in range(0, n, P_CHUNK):
+        pp = c + tl.arange(0, P_CHUNK)
+        ok = pp < n
+        m = tl.load(part_max_ptr + base + pp, mask=ok, other=float("-inf"))
+        l = tl.load(part_sum_ptr + base + pp, mask=ok, other=0.0)
+        w = tl.where(l > 0, l * tl.exp2(m - big), 0.0)  # (P_CHUNK,)
+        o = tl.load(part_out_ptr + (base + pp)[:, None] * HEAD_DIM + d[None, :],
+                    mask=ok[:, None], other=0.0)  # (P_CHUNK, D)
+        acc += tl.sum(w[:, None] * o, 0)
+        denom += tl.sum(w, 0)
+    row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    o = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+
+_MIN_PART = 128  # shortest partition, in tokens: two key tiles at BLOCK_N 64
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the Triton interpreter on CPU: any grid works
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_partitions(max_seq_len: int, num_seqs: int, num_kv_heads: int,
+                          num_sms: int = 132, programs_per_sm: int = 4,
+                          min_part: int = 128) -> int:
+    """Partitions per (sequence, KV head): enough programs for ~programs_per_sm per SM
+    (batch 1 still fills the chip), never partitions shorter than min_part tokens; 1 when
+    the batch alone fills the chip (no merge kernel then)."""
+    fill = max(1, programs_per_sm * num_sms // max(1, num_seqs * num_kv_heads))
+    return max(1, min(fill, triton.cdiv(max_seq_len, min_part)))
+
+
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor, scale: float, max_seq_len: int,
+                     seq_ids: torch.Tensor | None = None, num_decodes: int | None = None,
+                     num_parts: int | None = None) -> None:
+    """out[row] = attention of query[row] over its sequence's paged context, for each
+    decode sequence (all sequences, or those listed in seq_ids: (num_decodes,) int32).
+
+    query, out: (num_tokens, num_heads, head_dim), last dim contiguous.
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), contiguous.
+    max_seq_len: a host bound on the decode sequences' seq_lens; it only caps num_parts.
+    num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
+    """
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_heads = query.shape[1]
+    group = num_heads // num_kv_heads
+    if num_decodes is None:
+        num_decodes = seq_ids.shape[0] if seq_ids is not None else seq_lens.shape[0]
+    if num_decodes == 0:
+        return
+    if num_parts is None:
+        num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
+                                          _num_sms(query.device), min_part=_MIN_PART)
+    block_n = 64 if head_dim >= 128 or kv_cache.dtype == torch.float32 else 128
+    single = num_parts == 1
+    if single:
+        part_out = part_max = part_sum = out  # unused
+    else:
+        part_out = torch.empty(num_decodes, num_heads, num_parts, head_dim,
+                               dtype=torch.float32, device=query.device)
+        part_max = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32,
+                               device=query.device)
+        part_sum = torch.empty_like(part_max)
+    ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
+    _decode_kernel[(num_decodes, num_kv_heads, num_parts)](
+        query, kv_cache[0], kv_cache[1], out, part_out, part_max, part_sum,
+        ids, query_start_loc, seq_lens, block_tables,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        num_parts,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=_MIN_PART,
+        HAS_SEQ_IDS=seq_ids is not None, SINGLE=single,
+        PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=3 if kv_cache.dtype != torch.float32 else 2)
+    if not single:
+        _reduce_kernel[(num_decodes, num_heads)](
+            out, part_out, part_max, part_sum, ids, query_start_loc, seq_lens,
+            out.stride(0), out.stride(1), num_parts,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=block_n, MIN_PART=_MIN_PART,
+            P_CHUNK=min(32, triton.next_power_of_2(num_parts)),
+            HAS_SEQ_IDS=seq_ids is not None, num_warps=4)

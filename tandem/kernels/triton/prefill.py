@@ -1,0 +1,170 @@
+"""Prefill / extend attention: FlashAttention-2 tiling over variable-length chunks whose
+earlier tokens may already sit in the paged KV cache (prefix-cache hits, chunked prefill).
+
+Chunk c has query_len new rows, the last ones of its seq_len positions, so row j sits at
+absolute position ctx + j with ctx = seq_len - query_len, and sees keys 0 .. ctx + j.
+Grid: (num_heads, max query tiles, num_chunks); program (h, t, c) owns BLOCK_M query rows
+of one head (heads vary fastest, so the GROUP heads sharing a KV head run side by side and
+share its K/V tiles in L2; tiles are taken last-first, so the longest rows start first):
+
+    keys ->      0            n_full          ctx+m0   n_end (exclusive)
+    rows m0..    |  full tiles: no mask  |  diagonal tiles: key <= ctx + row   |  (skipped)
+    m0+BLOCK_M   |  visible to every row |  and key < seq_len                  |
+
+    n_full = floor((ctx + m0 + 1) / BLOCK_N) * BLOCK_N,  n_end = min(seq_len, ctx + m0 + BLOCK_M)
+
+Per key tile: S = Q (BLOCK_M, D) @ K^T (D, BLOCK_N) on tensor cores (bf16/fp16 in, fp32
+out), online softmax in base 2, acc (BLOCK_M, D) += P @ V (BLOCK_N, D). Key n of a chunk is
+read from the paged cache at slot block_table[n // block_size] * block_size + n % block_size,
+or, when no chunk of the batch has a cached prefix (FRESH), straight from this step's k/v
+rows (row query_start + n), which skips the block-table lookups.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _key_rows(offs, q_start, table, mask, BLOCK_SIZE: tl.constexpr, FRESH: tl.constexpr,
+              MASKED: tl.constexpr):
+    """Row index of keys offs in the K/V source: this step's k/v rows, or cache slots."""
+    if FRESH:
+        idx = (q_start + offs).to(tl.int64)
+    else:
+        if MASKED:
+            blk = tl.load(table + offs // BLOCK_SIZE, mask=mask, other=0)
+        else:
+            blk = tl.load(table + offs // BLOCK_SIZE)
+        idx = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE
+    return idx
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_ptr,
+                    seq_lens_ptr, block_tables_ptr, scale_log2,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_SEQ_IDS: tl.constexpr, FRESH: tl.constexpr, PRECISION: tl.constexpr):
+    h = tl.program_id(0)
+    tile = tl.program_id(1)
+    c = tl.program_id(2)
+    if HAS_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + c)
+    else:
+        seq = c
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    num_tiles = tl.cdiv(q_len, BLOCK_M)
+    if tile >= num_tiles:
+        return
+    m0 = (num_tiles - 1 - tile) * BLOCK_M
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len  # cached prefix before the chunk
+
+    rows = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) chunk-relative
+    row_ok = rows < q_len
+    d = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0).to(k_ptr.dtype.element_ty)  # (BLOCK_M, D)
+    kvh = h // GROUP
+    k_base = k_ptr + kvh * stride_kh + d[None, :]
+    v_base = v_ptr + kvh * stride_vh + d[None, :]
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_full = ((ctx + m0 + 1) // BLOCK_N) * BLOCK_N
+    n_end = tl.minimum(seq_len, ctx + m0 + BLOCK_M)
+
+    for n0 in range(0, n_full, BLOCK_N):  # every key visible to every row: no mask
+        offs = n0 + tl.arange(0, BLOCK_N)
+        idx = _key_rows(offs, q_start, table, offs < n_full, BLOCK_SIZE, FRESH, False)
+        k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
+        v = tl.load(v_base + idx[:, None] * stride_vt)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        pr = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    for n0 in range(n_full, n_end, BLOCK_N):  # the diagonal: causal mask, shifted by ctx
+        offs = n0 + tl.arange(0, BLOCK_N)
+        key_ok = offs < seq_len
+        idx = _key_rows(offs, q_start, table, key_ok, BLOCK_SIZE, FRESH, True)
+        k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        visible = (offs[None, :] <= ctx + rows[:, None]) & key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key n_full <= ctx + m0 is visible
+        pr = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    dst = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head size and K/V dtype."""
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    if head_dim >= 128:
+        return 128, 64, 8, 3
+    return 128, 64, 4, 3
+
+
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float, max_query_len: int,
+                      seq_ids: torch.Tensor | None = None, num_chunks: int | None = None,
+                      key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                      config: tuple[int, int, int, int] | None = None) -> None:
+    """out rows of each chunk (all sequences, or those in seq_ids: (num_chunks,) int32) =
+    causal attention over its paged context.
+
+    query, out: (num_tokens, num_heads, head_dim), last dim contiguous.
+    kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), contiguous.
+    key, value: (num_tokens, num_kv_heads, head_dim), this step's K/V rows; pass them only
+    when every chunk launched has no cached prefix (query_len == seq_len).
+    max_query_len: a host bound on the chunks' query_len; it sizes the grid only.
+    """
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    num_heads = query.shape[1]
+    if num_chunks is None:
+        num_chunks = seq_ids.shape[0] if seq_ids is not None else seq_lens.shape[0]
+    if num_chunks == 0:
+        return
+    fresh = key is not None
+    if fresh:
+        k_src, v_src = key, value
+        if k_src.stride(-1) != 1 or v_src.stride(-1) != 1:
+            k_src, v_src = k_src.contiguous(), v_src.contiguous()
+        k_strides = (k_src.stride(0), k_src.stride(1))
+        v_strides = (v_src.stride(0), v_src.stride(1))
+    else:
+        k_src, v_src = kv_cache[0], kv_cache[1]  # slot stride Hkv*D, head stride D
+        k_strides = v_strides = (num_kv_heads * head_dim, head_dim)
+    block_m, block_n, num_warps, num_stages = config or prefill_config(head_dim, k_src.dtype)
+    grid = (num_heads, triton.cdiv(max_query_len, block_m), num_chunks)
+    _prefill_kernel[grid](
+        query, k_src, v_src, out, seq_ids if seq_ids is not None else seq_lens,
+        query_start_loc, seq_lens, block_tables, scale * 1.4426950408889634,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        *k_strides, *v_strides, block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SEQ_IDS=seq_ids is not None, FRESH=fresh,
+        PRECISION="ieee" if k_src.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
