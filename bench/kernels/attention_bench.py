@@ -137,32 +137,41 @@ def prefill_case(name: str, q_len: int, s_len: int, triton_backend, ref_backend,
 
 
 def sweep() -> dict:
-    """Prefill tile configs on the fresh 8k prompt; decode partition counts at batch 1."""
+    """Prefill tiles (fresh and paged 8k prompt, block-table prefetch on/off); decode tiles
+    and partition counts at batch 1 (graph timing)."""
     out: dict = {"prefill": [], "decode": []}
     cache, query, key, value, metas = make_case([8192], [8192], seed=1)
-    m = metas[0]
+    m, res = metas[0], torch.empty_like(query)
     flops = causal_flops(8192, 8192)
-    for cfg in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)]:
-        res = torch.empty_like(query)
+    runs = [(cfg, True, False) for cfg in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                                           (128, 128, 8, 2), (128, 32, 4, 3)]]
+    runs += [(cfg, False, pre) for cfg in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
+                                           (64, 64, 4, 3)] for pre in (False, True)]
+    for cfg, fresh, pre in runs:
+        kv = dict(key=key, value=value) if fresh else {}
         try:
             ms = time_launch(lambda: prefill_attention(
                 query, cache, res, m.query_start_loc, m.seq_lens, m.block_tables, SCALE,
-                8192, key=key, value=value, config=cfg))
-            out["prefill"].append({"config": cfg, "ms": ms, "TFLOPs": flops / ms / 1e9})
+                8192, config=cfg, prefetch_table=pre, **kv))
+            out["prefill"].append({"config": cfg, "fresh_kv": fresh, "prefetch": pre, "ms": ms,
+                                   "TFLOPs": flops / ms / 1e9})
         except Exception as exc:  # e.g. out of shared memory
-            out["prefill"].append({"config": cfg, "error": type(exc).__name__})
-    for ctx in (4096, 32768):
-        kv_bytes = ctx * KV_HEADS * HEAD_DIM * 4
+            out["prefill"].append({"config": cfg, "fresh_kv": fresh, "error": repr(exc)[:80]})
+    for batch, ctx in ((1, 4096), (1, 32768), (64, 1024)):
+        kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 4
         copies = max(1, -(-(256 << 20) // kv_bytes))
-        cache, query, _, _, metas = make_case([1], [ctx], copies, seed=ctx)
+        cache, query, _, _, metas = make_case([1] * batch, [ctx] * batch, copies, seed=ctx)
         res = torch.empty_like(query)
-        for parts in (8, 16, 33, 66, 132):
-            fns = [lambda m=m, p=parts: decode_attention(
+        runs = [(None, p) for p in ((8, 16, 33, 132) if batch == 1 else ())]
+        runs += [(c, None) for c in ((32, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 2),
+                                     (64, 2, 3))]
+        for cfg, parts in runs:
+            fns = [lambda m=m, c=cfg, p=parts: decode_attention(
                 query, cache, res, m.query_start_loc, m.seq_lens, m.block_tables, SCALE,
-                ctx, num_parts=p) for m in metas]
+                ctx, num_parts=p, config=c) for m in metas]
             ms = time_graph(fns)
-            out["decode"].append({"ctx": ctx, "num_parts": parts, "graph_ms": ms,
+            out["decode"].append({"batch": batch, "ctx": ctx, "num_parts": parts,
+                                  "config": cfg, "graph_ms": ms,
                                   "graph_GBps": kv_bytes / ms / 1e6})
     return out
 

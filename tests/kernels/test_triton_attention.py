@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from tandem.kernels import get_attention_backend, kv_cache_shape, reference  # noqa: E402
 from tandem.kernels.triton import (TritonAttentionBackend, decode_attention,  # noqa: E402
-                                   write_kv)
+                                   prefill_attention, write_kv)
 from tests.model_factory import make_attn_metadata  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -141,6 +141,26 @@ def test_decode_partition_counts_and_padding_rows() -> None:
         decode_attention(query, cache, out, meta.query_start_loc, padded, meta.block_tables,
                          0.125, max_seq_len=1000, num_parts=num_parts)
         assert (out[1] == 0).all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("config,prefetch", [((64, 64, 4, 2), True), ((64, 32, 4, 2), False),
+                                             ((32, 128, 4, 2), True)])
+def test_prefill_tiles_and_table_prefetch(config, prefetch) -> None:
+    """Other tile shapes, and the block-table prefetch, on chunks after cached prefixes."""
+    rng = random.Random(5)
+    seqs = [(37, 301), (100, 100), (70, 133)]
+    meta, cache, query, _, _ = make_batch(rng, seqs, 16, 8, 2, 64, torch.float16)
+    out = torch.full_like(query, float("nan"))
+    prefill_attention(query, cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                      0.125, max_query_len=100, config=config, prefetch_table=prefetch)
+    check(out, query, cache, meta, 0.125, torch.float16)
+    for dconfig in [(32, 4, 2), (128, 2, 3)]:
+        dmeta, cache, query, _, _ = make_batch(rng, [(1, 700), (1, 90)], 32, 8, 2, 64,
+                                               torch.float16)
+        out = torch.full_like(query, float("nan"))
+        decode_attention(query, cache, out, dmeta.query_start_loc, dmeta.seq_lens,
+                         dmeta.block_tables, 0.125, max_seq_len=700, config=dconfig)
+        check(out, query, cache, dmeta, 0.125, torch.float16)
 
 
 @long_case

@@ -168,7 +168,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, max_seq_len: int,
                      seq_ids: torch.Tensor | None = None, num_decodes: int | None = None,
-                     num_parts: int | None = None) -> None:
+                     num_parts: int | None = None,
+                     config: tuple[int, int, int] | None = None) -> None:
     """out[row] = attention of query[row] over its sequence's paged context, for each
     decode sequence (all sequences, or those listed in seq_ids: (num_decodes,) int32).
 
@@ -176,6 +177,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), contiguous.
     max_seq_len: a host bound on the decode sequences' seq_lens; it only caps num_parts.
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
+    config: (BLOCK_N, num_warps, num_stages), for tuning.
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -187,7 +189,9 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     if num_parts is None:
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
                                           _num_sms(query.device), min_part=_MIN_PART)
-    block_n = 64 if head_dim >= 128 or kv_cache.dtype == torch.float32 else 128
+    fp32 = kv_cache.dtype == torch.float32
+    block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
+                                                2 if fp32 else 3)
     single = num_parts == 1
     if single:
         part_out = part_max = part_sum = out  # unused
@@ -209,7 +213,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=_MIN_PART,
         HAS_SEQ_IDS=seq_ids is not None, SINGLE=single,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=3 if kv_cache.dtype != torch.float32 else 2)
+        num_warps=num_warps, num_stages=num_stages)
     if not single:
         _reduce_kernel[(num_decodes, num_heads)](
             out, part_out, part_max, part_sum, ids, query_start_loc, seq_lens,
