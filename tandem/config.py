@@ -60,7 +60,7 @@ class CacheConfig:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048  # token budget of one step (decodes + prefill chunks)
+    max_num_batched_tokens: int = 8192  # token budget of one step (decodes + prefill chunks)
     max_num_seqs: int = 256  # most requests running at once
     max_model_len: int = 0  # resolved by EngineConfig from the model; prompt + output limit
 
