@@ -155,11 +155,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_num_partitions(max_seq_len: int, num_seqs: int, num_kv_heads: int,
-                          num_sms: int = 132, programs_per_sm: int = 4,
+                          num_sms: int = 132, programs_per_sm: int = 2,
                           min_part: int = 128) -> int:
     """Partitions per (sequence, KV head): enough programs for ~programs_per_sm per SM
     (batch 1 still fills the chip), never partitions shorter than min_part tokens; 1 when
-    the batch alone fills the chip (no merge kernel then)."""
+    the batch alone fills the chip (no merge kernel then). H100, batch 1, 32k context:
+    33 partitions read 2244-2296 GB/s, 66 read 2197-2259, 16 read 1848-1883."""
     fill = max(1, programs_per_sm * num_sms // max(1, num_seqs * num_kv_heads))
     return max(1, min(fill, triton.cdiv(max_seq_len, min_part)))
 

@@ -85,7 +85,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
     n_end = tl.minimum(seq_len, ctx + m0 + BLOCK_M)
 
     # PREFETCH: the next tile's cache rows are looked up one iteration ahead, so the
-    # block-table load is off the K/V loads' critical path.
+    # block-table load is off the K/V loads' critical path (H100, paged 8k prompt at
+    # (128, 64, 8, 3): 408 TFLOP/s with it, 319 without).
     nxt = _key_rows(tl.arange(0, BLOCK_N), q_start, table, tl.arange(0, BLOCK_N) < n_full,
                     BLOCK_SIZE, FRESH, True)
     for n0 in range(0, n_full, BLOCK_N):  # every key visible to every row: no mask
@@ -127,12 +128,18 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head size and K/V dtype."""
+def prefill_config(head_dim: int, dtype: torch.dtype,
+                   fresh: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head size, K/V dtype and source.
+
+    H100, bf16, 8k causal prompt, 32/8 heads of 128 (bench/kernels/attention_bench.py
+    --sweep): fresh k/v 465 TFLOP/s at (128, 128, 8, 3) vs 441 at (128, 64, 8, 3); paged
+    cache with the block-table prefetch 408 at (128, 64, 8, 3) vs 385 at (128, 128, 8, 3).
+    """
     if dtype == torch.float32:
         return 64, 32, 4, 2
     if head_dim >= 128:
-        return 128, 128, 8, 3  # H100, 8k causal prompt: 472 TFLOP/s vs 439 at BLOCK_N 64
+        return (128, 128, 8, 3) if fresh else (128, 64, 8, 3)
     return 128, 64, 4, 3
 
 
@@ -142,7 +149,7 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                       seq_ids: torch.Tensor | None = None, num_chunks: int | None = None,
                       key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                       config: tuple[int, int, int, int] | None = None,
-                      prefetch_table: bool = False) -> None:
+                      prefetch_table: bool = True) -> None:
     """out rows of each chunk (all sequences, or those in seq_ids: (num_chunks,) int32) =
     causal attention over its paged context.
 
@@ -168,7 +175,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     else:
         k_src, v_src = kv_cache[0], kv_cache[1]  # slot stride Hkv*D, head stride D
         k_strides = v_strides = (num_kv_heads * head_dim, head_dim)
-    block_m, block_n, num_warps, num_stages = config or prefill_config(head_dim, k_src.dtype)
+    block_m, block_n, num_warps, num_stages = config or prefill_config(head_dim, k_src.dtype,
+                                                                       fresh)
     grid = (num_heads, triton.cdiv(max_query_len, block_m), num_chunks)
     _prefill_kernel[grid](
         query, k_src, v_src, out, seq_ids if seq_ids is not None else seq_lens,
