@@ -12,7 +12,8 @@ block_size 16, block tables shuffled over the pool.
              TFLOP/s = 4 * heads * head_dim * (visible keys summed over query rows) / time
 
 Times are medians. `launch`: triton.testing.do_bench, one call per timing with L2 flushed
-before it (launch overhead included). `graph`: a CUDA graph of N calls, each on its own
+before it (the backend's host-side Python and launch overhead included, so it is noisy for
+small cases). `graph`: a CUDA graph of N calls, each on its own
 copy of the K/V (N copies span >= 256 MB, so L2 holds none), replayed; time per call.
 The hardware bounds (a 1 GiB device copy counting read + write; an 8192^3 bf16 matmul) are
 measured first. Prints a table, then one JSON object as the last line.
