@@ -16,9 +16,9 @@ run() {  # name, timeout, args...
 for what in "$@"; do
   case $what in
     latency) run latency 240 latency $M --batch-size 1 --input-len 128 --output-len 256 \
-               --max-model-len 4096 --iters 3 ;;
+               --max-model-len 4096 --max-num-seqs 1 --iters 3 ;;
     prefill) run prefill 240 prefill $M --input-len 8192 --max-num-batched-tokens 8192 \
-               --max-model-len 8448 --iters 3 ;;
+               --max-model-len 8448 --max-num-seqs 1 --iters 3 ;;
     throughput) run throughput 420 throughput $M --num-prompts 1024 --input-len 512 \
                --output-len 256 --max-model-len 1024 --backend transformers \
                --peer-num-prompts ${PEER_PROMPTS:-128} ;;
