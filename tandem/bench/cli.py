@@ -82,17 +82,21 @@ def run_latency(args: argparse.Namespace) -> int:
     from tandem.request import SamplingParams
     llm = _make_llm(args)
     vocab = llm.engine.vocab_size
-    prompts = _random_prompts(args.batch_size, [args.input_len] * args.batch_size, vocab,
-                              args.seed or 0)
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    lens = [args.input_len] * args.batch_size
+    # Every run gets fresh prompts, so no run is served by an earlier one's prefix cache.
+    fresh = iter(_random_prompts(args.batch_size, lens, vocab, (args.seed or 0) + k)
+                 for k in range(1, 10**6))
     for _ in range(args.warmup):
-        llm.generate(prompts, full, use_tqdm=False)
+        llm.generate(next(fresh), full, use_tqdm=False)
     ttfts, totals = [], []
     for _ in range(args.iters):
+        prompts = next(fresh)
         t0 = time.perf_counter()
         llm.generate(prompts, first, use_tqdm=False)
         ttfts.append(time.perf_counter() - t0)
+        prompts = next(fresh)
         t0 = time.perf_counter()
         llm.generate(prompts, full, use_tqdm=False)
         totals.append(time.perf_counter() - t0)
@@ -119,12 +123,14 @@ def run_prefill(args: argparse.Namespace) -> int:
     from tandem.bench.roofline import workload_flops
     from tandem.request import SamplingParams
     llm = _make_llm(args)
-    prompt = _random_prompts(1, [args.input_len], llm.engine.vocab_size, args.seed or 0)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for _ in range(args.warmup):
+    # A fresh prompt each run: a repeated one would be served by the prefix cache.
+    prompts = [_random_prompts(1, [args.input_len], llm.engine.vocab_size, (args.seed or 0) + k)
+               for k in range(args.warmup + args.iters)]
+    for prompt in prompts[:args.warmup]:
         llm.generate(prompt, params, use_tqdm=False)
     times = []
-    for _ in range(args.iters):
+    for prompt in prompts[args.warmup:]:
         t0 = time.perf_counter()
         llm.generate(prompt, params, use_tqdm=False)
         times.append(time.perf_counter() - t0)
@@ -166,8 +172,10 @@ def measure_tandem_throughput(llm, prompts: list[list[int]], out_lens: list[int]
     """(elapsed seconds, output tokens) of one offline batch through the engine."""
     from tandem.request import SamplingParams
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
-    if warmup:
-        llm.generate(prompts[:8], params[:8], use_tqdm=False)
+    if warmup:  # other prompts, so the measured ones are not in the prefix cache
+        vocab = llm.engine.vocab_size
+        llm.generate(_random_prompts(8, [len(p) for p in prompts[:8]], vocab, 12345),
+                     params[:8], use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
