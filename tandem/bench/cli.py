@@ -174,7 +174,8 @@ def measure_tandem_throughput(llm, prompts: list[list[int]], out_lens: list[int]
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
     if warmup:  # other prompts, so the measured ones are not in the prefix cache
         vocab = llm.engine.vocab_size
-        llm.generate(_random_prompts(8, [len(p) for p in prompts[:8]], vocab, 12345),
+        lens = [len(p) for p in prompts[:8]]
+        llm.generate(_random_prompts(len(lens), lens, vocab, 12345),
                      params[:8], use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
