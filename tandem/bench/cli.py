@@ -218,7 +218,12 @@ def run_throughput(args: argparse.Namespace) -> int:
             ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
             ("roofline (s)", roof), ("roofline fraction", roof / elapsed)]
     if args.backend != "tandem":
-        peer_rec = _measure_peer(args, llm, prompts, out_lens)
+        try:
+            peer_rec = _measure_peer(args, llm, prompts, out_lens)
+        except Exception as e:  # report the peer's failure; tandem's numbers still stand
+            record["peer"] = {"name": f"transformers {args.backend}", "error": repr(e)[:500]}
+            _report(rows + [("peer", f"failed: {e!r}"[:200])], record)
+            return 1
         record |= {"peer": peer_rec,
                    "peer_speedup": record["output_tokens_per_s"] / peer_rec["output_tokens_per_s"]}
         rows += [(f"{peer_rec['name']} output tokens/s", peer_rec["output_tokens_per_s"]),
