@@ -183,17 +183,27 @@ def measure_tandem_throughput(llm, prompts: list[list[int]], out_lens: list[int]
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def _measure_peer(args: argparse.Namespace, llm, prompts: list[list[int]], out_lens: list[int]
+def _measure_peer(args: argparse.Namespace, model_dir: str, device: torch.device,
+                  dtype: torch.dtype, prompts: list[list[int]], out_lens: list[int]
                   ) -> dict[str, Any]:
     from tandem.bench import peer
-    runner = llm.engine.runner
     attn = "paged|sdpa" if args.backend == "transformers" else None
-    model = peer.load_hf_model(llm.engine.config.model.model, runner.device, runner.dtype, attn)
+    model = peer.load_hf_model(model_dir, device, dtype, attn, dummy=args.load_format == "dummy")
     k = min(len(prompts), args.peer_num_prompts or len(prompts))
     run = peer.run_hf_generate if args.backend == "hf-generate" else peer.run_hf_generate_batch
     elapsed, tokens = run(model, prompts[:k], out_lens[:k])
     return {"name": f"transformers {args.backend}", "num_prompts": k, "elapsed_s": elapsed,
             "output_tokens_per_s": tokens / elapsed}
+
+
+def _free(llm) -> None:
+    """Release the engine's device memory (KV pool, CUDA graphs) before a peer runs."""
+    import gc
+    llm.engine.runner.graphs = None
+    llm.engine = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_throughput(args: argparse.Namespace) -> int:
@@ -218,8 +228,12 @@ def run_throughput(args: argparse.Namespace) -> int:
             ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
             ("roofline (s)", roof), ("roofline fraction", roof / elapsed)]
     if args.backend != "tandem":
+        runner = llm.engine.runner
+        model_dir, device, dtype = llm.engine.config.model.model, runner.device, runner.dtype
+        del runner
+        _free(llm)
         try:
-            peer_rec = _measure_peer(args, llm, prompts, out_lens)
+            peer_rec = _measure_peer(args, model_dir, device, dtype, prompts, out_lens)
         except Exception as e:  # report the peer's failure; tandem's numbers still stand
             record["peer"] = {"name": f"transformers {args.backend}", "error": repr(e)[:500]}
             _report(rows + [("peer", f"failed: {e!r}"[:200])], record)

@@ -16,10 +16,19 @@ import torch
 
 
 def load_hf_model(model_dir: str, device: torch.device, dtype: torch.dtype,
-                  attn_implementation: str | None = None):
-    from transformers import AutoModelForCausalLM
+                  attn_implementation: str | None = None, dummy: bool = False):
+    """The transformers model for `model_dir`; `dummy`: random weights from config.json
+    alone (like tandem's load_format="dummy"), initialised on the device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw).to(device).eval()
+    if dummy:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                     dtype=dtype, **kw)
+        model = model.eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw)
+        model = model.to(device).eval()
     model.generation_config.eos_token_id = None  # like ignore_eos
     return model
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tandem.kernels import ops
+
 
 def rope_parameters(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling dict or None) from either config spelling.
@@ -60,11 +62,6 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
     return torch.where(medium, blended, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """forward(positions (T,), q (T, H, D), k (T, Hkv, D)) -> rotated (q, k)."""
 
@@ -83,8 +80,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos_cache[positions].unsqueeze(1)  # (T, 1, D), broadcast over heads
-        sin = self.sin_cache[positions].unsqueeze(1)
-        q = q * cos.to(q.dtype) + rotate_half(q) * sin.to(q.dtype)
-        k = k * cos.to(k.dtype) + rotate_half(k) * sin.to(k.dtype)
-        return q, k
+        return ops.rotary(positions, q, k, self.cos_cache, self.sin_cache)
