@@ -20,7 +20,7 @@ for what in "$@"; do
     prefill) run prefill 240 prefill $M --input-len 8192 --max-num-batched-tokens 8192 \
                --max-model-len 8448 --max-num-seqs 1 --iters 3 ;;
     throughput) run throughput 420 throughput $M --num-prompts 1024 --input-len 512 \
-               --output-len 256 --max-model-len 1024 --backend transformers \
+               --output-len 256 --max-model-len 1024 --max-num-seqs 512 --backend transformers \
                --peer-num-prompts ${PEER_PROMPTS:-128} ;;
   esac
 done

@@ -62,10 +62,13 @@ def run_hf_generate_batch(model, prompts: list[list[int]], out_lens: list[int]
                            pad_token_id=0)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        results = model.generate_batch(inputs=prompts, generation_config=cfg)
+    # No inference_mode here: generate_batch runs its loop in a worker thread, which must
+    # not be handed inference tensors.
+    results = model.generate_batch(inputs=prompts, generation_config=cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     tokens = sum(min(len(r.generated_tokens), o) for r, o in zip(results.values(), out_lens))
+    if tokens == 0:
+        raise RuntimeError("transformers generate_batch produced no tokens")
     return elapsed, tokens
