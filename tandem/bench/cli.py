@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import random
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from tandem.bench.roofline import ModelShape, Workload, measure_rates, roofline_
 
 
 def _git_commit() -> str:
+    if os.environ.get("TANDEM_GIT_COMMIT"):  # set where the tree is a copy without .git
+        return os.environ["TANDEM_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=5).stdout.strip() or "unknown"
