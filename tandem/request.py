@@ -33,6 +33,11 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # aborted by the caller (or client disconnect)
 
 
+class RequestOutputKind(enum.Enum):
+    CUMULATIVE = "cumulative"  # an output every step (streaming front ends)
+    FINAL_ONLY = "final_only"  # one output, when the request finishes (offline batches)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """What to generate and how; validated at construction (ValueError names the field)."""
@@ -55,6 +60,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

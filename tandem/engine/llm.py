@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Sequence
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from tandem.config import EngineConfig
 from tandem.engine.engine import Engine, PromptType
 from tandem.outputs import RequestOutput
-from tandem.request import SamplingParams
+from tandem.request import RequestOutputKind, SamplingParams
 
 
 def _is_token_ids(x: Any) -> bool:
@@ -55,6 +56,8 @@ class LLM:
             self.engine.validate(token_ids, sp)
         ids = [str(next(self._ids)) for _ in prompts]
         for rid, (text, token_ids), sp in zip(ids, tokenized, params):
+            # Offline callers read only final outputs: skip building one every step.
+            sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
             self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp)
         return self._run(ids, use_tqdm)
 

@@ -14,7 +14,7 @@ from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.tokenizer import Tokenizer
 from tandem.outputs import (CompletionOutput, Logprobs, RequestMetrics, RequestOutput, StepPlan,
                             StepResult)
-from tandem.request import FinishReason, Request
+from tandem.request import FinishReason, Request, RequestOutputKind
 
 
 @dataclass(slots=True)
@@ -34,7 +34,7 @@ class ParentState:
     children: list[ChildState]
     prompt_logprobs: list[Logprobs | None] | None
     metrics: RequestMetrics
-    num_finished: int = 0
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra: dict = field(default_factory=dict)  # front ends may hang their own state here
 
 
@@ -57,7 +57,7 @@ class OutputProcessor:
                         [] if p.logprobs is not None else None)
              for i, r in enumerate(children)],
             [None] * len(first.prompt_token_ids) if p.prompt_logprobs is not None else None,
-            RequestMetrics(arrival_time=first.arrival_time))
+            RequestMetrics(arrival_time=first.arrival_time), p.output_kind)
         self.parents[request_id] = parent
         for r in children:
             self.child_to_parent[r.request_id] = parent
@@ -91,7 +91,9 @@ class OutputProcessor:
             child = next(c for c in parent.children if c.request is req)
             self._advance(child)
             touched[parent.request_id] = parent
-        return [self._output(p) for p in touched.values()]
+        return [self._output(p) for p in touched.values()
+                if p.output_kind is RequestOutputKind.CUMULATIVE
+                or all(c.request.is_finished for c in p.children)]
 
     def _advance(self, child: ChildState) -> None:
         """Feed new tokens to the detokenizer; a matched stop string finishes the request."""
