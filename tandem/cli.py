@@ -7,7 +7,6 @@ so every engine argument has exactly one definition.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Any
 

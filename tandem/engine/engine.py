@@ -19,7 +19,7 @@ from tandem.engine.stats import EngineStats, split_step_tokens
 from tandem.engine.tokenizer import Tokenizer
 from tandem.models.loader import read_hf_config
 from tandem.outputs import RequestOutput, StepPlan
-from tandem.request import FinishReason, Request, SamplingParams
+from tandem.request import Request, SamplingParams
 from tandem.runner.model_runner import ModelRunner
 from tandem.scheduler import Scheduler
 

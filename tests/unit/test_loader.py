@@ -14,14 +14,6 @@ from tandem.models.registry import ARCHITECTURES, model_class_for
 from tests.model_factory import make_attn_metadata, make_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def tiny(tmp_path) -> str:
     return make_tiny_model(tmp_path / "model", "Qwen2ForCausalLM")

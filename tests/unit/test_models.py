@@ -17,14 +17,6 @@ from tandem.models.loader import load_model
 from tests.model_factory import make_attn_metadata, make_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: OpenMP threads only add sync cost (and stall badly on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 BLOCK_SIZE = 4
 DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.gpu)] * torch.cuda.is_available()
 CASES = {

@@ -13,15 +13,6 @@ from tandem.kernels.reference import paged_attention, write_kv
 from tests.model_factory import make_attn_metadata
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: OpenMP threads only add sync cost (and stall badly on a busy CPU)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def naive_attention(query, kv_cache, meta, scale):
     """One query row at a time: gather its visible positions slot by slot, softmax, sum."""
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
