@@ -37,8 +37,7 @@ def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) -> ModelInputs:
     ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
+    starts: list[int] = []
     query_start = [0]
     seq_lens: list[int] = []
     query_lens: list[int] = []
@@ -47,14 +46,12 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) ->
     prompt_rows: list[int] = []
     spans: list[tuple[int, int, int]] = []
     for i, seq in enumerate(plan.seqs):
-        req, start, end, table = seq.request, seq.start_pos, seq.end_pos, seq.block_table
+        req, start, end = seq.request, seq.start_pos, seq.end_pos
         if seq.num_new_tokens == 1:
             ids.append(req.token_at(start))
         else:
             ids.extend(req.all_token_ids[start:end])
-        rng = range(start, end)
-        pos.extend(rng)
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in rng)
+        starts.append(start)
         row0 = query_start[-1]
         query_start.append(row0 + seq.num_new_tokens)
         query_lens.append(seq.num_new_tokens)
@@ -74,18 +71,30 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) ->
     spans = [(i, n + r, c) for i, r, c in spans]  # prompt rows follow the sampled rows
     # Two host-to-device copies per step: every int64 array in one, every int32 in another.
     t = len(ids)
-    longs = _to(ids + pos + slots + sample_idx + prompt_rows, torch.int64, device)
-    ints = _to(query_start + seq_lens + tables, torch.int32, device)
     num_seqs = len(plan.seqs)
+    longs = _to(ids + starts + sample_idx + prompt_rows, torch.int64, device)
+    ints = _to(query_start + seq_lens + query_lens + tables, torch.int32, device)
+    query_start_loc = ints[:num_seqs + 1]
+    block_tables = ints[2 * num_seqs + 1 + num_seqs:].view(num_seqs, max_blocks)
+    # Each token's position and cache slot, computed on the device from its sequence's
+    # start and block table (no per-token Python):
+    #   seq_of[r] = the sequence of row r;  pos = start[seq] + (r - query_start[seq])
+    #   slot = block_tables[seq, pos // block_size] * block_size + pos % block_size
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device),
+                                     ints[2 * num_seqs + 1:3 * num_seqs + 1], output_size=t)
+    rows = torch.arange(t, device=device)
+    positions = longs[t:t + num_seqs][seq_of] + rows - query_start_loc[seq_of]
+    slots = (block_tables[seq_of, positions // block_size].long() * block_size
+             + positions % block_size)
     meta = AttentionMetadata(
-        slot_mapping=longs[2 * t:3 * t],
-        query_start_loc=ints[:num_seqs + 1],
+        slot_mapping=slots,
+        query_start_loc=query_start_loc,
         seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
-        block_tables=ints[2 * num_seqs + 1:].view(num_seqs, max_blocks),
+        block_tables=block_tables,
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),
         block_size=block_size)
-    return ModelInputs(longs[:t], longs[t:2 * t], meta, sample_rows, longs[3 * t:], spans)
+    return ModelInputs(longs[:t], positions, meta, sample_rows, longs[t + num_seqs:], spans)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
