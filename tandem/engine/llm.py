@@ -70,15 +70,9 @@ class LLM:
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer; this model directory has none")
-        if chat_template is not None:
-            saved, tok.chat_template = tok.chat_template, chat_template
-        try:
-            prompts = [{"prompt": (t := tok.apply_chat_template(c, add_generation_prompt)),
-                        "prompt_token_ids": tok.encode(t, add_special_tokens=False)}
-                       for c in convs]
-        finally:
-            if chat_template is not None:
-                tok.chat_template = saved
+        texts = [tok.apply_chat_template(c, add_generation_prompt, chat_template) for c in convs]
+        prompts = [{"prompt": t, "prompt_token_ids": tok.encode(t, add_special_tokens=False)}
+                   for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -7,7 +7,7 @@ is final (see detokenizer.py), so a streaming client may send `text[len(sent):]`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from tandem.engine.detokenizer import IncrementalDetokenizer
@@ -35,7 +35,6 @@ class ParentState:
     prompt_logprobs: list[Logprobs | None] | None
     metrics: RequestMetrics
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    extra: dict = field(default_factory=dict)  # front ends may hang their own state here
 
 
 class OutputProcessor:
@@ -44,7 +43,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.finish = finish  # scheduler.finish_request: ends a request a stop string matched
         self.parents: dict[str, ParentState] = {}
-        self.child_to_parent: dict[str, ParentState] = {}
+        # scheduler request id -> (its user request, its own state)
+        self.child_to_parent: dict[str, tuple[ParentState, ChildState]] = {}
 
     def add(self, request_id: str, prompt: str | None, children: list[Request]) -> ParentState:
         first = children[0]
@@ -59,8 +59,8 @@ class OutputProcessor:
             [None] * len(first.prompt_token_ids) if p.prompt_logprobs is not None else None,
             RequestMetrics(arrival_time=first.arrival_time), p.output_kind)
         self.parents[request_id] = parent
-        for r in children:
-            self.child_to_parent[r.request_id] = parent
+        for c in parent.children:
+            self.child_to_parent[c.request.request_id] = (parent, c)
         return parent
 
     def remove(self, request_id: str) -> None:
@@ -74,10 +74,10 @@ class OutputProcessor:
         """The outputs of every parent that got a token or finished this step."""
         touched: dict[str, ParentState] = {}
         for i, seq in enumerate(plan.seqs):
-            parent = self.child_to_parent.get(seq.request.request_id)
-            if parent is None:
+            entry = self.child_to_parent.get(seq.request.request_id)
+            if entry is None:
                 continue
-            child = next(c for c in parent.children if c.request is seq.request)
+            parent, child = entry
             if result.logprobs and result.logprobs[i] is not None and child.logprobs is not None:
                 child.logprobs.append(result.logprobs[i])
             if result.prompt_logprobs and result.prompt_logprobs[i] is not None:
@@ -85,10 +85,10 @@ class OutputProcessor:
                 first = seq.start_pos + 1
                 parent.prompt_logprobs[first:first + len(entries)] = entries
         for req in updated:
-            parent = self.child_to_parent.get(req.request_id)
-            if parent is None:
+            entry = self.child_to_parent.get(req.request_id)
+            if entry is None:
                 continue
-            child = next(c for c in parent.children if c.request is req)
+            parent, child = entry
             self._advance(child)
             touched[parent.request_id] = parent
         return [self._output(p) for p in touched.values()

@@ -88,8 +88,11 @@ class Tokenizer:
         return self._tok.id_to_token(i)
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        if not self.chat_template:
+                            add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs: Any) -> str:
+        """Render `messages` with `chat_template` (text) or else the model's own template."""
+        template_text = chat_template if chat_template is not None else self.chat_template
+        if not template_text:
             raise ValueError("this model has no chat template; pass chat_template= "
                              "(or --chat-template) to use chat")
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -101,7 +104,7 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         try:
-            template = env.from_string(self.chat_template)
+            template = env.from_string(template_text)
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                    **kwargs)

@@ -14,6 +14,7 @@ import logging
 import torch
 
 from tandem.config import EngineConfig
+from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
 from tandem.outputs import Logprobs, StepPlan, StepResult
 from tandem.runner.cuda_graph import CudaGraphRunner
@@ -98,7 +99,6 @@ class ModelRunner:
             layer.kv_cache = cache
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        from tandem.layers.attention_metadata import AttentionMetadata
         dev = self.device
         seq_len = min(tokens, sched.max_model_len or tokens)
         lens = [seq_len] * (tokens // seq_len) + ([tokens % seq_len] if tokens % seq_len else [])
