@@ -98,6 +98,10 @@ def _triton_importable() -> bool:
     return True
 
 
+from tandem.kernels.cpu import CpuAttentionBackend  # noqa: E402  (needs the names above)
+
+register_attention_backend("cpu", CpuAttentionBackend, device_types=("cpu",))
+
 if _triton_importable():
     from tandem.kernels.triton.backend import TritonAttentionBackend
 

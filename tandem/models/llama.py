@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tandem.kernels import AttentionBackend
+from tandem.layers import cpu_gemm
 from tandem.layers.activation import SiluAndMul
 from tandem.layers.attention import Attention
 from tandem.layers.attention_metadata import AttentionMetadata
@@ -120,6 +121,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowLinear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_gemm.in_row_chunks(self._forward, x, self.down_proj.output_size)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 

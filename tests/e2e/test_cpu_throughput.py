@@ -2,10 +2,11 @@
 prompts of 16-200 tokens, 16-128 output tokens each, against one padded
 `transformers.generate` batch on the same prompts.
 
-Issue 2 asks for 2x; on the 2-core development machine tandem measured 1.65-1.72x (the
-work itself differs by ~1.8x: padding and static batching make transformers compute ~0.67
-TFLOP against tandem's ~0.37). This test guards against regressions at 1.3x and prints
-the measured ratio.
+Issue 2 asks for 2x. The work itself differs by only ~1.8x (padding and static batching
+make transformers compute ~0.67 TFLOP against tandem's ~0.37), so the rest comes from doing
+each FLOP better: oneDNN on reordered weights for decode-sized matmuls (MKL is slow there
+on this machine), prefill MLPs in row chunks, and decode attention in the C kernel that
+reads paged K/V in place. Measured on the 2-core development machine: 2.32-2.59x.
 
 The same measurement as a benchmark (table + JSON line):
     tandem bench throughput --model DIR --num-prompts 48 --input-len-range 16 200 \
@@ -47,4 +48,4 @@ def test_cpu_throughput_against_transformers(tmp_path):
     ratio = (t_tokens / t_elapsed) / (h_tokens / h_elapsed)
     print(f"\nCPU throughput: tandem {t_elapsed:.2f} s, transformers generate "
           f"{h_elapsed:.2f} s, speedup {ratio:.2f}x ({params / 1e6:.1f}M params)")
-    assert ratio >= 1.3
+    assert ratio >= 2.0

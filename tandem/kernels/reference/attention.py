@@ -12,7 +12,7 @@ sequence's context through its block table and attends causally. The new tokens 
 sequence are always the LAST `query_len` positions of its `seq_len`-long context, so query
 row j sits at absolute position `seq_len - query_len + j` and sees positions <= that.
 
-Decodes (query_len == 1) are batched into one padded gather + masked SDPA; longer chunks
+Decodes (query_len == 1) are batched into padded gathers + masked SDPA; longer chunks
 (prefills, chunked prefills, draft verification) run one SDPA each with an explicit causal
 mask whose diagonal is shifted by the cached prefix. Runs on CPU and CUDA.
 """
@@ -39,13 +39,14 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, key: torch.Tensor | None = None,
-                    value: torch.Tensor | None = None) -> torch.Tensor:
+                    value: torch.Tensor | None = None, decode=None) -> torch.Tensor:
     """Causal attention of each sequence's new query rows over its cached context.
 
     query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
     key, value: optional (num_tokens, num_kv_heads, head_dim), this step's new K/V (already
     written to the cache); a chunk with nothing cached before it reads them directly.
-    num_heads must be a multiple of num_kv_heads (GQA/MQA).
+    num_heads must be a multiple of num_kv_heads (GQA/MQA). decode: a replacement for
+    `decode_batch` (same signature), how a backend plugs in a faster single-token path.
     """
     out = torch.empty_like(query)
     starts = [0]
@@ -53,7 +54,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         starts.append(starts[-1] + q_len)
     decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
     if decodes:
-        _decode_batch(query, kv_cache, meta, scale, decodes, starts, out)
+        (decode or decode_batch)(query, kv_cache, meta, scale, decodes, starts, out)
     for i, q_len in enumerate(meta.query_lens_cpu):
         if q_len > 1:
             rows = slice(starts[i], starts[i] + q_len)
@@ -82,41 +83,37 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor,
 _DECODE_GROUP = 16  # decodes per padded gather: sorted by length, so padding stays small
 
 
-def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, seqs: list[int], starts: list[int], out: torch.Tensor) -> None:
-    """Single-token queries, in groups of similar context length.
+    """Single-token queries (sequences `seqs`, query row `starts[i]`) into `out`, in
+    groups of similar context length.
 
-    Each group gathers its blocks once, (b, L, Hkv, D), and attends per KV head with bmm on
-    strided views, which needs no transposed copy of K or V:
-        scores (b, group, L) = q_h (b, group, D) @ K_h^T (b, D, L)
+    Each group gathers its blocks once, (b, L, Hkv, D), and runs one masked SDPA on
+    head-major strided views of them (no transposed copy of K or V; GQA by the kernel).
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    group = query.shape[1] // num_kv_heads
     device = query.device
     order = sorted(seqs, key=lambda i: meta.seq_lens_cpu[i])
     for g0 in range(0, len(order), _DECODE_GROUP):
         idx = order[g0:g0 + _DECODE_GROUP]
         b = len(idx)
         lens = [meta.seq_lens_cpu[i] for i in idx]
-        max_len = max(lens)
-        nb = -(-max_len // block_size)
+        nb = -(-max(lens) // block_size)
         sel = torch.tensor(idx, device=device)
         blocks = meta.block_tables[sel, :nb].reshape(-1).long()
-        k = kv_cache[0].index_select(0, blocks).view(b, nb * block_size, num_kv_heads, head_dim)
-        v = kv_cache[1].index_select(0, blocks).view(b, nb * block_size, num_kv_heads, head_dim)
+        # (b, Hkv, L, D) views of the gathered (b, L, Hkv, D) blocks
+        k = kv_cache[0].index_select(0, blocks).view(b, nb * block_size, num_kv_heads,
+                                                      head_dim).transpose(1, 2)
+        v = kv_cache[1].index_select(0, blocks).view(b, nb * block_size, num_kv_heads,
+                                                      head_dim).transpose(1, 2)
         rows = torch.tensor([starts[i] for i in idx], device=device)
-        q = query.index_select(0, rows).view(b, num_kv_heads, group, head_dim).to(k.dtype)
-        # (b, 1, L) additive mask: -inf past each sequence's length.
+        q = query.index_select(0, rows).unsqueeze(2).to(k.dtype)  # (b, H, 1, D)
+        # (b, 1, 1, L): True where the position is inside the sequence
         lens_t = torch.tensor(lens, device=device)
-        pad = torch.arange(nb * block_size, device=device)[None, :] >= lens_t[:, None]
-        mask = torch.zeros(b, 1, nb * block_size, dtype=torch.float32, device=device)
-        mask.masked_fill_(pad[:, None, :], float("-inf"))
-        o = torch.empty(b, num_kv_heads, group, head_dim, dtype=query.dtype, device=device)
-        for h in range(num_kv_heads):
-            scores = torch.baddbmm(mask, q[:, h].float(), k[:, :, h].transpose(1, 2).float(),
-                                   alpha=scale)  # (b, group, L)
-            o[:, h] = torch.bmm(scores.softmax(-1).to(v.dtype), v[:, :, h]).to(query.dtype)
-        out.index_copy_(0, rows, o.view(b, -1, head_dim))
+        valid = torch.arange(nb * block_size, device=device)[None, :] < lens_t[:, None]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
+                                           scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
+        out.index_copy_(0, rows, o.squeeze(2).to(query.dtype))
 
 
 def _prefill_one(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
