@@ -63,6 +63,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one step (decodes + prefill chunks)
     max_num_seqs: int = 256  # most requests running at once
     max_model_len: int = 0  # resolved by EngineConfig from the model; prompt + output limit
+    # Schedule step N+1 while step N runs on the device (host work off the critical path).
+    # None: on for CUDA, off for CPU (where host and "device" are the same cores).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens <= 0:

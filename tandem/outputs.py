@@ -20,6 +20,8 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens to compute this step, >= 1 (scheduler)
     block_table: list[int]  # the request's KV block ids, covering start_pos + num_new_tokens
     sample: bool  # True when this chunk reaches the end of the known tokens (scheduler)
+    inflight_input: bool = False  # its last input token is the one the previous step is
+    # still sampling: the runner takes it from that step's device output (async scheduling)
 
     @property
     def end_pos(self) -> int:

@@ -109,6 +109,7 @@ class Request:
     arrival_time: float = field(default_factory=time.time)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_inflight_tokens: int = 0  # sampled by a launched step, not yet appended (async)
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache (-1: not yet known)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -4,6 +4,14 @@
     step:        Scheduler.schedule -> StepPlan -> ModelRunner.execute -> StepResult
                  -> Scheduler.update (tokens, finishes, block caching)
                  -> OutputProcessor.process (detokenize, stop strings) -> RequestOutput
+
+With async scheduling (on for CUDA) a step runs one plan ahead of the device:
+
+    step k:  schedule N+1 -> launch N+1 (queued behind N) -> collect N -> update N -> outputs N
+
+so scheduling, input building, detokenization and output handling of one step happen
+while the device computes the next. Where a request's next step needs its previous token
+on the host (repetition/presence/frequency penalties), the engine collects first.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from tandem.engine.tokenizer import Tokenizer
 from tandem.models.loader import read_hf_config
 from tandem.outputs import RequestOutput, StepPlan
 from tandem.request import Request, SamplingParams
-from tandem.runner.model_runner import ModelRunner
+from tandem.runner.model_runner import Launched, ModelRunner
 from tandem.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,9 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer is not None
                               else _config_eos_ids(hf_config))
+        asked = config.scheduler.async_scheduling
+        self.async_scheduling = self.runner.device.type == "cuda" if asked is None else asked
+        self._inflight: Launched | None = None  # launched, not yet collected (async)
         self._step = 0
         self._last_split = (0, 0)
         self._prompt_tokens = 0
@@ -144,12 +155,31 @@ class Engine:
         return self.outputs.aborted_output(request_id)
 
     def has_unfinished_requests(self) -> bool:
+        # An in-flight step's requests are live until its update finishes them, so a step
+        # left in flight here only holds requests finished meanwhile (aborted): nothing
+        # to deliver; the next step collects it.
         return self.scheduler.has_unfinished_requests()
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if not self.async_scheduling:
+            plan = self.scheduler.schedule()
+            return self._finish_step(plan, self.runner.execute(plan))
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and _needs_host_tokens(self._inflight.plan):
+            outputs = self._collect()
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan)
+        launched = self.runner.launch(plan)
+        if self._inflight is not None:
+            outputs += self._collect()
+        self._inflight = launched
+        return outputs
+
+    def _collect(self) -> list[RequestOutput]:
+        launched, self._inflight = self._inflight, None
+        return self._finish_step(launched.plan, self.runner.collect(launched))
+
+    def _finish_step(self, plan: StepPlan, result) -> list[RequestOutput]:
         updated = self.scheduler.update(plan, result)
         self._account(plan, updated)
         return self.outputs.process(plan, result, updated)
@@ -170,3 +200,14 @@ class Engine:
                            s.num_kv_blocks_used, s.num_kv_blocks_total, s.kv_cache_usage,
                            s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
                            self._prompt_tokens, self._generation_tokens)
+
+
+def _needs_host_tokens(plan: StepPlan) -> bool:
+    """Whether a request sampled in `plan` needs that token on the host to plan its next
+    step (penalties count every earlier output token)."""
+    for seq in plan.seqs:
+        p = seq.request.sampling_params
+        if seq.sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                           or p.frequency_penalty != 0.0):
+            return True
+    return False

@@ -153,7 +153,10 @@ class KVCacheManager:
         if not self._uses_prefix_cache(request) or rid not in self._blocks:
             return
         blocks = self._blocks[rid]
-        num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        # Computed and known: with async scheduling a block may already be scheduled
+        # through a token that is still being sampled (its id unknown, so not hashable).
+        known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(known // self.block_size, len(blocks))
         for i in range(self._num_cached_blocks[rid], num_full):
             # False when another request registered the same content first: this copy
             # simply stays unregistered and is recycled when freed.

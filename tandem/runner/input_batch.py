@@ -5,6 +5,10 @@ depends on the model. Row layout of the flattened step:
 
     rows        | seq0 chunk (start..end) | seq1 (1 token) | ...
     logits rows   last row of every seq that samples, then (if asked) prompt-logprob rows
+
+A decode whose input token the previous step is still sampling (async scheduling) gets a
+placeholder id; `inflight_rows` and `inflight_src` say which rows the runner fills from
+the previous step's device output, and from which of its rows.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class ModelInputs:
     sample_rows: list[int]  # plan.seqs indices that sample, in logits-row order
     logits_indices: torch.Tensor  # (S + P,) rows of hidden states to project to logits
     prompt_lp_spans: list[tuple[int, int, int]]  # (seq index, first logits row, count)
+    inflight_rows: torch.Tensor | None = None  # (I,) rows whose input id is in flight
+    inflight_src: torch.Tensor | None = None  # (I,) their rows in the previous step's output
 
 
 def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -35,8 +41,12 @@ def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
-def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) -> ModelInputs:
+def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device,
+                       inflight_src: dict[str, int] | None = None) -> ModelInputs:
+    """inflight_src: request id -> row of the previous step's sampled ids (async)."""
     ids: list[int] = []
+    dst: list[int] = []
+    src: list[int] = []
     starts: list[int] = []
     query_start = [0]
     seq_lens: list[int] = []
@@ -47,12 +57,17 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) ->
     spans: list[tuple[int, int, int]] = []
     for i, seq in enumerate(plan.seqs):
         req, start, end = seq.request, seq.start_pos, seq.end_pos
-        if seq.num_new_tokens == 1:
+        row0 = query_start[-1]
+        if seq.inflight_input:  # only decodes: the token sampled by the previous step
+            assert seq.num_new_tokens == 1 and inflight_src is not None
+            ids.append(0)
+            dst.append(row0)
+            src.append(inflight_src[req.request_id])
+        elif seq.num_new_tokens == 1:
             ids.append(req.token_at(start))
         else:
             ids.extend(req.all_token_ids[start:end])
         starts.append(start)
-        row0 = query_start[-1]
         query_start.append(row0 + seq.num_new_tokens)
         query_lens.append(seq.num_new_tokens)
         seq_lens.append(end)
@@ -72,7 +87,8 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) ->
     # Two host-to-device copies per step: every int64 array in one, every int32 in another.
     t = len(ids)
     num_seqs = len(plan.seqs)
-    longs = _to(ids + starts + sample_idx + prompt_rows, torch.int64, device)
+    num_lp = len(prompt_rows)
+    longs = _to(ids + starts + sample_idx + prompt_rows + dst + src, torch.int64, device)
     ints = _to(query_start + seq_lens + query_lens + tables, torch.int32, device)
     query_start_loc = ints[:num_seqs + 1]
     block_tables = ints[2 * num_seqs + 1 + num_seqs:].view(num_seqs, max_blocks)
@@ -94,7 +110,10 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device) ->
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),
         block_size=block_size)
-    return ModelInputs(longs[:t], positions, meta, sample_rows, longs[t + num_seqs:], spans)
+    tail = t + num_seqs + n + num_lp
+    return ModelInputs(longs[:t], positions, meta, sample_rows, longs[t + num_seqs:tail], spans,
+                       longs[tail:tail + len(dst)] if dst else None,
+                       longs[tail + len(dst):] if dst else None)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -105,14 +124,19 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
 def build_sampling_tensors(plan: StepPlan, sample_rows: list[int], vocab_size: int,
                            generators: dict[str, torch.Generator], device: torch.device
                            ) -> SamplingTensors:
-    reqs = [plan.seqs[i].request for i in sample_rows]
+    seqs = [plan.seqs[i] for i in sample_rows]
+    reqs = [s.request for s in seqs]
     params = [r.sampling_params for r in reqs]
     f32 = torch.float32
     penalize = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                    or p.frequency_penalty != 0.0 for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)
+    if penalize and any(s.inflight_input for s in seqs):  # the engine drains first
+        raise RuntimeError("penalties need every earlier token on the host")
+    # Outputs before this sample: the host's, plus the one in flight (async scheduling).
     banned = [sorted(r.eos_token_ids | set(p.stop_token_ids))
-              if len(r.output_token_ids) < p.min_tokens else [] for r, p in zip(reqs, params)]
+              if len(r.output_token_ids) + s.inflight_input < p.min_tokens else []
+              for s, r, p in zip(seqs, reqs, params)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
     # One host-to-device copy for all per-row floats: (7, N).
     rows = _to([[p.temperature for p in params],

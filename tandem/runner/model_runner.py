@@ -1,7 +1,12 @@
 """The model runner: owns the model, the KV pool and the sampler; executes one `StepPlan`.
 
-    StepPlan -> build_model_inputs -> model.forward -> compute_logits(selected rows)
-             -> Sampler (sampled rows) + log_softmax (prompt-logprob rows) -> StepResult
+    launch:  StepPlan -> build_model_inputs -> model.forward -> compute_logits(selected rows)
+             -> Sampler (sampled rows) -> copy of the sampled ids to pinned host memory
+    collect: wait for that copy -> StepResult (+ log_softmax of prompt-logprob rows)
+
+`execute` is the two back to back. With async scheduling the engine launches step N+1
+before collecting step N, so the host's work overlaps the device's; a decode of N+1 whose
+input is N's sampled token reads it from N's device output (`inflight_input`).
 
 It keeps one piece of per-request state: the `torch.Generator` of each seeded request, made
 on its first sampled step and dropped when the plan lists the request as finished.
@@ -13,6 +18,8 @@ import logging
 
 import torch
 
+from dataclasses import dataclass
+
 from tandem.config import EngineConfig
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
@@ -23,6 +30,18 @@ from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, num_blo
 from tandem.runner.sampler import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
+
+@dataclass(slots=True)
+class Launched:
+    """A step on its way: its device outputs, and their host copies once `event` fires."""
+
+    plan: StepPlan
+    inputs: ModelInputs | None = None
+    sampled: SamplerOutput | None = None
+    host: tuple[torch.Tensor, ...] = ()  # token ids [, logprobs, logprob ids] on the host
+    event: torch.cuda.Event | None = None
+    logits: torch.Tensor | None = None  # kept only for prompt logprobs
+
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,6 +76,9 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphRunner | None = None
+        # The last launched step's sampled ids on the device, and each request's row there.
+        self._last_ids: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     # ---- KV pool -------------------------------------------------------------------------
     @property
@@ -128,26 +150,51 @@ class ModelRunner:
         return peak
 
     # ---- one step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> Launched:
+        """Enqueue the step's device work; returns before it finishes (no host sync)."""
         for rid in plan.finished_request_ids:
             self.generators.pop(rid, None)
+        last_ids, last_rows = self._last_ids, self._last_rows
+        self._last_ids, self._last_rows = None, {}
         if plan.is_empty:
-            return StepResult([], [], [])
-        inputs = build_model_inputs(plan, self.block_size, self.device)
+            return Launched(plan)
+        inputs = build_model_inputs(plan, self.block_size, self.device, last_rows)
+        if inputs.inflight_rows is not None:
+            inputs.input_ids[inputs.inflight_rows] = last_ids[inputs.inflight_src]
         if self.graphs is not None and self.graphs.can_run(plan):
             hidden = self.graphs.run(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         num_sampled = len(inputs.sample_rows)
-        sampled = None
+        out = Launched(plan, inputs, logits=logits if inputs.prompt_lp_spans else None)
         if num_sampled:
             self._make_generators(plan, inputs)
             tensors = build_sampling_tensors(plan, inputs.sample_rows, self.vocab_size,
                                              self.generators, self.device)
-            sampled = self.sampler(logits[:num_sampled], tensors)
-        return self._to_result(plan, inputs, sampled, logits)
+            out.sampled = sampled = self.sampler(logits[:num_sampled], tensors)
+            self._last_ids = sampled.token_ids
+            self._last_rows = {plan.seqs[i].request.request_id: row
+                               for row, i in enumerate(inputs.sample_rows)}
+            out.host = tuple(_to_host(t) for t in (sampled.token_ids, sampled.logprobs,
+                                                   sampled.logprob_token_ids) if t is not None)
+            if self.device.type == "cuda":
+                out.event = torch.cuda.Event()
+                out.event.record()
+        return out
+
+    @torch.inference_mode()
+    def collect(self, launched: Launched) -> StepResult:
+        """Wait for a launched step's sampled tokens (the step's one host sync)."""
+        if launched.inputs is None:
+            return StepResult([], [], [])
+        if launched.event is not None:
+            launched.event.synchronize()
+        return self._to_result(launched)
 
     def _make_generators(self, plan: StepPlan, inputs: ModelInputs) -> None:
         for i in inputs.sample_rows:
@@ -162,15 +209,15 @@ class ModelRunner:
                 for _ in range(len(req.output_token_ids)):
                     torch.empty(self.vocab_size, device=self.device).exponential_(generator=g)
 
-    def _to_result(self, plan: StepPlan, inputs: ModelInputs, sampled: SamplerOutput | None,
-                   logits: torch.Tensor) -> StepResult:
+    def _to_result(self, launched: Launched) -> StepResult:
+        plan, inputs, logits = launched.plan, launched.inputs, launched.logits
         n = len(plan.seqs)
         tokens: list[int | None] = [None] * n
         logprobs: list[Logprobs | None] = [None] * n
-        if sampled is not None:
-            ids = sampled.token_ids.tolist()  # the step's one host synchronization
-            lp_vals = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-            lp_ids = sampled.logprob_token_ids.tolist() if lp_vals is not None else None
+        if launched.sampled is not None:
+            ids = launched.host[0].tolist()
+            lp_vals = launched.host[1].tolist() if len(launched.host) > 1 else None
+            lp_ids = launched.host[2].tolist() if lp_vals is not None else None
             for row, i in enumerate(inputs.sample_rows):
                 tokens[i] = ids[row]
                 k = plan.seqs[i].request.sampling_params.logprobs
@@ -203,3 +250,12 @@ class ModelRunner:
                 entry[tok] = chosen[r]
             out.append(entry)
         return out
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, started without waiting (pinned memory on CUDA)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

@@ -17,6 +17,13 @@ reduce to one rule: schedule the difference, within the step's token budget.
 `num_computed_tokens` is advanced when a step is scheduled (the runner computes those
 tokens before `update` runs); `ScheduledSeq.start_pos` is the value before.
 
+Async scheduling (one step ahead): the engine may call `schedule` for step N+1 before
+`update` for step N. A request whose token step N is sampling counts it in
+`num_inflight_tokens`, so N+1 can already decode it (`ScheduledSeq.inflight_input`; the
+runner takes the id from N's device output). A request whose in-flight token will end it
+by length is not scheduled again; one that stops on EOS or a stop string wastes one row of
+N+1, which `update` skips. Requests preempted meanwhile still get step N's token.
+
 Capacity guard: a request whose tokens need more blocks than the whole pool could never run.
 `add_request` raises ValueError for such a prompt, and `update` finishes a request with
 LENGTH once its tokens reach that size. So a lone request always fits, and the engine
@@ -92,7 +99,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_inflight_tokens and self._inflight_token_is_last(request):
+                i += 1  # its in-flight token ends it; update will finish it
+                continue
+            num_new = min(request.num_tokens + request.num_inflight_tokens
+                          - request.num_computed_tokens, budget)
             assert num_new >= 1, f"running request {request.request_id} has nothing to compute"
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()  # most recently admitted; never one scheduled above
@@ -110,6 +121,7 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            assert not request.num_inflight_tokens, "admitted before its token arrived"
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
@@ -135,14 +147,29 @@ class Scheduler:
         )
 
     def _schedule_seq(self, request: Request, start_pos: int, num_new: int) -> ScheduledSeq:
-        request.num_computed_tokens = start_pos + num_new  # computed by the time update runs
-        return ScheduledSeq(
+        end = start_pos + num_new
+        request.num_computed_tokens = end  # computed by the time update runs
+        sample = end == request.num_tokens + request.num_inflight_tokens
+        seq = ScheduledSeq(
             request=request,
             start_pos=start_pos,
             num_new_tokens=num_new,
             block_table=list(self.kv.block_table(request.request_id)),
-            sample=start_pos + num_new == request.num_tokens,
+            sample=sample,
+            inflight_input=end > request.num_tokens,
         )
+        request.num_inflight_tokens += sample
+        return seq
+
+    def _inflight_token_is_last(self, request: Request) -> bool:
+        """Whether the token being sampled for `request` will finish it by length (what
+        `_stop_reason` checks once it arrives), so it needs no further step."""
+        params = request.sampling_params
+        num_tokens = request.num_tokens + request.num_inflight_tokens
+        num_output = len(request.output_token_ids) + request.num_inflight_tokens
+        return ((params.max_tokens is not None and num_output >= params.max_tokens)
+                or bool(self.config.max_model_len and num_tokens >= self.config.max_model_len)
+                or not self._fits_in_pool(num_tokens))
 
     def _preempt(self, request: Request) -> None:
         """Recompute-style preemption: drop its K/V; it re-enters as one prefill of prompt
@@ -159,22 +186,26 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Apply one step's result. Returns the requests that got a token or finished, each
         once, in plan order. Seqs whose request was aborted or finished since `schedule`
-        are skipped."""
+        are skipped; one preempted since (async scheduling) still gets its token."""
         touched: list[Request] = []
         for seq, token in zip(plan.seqs, result.sampled_token_ids, strict=True):
             request = seq.request
-            if request.status is not RequestStatus.RUNNING:
+            if seq.sample:
+                request.num_inflight_tokens -= 1
+            if request.status is RequestStatus.FINISHED:
                 continue
-            # Before the token is appended (and before a finish frees the blocks), so even
-            # a finishing request leaves its full blocks in the cache.
-            self.kv.cache_full_blocks(request)
+            if seq.sample:
+                if token is None:
+                    raise ValueError(f"no sampled token for request {request.request_id}")
+                request.output_token_ids.append(token)
+                if request.first_token_time is None:
+                    request.first_token_time = time.time()
+            if request.status is RequestStatus.RUNNING:
+                # Before a finish frees the blocks, so even a finishing request leaves its
+                # full blocks in the cache.
+                self.kv.cache_full_blocks(request)
             if not seq.sample:
                 continue
-            if token is None:
-                raise ValueError(f"no sampled token for request {request.request_id}")
-            request.output_token_ids.append(token)
-            if request.first_token_time is None:
-                request.first_token_time = time.time()
             reason = self._stop_reason(request, token)
             if reason is not None:
                 self._finish(request, reason)

@@ -8,10 +8,12 @@ from tandem import LLM, SamplingParams
 from tests.model_factory import make_tiny_model
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(tmp_path_factory, request):
+    """Every contract holds with async scheduling too (each step planned one ahead)."""
     path = make_tiny_model(tmp_path_factory.mktemp("m"), "LlamaForCausalLM")
-    return LLM(path, max_model_len=128, max_num_batched_tokens=64)
+    return LLM(path, max_model_len=128, max_num_batched_tokens=64,
+               async_scheduling=request.param)
 
 
 GOOD = [5, 6, 7, 8]
@@ -171,3 +173,26 @@ def test_colliding_request_ids_are_refused_without_side_effects(llm):
 def test_seed_out_of_range_is_a_value_error():
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**70)
+
+
+def test_async_scheduling_plans_one_step_ahead(llm):
+    """With async scheduling, decodes are planned before their input token is known (and
+    filled in on the device); without it, never. Outputs match the other mode's (above)."""
+    plans = []
+    launch = llm.engine.runner.launch
+
+    def spy(plan):
+        plans.append(plan)
+        return launch(plan)
+
+    llm.engine.runner.launch = spy
+    try:
+        outs = llm.generate([[5, 6, 7], [9, 10, 11, 12]],
+                            SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    finally:
+        del llm.engine.runner.launch
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+    inflight = sum(s.inflight_input for p in plans for s in p.seqs)
+    assert inflight == (10 if llm.engine.async_scheduling else 0)  # 5 decodes per request
+    # The 6th token ends each request by length: never scheduled past it.
+    assert sum(s.sample for p in plans for s in p.seqs) == 12

@@ -38,14 +38,16 @@ def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("arch,kw", ARCHS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(ARCHS)])
-def test_greedy_and_prompt_logprobs_match_transformers(tmp_path, arch, kw):
+def test_greedy_and_prompt_logprobs_match_transformers(tmp_path, arch, kw, async_scheduling):
     path = make_tiny_model(tmp_path, arch, **kw)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = _prompts()
     # 7 requests need up to 13 blocks each at the end; 24 blocks of 4 tokens force preemption.
+    # async: each step is planned while the previous one is still in flight (as on CUDA).
     llm = LLM(path, block_size=4, num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=8,
-              max_model_len=64)
+              max_model_len=64, async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for p, o in zip(prompts, outs):

@@ -14,14 +14,15 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("arch,kw", [("LlamaForCausalLM", {}),
                                      ("Qwen3ForCausalLM", {"head_dim": 32})])
-def test_greedy_parity_on_cuda_float32(tmp_path, arch, kw):
+def test_greedy_parity_on_cuda_float32(tmp_path, arch, kw, async_scheduling):
     path = make_tiny_model(tmp_path, arch, **kw)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     llm = LLM(path, device="cuda", dtype="float32", block_size=4, num_kv_blocks=40,
-              max_model_len=64, max_num_batched_tokens=16)
+              max_model_len=64, max_num_batched_tokens=16, async_scheduling=async_scheduling)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41], list(range(100, 130))]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
                         use_tqdm=False)
@@ -39,3 +40,26 @@ def test_bfloat16_dummy_weights_and_memory_profiling(tmp_path):
     outs = llm.generate([[1, 2, 3]] * 8, SamplingParams(temperature=0.7, seed=1, max_tokens=20,
                                                         ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 20 for o in outs)
+
+
+def test_async_decode_steps_never_wait_on_the_device(tmp_path):
+    """Steady-state async decode steps (CUDA graphs) make no synchronizing CUDA call: the
+    only wait is collect's event, one step behind, which sync-debug mode does not flag."""
+    path = make_tiny_model(tmp_path, "LlamaForCausalLM")
+    llm = LLM(path, load_format="dummy", gpu_memory_utilization=0.3)
+    engine = llm.engine
+    assert engine.async_scheduling and engine.runner.graphs is not None
+    for i in range(4):
+        engine.add_request(str(i), [1, 2, 3, 4 + i], SamplingParams(
+            temperature=0.8 if i % 2 else 0.0, top_p=0.9, seed=i, max_tokens=40,
+            ignore_eos=True))
+    for _ in range(3):  # prefill and the first decodes (pinned buffers, generators)
+        engine.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_unfinished_requests():
+        engine.step()
