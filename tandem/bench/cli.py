@@ -175,11 +175,20 @@ def measure_tandem_throughput(llm, prompts: list[list[int]], out_lens: list[int]
     """(elapsed seconds, output tokens) of one offline batch through the engine."""
     from tandem.request import SamplingParams
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
-    if warmup:  # other prompts, so the measured ones are not in the prefix cache
-        vocab = llm.engine.vocab_size
-        lens = [len(p) for p in prompts[:8]]
-        llm.generate(_random_prompts(len(lens), lens, vocab, 12345),
-                     params[:8], use_tqdm=False)
+    if warmup:
+        # Other prompts (the measured ones must not be in the prefix cache), enough of them
+        # to overflow one step's token budget, so the warm-up also runs steps that mix
+        # decodes with prefill chunks (their kernels compile here, not in the measurement).
+        budget = llm.engine.config.scheduler.max_num_batched_tokens
+        count, total = 0, 0
+        while count < len(prompts) and (count < 8 or total <= 2 * budget):
+            total += len(prompts[count])
+            count += 1
+        lens = [len(p) for p in prompts[:count]]
+        short = [SamplingParams(temperature=0.0, max_tokens=min(o, 8), ignore_eos=True)
+                 for o in out_lens[:count]]
+        llm.generate(_random_prompts(count, lens, llm.engine.vocab_size, 12345), short,
+                     use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0

@@ -89,15 +89,26 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device,
     num_seqs = len(plan.seqs)
     num_lp = len(prompt_rows)
     longs = _to(ids + starts + sample_idx + prompt_rows + dst + src, torch.int64, device)
-    ints = _to(query_start + seq_lens + query_lens + tables, torch.int32, device)
+    # Each int32 array starts 16-byte aligned: Triton specializes kernels on pointer
+    # alignment, and an offset that moved with the batch size would compile new variants
+    # mid-run.
+    parts = [query_start, seq_lens, query_lens]
+    offsets = []
+    packed: list[int] = []
+    for part in parts:
+        offsets.append(len(packed))
+        packed += part + [0] * (-len(part) % 4)
+    ints = _to(packed + tables, torch.int32, device)
     query_start_loc = ints[:num_seqs + 1]
-    block_tables = ints[2 * num_seqs + 1 + num_seqs:].view(num_seqs, max_blocks)
+    lens_t = ints[offsets[1]:offsets[1] + num_seqs]
+    qlens_t = ints[offsets[2]:offsets[2] + num_seqs]
+    block_tables = ints[len(packed):].view(num_seqs, max_blocks)
     # Each token's position and cache slot, computed on the device from its sequence's
     # start and block table (no per-token Python):
     #   seq_of[r] = the sequence of row r;  pos = start[seq] + (r - query_start[seq])
     #   slot = block_tables[seq, pos // block_size] * block_size + pos % block_size
     seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device),
-                                     ints[2 * num_seqs + 1:3 * num_seqs + 1], output_size=t)
+                                     qlens_t, output_size=t)
     rows = torch.arange(t, device=device)
     positions = longs[t:t + num_seqs][seq_of] + rows - query_start_loc[seq_of]
     slots = (block_tables[seq_of, positions // block_size].long() * block_size
@@ -105,7 +116,7 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device,
     meta = AttentionMetadata(
         slot_mapping=slots,
         query_start_loc=query_start_loc,
-        seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
+        seq_lens=lens_t,
         block_tables=block_tables,
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),

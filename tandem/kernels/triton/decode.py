@@ -41,7 +41,9 @@ def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr)
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_parts), BLOCK_N) * BLOCK_N, MIN_PART)
 
 
-@triton.jit
+# Per-step integers are not specialized on (==1, %16): one compiled variant serves every
+# step, instead of new compilations appearing mid-run as batch shapes change.
+@triton.jit(do_not_specialize=["stride_bt", "num_parts"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
                    seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
@@ -105,7 +107,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], o, mask=head_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts"])
 def _reduce_kernel(out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
                    seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr,
                    stride_ot, stride_oh, num_parts,

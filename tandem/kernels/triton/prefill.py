@@ -42,7 +42,7 @@ def _key_rows(offs, q_start, table, mask, BLOCK_SIZE: tl.constexpr, FRESH: tl.co
     return idx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # per-step width: one variant for all
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_ptr,
                     seq_lens_ptr, block_tables_ptr, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh,
