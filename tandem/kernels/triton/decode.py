@@ -15,10 +15,13 @@ on the device from the sequence's own length, so one grid serves any context:
     p  (GROUP_PAD, BLOCK_N)  x  V_tile (BLOCK_N, D)  ->  acc (GROUP_PAD, D), online softmax
 
 With one partition the program writes the normalized output directly. Otherwise each
-writes (acc / l, max m, sum l) per head into fp32 scratch and a second kernel, grid
-(num_decodes, num_heads), merges the partitions by log-sum-exp:
+writes (acc / l, max m, sum l) per head into fp32 scratch, then bumps an arrival counter
+of its (sequence, KV head); the program that arrives last merges the partitions by
+log-sum-exp and resets the counter to 0 for the next launch (so CUDA graphs replay it):
 
     M = max_p m_p,   w_p = l_p * 2^(m_p - M),   out = sum_p w_p * o_p / sum_p w_p
+
+One kernel per layer, no separate merge launch (which cost ~3 us per layer at batch 1).
 
 Lengths come from device tensors (seq_lens, query_start_loc, block_tables); the host sizes
 the grid from the batch size (num_parts: enough programs to fill the SMs at batch 1),
@@ -45,7 +48,8 @@ def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr)
 # step, instead of new compilations appearing mid-run as batch shapes change.
 @triton.jit(do_not_specialize=["stride_bt", "num_parts"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-                   seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+                   counter_ptr, seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr,
+                   block_tables_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    num_parts,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -96,54 +100,43 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    n_parts = tl.cdiv(tl.maximum(seq_len, 1), part_len)  # partitions that run for this seq
     if SINGLE:
-        dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    elif n_parts == 1:  # a short sequence in a split launch: nothing to merge
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
     else:
         # scratch (num_decodes, num_heads, num_parts[, D]), fp32
-        base = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_parts + p
-        tl.store(part_max_ptr + base, m_i, mask=head_ok)
-        tl.store(part_sum_ptr + base, l_i, mask=head_ok)
-        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], o, mask=head_ok[:, None])
-
-
-@triton.jit(do_not_specialize=["num_parts"])
-def _reduce_kernel(out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-                   seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr,
-                   stride_ot, stride_oh, num_parts,
-                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MIN_PART: tl.constexpr, P_CHUNK: tl.constexpr, HAS_SEQ_IDS: tl.constexpr):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    if HAS_SEQ_IDS:
-        seq = tl.load(seq_ids_ptr + i)
-    else:
-        seq = i
-    seq_len = tl.load(seq_lens_ptr + seq)
-    n = tl.cdiv(seq_len, _part_len(seq_len, num_parts, BLOCK_N, MIN_PART))  # ran for this seq
-    base = (i * NUM_HEADS + h).to(tl.int64) * num_parts
-    d = tl.arange(0, HEAD_DIM)
-
-    big = tl.zeros([], dtype=tl.float32) - float("inf")
-    for c in range(0, n, P_CHUNK):
-        pp = c + tl.arange(0, P_CHUNK)
-        m = tl.load(part_max_ptr + base + pp, mask=pp < n, other=float("-inf"))
-        big = tl.maximum(big, tl.max(m, 0))
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    denom = tl.zeros([], dtype=tl.float32)
-    for c in range(0, n, P_CHUNK):
-        pp = c + tl.arange(0, P_CHUNK)
-        ok = pp < n
-        m = tl.load(part_max_ptr + base + pp, mask=ok, other=float("-inf"))
-        l = tl.load(part_sum_ptr + base + pp, mask=ok, other=0.0)
-        w = tl.where(l > 0, l * tl.exp2(m - big), 0.0)  # (P_CHUNK,)
-        o = tl.load(part_out_ptr + (base + pp)[:, None] * HEAD_DIM + d[None, :],
-                    mask=ok[:, None], other=0.0)  # (P_CHUNK, D)
-        acc += tl.sum(w[:, None] * o, 0)
-        denom += tl.sum(w, 0)
-    row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    o = acc / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+        base0 = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_parts
+        tl.store(part_max_ptr + base0 + p, m_i, mask=head_ok)
+        tl.store(part_sum_ptr + base0 + p, l_i, mask=head_ok)
+        tl.store(part_out_ptr + (base0 + p)[:, None] * HEAD_DIM + d[None, :], o,
+                 mask=head_ok[:, None])
+        tl.debug_barrier()  # every thread's stores issued before the release below
+        counter = counter_ptr + i * NUM_KV_HEADS + kvh
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_parts - 1:  # the last partition merges them all
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            big = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
+            acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+            den = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            for q_part in range(0, n_parts):
+                m = tl.load(part_max_ptr + base0 + q_part, mask=head_ok, other=0.0,
+                            cache_modifier=".cg")
+                l = tl.load(part_sum_ptr + base0 + q_part, mask=head_ok, other=0.0,
+                            cache_modifier=".cg")
+                o_p = tl.load(part_out_ptr + (base0 + q_part)[:, None] * HEAD_DIM + d[None, :],
+                              mask=head_ok[:, None], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(big, tl.where(l > 0, m, float("-inf")))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                a = tl.exp2(big - m_safe)
+                w = tl.where(l > 0, l * tl.exp2(m - m_safe), 0.0)
+                acc = acc * a[:, None] + w[:, None] * o_p
+                den = den * a + w
+                big = m_new
+            o = acc / tl.where(den > 0, den, 1.0)[:, None]
+            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
 _MIN_PART = 128  # shortest partition, in tokens: two key tiles at BLOCK_N 64
@@ -197,8 +190,9 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                                 2 if fp32 else 3)
     single = num_parts == 1
     if single:
-        part_out = part_max = part_sum = out  # unused
+        part_out = part_max = part_sum = counters = out  # unused
     else:
+        counters = _arrival_counters(query.device, num_decodes * num_kv_heads)
         part_out = torch.empty(num_decodes, num_heads, num_parts, head_dim,
                                dtype=torch.float32, device=query.device)
         part_max = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32,
@@ -206,7 +200,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         part_sum = torch.empty_like(part_max)
     ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
     _decode_kernel[(num_decodes, num_kv_heads, num_parts)](
-        query, kv_cache[0], kv_cache[1], out, part_out, part_max, part_sum,
+        query, kv_cache[0], kv_cache[1], out, part_out, part_max, part_sum, counters,
         ids, query_start_loc, seq_lens, block_tables,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -217,10 +211,16 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         HAS_SEQ_IDS=seq_ids is not None, SINGLE=single,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
-    if not single:
-        _reduce_kernel[(num_decodes, num_heads)](
-            out, part_out, part_max, part_sum, ids, query_start_loc, seq_lens,
-            out.stride(0), out.stride(1), num_parts,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=block_n, MIN_PART=_MIN_PART,
-            P_CHUNK=min(32, triton.next_power_of_2(num_parts)),
-            HAS_SEQ_IDS=seq_ids is not None, num_warps=4)
+
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), left zeroed by every launch.
+    Grown by allocating a larger buffer; old ones are kept alive, since CUDA graphs captured
+    earlier still point at them."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
+        buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
