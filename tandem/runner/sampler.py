@@ -108,7 +108,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         # logits: (N, vocab) in any float dtype; all math in float32.
-        logits = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size]
+        if (t.all_greedy and t.max_logprobs < 0 and t.banned_tokens is None
+                and t.output_tokens is None):
+            # Plain greedy: argmax needs no float32 copy (the cast is exact and monotone),
+            # which at 512 rows x 128k vocab saves ~0.2 ms a step.
+            return SamplerOutput(logits.argmax(dim=-1), None, None)
+        logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_logprobs >= 0 else None
         if t.banned_tokens is not None:
             banned = torch.zeros(logits.shape[0], self.vocab_size + 1, dtype=torch.bool,
