@@ -1,6 +1,8 @@
 """Property tests: random add / step / abort / finish on small pools, so preemption, prefix
 hits, eviction and chunking interleave. A fake runner writes each computed token id into a
-simulated KV cache, so a prefix hit or a recycled block with the wrong content is caught."""
+simulated KV cache, so a prefix hit or a recycled block with the wrong content is caught.
+In async mode each step is planned before the previous one's update (as the engine does
+on CUDA), so decodes whose input token is still in flight are in the mix too."""
 
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ MAX_DRAIN_STEPS = 5000
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(num_blocks=st.integers(4, 12), block_size=st.integers(2, 4),
                 budget=st.integers(1, 16), max_num_seqs=st.integers(1, 4),
-                caching=st.booleans(), max_model_len=st.sampled_from([0, 0, 12, 30]))
+                caching=st.booleans(), max_model_len=st.sampled_from([0, 0, 12, 30]),
+                async_mode=st.booleans())
     def setup(self, num_blocks: int, block_size: int, budget: int, max_num_seqs: int,
-              caching: bool, max_model_len: int) -> None:
+              caching: bool, max_model_len: int, async_mode: bool) -> None:
         self.sched = Scheduler(
             SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                             max_model_len=max_model_len),
@@ -40,6 +43,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.reported: Counter[str] = Counter()  # from plans' finished_request_ids
         self.kv_content: dict[int, int] = {}  # slot -> token id the fake runner wrote there
         self.next_id = 0
+        self.async_mode = async_mode
+        self.pending = None  # async: (plan, tokens) scheduled, not yet updated
+        self.inflight: dict[str, int] = {}  # request id -> its token the pending step drew
 
     # ---- operations ---------------------------------------------------------------------
 
@@ -87,6 +93,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.sched.finish_request(rid, reason) is None  # no longer live
         self.finished[rid] += 1
 
+    def _token(self, r: Request, pos: int) -> int:
+        """The token at pos, the in-flight one included (the runner knows it on device)."""
+        return r.token_at(pos) if pos < r.num_tokens else self.inflight[r.request_id]
+
     def _step(self, rng: random.Random) -> None:
         sched, bs = self.sched, self.bs
         plan = sched.schedule()
@@ -104,23 +114,36 @@ class SchedulerMachine(RuleBasedStateMachine):
         for s in plan.seqs:
             r = s.request
             assert r.status is RequestStatus.RUNNING and s.num_new_tokens >= 1
-            assert r.num_computed_tokens == s.end_pos <= r.num_tokens
-            assert s.sample == (s.end_pos == r.num_tokens)
+            known = r.num_tokens + r.num_inflight_tokens - s.sample  # before this plan
+            assert r.num_computed_tokens == s.end_pos <= known
+            assert s.sample == (s.end_pos == known)
+            assert s.inflight_input == (s.end_pos > r.num_tokens)
+            assert self.async_mode or not s.inflight_input
             assert s.block_table == sched.kv.block_table(r.request_id)
             assert len(s.block_table) * bs >= s.end_pos
             for pos in range(s.start_pos):  # the K/V this chunk attends to is right
                 slot = s.block_table[pos // bs] * bs + pos % bs
-                assert self.kv_content.get(slot) == r.token_at(pos), (r.request_id, pos)
+                assert self.kv_content.get(slot) == self._token(r, pos), (r.request_id, pos)
             for pos in range(s.start_pos, s.end_pos):  # never write into a shared block
                 block = s.block_table[pos // bs]
                 assert sched.kv.pool.ref_cnt[block] == 1
-                self.kv_content[block * bs + pos % bs] = r.token_at(pos)
+                self.kv_content[block * bs + pos % bs] = self._token(r, pos)
         if plan.seqs and rng.random() < 0.05:  # an abort lands between schedule and update
             victim = rng.choice(plan.seqs).request
             assert sched.abort_requests([victim.request_id]) == [victim]
             self.finished[victim.request_id] += 1
-        n = len(plan.seqs)
         tokens = [rng.choice(SAMPLED) if s.sample else None for s in plan.seqs]
+        if self.async_mode:  # update the previous step now; this one stays in flight
+            previous, self.pending = self.pending, (plan, tokens)
+            if previous is not None:
+                self._update(*previous)
+            self.inflight = {s.request.request_id: t for s, t in zip(plan.seqs, tokens)
+                             if s.sample}
+        else:
+            self._update(plan, tokens)
+
+    def _update(self, plan, tokens: list[int | None]) -> None:
+        sched, cfg, n = self.sched, self.sched.config, len(plan.seqs)
         touched = sched.update(plan, StepResult(tokens, [None] * n, [None] * n))
         assert len({id(r) for r in touched}) == len(touched)
         sampled = {id(s.request) for s in plan.seqs if s.sample}
@@ -146,7 +169,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             holders.update(table)
             assert not r.is_finished
             if r.status is RequestStatus.RUNNING:
-                assert r.num_computed_tokens < r.num_tokens
+                assert r.num_computed_tokens < r.num_tokens + r.num_inflight_tokens
+                assert r.num_inflight_tokens <= (1 if self.async_mode else 0)
                 assert len(table) * self.bs >= r.num_computed_tokens
             else:
                 assert r.num_computed_tokens == 0 and table == []
@@ -170,6 +194,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 break
             self._step(rng)
             self.blocks_are_consistent()
+        if self.pending is not None:  # only finished requests can be left in it
+            self._update(*self.pending)
         assert not self.sched.has_unfinished_requests(), "did not drain"
         self.reported.update(self.sched.schedule().finished_request_ids)
         assert self.finished == Counter(self.added.keys()), "each request finishes exactly once"
