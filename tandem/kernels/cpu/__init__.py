@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels import reference
+from tandem.kernels import TorchReferenceBackend, reference
 from tandem.kernels.reference.attention import decode_batch
 from tandem.layers.attention_metadata import AttentionMetadata
 
@@ -116,17 +116,13 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
         out.stride(0))
 
 
-class CpuAttentionBackend:
-    """Reference attention with the C decode kernel; K/V writes as in the reference."""
+class CpuAttentionBackend(TorchReferenceBackend):
+    """The reference (K/V writes, chunks) with decodes through the C kernel."""
 
     name = "cpu"
 
     def __init__(self) -> None:
         load_library()  # build (or fail over to the reference) at start-up, not mid-step
-
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        reference.write_kv(key, value, kv_cache, slot_mapping)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
