@@ -8,7 +8,7 @@ a choice carries its finish_reason.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -17,15 +17,14 @@ from starlette.background import BackgroundTask
 
 from tandem.engine.async_engine import EngineError, EngineStopped
 from tandem.outputs import CompletionOutput, RequestOutput
-from tandem.server.completions import engine_failure
-from tandem.server.errors import APIError, error_body
+from tandem.server.errors import APIError
 from tandem.server.protocol import (MAX_LOGPROBS, AssistantMessage, ChatChoice,
                                     ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatLogprobs, ChatMessage,
                                     ChatStreamChoice, make_usage)
-from tandem.server.serving import (SSE_DONE, SSE_HEADERS, ServerState, cancel_on_disconnect,
-                                   chat_logprobs, check_model, first_output, merge, new_id,
-                                   resolve_max_tokens, sse)
+from tandem.server.serving import (SSE_HEADERS, ServerState, cancel_on_disconnect,
+                                   chat_logprobs, check_model, engine_failure, first_output, merge, new_id,
+                                   resolve_max_tokens, sse, sse_stream)
 
 
 def render_chat(state: ServerState, messages: list[ChatMessage],
@@ -66,7 +65,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
         except (EngineError, EngineStopped) as e:
             raise engine_failure(e) from e
         writer = _ChatStreamWriter(state, body, rid, n)
-        return StreamingResponse(writer.events(first[1], merged),
+        return StreamingResponse(sse_stream(writer.events(first[1], merged), merged),
                                  media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(writer.abort_unfinished))
 
@@ -122,31 +121,24 @@ class _ChatStreamWriter:
 
     async def events(self, first: RequestOutput,
                      rest: AsyncGenerator[tuple[int, RequestOutput], None]
-                     ) -> AsyncIterator[str]:
-        try:
-            yield self._chunk([ChatStreamChoice(index=i, delta={"role": "assistant",
-                                                                "content": ""})
-                               for i in range(self.n)])
-            chunk = self._on_output(first)
+                     ) -> AsyncGenerator[str, None]:
+        yield self._chunk([ChatStreamChoice(index=i, delta={"role": "assistant",
+                                                            "content": ""})
+                           for i in range(self.n)])
+        chunk = self._on_output(first)
+        if chunk:
+            yield chunk
+        async for _, out in rest:
+            chunk = self._on_output(out)
             if chunk:
                 yield chunk
-            async for _, out in rest:
-                chunk = self._on_output(out)
-                if chunk:
-                    yield chunk
-            if self.body.include_usage and self.final is not None:
-                f = self.final
-                usage = make_usage(len(f.prompt_token_ids),
-                                   sum(len(c.token_ids) for c in f.outputs), f.num_cached_tokens)
-                yield sse(ChatCompletionChunk(id=self.rid, created=self.created,
-                                              model=self.state.model_name, choices=[],
-                                              usage=usage))
-        except (EngineError, EngineStopped) as e:
-            err = engine_failure(e)
-            yield sse(error_body(err.status_code, err.message, code=err.code))
-        finally:
-            await rest.aclose()
-        yield SSE_DONE
+        if self.body.include_usage and self.final is not None:
+            f = self.final
+            usage = make_usage(len(f.prompt_token_ids),
+                               sum(len(c.token_ids) for c in f.outputs), f.num_cached_tokens)
+            yield sse(ChatCompletionChunk(id=self.rid, created=self.created,
+                                          model=self.state.model_name, choices=[],
+                                          usage=usage))
 
     def _on_output(self, out: RequestOutput) -> str | None:
         if out.finished:

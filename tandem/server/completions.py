@@ -8,7 +8,7 @@ i * n + j. `suffix` builds a fill-in-the-middle prompt for models with FIM token
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -18,12 +18,12 @@ from starlette.background import BackgroundTask
 from tandem.engine.async_engine import EngineError, EngineStopped
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.request import SamplingParams
-from tandem.server.errors import APIError, error_body
+from tandem.server.errors import APIError
 from tandem.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, make_usage)
-from tandem.server.serving import (SSE_DONE, SSE_HEADERS, ServerState, cancel_on_disconnect,
-                                   check_model, completion_logprobs, first_output, merge,
-                                   new_id, resolve_max_tokens, sse)
+from tandem.server.serving import (SSE_HEADERS, ServerState, cancel_on_disconnect,
+                                   check_model, completion_logprobs, engine_failure, first_output, merge,
+                                   new_id, resolve_max_tokens, sse, sse_stream)
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
@@ -54,12 +54,6 @@ class _Prepared:
     text: str | None
     token_ids: list[int]
     params: SamplingParams
-
-
-def engine_failure(e: Exception) -> APIError:
-    if isinstance(e, EngineStopped):
-        return APIError(503, str(e), code="server_shutting_down")
-    return APIError(500, str(e), code="engine_error")
 
 
 async def create_completion(body: CompletionRequest, raw: Request,
@@ -95,7 +89,7 @@ async def create_completion(body: CompletionRequest, raw: Request,
         except (EngineError, EngineStopped) as e:
             raise engine_failure(e) from e
         writer = _StreamWriter(state, body, rid, n, echo)
-        return StreamingResponse(writer.events(first, merged), media_type="text/event-stream",
+        return StreamingResponse(sse_stream(writer.events(first, merged), merged), media_type="text/event-stream",
                                  headers=SSE_HEADERS,
                                  background=BackgroundTask(writer.abort_unfinished, prepared))
 
@@ -179,29 +173,22 @@ class _StreamWriter:
 
     async def events(self, first: tuple[int, RequestOutput],
                      rest: AsyncGenerator[tuple[int, RequestOutput], None]
-                     ) -> AsyncIterator[str]:
-        try:
-            chunk = self._on_output(*first, force=True)
+                     ) -> AsyncGenerator[str, None]:
+        chunk = self._on_output(*first, force=True)
+        if chunk:
+            yield chunk
+        async for i, out in rest:
+            chunk = self._on_output(i, out, force=False)
             if chunk:
                 yield chunk
-            async for i, out in rest:
-                chunk = self._on_output(i, out, force=False)
-                if chunk:
-                    yield chunk
-            if self.body.include_usage:
-                f = self.finals.values()
-                usage = make_usage(sum(len(o.prompt_token_ids) for o in f),
-                                   sum(len(c.token_ids) for o in f for c in o.outputs),
-                                   sum(o.num_cached_tokens for o in f))
-                yield sse(CompletionResponse(id=self.rid, created=self.created,
-                                             model=self.state.model_name, choices=[],
-                                             usage=usage))
-        except (EngineError, EngineStopped) as e:
-            err = engine_failure(e)
-            yield sse(error_body(err.status_code, err.message, code=err.code))
-        finally:
-            await rest.aclose()
-        yield SSE_DONE
+        if self.body.include_usage:
+            f = self.finals.values()
+            usage = make_usage(sum(len(o.prompt_token_ids) for o in f),
+                               sum(len(c.token_ids) for o in f for c in o.outputs),
+                               sum(o.num_cached_tokens for o in f))
+            yield sse(CompletionResponse(id=self.rid, created=self.created,
+                                         model=self.state.model_name, choices=[],
+                                         usage=usage))
 
     def _on_output(self, i: int, out: RequestOutput, force: bool) -> str | None:
         if out.finished:

@@ -24,10 +24,10 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.async_engine import AsyncEngine, EngineError, EngineStopped
 from tandem.engine.tokenizer import Tokenizer
 from tandem.outputs import Logprobs, RequestOutput
-from tandem.server.errors import APIError
+from tandem.server.errors import APIError, error_body
 from tandem.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 T = TypeVar("T")
@@ -125,6 +125,30 @@ def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
     body = (payload.model_dump_json(exclude=exclude) if isinstance(payload, BaseModel)
             else json.dumps(payload))
     return f"data: {body}\n\n"
+
+
+def engine_failure(e: Exception) -> APIError:
+    if isinstance(e, EngineStopped):
+        return APIError(503, str(e), code="server_shutting_down")
+    return APIError(500, str(e), code="engine_error")
+
+
+async def sse_stream(chunks: AsyncGenerator[str, None],
+                     rest: AsyncGenerator[tuple[int, RequestOutput], None]
+                     ) -> AsyncIterator[str]:
+    """An endpoint's SSE chunks, then `[DONE]`. An engine failure mid-stream becomes an
+    error event; the engine's remaining outputs are closed in any case (aborting what
+    did not finish)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (EngineError, EngineStopped) as e:
+        err = engine_failure(e)
+        yield sse(error_body(err.status_code, err.message, code=err.code))
+    finally:
+        await chunks.aclose()
+        await rest.aclose()
+    yield SSE_DONE
 
 
 async def merge(gens: list[AsyncGenerator[RequestOutput, None]]
