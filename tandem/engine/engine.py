@@ -205,9 +205,4 @@ class Engine:
 def _needs_host_tokens(plan: StepPlan) -> bool:
     """Whether a request sampled in `plan` needs that token on the host to plan its next
     step (penalties count every earlier output token)."""
-    for seq in plan.seqs:
-        p = seq.request.sampling_params
-        if seq.sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                           or p.frequency_penalty != 0.0):
-            return True
-    return False
+    return any(s.sample and s.request.sampling_params.has_penalties for s in plan.seqs)

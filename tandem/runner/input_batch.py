@@ -139,8 +139,7 @@ def build_sampling_tensors(plan: StepPlan, sample_rows: list[int], vocab_size: i
     reqs = [s.request for s in seqs]
     params = [r.sampling_params for r in reqs]
     f32 = torch.float32
-    penalize = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                   or p.frequency_penalty != 0.0 for p in params)
+    penalize = any(p.has_penalties for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)
     if penalize and any(s.inflight_input for s in seqs):  # the engine drains first
         raise RuntimeError("penalties need every earlier token on the host")

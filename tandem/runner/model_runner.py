@@ -15,10 +15,9 @@ on its first sampled step and dropped when the plan lists the request as finishe
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from tandem.config import EngineConfig
 from tandem.layers.attention_metadata import AttentionMetadata
@@ -27,9 +26,10 @@ from tandem.outputs import Logprobs, StepPlan, StepResult
 from tandem.runner.cuda_graph import CudaGraphRunner
 from tandem.runner.input_batch import ModelInputs, build_model_inputs, build_sampling_tensors
 from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, num_blocks_for)
-from tandem.runner.sampler import Sampler, SamplerOutput
+from tandem.runner.sampler import Sampler
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class Launched:
@@ -37,8 +37,8 @@ class Launched:
 
     plan: StepPlan
     inputs: ModelInputs | None = None
-    sampled: SamplerOutput | None = None
-    host: tuple[torch.Tensor, ...] = ()  # token ids [, logprobs, logprob ids] on the host
+    host: tuple[torch.Tensor, ...] = ()  # sampled token ids [, logprobs, logprob ids],
+    # copied to the host (empty when the step samples nothing)
     event: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # kept only for prompt logprobs
 
@@ -176,7 +176,7 @@ class ModelRunner:
             self._make_generators(plan, inputs)
             tensors = build_sampling_tensors(plan, inputs.sample_rows, self.vocab_size,
                                              self.generators, self.device)
-            out.sampled = sampled = self.sampler(logits[:num_sampled], tensors)
+            sampled = self.sampler(logits[:num_sampled], tensors)
             self._last_ids = sampled.token_ids
             self._last_rows = {plan.seqs[i].request.request_id: row
                                for row, i in enumerate(inputs.sample_rows)}
@@ -214,7 +214,7 @@ class ModelRunner:
         n = len(plan.seqs)
         tokens: list[int | None] = [None] * n
         logprobs: list[Logprobs | None] = [None] * n
-        if launched.sampled is not None:
+        if launched.host:
             ids = launched.host[0].tolist()
             lp_vals = launched.host[1].tolist() if len(launched.host) > 1 else None
             lp_ids = launched.host[2].tolist() if lp_vals is not None else None
