@@ -54,7 +54,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    num_parts,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr, SINGLE: tl.constexpr,
+                   MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
                    PRECISION: tl.constexpr):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -102,9 +102,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
     n_parts = tl.cdiv(tl.maximum(seq_len, 1), part_len)  # partitions that run for this seq
-    if SINGLE:
-        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
-    elif n_parts == 1:  # a short sequence in a split launch: nothing to merge
+    if n_parts == 1:  # always so with one partition per launch: nothing to merge
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
     else:
         # scratch (num_decodes, num_heads, num_parts[, D]), fp32
@@ -188,8 +186,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     fp32 = kv_cache.dtype == torch.float32
     block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
                                                 2 if fp32 else 3)
-    single = num_parts == 1
-    if single:
+    if num_parts == 1:
         part_out = part_max = part_sum = counters = out  # unused
     else:
         counters = _arrival_counters(query.device, num_decodes * num_kv_heads)
@@ -208,7 +205,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=_MIN_PART,
-        HAS_SEQ_IDS=seq_ids is not None, SINGLE=single,
+        HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
 
