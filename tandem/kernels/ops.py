@@ -1,16 +1,19 @@
 """The per-token ops the layers call: the fused Triton kernel for CUDA tensors where triton
-imports, else the PyTorch reference with the same signature (CPU, and the spec)."""
+imports, else the PyTorch reference with the same signature (CPU, and the spec). `linear`
+sends single-row half-precision CUDA matmuls (batch-1 decode) to the Triton GEMV."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tandem.kernels.reference import elementwise as reference
 
 try:
     from tandem.kernels.triton import elementwise as fused
+    from tandem.kernels.triton.gemv import gemv
 except ImportError:  # no triton: CPU-only installs
-    fused = None
+    fused = gemv = None
 
 
 def _impl(x: torch.Tensor):
@@ -33,3 +36,13 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _impl(x).silu_and_mul(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., in) -> (..., out) = x W^T (+ b)."""
+    if (gemv is not None and x.is_cuda and x.numel() == x.shape[-1]
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.stride(-1) == 1):
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

@@ -7,13 +7,16 @@ the 2-core development machine: a 32000 x 512 LM head takes 13 ms at 48 rows and
 at 8 rows, against 27 and 17 ms through `F.linear`). Prefill-sized inputs go to MKL,
 which is as fast there. The reorder happens once per weight in
 `process_weights_after_loading`, and costs a second copy of each weight in host memory;
-elsewhere (CUDA, half precision, no oneDNN) `linear` is plain `F.linear`.
+elsewhere (CUDA, half precision, no oneDNN) `linear` is `kernels.ops.linear` (F.linear, or
+the Triton GEMV for one row on CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from tandem.kernels import ops
 
 ONEDNN_MAX_ROWS = 256  # above this many rows MKL is as fast and needs no second layout
 MLP_CHUNK_ROWS = 1024  # prefill MLP in row chunks: intermediates stay small and reused
@@ -32,7 +35,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., in) -> (..., out), through the packed weight when there is one."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if packed is None or x.dtype != torch.float32 or rows > ONEDNN_MAX_ROWS or rows == 0:
+    if packed is None or x.dtype != torch.float32 or rows == 0:
+        return ops.linear(x, weight, bias)
+    if rows > ONEDNN_MAX_ROWS:
         return F.linear(x, weight, bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(),
                                              packed, bias, "none", [], "")
