@@ -186,8 +186,9 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     fp32 = kv_cache.dtype == torch.float32
     block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
                                                 2 if fp32 else 3)
-    if num_parts == 1:
-        part_out = part_max = part_sum = counters = out  # unused
+    if num_parts == 1:  # the scratch is unused; placeholders of the types the kernel expects
+        part_out = part_max = part_sum = out
+        counters = seq_lens
     else:
         counters = _arrival_counters(query.device, num_decodes * num_kv_heads)
         part_out = torch.empty(num_decodes, num_heads, num_parts, head_dim,
