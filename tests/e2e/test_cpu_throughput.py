@@ -6,7 +6,9 @@ Issue 2 asks for 2x. The work itself differs by only ~1.8x (padding and static b
 make transformers compute ~0.67 TFLOP against tandem's ~0.37), so the rest comes from doing
 each FLOP better: oneDNN on reordered weights for decode-sized matmuls (MKL is slow there
 on this machine), prefill MLPs in row chunks, and decode attention in the C kernel that
-reads paged K/V in place. Measured on the 2-core development machine: 2.32-2.59x.
+reads paged K/V in place. Each side's time is its faster of two runs (different
+prompts, same lengths). Measured on the 2-core development machine: 2.18x and 2.21x
+(single runs ranged 1.85-2.90x with the machine's noise).
 
 The same measurement as a benchmark (table + JSON line):
     tandem bench throughput --model DIR --num-prompts 48 --input-len-range 16 200 \
@@ -38,14 +40,22 @@ def test_cpu_throughput_against_transformers(tmp_path):
     rng = random.Random(0)
     in_lens = [rng.randint(16, 200) for _ in range(48)]
     out_lens = [rng.randint(16, 128) for _ in range(48)]
-    prompts = [[rng.randrange(32000) for _ in range(n)] for n in in_lens]
+    # Two prompt sets of the same lengths (tandem's second run must not hit its prefix
+    # cache); each side keeps its faster run, since a shared 2-core machine is noisy.
+    sets = [[[rng.randrange(32000) for _ in range(n)] for n in in_lens] for _ in range(2)]
 
     llm = LLM(path)
-    t_elapsed, t_tokens = measure_tandem_throughput(llm, prompts, out_lens)
-    assert t_tokens == sum(out_lens)
-    run_hf_generate(hf, prompts[:2], [4, 4])  # warm-up, as tandem had
-    h_elapsed, h_tokens = run_hf_generate(hf, prompts, out_lens)
-    ratio = (t_tokens / t_elapsed) / (h_tokens / h_elapsed)
-    print(f"\nCPU throughput: tandem {t_elapsed:.2f} s, transformers generate "
-          f"{h_elapsed:.2f} s, speedup {ratio:.2f}x ({params / 1e6:.1f}M params)")
+    tandem_runs = [measure_tandem_throughput(llm, p, out_lens, warmup=i == 0)
+                   for i, p in enumerate(sets)]
+    assert all(tokens == sum(out_lens) for _, tokens in tandem_runs)
+    run_hf_generate(hf, sets[0][:2], [4, 4])  # warm-up, as tandem had
+    hf_runs = [run_hf_generate(hf, p, out_lens) for p in sets]
+    assert all(tokens == sum(out_lens) for _, tokens in hf_runs)
+    t_elapsed = min(t for t, _ in tandem_runs)
+    h_elapsed = min(t for t, _ in hf_runs)
+    ratio = h_elapsed / t_elapsed  # same output tokens on both sides
+    print(f"\nCPU throughput (best of 2 each): tandem {t_elapsed:.2f} s "
+          f"({', '.join(f'{t:.2f}' for t, _ in tandem_runs)}), transformers generate "
+          f"{h_elapsed:.2f} s ({', '.join(f'{t:.2f}' for t, _ in hf_runs)}), "
+          f"speedup {ratio:.2f}x ({params / 1e6:.1f}M params)")
     assert ratio >= 2.0
