@@ -27,6 +27,11 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     chat_template: str | None = None  # path or literal jinja; overrides the model's own
     enforce_eager: bool = False  # never capture CUDA graphs (debugging, profiling)
+    max_logprobs: int = 20  # most top-N logprobs one request may ask for (per token)
+    # Sampling defaults for what a request leaves unset: "auto" reads the model's
+    # generation_config.json, "vllm" (or "none") keeps the built-in defaults, any other
+    # value is a directory holding a generation_config.json.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -35,6 +40,8 @@ class ModelConfig:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ is appended, so `num_tokens` moves one ahead again.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or max_model_len reached
     ABORT = "abort"  # aborted by the caller (or client disconnect)
+    ERROR = "error"  # a step failed because of this request; it alone was ended
 
 
 class RequestOutputKind(enum.Enum):
@@ -69,6 +71,18 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
+        for name in floats:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        ints = ("n", "top_k", "min_tokens") + (("seed",) if self.seed is not None else ()) \
+            + (("max_tokens",) if self.max_tokens is not None else ())
+        for name in ints:
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         checks = [
             ("n", self.n >= 1, "must be at least 1"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
@@ -88,6 +102,8 @@ class SamplingParams:
              "must be non-negative"),
             ("stop", all(isinstance(s, str) and s for s in self.stop),
              "must be non-empty strings"),
+            ("stop_token_ids", all(isinstance(t, int) and not isinstance(t, bool)
+                                   for t in self.stop_token_ids), "must be integers"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -12,6 +12,11 @@ With async scheduling (on for CUDA) a step runs one plan ahead of the device:
 so scheduling, input building, detokenization and output handling of one step happen
 while the device computes the next. Where a request's next step needs its previous token
 on the host (repetition/presence/frequency penalties), the engine collects first.
+
+Fault isolation: `validate` rejects what cannot run before it is queued, but if executing
+a plan still raises, the plan's sequences are run again in halves (synchronously) until
+each failing one is alone; only those requests end, with finish_reason "error", and every
+other sequence gets exactly the step it was planned for.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import os
 import time
 
 from tandem.config import EngineConfig
+from tandem.engine.generation_config import sampling_defaults
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.stats import EngineStats, split_step_tokens
 from tandem.engine.tokenizer import Tokenizer
 from tandem.models.loader import read_hf_config
 from tandem.outputs import RequestOutput, StepPlan
-from tandem.request import Request, SamplingParams
+from tandem.request import FinishReason, Request, SamplingParams
 from tandem.runner.model_runner import Launched, ModelRunner
 from tandem.scheduler import Scheduler
 
@@ -65,6 +71,10 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer is not None
                               else _config_eos_ids(hf_config))
+        # Defaults for what a request leaves unset (the model's generation_config.json).
+        self.sampling_defaults = sampling_defaults(model_dir, config.model.generation_config)
+        if self.sampling_defaults:
+            logger.info("sampling defaults from generation_config: %s", self.sampling_defaults)
         asked = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if asked is None else asked
         self._inflight: Launched | None = None  # launched, not yet collected (async)
@@ -105,18 +115,30 @@ class Engine:
         raise ValueError(f"prompt must be a string or a list of token ids, got "
                          f"{type(prompt).__name__}")
 
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config defaults (as vLLM's LLM)."""
+        return SamplingParams(**self.sampling_defaults)
+
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Everything about a request that could make a step fail, checked against this
+        model before it is queued; ValueError names the field."""
         if not token_ids:
             raise ValueError("prompt is empty")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        vocab = self.vocab_size
+        bad = [t for t in token_ids if isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_token_ids out of the vocabulary [0, {self.vocab_size}): "
-                             f"{bad[:5]}")
+            raise ValueError(f"prompt_token_ids out of the vocabulary [0, {vocab}): {bad[:5]}")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens, but max_model_len is "
                              f"{self.max_model_len} (leaving no room to generate)")
-        if params.prompt_logprobs is not None and len(token_ids) < 1:
-            raise ValueError("prompt_logprobs needs a prompt")
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+        limit = min(self.config.model.max_logprobs, vocab)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
@@ -164,16 +186,63 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if not self.async_scheduling:
             plan = self.scheduler.schedule()
-            return self._finish_step(plan, self.runner.execute(plan))
+            try:
+                result = self.runner.execute(plan)
+            except Exception as e:
+                return self._isolate_failure(plan, e)
+            return self._finish_step(plan, result)
         outputs: list[RequestOutput] = []
         if self._inflight is not None and _needs_host_tokens(self._inflight.plan):
             outputs = self._collect()
         plan = self.scheduler.schedule()
-        launched = self.runner.launch(plan)
+        try:
+            launched = self.runner.launch(plan)
+        except Exception as e:  # settle the step in flight, then isolate synchronously
+            if self._inflight is not None:
+                outputs += self._collect()
+            return outputs + self._isolate_failure(plan, e)
         if self._inflight is not None:
             outputs += self._collect()
         self._inflight = launched
         return outputs
+
+    def _isolate_failure(self, plan: StepPlan, error: Exception) -> list[RequestOutput]:
+        """Executing `plan` raised `error`. Run its sequences again in halves until every
+        failing one is alone, and end just those requests with ERROR.
+
+        A retry recomputes the same tokens into the same cache slots (blocks are only
+        registered for reuse once a step that computed them is updated), each retry reads
+        its inputs from the host (the failed step's device outputs are gone), and seeded
+        requests rebuild their generators, replaying earlier draws, so every surviving
+        sequence gets the tokens the failed step would have given it."""
+        logger.error("step failed (%r); isolating the failing request(s) among %d",
+                     error, len(plan.seqs))
+        # (Async: a sequence whose request the step in flight finished is dropped.)
+        seqs = [dataclasses.replace(s, inflight_input=False) for s in plan.seqs
+                if not s.request.is_finished]
+        for s in seqs:
+            self.runner.generators.pop(s.request.request_id, None)
+        outputs: list[RequestOutput] = []
+        failing: list[Request] = []
+        groups = [seqs]
+        while groups:
+            group = groups.pop(0)
+            sub = StepPlan(group, sum(s.num_new_tokens for s in group))
+            try:
+                result = self.runner.execute(sub)
+            except Exception as e:
+                if len(group) > 1:
+                    groups += [group[:len(group) // 2], group[len(group) // 2:]]
+                    continue
+                logger.error("request %s failed in the engine: %r", group[0].request.request_id,
+                             e, exc_info=e)
+                failing.append(group[0].request)
+                continue
+            outputs += self._finish_step(sub, result)
+        for request in failing:
+            if not request.is_finished:
+                self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
+        return outputs + self.outputs.outputs_of(failing)
 
     def _collect(self) -> list[RequestOutput]:
         launched, self._inflight = self._inflight, None

@@ -72,7 +72,6 @@ class OutputProcessor:
     def process(self, plan: StepPlan, result: StepResult, updated: list[Request]
                 ) -> list[RequestOutput]:
         """The outputs of every parent that got a token or finished this step."""
-        touched: dict[str, ParentState] = {}
         for i, seq in enumerate(plan.seqs):
             entry = self.child_to_parent.get(seq.request.request_id)
             if entry is None:
@@ -84,7 +83,13 @@ class OutputProcessor:
                 entries = result.prompt_logprobs[i]
                 first = seq.start_pos + 1
                 parent.prompt_logprobs[first:first + len(entries)] = entries
-        for req in updated:
+        return self.outputs_of(updated)
+
+    def outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
+        """The outputs of the user requests of `requests` (which got tokens or finished),
+        each once; FINAL_ONLY ones only once every sample is finished."""
+        touched: dict[str, ParentState] = {}
+        for req in requests:
             entry = self.child_to_parent.get(req.request_id)
             if entry is None:
                 continue

@@ -146,16 +146,18 @@ class KVCacheManager:
             blocks.extend(self.pool.get_new_blocks(num_needed))
         return True
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Register every block now fully computed (num_computed_tokens covers it).
-        Incremental: O(newly full blocks) per call."""
+    def cache_full_blocks(self, request: Request, num_computed: int | None = None) -> None:
+        """Register every block now fully computed: covered by `num_computed` tokens whose
+        K/V a finished step wrote (default: num_computed_tokens). Incremental: O(newly
+        full blocks) per call."""
         rid = request.request_id
         if not self._uses_prefix_cache(request) or rid not in self._blocks:
             return
         blocks = self._blocks[rid]
         # Computed and known: with async scheduling a block may already be scheduled
         # through a token that is still being sampled (its id unknown, so not hashable).
-        known = min(request.num_computed_tokens, request.num_tokens)
+        computed = request.num_computed_tokens if num_computed is None else num_computed
+        known = min(computed, request.num_tokens)
         num_full = min(known // self.block_size, len(blocks))
         for i in range(self._num_cached_blocks[rid], num_full):
             # False when another request registered the same content first: this copy

@@ -150,7 +150,7 @@ def build_sampling_tensors(plan: StepPlan, sample_rows: list[int], vocab_size: i
     asked = [p.logprobs for p in params if p.logprobs is not None]
     # One host-to-device copy for all per-row floats: (7, N).
     rows = _to([[p.temperature for p in params],
-                [p.top_k if p.top_k > 0 else vocab_size for p in params],
+                [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params],
                 [p.top_p for p in params], [p.min_p for p in params],
                 [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
                 [p.frequency_penalty for p in params]], f32, device)

@@ -10,6 +10,9 @@ input is N's sampled token reads it from N's device output (`inflight_input`).
 
 It keeps one piece of per-request state: the `torch.Generator` of each seeded request, made
 on its first sampled step and dropped when the plan lists the request as finished.
+
+Fault injection (tests of the engine's request isolation): with TANDEM_FAULT_TOKEN_ID set,
+a step that samples for a request whose prompt holds that token raises `InjectedFault`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem import envs
 from tandem.config import EngineConfig
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
@@ -41,6 +45,11 @@ class Launched:
     # copied to the host (empty when the step samples nothing)
     event: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # kept only for prompt logprobs
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose (TANDEM_FAULT_TOKEN_ID) to test that one request's failure stays
+    its own."""
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,6 +88,7 @@ class ModelRunner:
         # The last launched step's sampled ids on the device, and each request's row there.
         self._last_ids: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
+        self.fault_token_id = envs.fault_token_id()
 
     # ---- KV pool -------------------------------------------------------------------------
     @property
@@ -173,6 +183,8 @@ class ModelRunner:
         num_sampled = len(inputs.sample_rows)
         out = Launched(plan, inputs, logits=logits if inputs.prompt_lp_spans else None)
         if num_sampled:
+            if self.fault_token_id is not None:
+                _inject_fault(plan, inputs.sample_rows, self.fault_token_id)
             self._make_generators(plan, inputs)
             tensors = build_sampling_tensors(plan, inputs.sample_rows, self.vocab_size,
                                              self.generators, self.device)
@@ -250,6 +262,13 @@ class ModelRunner:
                 entry[tok] = chosen[r]
             out.append(entry)
         return out
+
+
+def _inject_fault(plan: StepPlan, sample_rows: list[int], token_id: int) -> None:
+    for i in sample_rows:
+        request = plan.seqs[i].request
+        if token_id in request.prompt_token_ids:
+            raise InjectedFault(f"injected fault for request {request.request_id}")
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

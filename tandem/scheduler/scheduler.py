@@ -202,8 +202,9 @@ class Scheduler:
                     request.first_token_time = time.time()
             if request.status is RequestStatus.RUNNING:
                 # Before a finish frees the blocks, so even a finishing request leaves its
-                # full blocks in the cache.
-                self.kv.cache_full_blocks(request)
+                # full blocks in the cache. Only through this step's end: with async
+                # scheduling num_computed_tokens already counts the next (unrun) step.
+                self.kv.cache_full_blocks(request, seq.end_pos)
             if not seq.sample:
                 continue
             reason = self._stop_reason(request, token)

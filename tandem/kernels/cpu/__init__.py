@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from tandem import envs
 from tandem.kernels import TorchReferenceBackend, reference
 from tandem.kernels.reference.attention import decode_batch
 from tandem.layers.attention_metadata import AttentionMetadata
@@ -45,15 +46,13 @@ def _cpu_signature() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tandem")
-    return Path(root) / "kernels"
+    return Path(envs.cache_dir()) / "kernels"
 
 
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
     """The compiled kernel library, building it if needed; None where it cannot be had."""
-    if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
+    if not envs.cpu_kernels_enabled():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:

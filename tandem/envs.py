@@ -1,0 +1,35 @@
+"""Every environment variable tandem reads, declared once, typed, read when asked.
+
+    TANDEM_API_KEY        the server's API key when --api-key is not given
+    TANDEM_CPU_KERNELS    "0": never build or use the C kernels (PyTorch reference instead)
+    TANDEM_CACHE_DIR      where compiled CPU kernels are cached (default ~/.cache/tandem)
+    TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
+    TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
+                          this token id raises `InjectedFault` (fault-isolation tests)
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def api_key() -> str | None:
+    return os.environ.get("TANDEM_API_KEY") or None
+
+
+def cpu_kernels_enabled() -> bool:
+    return os.environ.get("TANDEM_CPU_KERNELS", "1") != "0"
+
+
+def cache_dir() -> str:
+    return os.environ.get("TANDEM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tandem")
+
+
+def git_commit() -> str | None:
+    return os.environ.get("TANDEM_GIT_COMMIT") or None
+
+
+def fault_token_id() -> int | None:
+    value = os.environ.get("TANDEM_FAULT_TOKEN_ID")
+    return int(value) if value else None
