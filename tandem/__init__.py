@@ -12,10 +12,17 @@ A request's path, with the file that owns each arrow:
       -> RequestOutput                      outputs.py
 """
 
+from importlib import metadata as _metadata
+
 from tandem.assets import default_draft_model_dir, default_model_dir
 from tandem.engine.llm import LLM
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.request import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "default_model_dir",
+try:
+    __version__ = _metadata.version("tandem")
+except _metadata.PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__", "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "default_model_dir",
            "default_draft_model_dir"]

@@ -1,31 +1,48 @@
-"""The `tandem` command: generate, serve, eval, bench latency|throughput.
+"""The `tandem` command: generate, serve, eval, bench latency|prefill|throughput.
 
 Engine flags are generated from the config dataclasses (`--max-num-seqs`, `--block-size`, ...),
-so every engine argument has exactly one definition.
+their help text from the fields' comments, so every argument has exactly one definition.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
-from tandem.config import engine_arg_fields
+from tandem.config import engine_arg_fields, field_comments
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    group = parser.add_argument_group("engine")
-    for f in engine_arg_fields():
-        if f.name in ("model",) + skip:
-            continue
+def add_config_args(group: Any, fields: list[dataclasses.Field], comments: dict[str, str],
+                    defaults: dict[str, Any] | None = None,
+                    choices: dict[str, tuple] | None = None) -> None:
+    """One flag per dataclass field (`--max-num-seqs`), help from its comment. Every flag
+    defaults to None ("not given") so the dataclass keeps its own default."""
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         base = str(f.type).replace(" | None", "").strip()
+        default = (defaults or {}).get(f.name, f.default)
+        shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
+        text = (comments.get(f.name) or f.name.replace("_", " ")) + shown
         if base == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
         else:
-            group.add_argument(flag, type=_TYPES[base], default=None)
+            group.add_argument(flag, type=_TYPES[base], default=None, help=text,
+                               choices=(choices or {}).get(f.name))
+
+
+def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
+
+    comments: dict[str, str] = {}
+    for cls in (ModelConfig, CacheConfig, SchedulerConfig):  # the first definition wins
+        comments = {**field_comments(cls), **comments}
+    fields = [f for f in engine_arg_fields() if f.name not in ("model",) + skip]
+    add_config_args(parser.add_argument_group("engine"), fields, comments)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,14 +54,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tandem.assets import default_model_dir
     from tandem.config import EngineConfig
-    from tandem.engine.engine import Engine
+    from tandem.engine.engine import Engine, resolve_max_tokens
     from tandem.request import SamplingParams
 
     engine = Engine(EngineConfig.from_kwargs(args.model or default_model_dir(),
                                              **engine_kwargs(args)))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+    _, token_ids = engine.tokenize_prompt(args.prompt)
+    max_tokens = resolve_max_tokens(len(token_ids), args.max_tokens, engine.max_model_len,
+                                    tokens_param="--max-tokens")
+    params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
-    engine.add_request("cli", args.prompt, params)
+    engine.add_request("cli", {"prompt": args.prompt, "prompt_token_ids": token_ids}, params)
     sent = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -57,15 +77,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tandem import __version__
+
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tandem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="stream a completion of one prompt to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None, help="model directory (default: embedded model)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=64,
+                     help="tokens to generate (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     add_engine_args(gen, skip=("seed",))
     gen.set_defaults(func=_cmd_generate)

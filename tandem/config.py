@@ -10,6 +10,9 @@ with the field named.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +27,7 @@ class ModelConfig:
     load_format: str = "auto"  # "dummy": random weights of the right shapes from config.json
     device: str = "auto"  # auto: cuda if available, else cpu
     seed: int = 0  # seeds dummy weights and unseeded sampling
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # prompt + output limit (None: max_position_embeddings)
     chat_template: str | None = None  # path or literal jinja; overrides the model's own
     enforce_eager: bool = False  # never capture CUDA graphs (debugging, profiling)
     max_logprobs: int = 20  # most top-N logprobs one request may ask for (per token)
@@ -34,6 +37,11 @@ class ModelConfig:
     generation_config: str = "auto"
 
     def __post_init__(self) -> None:
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model directory {self.model!r} does not exist (tandem loads "
+                             f"local Hugging Face-format directories; it downloads nothing)")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model directory {self.model!r} has no config.json")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
@@ -47,10 +55,10 @@ class ModelConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int | None = None  # overrides both memory-based sizings below
+    num_kv_blocks: int | None = None  # KV pool size in blocks (overrides the memory sizing)
     gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory the engine may use
     cpu_kv_cache_gib: float = 2.0  # CPU: memory budget for the KV pool
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompts seen before
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -69,7 +77,7 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one step (decodes + prefill chunks)
     max_num_seqs: int = 256  # most requests running at once
-    max_model_len: int = 0  # resolved by EngineConfig from the model; prompt + output limit
+    max_model_len: int = 0  # prompt + output limit (resolved from the model at load)
     # Schedule step N+1 while step N runs on the device (host work off the critical path).
     # None: on for CUDA, off for CPU (where host and "device" are the same cores).
     async_scheduling: bool | None = None
@@ -111,6 +119,23 @@ class EngineConfig:
         model = dataclasses.replace(self.model, max_model_len=max_model_len)
         sched = dataclasses.replace(self.scheduler, max_model_len=max_model_len)
         return dataclasses.replace(self, model=model, scheduler=sched)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in `cls`'s source: the trailing `# ...` of its line, or the
+    `# ...` lines right above it. The one source of every config flag's help text."""
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        m = re.match(r"(\w+): [^=#]+(?:= .*?)?(?:\s+#\s*(.*))?$", stripped)
+        if m and not stripped.startswith(("def ", "return ", "@")):
+            comments[m.group(1)] = " ".join(above + [m.group(2) or ""]).strip()
+        above = []
+    return comments
 
 
 def engine_arg_fields() -> list[dataclasses.Field]:

@@ -10,19 +10,26 @@ that the engine thread drains between steps. The thread steps while the engine h
 and sleeps on a condition variable otherwise. Validation (tokenize, `Engine.validate`,
 `SamplingParams`) runs in the caller, so bad input raises ValueError before anything is
 queued; the rare late rejection (a duplicate id) surfaces from the stream instead.
+Tokenizing, detokenizing and chat-template rendering of request payloads run on a small
+thread pool (`run_blocking`), never on the event loop: the tokenizer releases the GIL, so
+a long prompt delays neither other requests nor the engine thread.
 
-A step that raises does not stop the loop: every live request fails with `EngineError`
-(its stream raises it) and is aborted, and the thread keeps serving new requests.
+A step that raises is isolated by `Engine.step` (only the request that causes it ends,
+with finish_reason "error"). Should the step machinery itself fail, every live request
+fails with `EngineError` and is aborted, and the thread keeps serving new requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from tandem.engine.engine import Engine, PromptType
 from tandem.engine.stats import EngineStats
@@ -30,6 +37,7 @@ from tandem.outputs import RequestOutput
 from tandem.request import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Called on the engine thread after every step (and after aborts), with the step's outputs
 # and a fresh stats snapshot: metrics and periodic logs hang here.
@@ -102,7 +110,9 @@ class AsyncEngine:
         self._stopping = False  # guarded by _cond; no new requests once set
         self._exit = False  # guarded by _cond; the thread aborts what is left and returns
         self._streams: dict[str, RequestStream] = {}  # live requests; engine thread only
+        self._num_waiting = 0  # the scheduler's waiting queue after the last step
         self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tandem-tokenize")
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -119,9 +129,16 @@ class AsyncEngine:
         """Requests queued or running (read from any thread; a snapshot)."""
         return len(self._streams) + sum(isinstance(c, _Add) for c in list(self._commands))
 
+    @property
+    def num_waiting_requests(self) -> int:
+        """Scheduler requests (n per user request) waiting for a first step, including those
+        not yet handed to the engine thread (a snapshot, for admission control)."""
+        return self._num_waiting + sum(c.params.n for c in list(self._commands)
+                                       if isinstance(c, _Add))
+
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Refuse new requests, let live ones finish for up to `timeout` seconds, then abort
-        the rest (their streams raise EngineStopped) and stop the thread."""
+        the rest (their streams raise EngineStopped) and stop the thread. Idempotent."""
         with self._cond:
             self._stopping = True
         deadline = time.monotonic() + timeout
@@ -132,6 +149,12 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run tokenizer work (`fn(*args, **kwargs)`) on the pool, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     # ---- requests (event loop) -----------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -203,6 +226,7 @@ class AsyncEngine:
                 return
             if engine.has_unfinished_requests():
                 outputs += self._step(deliveries, outputs)
+            self._num_waiting = engine.scheduler.num_waiting
             self._deliver(deliveries)
             self._notify(outputs)
 

@@ -107,9 +107,7 @@ class Engine:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt.get("prompt")
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer.json; pass token ids")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.encode_text(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
         raise ValueError(f"prompt must be a string or a list of token ids, got "
@@ -118,6 +116,20 @@ class Engine:
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config defaults (as vLLM's LLM)."""
         return SamplingParams(**self.sampling_defaults)
+
+    def encode_text(self, text: str, param: str = "prompt",
+                    add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt. Text that cannot fit max_model_len (by a cheap lower
+        bound on its token count) raises ContextLengthError before it is tokenized."""
+        if self.tokenizer is None:
+            raise ValueError(f"{param}: this model has no tokenizer.json; pass token ids")
+        at_least = self.tokenizer.min_num_tokens(text)
+        if at_least >= self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, your {param} is at least {at_least} tokens long. Please shorten "
+                f"the {param}.", param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Everything about a request that could make a step fail, checked against this
@@ -269,6 +281,36 @@ class Engine:
                            s.num_kv_blocks_used, s.num_kv_blocks_total, s.kv_cache_usage,
                            s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
                            self._prompt_tokens, self._generation_tokens)
+
+
+class ContextLengthError(ValueError):
+    """A prompt (with its completion budget) that does not fit max_model_len; `param`
+    names the field to shorten."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                       prompt_param: str = "prompt", tokens_param: str = "max_tokens") -> int:
+    """The completion budget: `max_tokens`, or (None) whatever the context leaves, as vLLM
+    does. A prompt that leaves no room names the prompt; a budget that overflows names
+    the budget's field."""
+    if num_prompt_tokens >= max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {num_prompt_tokens} tokens, leaving no room for the completion. "
+            f"Please shorten the {prompt_param}.", prompt_param)
+    if max_tokens is None:
+        return max_model_len - num_prompt_tokens
+    if max_tokens >= 1 and num_prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"{prompt_param}, {max_tokens} for the completion). Please reduce the length of "
+            f"the {prompt_param} or {tokens_param}.", tokens_param)
+    return max_tokens
 
 
 def _needs_host_tokens(plan: StepPlan) -> bool:

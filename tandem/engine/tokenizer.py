@@ -47,6 +47,13 @@ class Tokenizer:
         self.chat_template = self._load_template(model_dir, cfg, chat_template)
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items()
                                      if t.special)
+        # Most UTF-8 bytes of text one token can cover: the longest vocabulary entry, in
+        # its stored form (byte-level BPE stores a byte as a character of up to 2 bytes, so
+        # this over-counts, which keeps `min_num_tokens` a true lower bound). A normalizer
+        # could shrink text before it is split, so allow for a factor of 4 there.
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        longest = max((len(t.encode("utf-8", "replace")) for t in vocab), default=1)
+        self.max_bytes_per_token = longest * (4 if self._tok.normalizer is not None else 1)
 
     def _eos_ids(self, gen: dict, model_cfg: dict) -> frozenset[int]:
         ids = gen.get("eos_token_id", model_cfg.get("eos_token_id"))
@@ -73,6 +80,14 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def min_num_tokens(self, text: str) -> int:
+        """A cheap lower bound on len(encode(text)): rejects a prompt that cannot fit
+        without tokenizing all of it (a 10 MB string takes seconds to encode)."""
+        if len(text) * 4 < self.max_bytes_per_token:  # short text: not worth counting bytes
+            return 0
+        num_bytes = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        return num_bytes // self.max_bytes_per_token
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids

@@ -1,50 +1,37 @@
-"""The FastAPI app: routes, authentication and the engine thread's lifetime.
+"""The FastAPI app: routes, the ASGI layers in front of them, the engine thread's lifetime.
 
     POST /v1/completions, /v1/chat/completions   completions.py, chat.py
-    GET  /v1/models
-    POST /tokenize, /detokenize
-    GET  /health, /metrics                        open even with an API key (probes, scrapers)
+    GET  /v1/models, /v1/models/{id}
+    POST /tokenize, /detokenize; GET /tokenizer_info
+    GET|HEAD /health, GET|POST /ping, GET /version, GET /metrics   open even with an API key
 
-With an API key (--api-key or TANDEM_API_KEY) every other route wants
-`Authorization: Bearer <key>`, else a 401. The lifespan starts the `AsyncEngine` thread; on
-shutdown (after uvicorn has let in-flight responses finish, up to --shutdown-timeout) it
-aborts whatever is left and stops the thread.
+In front of the routes (middleware.py): a catch-all that turns any unhandled exception
+into a generic 500, CORS (--allowed-origins), the API key check (before the body is read)
+and the body size limit (before it is parsed). The lifespan starts the `AsyncEngine`
+thread and, on shutdown, aborts whatever the drain (server/cli.py) left and stops it.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
+from tandem import __version__
 from tandem.server.chat import create_chat_completion, render_chat
 from tandem.server.completions import create_completion
 from tandem.server.errors import APIError, install_error_handlers
 from tandem.server.metrics import ServerMetrics
+from tandem.server.middleware import APIKeyAuth, BodyLimit, CatchAll
 from tandem.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                     DetokenizeRequest, ModelCard, ModelList, TokenizeRequest)
 from tandem.server.serving import ServerState, check_model
 
 logger = logging.getLogger("tandem.server")
-
-
-def _auth(api_key: str | None):
-    expected = api_key.encode() if api_key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 expected):
-            raise APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
-                                "<key>'.", code="invalid_api_key")
-
-    return check
 
 
 def build_app(state: ServerState, metrics: ServerMetrics | None = None) -> FastAPI:
@@ -60,26 +47,52 @@ def build_app(state: ServerState, metrics: ServerMetrics | None = None) -> FastA
         await state.engine.shutdown(timeout=0.0)
         logger.info("engine stopped")
 
-    app = FastAPI(title="tandem", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="tandem", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.tandem = state
     install_error_handlers(app)
-    api = APIRouter(dependencies=[Depends(_auth(state.api_key))])
+    config = state.config
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_body_bytes)
+    if config.api_key:
+        app.add_middleware(APIKeyAuth, api_key=config.api_key)
+    if config.origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(CatchAll)
+    engine = state.engine
+    api = APIRouter()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
-        if not state.engine.is_running:
+        if not engine.is_running:
             return JSONResponse({"status": "stopping"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     @app.get("/metrics")
     async def get_metrics() -> Response:
         body = metrics.render() if metrics is not None else b""
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card() -> ModelCard:
+        return ModelCard(id=state.model_name, root=state.model_dir,
+                         max_model_len=engine.max_model_len)
+
     @api.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=state.model_name, root=state.model_dir,
-                                         max_model_len=state.engine.max_model_len)])
+        return ModelList(data=[card()])
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        check_model(state, model_id)
+        return card()
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -95,22 +108,33 @@ def build_app(state: ServerState, metrics: ServerMetrics | None = None) -> FastA
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            _, tokens = render_chat(state, body.messages, body.add_generation_prompt is not False)
+            _, tokens = await engine.run_blocking(render_chat, state, body.messages,
+                                                  body.add_generation_prompt is not False)
         else:
-            tokens = state.engine.tokenizer.encode(body.prompt,
-                                                   add_special_tokens=body.add_special_tokens
-                                                   is not False)
-        return {"tokens": tokens, "count": len(tokens),
-                "max_model_len": state.engine.max_model_len}
+            tokens = await engine.run_blocking(engine.engine.encode_text, body.prompt,
+                                               add_special_tokens=body.add_special_tokens
+                                               is not False)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         check_model(state, body.model)
-        bad = [t for t in body.tokens if not 0 <= t < state.engine.vocab_size]
+        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
         if bad:
-            raise APIError(400, f"tokens out of the vocabulary [0, {state.engine.vocab_size}): "
+            raise APIError(400, f"tokens out of the vocabulary [0, {engine.vocab_size}): "
                                 f"{bad[:5]}", param="tokens")
-        return {"prompt": state.engine.tokenizer.decode(body.tokens)}
+        return {"prompt": await engine.run_blocking(engine.tokenizer.decode, body.tokens)}
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        """The tokenizer's settings (as vLLM's endpoint): special tokens, lengths, template."""
+        tok = engine.tokenizer
+        if tok is None:
+            raise APIError(404, "this model has no tokenizer", code="no_tokenizer")
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "vocab_size": tok.vocab_size,
+                "model_max_length": engine.max_model_len, "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token, "add_bos_token": tok.add_bos_token,
+                "eos_token_ids": sorted(tok.eos_token_ids), "chat_template": tok.chat_template}
 
     app.include_router(api)
     return app

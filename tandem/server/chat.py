@@ -1,46 +1,63 @@
 """POST /v1/chat/completions: messages -> the model's chat template -> one request, n choices.
 
-A model without a chat template (and no --chat-template) is a 400 that says so. Streams
-open with a {"role": "assistant"} delta per choice, then content deltas; the last chunk of
-a choice carries its finish_reason.
+A model without a chat template (and no --chat-template or request `chat_template`) is a
+400 that says so. Rendering and tokenizing run on the tokenizer pool. Streams open with a
+{"role": "assistant"} delta per choice, then content deltas, one choice per chunk; the last
+chunk of a choice carries its finish_reason.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from tandem.engine.async_engine import EngineError, EngineStopped
+from tandem.engine.async_engine import EngineError
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.server.errors import APIError
-from tandem.server.protocol import (MAX_LOGPROBS, AssistantMessage, ChatChoice,
-                                    ChatCompletionChunk, ChatCompletionRequest,
-                                    ChatCompletionResponse, ChatLogprobs, ChatMessage,
-                                    ChatStreamChoice, make_usage)
-from tandem.server.serving import (SSE_HEADERS, ServerState, cancel_on_disconnect,
-                                   chat_logprobs, check_model, engine_failure, first_output, merge, new_id,
+from tandem.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk,
+                                    ChatCompletionRequest, ChatCompletionResponse,
+                                    ChatLogprobs, ChatMessage, ChatStreamChoice, make_usage)
+from tandem.server.serving import (SSE_HEADERS, ServerState, StreamWriter, admit,
+                                   cancel_on_disconnect, chat_logprobs, check_model,
+                                   first_output, log_request, merge, new_id,
                                    resolve_max_tokens, sse, sse_stream)
+
+logger = logging.getLogger("tandem.server")
 
 
 def render_chat(state: ServerState, messages: list[ChatMessage],
-                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    """(prompt text, token ids) of a conversation; ValueError (a 400) without a template."""
-    tok = state.engine.tokenizer
-    text = tok.apply_chat_template([m.to_template() for m in messages], add_generation_prompt)
-    return text, tok.encode(text, add_special_tokens=False)
+                add_generation_prompt: bool = True, add_special_tokens: bool = False,
+                chat_template: str | None = None,
+                template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+    """(prompt text, token ids) of a conversation; ValueError (a 400) without a template.
+    Blocking: call through `AsyncEngine.run_blocking`."""
+    engine = state.engine.engine
+    if engine.tokenizer is None:
+        raise ValueError("messages: this model has no tokenizer.json, so no chat")
+    reserved = {"messages", "add_generation_prompt", "chat_template", "bos_token",
+                "eos_token"} & set(template_kwargs or {})
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {sorted(reserved)}",
+                       param="chat_template_kwargs")
+    text = engine.tokenizer.apply_chat_template([m.to_template() for m in messages],
+                                                add_generation_prompt, chat_template,
+                                                **(template_kwargs or {}))
+    return text, engine.encode_text(text, "messages", add_special_tokens=add_special_tokens)
 
 
-def _num_logprobs(body: ChatCompletionRequest) -> int | None:
+def _num_logprobs(state: ServerState, body: ChatCompletionRequest) -> int | None:
+    limit = state.engine.engine.config.model.max_logprobs
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
-            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got "
+        if not 0 <= body.top_logprobs <= limit:
+            raise APIError(400, f"top_logprobs must be in [0, {limit}], got "
                                 f"{body.top_logprobs}", param="top_logprobs")
     return (body.top_logprobs or 0) if body.logprobs else None
 
@@ -50,22 +67,41 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
     check_model(state, body.model)
     engine = state.engine
     n = 1 if body.n is None else body.n
-    text, ids = render_chat(state, body.messages, body.add_generation_prompt is not False)
-    asked = body.max_completion_tokens if body.max_completion_tokens is not None \
-        else body.max_tokens
-    max_tokens = resolve_max_tokens(len(ids), asked, engine.max_model_len, "messages")
-    params = body.to_sampling_params(max_tokens, logprobs=_num_logprobs(body))
+    admit(state, 1, n)
+    if body.chat_template is not None and not state.config.trust_request_chat_template:
+        raise APIError(400, "chat_template in a request needs --trust-request-chat-template",
+                       param="chat_template")
+    text, ids = await engine.run_blocking(
+        render_chat, state, body.messages, body.add_generation_prompt is not False,
+        bool(body.add_special_tokens), body.chat_template, body.chat_template_kwargs)
+    defaults = engine.engine.sampling_defaults
+    if body.max_completion_tokens is not None:
+        asked, tokens_param = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        asked, tokens_param = body.max_tokens, "max_tokens"
+        if asked is None and "max_tokens" in defaults:
+            asked = defaults["max_tokens"]
+    max_tokens = resolve_max_tokens(len(ids), asked, engine.max_model_len, "messages",
+                                    tokens_param)
+    try:
+        params = body.to_sampling_params(max_tokens, defaults,
+                                         logprobs=_num_logprobs(state, body))
+    except ValueError as e:  # SamplingParams names max_tokens for either budget field
+        if tokens_param != "max_tokens" and str(e).startswith("max_tokens"):
+            raise APIError(400, tokens_param + str(e)[len("max_tokens"):],
+                           param=tokens_param) from e
+        raise
     prompt = {"prompt": text, "prompt_token_ids": ids}
     engine.prepare(prompt, params)
     rid = new_id("chatcmpl")
+    if ignored := body.ignored_fields():
+        logger.warning("request %s: unknown fields ignored: %s", rid, ignored)
+    log_request(state, rid, [len(ids)], params)
     merged = merge([engine.generate(rid, prompt, params, time.time())])
     if body.stream:
-        try:
-            first = await cancel_on_disconnect(raw, first_output(merged))
-        except (EngineError, EngineStopped) as e:
-            raise engine_failure(e) from e
+        first = await cancel_on_disconnect(raw, first_output(merged))
         writer = _ChatStreamWriter(state, body, rid, n)
-        return StreamingResponse(sse_stream(writer.events(first[1], merged), merged),
+        return StreamingResponse(sse_stream(writer, first, merged),
                                  media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(writer.abort_unfinished))
 
@@ -75,10 +111,11 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
                 return out
         raise EngineError("the request ended without a final output")
 
-    try:
-        out = await cancel_on_disconnect(raw, last())
-    except (EngineError, EngineStopped) as e:
-        raise engine_failure(e) from e
+    out = await cancel_on_disconnect(raw, last())
+    failed = [c.index for c in out.outputs if c.finish_reason == "error"]
+    if failed:
+        raise APIError(500, f"the engine failed while generating choice(s) {failed}; see the "
+                            f"server log", code="engine_error")
     choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
                           logprobs=_logprobs(state, body, c, 0),
                           finish_reason=c.finish_reason) for c in out.outputs]
@@ -95,42 +132,41 @@ def _logprobs(state: ServerState, body: ChatCompletionRequest, c: CompletionOutp
         return None
     entries = (c.logprobs or [])[start:]
     return ChatLogprobs(content=chat_logprobs(state.engine.tokenizer, c.token_ids[start:],
-                                              entries, body.top_logprobs or 0))
+                                              entries, body.top_logprobs or 0,
+                                              bool(body.return_tokens_as_token_ids)))
 
 
 @dataclass(slots=True)
 class _ChoiceState:
     text: int = 0  # characters of content sent
     tokens: int = 0  # tokens whose logprobs were sent
-    done: bool = False
 
 
-class _ChatStreamWriter:
+class _ChatStreamWriter(StreamWriter):
     def __init__(self, state: ServerState, body: ChatCompletionRequest, rid: str,
                  n: int) -> None:
-        self.state, self.body, self.rid, self.n = state, body, rid, n
-        self.created = int(time.time())
+        super().__init__(state, rid, n, body.include_usage)
+        self.body, self.n = body, n
         self.choices = [_ChoiceState() for _ in range(n)]
         self.final: RequestOutput | None = None
-        self.exclude = None if body.include_usage else {"usage"}
 
-    def _chunk(self, choices: list[ChatStreamChoice]) -> str:
+    def _chunk(self, choice: ChatStreamChoice) -> str:
         return sse(ChatCompletionChunk(id=self.rid, created=self.created,
-                                       model=self.state.model_name, choices=choices),
+                                       model=self.state.model_name, choices=[choice]),
                    exclude=self.exclude)
 
-    async def events(self, first: RequestOutput,
-                     rest: AsyncGenerator[tuple[int, RequestOutput], None]
-                     ) -> AsyncGenerator[str, None]:
-        yield self._chunk([ChatStreamChoice(index=i, delta={"role": "assistant",
-                                                            "content": ""})
-                           for i in range(self.n)])
-        chunk = self._on_output(first)
-        if chunk:
+    def finish_chunk(self, index: int, reason: str) -> str:
+        return self._chunk(ChatStreamChoice(index=index, delta={}, finish_reason=reason))
+
+    async def events(self, first: tuple[int, RequestOutput],
+                     rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        for i in range(self.n):
+            yield self._chunk(ChatStreamChoice(index=i, delta={"role": "assistant",
+                                                               "content": ""}))
+        for chunk in self._on_output(first[1]):
             yield chunk
         async for _, out in rest:
-            chunk = self._on_output(out)
-            if chunk:
+            for chunk in self._on_output(out):
                 yield chunk
         if self.body.include_usage and self.final is not None:
             f = self.final
@@ -140,23 +176,23 @@ class _ChatStreamWriter:
                                           model=self.state.model_name, choices=[],
                                           usage=usage))
 
-    def _on_output(self, out: RequestOutput) -> str | None:
+    def _on_output(self, out: RequestOutput) -> list[str]:
         if out.finished:
             self.final = out
-        choices = [ch for c in out.outputs if (ch := self._delta(c))]
-        return self._chunk(choices) if choices else None
+        return [self._chunk(ch) for c in out.outputs if (ch := self._delta(c))]
 
     def _delta(self, c: CompletionOutput) -> ChatStreamChoice | None:
-        st = self.choices[c.index]
-        if st.done:
+        if c.index in self.ended:
             return None
+        st = self.choices[c.index]
         text = c.text[st.text:]
         logprobs = _logprobs(self.state, self.body, c, st.tokens)
         if logprobs is not None and not logprobs.content:
             logprobs = None
         if not text and logprobs is None and c.finish_reason is None:
             return None
-        st.text, st.tokens, st.done = len(c.text), len(c.token_ids), c.finish_reason is not None
+        st.text, st.tokens = len(c.text), len(c.token_ids)
+        self.ended_choice(c.index, c.finish_reason)
         return ChatStreamChoice(index=c.index, delta={"content": text} if text else {},
                                 logprobs=logprobs, finish_reason=c.finish_reason)
 

@@ -1,43 +1,65 @@
-"""`tandem serve`: build the engine, wrap it in an `AsyncEngine`, run the app under uvicorn.
+"""`tandem serve [MODEL]`: build the engine, wrap it in an `AsyncEngine`, run the app under
+uvicorn. Server flags come from `ServerConfig`, engine flags from the engine configs.
 
-SIGTERM / SIGINT: uvicorn stops accepting connections and lets in-flight responses finish
-for up to --shutdown-timeout seconds (then cancels them, which aborts their requests); the
-app's lifespan then aborts whatever is left and stops the engine thread; the process exits 0.
+SIGTERM / SIGINT: the server stops accepting connections and new requests (503), lets
+in-flight requests finish for up to --shutdown-timeout seconds, then aborts the rest: each
+open stream gets its choices' finish_reason "abort", an error event and `data: [DONE]`
+before its connection closes. The process then exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
-import os
 import signal
 from typing import Any
 
-from tandem.cli import add_engine_args, engine_kwargs
+from tandem import envs
+from tandem.cli import add_config_args, add_engine_args, engine_kwargs
+from tandem.config import field_comments
+from tandem.server.config import LOG_LEVELS, ServerConfig
 
-API_KEY_ENV = "TANDEM_API_KEY"  # the API key when --api-key is not given
 logger = logging.getLogger("tandem.server")
+_SERVER_FIELDS = list(dataclasses.fields(ServerConfig))
+# Slack on top of --shutdown-timeout for aborted streams to send their last events.
+_ABORT_GRACE_S = 5.0
 
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
-    p.add_argument("--model", default=None, help="model directory (default: embedded model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}); "
-                        f"/health and /metrics stay open")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model name clients pass (default: --model, or 'default')")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--status-interval", type=float, default=10.0,
-                   help="seconds between status log lines while busy")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="model directory, as `vllm serve MODEL` (default: embedded model)")
+    p.add_argument("--model", default=None, help="model directory (same as MODEL)")
+    group = p.add_argument_group("server")
+    add_config_args(group, _SERVER_FIELDS, field_comments(ServerConfig),
+                    choices={"log_level": LOG_LEVELS, "uvicorn_log_level": LOG_LEVELS})
+    group.add_argument("--disable-log-requests", dest="enable_log_requests",
+                       action="store_false", help="do not log each request (the default)")
     add_engine_args(p)
     p.set_defaults(func=_cmd_serve)
     return p
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    given = {f.name: getattr(args, f.name) for f in _SERVER_FIELDS
+             if getattr(args, f.name, None) is not None}
+    given.setdefault("api_key", envs.api_key())
+    return ServerConfig(**given)
+
+
+def _model_dir(args: argparse.Namespace) -> str:
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+    model_dir = args.model_tag or args.model
+    if model_dir is None:
+        from tandem.assets import default_model_dir
+        try:
+            model_dir = default_model_dir()
+        except FileNotFoundError as e:
+            raise ValueError(f"{e}; pass a model directory") from e
+    return model_dir
 
 
 def _summary(engine: Any, name: str, host: str, port: int) -> str:
@@ -62,32 +84,37 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tandem.server.metrics import ServerMetrics, StatusLogger
     from tandem.server.serving import ServerState
 
-    level = getattr(logging, args.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_dir = args.model
-    if model_dir is None:
-        from tandem.assets import default_model_dir
-        try:
-            model_dir = default_model_dir()
-        except FileNotFoundError as e:
-            raise ValueError(f"{e}; pass --model DIR") from e
+    config = server_config(args)
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = _model_dir(args)
     engine = Engine(EngineConfig.from_kwargs(model_dir, **engine_kwargs(args)))
-    metrics, status = ServerMetrics(), StatusLogger(args.status_interval)
+    name = config.served_model_name or args.model_tag or args.model or "default"
+    metrics, status = ServerMetrics(name), StatusLogger(config.status_interval)
 
     def on_step(outputs: list, stats: Any) -> None:
         metrics.observe(outputs, stats)
         status.observe(stats)
 
-    name = args.served_model_name or args.model or "default"
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    state = ServerState(AsyncEngine(engine, on_step), name, model_dir, api_key)
+    state = ServerState(AsyncEngine(engine, on_step), name, model_dir, config)
     app = build_app(state, metrics)
-    logger.info(_summary(engine, name, args.host, args.port))
-    if api_key:
-        logger.info("API key required (Authorization: Bearer ...); /health and /metrics open")
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+    logger.info(_summary(engine, name, config.host, config.port))
+    if config.api_key:
+        logger.info("API key required (Authorization: Bearer ...); probes and /metrics open")
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose shutdown drains the engine alongside: new requests get
+        503, live ones have --shutdown-timeout seconds, then the rest end with abort events
+        while their connections are still open (uvicorn's own deadline comes later)."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            drain = asyncio.ensure_future(state.engine.shutdown(config.shutdown_timeout))
+            await super().shutdown(sockets)
+            await drain
+
+    server = Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+        timeout_graceful_shutdown=config.shutdown_timeout + _ABORT_GRACE_S))
     # uvicorn installs its own handlers while it runs and re-raises the signal that stopped
     # it once it restores the previous ones; these no-ops underneath make a drained shutdown
     # end here, with exit status 0, instead of dying by the signal.

@@ -1,30 +1,35 @@
 """POST /v1/completions: one or more prompts (text or token ids) x n choices.
 
-Every prompt is tokenized and validated before any is queued, so a bad one is a 400 that
-leaves the engine untouched. Choice `index` follows OpenAI's order: prompt i, sample j ->
-i * n + j. `suffix` builds a fill-in-the-middle prompt for models with FIM tokens.
+Every prompt is tokenized (on the tokenizer pool) and validated before any is queued, so a
+bad one is a 400 that leaves the engine untouched. Choice `index` follows OpenAI's order:
+prompt i, sample j -> i * n + j; a stream sends one choice per chunk. `suffix` builds a
+fill-in-the-middle prompt for models with FIM tokens. `echo` with `max_tokens: 0` scores
+the prompt (its logprobs) without generating: the engine samples one token, not shown.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from tandem.engine.async_engine import EngineError, EngineStopped
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.request import SamplingParams
 from tandem.server.errors import APIError
 from tandem.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, make_usage)
-from tandem.server.serving import (SSE_HEADERS, ServerState, cancel_on_disconnect,
-                                   check_model, completion_logprobs, engine_failure, first_output, merge,
-                                   new_id, resolve_max_tokens, sse, sse_stream)
+from tandem.server.serving import (SSE_HEADERS, ServerState, StreamWriter, admit,
+                                   cancel_on_disconnect, check_model, completion_logprobs,
+                                   first_output, log_request, merge, new_id,
+                                   prompt_logprobs_entries, resolve_max_tokens, sse,
+                                   sse_stream)
 
+logger = logging.getLogger("tandem.server")
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
@@ -56,6 +61,20 @@ class _Prepared:
     params: SamplingParams
 
 
+def _tokenize(state: ServerState, body: CompletionRequest,
+              prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    """Tokenizer pool: the prompt's (text, ids), truncated as asked."""
+    engine = state.engine.engine
+    if isinstance(prompt, str):
+        text, ids = prompt, engine.encode_text(prompt, add_special_tokens=body.add_special_tokens
+                                               is not False)
+    else:
+        text, ids = engine.tokenize_prompt(prompt)
+    if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
+        text, ids = None, ids[-body.truncate_prompt_tokens:]
+    return text, ids
+
+
 async def create_completion(body: CompletionRequest, raw: Request,
                             state: ServerState) -> Response:
     check_model(state, body.model)
@@ -64,33 +83,40 @@ async def create_completion(body: CompletionRequest, raw: Request,
     if body.best_of is not None and body.best_of != n:
         raise APIError(400, "best_of other than n is not supported", param="best_of")
     echo = bool(body.echo)
+    score_only = echo and body.max_tokens == 0  # legacy scoring: prompt logprobs only
     prompts = _prompts(body)
+    admit(state, len(prompts), n)
     if body.suffix is not None:
         if echo:
             raise APIError(400, "echo is not supported together with suffix", param="echo")
         prompts = [fim_prompt(state, p, body.suffix) for p in prompts]
     arrival = time.time()
     rid = new_id("cmpl")
+    defaults = engine.engine.sampling_defaults
+    asked = 1 if score_only else body.max_tokens
+    if "max_tokens" not in body.model_fields_set and "max_tokens" in defaults:
+        asked = defaults["max_tokens"]
+    prompt_lp = body.prompt_logprobs
+    if echo and body.logprobs is not None:
+        prompt_lp = max(prompt_lp or 0, body.logprobs)
     prepared = []
     for i, p in enumerate(prompts):  # everything is validated before anything is queued
-        text, ids = engine.tokenize(p)
-        max_tokens = resolve_max_tokens(len(ids), body.max_tokens, engine.max_model_len)
-        params = body.to_sampling_params(
-            max_tokens, logprobs=body.logprobs,
-            prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None)
+        text, ids = await engine.run_blocking(_tokenize, state, body, p)
+        max_tokens = resolve_max_tokens(len(ids), asked, engine.max_model_len)
+        params = body.to_sampling_params(max_tokens, defaults, logprobs=body.logprobs,
+                                         prompt_logprobs=prompt_lp)
         engine.prepare({"prompt": text, "prompt_token_ids": ids}, params)
         prepared.append(_Prepared(f"{rid}-{i}", text, ids, params))
+    _log_ignored(body, rid)
+    log_request(state, rid, [len(p.token_ids) for p in prepared], prepared[0].params)
     gens = [engine.generate(p.request_id, {"prompt": p.text, "prompt_token_ids": p.token_ids},
                             p.params, arrival) for p in prepared]
     merged = merge(gens)
     if body.stream:
-        try:
-            first = await cancel_on_disconnect(raw, first_output(merged))
-        except (EngineError, EngineStopped) as e:
-            raise engine_failure(e) from e
-        writer = _StreamWriter(state, body, rid, n, echo)
-        return StreamingResponse(sse_stream(writer.events(first, merged), merged), media_type="text/event-stream",
-                                 headers=SSE_HEADERS,
+        first = await cancel_on_disconnect(raw, first_output(merged))
+        writer = _StreamWriter(state, body, rid, n, len(prompts), score_only)
+        return StreamingResponse(sse_stream(writer, first, merged),
+                                 media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(writer.abort_unfinished, prepared))
 
     finals: dict[int, RequestOutput] = {}
@@ -100,20 +126,29 @@ async def create_completion(body: CompletionRequest, raw: Request,
             if out.finished:
                 finals[i] = out
 
-    try:
-        await cancel_on_disconnect(raw, collect())
-    except (EngineError, EngineStopped) as e:
-        raise engine_failure(e) from e
-    choices = []
-    for i in sorted(finals):
-        out = finals[i]
-        for c in out.outputs:
-            choices.append(_choice(state, body, out, c, i * n + c.index, echo))
-    usage = make_usage(sum(len(o.prompt_token_ids) for o in finals.values()),
-                       sum(len(c.token_ids) for o in finals.values() for c in o.outputs),
-                       sum(o.num_cached_tokens for o in finals.values()))
-    resp = CompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage)
+    await cancel_on_disconnect(raw, collect())
+    choices = [_choice(state, body, out, c, i * n + c.index, score_only)
+               for i, out in sorted(finals.items()) for c in out.outputs]
+    failed = [c.index for c in choices if c.finish_reason == "error"]
+    if failed:
+        raise APIError(500, f"the engine failed while generating choice(s) {failed}; see the "
+                            f"server log", code="engine_error")
+    resp = CompletionResponse(id=rid, model=state.model_name, choices=choices,
+                              usage=_usage(finals.values(), score_only))
     return JSONResponse(resp.model_dump())
+
+
+def _log_ignored(body: CompletionRequest, rid: str) -> None:
+    if ignored := body.ignored_fields():
+        logger.warning("request %s: unknown fields ignored: %s", rid, ignored)
+
+
+def _usage(finals, score_only: bool):
+    finals = list(finals)
+    return make_usage(sum(len(o.prompt_token_ids) for o in finals),
+                      0 if score_only else sum(len(c.token_ids) for o in finals
+                                               for c in o.outputs),
+                      sum(o.num_cached_tokens for o in finals))
 
 
 def _prompt_text(state: ServerState, out: RequestOutput) -> str:
@@ -122,21 +157,35 @@ def _prompt_text(state: ServerState, out: RequestOutput) -> str:
     return state.engine.tokenizer.decode(out.prompt_token_ids)
 
 
+def _echo_logprobs(state: ServerState, body: CompletionRequest,
+                   out: RequestOutput) -> tuple[CompletionLogprobs, int]:
+    entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+    return completion_logprobs(state.engine.tokenizer, out.prompt_token_ids, entries,
+                               body.logprobs, 0, bool(body.return_tokens_as_token_ids))
+
+
+def _prompt_logprobs(state: ServerState, body: CompletionRequest, out: RequestOutput):
+    if body.prompt_logprobs is None or out.prompt_logprobs is None:
+        return None
+    return prompt_logprobs_entries(state.engine.tokenizer, out.prompt_token_ids,
+                                   out.prompt_logprobs, body.prompt_logprobs)
+
+
 def _choice(state: ServerState, body: CompletionRequest, out: RequestOutput,
-            c: CompletionOutput, index: int, echo: bool) -> CompletionChoice:
-    tok = state.engine.tokenizer
-    text = (_prompt_text(state, out) if echo else "") + c.text
+            c: CompletionOutput, index: int, score_only: bool) -> CompletionChoice:
+    echo = bool(body.echo)
+    text = (_prompt_text(state, out) if echo else "") + ("" if score_only else c.text)
     logprobs = None
     if body.logprobs is not None:
-        logprobs, offset = CompletionLogprobs(), 0
-        if echo:
-            entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-            logprobs, offset = completion_logprobs(tok, out.prompt_token_ids, entries,
-                                                   body.logprobs, 0)
-        gen, _ = completion_logprobs(tok, c.token_ids, c.logprobs or [], body.logprobs, offset)
-        _extend(logprobs, gen)
+        logprobs, offset = _echo_logprobs(state, body, out) if echo else (CompletionLogprobs(), 0)
+        if not score_only:
+            gen, _ = completion_logprobs(state.engine.tokenizer, c.token_ids, c.logprobs or [],
+                                         body.logprobs, offset,
+                                         bool(body.return_tokens_as_token_ids))
+            _extend(logprobs, gen)
     return CompletionChoice(index=index, text=text, logprobs=logprobs,
-                            finish_reason=c.finish_reason)
+                            finish_reason=c.finish_reason,
+                            prompt_logprobs=_prompt_logprobs(state, body, out))
 
 
 def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> None:
@@ -152,79 +201,74 @@ class _ChoiceState:
     tokens: int = 0  # tokens already covered by sent logprobs
     offset: int = 0  # text_offset of the next token (logprobs)
     started: bool = False
-    done: bool = False
 
 
-class _StreamWriter:
-    """Turns the merged outputs into `text_completion` chunks, then usage, then [DONE]."""
+class _StreamWriter(StreamWriter):
+    """The merged outputs as `text_completion` chunks, one choice each, then usage."""
 
     def __init__(self, state: ServerState, body: CompletionRequest, rid: str, n: int,
-                 echo: bool) -> None:
-        self.state, self.body, self.rid, self.n, self.echo = state, body, rid, n, echo
-        self.created = int(time.time())
+                 num_prompts: int, score_only: bool) -> None:
+        super().__init__(state, rid, num_prompts * n, body.include_usage)
+        self.body, self.n, self.score_only = body, n, score_only
         self.choices: dict[int, _ChoiceState] = {}
         self.finals: dict[int, RequestOutput] = {}
-        self.exclude = None if body.include_usage else {"usage"}
 
-    def _chunk(self, choices: list[CompletionChoice]) -> str:
+    def _chunk(self, choice: CompletionChoice) -> str:
         return sse(CompletionResponse(id=self.rid, created=self.created,
-                                      model=self.state.model_name, choices=choices),
+                                      model=self.state.model_name, choices=[choice]),
                    exclude=self.exclude)
 
+    def finish_chunk(self, index: int, reason: str) -> str:
+        return self._chunk(CompletionChoice(index=index, text="", finish_reason=reason))
+
     async def events(self, first: tuple[int, RequestOutput],
-                     rest: AsyncGenerator[tuple[int, RequestOutput], None]
-                     ) -> AsyncGenerator[str, None]:
-        chunk = self._on_output(*first, force=True)
-        if chunk:
+                     rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        for chunk in self._on_output(*first, force=True):
             yield chunk
         async for i, out in rest:
-            chunk = self._on_output(i, out, force=False)
-            if chunk:
+            for chunk in self._on_output(i, out, force=False):
                 yield chunk
         if self.body.include_usage:
-            f = self.finals.values()
-            usage = make_usage(sum(len(o.prompt_token_ids) for o in f),
-                               sum(len(c.token_ids) for o in f for c in o.outputs),
-                               sum(o.num_cached_tokens for o in f))
             yield sse(CompletionResponse(id=self.rid, created=self.created,
                                          model=self.state.model_name, choices=[],
-                                         usage=usage))
+                                         usage=_usage(self.finals.values(), self.score_only)))
 
-    def _on_output(self, i: int, out: RequestOutput, force: bool) -> str | None:
+    def _on_output(self, i: int, out: RequestOutput, force: bool) -> list[str]:
         if out.finished:
             self.finals[i] = out
-        choices = [ch for c in out.outputs if (ch := self._delta(out, c, i * self.n + c.index))]
-        if not choices and force:  # the first event leaves with the first token
-            c = out.outputs[0]
-            choices = [CompletionChoice(index=i * self.n + c.index, text="")]
-        return self._chunk(choices) if choices else None
+        chunks = [self._chunk(ch) for c in out.outputs
+                  if (ch := self._delta(out, c, i * self.n + c.index))]
+        if not chunks and force:  # the first event leaves with the first token
+            chunks = [self._chunk(CompletionChoice(index=i * self.n + out.outputs[0].index,
+                                                   text=""))]
+        return chunks
 
     def _delta(self, out: RequestOutput, c: CompletionOutput,
                index: int) -> CompletionChoice | None:
-        st = self.choices.setdefault(index, _ChoiceState())
-        if st.done:
+        if index in self.ended:
             return None
-        tok = self.state.engine.tokenizer
-        text = c.text[st.text:]
-        logprobs = None
-        k = self.body.logprobs
-        if not st.started and self.echo:
-            text = _prompt_text(self.state, out) + text
-            if k is not None:
-                entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                logprobs, st.offset = completion_logprobs(tok, out.prompt_token_ids, entries,
-                                                          k, 0)
-        new_ids = c.token_ids[st.tokens:]
-        if k is not None and new_ids:
-            gen, st.offset = completion_logprobs(tok, new_ids, (c.logprobs or [])[st.tokens:],
-                                                 k, st.offset)
+        st = self.choices.setdefault(index, _ChoiceState())
+        body = self.body
+        text = "" if self.score_only else c.text[st.text:]
+        new_ids = [] if self.score_only else c.token_ids[st.tokens:]
+        logprobs = prompt_lps = None
+        if not st.started:
+            prompt_lps = _prompt_logprobs(self.state, body, out)
+            if body.echo:
+                text = _prompt_text(self.state, out) + text
+                if body.logprobs is not None:
+                    logprobs, st.offset = _echo_logprobs(self.state, body, out)
+        if body.logprobs is not None and new_ids:
+            gen, st.offset = completion_logprobs(
+                self.state.engine.tokenizer, new_ids, (c.logprobs or [])[st.tokens:],
+                body.logprobs, st.offset, bool(body.return_tokens_as_token_ids))
             logprobs = gen if logprobs is None else (_extend(logprobs, gen) or logprobs)
-        if not text and logprobs is None and c.finish_reason is None:
+        if not text and logprobs is None and c.finish_reason is None and prompt_lps is None:
             return None
         st.text, st.tokens, st.started = len(c.text), len(c.token_ids), True
-        st.done = c.finish_reason is not None
+        self.ended_choice(index, c.finish_reason)
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                finish_reason=c.finish_reason)
+                                finish_reason=c.finish_reason, prompt_logprobs=prompt_lps)
 
     def abort_unfinished(self, prepared: list[_Prepared]) -> None:
         """Background task after the response: abort what did not finish (disconnects)."""

@@ -2,13 +2,16 @@
 
 Bad input of any kind is a 4xx, never a 500: handler code raises `APIError` (or lets a
 `ValueError` from `SamplingParams` / the engine through, which becomes a 400), FastAPI's
-request validation (wrong types, malformed JSON) is turned from 422 into 400, and unknown
-routes keep their 404/405 but in the same shape.
+request validation (wrong types, malformed JSON) is turned from 422 into 400 naming the
+field, and unknown routes keep their 404/405 but in the same shape. A 500 says only that
+something failed (the details go to the log), and error bodies are ASCII-escaped JSON, so
+no input can make an error unrenderable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 
@@ -29,13 +32,22 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "perm
 
 class APIError(Exception):
     def __init__(self, status_code: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:
+                 code: str | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status_code, "invalid_request_error")
+        self.headers = headers
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: renders any message, lone surrogates included."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def error_body(status_code: int, message: str, param: str | None = None,
@@ -46,14 +58,19 @@ def error_body(status_code: int, message: str, param: str | None = None,
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e.status_code, e.message, e.param, e.code, e.type),
-                        status_code=e.status_code)
+    return ErrorResponse(error_body(e.status_code, e.message, e.param, e.code, e.type),
+                         status_code=e.status_code, headers=e.headers)
+
+
+def internal_error_response() -> JSONResponse:
+    return ErrorResponse(error_body(500, "internal server error; see the server log",
+                                    code="internal_error"), status_code=500)
 
 
 _FIELD = re.compile(r"^([a-z_]+)[ :]")
 _PARAMS = {f.name for f in dataclasses.fields(SamplingParams)} | {
     "prompt", "prompt_token_ids", "messages", "suffix", "echo", "best_of", "logit_bias",
-    "max_completion_tokens", "top_logprobs", "tokens", "model"}
+    "max_completion_tokens", "top_logprobs", "tokens", "model", "stop_token_ids"}
 
 
 def bad_request(e: ValueError) -> APIError:
@@ -69,6 +86,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             return f"request body is not valid JSON: {err.get('msg', '')}", None
+        field = (err.get("ctx") or {}).get("field")  # our own checks name the field
+        if field:
+            loc = str(field).split(".")
         where = ".".join(loc) or "body"
         param = param or (loc[0] if loc else None)
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
@@ -83,18 +103,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(400, message, param), status_code=400)
+        return ErrorResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)),
-                            status_code=exc.status_code, headers=exc.headers)
+        return ErrorResponse(error_body(exc.status_code, str(exc.detail)),
+                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
         return error_response(bad_request(exc))
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal error: {exc!r}"), status_code=500)

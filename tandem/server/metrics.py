@@ -6,10 +6,13 @@ engine thread after every step through `AsyncEngine.on_step`.
     histograms  tandem:time_to_first_token_seconds, tandem:inter_token_latency_seconds,
                 tandem:e2e_request_latency_seconds
     counters    tandem:prompt_tokens_total, tandem:generation_tokens_total,
-                tandem:prefix_cache_queries_total, tandem:prefix_cache_hits_total
+                tandem:prefix_cache_queries_total, tandem:prefix_cache_hits_total,
+                tandem:num_preemptions_total,
+                tandem:request_success_total{finished_reason=stop|length|abort|error}
 
-Each app gets its own CollectorRegistry (prometheus-client is thread-safe), so several
-servers, or tests, in one process never collide.
+Every series carries a `model_name` label (the served model name), as vLLM's do. Each app
+gets its own CollectorRegistry (prometheus-client is thread-safe), so several servers, or
+tests, in one process never collide.
 """
 
 from __future__ import annotations
@@ -40,31 +43,40 @@ class _Timing:
 
 
 class ServerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        label = {"labelnames": ["model_name"]}
         self.running = Gauge("tandem:num_requests_running", "Requests running (in a batch)",
-                             registry=r)
+                             registry=r, **label).labels(model_name)
         self.waiting = Gauge("tandem:num_requests_waiting", "Requests waiting (incl. "
-                             "preempted)", registry=r)
+                             "preempted)", registry=r, **label).labels(model_name)
         self.kv_usage = Gauge("tandem:kv_cache_usage_perc", "Fraction of KV blocks held by "
-                              "live requests (0 to 1)", registry=r)
+                              "live requests (0 to 1)", registry=r, **label).labels(model_name)
         self.ttft = Histogram("tandem:time_to_first_token_seconds", "Arrival to first token",
-                              buckets=_TTFT_BUCKETS, registry=r)
+                              buckets=_TTFT_BUCKETS, registry=r, **label).labels(model_name)
         self.itl = Histogram("tandem:inter_token_latency_seconds", "Time between a request's "
-                             "successive outputs, per step", buckets=_ITL_BUCKETS, registry=r)
+                             "successive outputs, per step", buckets=_ITL_BUCKETS,
+                             registry=r, **label).labels(model_name)
         self.e2e = Histogram("tandem:e2e_request_latency_seconds", "Arrival to the last token "
                              "of finished (not aborted) requests", buckets=_E2E_BUCKETS,
-                             registry=r)
+                             registry=r, **label).labels(model_name)
         # prometheus-client appends _total to counter names on exposition.
         self.prompt_tokens = Counter("tandem:prompt_tokens", "Prompt tokens processed",
-                                     registry=r)
+                                     registry=r, **label).labels(model_name)
         self.generation_tokens = Counter("tandem:generation_tokens", "Tokens generated",
-                                         registry=r)
-        self.prefix_queries = Counter("tandem:prefix_cache_queries", "Prompt tokens looked up "
-                                      "in the prefix cache", registry=r)
+                                         registry=r, **label).labels(model_name)
+        self.prefix_queries = Counter("tandem:prefix_cache_queries", "Prompt tokens looked "
+                                      "up in the prefix cache", registry=r,
+                                      **label).labels(model_name)
         self.prefix_hits = Counter("tandem:prefix_cache_hits", "Prompt tokens found in the "
-                                   "prefix cache", registry=r)
+                                   "prefix cache", registry=r, **label).labels(model_name)
+        self.preemptions = Counter("tandem:num_preemptions", "Requests preempted (their KV "
+                                   "recomputed later)", registry=r, **label).labels(model_name)
+        finished = Counter("tandem:request_success", "Finished requests by finish reason",
+                           registry=r, labelnames=["model_name", "finished_reason"])
+        self.finished = {reason: finished.labels(model_name, reason)
+                         for reason in ("stop", "length", "abort", "error")}
         self._last: EngineStats | None = None
         self._timings: dict[str, _Timing] = {}  # live requests; engine thread only
 
@@ -81,7 +93,8 @@ class ServerMetrics:
                  last and last.generation_tokens_total),
                 (self.prefix_queries, stats.prefix_cache_queries,
                  last and last.prefix_cache_queries),
-                (self.prefix_hits, stats.prefix_cache_hits, last and last.prefix_cache_hits)):
+                (self.prefix_hits, stats.prefix_cache_hits, last and last.prefix_cache_hits),
+                (self.preemptions, stats.num_preemptions, last and last.num_preemptions)):
             if new > (old or 0):
                 counter.inc(new - (old or 0))
         self._last = stats
@@ -101,6 +114,9 @@ class ServerMetrics:
             timing.last_token_time, timing.num_tokens = now, num_tokens
         if out.finished:
             self._timings.pop(out.request_id, None)
+            for c in out.outputs:
+                if c.finish_reason in self.finished:
+                    self.finished[c.finish_reason].inc()
             if all(c.finish_reason != "abort" for c in out.outputs):
                 end = out.metrics.finished_time or now
                 self.e2e.observe(max(0.0, end - out.metrics.arrival_time))

@@ -1,37 +1,126 @@
 """The OpenAI wire format as pydantic models: requests in, responses and stream chunks out.
 
-Requests accept explicit nulls for optional fields (some clients send them) and ignore
-unknown fields; wrong types fail validation, which the server answers with a 400.
+Requests are parsed strictly, as OpenAI does: `"max_tokens": "5"`, `"stream": "yes"` or a
+boolean among token ids are 400s, not coerced. Explicit nulls are accepted for optional
+fields (some clients send them). Every string anywhere in a request is checked for lone
+UTF-16 surrogates (JSON can carry them; no tokenizer can encode them). Fields this server
+does not implement are refused with a 400 naming them unless their value asks for nothing
+(`UNSUPPORTED`); any other unknown field is ignored and logged, as vLLM does.
 `to_sampling_params` maps a request onto `SamplingParams`, whose own checks name the field.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from tandem.request import SamplingParams
 
-MAX_LOGPROBS = 20  # most top-N logprobs a request may ask for
 MAX_N = 128  # most choices per prompt (OpenAI's limit); each one is a sequence in the engine
 # torch.Generator takes 64-bit seeds; sample i of n uses seed + i, so stay in the signed range.
 SEED_RANGE = (-2**63, 2**63 - 1)
 
 
-class StreamOptions(BaseModel):
+def _none(v: Any) -> bool:
+    return v is None
+
+
+def _empty(v: Any) -> bool:
+    return not v
+
+
+# Known fields this server does not implement -> whether a value asks for nothing (then it
+# is accepted as the no-op it is); any other value is a 400 that names the field.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logit_bias": _empty,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": _empty, "functions": _empty,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "parallel_tool_calls": lambda v: v in (None, True, False),  # no tools, no effect
+    "guided_json": _none, "guided_regex": _none, "guided_choice": _none,
+    "guided_grammar": _none, "guided_decoding_backend": _none,
+    "guided_whitespace_pattern": _none, "structured_outputs": _none,
+    "use_beam_search": _empty, "length_penalty": lambda v: v in (None, 1, 1.0),
+    "allowed_token_ids": _none, "bad_words": _empty, "logits_processors": _empty,
+    "priority": lambda v: v in (None, 0),
+    "spaces_between_special_tokens": lambda v: v in (None, True),
+    "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
+    "kv_transfer_params": _none, "vllm_xargs": _none, "documents": _none,
+    "continue_final_message": _empty, "audio": _none, "prediction": _none,
+    "reasoning_effort": _none, "web_search_options": _none, "store": _empty,
+    "modalities": lambda v: v in (None, ["text"]),
+    "service_tier": lambda v: v in (None, "auto", "default"),
+}
+
+
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first string under `value` holding a lone UTF-16 surrogate."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _surrogate_path(key, path):
+            return path or "body"
+        found = _surrogate_path(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+class RequestModel(BaseModel):
+    """A request body: strict types, no lone surrogates, unsupported fields refused."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = _surrogate_path(data, "")
+        if where is not None:
+            raise PydanticCustomError("lone_surrogate", "text holds a lone UTF-16 surrogate "
+                                      "(not valid Unicode)", {"field": where})
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> RequestModel:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and not UNSUPPORTED[name](value):
+                raise PydanticCustomError("unsupported", "{field} is not supported by this "
+                                          "server", {"field": name})
+        return self
+
+    def ignored_fields(self) -> list[str]:
+        """Unknown fields (not in UNSUPPORTED either): ignored, and logged by the caller."""
+        return [k for k in (self.model_extra or {}) if k not in UNSUPPORTED]
+
+
+class StreamOptions(RequestModel):
     include_usage: bool | None = False
+    continuous_usage_stats: Literal[False] | None = None  # vLLM's; not supported
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(RequestModel):
     """Fields both generation endpoints share: OpenAI's, then vLLM's extensions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     n: int | None = Field(1, le=MAX_N)
-    temperature: float | None = None  # None: 1.0, as OpenAI
+    temperature: float | None = None  # None: the model's default (generation_config) or 1.0
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -39,8 +128,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None  # not supported: rejected when non-empty
+    user: str | None = None  # the end user, for the request log
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -50,24 +138,23 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def to_sampling_params(self, max_tokens: int, logprobs: int | None = None,
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any],
+                           logprobs: int | None = None,
                            prompt_logprobs: int | None = None) -> SamplingParams:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}")
+        """`defaults` (the model's generation_config) fill what the request leaves unset."""
         opt = {k: v for k, v in {
             "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
             "presence_penalty": self.presence_penalty, "top_k": self.top_k,
             "frequency_penalty": self.frequency_penalty, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
         }.items() if v is not None}
+        opt = {**{k: v for k, v in defaults.items() if k != "max_tokens"}, **opt}
         return SamplingParams(
             n=1 if self.n is None else self.n, stop=self.stop, max_tokens=max_tokens,
             stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos),
@@ -79,20 +166,25 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     suffix: str | None = None
+    # None: up to the context length (vLLM's behaviour; OpenAI's default is 16, which is
+    # what an absent field means). 0 with echo scores the prompt without generating.
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False
     best_of: int | None = None
+    prompt_logprobs: int | None = None  # vLLM: top-N logprobs per prompt token
+    add_special_tokens: bool | None = True  # vLLM: e.g. a BOS token, where the model adds one
+    truncate_prompt_tokens: int | None = Field(None, ge=1)  # vLLM: keep the last N tokens
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... reach the template
+    model_config = ConfigDict(strict=True, extra="allow")  # name, ... reach the template
     role: str
     content: str | list[ContentPart] | None = None
 
@@ -112,10 +204,16 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool | None = True  # vLLM extension
+    # vLLM extensions
+    add_generation_prompt: bool | None = True
+    add_special_tokens: bool | None = False  # the template already holds them
+    chat_template: str | None = None  # a jinja template for this request
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
+    echo: Literal[False] | None = None  # vLLM's echo of the last message: not supported
+    prompt_logprobs: None = None  # on /v1/completions only
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -123,7 +221,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool | None = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 
@@ -160,6 +258,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, dict] | None] | None = None  # vLLM's, when asked
 
 
 class CompletionResponse(BaseModel):

@@ -1,6 +1,11 @@
-"""What the two generation endpoints share: the server's state, a request's context budget,
-the logprob formats, Server-Sent Events framing, merging several prompts' streams, and
-cancelling work when the client goes away.
+"""What the two generation endpoints share: the server's state, admission (context budget,
+per-request and queue caps), the logprob formats, the SSE stream (one choice per chunk,
+ending in `[DONE]` whatever happens), merging several prompts' streams, and cancelling
+work when the client goes away.
+
+A stream always ends well-formed: a choice that failed in the engine sends finish_reason
+"error" and the stream an error event; when the engine stops (shutdown) every unfinished
+choice sends finish_reason "abort", then an error event; `data: [DONE]` comes last.
 
 Abort on disconnect, three ways (any one frees the request's KV blocks at once):
   1. the handler runs under `cancel_on_disconnect` until its response exists: a client that
@@ -16,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -25,15 +32,20 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from tandem.engine.async_engine import AsyncEngine, EngineError, EngineStopped
+from tandem.engine.engine import ContextLengthError
+from tandem.engine.engine import resolve_max_tokens as _resolve_max_tokens
 from tandem.engine.tokenizer import Tokenizer
 from tandem.outputs import Logprobs, RequestOutput
+from tandem.server.config import ServerConfig
 from tandem.server.errors import APIError, error_body
 from tandem.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 T = TypeVar("T")
+logger = logging.getLogger("tandem.server")
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ENGINE_FAILED = "the engine failed while generating this choice; see the server log"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +53,18 @@ class ServerState:
     engine: AsyncEngine
     model_name: str  # the name clients pass as `model` (--served-model-name)
     model_dir: str
-    api_key: str | None  # None: no authentication
+    config: ServerConfig
+
+    @property
+    def max_seqs_per_request(self) -> int:
+        return (self.config.max_seqs_per_request
+                or self.engine.engine.config.scheduler.max_num_seqs)
+
+    @property
+    def max_waiting_requests(self) -> int:
+        """0: no limit."""
+        limit = self.config.max_waiting_requests
+        return 16 * self.engine.engine.config.scheduler.max_num_seqs if limit is None else limit
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -50,34 +73,47 @@ def check_model(state: ServerState, model: str | None) -> None:
                             f"`{state.model_name}`.", param="model", code="model_not_found")
 
 
+def admit(state: ServerState, num_prompts: int, n: int) -> None:
+    """The per-request and queue caps, before any tokenizing: a 400 for a request that
+    asks for too many sequences, a 503 (+ Retry-After) while the waiting queue is full."""
+    num_seqs = num_prompts * n
+    if num_seqs > state.max_seqs_per_request:
+        raise APIError(400, f"this request asks for {num_seqs} sequences ({num_prompts} "
+                            f"prompt(s) x n={n}); the limit is {state.max_seqs_per_request} "
+                            f"(--max-seqs-per-request)", param="n" if n > 1 else "prompt")
+    limit = state.max_waiting_requests
+    if limit and state.engine.num_waiting_requests + num_seqs > limit:
+        raise APIError(503, f"the server is busy: {state.engine.num_waiting_requests} requests "
+                            f"are waiting (limit {limit}); retry later",
+                       code="queue_full", headers={"Retry-After": "1"})
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
-                       prompt_param: str = "prompt") -> int:
-    """The completion budget; a 400 naming both lengths when it cannot fit the context."""
-    if max_tokens is None:  # as much as the context leaves
-        if num_prompt_tokens >= max_model_len:
-            raise APIError(400, f"This model's maximum context length is {max_model_len} "
-                                f"tokens. However, your prompt has {num_prompt_tokens} tokens, "
-                                f"leaving no room for the completion. Please shorten the "
-                                f"{prompt_param}.",
-                           param=prompt_param, code="context_length_exceeded")
-        return max_model_len - num_prompt_tokens
-    if max_tokens >= 1 and num_prompt_tokens + max_tokens > max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. "
-                            f"However, you requested {num_prompt_tokens + max_tokens} tokens "
-                            f"({num_prompt_tokens} in the {prompt_param}, {max_tokens} for the "
-                            f"completion). Please reduce the length of the {prompt_param} or "
-                            f"max_tokens.",
-                       param="max_tokens", code="context_length_exceeded")
-    return max_tokens
+                       prompt_param: str = "prompt", tokens_param: str = "max_tokens") -> int:
+    """The completion budget (`engine.resolve_max_tokens`) as an OpenAI-style 400."""
+    try:
+        return _resolve_max_tokens(num_prompt_tokens, max_tokens, max_model_len, prompt_param,
+                                   tokens_param)
+    except ContextLengthError as e:
+        raise APIError(400, str(e), param=e.param, code="context_length_exceeded") from e
+
+
+def log_request(state: ServerState, rid: str, num_prompt_tokens: list[int],
+                params: object) -> None:
+    if state.config.enable_log_requests:
+        logger.info("request %s: %d prompt(s), prompt tokens %s, %s", rid,
+                    len(num_prompt_tokens), num_prompt_tokens, params)
 
 
 # ---- logprobs ------------------------------------------------------------------------------
-def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+def token_text(tokenizer: Tokenizer, token_id: int, as_id: bool = False) -> str:
+    """A token as logprobs show it: its text, or "token_id:N" (return_tokens_as_token_ids)."""
+    return f"token_id:{token_id}" if as_id else tokenizer.decode([token_id],
+                                                                 skip_special_tokens=False)
 
 
 def _top(entry: Logprobs, num: int) -> list[tuple[int, float]]:
@@ -86,14 +122,15 @@ def _top(entry: Logprobs, num: int) -> list[tuple[int, float]]:
 
 def completion_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
                         entries: Sequence[Logprobs | None], num_top: int,
-                        offset: int) -> tuple[CompletionLogprobs, int]:
+                        offset: int, as_ids: bool = False) -> tuple[CompletionLogprobs, int]:
     """The legacy format for `token_ids` whose text starts at character `offset`; returns
     it and the offset after the last token. A None entry (the first prompt token) has no
     logprob; top_logprobs holds the top-N plus the chosen token, as in vLLM."""
     out = CompletionLogprobs()
     for tid, entry in zip(token_ids, entries):
         text = token_text(tokenizer, tid)
-        out.tokens.append(text)
+        shown = token_text(tokenizer, tid, as_ids)
+        out.tokens.append(shown)
         out.text_offset.append(offset)
         offset += len(text)
         if entry is None:
@@ -101,18 +138,38 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
             out.top_logprobs.append(None)
             continue
         out.token_logprobs.append(entry.get(tid))
-        top = {token_text(tokenizer, t): lp for t, lp in _top(entry, num_top)}
-        top.setdefault(text, entry.get(tid, float("-inf")))
+        top = {token_text(tokenizer, t, as_ids): lp for t, lp in _top(entry, num_top)}
+        top.setdefault(shown, entry.get(tid, float("-inf")))
         out.top_logprobs.append(top)
     return out, offset
 
 
-def chat_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
-                  entries: Sequence[Logprobs], num_top: int) -> list[ChatTokenLogprob]:
+def prompt_logprobs_entries(tokenizer: Tokenizer, token_ids: Sequence[int],
+                            entries: Sequence[Logprobs | None], num_top: int
+                            ) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id:
+    {logprob, rank, decoded_token}} for the prompt token and the top-N. `rank` is the
+    1-based place among the returned entries, null for a prompt token outside the top-N."""
+    out: list[dict[str, dict] | None] = []
+    for tid, entry in zip(token_ids, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        top = _top(entry, num_top)
+        ranks = {t: r for r, (t, _) in enumerate(top, start=1)}
+        item = {str(t): {"logprob": lp, "rank": ranks.get(t),
+                         "decoded_token": token_text(tokenizer, t)}
+                for t, lp in [(tid, entry.get(tid, float("-inf")))] + top}
+        out.append(item)
+    return out
+
+
+def chat_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int], entries: Sequence[Logprobs],
+                  num_top: int, as_ids: bool = False) -> list[ChatTokenLogprob]:
     out = []
     for tid, entry in zip(token_ids, entries):
-        text = token_text(tokenizer, tid)
-        tops = [TopLogprob(token=(s := token_text(tokenizer, t)), logprob=lp,
+        text = token_text(tokenizer, tid, as_ids)
+        tops = [TopLogprob(token=(s := token_text(tokenizer, t, as_ids)), logprob=lp,
                            bytes=list(s.encode()))
                 for t, lp in _top(entry, num_top)]
         out.append(ChatTokenLogprob(token=text, logprob=entry.get(tid, float("-inf")),
@@ -128,26 +185,71 @@ def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
 
 
 def engine_failure(e: Exception) -> APIError:
+    """The error a client sees for an engine failure: never Python's exception text."""
     if isinstance(e, EngineStopped):
-        return APIError(503, str(e), code="server_shutting_down")
-    return APIError(500, str(e), code="engine_error")
+        return APIError(503, "the server is shutting down; the request was aborted",
+                        code="server_shutting_down")
+    return APIError(500, "the engine failed while running this request; see the server log",
+                    code="engine_error")
 
 
-async def sse_stream(chunks: AsyncGenerator[str, None],
-                     rest: AsyncGenerator[tuple[int, RequestOutput], None]
+class StreamWriter:
+    """One stream's chunks: subclasses turn outputs into chunks of one choice each; this
+    keeps which choices have ended and closes the rest when the stream must end early."""
+
+    def __init__(self, state: ServerState, rid: str, num_choices: int,
+                 include_usage: bool) -> None:
+        self.state, self.rid = state, rid
+        self.created = int(time.time())
+        self.num_choices = num_choices
+        self.exclude = None if include_usage else {"usage"}
+        self.ended: set[int] = set()  # choices whose finish_reason was sent
+        self.failed: list[int] = []  # choices that ended with finish_reason "error"
+
+    async def events(self, first: tuple[int, RequestOutput],
+                     rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+    def finish_chunk(self, index: int, reason: str) -> str:
+        """A chunk that ends choice `index` with `reason` and no new text."""
+        raise NotImplementedError
+
+    def ended_choice(self, index: int, reason: str | None) -> None:
+        if reason is not None:
+            self.ended.add(index)
+            if reason == "error":
+                self.failed.append(index)
+
+    def close_unfinished(self, reason: str) -> Iterator[str]:
+        for index in range(self.num_choices):
+            if index not in self.ended:
+                self.ended_choice(index, reason)
+                yield self.finish_chunk(index, reason)
+
+
+async def sse_stream(writer: StreamWriter, first: tuple[int, RequestOutput],
+                     merged: AsyncGenerator[tuple[int, RequestOutput], None]
                      ) -> AsyncIterator[str]:
-    """An endpoint's SSE chunks, then `[DONE]`. An engine failure mid-stream becomes an
-    error event; the engine's remaining outputs are closed in any case (aborting what
-    did not finish)."""
+    """The writer's chunks, then `[DONE]`, whatever happens: a choice that failed in the
+    engine adds an error event; an engine that stops (or fails) ends every open choice
+    with "abort" (or "error") and an error event. The merged outputs are closed in any
+    case (aborting what did not finish)."""
+    failure: APIError | None = None
     try:
-        async for chunk in chunks:
+        async for chunk in writer.events(first, merged):
             yield chunk
     except (EngineError, EngineStopped) as e:
-        err = engine_failure(e)
-        yield sse(error_body(err.status_code, err.message, code=err.code))
+        failure = engine_failure(e)
+        for chunk in writer.close_unfinished("abort" if isinstance(e, EngineStopped)
+                                             else "error"):
+            yield chunk
     finally:
-        await chunks.aclose()
-        await rest.aclose()
+        await merged.aclose()
+    if failure is None and writer.failed:
+        failure = APIError(500, f"{ENGINE_FAILED} (choice {writer.failed})",
+                           code="engine_error")
+    if failure is not None:
+        yield sse(error_body(failure.status_code, failure.message, code=failure.code))
     yield SSE_DONE
 
 
@@ -208,7 +310,8 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (then a 499)."""
+    """Await `work`, cancelling it if the client disconnects first (then a 499). Engine
+    failures become their API errors."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_until_disconnected(request))
     try:
@@ -221,4 +324,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
                 await task
     if task.cancelled():
         raise APIError(499, "client disconnected")
-    return task.result()
+    try:
+        return task.result()
+    except (EngineError, EngineStopped) as e:
+        raise engine_failure(e) from e

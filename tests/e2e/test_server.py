@@ -51,11 +51,15 @@ class Server:
     def post(self, path: str, body: dict, **kw) -> httpx.Response:
         return httpx.post(self.url + path, json=body, headers=self.headers(), timeout=60, **kw)
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """A series' value from /metrics; every series carries model_name (vLLM's way)."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
         for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
+            series, _, value = line.rpartition(" ")
+            if series.split("{")[0] == name and all(f'{k}="{v}"' in series
+                                                    for k, v in labels.items()):
+                assert 'model_name="' in series, line
+                return float(value)
         raise KeyError(name)
 
 
