@@ -9,6 +9,8 @@ is predicted from nothing but "a document starts here":
 
 bits = -sum(log p) / ln 2; bits per byte = bits / UTF-8 bytes; the total divides summed
 bits by summed bytes (the same for xz: 8 x compressed size, file by file).
+
+When stdout is a terminal, the engine's progress bar (on stderr) counts scored windows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+
+from tandem.bench.progress import add_progress_flag, show_progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +47,9 @@ def xz_bits(data: bytes) -> int:
     return 8 * len(lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME))
 
 
-def score_files(llm, paths: list[str]) -> list[FileScore]:
-    """Score every file through `llm` (an `LLM`) in one batch of windows."""
+def score_files(llm, paths: list[str], progress: bool = False) -> list[FileScore]:
+    """Score every file through `llm` (an `LLM`) in one batch of windows; `progress` shows
+    a bar of finished windows."""
     from tandem.request import SamplingParams
     tok = llm.get_tokenizer()
     if tok is None:
@@ -63,7 +68,7 @@ def score_files(llm, paths: list[str]) -> list[FileScore]:
             windows.append([context] + ids[start:start + width])
             owner.append(i)
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    outs = llm.generate(windows, params, use_tqdm=False)
+    outs = llm.generate(windows, params, use_tqdm=progress)
     nats = [0.0] * len(paths)
     counts = [0] * len(paths)
     for w, o, i in zip(windows, outs, owner):
@@ -88,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("no files to evaluate")
     llm = LLM(args.model or default_model_dir(), **engine_kwargs(args))
-    scores = score_files(llm, sorted(paths))
+    scores = score_files(llm, sorted(paths), show_progress(args.no_progress))
     name = max(12, *(len(os.path.relpath(s.path)) for s in scores[:50]))
     print(f"{'file':<{name}}  {'bytes':>8}  {'tokens':>7}  {'bits/byte':>9}  {'xz bits/byte':>12}")
     for s in scores:
@@ -115,6 +120,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", help="files or directories")
     p.add_argument("--model", default=None, help="model directory (default: embedded)")
     p.add_argument("--suffix", default=".py", help="file suffix to take from directories")
+    add_progress_flag(p)
     add_engine_args(p)
     p.set_defaults(func=_run)
 

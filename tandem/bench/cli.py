@@ -1,8 +1,9 @@
-"""`tandem bench latency` and `tandem bench throughput`: offline benchmarks with a contract.
+"""`tandem bench latency|prefill|throughput`: offline benchmarks with a contract.
 
 Each prints a human table, then ONE JSON object as the last stdout line: the device, the
 workload, the measured numbers, the hardware bound (`roofline_s`, see roofline.py) and
-`roofline_fraction = roofline_s / elapsed_s`.
+`roofline_fraction = roofline_s / elapsed_s`. While it runs, a progress bar on stderr
+(progress.py) counts latency/prefill runs, warm-up included, or throughput's finished requests.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import random
 import subprocess
 import sys
@@ -18,13 +18,16 @@ import time
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from tandem.bench.progress import add_progress_flag, show_progress
+from tandem import envs
 from tandem.bench.roofline import ModelShape, Workload, measure_rates, roofline_seconds
 
 
 def _git_commit() -> str:
-    if os.environ.get("TANDEM_GIT_COMMIT"):  # set where the tree is a copy without .git
-        return os.environ["TANDEM_GIT_COMMIT"]
+    if envs.git_commit():  # set where the tree is a copy without .git
+        return envs.git_commit()
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=5).stdout.strip() or "unknown"
@@ -75,6 +78,12 @@ def _shape_and_rates(llm) -> tuple[ModelShape, float, float]:
     return shape, flops, bw
 
 
+def _runs_bar(args: argparse.Namespace, desc: str) -> tqdm:
+    """A bar over the warm-up and measured runs; it updates between runs, outside the timing."""
+    return tqdm(total=args.warmup + args.iters, desc=desc, unit="run", file=sys.stderr,
+                disable=not show_progress(args.no_progress))
+
+
 def _max_batch(llm, total_len: int) -> int:
     e = llm.engine
     blocks_per_req = -(-total_len // e.config.cache.block_size)
@@ -91,8 +100,10 @@ def run_latency(args: argparse.Namespace) -> int:
     # Every run gets fresh prompts, so no run is served by an earlier one's prefix cache.
     fresh = iter(_random_prompts(args.batch_size, lens, vocab, (args.seed or 0) + k)
                  for k in range(1, 10**6))
+    bar = _runs_bar(args, "latency")
     for _ in range(args.warmup):
         llm.generate(next(fresh), full, use_tqdm=False)
+        bar.update()
     ttfts, totals = [], []
     for _ in range(args.iters):
         prompts = next(fresh)
@@ -103,6 +114,8 @@ def run_latency(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         llm.generate(prompts, full, use_tqdm=False)
         totals.append(time.perf_counter() - t0)
+        bar.update()
+    bar.close()
     ttft, total = sorted(ttfts)[len(ttfts) // 2], sorted(totals)[len(totals) // 2]
     tpot = (total - ttft) / max(1, args.output_len - 1)
     shape, flops, bw = _shape_and_rates(llm)
@@ -130,13 +143,17 @@ def run_prefill(args: argparse.Namespace) -> int:
     # A fresh prompt each run: a repeated one would be served by the prefix cache.
     prompts = [_random_prompts(1, [args.input_len], llm.engine.vocab_size, (args.seed or 0) + k)
                for k in range(args.warmup + args.iters)]
+    bar = _runs_bar(args, "prefill")
     for prompt in prompts[:args.warmup]:
         llm.generate(prompt, params, use_tqdm=False)
+        bar.update()
     times = []
     for prompt in prompts[args.warmup:]:
         t0 = time.perf_counter()
         llm.generate(prompt, params, use_tqdm=False)
         times.append(time.perf_counter() - t0)
+        bar.update()
+    bar.close()
     elapsed = sorted(times)[len(times) // 2]
     shape, flops_rate, bw = _shape_and_rates(llm)
     work = Workload([(args.input_len, 1)], 1)
@@ -171,8 +188,10 @@ def _throughput_workload(args: argparse.Namespace, vocab: int
 
 
 def measure_tandem_throughput(llm, prompts: list[list[int]], out_lens: list[int],
-                              warmup: bool = True) -> tuple[float, int]:
-    """(elapsed seconds, output tokens) of one offline batch through the engine."""
+                              warmup: bool = True, progress: bool = False
+                              ) -> tuple[float, int]:
+    """(elapsed seconds, output tokens) of one offline batch through the engine; `progress`
+    shows the engine's bar of finished requests for the measured batch."""
     from tandem.request import SamplingParams
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in out_lens]
     if warmup:
@@ -190,7 +209,7 @@ def measure_tandem_throughput(llm, prompts: list[list[int]], out_lens: list[int]
         llm.generate(_random_prompts(count, lens, llm.engine.vocab_size, 12345), short,
                      use_tqdm=False)
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=progress)
     elapsed = time.perf_counter() - t0
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
 
@@ -222,7 +241,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     llm = _make_llm(args)
     prompts, in_lens, out_lens = _throughput_workload(args, llm.engine.vocab_size)
     n = len(prompts)
-    elapsed, out_tokens = measure_tandem_throughput(llm, prompts, out_lens, args.warmup)
+    elapsed, out_tokens = measure_tandem_throughput(llm, prompts, out_lens, args.warmup,
+                                                    show_progress(args.no_progress))
     in_tokens = sum(in_lens)
     shape, flops, bw = _shape_and_rates(llm)
     work = Workload(list(zip(in_lens, out_lens)),
@@ -285,5 +305,6 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                            "(generate_batch, continuous batching)")
             p.add_argument("--peer-num-prompts", type=int, default=None,
                            help="run the peer on this many of the prompts (tokens/s compared)")
+        add_progress_flag(p)
         add_engine_args(p)
         p.set_defaults(func=fn)

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tandem.engine.engine import ContextLengthError
 from tandem.request import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,10 @@ _PARAMS = {f.name for f in dataclasses.fields(SamplingParams)} | {
 
 
 def bad_request(e: ValueError) -> APIError:
-    """A ValueError from SamplingParams or the engine; its first word names the field."""
+    """A ValueError from SamplingParams or the engine; its first word names the field
+    (a ContextLengthError names it itself)."""
+    if isinstance(e, ContextLengthError):
+        return APIError(400, str(e), param=e.param, code="context_length_exceeded")
     message = str(e)
     m = _FIELD.match(message)
     return APIError(400, message, param=m.group(1) if m and m.group(1) in _PARAMS else None)

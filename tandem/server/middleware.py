@@ -57,7 +57,8 @@ class APIKeyAuth:
         if (scope["type"] == "http" and scope["path"] not in OPEN_PATHS
                 and scope["method"] != "OPTIONS" and not self._authorized(scope)):
             error = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer "
-                                  "<key>'.", code="invalid_api_key")
+                                  "<key>'.", code="invalid_api_key",
+                             headers=_close_if_unread_body(scope))
             return await error_response(error)(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -68,14 +69,25 @@ class APIKeyAuth:
                                                                    self.expected)
 
 
+def _close_if_unread_body(scope: Scope) -> dict[str, str] | None:
+    """Connection: close for a refused request with a sizeable body still unread: reading
+    it only to keep the connection would cost more than the client's reconnect."""
+    headers = dict(scope["headers"])
+    length = headers.get(b"content-length", b"0")
+    large = not length.isdigit() or int(length) > 65536
+    return {"Connection": "close"} if large or b"transfer-encoding" in headers else None
+
+
 class BodyLimit:
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     def _too_large(self) -> APIError:
+        # Connection: close, so the server need not read (and discard) the rest of the body.
         return APIError(413, f"request body larger than {self.max_bytes} bytes "
-                             f"(--max-request-body-bytes)", code="request_too_large")
+                             f"(--max-request-body-bytes)", code="request_too_large",
+                        headers={"Connection": "close"})
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

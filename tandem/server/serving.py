@@ -77,11 +77,12 @@ def admit(state: ServerState, num_prompts: int, n: int) -> None:
     """The per-request and queue caps, before any tokenizing: a 400 for a request that
     asks for too many sequences, a 503 (+ Retry-After) while the waiting queue is full."""
     num_seqs = num_prompts * n
-    if num_seqs > state.max_seqs_per_request:
-        raise APIError(400, f"this request asks for {num_seqs} sequences ({num_prompts} "
-                            f"prompt(s) x n={n}); the limit is {state.max_seqs_per_request} "
-                            f"(--max-seqs-per-request)", param="n" if n > 1 else "prompt")
     limit = state.max_waiting_requests
+    cap = min(state.max_seqs_per_request, limit or state.max_seqs_per_request)
+    if num_seqs > cap:  # could never be admitted: retrying would not help
+        raise APIError(400, f"this request asks for {num_seqs} sequences ({num_prompts} "
+                            f"prompt(s) x n={n}); the limit is {cap} (--max-seqs-per-request, "
+                            f"--max-waiting-requests)", param="n" if n > 1 else "prompt")
     if limit and state.engine.num_waiting_requests + num_seqs > limit:
         raise APIError(503, f"the server is busy: {state.engine.num_waiting_requests} requests "
                             f"are waiting (limit {limit}); retry later",

@@ -62,3 +62,28 @@ def test_greedy_completions_equal_transformers(path):
 def test_generate_cli_uses_default_model():
     assert LLM().engine.config.model.model == default_model_dir()
     assert tandem.default_model_dir() == default_model_dir()
+
+
+def test_chat_template_frames_messages_as_python():
+    tok = Tokenizer(default_model_dir())
+    user = {"role": "user", "content": "Return the nth Fibonacci number."}
+    # A user message becomes a docstring; the generation prompt is two blank lines after it.
+    assert tok.apply_chat_template([user]) == '"""Return the nth Fibonacci number."""\n\n\n'
+    assert tok.apply_chat_template([user], add_generation_prompt=False) == \
+        '"""Return the nth Fibonacci number."""\n'
+    conv = [{"role": "system", "content": "Small functions.\nNo imports."}, user,
+            {"role": "assistant", "content": "def fib(n):\n    return n\n"},
+            {"role": "user", "content": "Make it iterative."}]
+    assert tok.apply_chat_template(conv) == (
+        '# Small functions.\n# No imports.\n\n\n"""Return the nth Fibonacci number."""\n\n\n'
+        'def fib(n):\n    return n\n\n\n"""Make it iterative."""\n\n\n')
+    with pytest.raises(ValueError, match="tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "42"}])
+
+
+def test_chat_with_the_default_model():
+    llm = LLM()
+    messages = [{"role": "user", "content": "Read a JSON config file and return it as a dict."}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0]
+    assert out.prompt == '"""Read a JSON config file and return it as a dict."""\n\n\n'
+    assert out.outputs[0].text.strip()

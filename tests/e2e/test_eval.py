@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tandem import LLM
 from tandem.eval import score_files, xz_bits
+from tests.e2e.test_bench_cli import run_on_a_terminal
 from tests.model_factory import make_tiny_model
 
 SOURCE = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n" * 6
@@ -47,8 +48,15 @@ def test_eval_cli_prints_table_and_json(tmp_path):
     (tmp_path / "d" / "a.py").write_text(SOURCE)
     (tmp_path / "d" / "b.py").write_text("import os\nprint(os.getcwd())\n")
     out = subprocess.run([sys.executable, "-m", "tandem", "eval", "--model", path,
-                          str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "d"), "--no-progress"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout.strip().splitlines()[-1])
     assert record["num_files"] == 2 and record["bits_per_byte"] > 0
     assert "TOTAL" in out.stdout
+    # On a terminal the engine's bar of scored windows goes to stderr, never stdout.
+    code, tty_out, err = run_on_a_terminal(["eval", "--model", path, str(tmp_path / "d")],
+                                           str(tmp_path / "err"))
+    assert code == 0, err
+    assert "100%" in err and "100%" not in tty_out
+    assert json.loads(tty_out.strip().splitlines()[-1])["num_files"] == 2

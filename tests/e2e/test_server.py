@@ -70,17 +70,22 @@ def _free_port() -> int:
 
 
 def start_server(model_dir: str, log_path: str, *args: str, api_key: str | None = None,
-                 timeout: float = 120.0) -> Server:
-    """Start `tandem serve` on a free loopback port and wait for /health."""
+                 timeout: float = 120.0, env: dict[str, str] | None = None,
+                 defaults: bool = True) -> Server:
+    """Start `tandem serve MODEL` on a free loopback port and wait for /health. `defaults`
+    adds this module's engine sizes (a short context, a small KV pool)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "tandem", "serve", "--model", model_dir, "--host",
-           "127.0.0.1", "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN),
-           "--num-kv-blocks", "512", "--max-num-seqs", "128", *args]
+    cmd = [sys.executable, "-m", "tandem", "serve", model_dir, "--host", "127.0.0.1",
+           "--port", str(port)]
+    if defaults:
+        cmd += ["--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "512",
+                "--max-num-seqs", "128"]
+    cmd += list(args)
     if api_key:
         cmd += ["--api-key", api_key]
     # One intra-op thread: the tiny model gains nothing from more, and on a small CI box
     # they would fight the test client for the cores.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("TANDEM_API_KEY", None)
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
