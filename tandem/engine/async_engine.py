@@ -157,15 +157,11 @@ class AsyncEngine:
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     # ---- requests (event loop) -----------------------------------------------------------
-    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt; ValueError for a wrong type. Safe while the engine
-        steps: it reads only the tokenizer."""
-        return self.engine.tokenize_prompt(prompt)
-
     def prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
         """Tokenize and validate a prompt; raises ValueError. Safe while the engine steps:
-        it reads only the tokenizer and immutable limits."""
-        text, token_ids = self.tokenize(prompt)
+        it reads only the tokenizer and immutable limits. Text is tokenized in the calling
+        thread: the server tokenizes on the pool first (`run_blocking`) and passes ids."""
+        text, token_ids = self.engine.tokenize_prompt(prompt)
         self.engine.validate(token_ids, params)
         return text, token_ids
 

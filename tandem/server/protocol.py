@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -21,6 +21,8 @@ from pydantic_core import PydanticCustomError
 from tandem.request import SamplingParams
 
 MAX_N = 128  # most choices per prompt (OpenAI's limit); each one is a sequence in the engine
+MAX_STOP = 64  # most stop strings per request
+MAX_STOP_TOKEN_IDS = 1024  # most stop token ids per request
 # torch.Generator takes 64-bit seeds; sample i of n uses seed + i, so stay in the signed range.
 SEED_RANGE = (-2**63, 2**63 - 1)
 
@@ -122,7 +124,9 @@ class SamplingRequest(RequestModel):
     n: int | None = Field(1, le=MAX_N)
     temperature: float | None = None  # None: the model's default (generation_config) or 1.0
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    # Matched against the text after every token: bounded, so one request cannot slow the
+    # engine thread for everyone (OpenAI allows 4).
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -135,7 +139,7 @@ class SamplingRequest(RequestModel):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"

@@ -353,6 +353,8 @@ def test_lone_surrogates_are_400_and_keep_the_connection(server, path, raw, para
     ({"prompt": "hi", "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
     ({"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias"),
     ({"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "hi", "stop": ["a"] * 65}, "stop"),  # bounded work per token
+    ({"prompt": "hi", "stop_token_ids": [1] * 1025}, "stop_token_ids"),
     ({"prompt": "hi", "stop_token_ids": [10**6], "min_tokens": 2}, "stop_token_ids"),
     ({"prompt": "hi", "top_k": 2**70, "max_tokens": 2}, None),  # valid: no top-k at all
     ('{"prompt": "hi", "temperature": 1e999}', "temperature"),  # parses as inf
