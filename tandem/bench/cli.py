@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tandem.bench.progress import add_progress_flag, show_progress
 from tandem import envs
+from tandem.bench.progress import add_progress_flag, show_progress
 from tandem.bench.roofline import ModelShape, Workload, measure_rates, roofline_seconds
 
 
@@ -280,8 +280,11 @@ def run_throughput(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from tandem.cli import add_engine_args
-    bench = sub.add_parser("bench", help="offline benchmarks (table + one JSON line)")
+    bench = sub.add_parser("bench", help="benchmarks (table + one JSON line)")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
+    from tandem.bench.serve_cli import add_serve_bench_args
+    add_serve_bench_args(kinds.add_parser(
+        "serve", help="load an OpenAI-compatible server: TTFT, TPOT, ITL, goodput"))
     for name, fn in (("latency", run_latency), ("throughput", run_throughput),
                      ("prefill", run_prefill)):
         p = kinds.add_parser(name)
