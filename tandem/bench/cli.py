@@ -285,6 +285,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from tandem.bench.serve_cli import add_serve_bench_args
     add_serve_bench_args(kinds.add_parser(
         "serve", help="load an OpenAI-compatible server: TTFT, TPOT, ITL, goodput"))
+    from tandem.bench.sweep import add_plot_args, add_sweep_args
+    add_sweep_args(kinds.add_parser("sweep", help="bench serve over concurrencies or rates, "
+                                                  "for one or more configs, with plots"))
+    add_plot_args(kinds.add_parser("plot", help="redraw sweep plots from saved points"))
     for name, fn in (("latency", run_latency), ("throughput", run_throughput),
                      ("prefill", run_prefill)):
         p = kinds.add_parser(name)

@@ -142,3 +142,31 @@ def test_client_overhead_on_itl():
           f"p99 {1000 * (p99 - 0.010):+.2f} ms over a true 10 ms gap")
     assert all(r.output_tokens == 50 for r in records)
     assert 0.009 < median < 0.012
+
+
+def test_sweep_writes_points_and_plots_then_plot_redraws(server, tmp_path):
+    out = tmp_path / "sweep"
+    run = subprocess.run([sys.executable, "-m", "tandem", "bench", "sweep", "--base-url",
+                          server.url, "--concurrencies", "1,3", "--num-prompts", "6",
+                          "--random-input-len", "16", "--random-output-len", "6",
+                          "--ignore-eos", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [p["point"] for p in summary["points"]] == ["c1", "c3"]
+    points = sorted(out.glob("default_c*.json"))
+    assert len(points) == 2 and all(json.loads(p.read_text())["completed"] == 6 for p in points)
+    for png in ("throughput_ttft.png", "throughput_tpot.png", "pareto.png", "cdf.png"):
+        assert (out / png).stat().st_size > 10_000
+    lines = json.loads((out / "lines.json").read_text())
+    # one configuration: a p50 and a p99 line of 2 points per throughput plot, one Pareto
+    # front, and one CDF line per point
+    assert [(l["label"], l["points"]) for l in lines["throughput_ttft"]] == \
+        [("default median", 2), ("default p99", 2)]
+    assert len(lines["pareto"]) == 1 and len(lines["cdf_ttft"]) == len(lines["cdf_itl"]) == 2
+    assert [l["points"] for l in lines["cdf_ttft"]] == [6, 6]
+    redraw = subprocess.run([sys.executable, "-m", "tandem", "bench", "plot", *map(str, points),
+                             "--out", str(tmp_path / "again")], capture_output=True, text=True,
+                            timeout=120)
+    assert redraw.returncode == 0, redraw.stderr
+    assert json.loads((tmp_path / "again" / "lines.json").read_text()) == lines
