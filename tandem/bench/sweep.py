@@ -35,6 +35,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                         "one, from --serve-args")
     p.add_argument("--out", required=True, help="directory for the points and the plots")
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs per server (per-GPU axis)")
+    p.add_argument("--min-rounds", type=int, default=2,
+                   help="with --concurrencies: at least this many prompts per slot, so every "
+                        "point reaches its steady state (default: 2)")
     p.set_defaults(func=run_sweep)
 
 
@@ -42,6 +45,7 @@ def _point_args(args: argparse.Namespace, value: float) -> tuple[argparse.Namesp
     a = copy.copy(args)
     if args.concurrencies:
         a.max_concurrency = int(value)
+        a.num_prompts = max(args.num_prompts, args.min_rounds * int(value))
         return a, f"c{int(value)}"
     a.request_rate = value
     return a, "rinf" if math.isinf(value) else f"r{value:g}"
