@@ -61,7 +61,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     logprobs: list[Logprobs] | None = None  # per generated token, if asked
-    cumulative_logprob: float | None = None
+    cumulative_logprob: float | None = None  # of every token, on the final output
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -92,3 +92,22 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    delta: bool = False  # outputs hold only what is new since the request's last output
+    # (RequestOutputKind.DELTA); prompt fields come with every output all the same
+
+    def merge(self, newer: RequestOutput) -> RequestOutput:
+        """Two successive delta outputs as one (a consumer that fell behind)."""
+        by_index = {c.index: c for c in self.outputs}
+        for c in newer.outputs:
+            old = by_index.get(c.index)
+            if old is None:
+                by_index[c.index] = c
+                continue
+            old.text += c.text
+            old.token_ids = old.token_ids + c.token_ids
+            if c.logprobs is not None:
+                old.logprobs = (old.logprobs or []) + c.logprobs
+            old.finish_reason, old.stop_reason = c.finish_reason, c.stop_reason
+            old.cumulative_logprob = c.cumulative_logprob
+        newer.outputs = [by_index[i] for i in sorted(by_index)]
+        return newer

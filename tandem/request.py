@@ -36,7 +36,8 @@ class FinishReason(str, enum.Enum):
 
 
 class RequestOutputKind(enum.Enum):
-    CUMULATIVE = "cumulative"  # an output every step (streaming front ends)
+    CUMULATIVE = "cumulative"  # an output every step, everything so far
+    DELTA = "delta"  # an output every step, only what is new since the last (the server)
     FINAL_ONLY = "final_only"  # one output, when the request finishes (offline batches)
 
 

@@ -55,8 +55,9 @@ class EngineStopped(RuntimeError):
 class RequestStream:
     """One request's outputs, consumed in the event loop that created it.
 
-    Outputs are cumulative, so when several are queued `__anext__` skips to the newest;
-    iteration ends after the finished output, or raises the error the engine reported."""
+    When several are queued, `__anext__` hands them out as one: the newest if outputs are
+    cumulative, the merge if they are deltas. Iteration ends after the finished output, or
+    raises the error the engine reported."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
@@ -76,7 +77,9 @@ class RequestStream:
             raise StopAsyncIteration
         item = await self._queue.get()
         while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
+            newer = self._queue.get_nowait()
+            item = item.merge(newer) if item.delta and isinstance(newer, RequestOutput) \
+                else newer
         if isinstance(item, BaseException):
             self.finished = True
             raise item

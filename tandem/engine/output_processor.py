@@ -24,6 +24,7 @@ class ChildState:
     detok: IncrementalDetokenizer | None
     logprobs: list[Logprobs] | None
     num_seen: int = 0  # output tokens already passed to the detokenizer
+    num_sent: int = 0  # output tokens already handed out (DELTA outputs)
 
 
 @dataclass(slots=True)
@@ -97,7 +98,7 @@ class OutputProcessor:
             self._advance(child)
             touched[parent.request_id] = parent
         return [self._output(p) for p in touched.values()
-                if p.output_kind is RequestOutputKind.CUMULATIVE
+                if p.output_kind is not RequestOutputKind.FINAL_ONLY
                 or all(c.request.is_finished for c in p.children)]
 
     def _advance(self, child: ChildState) -> None:
@@ -118,6 +119,7 @@ class OutputProcessor:
         return self._output(parent) if parent is not None else None
 
     def _output(self, parent: ParentState) -> RequestOutput:
+        delta = parent.output_kind is RequestOutputKind.DELTA
         outs = []
         finished = True
         for c in parent.children:
@@ -126,15 +128,21 @@ class OutputProcessor:
             finished &= done
             text, stop_reason = "", None
             if c.detok is not None:
-                c.detok.take_delta(done)
-                text = c.detok.text[: c.detok.num_streamed]
+                text = c.detok.take_delta(done)
+                if not delta:
+                    text = c.detok.text[: c.detok.num_streamed]
                 stop_reason = c.detok.stop_reason
             if done and stop_reason is None and r.finish_reason is FinishReason.STOP:
                 last = r.output_token_ids[-1] if r.output_token_ids else None
                 stop_reason = last if last in r.sampling_params.stop_token_ids else None
-            token_ids = list(r.output_token_ids)
-            lps = list(c.logprobs) if c.logprobs is not None else None
-            cum = sum(d[t] for d, t in zip(lps, token_ids)) if lps else None
+            # A delta copies only the new tokens: copying every token every step would
+            # make a long stream quadratic.
+            start = c.num_sent if delta else 0
+            token_ids = r.output_token_ids[start:]
+            lps = c.logprobs[start:] if c.logprobs is not None else None
+            c.num_sent = len(r.output_token_ids)
+            cum = (sum(d[t] for d, t in zip(c.logprobs, r.output_token_ids))
+                   if c.logprobs and done else None)
             outs.append(CompletionOutput(
                 c.index, text, token_ids,
                 r.finish_reason.value if done and r.finish_reason else None,
@@ -149,4 +157,4 @@ class OutputProcessor:
                 self.child_to_parent.pop(c.request.request_id, None)
         cached = max(parent.children[0].request.num_cached_tokens, 0)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids,
-                             parent.prompt_logprobs, outs, finished, m, cached)
+                             parent.prompt_logprobs, outs, finished, m, cached, delta)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -105,10 +104,12 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
                                  media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(writer.abort_unfinished))
 
-    async def last() -> RequestOutput:
+    async def last() -> RequestOutput:  # the deltas merged into the final output
+        total = None
         async for _, out in merged:
+            total = out if total is None else total.merge(out)
             if out.finished:
-                return out
+                return total
         raise EngineError("the request ended without a final output")
 
     out = await cancel_on_disconnect(raw, last())
@@ -136,19 +137,13 @@ def _logprobs(state: ServerState, body: ChatCompletionRequest, c: CompletionOutp
                                               bool(body.return_tokens_as_token_ids)))
 
 
-@dataclass(slots=True)
-class _ChoiceState:
-    text: int = 0  # characters of content sent
-    tokens: int = 0  # tokens whose logprobs were sent
-
-
 class _ChatStreamWriter(StreamWriter):
     def __init__(self, state: ServerState, body: ChatCompletionRequest, rid: str,
                  n: int) -> None:
         super().__init__(state, rid, n, body.include_usage)
         self.body, self.n = body, n
-        self.choices = [_ChoiceState() for _ in range(n)]
         self.final: RequestOutput | None = None
+        self.generated = 0  # tokens generated over all choices
 
     def _chunk(self, choice: ChatStreamChoice) -> str:
         return sse(ChatCompletionChunk(id=self.rid, created=self.created,
@@ -170,13 +165,13 @@ class _ChatStreamWriter(StreamWriter):
                 yield chunk
         if self.body.include_usage and self.final is not None:
             f = self.final
-            usage = make_usage(len(f.prompt_token_ids),
-                               sum(len(c.token_ids) for c in f.outputs), f.num_cached_tokens)
+            usage = make_usage(len(f.prompt_token_ids), self.generated, f.num_cached_tokens)
             yield sse(ChatCompletionChunk(id=self.rid, created=self.created,
                                           model=self.state.model_name, choices=[],
                                           usage=usage))
 
     def _on_output(self, out: RequestOutput) -> list[str]:
+        self.generated += sum(len(c.token_ids) for c in out.outputs)
         if out.finished:
             self.final = out
         return [self._chunk(ch) for c in out.outputs if (ch := self._delta(c))]
@@ -184,14 +179,12 @@ class _ChatStreamWriter(StreamWriter):
     def _delta(self, c: CompletionOutput) -> ChatStreamChoice | None:
         if c.index in self.ended:
             return None
-        st = self.choices[c.index]
-        text = c.text[st.text:]
-        logprobs = _logprobs(self.state, self.body, c, st.tokens)
+        text = c.text  # a delta: only what is new
+        logprobs = _logprobs(self.state, self.body, c, 0)
         if logprobs is not None and not logprobs.content:
             logprobs = None
         if not text and logprobs is None and c.finish_reason is None:
             return None
-        st.text, st.tokens = len(c.text), len(c.token_ids)
         self.ended_choice(c.index, c.finish_reason)
         return ChatStreamChoice(index=c.index, delta={"content": text} if text else {},
                                 logprobs=logprobs, finish_reason=c.finish_reason)

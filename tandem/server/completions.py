@@ -121,10 +121,9 @@ async def create_completion(body: CompletionRequest, raw: Request,
 
     finals: dict[int, RequestOutput] = {}
 
-    async def collect() -> None:
+    async def collect() -> None:  # the deltas of each prompt, merged into its final output
         async for i, out in merged:
-            if out.finished:
-                finals[i] = out
+            finals[i] = finals[i].merge(out) if i in finals else out
 
     await cancel_on_disconnect(raw, collect())
     choices = [_choice(state, body, out, c, i * n + c.index, score_only)
@@ -143,12 +142,13 @@ def _log_ignored(body: CompletionRequest, rid: str) -> None:
         logger.warning("request %s: unknown fields ignored: %s", rid, ignored)
 
 
-def _usage(finals, score_only: bool):
+def _usage(finals, score_only: bool, generated: int | None = None):
+    """Usage of the final outputs; `generated` when they are the last deltas only."""
     finals = list(finals)
+    if generated is None:
+        generated = sum(len(c.token_ids) for o in finals for c in o.outputs)
     return make_usage(sum(len(o.prompt_token_ids) for o in finals),
-                      0 if score_only else sum(len(c.token_ids) for o in finals
-                                               for c in o.outputs),
-                      sum(o.num_cached_tokens for o in finals))
+                      0 if score_only else generated, sum(o.num_cached_tokens for o in finals))
 
 
 def _prompt_text(state: ServerState, out: RequestOutput) -> str:
@@ -197,21 +197,20 @@ def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> None:
 
 @dataclass(slots=True)
 class _ChoiceState:
-    text: int = 0  # characters of the choice's text already sent
-    tokens: int = 0  # tokens already covered by sent logprobs
     offset: int = 0  # text_offset of the next token (logprobs)
     started: bool = False
 
 
 class _StreamWriter(StreamWriter):
-    """The merged outputs as `text_completion` chunks, one choice each, then usage."""
+    """The merged delta outputs as `text_completion` chunks, one choice each, then usage."""
 
     def __init__(self, state: ServerState, body: CompletionRequest, rid: str, n: int,
                  num_prompts: int, score_only: bool) -> None:
         super().__init__(state, rid, num_prompts * n, body.include_usage)
         self.body, self.n, self.score_only = body, n, score_only
         self.choices: dict[int, _ChoiceState] = {}
-        self.finals: dict[int, RequestOutput] = {}
+        self.finals: dict[int, RequestOutput] = {}  # each prompt's last (delta) output
+        self.generated = 0  # tokens generated over all choices
 
     def _chunk(self, choice: CompletionChoice) -> str:
         return sse(CompletionResponse(id=self.rid, created=self.created,
@@ -231,9 +230,11 @@ class _StreamWriter(StreamWriter):
         if self.body.include_usage:
             yield sse(CompletionResponse(id=self.rid, created=self.created,
                                          model=self.state.model_name, choices=[],
-                                         usage=_usage(self.finals.values(), self.score_only)))
+                                         usage=_usage(self.finals.values(), self.score_only,
+                                                      self.generated)))
 
     def _on_output(self, i: int, out: RequestOutput, force: bool) -> list[str]:
+        self.generated += sum(len(c.token_ids) for c in out.outputs)
         if out.finished:
             self.finals[i] = out
         chunks = [self._chunk(ch) for c in out.outputs
@@ -249,8 +250,8 @@ class _StreamWriter(StreamWriter):
             return None
         st = self.choices.setdefault(index, _ChoiceState())
         body = self.body
-        text = "" if self.score_only else c.text[st.text:]
-        new_ids = [] if self.score_only else c.token_ids[st.tokens:]
+        text = "" if self.score_only else c.text
+        new_ids = [] if self.score_only else c.token_ids
         logprobs = prompt_lps = None
         if not st.started:
             prompt_lps = _prompt_logprobs(self.state, body, out)
@@ -260,12 +261,12 @@ class _StreamWriter(StreamWriter):
                     logprobs, st.offset = _echo_logprobs(self.state, body, out)
         if body.logprobs is not None and new_ids:
             gen, st.offset = completion_logprobs(
-                self.state.engine.tokenizer, new_ids, (c.logprobs or [])[st.tokens:],
+                self.state.engine.tokenizer, new_ids, c.logprobs or [],
                 body.logprobs, st.offset, bool(body.return_tokens_as_token_ids))
             logprobs = gen if logprobs is None else (_extend(logprobs, gen) or logprobs)
         if not text and logprobs is None and c.finish_reason is None and prompt_lps is None:
             return None
-        st.text, st.tokens, st.started = len(c.text), len(c.token_ids), True
+        st.started = True
         self.ended_choice(index, c.finish_reason)
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
                                 finish_reason=c.finish_reason, prompt_logprobs=prompt_lps)

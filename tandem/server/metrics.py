@@ -102,16 +102,17 @@ class ServerMetrics:
             self._observe_request(out, now)
 
     def _observe_request(self, out: RequestOutput, now: float) -> None:
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
+        num_tokens = sum(len(c.token_ids) for c in out.outputs)  # new ones, for a delta
         timing = self._timings.get(out.request_id)
         if timing is None:
             if num_tokens:
                 first = out.metrics.first_token_time or now
                 self.ttft.observe(max(0.0, first - out.metrics.arrival_time))
                 self._timings[out.request_id] = _Timing(now, num_tokens)
-        elif num_tokens > timing.num_tokens:
+        elif num_tokens > (0 if out.delta else timing.num_tokens):
             self.itl.observe(now - timing.last_token_time)
-            timing.last_token_time, timing.num_tokens = now, num_tokens
+            timing.last_token_time = now
+            timing.num_tokens = timing.num_tokens + num_tokens if out.delta else num_tokens
         if out.finished:
             self._timings.pop(out.request_id, None)
             for c in out.outputs:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from tandem.request import SamplingParams
+from tandem.request import RequestOutputKind, SamplingParams
 
 MAX_N = 128  # most choices per prompt (OpenAI's limit); each one is a sequence in the engine
 MAX_STOP = 64  # most stop strings per request
@@ -160,6 +160,7 @@ class SamplingRequest(RequestModel):
         }.items() if v is not None}
         opt = {**{k: v for k, v in defaults.items() if k != "max_tokens"}, **opt}
         return SamplingParams(
+            output_kind=RequestOutputKind.DELTA,  # the server streams what is new
             n=1 if self.n is None else self.n, stop=self.stop, max_tokens=max_tokens,
             stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tandem import LLM, SamplingParams
@@ -196,3 +198,31 @@ def test_async_scheduling_plans_one_step_ahead(llm):
     assert inflight == (10 if llm.engine.async_scheduling else 0)  # 5 decodes per request
     # The 6th token ends each request by length: never scheduled past it.
     assert sum(s.sample for p in plans for s in p.seqs) == 12
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(llm):
+    """RequestOutputKind.DELTA (the server's): each output holds only the new text, tokens
+    and logprobs; concatenated, and merged as a slow consumer would, they equal the final
+    output of the same request."""
+    from tandem.request import RequestOutputKind
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2,
+                            stop=["zzzz"])  # a stop string makes the detokenizer hold back
+    final = llm.generate([GOOD], params, use_tqdm=False)[0].outputs[0]
+    engine = llm.engine
+    engine.add_request("d", GOOD, dataclasses.replace(params,
+                                                      output_kind=RequestOutputKind.DELTA))
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [o for o in engine.step() if o.request_id == "d"]
+    assert len(deltas) >= 10 and all(o.delta for o in deltas)
+    text = "".join(o.outputs[0].text for o in deltas)
+    ids = [t for o in deltas for t in o.outputs[0].token_ids]
+    lps = [lp for o in deltas for lp in o.outputs[0].logprobs]
+    assert (text, ids, lps) == (final.text, final.token_ids, final.logprobs)
+    merged = deltas[0]
+    for o in deltas[1:]:
+        merged = merged.merge(o)
+    c = merged.outputs[0]
+    assert (c.text, c.token_ids, c.logprobs, c.finish_reason) == \
+        (final.text, final.token_ids, final.logprobs, "length")
+    assert c.cumulative_logprob == pytest.approx(final.cumulative_logprob)
