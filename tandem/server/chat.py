@@ -140,24 +140,18 @@ def _logprobs(state: ServerState, body: ChatCompletionRequest, c: CompletionOutp
 class _ChatStreamWriter(StreamWriter):
     def __init__(self, state: ServerState, body: ChatCompletionRequest, rid: str,
                  n: int) -> None:
-        super().__init__(state, rid, n, body.include_usage)
+        super().__init__(state, rid, n, body.include_usage, "chat.completion.chunk")
         self.body, self.n = body, n
         self.final: RequestOutput | None = None
         self.generated = 0  # tokens generated over all choices
 
-    def _chunk(self, choice: ChatStreamChoice) -> str:
-        return sse(ChatCompletionChunk(id=self.rid, created=self.created,
-                                       model=self.state.model_name, choices=[choice]),
-                   exclude=self.exclude)
-
     def finish_chunk(self, index: int, reason: str) -> str:
-        return self._chunk(ChatStreamChoice(index=index, delta={}, finish_reason=reason))
+        return self.chunk(_plain(index, {}, reason))
 
     async def events(self, first: tuple[int, RequestOutput],
                      rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         for i in range(self.n):
-            yield self._chunk(ChatStreamChoice(index=i, delta={"role": "assistant",
-                                                               "content": ""}))
+            yield self.chunk(_plain(i, {"role": "assistant", "content": ""}, None))
         for chunk in self._on_output(first[1]):
             yield chunk
         async for _, out in rest:
@@ -174,9 +168,9 @@ class _ChatStreamWriter(StreamWriter):
         self.generated += sum(len(c.token_ids) for c in out.outputs)
         if out.finished:
             self.final = out
-        return [self._chunk(ch) for c in out.outputs if (ch := self._delta(c))]
+        return [self.chunk(ch) for c in out.outputs if (ch := self._delta(c))]
 
-    def _delta(self, c: CompletionOutput) -> ChatStreamChoice | None:
+    def _delta(self, c: CompletionOutput) -> ChatStreamChoice | dict | None:
         if c.index in self.ended:
             return None
         text = c.text  # a delta: only what is new
@@ -186,9 +180,17 @@ class _ChatStreamWriter(StreamWriter):
         if not text and logprobs is None and c.finish_reason is None:
             return None
         self.ended_choice(c.index, c.finish_reason)
-        return ChatStreamChoice(index=c.index, delta={"content": text} if text else {},
-                                logprobs=logprobs, finish_reason=c.finish_reason)
+        delta = {"content": text} if text else {}
+        if logprobs is None:  # the common case, without pydantic
+            return _plain(c.index, delta, c.finish_reason)
+        return ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs,
+                                finish_reason=c.finish_reason)
 
     def abort_unfinished(self) -> None:
         if self.final is None:
             self.state.engine.abort(self.rid)
+
+
+def _plain(index: int, delta: dict, finish_reason: str | None) -> dict:
+    """A ChatStreamChoice without logprobs, as the dict its JSON is made of."""
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}

@@ -188,6 +188,12 @@ def _choice(state: ServerState, body: CompletionRequest, out: RequestOutput,
                             prompt_logprobs=_prompt_logprobs(state, body, out))
 
 
+def _plain(index: int, text: str, finish_reason: str | None) -> dict:
+    """A CompletionChoice without logprobs, as the dict its JSON is made of."""
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
+            "prompt_logprobs": None}
+
+
 def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> None:
     a.tokens += b.tokens
     a.token_logprobs += b.token_logprobs
@@ -206,19 +212,14 @@ class _StreamWriter(StreamWriter):
 
     def __init__(self, state: ServerState, body: CompletionRequest, rid: str, n: int,
                  num_prompts: int, score_only: bool) -> None:
-        super().__init__(state, rid, num_prompts * n, body.include_usage)
+        super().__init__(state, rid, num_prompts * n, body.include_usage, "text_completion")
         self.body, self.n, self.score_only = body, n, score_only
         self.choices: dict[int, _ChoiceState] = {}
         self.finals: dict[int, RequestOutput] = {}  # each prompt's last (delta) output
         self.generated = 0  # tokens generated over all choices
 
-    def _chunk(self, choice: CompletionChoice) -> str:
-        return sse(CompletionResponse(id=self.rid, created=self.created,
-                                      model=self.state.model_name, choices=[choice]),
-                   exclude=self.exclude)
-
     def finish_chunk(self, index: int, reason: str) -> str:
-        return self._chunk(CompletionChoice(index=index, text="", finish_reason=reason))
+        return self.chunk(_plain(index, "", reason))
 
     async def events(self, first: tuple[int, RequestOutput],
                      rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
@@ -237,15 +238,14 @@ class _StreamWriter(StreamWriter):
         self.generated += sum(len(c.token_ids) for c in out.outputs)
         if out.finished:
             self.finals[i] = out
-        chunks = [self._chunk(ch) for c in out.outputs
+        chunks = [self.chunk(ch) for c in out.outputs
                   if (ch := self._delta(out, c, i * self.n + c.index))]
         if not chunks and force:  # the first event leaves with the first token
-            chunks = [self._chunk(CompletionChoice(index=i * self.n + out.outputs[0].index,
-                                                   text=""))]
+            chunks = [self.chunk(_plain(i * self.n + out.outputs[0].index, "", None))]
         return chunks
 
     def _delta(self, out: RequestOutput, c: CompletionOutput,
-               index: int) -> CompletionChoice | None:
+               index: int) -> CompletionChoice | dict | None:
         if index in self.ended:
             return None
         st = self.choices.setdefault(index, _ChoiceState())
@@ -268,6 +268,8 @@ class _StreamWriter(StreamWriter):
             return None
         st.started = True
         self.ended_choice(index, c.finish_reason)
+        if logprobs is None and prompt_lps is None:  # the common case, without pydantic
+            return _plain(index, text, c.finish_reason)
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
                                 finish_reason=c.finish_reason, prompt_logprobs=prompt_lps)
 

@@ -198,14 +198,24 @@ class StreamWriter:
     """One stream's chunks: subclasses turn outputs into chunks of one choice each; this
     keeps which choices have ended and closes the rest when the stream must end early."""
 
-    def __init__(self, state: ServerState, rid: str, num_choices: int,
-                 include_usage: bool) -> None:
+    def __init__(self, state: ServerState, rid: str, num_choices: int, include_usage: bool,
+                 object_name: str) -> None:
         self.state, self.rid = state, rid
         self.created = int(time.time())
         self.num_choices = num_choices
-        self.exclude = None if include_usage else {"usage"}
         self.ended: set[int] = set()  # choices whose finish_reason was sent
         self.failed: list[int] = []  # choices that ended with finish_reason "error"
+        # Every chunk is this envelope around one choice, rendered once: at hundreds of
+        # streams a step, building a pydantic model per chunk costs the engine its GIL.
+        head = json.dumps({"id": rid, "object": object_name, "created": self.created,
+                           "model": state.model_name})
+        self._head = f"data: {head[:-1]}, \"choices\": ["
+        self._tail = "], \"system_fingerprint\": null}\n\n"
+
+    def chunk(self, choice: BaseModel | dict) -> str:
+        """One SSE event holding one choice (a pydantic model or a plain dict)."""
+        body = choice.model_dump_json() if isinstance(choice, BaseModel) else json.dumps(choice)
+        return f"{self._head}{body}{self._tail}"
 
     async def events(self, first: tuple[int, RequestOutput],
                      rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:

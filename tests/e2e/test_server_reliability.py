@@ -152,7 +152,8 @@ def test_huge_prompts_do_not_stall_the_server(server):
                 if line.startswith("data: ") and last is not None:
                     gaps.append((now, now - last))
                 last = now
-                if '"finish_reason":"length"' in line:
+                if line.startswith("data: {") and any(
+                        c["finish_reason"] == "length" for c in json.loads(line[6:])["choices"]):
                     finished.append(i)
 
     poster = subprocess.Popen([sys.executable, "-c", _BIG_POSTER,
