@@ -140,7 +140,7 @@ def _logprobs(state: ServerState, body: ChatCompletionRequest, c: CompletionOutp
 class _ChatStreamWriter(StreamWriter):
     def __init__(self, state: ServerState, body: ChatCompletionRequest, rid: str,
                  n: int) -> None:
-        super().__init__(state, rid, n, body.include_usage, "chat.completion.chunk")
+        super().__init__(state, rid, n, "chat.completion.chunk")
         self.body, self.n = body, n
         self.final: RequestOutput | None = None
         self.generated = 0  # tokens generated over all choices

@@ -212,7 +212,7 @@ class _StreamWriter(StreamWriter):
 
     def __init__(self, state: ServerState, body: CompletionRequest, rid: str, n: int,
                  num_prompts: int, score_only: bool) -> None:
-        super().__init__(state, rid, num_prompts * n, body.include_usage, "text_completion")
+        super().__init__(state, rid, num_prompts * n, "text_completion")
         self.body, self.n, self.score_only = body, n, score_only
         self.choices: dict[int, _ChoiceState] = {}
         self.finals: dict[int, RequestOutput] = {}  # each prompt's last (delta) output

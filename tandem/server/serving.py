@@ -198,7 +198,7 @@ class StreamWriter:
     """One stream's chunks: subclasses turn outputs into chunks of one choice each; this
     keeps which choices have ended and closes the rest when the stream must end early."""
 
-    def __init__(self, state: ServerState, rid: str, num_choices: int, include_usage: bool,
+    def __init__(self, state: ServerState, rid: str, num_choices: int,
                  object_name: str) -> None:
         self.state, self.rid = state, rid
         self.created = int(time.time())
