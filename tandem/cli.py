@@ -1,4 +1,4 @@
-"""The `tandem` command: generate, serve, eval, bench latency|prefill|throughput.
+"""The `tandem` command: generate, serve, eval, bench, cost.
 
 Engine flags are generated from the config dataclasses (`--max-num-seqs`, `--block-size`, ...),
 their help text from the fields' comments, so every argument has exactly one definition.
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from tandem.eval import add_eval_parser
     add_eval_parser(sub)
+    from tandem.cost.cli import add_cost_parser
+    add_cost_parser(sub)
     return parser
 
 

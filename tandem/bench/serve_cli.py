@@ -152,7 +152,7 @@ def server_counters(url: str) -> dict[str, float] | None:
     return out or None
 
 
-def _device(args: argparse.Namespace, started: bool) -> str:
+def device_label(args: argparse.Namespace, started: bool) -> str:
     if args.device_label:
         return args.device_label
     if not started:
@@ -207,7 +207,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         if proc is not None:
             stop_server(proc)
     record = {
-        "benchmark": "serve", "device": _device(args, proc is not None),
+        "benchmark": "serve", "device": device_label(args, proc is not None),
         "target": args.base_url or "tandem serve (started)",
         "model": args.model or "default",
         "workload": {k: getattr(args, k) for k in (

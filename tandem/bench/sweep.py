@@ -18,7 +18,8 @@ import sys
 
 from tandem.bench.plot import draw
 from tandem.bench.serve import record_dicts
-from tandem.bench.serve_cli import add_serve_bench_args, measure, start_server, stop_server
+from tandem.bench.serve_cli import (add_serve_bench_args, device_label, measure, start_server,
+                                   stop_server)
 
 
 def _values(text: str) -> list[float]:
@@ -66,6 +67,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 point_args, point = _point_args(args, value)
                 summary, records = measure(point_args, url.rstrip("/"))
                 result = {"config": name, "point": point, "serve_args": serve_args,
+                          "device": device_label(args, proc is not None),
                           "concurrency": point_args.max_concurrency,
                           "request_rate": "inf" if math.isinf(point_args.request_rate)
                           else point_args.request_rate, **summary,

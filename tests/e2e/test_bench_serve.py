@@ -99,6 +99,21 @@ def test_cli_contract_against_a_running_server(server, tmp_path):
     assert record["completed"] == 6 and record["goodput"] > 0
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["requests"]) == 6 and saved["requests"][0]["output_tokens"] == 4
+    # ... and `tandem cost` prices that saved result end to end
+    cost = subprocess.run([sys.executable, "-m", "tandem", "cost", str(tmp_path / "r.json"),
+                           "--gpu", "H100", "--tokens-per-month", "1e9", "--api", "gpt-4o-mini",
+                           "--api", "mine=1,0.5,2", "--plot", str(tmp_path / "cost.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert cost.returncode == 0, cost.stderr
+    c = json.loads(cost.stdout.strip().splitlines()[-1])
+    assert c["operating_point"]["output_tokens_per_s"] == pytest.approx(
+        record["output_throughput"])
+    assert c["self_hosted_usd_per_m_output"] == pytest.approx(
+        2.99 / (record["output_throughput"] * 3600) * 1e6)
+    assert [a["api"] for a in c["apis"]] == ["gpt-4o-mini", "mine"]
+    assert c["apis"][1]["api_usd_per_month"] == pytest.approx(1000 * (0.6 + 0.05 + 0.6))
+    assert c["verdict"].startswith("against gpt-4o-mini: ")
+    assert (tmp_path / "cost.png").stat().st_size > 10_000
 
 
 def _stub(*argv: str) -> tuple[subprocess.Popen, str]:
