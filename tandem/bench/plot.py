@@ -27,9 +27,18 @@ def _by_config(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         groups[r.get("config", "default")].append(r)
-    for points in groups.values():
-        points.sort(key=lambda r: r["output_throughput"])
+    for points in groups.values():  # in order of offered load: the sweep's order
+        points.sort(key=_load)
     return dict(groups)
+
+
+def _load(result: dict[str, Any]) -> float:
+    if result.get("concurrency"):
+        return float(result["concurrency"])
+    rate = result.get("request_rate")
+    if rate is not None:
+        return float("inf") if rate == "inf" else float(rate)
+    return result["output_throughput"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

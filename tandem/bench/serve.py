@@ -18,6 +18,7 @@ thousands of tiny requests per second (tests/e2e/test_bench_serve.py).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import random
@@ -214,9 +215,11 @@ def record_dicts(records: list[RequestRecord]) -> list[dict]:
     return [{**asdict(r), "tpot_s": r.tpot_s} for r in records]
 
 
-def load_records(dicts: list[dict]) -> list[RequestRecord]:
-    names = set(RequestRecord.__dataclass_fields__)
-    return [RequestRecord(**{k: v for k, v in d.items() if k in names}) for d in dicts]
+def load_result(path: str) -> dict[str, Any]:
+    """A saved result (`--save-result`, a sweep point), plain or gzipped JSON."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
 
 
 def table(summary: dict[str, Any]) -> list[tuple[str, Any]]:

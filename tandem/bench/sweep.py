@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import math
 import os
 import sys
 
 from tandem.bench.plot import draw
-from tandem.bench.serve import record_dicts
+from tandem.bench.serve import load_result, record_dicts
 from tandem.bench.serve_cli import (add_serve_bench_args, device_label, measure, start_server,
                                    stop_server)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _values(text: str) -> list[float]:
@@ -55,7 +60,9 @@ def _point_args(args: argparse.Namespace, value: float) -> tuple[argparse.Namesp
 def run_sweep(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     configs = [c.partition("=")[::2] for c in args.config] or [("default", args.serve_args)]
+    from tandem.bench.cli import _git_commit
     points = args.concurrencies or args.request_rates
+    command = " ".join(["tandem"] + sys.argv[1:])
     results = []
     for name, serve_args in configs:
         proc, url = None, args.base_url
@@ -67,7 +74,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                 point_args, point = _point_args(args, value)
                 summary, records = measure(point_args, url.rstrip("/"))
                 result = {"config": name, "point": point, "serve_args": serve_args,
-                          "device": device_label(args, proc is not None),
+                          "device": device_label(args, proc is not None), "date": now(),
+                          "git_commit": _git_commit(), "command": command,
                           "concurrency": point_args.max_concurrency,
                           "request_rate": "inf" if math.isinf(point_args.request_rate)
                           else point_args.request_rate, **summary,
@@ -83,8 +91,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             if proc is not None:
                 stop_server(proc)
     lines = draw(results, args.out, args.num_gpus)
-    print(json.dumps({"benchmark": "sweep", "out": args.out, "command": " ".join(
-        ["tandem"] + sys.argv[1:]), "points": [
+    print(json.dumps({"benchmark": "sweep", "out": args.out, "command": command,
+                      "git_commit": _git_commit(), "points": [
         {k: r[k] for k in ("config", "point", "output_throughput", "request_throughput",
                            "completed", "failed")} | {"ttft_p50_s": r["ttft_s"]["median"],
                                                       "tpot_p50_s": r["tpot_s"]["median"]}
@@ -93,17 +101,15 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", nargs="+", help="point JSON files written by bench sweep")
+    p.add_argument("results", nargs="+", help="point JSON files written by bench sweep "
+                                              "(.json or .json.gz)")
     p.add_argument("--out", required=True, help="directory for the plots")
     p.add_argument("--num-gpus", type=int, default=1)
     p.set_defaults(func=run_plot)
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    results = []
-    for path in args.results:
-        with open(path) as f:
-            results.append(json.load(f))
+    results = [load_result(path) for path in args.results]
     lines = draw(results, args.out, args.num_gpus)
     print(json.dumps({"benchmark": "plot", "out": args.out,
                       "lines": {k: len(v) for k, v in lines.items()}}))

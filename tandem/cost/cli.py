@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from tandem.bench.serve import load_result
 from tandem.cost.model import (HOURS_PER_MONTH, Capacity, Signals, Traffic, api_monthly,
                                break_even_tokens, operating_point, self_hosted_monthly,
                                servers_needed)
@@ -71,10 +72,7 @@ def add_cost_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cost(args: argparse.Namespace) -> int:
-    results = []
-    for path in args.results:
-        with open(path) as f:
-            results.append(json.load(f))
+    results = [load_result(path) for path in args.results]
     ttft = args.ttft_slo_ms / 1000 if args.ttft_slo_ms is not None else None
     tpot = args.tpot_slo_ms / 1000 if args.tpot_slo_ms is not None else None
     point, how = operating_point(results, ttft, tpot)
