@@ -54,7 +54,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tandem.assets import default_model_dir
     from tandem.config import EngineConfig
-    from tandem.engine.engine import Engine, resolve_max_tokens
+    from tandem.engine.engine import Engine
+    from tandem.engine.input_processor import resolve_max_tokens
     from tandem.request import SamplingParams
 
     engine = Engine(EngineConfig.from_kwargs(args.model or default_model_dir(),

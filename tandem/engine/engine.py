@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 
 from tandem.config import EngineConfig
-from tandem.engine.generation_config import sampling_defaults
+from tandem.engine.input_processor import InputProcessor, PromptType
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.stats import EngineStats, split_step_tokens
-from tandem.engine.tokenizer import Tokenizer
-from tandem.models.loader import read_hf_config
 from tandem.outputs import RequestOutput, StepPlan
 from tandem.request import FinishReason, Request, SamplingParams
 from tandem.runner.model_runner import Launched, ModelRunner
@@ -39,25 +36,19 @@ from tandem.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | list[int] | dict
-
-
-def _config_eos_ids(hf_config: dict) -> frozenset[int]:
-    eos = hf_config.get("eos_token_id")
-    return frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
-
-
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
+        # Tokenizer, limits, validation and sampling defaults: what a front end in another
+        # process needs too, without the model.
+        self.inputs = InputProcessor(config)
+        config = self.config = self.inputs.config  # max_model_len resolved
         model_dir = config.model.model
-        hf_config = read_hf_config(model_dir)
-        config = config.with_max_model_len(self._resolve_max_model_len(config, hf_config))
-        self.config = config
-        # A directory with only config.json + weights (benchmark shapes) runs on token ids.
-        self.tokenizer = (Tokenizer(model_dir, config.model.chat_template)
-                          if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else None)
+        self.tokenizer = self.inputs.tokenizer
+        self.sampling_defaults = self.inputs.sampling_defaults
+        if self.sampling_defaults:
+            logger.info("sampling defaults from generation_config: %s", self.sampling_defaults)
         self.runner = ModelRunner(config)
-        self.vocab_size = self.runner.vocab_size
+        self.vocab_size = self.inputs.vocab_size
         num_blocks = self.runner.init_kv_cache()
         capacity = num_blocks * config.cache.block_size
         if config.model.max_model_len > capacity:
@@ -69,12 +60,7 @@ class Engine:
                 f"cpu_kv_cache_gib)")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
-        self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer is not None
-                              else _config_eos_ids(hf_config))
-        # Defaults for what a request leaves unset (the model's generation_config.json).
-        self.sampling_defaults = sampling_defaults(model_dir, config.model.generation_config)
-        if self.sampling_defaults:
-            logger.info("sampling defaults from generation_config: %s", self.sampling_defaults)
+        self.eos_token_ids = self.inputs.eos_token_ids
         asked = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if asked is None else asked
         self._inflight: Launched | None = None  # launched, not yet collected (async)
@@ -86,71 +72,23 @@ class Engine:
                     model_dir, self.runner.dtype, self.runner.device, num_blocks,
                     config.cache.block_size, capacity)
 
-    @staticmethod
-    def _resolve_max_model_len(config: EngineConfig, hf_config: dict) -> int:
-        derived = int(hf_config.get("max_position_embeddings") or 2048)
-        asked = config.model.max_model_len
-        if asked is not None and asked > derived:
-            raise ValueError(f"max_model_len={asked} exceeds the model's "
-                             f"max_position_embeddings={derived}")
-        return asked or derived
-
     @property
     def max_model_len(self) -> int:
         return self.config.model.max_model_len
 
-    # ---- requests ------------------------------------------------------------------------
+    # ---- requests (input processing is InputProcessor's; these delegate) ----------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt given as text, token ids or {"prompt_token_ids": ...}."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt.get("prompt")
-        if isinstance(prompt, str):
-            return prompt, self.encode_text(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string or a list of token ids, got "
-                         f"{type(prompt).__name__}")
-
-    def default_sampling_params(self) -> SamplingParams:
-        """SamplingParams with the model's generation_config defaults (as vLLM's LLM)."""
-        return SamplingParams(**self.sampling_defaults)
+        return self.inputs.tokenize_prompt(prompt)
 
     def encode_text(self, text: str, param: str = "prompt",
                     add_special_tokens: bool = True) -> list[int]:
-        """Token ids of a text prompt. Text that cannot fit max_model_len (by a cheap lower
-        bound on its token count) raises ContextLengthError before it is tokenized."""
-        if self.tokenizer is None:
-            raise ValueError(f"{param}: this model has no tokenizer.json; pass token ids")
-        at_least = self.tokenizer.min_num_tokens(text)
-        if at_least >= self.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, your {param} is at least {at_least} tokens long. Please shorten "
-                f"the {param}.", param)
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.inputs.encode_text(text, param, add_special_tokens)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Everything about a request that could make a step fail, checked against this
-        model before it is queued; ValueError names the field."""
-        if not token_ids:
-            raise ValueError("prompt is empty")
-        vocab = self.vocab_size
-        bad = [t for t in token_ids if isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids out of the vocabulary [0, {vocab}): {bad[:5]}")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens, but max_model_len is "
-                             f"{self.max_model_len} (leaving no room to generate)")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids out of the vocabulary [0, {vocab}): {bad[:5]}")
-        limit = min(self.config.model.max_logprobs, vocab)
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > limit:
-                raise ValueError(f"{name} must be at most {limit} (max_logprobs), got {value}")
+        self.inputs.validate(token_ids, params)
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self.inputs.default_sampling_params()
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
@@ -281,36 +219,6 @@ class Engine:
                            s.num_kv_blocks_used, s.num_kv_blocks_total, s.kv_cache_usage,
                            s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
                            self._prompt_tokens, self._generation_tokens)
-
-
-class ContextLengthError(ValueError):
-    """A prompt (with its completion budget) that does not fit max_model_len; `param`
-    names the field to shorten."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int,
-                       prompt_param: str = "prompt", tokens_param: str = "max_tokens") -> int:
-    """The completion budget: `max_tokens`, or (None) whatever the context leaves, as vLLM
-    does. A prompt that leaves no room names the prompt; a budget that overflows names
-    the budget's field."""
-    if num_prompt_tokens >= max_model_len:
-        raise ContextLengthError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"prompt has {num_prompt_tokens} tokens, leaving no room for the completion. "
-            f"Please shorten the {prompt_param}.", prompt_param)
-    if max_tokens is None:
-        return max_model_len - num_prompt_tokens
-    if max_tokens >= 1 and num_prompt_tokens + max_tokens > max_model_len:
-        raise ContextLengthError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
-            f"{prompt_param}, {max_tokens} for the completion). Please reduce the length of "
-            f"the {prompt_param} or {tokens_param}.", tokens_param)
-    return max_tokens
 
 
 def _needs_host_tokens(plan: StepPlan) -> bool:

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tandem.engine.engine import ContextLengthError
+from tandem.engine.input_processor import ContextLengthError
 from tandem.request import SamplingParams
 
 logger = logging.getLogger(__name__)

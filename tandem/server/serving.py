@@ -32,8 +32,8 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from tandem.engine.async_engine import AsyncEngine, EngineError, EngineStopped
-from tandem.engine.engine import ContextLengthError
-from tandem.engine.engine import resolve_max_tokens as _resolve_max_tokens
+from tandem.engine.input_processor import ContextLengthError
+from tandem.engine.input_processor import resolve_max_tokens as _resolve_max_tokens
 from tandem.engine.tokenizer import Tokenizer
 from tandem.outputs import Logprobs, RequestOutput
 from tandem.server.config import ServerConfig
