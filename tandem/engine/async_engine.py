@@ -1,22 +1,26 @@
-"""`AsyncEngine`: the in-process `Engine` behind an asyncio front end, stepped by one thread.
+"""`AsyncEngine`: an `Engine` behind an asyncio front end.
 
-    event loop (request handlers)                 engine thread (the only one touching Engine)
-    add_request: tokenize + validate   --cmd-->   Engine.add_request         (between steps)
-    abort(request_id)                  --cmd-->   Engine.abort_request: KV blocks freed
-    RequestStream.__anext__   <--call_soon_threadsafe--   Engine.step() -> RequestOutputs
+    event loop (request handlers)             the engine side (EngineLoop, engine_loop.py)
+    add_request: tokenize + validate --Add-->   Engine.add_request          (between steps)
+    abort(request_id)               --Abort-->  Engine.abort_request: KV blocks freed
+    RequestStream.__anext__   <--events--  Engine.step() -> RequestOutputs (deltas, for the server)
 
-The engine is not thread-safe, so handlers never call it: they append commands to a list
-that the engine thread drains between steps. The thread steps while the engine has work
-and sleeps on a condition variable otherwise. Validation (tokenize, `Engine.validate`,
-`SamplingParams`) runs in the caller, so bad input raises ValueError before anything is
-queued; the rare late rejection (a duplicate id) surfaces from the stream instead.
-Tokenizing, detokenizing and chat-template rendering of request payloads run on a small
-thread pool (`run_blocking`), never on the event loop: the tokenizer releases the GIL, so
-a long prompt delays neither other requests nor the engine thread.
+The engine side runs in one of two places:
+  - a thread of this process (`AsyncEngine(engine)`): tests and simple embeddings;
+  - its own process (`AsyncEngine.in_process(config)`, engine/core_process.py), which
+    `tandem serve` uses: HTTP, SSE and tokenization then never take the GIL the engine's
+    step loop needs (vLLM v1's layout).
+Either way handlers never touch the engine: commands queue on a list that the engine side
+drains between steps. Validation (tokenize, `InputProcessor.validate`, `SamplingParams`)
+runs in the caller, so bad input raises ValueError before anything is queued; the rare late
+rejection (a duplicate id) surfaces from the stream instead. Tokenizing, detokenizing and
+chat-template rendering of request payloads run on a small thread pool (`run_blocking`),
+never on the event loop: the tokenizer releases the GIL.
 
 A step that raises is isolated by `Engine.step` (only the request that causes it ends,
 with finish_reason "error"). Should the step machinery itself fail, every live request
-fails with `EngineError` and is aborted, and the thread keeps serving new requests.
+fails with `EngineError` and is aborted, and the engine keeps serving new requests. If the
+engine process dies, every live request fails with `EngineError` and /health turns 503.
 """
 
 from __future__ import annotations
@@ -28,28 +32,23 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tandem.engine.engine import Engine, PromptType
+from tandem.engine.engine import Engine
+from tandem.engine.engine_loop import (Abort, Add, Command, EngineError, EngineLoop,
+                                       EngineStopped, Event, Exit)
+from tandem.engine.input_processor import InputProcessor, PromptType
 from tandem.engine.stats import EngineStats
 from tandem.outputs import RequestOutput
 from tandem.request import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+__all__ = ["AsyncEngine", "EngineError", "EngineStopped", "RequestStream", "StepHook"]
 
-# Called on the engine thread after every step (and after aborts), with the step's outputs
-# and a fresh stats snapshot: metrics and periodic logs hang here.
+# Called after every engine iteration (step, adds, aborts) with its outputs and a fresh stats
+# snapshot, on the thread that receives them: metrics and periodic logs hang here.
 StepHook = Callable[[list[RequestOutput], EngineStats], None]
-
-
-class EngineError(RuntimeError):
-    """The engine failed while running this request (a step raised); it was aborted."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine shut down before this request finished; it was aborted."""
 
 
 class RequestStream:
@@ -87,61 +86,81 @@ class RequestStream:
         return item
 
 
-@dataclass(frozen=True, slots=True)
-class _Add:
-    request_id: str
-    prompt: dict  # {"prompt": text | None, "prompt_token_ids": [...]}, already validated
-    params: SamplingParams
-    arrival_time: float
-    stream: RequestStream
-
-
-@dataclass(frozen=True, slots=True)
-class _Abort:
-    request_id: str
-
-
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: Engine | None, on_step: StepHook | None = None,
+                 core: Any = None) -> None:
+        """In-process: pass the engine. With `core` (a ProcessCore), the engine lives in
+        another process and `engine` is None; use `AsyncEngine.in_process`."""
         self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.vocab_size
+        self._core = core
+        self.inputs: InputProcessor = engine.inputs if engine is not None else core.inputs
+        self.tokenizer = self.inputs.tokenizer
+        self.max_model_len = self.inputs.max_model_len
+        self.vocab_size = self.inputs.vocab_size
+        self.config = self.inputs.config
         self.on_step = on_step
         self._cond = threading.Condition()
-        self._commands: list[_Add | _Abort] = []  # guarded by _cond
+        self._commands: list[Command] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond; no new requests once set
-        self._exit = False  # guarded by _cond; the thread aborts what is left and returns
-        self._streams: dict[str, RequestStream] = {}  # live requests; engine thread only
-        self._num_waiting = 0  # the scheduler's waiting queue after the last step
+        self._exit = False  # guarded by _cond; the engine side aborts what is left and stops
+        # Live requests' streams: set by the event loop before their Add is queued, removed
+        # by whichever thread delivers their last event (dict operations are atomic).
+        self._streams: dict[str, RequestStream] = {}
+        self._num_waiting = 0  # the scheduler's waiting queue after the last iteration
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tandem-tokenize")
 
+    @classmethod
+    def in_process(cls, config: Any, on_step: StepHook | None = None,
+                   log_level: int = logging.INFO) -> AsyncEngine:
+        """The engine in its own process (started here; ValueError if it cannot start)."""
+        from tandem.engine.core_process import ProcessCore
+        return cls(None, on_step, core=ProcessCore(config, log_level))
+
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
-            self._thread.start()
+        """Start the engine side (idempotent)."""
+        if self._thread is not None:
+            return
+        if self._core is None:
+            self._thread = threading.Thread(target=self._run_local, name="tandem-engine",
+                                            daemon=True)
+        else:
+            self._thread = threading.Thread(target=self._send_remote, name="tandem-engine-tx",
+                                            daemon=True)
+            self._core.start(self._on_events, self.fail_all)
+        self._thread.start()
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        alive = self._thread is not None and self._thread.is_alive()
+        if self._core is not None:
+            alive = alive and self._core.alive
+        return alive and not self._stopping
+
+    def describe(self) -> dict[str, Any]:
+        """What the engine is (for the start-up log line)."""
+        if self._core is not None:
+            return self._core.info
+        runner = self.engine.runner
+        return {"dtype": str(runner.dtype), "device": str(runner.device),
+                "num_kv_blocks": runner.num_blocks, "block_size": self.config.cache.block_size}
 
     @property
     def num_live_requests(self) -> int:
         """Requests queued or running (read from any thread; a snapshot)."""
-        return len(self._streams) + sum(isinstance(c, _Add) for c in list(self._commands))
+        return len(self._streams)
 
     @property
     def num_waiting_requests(self) -> int:
         """Scheduler requests (n per user request) waiting for a first step, including those
-        not yet handed to the engine thread (a snapshot, for admission control)."""
+        not yet handed to the engine (a snapshot, for admission control)."""
         return self._num_waiting + sum(c.params.n for c in list(self._commands)
-                                       if isinstance(c, _Add))
+                                       if isinstance(c, Add))
 
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Refuse new requests, let live ones finish for up to `timeout` seconds, then abort
-        the rest (their streams raise EngineStopped) and stop the thread. Idempotent."""
+        the rest (their streams raise EngineStopped) and stop the engine. Idempotent."""
         with self._cond:
             self._stopping = True
         deadline = time.monotonic() + timeout
@@ -152,6 +171,8 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+        if self._core is not None:
+            await asyncio.to_thread(self._core.join, 30.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -161,23 +182,26 @@ class AsyncEngine:
 
     # ---- requests (event loop) -----------------------------------------------------------
     def prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Tokenize and validate a prompt; raises ValueError. Safe while the engine steps:
-        it reads only the tokenizer and immutable limits. Text is tokenized in the calling
-        thread: the server tokenizes on the pool first (`run_blocking`) and passes ids."""
-        text, token_ids = self.engine.tokenize_prompt(prompt)
-        self.engine.validate(token_ids, params)
+        """Tokenize and validate a prompt; raises ValueError. Text is tokenized in the
+        calling thread: the server tokenizes on the pool first (`run_blocking`) and passes
+        token ids."""
+        text, token_ids = self.inputs.tokenize_prompt(prompt)
+        self.inputs.validate(token_ids, params)
         return text, token_ids
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None) -> RequestStream:
-        """Validate (ValueError: nothing is queued), then hand the request to the engine
-        thread. Call from the event loop that will consume the stream."""
+        """Validate (ValueError: nothing is queued), then hand the request to the engine.
+        Call from the event loop that will consume the stream."""
         if not self.is_running:
             raise EngineStopped("the engine is not running (shutting down?)")
         text, token_ids = self.prepare(prompt, params)
         stream = RequestStream(request_id, asyncio.get_running_loop())
-        self._submit(_Add(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params,
-                          arrival_time if arrival_time is not None else time.time(), stream))
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._streams[request_id] = stream
+        self._submit(Add(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params,
+                         arrival_time if arrival_time is not None else time.time()))
         return stream
 
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -196,110 +220,68 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request (any thread); its KV blocks are freed before the next step.
         Unknown or finished ids are ignored."""
-        self._submit(_Abort(request_id))
+        self._submit(Abort(request_id))
 
-    def _submit(self, command: _Add | _Abort) -> None:
+    def _submit(self, command: Command) -> None:
         with self._cond:
             self._commands.append(command)
             self._cond.notify()
 
-    # ---- the engine thread ---------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
+    def _take_commands(self, block: bool) -> list[Command]:
+        with self._cond:
+            while block and not self._commands and not self._exit:
+                self._cond.wait()
+            commands, self._commands = self._commands, []
+            if self._exit:
+                commands.append(Exit())
+                self._exit = False
+            if self._stopping:  # adds that raced the shutdown fail instead of starting
+                for c in [c for c in commands if isinstance(c, Add)]:
+                    commands.remove(c)
+                    self._on_events([(c.request_id, EngineStopped("the server is shutting "
+                                                                  "down"))], [], None, None)
+            return commands
+
+    # ---- the engine side, in this process ---------------------------------------------------
+    def _run_local(self) -> None:
+        loop = EngineLoop(self.engine, self._on_events)
+        while loop.run_once(self._take_commands(block=not loop.has_work())):
+            pass
+
+    # ---- the engine side, in its own process ------------------------------------------------
+    def _send_remote(self) -> None:
+        """Forward commands to the engine process until an Exit has gone."""
         while True:
-            with self._cond:
-                while (not self._commands and not self._exit
-                       and not engine.has_unfinished_requests()):
-                    self._cond.wait()
-                commands, self._commands = self._commands, []
-                exiting = self._exit
-            deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
-            outputs: list[RequestOutput] = []
-            for command in commands:
-                self._apply(command, deliveries, outputs)
-            if exiting:
-                self._fail_all(EngineStopped("the server shut down before the request "
-                                             "finished"), deliveries, outputs)
-                self._deliver(deliveries)
-                self._notify(outputs)
+            commands = self._take_commands(block=True)
+            if not self._core.send(commands) or any(isinstance(c, Exit) for c in commands):
                 return
-            if engine.has_unfinished_requests():
-                outputs += self._step(deliveries, outputs)
-            self._num_waiting = engine.scheduler.num_waiting
-            self._deliver(deliveries)
-            self._notify(outputs)
 
-    def _step(self, deliveries: list, aborted: list) -> list[RequestOutput]:
-        try:
-            step_outputs = self.engine.step()
-        except Exception as e:  # keep serving: fail what was live, carry on
-            logger.exception("engine step failed; aborting %d live request(s)",
-                             len(self._streams))
-            self._fail_all(EngineError(f"engine step failed: {e!r}"), deliveries, aborted)
-            return []
-        for out in step_outputs:
-            stream = (self._streams.pop(out.request_id, None) if out.finished
-                      else self._streams.get(out.request_id))
-            if stream is not None:
-                deliveries.append((stream, out))
-        return step_outputs
-
-    def _apply(self, command: _Add | _Abort, deliveries: list, outputs: list) -> None:
-        if isinstance(command, _Abort):
-            stream = self._streams.pop(command.request_id, None)
-            try:
-                out = self.engine.abort_request(command.request_id)
-            except Exception:
-                logger.exception("abort of %s failed", command.request_id)
-                return
-            if out is not None:
-                outputs.append(out)
-                if stream is not None:
-                    deliveries.append((stream, out))
-            return
-        if self._stopping:
-            deliveries.append((command.stream, EngineStopped("the server is shutting down")))
-            return
-        try:
-            if command.request_id in self._streams:
-                raise ValueError(f"request_id {command.request_id!r} is already in use")
-            self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    command.arrival_time)
-        except Exception as e:  # ValueError (late validation) or an engine failure
-            deliveries.append((command.stream, e))
-            return
-        self._streams[command.request_id] = command.stream
-
-    def _fail_all(self, error: BaseException, deliveries: list, outputs: list) -> None:
-        for request_id, stream in list(self._streams.items()):
-            try:
-                out = self.engine.abort_request(request_id)
-                if out is not None:
-                    outputs.append(out)
-            except Exception:
-                logger.exception("abort of %s failed", request_id)
-            deliveries.append((stream, error))
-        self._streams.clear()
-
-    @staticmethod
-    def _deliver(deliveries: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
-        """One wake-up per event loop per step, not one per request."""
+    # ---- results, from either side ----------------------------------------------------------
+    def _on_events(self, events: list[Event], outputs: list[RequestOutput],
+                   stats: EngineStats | None, num_waiting: int | None) -> None:
+        """Hand each event to its stream (one wake-up per event loop) and run the hook."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, item in deliveries:
-            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for rid, item in events:
+            final = isinstance(item, BaseException) or item.finished
+            stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
+        if num_waiting is not None:
+            self._num_waiting = num_waiting
+        if self.on_step is not None and stats is not None:
+            try:
+                self.on_step(outputs, stats)
+            except Exception:
+                logger.exception("step hook failed")
 
-    def _notify(self, outputs: list[RequestOutput]) -> None:
-        if self.on_step is None:
-            return
-        try:
-            self.on_step(outputs, self.engine.stats())
-        except Exception:
-            logger.exception("step hook failed")
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every live stream (the engine process died)."""
+        self._on_events([(rid, error) for rid in list(self._streams)], [], None, None)
 
 
 def _put_all(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:

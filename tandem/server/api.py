@@ -111,7 +111,7 @@ def build_app(state: ServerState, metrics: ServerMetrics | None = None) -> FastA
             _, tokens = await engine.run_blocking(render_chat, state, body.messages,
                                                   body.add_generation_prompt is not False)
         else:
-            tokens = await engine.run_blocking(engine.engine.encode_text, body.prompt,
+            tokens = await engine.run_blocking(engine.inputs.encode_text, body.prompt,
                                                add_special_tokens=body.add_special_tokens
                                                is not False)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}

@@ -36,22 +36,22 @@ def render_chat(state: ServerState, messages: list[ChatMessage],
                 template_kwargs: dict | None = None) -> tuple[str, list[int]]:
     """(prompt text, token ids) of a conversation; ValueError (a 400) without a template.
     Blocking: call through `AsyncEngine.run_blocking`."""
-    engine = state.engine.engine
-    if engine.tokenizer is None:
+    inputs = state.engine.inputs
+    if inputs.tokenizer is None:
         raise ValueError("messages: this model has no tokenizer.json, so no chat")
     reserved = {"messages", "add_generation_prompt", "chat_template", "bos_token",
                 "eos_token"} & set(template_kwargs or {})
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {sorted(reserved)}",
                        param="chat_template_kwargs")
-    text = engine.tokenizer.apply_chat_template([m.to_template() for m in messages],
+    text = inputs.tokenizer.apply_chat_template([m.to_template() for m in messages],
                                                 add_generation_prompt, chat_template,
                                                 **(template_kwargs or {}))
-    return text, engine.encode_text(text, "messages", add_special_tokens=add_special_tokens)
+    return text, inputs.encode_text(text, "messages", add_special_tokens=add_special_tokens)
 
 
 def _num_logprobs(state: ServerState, body: ChatCompletionRequest) -> int | None:
-    limit = state.engine.engine.config.model.max_logprobs
+    limit = state.engine.config.model.max_logprobs
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -73,7 +73,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
     text, ids = await engine.run_blocking(
         render_chat, state, body.messages, body.add_generation_prompt is not False,
         bool(body.add_special_tokens), body.chat_template, body.chat_template_kwargs)
-    defaults = engine.engine.sampling_defaults
+    defaults = engine.inputs.sampling_defaults
     if body.max_completion_tokens is not None:
         asked, tokens_param = body.max_completion_tokens, "max_completion_tokens"
     else:

@@ -1,6 +1,7 @@
 """`tandem serve [MODEL]`: build the engine, wrap it in an `AsyncEngine`, run the app under
 uvicorn. Server flags come from `ServerConfig`, engine flags from the engine configs.
 
+The engine runs in its own process unless --no-engine-process (engine/core_process.py).
 SIGTERM / SIGINT: the server stops accepting connections and new requests (503), lets
 in-flight requests finish for up to --shutdown-timeout seconds, then aborts the rest: each
 open stream gets its choices' finish_reason "abort", an error event and `data: [DONE]`
@@ -63,14 +64,14 @@ def _model_dir(args: argparse.Namespace) -> str:
 
 
 def _summary(engine: Any, name: str, host: str, port: int) -> str:
-    stats = engine.stats()
-    kv_tokens = stats.num_kv_blocks_total * engine.config.cache.block_size
-    runner = engine.runner
-    return (f"serving {name!r} from {engine.config.model.model}: dtype {runner.dtype}, "
-            f"device {runner.device}, max_model_len {engine.max_model_len}, KV cache "
-            f"{kv_tokens} tokens ({stats.num_kv_blocks_total} blocks), maximum concurrency "
+    info, config = engine.describe(), engine.config
+    kv_tokens = info["num_kv_blocks"] * info["block_size"]
+    where = f"engine process {info['pid']}" if "pid" in info else "engine thread"
+    return (f"serving {name!r} from {config.model.model}: dtype {info['dtype']}, "
+            f"device {info['device']} ({where}), max_model_len {engine.max_model_len}, KV "
+            f"cache {kv_tokens} tokens ({info['num_kv_blocks']} blocks), maximum concurrency "
             f"{kv_tokens / engine.max_model_len:.2f}x full-length requests, "
-            f"prefix caching {'on' if engine.config.cache.enable_prefix_caching else 'off'}, "
+            f"prefix caching {'on' if config.cache.enable_prefix_caching else 'off'}, "
             f"on http://{host}:{port}")
 
 
@@ -88,7 +89,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.DEBUG),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = _model_dir(args)
-    engine = Engine(EngineConfig.from_kwargs(model_dir, **engine_kwargs(args)))
+    engine_config = EngineConfig.from_kwargs(model_dir, **engine_kwargs(args))
     name = config.served_model_name or args.model_tag or args.model or "default"
     metrics, status = ServerMetrics(name), StatusLogger(config.status_interval)
 
@@ -96,7 +97,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         metrics.observe(outputs, stats)
         status.observe(stats)
 
-    state = ServerState(AsyncEngine(engine, on_step), name, model_dir, config)
+    if config.engine_process:
+        engine = AsyncEngine.in_process(engine_config, on_step, logging.getLogger().level)
+    else:
+        engine = AsyncEngine(Engine(engine_config), on_step)
+    engine.start()  # the model loads here: errors surface before the server listens
+    state = ServerState(engine, name, model_dir, config)
     app = build_app(state, metrics)
     logger.info(_summary(engine, name, config.host, config.port))
     if config.api_key:

@@ -64,12 +64,12 @@ class _Prepared:
 def _tokenize(state: ServerState, body: CompletionRequest,
               prompt: str | list[int]) -> tuple[str | None, list[int]]:
     """Tokenizer pool: the prompt's (text, ids), truncated as asked."""
-    engine = state.engine.engine
+    inputs = state.engine.inputs
     if isinstance(prompt, str):
-        text, ids = prompt, engine.encode_text(prompt, add_special_tokens=body.add_special_tokens
+        text, ids = prompt, inputs.encode_text(prompt, add_special_tokens=body.add_special_tokens
                                                is not False)
     else:
-        text, ids = engine.tokenize_prompt(prompt)
+        text, ids = inputs.tokenize_prompt(prompt)
     if body.truncate_prompt_tokens is not None and len(ids) > body.truncate_prompt_tokens:
         text, ids = None, ids[-body.truncate_prompt_tokens:]
     return text, ids
@@ -92,7 +92,7 @@ async def create_completion(body: CompletionRequest, raw: Request,
         prompts = [fim_prompt(state, p, body.suffix) for p in prompts]
     arrival = time.time()
     rid = new_id("cmpl")
-    defaults = engine.engine.sampling_defaults
+    defaults = engine.inputs.sampling_defaults
     asked = 1 if score_only else body.max_tokens
     if "max_tokens" not in body.model_fields_set and "max_tokens" in defaults:
         asked = defaults["max_tokens"]

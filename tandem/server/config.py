@@ -30,6 +30,9 @@ class ServerConfig:
     # requests get 503 with Retry-After
     # (default: 16 x --max-num-seqs; 0: no limit).
     max_waiting_requests: int | None = None
+    # Run the engine in its own process (HTTP, SSE and tokenizing never take its GIL);
+    # off: an engine thread in the server process.
+    engine_process: bool = True
     # Let requests bring their own chat_template (jinja, sandboxed; off: only the model's
     # or --chat-template)
     trust_request_chat_template: bool = False

@@ -58,13 +58,13 @@ class ServerState:
     @property
     def max_seqs_per_request(self) -> int:
         return (self.config.max_seqs_per_request
-                or self.engine.engine.config.scheduler.max_num_seqs)
+                or self.engine.config.scheduler.max_num_seqs)
 
     @property
     def max_waiting_requests(self) -> int:
         """0: no limit."""
         limit = self.config.max_waiting_requests
-        return 16 * self.engine.engine.config.scheduler.max_num_seqs if limit is None else limit
+        return 16 * self.engine.config.scheduler.max_num_seqs if limit is None else limit
 
 
 def check_model(state: ServerState, model: str | None) -> None:

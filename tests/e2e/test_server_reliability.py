@@ -273,7 +273,10 @@ def test_full_waiting_queue_is_503_with_retry_after(capped):
                     return r.status_code
 
             first = [asyncio.create_task(one(i, True)) for i in range(6)]  # 2 run, 4 wait
-            await asyncio.sleep(1.5)
+            for _ in range(200):  # until all six arrived (a loaded machine is slow)
+                await asyncio.sleep(0.05)
+                if capped.metric("tandem:num_requests_waiting") == 4:
+                    break
             assert capped.metric("tandem:num_requests_waiting") == 4
             status = await one(99, False)
             for t in first:

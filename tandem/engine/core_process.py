@@ -1,0 +1,140 @@
+"""The engine in its own process: `ProcessCore` (server side) and `core_main` (engine side).
+
+    server process                                   engine process (spawned)
+    AsyncEngine --commands--> [tx thread] ==pipe==> core_main: EngineLoop.run_once
+    AsyncEngine._on_events <-- [rx thread] <==pipe== emit(events, outputs, stats, waiting)
+
+Two one-way pipes of pickled messages (the commands and events of engine_loop.py). The
+engine process builds the `Engine` (model, KV cache, CUDA graphs) and reports "ready" with
+what it is, or the error that stopped it, which the server raises as ValueError. Only the
+engine process touches the GPU; the server process keeps an `InputProcessor` of its own.
+If the engine process dies, the rx thread fails every live request and `alive` turns False.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tandem.config import EngineConfig
+from tandem.engine.engine_loop import Command, EngineError, EngineLoop
+from tandem.engine.input_processor import InputProcessor
+
+logger = logging.getLogger(__name__)
+_START_TIMEOUT_S = 1800.0  # model load + KV sizing + CUDA graph capture
+
+
+def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int) -> None:
+    """The engine process: build the engine, then apply commands and step until Exit."""
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    from tandem.engine.engine import Engine
+    try:
+        engine = Engine(config)
+    except Exception as e:  # reported to the server, which exits with the message
+        events.send(("error", f"{e}", isinstance(e, ValueError)))
+        return
+    runner = engine.runner
+    events.send(("ready", {"dtype": str(runner.dtype), "device": str(runner.device),
+                           "num_kv_blocks": runner.num_blocks,
+                           "block_size": config.cache.block_size, "pid": os.getpid()}))
+
+    def emit(evts: list, outputs: list, stats: Any, num_waiting: int) -> None:
+        events.send(("events", evts, outputs, stats, num_waiting))
+
+    loop = EngineLoop(engine, emit)
+    running = True
+    while running:
+        batch: list[Command] = []
+        if not loop.has_work():
+            batch += commands.recv()  # idle: wait for work
+        while commands.poll():
+            batch += commands.recv()
+        running = loop.run_once(batch)
+    events.send(("exit",))
+
+
+class ProcessCore:
+    def __init__(self, config: EngineConfig, log_level: int = logging.INFO) -> None:
+        self.inputs = InputProcessor(config)  # validates the model directory early
+        self.config = self.inputs.config
+        self.log_level = log_level
+        self.info: dict[str, Any] = {}
+        self.alive = False
+        self._proc: mp.process.BaseProcess | None = None
+        self._rx: threading.Thread | None = None
+        self._tx_lock = threading.Lock()
+
+    def start(self, on_events: Callable[..., None],
+              on_dead: Callable[[BaseException], None]) -> None:
+        """Spawn the engine process and wait until it is ready (ValueError if it fails)."""
+        if self._proc is not None:
+            return
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked
+        cmd_r, self._cmd_w = ctx.Pipe(duplex=False)
+        self._evt_r, evt_w = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=core_main, name="tandem-engine-core", daemon=True,
+                                 args=(self.config, cmd_r, evt_w, self.log_level))
+        self._proc.start()
+        cmd_r.close()
+        evt_w.close()
+        if not self._evt_r.poll(_START_TIMEOUT_S):
+            self._proc.kill()
+            raise ValueError("the engine process did not start in time")
+        try:
+            message = self._evt_r.recv()
+        except EOFError:
+            message = ("error", f"the engine process exited ({self._proc.exitcode})", False)
+        if message[0] == "error":
+            self._proc.join(10)
+            raise ValueError(message[1])
+        self.info = message[1]
+        self.alive = True
+        self._rx = threading.Thread(target=self._receive, args=(on_events, on_dead),
+                                    name="tandem-engine-rx", daemon=True)
+        self._rx.start()
+
+    def send(self, commands: list[Command]) -> bool:
+        """Queue commands in the engine process; False once it is gone."""
+        if not commands:
+            return True
+        try:
+            with self._tx_lock:
+                self._cmd_w.send(commands)
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def _receive(self, on_events: Callable[..., None],
+                 on_dead: Callable[[BaseException], None]) -> None:
+        clean = False
+        while True:
+            try:
+                message = self._evt_r.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "exit":
+                clean = True
+                break
+            _, events, outputs, stats, num_waiting = message
+            on_events(events, outputs, stats, num_waiting)
+        self.alive = False
+        if not clean:
+            logger.error("the engine process died (exit code %s)",
+                         self._proc.exitcode if self._proc else None)
+            on_dead(EngineError("the engine process died"))
+
+    def join(self, timeout: float) -> None:
+        """Wait for the engine process to end (after an Exit); kill it past `timeout`."""
+        if self._proc is None:
+            return
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        if self._rx is not None:
+            self._rx.join(5)

@@ -1,0 +1,137 @@
+"""`EngineLoop`: the engine's side of serving, whatever carries its messages.
+
+Each `run_once(commands)` applies the commands that arrived (add, abort, exit) between
+steps, runs one `Engine.step` if there is work, and hands what happened to `emit`:
+
+    emit(events, outputs, stats, num_waiting)
+        events   [(request_id, RequestOutput | exception)]: what each consumer gets
+        outputs  every RequestOutput of the iteration (metrics hooks read them)
+
+It runs on a thread of the server process (AsyncEngine, in-process mode) or as the main
+loop of a separate engine process (core_process.py); the messages are plain dataclasses,
+so they pickle across the boundary. A step that raises past `Engine.step`'s own isolation
+fails the live requests with `EngineError`; the loop carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tandem.engine.engine import Engine
+from tandem.engine.stats import EngineStats
+from tandem.outputs import RequestOutput
+from tandem.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running this request (a step raised); it was aborted."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine shut down before this request finished; it was aborted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Add:
+    request_id: str
+    prompt: dict  # {"prompt": text | None, "prompt_token_ids": [...]}, already validated
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """Abort whatever is live (EngineStopped) and stop."""
+
+
+Command = Add | Abort | Exit
+Event = tuple[str, RequestOutput | BaseException]
+Emit = Callable[[list[Event], list[RequestOutput], EngineStats, int], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, emit: Emit) -> None:
+        self.engine = engine
+        self.emit = emit
+        self.live: set[str] = set()  # request ids added and not yet finished
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def run_once(self, commands: list[Command]) -> bool:
+        """Apply `commands`, step once if there is work, emit. False after an Exit."""
+        events: list[Event] = []
+        outputs: list[RequestOutput] = []
+        exiting = False
+        for command in commands:
+            if isinstance(command, Exit):
+                exiting = True
+            else:
+                self._apply(command, events, outputs)
+        if exiting:
+            self._fail_all(EngineStopped("the server shut down before the request finished"),
+                           events, outputs)
+        elif self.engine.has_unfinished_requests():
+            self._step(events, outputs)
+        if commands or outputs or events:
+            self.emit(events, outputs, self.engine.stats(), self.engine.scheduler.num_waiting)
+        return not exiting
+
+    def _step(self, events: list[Event], outputs: list[RequestOutput]) -> None:
+        try:
+            step_outputs = self.engine.step()
+        except Exception as e:  # keep serving: fail what was live, carry on
+            logger.exception("engine step failed; aborting %d live request(s)", len(self.live))
+            self._fail_all(EngineError(f"engine step failed: {e!r}"), events, outputs)
+            return
+        for out in step_outputs:
+            if out.request_id in self.live:
+                if out.finished:
+                    self.live.discard(out.request_id)
+                events.append((out.request_id, out))
+        outputs += step_outputs
+
+    def _apply(self, command: Add | Abort, events: list[Event],
+               outputs: list[RequestOutput]) -> None:
+        rid = command.request_id
+        if isinstance(command, Abort):
+            try:
+                out = self.engine.abort_request(rid)
+            except Exception:
+                logger.exception("abort of %s failed", rid)
+                return
+            if out is not None:
+                outputs.append(out)
+                if rid in self.live:
+                    self.live.discard(rid)
+                    events.append((rid, out))
+            return
+        try:
+            if rid in self.live:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            self.engine.add_request(rid, command.prompt, command.params, command.arrival_time)
+        except Exception as e:  # ValueError (late validation) or an engine failure
+            events.append((rid, e))
+            return
+        self.live.add(rid)
+
+    def _fail_all(self, error: BaseException, events: list[Event],
+                  outputs: list[RequestOutput]) -> None:
+        for rid in sorted(self.live):
+            try:
+                out = self.engine.abort_request(rid)
+                if out is not None:
+                    outputs.append(out)
+            except Exception:
+                logger.exception("abort of %s failed", rid)
+            events.append((rid, error))
+        self.live.clear()
