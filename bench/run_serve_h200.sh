@@ -39,6 +39,7 @@ try:
                              stdout=open(f"{out}/profile.bench.log", "w"), stderr=subprocess.STDOUT)
     time.sleep(20)  # past warm-up and the first prefills
     subprocess.run(["py-spy", "record", "-p", str(proc.pid), "-d", "15", "-r", "200", "-f", "raw",
+                    "--subprocesses",
                     "--threads", "--nonblocking", "-o", f"{out}/profile.txt"], timeout=60)
     bench.wait(timeout=300)
 finally:
