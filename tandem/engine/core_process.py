@@ -4,7 +4,8 @@
     AsyncEngine --commands--> [tx thread] ==pipe==> core_main: EngineLoop.run_once
     AsyncEngine._on_events <-- [rx thread] <==pipe== emit(events, outputs, stats, waiting)
 
-Two one-way pipes of pickled messages (the commands and events of engine_loop.py). The
+Two one-way pipes of pickled messages (the commands and events of engine_loop.py; outputs
+travel as plain tuples, without the prompt, which the server side keeps per request). The
 engine process builds the `Engine` (model, KV cache, CUDA graphs) and reports "ready" with
 what it is, or the error that stopped it, which the server raises as ValueError. Only the
 engine process touches the GPU; the server process keeps an `InputProcessor` of its own.
@@ -21,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tandem.config import EngineConfig
-from tandem.engine.engine_loop import Command, EngineError, EngineLoop
+from tandem.engine.engine_loop import Add, Command, EngineError, EngineLoop
 from tandem.engine.input_processor import InputProcessor
+from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 logger = logging.getLogger(__name__)
 _START_TIMEOUT_S = 1800.0  # model load + KV sizing + CUDA graph capture
@@ -43,8 +45,14 @@ def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int) 
                            "num_kv_blocks": runner.num_blocks,
                            "block_size": config.cache.block_size, "pid": os.getpid()}))
 
+    sent_prompt_logprobs: set[str] = set()
+
     def emit(evts: list, outputs: list, stats: Any, num_waiting: int) -> None:
-        events.send(("events", evts, outputs, stats, num_waiting))
+        index = {id(out): i for i, out in enumerate(outputs)}
+        packed = [_pack(out, sent_prompt_logprobs) for out in outputs]
+        refs = [(rid, index[id(item)]) if id(item) in index else (rid, item)
+                for rid, item in evts]
+        events.send(("events", refs, packed, stats, num_waiting))
 
     loop = EngineLoop(engine, emit)
     running = True
@@ -58,6 +66,22 @@ def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int) 
     events.send(("exit",))
 
 
+def _pack(out: RequestOutput, sent_prompt_logprobs: set[str]) -> tuple:
+    """An output as plain tuples (pickled in C, unlike slotted dataclasses), without the
+    prompt (the server kept it) and with prompt logprobs only the first time."""
+    lps = None
+    if out.prompt_logprobs is not None and out.request_id not in sent_prompt_logprobs:
+        lps = out.prompt_logprobs
+        sent_prompt_logprobs.add(out.request_id)
+    if out.finished:
+        sent_prompt_logprobs.discard(out.request_id)
+    m = out.metrics
+    return (out.request_id, out.finished, out.delta, out.num_cached_tokens,
+            (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.finished_time),
+            [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, c.logprobs,
+              c.cumulative_logprob) for c in out.outputs], lps)
+
+
 class ProcessCore:
     def __init__(self, config: EngineConfig, log_level: int = logging.INFO) -> None:
         self.inputs = InputProcessor(config)  # validates the model directory early
@@ -68,6 +92,9 @@ class ProcessCore:
         self._proc: mp.process.BaseProcess | None = None
         self._rx: threading.Thread | None = None
         self._tx_lock = threading.Lock()
+        # request id -> (prompt text, prompt token ids) and prompt logprobs, of live requests
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}
+        self._prompt_logprobs: dict[str, list] = {}
 
     def start(self, on_events: Callable[..., None],
               on_dead: Callable[[BaseException], None]) -> None:
@@ -102,6 +129,10 @@ class ProcessCore:
         """Queue commands in the engine process; False once it is gone."""
         if not commands:
             return True
+        for c in commands:  # outputs come back without the prompt: it is kept here
+            if isinstance(c, Add):
+                self._prompts[c.request_id] = (c.prompt.get("prompt"),
+                                               c.prompt["prompt_token_ids"])
         try:
             with self._tx_lock:
                 self._cmd_w.send(commands)
@@ -120,13 +151,32 @@ class ProcessCore:
             if message[0] == "exit":
                 clean = True
                 break
-            _, events, outputs, stats, num_waiting = message
+            _, refs, packed, stats, num_waiting = message
+            outputs = [self._unpack(p) for p in packed]
+            for rid, item in refs:
+                if not isinstance(item, int):  # an error ends the request: forget it
+                    self._prompts.pop(rid, None)
+                    self._prompt_logprobs.pop(rid, None)
+            events = [(rid, outputs[item] if isinstance(item, int) else item)
+                      for rid, item in refs]
             on_events(events, outputs, stats, num_waiting)
         self.alive = False
         if not clean:
             logger.error("the engine process died (exit code %s)",
                          self._proc.exitcode if self._proc else None)
             on_dead(EngineError("the engine process died"))
+
+    def _unpack(self, packed: tuple) -> RequestOutput:
+        rid, finished, delta, cached, metrics, choices, prompt_logprobs = packed
+        if prompt_logprobs is not None:
+            self._prompt_logprobs[rid] = prompt_logprobs
+        prompt, prompt_ids = (self._prompts.pop(rid, (None, [])) if finished
+                              else self._prompts.get(rid, (None, [])))
+        lps = (self._prompt_logprobs.pop(rid, None) if finished
+               else self._prompt_logprobs.get(rid))
+        return RequestOutput(rid, prompt, prompt_ids, lps,
+                             [CompletionOutput(*c) for c in choices], finished,
+                             RequestMetrics(*metrics), cached, delta)
 
     def join(self, timeout: float) -> None:
         """Wait for the engine process to end (after an Exit); kill it past `timeout`."""
