@@ -4,7 +4,7 @@
 # prompts, EOS ignored. Offline references first (throughput with the same workload as the
 # sweep's concurrency-512 point; batch-1 latency for the concurrency-1 point), then the
 # concurrency sweep of `tandem serve`, then a py-spy profile of the server at 512.
-# Usage: OUT=dir bash bench/run_serve_h200.sh [throughput latency sweep profile]
+# Usage: OUT=dir [CONC=1,512] bash bench/run_serve_h200.sh [throughput latency sweep profile]
 set -u
 OUT=${OUT:-bench/results/tmp}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -24,7 +24,7 @@ for what in "$@"; do
                --max-num-seqs 1 --iters 3 > "$OUT/latency.log" 2>&1
              echo "== latency rc=$?"; last "$OUT/latency.log"; tail -6 "$OUT/latency.log" | grep -v '^{' ;;
     sweep) timeout 900 python3 -m tandem bench sweep --model $M --serve-args "$E" $W \
-             --concurrencies 1,8,32,128,512 --num-prompts 8 --min-rounds 2 --no-progress \
+             --concurrencies ${CONC:-1,8,32,128,512} --num-prompts 8 --min-rounds 2 --no-progress \
              --out "$OUT/sweep" > "$OUT/sweep.log" 2>&1
            echo "== sweep rc=$?"; last "$OUT/sweep.log"; grep -v '^{' "$OUT/sweep.log" | tail -8 ;;
     profile) python3 - "$M" "$E" "$W" "$OUT" <<'PY'
