@@ -8,6 +8,8 @@
 set -u
 OUT=${OUT:-bench/results/tmp}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The device's copy may carry a stale .git: report the commit written here beforehand.
+[ -f .bench_commit ] && export TANDEM_GIT_COMMIT=${TANDEM_GIT_COMMIT:-$(cat .bench_commit)}
 M=/tmp/llama-3.1-8b
 python3 -m tandem.bench.shape_tokenizer bench/configs/llama-3.1-8b $M > /dev/null
 E="--load-format dummy --max-model-len 1024 --max-num-seqs 512"

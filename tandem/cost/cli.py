@@ -119,6 +119,7 @@ def run_cost(args: argparse.Namespace) -> int:
                 "source": "given on the command line" if args.gpu_price is not None
                 else GPU_PRICES[args.gpu].source},
         "self_hosted_usd_per_m_output": cap.usd_per_m_output(),
+        "self_hosted_usd_per_m_input": cap.usd_per_m_input(),
         "self_hosted_usd_per_m_tokens": cap.usd_per_m_tokens(),
         "traffic": {"tokens_per_month": volume, "input_share": args.input_share,
                     "cached_share": args.cached_share, "peak_to_mean": args.peak_to_mean},
@@ -131,8 +132,9 @@ def run_cost(args: argparse.Namespace) -> int:
     print(f"operating point: {how}: {cap.output_tokens_per_s:.0f} output tok/s "
           f"({cap.total_tokens_per_s:.0f} total) on {args.num_gpus} x {args.gpu} at "
           f"${gpu_price:.2f}/GPU-hour")
-    print(f"self-hosted: ${cap.usd_per_m_output():.4f} per 1M output tokens "
-          f"(${cap.usd_per_m_tokens():.4f} per 1M tokens of the benchmark mix); "
+    print(f"self-hosted: ${cap.usd_per_m_output():.4f} per 1M output tokens, or "
+          f"${cap.usd_per_m_input():.4f} per 1M input tokens (each carrying the whole GPU "
+          f"cost), ${cap.usd_per_m_tokens():.4f} per 1M tokens of the benchmark mix; "
           f"{record['servers']} server(s), ${self_cost:,.0f}/month for "
           f"{volume:.3g} tokens/month")
     for r in rows:

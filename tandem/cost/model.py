@@ -57,6 +57,11 @@ class Capacity:
         """Self-hosted cost of a million output tokens (all GPU time charged to output)."""
         return self.usd_per_hour / (self.output_tokens_per_s * 3600) * 1e6
 
+    def usd_per_m_input(self) -> float:
+        """Self-hosted cost of a million input tokens (all GPU time charged to input)."""
+        input_per_s = self.total_tokens_per_s - self.output_tokens_per_s
+        return self.usd_per_hour / (input_per_s * 3600) * 1e6 if input_per_s > 0 else math.inf
+
     def usd_per_m_tokens(self) -> float:
         """Blended cost of a million tokens of the benchmark's input/output mix."""
         return self.usd_per_hour / (self.total_tokens_per_s * 3600) * 1e6

@@ -17,6 +17,7 @@ def test_cost_per_million_tokens():
     # $4/h over 3.6M output tokens/h -> $1.111 per 1M output tokens; 10.8M tokens/h -> $0.370
     assert CAP.usd_per_m_output() == pytest.approx(4 / 3.6)
     assert CAP.usd_per_m_tokens() == pytest.approx(4 / 10.8)
+    assert CAP.usd_per_m_input() == pytest.approx(4 / 7.2)  # 2000 input tok/s
 
 
 def test_peak_provisioning_and_utilization():
