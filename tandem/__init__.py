@@ -3,7 +3,9 @@
 A request's path, with the file that owns each arrow:
 
     LLM.generate / server endpoint          engine/llm.py, server/
-      -> Engine.add_request                 engine/engine.py (validate, tokenize, n x Request)
+      (server: AsyncEngine -> engine process) engine/async_engine.py, core_process.py
+      -> InputProcessor                     engine/input_processor.py (tokenize, validate)
+      -> Engine.add_request                 engine/engine.py (n x Request)
       -> Scheduler.schedule -> StepPlan     scheduler/scheduler.py, kv_cache/ (pure Python)
       -> ModelRunner.execute                runner/model_runner.py (inputs -> model -> sampler)
            model.forward(ids, positions, attn_metadata)   models/, layers/, kernels/

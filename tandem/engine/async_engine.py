@@ -194,7 +194,8 @@ class AsyncEngine:
         """Validate (ValueError: nothing is queued), then hand the request to the engine.
         Call from the event loop that will consume the stream."""
         if not self.is_running:
-            raise EngineStopped("the engine is not running (shutting down?)")
+            raise EngineStopped("the engine is not running (the server is shutting down, or "
+                                "the engine process died)")
         text, token_ids = self.prepare(prompt, params)
         stream = RequestStream(request_id, asyncio.get_running_loop())
         if request_id in self._streams:

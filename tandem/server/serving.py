@@ -187,9 +187,8 @@ def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
 
 def engine_failure(e: Exception) -> APIError:
     """The error a client sees for an engine failure: never Python's exception text."""
-    if isinstance(e, EngineStopped):
-        return APIError(503, "the server is shutting down; the request was aborted",
-                        code="server_shutting_down")
+    if isinstance(e, EngineStopped):  # our own messages: no Python exception text
+        return APIError(503, str(e), code="server_shutting_down")
     return APIError(500, "the engine failed while running this request; see the server log",
                     code="engine_error")
 

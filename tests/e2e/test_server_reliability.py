@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import re
 import signal
 import statistics
 import subprocess
@@ -456,5 +458,26 @@ def test_shutdown_ends_streams_with_abort_and_done(tmp_path):
                    for e in events[:-1] if e["choices"][0]["finish_reason"]}
         assert reasons == {0: "abort", 1: "abort"}
         assert srv.proc.wait(timeout=30) == 0
+    finally:
+        stop_server(srv)
+
+
+def test_a_dead_engine_process_fails_live_requests_and_health(tmp_path):
+    """The engine runs in its own process: if it dies, open streams end with an error
+    event and [DONE], new requests get 503 and /health turns 503 (for the supervisor)."""
+    path = make_tiny_model(tmp_path / "model", "LlamaForCausalLM", max_position_embeddings=4096)
+    srv = start_server(path, str(tmp_path / "server.log"), defaults=False)
+    try:
+        core_pid = int(re.search(r"engine process (\d+)", srv.log()).group(1))
+        body = {"prompt": "hi", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            os.kill(core_pid, signal.SIGKILL)
+            events, data = _sse(lines)
+        assert data[-1] == "[DONE]" and events[-1]["error"]["code"] == "engine_error"
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, timeout=10)
+        assert r.status_code == 503
     finally:
         stop_server(srv)
