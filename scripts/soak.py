@@ -6,8 +6,8 @@
 
 Traffic, from --concurrency client loops on one asyncio loop (seeded): streaming and plain
 completions, chat, n > 1, several prompts per request, logprobs, and clients that hang up
-mid-stream (--disconnect-rate). Every --sample-interval seconds one line: server RSS (from
-/proc, when the pid is known), running/waiting requests and KV-cache usage from /metrics,
+mid-stream (--disconnect-rate). Every --sample-interval seconds one line: the RSS of the
+server and its engine process (from /proc, when the pid is known), running/waiting requests and KV-cache usage from /metrics,
 and the counts so far. At the end the server must be idle with no KV block held, every
 request must have completed (or been cut by its own client), and the last stdout line is
 one JSON object with the samples. Not a CI test: run it by hand.
@@ -42,10 +42,20 @@ def _metrics(text: str) -> dict[str, float]:
 
 
 def _rss_mb(pid: int | None) -> float | None:
+    """RSS of the server and its child processes (the engine process), in MB."""
     if pid is None:
         return None
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):  # it ended meanwhile
+            pass
+    return total / 1024
 
 
 class Soak:

@@ -1,6 +1,6 @@
 """`Engine`: the in-process core. `step()` is schedule, execute, update; nothing else.
 
-    add_request: validate -> tokenize -> n x Request -> Scheduler.add_request
+    add_request: tokenize + validate (InputProcessor) -> n x Request -> Scheduler.add_request
     step:        Scheduler.schedule -> StepPlan -> ModelRunner.execute -> StepResult
                  -> Scheduler.update (tokens, finishes, block caching)
                  -> OutputProcessor.process (detokenize, stop strings) -> RequestOutput

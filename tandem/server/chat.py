@@ -95,7 +95,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
     rid = new_id("chatcmpl")
     if ignored := body.ignored_fields():
         logger.warning("request %s: unknown fields ignored: %s", rid, ignored)
-    log_request(state, rid, [len(ids)], params)
+    log_request(state, rid, [len(ids)], params, body.user)
     merged = merge([engine.generate(rid, prompt, params, time.time())])
     if body.stream:
         first = await cancel_on_disconnect(raw, first_output(merged))

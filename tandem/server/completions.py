@@ -108,7 +108,8 @@ async def create_completion(body: CompletionRequest, raw: Request,
         engine.prepare({"prompt": text, "prompt_token_ids": ids}, params)
         prepared.append(_Prepared(f"{rid}-{i}", text, ids, params))
     _log_ignored(body, rid)
-    log_request(state, rid, [len(p.token_ids) for p in prepared], prepared[0].params)
+    log_request(state, rid, [len(p.token_ids) for p in prepared], prepared[0].params,
+                body.user)
     gens = [engine.generate(p.request_id, {"prompt": p.text, "prompt_token_ids": p.token_ids},
                             p.params, arrival) for p in prepared]
     merged = merge(gens)

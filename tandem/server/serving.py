@@ -104,10 +104,13 @@ def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model
 
 
 def log_request(state: ServerState, rid: str, num_prompt_tokens: list[int],
-                params: object) -> None:
+                params: object, user: str | None) -> None:
+    """--enable-log-requests: one line per request (with OpenAI's `user`, which exists for
+    exactly this: telling end users apart in the operator's logs)."""
     if state.config.enable_log_requests:
-        logger.info("request %s: %d prompt(s), prompt tokens %s, %s", rid,
-                    len(num_prompt_tokens), num_prompt_tokens, params)
+        logger.info("request %s%s: %d prompt(s), prompt tokens %s, %s", rid,
+                    f" (user {user!r})" if user else "", len(num_prompt_tokens),
+                    num_prompt_tokens, params)
 
 
 # ---- logprobs ------------------------------------------------------------------------------

@@ -226,3 +226,19 @@ def test_delta_outputs_add_up_to_the_cumulative_ones(llm):
     assert (c.text, c.token_ids, c.logprobs, c.finish_reason) == \
         (final.text, final.token_ids, final.logprobs, "length")
     assert c.cumulative_logprob == pytest.approx(final.cumulative_logprob)
+
+
+def test_generation_config_sets_the_default_sampling(tmp_path):
+    """With no SamplingParams, LLM.generate uses the model's generation_config.json (as
+    vLLM does); generation_config="vllm" turns that off."""
+    import json
+    path = make_tiny_model(tmp_path / "m", "LlamaForCausalLM")
+    with open(f"{path}/generation_config.json") as f:
+        gen = json.load(f)
+    with open(f"{path}/generation_config.json", "w") as f:
+        json.dump({**gen, "max_new_tokens": 3, "temperature": 0.0}, f)
+    llm = LLM(path, max_model_len=128)
+    a, b = (llm.generate([GOOD], use_tqdm=False)[0].outputs[0] for _ in range(2))
+    assert len(a.token_ids) <= 3 and a.token_ids == b.token_ids
+    plain = LLM(path, max_model_len=128, generation_config="vllm")
+    assert plain.engine.default_sampling_params() == SamplingParams()

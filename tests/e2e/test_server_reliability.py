@@ -295,7 +295,7 @@ def test_full_waiting_queue_is_503_with_retry_after(capped):
 
 def test_generation_config_defaults_and_vllm_endpoints(capped):
     client = capped.client()
-    out = client.completions.create(model="tiny", prompt="hello")  # no max_tokens given
+    out = client.completions.create(model="tiny", prompt="hello", user="alice")  # no max_tokens
     assert out.usage.completion_tokens == 5  # max_new_tokens from generation_config.json
     again = client.completions.create(model="tiny", prompt="hello")
     assert again.choices[0].text == out.choices[0].text  # temperature 0 from the file
@@ -316,7 +316,7 @@ def test_generation_config_defaults_and_vllm_endpoints(capped):
     other = httpx.options(capped.url + "/v1/completions", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in other.headers
-    assert "request cmpl-" in capped.log()  # --enable-log-requests
+    assert "(user 'alice')" in capped.log()  # --enable-log-requests, with OpenAI's user
 
 
 # ---- 4. malformed input -------------------------------------------------------------------
