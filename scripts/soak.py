@@ -20,25 +20,16 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 
 import httpx
 
+from tandem.bench.serve_cli import parse_metrics, start_server, stop_server
+
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class LinkedList:\n",
            "def read_config(path):\n    ", "for i in range(10):", "# Parse the arguments\n",
            "async def fetch(url):\n", "def quicksort(xs):\n    \"\"\""]
-
-
-def _metrics(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("tandem:") and " " in line:
-            series, _, value = line.rpartition(" ")
-            out[series.split("{")[0]] = float(value)
-    return out
 
 
 def _rss_mb(pid: int | None) -> float | None:
@@ -114,7 +105,7 @@ class Soak:
     async def sampler(self, client: httpx.AsyncClient, deadline: float) -> None:
         start = time.monotonic()
         while True:
-            m = _metrics((await client.get("/metrics")).text)
+            m = parse_metrics((await client.get("/metrics")).text)
             sample = {"t_s": round(time.monotonic() - start, 1), "rss_mb": _rss_mb(self.pid),
                       "running": m.get("tandem:num_requests_running"),
                       "waiting": m.get("tandem:num_requests_waiting"),
@@ -139,7 +130,7 @@ class Soak:
                                  *(self.client_loop(client, deadline)
                                    for _ in range(self.args.concurrency)))
             for _ in range(100):  # the server drains the hung-up requests
-                final = _metrics((await client.get("/metrics")).text)
+                final = parse_metrics((await client.get("/metrics")).text)
                 if not final.get("tandem:num_requests_running") and \
                         not final.get("tandem:kv_cache_usage_perc"):
                     break
@@ -151,28 +142,6 @@ class Soak:
                 "final_kv_usage": final.get("tandem:kv_cache_usage_perc"),
                 "rss_mb_first": rss[0] if rss else None, "rss_mb_last": rss[-1] if rss else None,
                 "rss_mb_max": max(rss) if rss else None, "samples": self.samples}
-
-
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tandem", "serve", *([args.model] if args.model else []),
-           "--port", str(port), "--uvicorn-log-level", "warning"]
-    log = open(args.server_log, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {args.server_log}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not come up")
 
 
 def main() -> int:
@@ -192,14 +161,13 @@ def main() -> int:
     if args.base_url:
         url, pid = args.base_url.rstrip("/"), args.pid
     else:
-        proc, url = _start_server(args)
+        proc, url = start_server(args.model, "", args.server_log)
         pid = proc.pid
     try:
         result = asyncio.run(Soak(args, url, pid).run())
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_server(proc)
     ok = (result["failed"] == 0 and not result["final_running"]
           and not result["final_kv_usage"])
     print(f"{'PASS' if ok else 'FAIL'}: {result['completed']} completed, "

@@ -60,7 +60,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     engine = Engine(EngineConfig.from_kwargs(args.model or default_model_dir(),
                                              **engine_kwargs(args)))
-    _, token_ids = engine.tokenize_prompt(args.prompt)
+    _, token_ids = engine.inputs.tokenize_prompt(args.prompt)
     max_tokens = resolve_max_tokens(len(token_ids), args.max_tokens, engine.max_model_len,
                                     tokens_param="--max-tokens")
     params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature,

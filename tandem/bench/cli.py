@@ -25,7 +25,7 @@ from tandem.bench.progress import add_progress_flag, show_progress
 from tandem.bench.roofline import ModelShape, Workload, measure_rates, roofline_seconds
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     if envs.git_commit():  # set where the tree is a copy without .git
         return envs.git_commit()
     try:
@@ -35,7 +35,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
@@ -63,11 +63,11 @@ def _report(rows: list[tuple[str, Any]], record: dict[str, Any]) -> None:
 
 def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
     runner = llm.engine.runner
-    return {"benchmark": name, "device": _device_name(runner.device),
+    return {"benchmark": name, "device": device_name(runner.device),
             "model": args.model or "default", "dtype": str(runner.dtype).replace("torch.", ""),
             "load_format": args.load_format or "auto",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["tandem"] + sys.argv[1:]), "git_commit": _git_commit()}
+            "command": " ".join(["tandem"] + sys.argv[1:]), "git_commit": git_commit()}
 
 
 def _shape_and_rates(llm) -> tuple[ModelShape, float, float]:

@@ -17,9 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
-import aiohttp
 from tqdm import tqdm
 
 from tandem.bench import datasets
@@ -99,6 +100,8 @@ def start_server(model_dir: str | None, serve_args: str, log_path: str,
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "tandem", "serve", *([model_dir] if model_dir else []),
            "--port", str(port), "--uvicorn-log-level", "warning", *shlex.split(serve_args)]
+    # (bound to port 0 and released: another process could take it in between, which
+    # then shows as this server failing to start)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -129,26 +132,30 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def _get(url: str) -> tuple[int, str]:
-    async def get() -> tuple[int, str]:
-        async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(10)) \
-                as r:
-            return r.status, await r.text()
     try:
-        return asyncio.run(get())
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except (urllib.error.URLError, OSError):
         return 0, ""
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """tandem's series from a /metrics page, by name (labels dropped; the first wins)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("tandem:"):
+            series, _, value = line.rpartition(" ")
+            out.setdefault(series.split("{")[0], float(value))
+    return out
 
 
 def server_counters(url: str) -> dict[str, float] | None:
     """tandem's cumulative prefix-cache and preemption counters (None: not tandem)."""
     status, text = _get(url + "/metrics")
-    wanted = {"tandem:prefix_cache_queries_total", "tandem:prefix_cache_hits_total",
-              "tandem:num_preemptions_total"}
-    out = {}
-    for line in text.splitlines() if status == 200 else ():
-        series, _, value = line.rpartition(" ")
-        if series.split("{")[0] in wanted:
-            out[series.split("{")[0].removeprefix("tandem:")] = float(value)
+    metrics = parse_metrics(text) if status == 200 else {}
+    wanted = ("tandem:prefix_cache_queries_total", "tandem:prefix_cache_hits_total",
+              "tandem:num_preemptions_total")
+    out = {k.removeprefix("tandem:"): metrics[k] for k in wanted if k in metrics}
     return out or None
 
 
@@ -158,10 +165,9 @@ def device_label(args: argparse.Namespace, started: bool) -> str:
     if not started:
         return "remote"
     import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+    from tandem.bench.cli import device_name
+    return device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def measure(args: argparse.Namespace, url: str) -> tuple[dict[str, Any], list]:
@@ -194,7 +200,7 @@ def measure(args: argparse.Namespace, url: str) -> tuple[dict[str, Any], list]:
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
-    from tandem.bench.cli import _git_commit
+    from tandem.bench.cli import git_commit
     parse_goodput(args.goodput)  # a bad bound fails before any server starts
     proc = None
     url = args.base_url
@@ -215,7 +221,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             "constant_rate", "max_concurrency", "random_input_len", "random_output_len",
             "random_range_ratio", "ignore_eos", "seed")},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["tandem"] + sys.argv[1:]), "git_commit": _git_commit(),
+        "command": " ".join(["tandem"] + sys.argv[1:]), "git_commit": git_commit(),
         **summary}
     if math.isinf(args.request_rate):  # JSON has no infinity
         record["workload"]["request_rate"] = "inf"

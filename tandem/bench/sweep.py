@@ -60,7 +60,7 @@ def _point_args(args: argparse.Namespace, value: float) -> tuple[argparse.Namesp
 def run_sweep(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     configs = [c.partition("=")[::2] for c in args.config] or [("default", args.serve_args)]
-    from tandem.bench.cli import _git_commit
+    from tandem.bench.cli import git_commit
     points = args.concurrencies or args.request_rates
     command = " ".join(["tandem"] + sys.argv[1:])
     results = []
@@ -75,7 +75,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 summary, records = measure(point_args, url.rstrip("/"))
                 result = {"config": name, "point": point, "serve_args": serve_args,
                           "device": device_label(args, proc is not None), "date": now(),
-                          "git_commit": _git_commit(), "command": command,
+                          "git_commit": git_commit(), "command": command,
                           "concurrency": point_args.max_concurrency,
                           "request_rate": "inf" if math.isinf(point_args.request_rate)
                           else point_args.request_rate, **summary,
@@ -92,7 +92,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 stop_server(proc)
     lines = draw(results, args.out, args.num_gpus)
     print(json.dumps({"benchmark": "sweep", "out": args.out, "command": command,
-                      "git_commit": _git_commit(), "points": [
+                      "git_commit": git_commit(), "points": [
         {k: r[k] for k in ("config", "point", "output_throughput", "request_throughput",
                            "completed", "failed")} | {"ttft_p50_s": r["ttft_s"]["median"],
                                                       "tpot_p50_s": r["tpot_s"]["median"]}

@@ -44,9 +44,9 @@ class Engine:
         config = self.config = self.inputs.config  # max_model_len resolved
         model_dir = config.model.model
         self.tokenizer = self.inputs.tokenizer
-        self.sampling_defaults = self.inputs.sampling_defaults
-        if self.sampling_defaults:
-            logger.info("sampling defaults from generation_config: %s", self.sampling_defaults)
+        if self.inputs.sampling_defaults:
+            logger.info("sampling defaults from generation_config: %s",
+                        self.inputs.sampling_defaults)
         self.runner = ModelRunner(config)
         self.vocab_size = self.inputs.vocab_size
         num_blocks = self.runner.init_kv_cache()
@@ -60,7 +60,7 @@ class Engine:
                 f"cpu_kv_cache_gib)")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
-        self.eos_token_ids = self.inputs.eos_token_ids
+        self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if asked is None else asked
         self._inflight: Launched | None = None  # launched, not yet collected (async)
@@ -76,25 +76,12 @@ class Engine:
     def max_model_len(self) -> int:
         return self.config.model.max_model_len
 
-    # ---- requests (input processing is InputProcessor's; these delegate) ----------------
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        return self.inputs.tokenize_prompt(prompt)
-
-    def encode_text(self, text: str, param: str = "prompt",
-                    add_special_tokens: bool = True) -> list[int]:
-        return self.inputs.encode_text(text, param, add_special_tokens)
-
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        self.inputs.validate(token_ids, params)
-
-    def default_sampling_params(self) -> SamplingParams:
-        return self.inputs.default_sampling_params()
-
+    # ---- requests (tokenizing and validation: self.inputs, an InputProcessor) ----------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         """Validate and queue; raises ValueError (naming the field) and changes nothing."""
-        text, token_ids = self.tokenize_prompt(prompt)
-        self.validate(token_ids, params)
+        text, token_ids = self.inputs.tokenize_prompt(prompt)
+        self.inputs.validate(token_ids, params)
         arrival = arrival_time if arrival_time is not None else time.time()
         children = []
         for i in range(params.n):

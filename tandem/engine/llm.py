@@ -45,15 +45,15 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:  # the model's generation_config defaults, as vLLM
-            sampling_params = self.engine.default_sampling_params()
+            sampling_params = self.engine.inputs.default_sampling_params()
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                   else [sampling_params] * len(prompts))
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for "
                              f"{len(prompts)} prompts")
-        tokenized = [self.engine.tokenize_prompt(p) for p in prompts]
+        tokenized = [self.engine.inputs.tokenize_prompt(p) for p in prompts]
         for (_, token_ids), sp in zip(tokenized, params):
-            self.engine.validate(token_ids, sp)
+            self.engine.inputs.validate(token_ids, sp)
         ids = [str(next(self._ids)) for _ in prompts]
         for rid, (text, token_ids), sp in zip(ids, tokenized, params):
             # Offline callers read only final outputs: skip building one every step.

@@ -241,4 +241,4 @@ def test_generation_config_sets_the_default_sampling(tmp_path):
     a, b = (llm.generate([GOOD], use_tqdm=False)[0].outputs[0] for _ in range(2))
     assert len(a.token_ids) <= 3 and a.token_ids == b.token_ids
     plain = LLM(path, max_model_len=128, generation_config="vllm")
-    assert plain.engine.default_sampling_params() == SamplingParams()
+    assert plain.engine.inputs.default_sampling_params() == SamplingParams()
