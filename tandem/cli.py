@@ -14,6 +14,7 @@ from typing import Any
 from tandem.config import engine_arg_fields, field_comments
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+SHORT_FLAGS = {"tensor_parallel_size": "-tp"}  # vLLM's short spellings
 
 
 def add_config_args(group: Any, fields: list[dataclasses.Field], comments: dict[str, str],
@@ -22,24 +23,25 @@ def add_config_args(group: Any, fields: list[dataclasses.Field], comments: dict[
     """One flag per dataclass field (`--max-num-seqs`), help from its comment. Every flag
     defaults to None ("not given") so the dataclass keeps its own default."""
     for f in fields:
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + ([SHORT_FLAGS[f.name]]
+                                                      if f.name in SHORT_FLAGS else [])
         base = str(f.type).replace(" | None", "").strip()
         default = (defaults or {}).get(f.name, f.default)
         shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
         text = (comments.get(f.name) or f.name.replace("_", " ")) + shown
         if base == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None,
                                help=text)
         else:
-            group.add_argument(flag, type=_TYPES[base], default=None, help=text,
+            group.add_argument(*flags, type=_TYPES[base], default=None, help=text,
                                choices=(choices or {}).get(f.name))
 
 
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    from tandem.config import CacheConfig, ModelConfig, SchedulerConfig
+    from tandem.config import ENGINE_CONFIGS
 
     comments: dict[str, str] = {}
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig):  # the first definition wins
+    for cls in ENGINE_CONFIGS:  # the first definition wins
         comments = {**field_comments(cls), **comments}
     fields = [f for f in engine_arg_fields() if f.name not in ("model",) + skip]
     add_config_args(parser.add_argument_group("engine"), fields, comments)

@@ -91,17 +91,68 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
 
 
+_EXECUTOR_BACKENDS = ("uni", "mp")
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1  # ranks that split every layer (one worker process each)
+    # "uni": the runner in the engine's process (one rank only); "mp": one worker process
+    # per rank. None: uni for one rank on one node, else mp.
+    distributed_executor_backend: str | None = None
+    nnodes: int = 1  # machines the ranks span (torchrun's --nnodes)
+    node_rank: int = 0  # this machine's index; 0 runs the engine, the others only workers
+    master_addr: str = "127.0.0.1"  # node 0's address, reachable from every node
+    # node 0's port for torch.distributed's rendezvous (the executor's sockets use the next
+    # two); None: a free port (one node only)
+    master_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, "
+                             f"got {self.tensor_parallel_size}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in _EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of "
+                             f"{_EXECUTOR_BACKENDS}, got {backend!r}")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError("distributed_executor_backend 'uni' runs one rank; "
+                             "tensor_parallel_size > 1 needs 'mp'")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got node_rank="
+                             f"{self.node_rank}, nnodes={self.nnodes}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be a "
+                             f"multiple of nnodes ({self.nnodes})")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("nnodes > 1 needs master_port (and master_addr): every node "
+                             "must find node 0")
+        if self.master_port is not None and not 0 < self.master_port < 65534:
+            raise ValueError(f"master_port must be in (0, 65534), got {self.master_port}")
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 and self.nnodes == 1 else "mp"
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @staticmethod
     def from_kwargs(model: str, **kwargs: Any) -> EngineConfig:
         """Route vLLM-style engine arguments to their sub-configs; unknown names raise."""
         parts: dict[type, dict[str, Any]] = {ModelConfig: {"model": model}, CacheConfig: {},
-                                             SchedulerConfig: {}}
+                                             SchedulerConfig: {}, ParallelConfig: {}}
         owners = {f.name: cls for cls in parts for f in dataclasses.fields(cls)}
         for name, value in kwargs.items():
             if name not in owners or name == "model":
@@ -112,7 +163,8 @@ class EngineConfig:
             else:
                 parts[owners[name]][name] = value
         return EngineConfig(ModelConfig(**parts[ModelConfig]), CacheConfig(**parts[CacheConfig]),
-                            SchedulerConfig(**parts[SchedulerConfig]))
+                            SchedulerConfig(**parts[SchedulerConfig]),
+                            ParallelConfig(**parts[ParallelConfig]))
 
     def with_max_model_len(self, max_model_len: int) -> EngineConfig:
         """The config once the model's context length is known (resolved at load time)."""
@@ -138,9 +190,12 @@ def field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
+ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+
+
 def engine_arg_fields() -> list[dataclasses.Field]:
     """Every engine argument (for generating CLI flags), in declaration order."""
     out = []
-    for cls in (ModelConfig, CacheConfig, SchedulerConfig):
+    for cls in ENGINE_CONFIGS:
         out += [f for f in dataclasses.fields(cls) if f.name not in [g.name for g in out]]
     return out

@@ -1,27 +1,56 @@
 """The messages between stages: `StepPlan` (scheduler -> runner), `StepResult` (runner ->
-scheduler) and `RequestOutput` (engine -> caller). No torch here: results carry lists."""
+scheduler) and `RequestOutput` (engine -> caller). No torch here: results carry lists.
+
+A `StepPlan` is data a worker process can receive (executor/codec.py encodes it with
+msgpack): it names requests by id and never carries scheduler objects. The runner keeps
+its own state per request (runner/request_state.py), so a plan sends each request once
+(`NewRequestData`) and afterwards only what changed:
+
+    step 1   new: "a" prompt [p0..p39], params    seq "a": start 0, 32 tokens, blocks [0:]=[4 9]
+    step 2                                        seq "a": start 32, 8 tokens, blocks [2:]=[11]
+    step 3                                        seq "a": start 40, 1 token, tokens [40:]=[t40]
+
+Token and block diffs say where they start (`tokens_from`, `blocks_from`), so applying one
+twice is harmless (a retried step) and a preempted request's new block table simply
+replaces the old one from index 0.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tandem.request import Request
+from tandem.request import SamplingParams
 
 # {token_id: logprob} for the chosen token plus the top-N alternatives at one position.
 Logprobs = dict[int, float]
 
 
 @dataclass(frozen=True, slots=True)
+class NewRequestData:
+    """A request the runner has not seen: sent once, in the plan of its first step."""
+
+    request_id: str
+    prompt_token_ids: list[int]  # the whole prompt (scheduler)
+    sampling_params: SamplingParams  # as validated by the engine (scheduler)
+    eos_token_ids: list[int]  # banned, with stop_token_ids, until min_tokens are out
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduledSeq:
     """One request's share of a step: compute tokens [start_pos, start_pos + num_new_tokens)."""
 
-    request: Request  # the live request; the runner reads token ids and sampling params
-    start_pos: int  # == request.num_computed_tokens when scheduled (scheduler)
+    request_id: str
+    start_pos: int  # == the request's num_computed_tokens when scheduled (scheduler)
     num_new_tokens: int  # tokens to compute this step, >= 1 (scheduler)
-    block_table: list[int]  # the request's KV block ids, covering start_pos + num_new_tokens
     sample: bool  # True when this chunk reaches the end of the known tokens (scheduler)
     inflight_input: bool = False  # its last input token is the one the previous step is
     # still sampling: the runner takes it from that step's device output (async scheduling)
+    tokens_from: int = 0  # position of new_token_ids[0] in the request's token sequence
+    new_token_ids: list[int] = field(default_factory=list)  # tokens the runner lacks:
+    # those sampled since the request's last plan (the prompt came in NewRequestData)
+    blocks_from: int = 0  # index of new_block_ids[0] in the request's block table
+    new_block_ids: list[int] = field(default_factory=list)  # KV block ids added since the
+    # last plan (all of them, from 0, after a preemption); the table then covers end_pos
 
     @property
     def end_pos(self) -> int:
@@ -34,9 +63,13 @@ class StepPlan:
 
     seqs: list[ScheduledSeq]  # in execution order (scheduler)
     num_batched_tokens: int  # sum of num_new_tokens, <= max_num_batched_tokens (scheduler)
+    new_requests: list[NewRequestData] = field(default_factory=list)  # first seen in seqs
     finished_request_ids: list[str] = field(default_factory=list)  # freed since the last plan;
-    # the runner drops their per-request state (seeded generators) (scheduler)
+    # the runner drops their state (scheduler)
     preempted_request_ids: list[str] = field(default_factory=list)  # preempted this step
+    step_id: int = 0  # the scheduler's sequence number, naming the plan for `update`
+    retry: bool = False  # a failed step's sequences run again (engine): the runner rebuilds
+    # their seeded generators, so the retry draws what the failed step would have
 
     @property
     def is_empty(self) -> bool:

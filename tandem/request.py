@@ -134,6 +134,10 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_inflight_tokens: int = 0  # sampled by a launched step, not yet appended (async)
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache (-1: not yet known)
+    # What the model runner holds of this request (sent in step plans): tokens from the
+    # start, and block table entries (0 again after a preemption frees its blocks).
+    num_sent_tokens: int = 0
+    num_sent_blocks: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

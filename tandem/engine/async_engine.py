@@ -142,9 +142,7 @@ class AsyncEngine:
         """What the engine is (for the start-up log line)."""
         if self._core is not None:
             return self._core.info
-        runner = self.engine.runner
-        return {"dtype": str(runner.dtype), "device": str(runner.device),
-                "num_kv_blocks": runner.num_blocks, "block_size": self.config.cache.block_size}
+        return self.engine.describe()
 
     @property
     def num_live_requests(self) -> int:

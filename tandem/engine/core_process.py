@@ -40,10 +40,7 @@ def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int) 
     except Exception as e:  # reported to the server, which exits with the message
         events.send(("error", f"{e}", isinstance(e, ValueError)))
         return
-    runner = engine.runner
-    events.send(("ready", {"dtype": str(runner.dtype), "device": str(runner.device),
-                           "num_kv_blocks": runner.num_blocks,
-                           "block_size": config.cache.block_size, "pid": os.getpid()}))
+    events.send(("ready", {**engine.describe(), "pid": os.getpid()}))
 
     sent_prompt_logprobs: set[str] = set()
 

@@ -24,14 +24,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 from tandem.config import EngineConfig
 from tandem.engine.input_processor import InputProcessor, PromptType
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.stats import EngineStats, split_step_tokens
-from tandem.outputs import RequestOutput, StepPlan
+from tandem.executor import Executor, ExecutorDead
+from tandem.outputs import RequestOutput, StepPlan, StepResult
 from tandem.request import FinishReason, Request, SamplingParams
-from tandem.runner.model_runner import Launched, ModelRunner
 from tandem.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -47,30 +48,49 @@ class Engine:
         if self.inputs.sampling_defaults:
             logger.info("sampling defaults from generation_config: %s",
                         self.inputs.sampling_defaults)
-        self.runner = ModelRunner(config)
+        # The model runner(s): in this process, or one worker process per tensor-parallel rank.
+        self.executor = Executor.create(config)
         self.vocab_size = self.inputs.vocab_size
-        num_blocks = self.runner.init_kv_cache()
+        num_blocks = self.executor.num_blocks
         capacity = num_blocks * config.cache.block_size
         if config.model.max_model_len > capacity:
+            self.executor.shutdown()
             raise ValueError(
                 f"max_model_len={config.model.max_model_len} does not fit in the KV cache: "
                 f"{num_blocks} blocks x block_size {config.cache.block_size} = {capacity} tokens "
-                f"({self.runner.block_bytes * num_blocks / 2**30:.2f} GiB). Lower max_model_len "
+                f"({self.executor.block_bytes * num_blocks / 2**30:.2f} GiB). Lower max_model_len "
                 f"or give the cache more memory (num_kv_blocks, gpu_memory_utilization, "
                 f"cpu_kv_cache_gib)")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling
-        self.async_scheduling = self.runner.device.type == "cuda" if asked is None else asked
-        self._inflight: Launched | None = None  # launched, not yet collected (async)
+        self.async_scheduling = self.executor.device.type == "cuda" if asked is None else asked
+        self._inflight: tuple[StepPlan, Any] | None = None  # launched, not collected (async)
         self._step = 0
         self._last_split = (0, 0)
         self._prompt_tokens = 0
         self._generation_tokens = 0
-        logger.info("engine ready: %s, %s on %s, KV cache %d blocks x %d = %d tokens",
-                    model_dir, self.runner.dtype, self.runner.device, num_blocks,
-                    config.cache.block_size, capacity)
+        logger.info("engine ready: %s, %s on %s (tensor parallel %d), KV cache %d blocks x %d "
+                    "= %d tokens", model_dir, self.executor.dtype, self.executor.device,
+                    config.parallel.tensor_parallel_size, num_blocks, config.cache.block_size,
+                    capacity)
+
+    @property
+    def runner(self) -> Any:
+        """The in-process model runner (None when the ranks run in worker processes)."""
+        return self.executor.runner
+
+    def describe(self) -> dict[str, Any]:
+        """What the engine is (for start-up logs and the server's ready message)."""
+        e = self.executor
+        return {"dtype": str(e.dtype).split(".")[-1], "device": str(e.device),
+                "num_kv_blocks": e.num_blocks, "block_size": self.config.cache.block_size,
+                "tensor_parallel_size": self.config.parallel.tensor_parallel_size}
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (if any); the engine cannot step afterwards."""
+        self.executor.shutdown()
 
     @property
     def max_model_len(self) -> int:
@@ -124,23 +144,27 @@ class Engine:
         if not self.async_scheduling:
             plan = self.scheduler.schedule()
             try:
-                result = self.runner.execute(plan)
+                result = self.executor.execute(plan)
+            except ExecutorDead:
+                raise
             except Exception as e:
                 return self._isolate_failure(plan, e)
             return self._finish_step(plan, result)
         outputs: list[RequestOutput] = []
-        if self._inflight is not None and _needs_host_tokens(self._inflight.plan):
+        if self._inflight is not None and self._needs_host_tokens(self._inflight[0]):
             outputs = self._collect()
         plan = self.scheduler.schedule()
         try:
-            launched = self.runner.launch(plan)
+            launched = self.executor.launch(plan)
+        except ExecutorDead:
+            raise
         except Exception as e:  # settle the step in flight, then isolate synchronously
             if self._inflight is not None:
                 outputs += self._collect()
             return outputs + self._isolate_failure(plan, e)
         if self._inflight is not None:
             outputs += self._collect()
-        self._inflight = launched
+        self._inflight = (plan, launched)
         return outputs
 
     def _isolate_failure(self, plan: StepPlan, error: Exception) -> list[RequestOutput]:
@@ -154,49 +178,61 @@ class Engine:
         sequence gets the tokens the failed step would have given it."""
         logger.error("step failed (%r); isolating the failing request(s) among %d",
                      error, len(plan.seqs))
-        # (Async: a sequence whose request the step in flight finished is dropped.)
-        seqs = [dataclasses.replace(s, inflight_input=False) for s in plan.seqs
-                if not s.request.is_finished]
-        for s in seqs:
-            self.runner.generators.pop(s.request.request_id, None)
         outputs: list[RequestOutput] = []
         failing: list[Request] = []
-        groups = [seqs]
+        groups = [list(range(len(plan.seqs)))]
         while groups:
             group = groups.pop(0)
-            sub = StepPlan(group, sum(s.num_new_tokens for s in group))
+            # (Async: a sequence whose request the step in flight finished is dropped.)
+            sub = self.scheduler.retry_plan(plan, group)
+            if sub.is_empty:
+                self.scheduler.discard(sub)
+                continue
             try:
-                result = self.runner.execute(sub)
+                result = self.executor.execute(sub)
+            except ExecutorDead:
+                raise
             except Exception as e:
+                self.scheduler.discard(sub)
                 if len(group) > 1:
                     groups += [group[:len(group) // 2], group[len(group) // 2:]]
                     continue
-                logger.error("request %s failed in the engine: %r", group[0].request.request_id,
-                             e, exc_info=e)
-                failing.append(group[0].request)
+                request = self.scheduler.requests_of(plan)[group[0]]
+                logger.error("request %s failed in the engine: %r", request.request_id, e,
+                             exc_info=e)
+                failing.append(request)
                 continue
             outputs += self._finish_step(sub, result)
+        self.scheduler.discard(plan)
         for request in failing:
             if not request.is_finished:
                 self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
         return outputs + self.outputs.outputs_of(failing)
 
     def _collect(self) -> list[RequestOutput]:
-        launched, self._inflight = self._inflight, None
-        return self._finish_step(launched.plan, self.runner.collect(launched))
+        (plan, launched), self._inflight = self._inflight, None
+        return self._finish_step(plan, self.executor.collect(launched))
 
-    def _finish_step(self, plan: StepPlan, result) -> list[RequestOutput]:
+    def _finish_step(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        requests = self.scheduler.requests_of(plan)
+        self._account(plan, requests)
         updated = self.scheduler.update(plan, result)
-        self._account(plan, updated)
         return self.outputs.process(plan, result, updated)
 
-    def _account(self, plan: StepPlan, updated: list[Request]) -> None:
+    def _needs_host_tokens(self, plan: StepPlan) -> bool:
+        """Whether a request sampled in `plan` needs that token on the host to plan its
+        next step (penalties count every earlier output token)."""
+        return any(s.sample and r.sampling_params.has_penalties
+                   for s, r in zip(plan.seqs, self.scheduler.requests_of(plan)))
+
+    def _account(self, plan: StepPlan, requests: list[Request]) -> None:
+        """Count a step before its update (requests: the plan's, aligned with its seqs)."""
         self._step += 1
-        self._last_split = split_step_tokens(plan)
+        self._last_split = split_step_tokens(plan, requests)
         # A request's first token happens once (a recompute after preemption samples later
         # tokens), so this counts each prompt once.
-        self._prompt_tokens += sum(r.num_prompt_tokens for r in updated
-                                   if len(r.output_token_ids) == 1)
+        self._prompt_tokens += sum(r.num_prompt_tokens for s, r in zip(plan.seqs, requests)
+                                   if s.sample and not r.is_finished and not r.output_token_ids)
         self._generation_tokens += sum(1 for s in plan.seqs if s.sample)
 
     def stats(self) -> EngineStats:
@@ -207,8 +243,3 @@ class Engine:
                            s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
                            self._prompt_tokens, self._generation_tokens)
 
-
-def _needs_host_tokens(plan: StepPlan) -> bool:
-    """Whether a request sampled in `plan` needs that token on the host to plan its next
-    step (penalties count every earlier output token)."""
-    return any(s.sample and s.request.sampling_params.has_penalties for s in plan.seqs)

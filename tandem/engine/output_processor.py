@@ -74,7 +74,7 @@ class OutputProcessor:
                 ) -> list[RequestOutput]:
         """The outputs of every parent that got a token or finished this step."""
         for i, seq in enumerate(plan.seqs):
-            entry = self.child_to_parent.get(seq.request.request_id)
+            entry = self.child_to_parent.get(seq.request_id)
             if entry is None:
                 continue
             parent, child = entry

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.outputs import StepPlan
+from tandem.request import Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +30,9 @@ class EngineStats:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
-def split_step_tokens(plan: StepPlan) -> tuple[int, int]:
-    """(prefill tokens, decode tokens) of a plan: a decode computes one generated token."""
-    decode = sum(1 for s in plan.seqs
-                 if s.num_new_tokens == 1 and s.start_pos >= s.request.num_prompt_tokens)
+def split_step_tokens(plan: StepPlan, requests: list[Request]) -> tuple[int, int]:
+    """(prefill tokens, decode tokens) of a plan (requests: aligned with its seqs): a decode
+    computes one generated token."""
+    decode = sum(1 for s, r in zip(plan.seqs, requests)
+                 if s.num_new_tokens == 1 and s.start_pos >= r.num_prompt_tokens)
     return plan.num_batched_tokens - decode, decode

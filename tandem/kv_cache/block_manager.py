@@ -10,10 +10,12 @@ A request's block list covers its token positions in order; position `pos` lives
 
 Prefix caching identifies a FULL block by a chained hash,
 
-    hash_i = hash((hash_{i-1} or None, tuple(tokens of block i)))
+    hash_i = sha256(hash_{i-1} (32 bytes, or none for block 0) || tokens of block i as
+                    little-endian int64), read as a 256-bit int
 
-so equal hashes mean equal tokens in the block and everything before it (up to a 64-bit
-hash collision). A block is registered once all its tokens are computed
+so equal hashes mean equal tokens in the block and everything before it. The hash is a
+name that means the same in every process and every run (Python's `hash()` is salted per
+process): routing and disaggregation name blocks by it across processes and machines. A block is registered once all its tokens are computed
 (`cache_full_blocks`); a new request with the same leading blocks reuses them
 (`get_computed_blocks` + `allocate_slots`) and computes only the rest.
 
@@ -26,15 +28,25 @@ caching off, prompt_logprobs asked) are not counted either.
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from array import array
 from collections.abc import Sequence
 
 from tandem.kv_cache.block_pool import BlockPool
 from tandem.request import Request
 
 
-def hash_block_tokens(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
-    """The chained hash of one full block (see the module docstring)."""
-    return hash((parent_hash, tokens))
+def hash_block_tokens(parent_hash: int | None, tokens: Sequence[int]) -> int:
+    """The chained hash of one full block (see the module docstring); stable everywhere."""
+    h = hashlib.sha256()
+    if parent_hash is not None:
+        h.update(parent_hash.to_bytes(32, "little"))
+    packed = array("q", tokens)  # int64 on every platform CPython supports
+    if sys.byteorder != "little":
+        packed.byteswap()
+    h.update(packed.tobytes())
+    return int.from_bytes(h.digest(), "little")
 
 
 def _block_tokens(request: Request, index: int, block_size: int) -> tuple[int, ...]:

@@ -6,9 +6,8 @@ kernels on a weight reordered into their blocked layout run up to 2x faster (mea
 the 2-core development machine: a 32000 x 512 LM head takes 13 ms at 48 rows and 5.8 ms
 at 8 rows, against 27 and 17 ms through `F.linear`). Prefill-sized inputs go to MKL,
 which is as fast there. The reorder happens once per weight in
-`process_weights_after_loading`, and costs a second copy of each weight in host memory;
-elsewhere (CUDA, half precision, no oneDNN) `linear` is `kernels.ops.linear` (F.linear, or
-the Triton GEMV for one row on CUDA).
+`process_weights_after_loading` (of `OneDNNLinearMethod`, layers/linear_method.py), and
+costs a second copy of each weight in host memory.
 """
 
 from __future__ import annotations
@@ -22,11 +21,14 @@ ONEDNN_MAX_ROWS = 256  # above this many rows MKL is as fast and needs no second
 MLP_CHUNK_ROWS = 1024  # prefill MLP in row chunks: intermediates stay small and reused
 
 
+def onednn_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """A oneDNN-reordered copy of a (out, in) float32 CPU weight, or None where not used."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available()
-            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_available():
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 

@@ -1,16 +1,22 @@
-"""Linear layers that own their weight loaders.
+"""Linear layers that know their name and rank, and own their weight loaders (vLLM's names).
 
-Checkpoints store q/k/v and gate/up as separate tensors; tandem fuses them into one matmul.
-Each layer knows where a checkpoint shard lands in its merged weight, so the model's
-`load_weights` only maps names:
+Under tensor parallelism (tp ranks) each layer holds one shard, cut by its own loader from
+the full checkpoint tensor; models never see the split:
 
-    QKVLinear.weight          rows: | q: num_heads*head_dim | k: kv*head_dim | v: kv*head_dim |
-    MergedColumnLinear.weight rows: | gate: intermediate    | up: intermediate |
+    ColumnParallelLinear   W (out, in) -> rows [r*out/tp, (r+1)*out/tp): output split,
+                           no communication (the next row-parallel layer consumes it)
+    RowParallelLinear      W (out, in) -> columns [r*in/tp, ...): input split; partial
+                           outputs summed by one all-reduce (bias added once, after it)
+    QKVParallelLinear      | q heads/tp | k heads/tp | v heads/tp | per rank; with fewer kv
+                           heads than ranks each kv head is replicated on tp/kv ranks
+    MergedColumnParallelLinear  | gate/tp | up/tp | per rank (gate_up_proj)
+    ReplicatedLinear       the whole weight on every rank
 
-Names follow vLLM (ColumnParallelLinear, RowParallelLinear, ...) without the "Parallel":
-there is no tensor parallelism yet, but when it comes it enters here, in the loaders, and
-the models do not change. Every parameter carries `weight_loader(param, loaded[, shard_id])`
-and, for merged ones, `shard_ids` (the shards a complete load must have seen).
+Checkpoints store q/k/v and gate/up as separate tensors that the merged layers fuse into
+one matmul; `weight_loader(param, loaded, shard_id)` knows where each lands. Every
+parameter carries `weight_loader(param, loaded[, shard_id])` and, for merged ones,
+`shard_ids` (the shards a complete load must have seen). Each layer's `LinearMethod`
+(layers/linear_method.py) is picked at construction from its `prefix`.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tandem.layers import cpu_gemm
+from tandem.distributed.parallel import ParallelContext
+from tandem.layers.linear_method import linear_method_for
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -35,77 +42,169 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     copy_checked(param.data, loaded)
 
 
-class Linear(nn.Module):
-    """y = x W^T (+ b), weight replicated (vLLM's ReplicatedLinear)."""
+def _rows(param: torch.Tensor, loaded: torch.Tensor, rows: int, start: int, size: int
+          ) -> torch.Tensor:
+    """loaded[start:start + size] along dim 0, after checking that `loaded` is the whole
+    checkpoint tensor: `rows` rows, and the rest of `param`'s shape."""
+    expected = (rows, *param.shape[1:])
+    if tuple(loaded.shape) != expected:
+        raise ValueError(f"shape mismatch: expected {expected}, got {tuple(loaded.shape)}")
+    return loaded.narrow(0, start, size)
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b) over this rank's shard: (..., input_size_per_rank) -> (..., out/rank)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, prefix: str,
+                 parallel: ParallelContext | None, input_per_rank: int,
+                 output_per_rank: int) -> None:
         super().__init__()
-        self.input_size, self.output_size = input_size, output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.prefix = prefix  # module path, e.g. model.layers.3.mlp.down_proj
+        self.parallel = parallel or ParallelContext.single()
+        self.input_size, self.output_size = input_size, output_size  # unsharded
+        self.input_size_per_rank, self.output_size_per_rank = input_per_rank, output_per_rank
+        self.method = linear_method_for(prefix)
+        self.method.create_weights(self, output_per_rank, input_per_rank)
         self.weight.weight_loader = self.weight_loader
         if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(output_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        self.packed: torch.Tensor | None = None  # oneDNN copy of weight on CPU (cpu_gemm.py)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         default_weight_loader(param, loaded)
 
     def process_weights_after_loading(self) -> None:
-        self.packed = cpu_gemm.pack_weight(self.weight)
+        self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., input_size) -> (..., output_size)
-        return cpu_gemm.linear(x, self.weight, self.packed, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
-class ColumnLinear(Linear):
-    """Output features split across ranks under tensor parallelism (one rank for now)."""
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, prefix: str = "",
+                 parallel: ParallelContext | None = None) -> None:
+        super().__init__(input_size, output_size, bias, prefix, parallel, input_size,
+                         output_size)
 
 
-class RowLinear(Linear):
-    """Input features split across ranks under tensor parallelism (o_proj, down_proj)."""
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; each rank keeps its slice of the output."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, prefix: str = "",
+                 parallel: ParallelContext | None = None) -> None:
+        parallel = parallel or ParallelContext.single()
+        out = parallel.shard(output_size, f"{prefix} output size")
+        super().__init__(input_size, output_size, bias, prefix, parallel, input_size, out)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        n = param.shape[0]
+        copy_checked(param.data, _rows(param, loaded, self.output_size,
+                                       self.parallel.tp_rank * n, n))
 
 
-class MergedColumnLinear(ColumnLinear):
-    """Several column linears over the same input in one matmul (gate_up_proj: shards 0, 1)."""
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks (o_proj, down_proj); one all-reduce sums them."""
 
-    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False) -> None:
-        super().__init__(input_size, sum(output_sizes), bias)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, prefix: str = "",
+                 parallel: ParallelContext | None = None) -> None:
+        parallel = parallel or ParallelContext.single()
+        inp = parallel.shard(input_size, f"{prefix} input size")
+        super().__init__(input_size, output_size, bias, prefix, parallel, inp, output_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if param.dim() == 1:  # the bias is whole on every rank
+            default_weight_loader(param, loaded)
+            return
+        n = param.shape[1]
+        if tuple(loaded.shape) != (self.output_size, self.input_size):
+            raise ValueError(f"shape mismatch: expected {(self.output_size, self.input_size)}, "
+                             f"got {tuple(loaded.shape)}")
+        copy_checked(param.data, loaded.narrow(1, self.parallel.tp_rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel.tp_size == 1:
+            return self.method.apply(self, x, self.bias)
+        out = self.parallel.all_reduce(self.method.apply(self, x))
+        return out if self.bias is None else out + self.bias
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel linears over one input in one matmul (gate_up_proj: 0, 1)."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
+                 prefix: str = "", parallel: ParallelContext | None = None) -> None:
+        parallel = parallel or ParallelContext.single()
         self.output_sizes = list(output_sizes)
+        for i, size in enumerate(self.output_sizes):
+            parallel.shard(size, f"{prefix} output shard {i}")
+        super().__init__(input_size, sum(output_sizes), bias, prefix, parallel)
         for param in self.parameters(recurse=False):
             param.shard_ids = tuple(range(len(self.output_sizes)))
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: int | None = None) -> None:
-        if shard_id is None:  # an already-merged checkpoint tensor
-            default_weight_loader(param, loaded)
+        if shard_id is None:  # an already-merged checkpoint tensor: load it shard by shard
+            if loaded.shape[0] != self.output_size:
+                raise ValueError(f"shape mismatch: expected {self.output_size} rows, "
+                                 f"got {tuple(loaded.shape)}")
+            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+                self.weight_loader(param, part, i)
             return
-        offset = sum(self.output_sizes[:shard_id])
-        copy_checked(param.data.narrow(0, offset, self.output_sizes[shard_id]), loaded)
+        tp, rank = self.parallel.tp_size, self.parallel.tp_rank
+        size = self.output_sizes[shard_id] // tp
+        offset = sum(self.output_sizes[:shard_id]) // tp
+        copy_checked(param.data.narrow(0, offset, size),
+                     _rows(param, loaded, self.output_sizes[shard_id], rank * size, size))
 
 
-class QKVLinear(ColumnLinear):
-    """q, k and v projections in one matmul; output = | q | k | v | along the last dim."""
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul; output = | q | k | v | of this rank's heads."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False) -> None:
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias)
-        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+                 bias: bool = False, prefix: str = "",
+                 parallel: ParallelContext | None = None) -> None:
+        parallel = parallel or ParallelContext.single()
+        tp = parallel.tp_size
+        self.num_heads = parallel.shard(num_heads, f"{prefix} num_attention_heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads = parallel.shard(num_kv_heads, f"{prefix} num_key_value_heads")
+            self.kv_head_start = parallel.tp_rank * self.num_kv_heads
+        elif tp % num_kv_heads:
+            raise ValueError(f"{prefix}: tensor_parallel_size ({tp}) must divide or be a "
+                             f"multiple of num_key_value_heads ({num_kv_heads})")
+        else:  # fewer kv heads than ranks: each kv head lives on tp / num_kv_heads ranks
+            self.num_kv_heads = 1
+            self.kv_head_start = parallel.tp_rank // (tp // num_kv_heads)
+        self.head_dim = head_dim
+        self.q_size = self.num_heads * head_dim  # per rank
+        self.kv_size = self.num_kv_heads * head_dim  # per rank
+        self.total_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                            "v": num_kv_heads * head_dim}
+        LinearBase.__init__(self, hidden_size, sum(self.total_sizes.values()), bias, prefix,
+                            parallel, hidden_size, self.q_size + 2 * self.kv_size)
         for param in self.parameters(recurse=False):
             param.shard_ids = ("q", "k", "v")
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: str | None = None) -> None:
-        if shard_id is None:
-            default_weight_loader(param, loaded)
+        if shard_id is None:  # an already-merged checkpoint tensor
+            if loaded.shape[0] != self.output_size:
+                raise ValueError(f"shape mismatch: expected {self.output_size} rows, "
+                                 f"got {tuple(loaded.shape)}")
+            parts = loaded.split(list(self.total_sizes.values()), dim=0)
+            for sid, part in zip(("q", "k", "v"), parts):
+                self.weight_loader(param, part, sid)
             return
-        offset, size = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
-                        "v": (self.q_size + self.kv_size, self.kv_size)}[shard_id]
-        copy_checked(param.data.narrow(0, offset, size), loaded)
+        d = self.head_dim
+        if shard_id == "q":
+            dst, start = (0, self.q_size), self.parallel.tp_rank * self.q_size
+        else:
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            dst, start = (offset, self.kv_size), self.kv_head_start * d
+        copy_checked(param.data.narrow(0, *dst),
+                     _rows(param, loaded, self.total_sizes[shard_id], start, dst[1]))
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(T, q_size + 2*kv_size) -> q (T, q_size), k (T, kv_size), v (T, kv_size)."""

@@ -27,8 +27,10 @@ from tandem.layers import cpu_gemm
 from tandem.layers.activation import SiluAndMul
 from tandem.layers.attention import Attention
 from tandem.layers.attention_metadata import AttentionMetadata
-from tandem.layers.embedding import LMHead, VocabEmbedding
-from tandem.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
+from tandem.distributed.parallel import ParallelContext
+from tandem.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tandem.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
+                                  RowParallelLinear)
 from tandem.layers.norm import RMSNorm
 from tandem.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -84,20 +86,24 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None) -> None:
+    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None, prefix: str,
+                 parallel: ParallelContext) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, args.head_dim, args.num_heads,
+                                          args.num_kv_heads, args.qkv_bias,
+                                          f"{prefix}.qkv_proj", parallel)
+        self.o_proj = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size,
+                                        args.o_bias, f"{prefix}.o_proj", parallel)
+        # This rank's heads (all of them with one rank).
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = args.head_dim
-        self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads,
-                                  args.num_kv_heads, bias=args.qkv_bias)
-        self.o_proj = RowLinear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args.head_dim, args.max_position_embeddings,
                                           args.rope_theta, args.rope_scaling)
-        self.attn = Attention(args.num_heads, args.head_dim, args.head_dim ** -0.5,
-                              args.num_kv_heads, backend)
+        self.attn = Attention(self.num_heads, args.head_dim, args.head_dim ** -0.5,
+                              self.num_kv_heads, backend)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -113,12 +119,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, prefix: str, parallel: ParallelContext) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnLinear(args.hidden_size, [args.intermediate_size] * 2,
-                                               bias=args.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias,
+            f"{prefix}.gate_up_proj", parallel)
         self.act_fn = SiluAndMul()
-        self.down_proj = RowLinear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size,
+                                           args.mlp_bias, f"{prefix}.down_proj", parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_gemm.in_row_chunks(self._forward, x, self.down_proj.output_size)
@@ -128,10 +136,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None) -> None:
+    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None, prefix: str,
+                 parallel: ParallelContext) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, backend)
-        self.mlp = LlamaMLP(args)
+        self.self_attn = LlamaAttention(args, backend, f"{prefix}.self_attn", parallel)
+        self.mlp = LlamaMLP(args, f"{prefix}.mlp", parallel)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -148,11 +157,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None) -> None:
+    def __init__(self, args: LlamaArgs, backend: AttentionBackend | None, prefix: str,
+                 parallel: ParallelContext) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args, backend)
-                                    for _ in range(args.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size,
+                                                   f"{prefix}.embed_tokens", parallel)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, backend, f"{prefix}.layers.{i}", parallel)
+            for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -173,12 +185,16 @@ class LlamaForCausalLM(nn.Module):
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)),
                     qk_norm=False)
 
-    def __init__(self, hf_config: dict[str, Any],
-                 attn_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, hf_config: dict[str, Any], attn_backend: AttentionBackend | None = None,
+                 parallel: ParallelContext | None = None) -> None:
+        """`parallel`: this rank's place in the tensor-parallel group; every layer gets it
+        (and its module path) at construction and holds only its shard."""
         super().__init__()
+        parallel = parallel or ParallelContext.single()
         self.args = args = LlamaArgs.from_hf(hf_config, self.arch_flags(hf_config))
-        # What the runner reads to size and bind the KV cache, and to bound the context.
-        self.num_layers, self.num_kv_heads = args.num_layers, args.num_kv_heads
+        # What the runner reads to size and bind the KV cache (this rank's kv heads), and to
+        # bound the context.
+        self.num_layers = args.num_layers
         self.head_dim = args.head_dim
         self.vocab_size, self.hidden_size = args.vocab_size, args.hidden_size
         self.max_position_embeddings = args.max_position_embeddings
@@ -188,8 +204,9 @@ class LlamaForCausalLM(nn.Module):
             logger.warning("sliding_window=%d is not implemented: attention is full, so outputs "
                            "are exact only up to %d tokens (clamp max_model_len to it)",
                            args.sliding_window, args.sliding_window)
-        self.model = LlamaModel(args, attn_backend)
-        self.lm_head = LMHead(args.vocab_size, args.hidden_size)
+        self.model = LlamaModel(args, attn_backend, "model", parallel)
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
+        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, "lm_head", parallel)
         if args.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 

@@ -19,6 +19,7 @@ import torch
 
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.outputs import StepPlan
+from tandem.runner.request_state import RequestState
 from tandem.runner.sampler import SamplingTensors
 
 
@@ -41,9 +42,11 @@ def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
-def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device,
-                       inflight_src: dict[str, int] | None = None) -> ModelInputs:
-    """inflight_src: request id -> row of the previous step's sampled ids (async)."""
+def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_size: int,
+                       device: torch.device, inflight_src: dict[str, int] | None = None
+                       ) -> ModelInputs:
+    """states: the runner's per-request state, with `plan` applied; inflight_src: request
+    id -> row of the previous step's sampled ids (async)."""
     ids: list[int] = []
     dst: list[int] = []
     src: list[int] = []
@@ -55,18 +58,20 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device,
     sample_idx: list[int] = []
     prompt_rows: list[int] = []
     spans: list[tuple[int, int, int]] = []
+    tables_of: list[list[int]] = []
     for i, seq in enumerate(plan.seqs):
-        req, start, end = seq.request, seq.start_pos, seq.end_pos
+        req, start, end = states[seq.request_id], seq.start_pos, seq.end_pos
         row0 = query_start[-1]
         if seq.inflight_input:  # only decodes: the token sampled by the previous step
             assert seq.num_new_tokens == 1 and inflight_src is not None
             ids.append(0)
             dst.append(row0)
-            src.append(inflight_src[req.request_id])
+            src.append(inflight_src[seq.request_id])
         elif seq.num_new_tokens == 1:
-            ids.append(req.token_at(start))
+            ids.append(req.token_ids[start])
         else:
-            ids.extend(req.all_token_ids[start:end])
+            ids.extend(req.token_ids[start:end])
+        tables_of.append(req.block_ids)
         starts.append(start)
         query_start.append(row0 + seq.num_new_tokens)
         query_lens.append(seq.num_new_tokens)
@@ -74,14 +79,14 @@ def build_model_inputs(plan: StepPlan, block_size: int, device: torch.device,
         if seq.sample:
             sample_rows.append(i)
             sample_idx.append(row0 + seq.num_new_tokens - 1)
-        if req.sampling_params.prompt_logprobs is not None:
+        if req.params.prompt_logprobs is not None:
             # Row p predicts prompt token p + 1; only rows before the last prompt token count.
             last = min(end, req.num_prompt_tokens - 1)
             if last > start:
                 spans.append((i, len(prompt_rows), last - start))
                 prompt_rows.extend(range(row0, row0 + last - start))
-    max_blocks = max((len(s.block_table) for s in plan.seqs), default=1)
-    tables = [b for s in plan.seqs for b in s.block_table + [0] * (max_blocks - len(s.block_table))]
+    max_blocks = max((len(t) for t in tables_of), default=1)
+    tables = [b for t in tables_of for b in t + [0] * (max_blocks - len(t))]
     n = len(sample_idx)
     spans = [(i, n + r, c) for i, r, c in spans]  # prompt rows follow the sampled rows
     # Two host-to-device copies per step: every int64 array in one, every int32 in another.
@@ -132,37 +137,35 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
     return _to([r + [pad] * (width - len(r)) for r in rows], torch.int64, device)
 
 
-def build_sampling_tensors(plan: StepPlan, sample_rows: list[int], vocab_size: int,
-                           generators: dict[str, torch.Generator], device: torch.device
+def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
+                           sample_rows: list[int], vocab_size: int, device: torch.device
                            ) -> SamplingTensors:
     seqs = [plan.seqs[i] for i in sample_rows]
-    reqs = [s.request for s in seqs]
-    params = [r.sampling_params for r in reqs]
+    reqs = [states[s.request_id] for s in seqs]
+    params = [r.params for r in reqs]
     f32 = torch.float32
     penalize = any(p.has_penalties for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)
     if penalize and any(s.inflight_input for s in seqs):  # the engine drains first
         raise RuntimeError("penalties need every earlier token on the host")
-    # Outputs before this sample: the host's, plus the one in flight (async scheduling).
-    banned = [sorted(r.eos_token_ids | set(p.stop_token_ids))
-              if len(r.output_token_ids) + s.inflight_input < p.min_tokens else []
-              for s, r, p in zip(seqs, reqs, params)]
+    # Outputs before this sample: the sampled token lands at position end_pos.
+    banned = [sorted(set(r.eos_token_ids) | set(r.params.stop_token_ids))
+              if s.end_pos - r.num_prompt_tokens < r.params.min_tokens else []
+              for s, r in zip(seqs, reqs)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
-    # One host-to-device copy for all per-row floats: (7, N).
-    rows = _to([[p.temperature for p in params],
-                [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params],
-                [p.top_p for p in params], [p.min_p for p in params],
-                [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
-                [p.frequency_penalty for p in params]], f32, device)
+    # One host-to-device copy for all per-row floats: (N, 7) -> 7 rows.
+    table = _to([r.sampling_row for r in reqs], f32, device).t()
+    top_k = table[1].long()
+    top_k = torch.where((top_k > 0) & (top_k < vocab_size), top_k, vocab_size)
     return SamplingTensors(
-        temperature=rows[0], top_k=rows[1].long(), top_p=rows[2], min_p=rows[3],
-        repetition_penalty=rows[4], presence_penalty=rows[5], frequency_penalty=rows[6],
+        temperature=table[0], top_k=top_k, top_p=table[2], min_p=table[3],
+        repetition_penalty=table[4], presence_penalty=table[5], frequency_penalty=table[6],
         output_tokens=_padded([r.output_token_ids for r in reqs], vocab_size, device)
         if penalize else None,
         prompt_tokens=_padded([r.prompt_token_ids for r in reqs], vocab_size, device)
         if repetition else None,
         banned_tokens=_padded(banned, vocab_size, device) if any(banned) else None,
-        generators=[generators.get(r.request_id) for r in reqs],
+        generators=[r.generator for r in reqs],
         all_greedy=all(p.temperature == 0.0 for p in params),
         any_top_k=any(0 < p.top_k < vocab_size for p in params),
         any_top_p=any(p.top_p < 1.0 for p in params),

@@ -8,8 +8,12 @@
 before collecting step N, so the host's work overlaps the device's; a decode of N+1 whose
 input is N's sampled token reads it from N's device output (`inflight_input`).
 
-It keeps one piece of per-request state: the `torch.Generator` of each seeded request, made
-on its first sampled step and dropped when the plan lists the request as finished.
+It keeps its own state per request (runner/request_state.py): token ids, block table,
+sampling parameters and the `torch.Generator` of a seeded request (made on its first
+sampled step). Plans carry only what changed; the state goes when the plan lists the
+request as finished. Under tensor parallelism every rank runs one of these on the same
+plans and samples the same tokens (the logits are gathered whole on every rank and the
+random streams advance alike), so any rank's result is the step's result.
 
 Fault injection (tests of the engine's request isolation): with TANDEM_FAULT_TOKEN_ID set,
 a step that samples for a request whose prompt holds that token raises `InjectedFault`.
@@ -18,18 +22,21 @@ a step that samples for a request whose prompt holds that token raises `Injected
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tandem import envs
 from tandem.config import EngineConfig
+from tandem.distributed.parallel import ParallelContext
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
 from tandem.outputs import Logprobs, StepPlan, StepResult
+from tandem.request import SamplingParams
 from tandem.runner.cuda_graph import CudaGraphRunner
 from tandem.runner.input_batch import ModelInputs, build_model_inputs, build_sampling_tensors
 from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, num_blocks_for)
+from tandem.runner.request_state import RequestState, apply_plan
 from tandem.runner.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,11 @@ class Launched:
     # copied to the host (empty when the step samples nothing)
     event: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None  # kept only for prompt logprobs
+    # Read from the request states at launch: with async scheduling a request may finish
+    # (and its state go) before its last step is collected.
+    params: list[SamplingParams] = field(default_factory=list)  # aligned with plan.seqs
+    prompt_targets: dict[int, list[int]] = field(default_factory=dict)  # seq index -> the
+    # prompt tokens its prompt-logprob rows predict
 
 
 class InjectedFault(RuntimeError):
@@ -71,17 +83,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None,
+                 device: torch.device | None = None) -> None:
+        """`parallel`: this rank's place in the tensor-parallel group (None: one rank);
+        `device`: where a worker process was placed (default: `config.model.device`)."""
         self.config = config
-        self.device = resolve_device(config.model.device)
+        self.parallel = parallel or ParallelContext.single()
+        self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
         self.model = load_model(config.model.model, self.dtype, self.device,
-                                config.model.load_format, config.model.seed)
+                                config.model.load_format, config.model.seed, self.parallel)
         self.vocab_size = self.model.vocab_size
         self.block_size = config.cache.block_size
         self.sampler = Sampler(self.vocab_size)
-        self.generators: dict[str, torch.Generator] = {}
+        self.states: dict[str, RequestState] = {}
         self.num_blocks = 0
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphRunner | None = None
@@ -97,11 +113,16 @@ class ModelRunner:
         return kv_block_bytes(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim,
                               self.dtype)
 
-    def init_kv_cache(self) -> int:
-        """Size the pool (profiling peak memory on CUDA), allocate and bind it; returns blocks."""
+    def available_kv_blocks(self) -> int:
+        """How many KV blocks fit here (profiling peak memory on CUDA). Under tensor
+        parallelism the pool is the minimum over the ranks."""
+        peak = self._profile_peak_memory() if self.device.type == "cuda" else 0
+        return num_blocks_for(self.config.cache, self.block_bytes, self.device, peak)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate and bind a pool of `num_blocks` (+1, below), then capture CUDA graphs."""
         cuda = self.device.type == "cuda"
-        peak = self._profile_peak_memory() if cuda else 0
-        self.num_blocks = num_blocks_for(self.config.cache, self.block_bytes, self.device, peak)
+        self.num_blocks = num_blocks
         m = self.model
         # One extra block past the scheduler's pool: padding rows of CUDA-graph batches
         # write and read it, so no real sequence's cache is touched.
@@ -117,7 +138,6 @@ class ModelRunner:
                                           self.block_size, self.num_blocks, self.device)
             self.graphs.capture()
             logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
-        return self.num_blocks
 
     def _profile_peak_memory(self) -> int:
         """Run the largest step the scheduler may plan on a scratch pool; return peak bytes."""
@@ -166,13 +186,12 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> Launched:
         """Enqueue the step's device work; returns before it finishes (no host sync)."""
-        for rid in plan.finished_request_ids:
-            self.generators.pop(rid, None)
+        apply_plan(self.states, plan)
         last_ids, last_rows = self._last_ids, self._last_rows
         self._last_ids, self._last_rows = None, {}
         if plan.is_empty:
             return Launched(plan)
-        inputs = build_model_inputs(plan, self.block_size, self.device, last_rows)
+        inputs = build_model_inputs(plan, self.states, self.block_size, self.device, last_rows)
         if inputs.inflight_rows is not None:
             inputs.input_ids[inputs.inflight_rows] = last_ids[inputs.inflight_src]
         if self.graphs is not None and self.graphs.can_run(plan):
@@ -181,16 +200,21 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         num_sampled = len(inputs.sample_rows)
-        out = Launched(plan, inputs, logits=logits if inputs.prompt_lp_spans else None)
+        states = [self.states[s.request_id] for s in plan.seqs]
+        out = Launched(plan, inputs, logits=logits if inputs.prompt_lp_spans else None,
+                       params=[st.params for st in states])
+        for i, _, count in inputs.prompt_lp_spans:  # row r predicts token start + r + 1
+            start = plan.seqs[i].start_pos + 1
+            out.prompt_targets[i] = states[i].token_ids[start:start + count]
         if num_sampled:
             if self.fault_token_id is not None:
-                _inject_fault(plan, inputs.sample_rows, self.fault_token_id)
+                self._inject_fault(plan, inputs.sample_rows)
             self._make_generators(plan, inputs)
-            tensors = build_sampling_tensors(plan, inputs.sample_rows, self.vocab_size,
-                                             self.generators, self.device)
+            tensors = build_sampling_tensors(plan, self.states, inputs.sample_rows,
+                                             self.vocab_size, self.device)
             sampled = self.sampler(logits[:num_sampled], tensors)
             self._last_ids = sampled.token_ids
-            self._last_rows = {plan.seqs[i].request.request_id: row
+            self._last_rows = {plan.seqs[i].request_id: row
                                for row, i in enumerate(inputs.sample_rows)}
             out.host = tuple(_to_host(t) for t in (sampled.token_ids, sampled.logprobs,
                                                    sampled.logprob_token_ids) if t is not None)
@@ -210,16 +234,23 @@ class ModelRunner:
 
     def _make_generators(self, plan: StepPlan, inputs: ModelInputs) -> None:
         for i in inputs.sample_rows:
-            req = plan.seqs[i].request
-            seed = req.sampling_params.seed
-            if seed is not None and req.request_id not in self.generators:
-                g = torch.Generator(device=self.device)
+            seq = plan.seqs[i]
+            state = self.states[seq.request_id]
+            seed = state.params.seed
+            if seed is not None and state.generator is None:
+                g = state.generator = torch.Generator(device=self.device)
                 g.manual_seed(seed)
-                self.generators[req.request_id] = g
-                # A recomputed (preempted) request replays its earlier draws so its
-                # remaining samples match an uninterrupted run.
-                for _ in range(len(req.output_token_ids)):
+                # A recomputed (preempted) or retried request replays its earlier draws
+                # (one per output token before this one) so its remaining samples match
+                # an uninterrupted run.
+                for _ in range(seq.end_pos - state.num_prompt_tokens):
                     torch.empty(self.vocab_size, device=self.device).exponential_(generator=g)
+
+    def _inject_fault(self, plan: StepPlan, sample_rows: list[int]) -> None:
+        for i in sample_rows:
+            rid = plan.seqs[i].request_id
+            if self.fault_token_id in self.states[rid].prompt_token_ids:
+                raise InjectedFault(f"injected fault for request {rid}")
 
     def _to_result(self, launched: Launched) -> StepResult:
         plan, inputs, logits = launched.plan, launched.inputs, launched.logits
@@ -232,43 +263,35 @@ class ModelRunner:
             lp_ids = launched.host[2].tolist() if lp_vals is not None else None
             for row, i in enumerate(inputs.sample_rows):
                 tokens[i] = ids[row]
-                k = plan.seqs[i].request.sampling_params.logprobs
+                k = launched.params[i].logprobs
                 if k is not None and lp_vals is not None:
                     logprobs[i] = dict(zip(lp_ids[row][: k + 1], lp_vals[row][: k + 1]))
         prompt_lps: list[list[Logprobs | None] | None] = [None] * n
         if inputs.prompt_lp_spans:
             for i, row0, count in inputs.prompt_lp_spans:
                 lp = logits[row0:row0 + count].float().log_softmax(dim=-1)
-                prompt_lps[i] = self._prompt_logprobs(plan, i, lp)
+                prompt_lps[i] = _prompt_logprobs(lp, launched.prompt_targets[i],
+                                                 launched.params[i].prompt_logprobs or 0)
         return StepResult(tokens, logprobs, prompt_lps)
 
-    def _prompt_logprobs(self, plan: StepPlan, i: int, lp: torch.Tensor) -> list[Logprobs | None]:
-        """Entries for prompt tokens start+1 .. start+count (row r predicts token r + 1)."""
-        seq = plan.seqs[i]
-        req = seq.request
-        k = req.sampling_params.prompt_logprobs or 0
-        targets = torch.tensor(req.prompt_token_ids[seq.start_pos + 1:
-                                                    seq.start_pos + 1 + lp.shape[0]],
-                               device=lp.device)
-        chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
-        top_vals = top_vals.tolist() if k else None
-        top_ids = top_ids.tolist() if k else None
-        out: list[Logprobs | None] = []
-        for r, tok in enumerate(targets.tolist()):
-            entry = {tok: chosen[r]}
-            if top_vals is not None:
-                entry.update(zip(top_ids[r], top_vals[r]))
-                entry[tok] = chosen[r]
-            out.append(entry)
-        return out
 
 
-def _inject_fault(plan: StepPlan, sample_rows: list[int], token_id: int) -> None:
-    for i in sample_rows:
-        request = plan.seqs[i].request
-        if token_id in request.prompt_token_ids:
-            raise InjectedFault(f"injected fault for request {request.request_id}")
+def _prompt_logprobs(lp: torch.Tensor, target_ids: list[int], k: int) -> list[Logprobs | None]:
+    """lp: (count, vocab) log-probs whose row r predicts target_ids[r]; each entry holds the
+    target's logprob and the top k."""
+    targets = torch.tensor(target_ids, device=lp.device)
+    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+    top_vals = top_vals.tolist() if k else None
+    top_ids = top_ids.tolist() if k else None
+    out: list[Logprobs | None] = []
+    for r, tok in enumerate(targets.tolist()):
+        entry = {tok: chosen[r]}
+        if top_vals is not None:
+            entry.update(zip(top_ids[r], top_vals[r]))
+            entry[tok] = chosen[r]
+        out.append(entry)
+    return out
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

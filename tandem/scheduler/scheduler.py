@@ -17,6 +17,10 @@ reduce to one rule: schedule the difference, within the step's token budget.
 `num_computed_tokens` is advanced when a step is scheduled (the runner computes those
 tokens before `update` runs); `ScheduledSeq.start_pos` is the value before.
 
+The plan is a message (outputs.py): it names requests by id and carries only what the
+runner does not hold yet (`Request.num_sent_tokens`, `num_sent_blocks` track that). The
+scheduler remembers each plan's live requests by `step_id` until its `update`.
+
 Async scheduling (one step ahead): the engine may call `schedule` for step N+1 before
 `update` for step N. A request whose token step N is sampling counts it in
 `num_inflight_tokens`, so N+1 can already decode it (`ScheduledSeq.inflight_input`; the
@@ -32,6 +36,7 @@ cannot hang on one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 
 from tandem.config import CacheConfig, SchedulerConfig
 from tandem.kv_cache import KVCacheManager
-from tandem.outputs import ScheduledSeq, StepPlan, StepResult
+from tandem.outputs import NewRequestData, ScheduledSeq, StepPlan, StepResult
 from tandem.request import FinishReason, Request, RequestStatus
 
 
@@ -69,6 +74,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every live (waiting or running) request
         self._finished_ids: list[str] = []  # finished since the last plan, for the runner
         self.num_preemptions = 0
+        self._step_id = 0
+        # step_id -> the live requests of that plan's seqs (aligned), until its update
+        self._planned: dict[int, list[Request]] = {}
 
     # ---- intake -------------------------------------------------------------------------
 
@@ -92,7 +100,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
+        scheduled: list[tuple[ScheduledSeq, Request]] = []
+        new: list[NewRequestData] = []  # requests the runner sees for the first time
         preempted: list[Request] = []
 
         # 1. Running requests: decodes and ongoing chunked prefills.
@@ -112,7 +121,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(self._schedule_seq(request, request.num_computed_tokens, num_new))
+                scheduled.append(self._schedule_seq(request, request.num_computed_tokens,
+                                                    num_new, new))
                 budget -= num_new
                 i += 1
 
@@ -131,35 +141,79 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(self._schedule_seq(request, num_hit, num_new))
+            scheduled.append(self._schedule_seq(request, num_hit, num_new, new))
             budget -= num_new
 
         # One-token queries (decodes) first, then longer chunks; stable, so within each
         # group running requests keep admission order, ahead of newly admitted ones.
-        seqs = [s for s in scheduled if s.num_new_tokens == 1]
-        seqs += [s for s in scheduled if s.num_new_tokens != 1]
+        order = [e for e in scheduled if e[0].num_new_tokens == 1]
+        order += [e for e in scheduled if e[0].num_new_tokens != 1]
         finished_ids, self._finished_ids = self._finished_ids, []
-        return StepPlan(
-            seqs=seqs,
+        return self._register(
+            [seq for seq, _ in order], [r for _, r in order],
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
-            finished_request_ids=finished_ids,
-            preempted_request_ids=[r.request_id for r in preempted],
-        )
+            new_requests=new, finished_request_ids=finished_ids,
+            preempted_request_ids=[r.request_id for r in preempted])
 
-    def _schedule_seq(self, request: Request, start_pos: int, num_new: int) -> ScheduledSeq:
+    def _register(self, seqs: list[ScheduledSeq], requests: list[Request], **fields
+                  ) -> StepPlan:
+        self._step_id += 1
+        self._planned[self._step_id] = requests
+        return StepPlan(seqs=seqs, step_id=self._step_id, **fields)
+
+    def requests_of(self, plan: StepPlan) -> list[Request]:
+        """The live requests of a plan's seqs (aligned), until its `update` (or `discard`)."""
+        return self._planned[plan.step_id]
+
+    def discard(self, plan: StepPlan) -> None:
+        """Forget a plan that will never be updated (a failed step, retried in parts)."""
+        self._planned.pop(plan.step_id, None)
+
+    def retry_plan(self, plan: StepPlan, indices: list[int]) -> StepPlan:
+        """A plan of some of a failed plan's seqs, to run again synchronously: inputs from
+        the host (tokens that were in flight have arrived), seeded generators rebuilt.
+        Seqs whose request finished meanwhile are dropped."""
+        requests = self._planned[plan.step_id]
+        seqs, live, news = [], [], []
+        by_id = {n.request_id: n for n in plan.new_requests}
+        for i in indices:
+            seq, request = plan.seqs[i], requests[i]
+            if request.is_finished:
+                continue
+            # Everything from the seq's diff on, now that the in-flight token is known.
+            tokens = request.all_token_ids[seq.tokens_from:seq.end_pos]
+            seqs.append(dataclasses.replace(seq, inflight_input=False, new_token_ids=tokens))
+            live.append(request)
+            if seq.request_id in by_id:
+                news.append(by_id[seq.request_id])
+        return self._register(seqs, live, new_requests=news, retry=True,
+                              num_batched_tokens=sum(s.num_new_tokens for s in seqs))
+
+    def _schedule_seq(self, request: Request, start_pos: int, num_new: int,
+                      new: list[NewRequestData]) -> tuple[ScheduledSeq, Request]:
         end = start_pos + num_new
         request.num_computed_tokens = end  # computed by the time update runs
         sample = end == request.num_tokens + request.num_inflight_tokens
+        if request.num_sent_tokens == 0:  # the runner has never seen it
+            new.append(NewRequestData(request.request_id, request.prompt_token_ids,
+                                      request.sampling_params, sorted(request.eos_token_ids)))
+            request.num_sent_tokens = request.num_prompt_tokens
+        table = self.kv.block_table(request.request_id)
         seq = ScheduledSeq(
-            request=request,
+            request_id=request.request_id,
             start_pos=start_pos,
             num_new_tokens=num_new,
-            block_table=list(self.kv.block_table(request.request_id)),
             sample=sample,
             inflight_input=end > request.num_tokens,
+            tokens_from=request.num_sent_tokens,
+            new_token_ids=request.all_token_ids[request.num_sent_tokens:],
+            blocks_from=request.num_sent_blocks,
+            new_block_ids=list(table[request.num_sent_blocks:]),
         )
+        request.num_sent_tokens = request.num_tokens
+        request.num_sent_blocks = len(table)
         request.num_inflight_tokens += sample
-        return seq
+        return seq, request
 
     def _inflight_token_is_last(self, request: Request) -> bool:
         """Whether the token being sampled for `request` will finish it by length (what
@@ -176,6 +230,7 @@ class Scheduler:
         + output (its registered blocks may still be prefix hits then)."""
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.num_sent_blocks = 0  # its next plan sends a whole new block table
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -188,8 +243,9 @@ class Scheduler:
         once, in plan order. Seqs whose request was aborted or finished since `schedule`
         are skipped; one preempted since (async scheduling) still gets its token."""
         touched: list[Request] = []
-        for seq, token in zip(plan.seqs, result.sampled_token_ids, strict=True):
-            request = seq.request
+        requests = self._planned.pop(plan.step_id)
+        for seq, request, token in zip(plan.seqs, requests, result.sampled_token_ids,
+                                       strict=True):
             if seq.sample:
                 request.num_inflight_tokens -= 1
             if request.status is RequestStatus.FINISHED:

@@ -40,7 +40,7 @@ def step(sched: Scheduler, token: int = 7) -> tuple[StepPlan, list[Request]]:
 
 
 def shape(plan: StepPlan) -> list[tuple[str, int, int, bool]]:
-    return [(s.request.request_id, s.start_pos, s.num_new_tokens, s.sample) for s in plan.seqs]
+    return [(s.request_id, s.start_pos, s.num_new_tokens, s.sample) for s in plan.seqs]
 
 
 def test_chunked_prefill_under_a_small_budget():
@@ -71,8 +71,24 @@ def test_plan_fields_and_block_tables():
     plan = sched.schedule()
     (seq,) = plan.seqs
     assert plan.num_batched_tokens == 9 and a.num_computed_tokens == 9
-    assert len(seq.block_table) == 3 and seq.block_table == sched.kv.block_table("a")
-    assert seq.block_table is not sched.kv.block_table("a")  # a copy
+    # The first plan sends the request whole, and its block table from index 0.
+    (new,) = plan.new_requests
+    assert new.request_id == "a" and new.prompt_token_ids == a.prompt_token_ids
+    assert seq.blocks_from == 0 and seq.new_block_ids == sched.kv.block_table("a")
+    assert len(seq.new_block_ids) == 3
+    assert seq.new_block_ids is not sched.kv.block_table("a")  # a copy
+    assert seq.tokens_from == 9 and seq.new_token_ids == []
+    sched.update(plan, result_for(plan, token=5))
+    # Later plans carry only what changed: the sampled token; then one new block.
+    plan = sched.schedule()
+    (seq,) = plan.seqs
+    assert plan.new_requests == [] and (seq.tokens_from, seq.new_token_ids) == (9, [5])
+    assert (seq.blocks_from, seq.new_block_ids) == (3, [])
+    sched.update(plan, result_for(plan, token=6))  # 11 tokens
+    plan = sched.schedule()
+    sched.update(plan, result_for(plan, token=7))  # 12 tokens
+    (seq,) = sched.schedule().seqs  # computes position 11, the last of block 2
+    assert (seq.tokens_from, seq.new_token_ids) == (11, [7]) and seq.new_block_ids == []
 
 
 def test_max_num_seqs_limits_admission():
@@ -80,7 +96,7 @@ def test_max_num_seqs_limits_admission():
     for rid in "abc":
         sched.add_request(make_request(rid, 3))
     plan, _ = step(sched)
-    assert [s.request.request_id for s in plan.seqs] == ["a", "b"]
+    assert [s.request_id for s in plan.seqs] == ["a", "b"]
     assert (sched.num_running, sched.num_waiting) == (2, 1)
 
 
@@ -121,7 +137,7 @@ def test_preemption_takes_the_most_recently_admitted_and_recomputes():
         if not sched.has_unfinished_requests():
             break
         plan, touched = step(sched)
-        if any(s.request is c and s.start_pos == 0 for s in plan.seqs):
+        if any(s.request_id == c.request_id and s.start_pos == 0 for s in plan.seqs):
             assert shape(plan)[-1] == ("c", 0, 5, True)  # prompt + 1 output in one prefill
             recomputed = True
         finished += [r for r in touched if r.is_finished]

@@ -17,6 +17,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 from tandem.config import CacheConfig, SchedulerConfig
 from tandem.outputs import StepResult
 from tandem.request import FinishReason, Request, RequestStatus, SamplingParams
+from tandem.runner.request_state import apply_plan
 from tandem.scheduler import Scheduler
 
 EOS, STOP_ID = 0, 3
@@ -42,6 +43,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.finished: Counter[str] = Counter()  # from update() returns, aborts, finishes
         self.reported: Counter[str] = Counter()  # from plans' finished_request_ids
         self.kv_content: dict[int, int] = {}  # slot -> token id the fake runner wrote there
+        self.runner_states: dict = {}  # request id -> RequestState, from plans alone
         self.next_id = 0
         self.async_mode = async_mode
         self.pending = None  # async: (plan, tokens) scheduled, not yet updated
@@ -100,36 +102,42 @@ class SchedulerMachine(RuleBasedStateMachine):
     def _step(self, rng: random.Random) -> None:
         sched, bs = self.sched, self.bs
         plan = sched.schedule()
+        reqs = sched.requests_of(plan)
+        apply_plan(self.runner_states, plan)  # what a model runner would hold
         self.reported.update(plan.finished_request_ids)
         cfg = sched.config
         assert plan.num_batched_tokens == sum(s.num_new_tokens for s in plan.seqs)
         assert plan.num_batched_tokens <= cfg.max_num_batched_tokens
         assert len(sched.running) <= cfg.max_num_seqs
-        assert len({id(s.request) for s in plan.seqs}) == len(plan.seqs)
+        assert len({id(r) for r in reqs}) == len(plan.seqs) == len(reqs)
         ones = [s.num_new_tokens == 1 for s in plan.seqs]
         assert ones == sorted(ones, reverse=True)  # one-token queries first
         for rid in plan.preempted_request_ids:
             r = self.added[rid]
             assert r.status is RequestStatus.PREEMPTED and r.num_computed_tokens == 0
-        for s in plan.seqs:
-            r = s.request
+        for s, r in zip(plan.seqs, reqs):
+            assert s.request_id == r.request_id
             assert r.status is RequestStatus.RUNNING and s.num_new_tokens >= 1
             known = r.num_tokens + r.num_inflight_tokens - s.sample  # before this plan
             assert r.num_computed_tokens == s.end_pos <= known
             assert s.sample == (s.end_pos == known)
             assert s.inflight_input == (s.end_pos > r.num_tokens)
             assert self.async_mode or not s.inflight_input
-            assert s.block_table == sched.kv.block_table(r.request_id)
-            assert len(s.block_table) * bs >= s.end_pos
+            # The runner's copy, built from diffs only, matches the scheduler's state.
+            state = self.runner_states[r.request_id]
+            table = state.block_ids
+            assert table == sched.kv.block_table(r.request_id)
+            assert state.token_ids == r.all_token_ids
+            assert len(table) * bs >= s.end_pos
             for pos in range(s.start_pos):  # the K/V this chunk attends to is right
-                slot = s.block_table[pos // bs] * bs + pos % bs
+                slot = table[pos // bs] * bs + pos % bs
                 assert self.kv_content.get(slot) == self._token(r, pos), (r.request_id, pos)
             for pos in range(s.start_pos, s.end_pos):  # never write into a shared block
-                block = s.block_table[pos // bs]
+                block = table[pos // bs]
                 assert sched.kv.pool.ref_cnt[block] == 1
                 self.kv_content[block * bs + pos % bs] = self._token(r, pos)
         if plan.seqs and rng.random() < 0.05:  # an abort lands between schedule and update
-            victim = rng.choice(plan.seqs).request
+            victim = rng.choice(reqs)
             assert sched.abort_requests([victim.request_id]) == [victim]
             self.finished[victim.request_id] += 1
         tokens = [rng.choice(SAMPLED) if s.sample else None for s in plan.seqs]
@@ -137,16 +145,16 @@ class SchedulerMachine(RuleBasedStateMachine):
             previous, self.pending = self.pending, (plan, tokens)
             if previous is not None:
                 self._update(*previous)
-            self.inflight = {s.request.request_id: t for s, t in zip(plan.seqs, tokens)
+            self.inflight = {s.request_id: t for s, t in zip(plan.seqs, tokens)
                              if s.sample}
         else:
             self._update(plan, tokens)
 
     def _update(self, plan, tokens: list[int | None]) -> None:
         sched, cfg, n = self.sched, self.sched.config, len(plan.seqs)
+        sampled = {id(r) for s, r in zip(plan.seqs, sched.requests_of(plan)) if s.sample}
         touched = sched.update(plan, StepResult(tokens, [None] * n, [None] * n))
         assert len({id(r) for r in touched}) == len(touched)
-        sampled = {id(s.request) for s in plan.seqs if s.sample}
         for r in touched:
             assert id(r) in sampled and r.finish_reason is not FinishReason.ABORT
             if r.is_finished:

@@ -1,0 +1,64 @@
+"""How a linear layer stores and applies its weight: one `LinearMethod` per layer, chosen
+when the layer is constructed (vLLM's quant_method), never by rewriting a model later.
+
+    layer.__init__   method = linear_method_for(prefix, device, dtype)
+                     method.create_weights(layer, output_size_per_rank, input_size_per_rank)
+    loading          the layer's weight_loader fills the parameters (layers/linear.py)
+    after loading    method.process_weights_after_loading(layer)
+    forward          method.apply(layer, x, bias)
+
+Methods here: `UnquantizedLinearMethod` (F.linear, or the Triton GEMV for one row on
+CUDA) and `OneDNNLinearMethod` (float32 on CPU: the weight reordered once into oneDNN's
+blocked layout; see layers/cpu_gemm.py for why). Quantized methods register the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.kernels import ops
+from tandem.layers import cpu_gemm
+
+
+class LinearMethod:
+    """The interface: create parameters, post-process them after loading, apply."""
+
+    def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
+        """Register `layer.weight` (output_size, input_size) for this rank's shard."""
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.linear(x, layer.weight, bias)
+
+
+class OneDNNLinearMethod(LinearMethod):
+    """float32 on CPU: short-and-wide decode matmuls through a oneDNN-packed copy."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.packed = cpu_gemm.pack_weight(layer.weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return cpu_gemm.linear(x, layer.weight, getattr(layer, "packed", None), bias)
+
+
+def linear_method_for(prefix: str, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> LinearMethod:
+    """The method of the layer named `prefix` (e.g. model.layers.3.mlp.down_proj), for
+    weights on `device` in `dtype` (default: the ones the loader constructs under)."""
+    device = device or torch.get_default_device()
+    dtype = dtype or torch.get_default_dtype()
+    if device.type == "cpu" and dtype == torch.float32 and cpu_gemm.onednn_available():
+        return OneDNNLinearMethod()
+    return UnquantizedLinearMethod()
