@@ -20,7 +20,9 @@ never on the event loop: the tokenizer releases the GIL.
 A step that raises is isolated by `Engine.step` (only the request that causes it ends,
 with finish_reason "error"). Should the step machinery itself fail, every live request
 fails with `EngineError` and is aborted, and the engine keeps serving new requests. If the
-engine process dies, every live request fails with `EngineError` and /health turns 503.
+engine cannot go on (its process died, or a tensor-parallel worker did), every live
+request fails with `EngineError`, /health turns 503 and `on_dead` is called (the server
+then exits non-zero).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class AsyncEngine:
         self.vocab_size = self.inputs.vocab_size
         self.config = self.inputs.config
         self.on_step = on_step
+        self.on_dead: Callable[[BaseException], None] | None = None  # the engine is gone
         self._cond = threading.Condition()
         self._commands: list[Command] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond; no new requests once set
@@ -128,7 +131,7 @@ class AsyncEngine:
         else:
             self._thread = threading.Thread(target=self._send_remote, name="tandem-engine-tx",
                                             daemon=True)
-            self._core.start(self._on_events, self.fail_all)
+            self._core.start(self._on_events, self._died)
         self._thread.start()
 
     @property
@@ -246,6 +249,9 @@ class AsyncEngine:
         loop = EngineLoop(self.engine, self._on_events)
         while loop.run_once(self._take_commands(block=not loop.has_work())):
             pass
+        self.engine.shutdown()
+        if loop.dead is not None:
+            self._died(loop.dead)
 
     # ---- the engine side, in its own process ------------------------------------------------
     def _send_remote(self) -> None:
@@ -281,6 +287,11 @@ class AsyncEngine:
     def fail_all(self, error: BaseException) -> None:
         """Fail every live stream (the engine process died)."""
         self._on_events([(rid, error) for rid in list(self._streams)], [], None, None)
+
+    def _died(self, error: BaseException) -> None:
+        self.fail_all(error if isinstance(error, EngineError) else EngineError(str(error)))
+        if self.on_dead is not None:
+            self.on_dead(error)
 
 
 def _put_all(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -53,13 +54,19 @@ def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int) 
 
     loop = EngineLoop(engine, emit)
     running = True
-    while running:
-        batch: list[Command] = []
-        if not loop.has_work():
-            batch += commands.recv()  # idle: wait for work
-        while commands.poll():
-            batch += commands.recv()
-        running = loop.run_once(batch)
+    try:
+        while running:
+            batch: list[Command] = []
+            if not loop.has_work():
+                batch += commands.recv()  # idle: wait for work
+            while commands.poll():
+                batch += commands.recv()
+            running = loop.run_once(batch)
+    finally:
+        engine.shutdown()  # the tensor-parallel workers, if any
+    if loop.dead is not None:  # the server fails what is left, reports unhealthy, exits
+        events.send(("dead", str(loop.dead)))
+        sys.exit(1)
     events.send(("exit",))
 
 
@@ -140,6 +147,7 @@ class ProcessCore:
     def _receive(self, on_events: Callable[..., None],
                  on_dead: Callable[[BaseException], None]) -> None:
         clean = False
+        reason = "the engine process died"
         while True:
             try:
                 message = self._evt_r.recv()
@@ -147,6 +155,9 @@ class ProcessCore:
                 break
             if message[0] == "exit":
                 clean = True
+                break
+            if message[0] == "dead":
+                reason = message[1]
                 break
             _, refs, packed, stats, num_waiting = message
             outputs = [self._unpack(p) for p in packed]
@@ -159,9 +170,9 @@ class ProcessCore:
             on_events(events, outputs, stats, num_waiting)
         self.alive = False
         if not clean:
-            logger.error("the engine process died (exit code %s)",
+            logger.error("%s (engine process exit code %s)", reason,
                          self._proc.exitcode if self._proc else None)
-            on_dead(EngineError("the engine process died"))
+            on_dead(EngineError(reason))
 
     def _unpack(self, packed: tuple) -> RequestOutput:
         rid, finished, delta, cached, metrics, choices, prompt_logprobs = packed

@@ -10,7 +10,9 @@ steps, runs one `Engine.step` if there is work, and hands what happened to `emit
 It runs on a thread of the server process (AsyncEngine, in-process mode) or as the main
 loop of a separate engine process (core_process.py); the messages are plain dataclasses,
 so they pickle across the boundary. A step that raises past `Engine.step`'s own isolation
-fails the live requests with `EngineError`; the loop carries on.
+fails the live requests with `EngineError`; the loop carries on. If the executor is dead
+(a tensor-parallel worker died), the live requests fail, `dead` holds the reason and
+`run_once` returns False: the engine cannot serve any more.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from tandem.engine.engine import Engine
 from tandem.engine.stats import EngineStats
+from tandem.executor import ExecutorDead
 from tandem.outputs import RequestOutput
 from tandem.request import SamplingParams
 
@@ -63,6 +66,7 @@ class EngineLoop:
         self.engine = engine
         self.emit = emit
         self.live: set[str] = set()  # request ids added and not yet finished
+        self.dead: ExecutorDead | None = None  # why the engine cannot go on, once it cannot
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
@@ -84,11 +88,16 @@ class EngineLoop:
             self._step(events, outputs)
         if commands or outputs or events:
             self.emit(events, outputs, self.engine.stats(), self.engine.scheduler.num_waiting)
-        return not exiting
+        return not exiting and self.dead is None
 
     def _step(self, events: list[Event], outputs: list[RequestOutput]) -> None:
         try:
             step_outputs = self.engine.step()
+        except ExecutorDead as e:  # nothing can run any more: fail what was live, stop
+            logger.critical("the engine cannot go on: %s", e)
+            self.dead = e
+            self._fail_all(EngineError(f"the engine stopped: {e}"), events, outputs)
+            return
         except Exception as e:  # keep serving: fail what was live, carry on
             logger.exception("engine step failed; aborting %d live request(s)", len(self.live))
             self._fail_all(EngineError(f"engine step failed: {e!r}"), events, outputs)

@@ -19,6 +19,7 @@ a second instead of leaving the engine waiting on a reply that never comes.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -87,6 +88,7 @@ class MultiProcExecutor(Executor):
             address = f"tcp://{p.master_addr}:{master_port + 1}"
         self.procs = spawn_workers(config, address, master_port)
         self._closed = False
+        atexit.register(self.shutdown)  # an LLM left open at exit still stops its workers
         try:
             self._start(config)
         except BaseException:
@@ -175,6 +177,7 @@ class MultiProcExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.shutdown)
         try:
             self._broadcast(Shutdown())
         except ExecutorDead:

@@ -5,7 +5,13 @@ The engine runs in its own process unless --no-engine-process (engine/core_proce
 SIGTERM / SIGINT: the server stops accepting connections and new requests (503), lets
 in-flight requests finish for up to --shutdown-timeout seconds, then aborts the rest: each
 open stream gets its choices' finish_reason "abort", an error event and `data: [DONE]`
-before its connection closes. The process then exits 0.
+before its connection closes. The process then exits 0. If the engine cannot go on (its
+process or a tensor-parallel worker died), live requests fail, /health turns 503 and the
+server shuts down the same way, exiting 1.
+
+With --nnodes N, node 0 runs the server and the engine; `tandem serve MODEL --node-rank K`
+on node K > 0 (same model path, parallel flags and --master-addr/--master-port) only
+starts that node's tensor-parallel workers and exits when they do.
 """
 
 from __future__ import annotations
@@ -90,6 +96,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = _model_dir(args)
     engine_config = EngineConfig.from_kwargs(model_dir, **engine_kwargs(args))
+    if engine_config.parallel.node_rank > 0:  # a worker node: no server, no engine
+        from tandem.executor.multiproc import run_node
+        logger.info("node %d of %d: starting tensor-parallel workers for %s:%s",
+                    engine_config.parallel.node_rank, engine_config.parallel.nnodes,
+                    engine_config.parallel.master_addr, engine_config.parallel.master_port)
+        return run_node(engine_config)
     name = config.served_model_name or args.model_tag or args.model or "default"
     metrics, status = ServerMetrics(name), StatusLogger(config.status_interval)
 
@@ -101,6 +113,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         engine = AsyncEngine.in_process(engine_config, on_step, logging.getLogger().level)
     else:
         engine = AsyncEngine(Engine(engine_config), on_step)
+    fatal: list[BaseException] = []
+    servers: list[Any] = []
+
+    def on_dead(error: BaseException) -> None:  # from an engine-side thread
+        logger.critical("the engine is gone (%s); shutting down", error)
+        fatal.append(error)
+        for s in servers:
+            s.should_exit = True
+
+    engine.on_dead = on_dead
     engine.start()  # the model loads here: errors surface before the server listens
     state = ServerState(engine, name, model_dir, config)
     app = build_app(state, metrics)
@@ -121,10 +143,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
         timeout_graceful_shutdown=config.shutdown_timeout + _ABORT_GRACE_S))
+    servers.append(server)
+    if fatal:  # died between start-up and here
+        server.should_exit = True
     # uvicorn installs its own handlers while it runs and re-raises the signal that stopped
     # it once it restores the previous ones; these no-ops underneath make a drained shutdown
     # end here, with exit status 0, instead of dying by the signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     server.run()
-    return 0 if server.started else 1
+    return 1 if fatal or not server.started else 0
