@@ -14,8 +14,9 @@ Setup, every step a collective over the caller's CPU (gloo) group, so all ranks 
     3. open every peer's buffer (CUDA IPC), gather the outcome; any failure -> disabled
 
 Per call (`all_reduce`): one Triton launch on the current stream, no host sync and no
-allocation but the output, so it can be captured in a CUDA graph (run each dtype once
-eagerly before capturing, so Triton has compiled it). Every rank must make the same calls
+allocation but the output, so it can be captured in a CUDA graph (setup compiles the
+usual variants; a size that is not a multiple of 16 elements compiles on first use, so
+run it once eagerly before capturing it). Every rank must make the same calls
 (shapes, dtypes, order) on one stream, as with any collective. Never uses NVLink
 multicast (NVLS / symmetric-memory multicast): plain peer loads and stores only.
 """
@@ -30,6 +31,11 @@ import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+# Set in os.environ of every process of a group (before CUDA and torch.distributed start)
+# by whoever spawns them: NVLink multicast (NVLS) stays off on these machines.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _MAX_WORLD = 8  # the kernel's flag table has 8 columns
@@ -73,7 +79,12 @@ class CustomAllReduce:
         self._group = cpu_group
         self._buffer: torch.Tensor | None = None  # my IPC buffer (uint8), see kernel docs
         self._peers: list[torch.Tensor] = []  # peers' buffers, opened here (kept alive)
+        # dtype -> (my data buffer 0 as dtype, (world,) element deltas to each rank's, and
+        # elements from buffer 0 to buffer 1): the kernel's arguments for that dtype
         self._views: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._flags: torch.Tensor | None = None  # my flags, (max_programs * 8,) int64
+        self._flag_deltas: torch.Tensor | None = None  # (world,) int64 element deltas
+        self._epochs: torch.Tensor | None = None  # (max_programs,) int64 call counters
         reason = self.unavailable_reason(world_size, device)
         if not 2 <= world_size <= _MAX_WORLD:  # the same on every rank: no need to agree
             self._disable(reason)
@@ -129,17 +140,21 @@ class CustomAllReduce:
             return
         torch.cuda.synchronize(self.device)  # no kernel still reads a peer's buffer
         self._peers.clear()
-        self._views.clear()
         dist.barrier(group=self._group)  # every rank unmapped my buffer before I free it
-        self._buffer = None
+        self._release()
         self.disabled_reason = "closed"
 
     # -- setup -----------------------------------------------------------------------
 
+    def _release(self) -> None:
+        """Drop every reference to the peers' buffers and to mine (views included)."""
+        self._peers.clear()
+        self._views.clear()
+        self._buffer = self._flags = self._flag_deltas = self._epochs = None
+
     def _disable(self, reason: str | None) -> None:
         self.disabled_reason = reason or "unknown"
-        self._peers.clear()
-        self._buffer = None
+        self._release()
         if self.rank == 0:  # the reason is agreed: one line per group
             log = logger.info if self.world_size == 1 else logger.warning
             log("custom all-reduce disabled: %s", self.disabled_reason)
@@ -182,6 +197,11 @@ class CustomAllReduce:
             reason = f"could not open the peers' IPC buffers: {e}"
         if self._agree(reason, None) is None:
             return
+        # Compile and load the usual variants (sizes a multiple of 16) now rather than in
+        # the first CUDA-graph capture: collectives like any call, the same on every rank.
+        for dtype in _DTYPES:
+            self.all_reduce(torch.zeros(4096, dtype=dtype, device=self.device))
+        torch.cuda.synchronize(self.device)
         logger.info("custom all-reduce on rank %d: %d ranks, up to %d bytes, %d programs",
                     self.rank, self.world_size, self.max_bytes, self._max_programs)
 

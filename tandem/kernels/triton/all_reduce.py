@@ -64,8 +64,9 @@ def _one_shot_all_reduce_kernel(
     pid = tl.program_id(0)
     num_chunks = tl.cdiv(n, BLOCK)
     cols = tl.arange(0, BLOCK)
-    epoch = tl.load(epoch_ptr + pid) + 1  # only this program touches its counter
-    tl.store(epoch_ptr + pid, epoch)
+    # Only this program touches its counter; every thread loads it, thread 0 stores it
+    # back after a barrier (below), so no warp can read the incremented value.
+    epoch = tl.load(epoch_ptr + pid) + 1
     shift = tl.multiple_of((epoch % 2) * buf_elems, ALIGN_ELEMS)  # double buffering
 
     # 1. stage: my chunks of x into my data buffer (epoch % 2)
@@ -87,16 +88,20 @@ def _one_shot_all_reduce_kernel(
         while tl.atomic_add(flag_ptr + slot + r, 0, sem="acquire", scope="sys") < epoch:
             pass
     tl.debug_barrier()  # the acquire (one thread) before every thread's peer loads
+    tl.store(epoch_ptr + pid, epoch)  # read by the next call (stream order)
 
-    # 4. reduce: rank 0's slice, + rank 1's, + ... in float32, then one rounding
+    # 4. reduce: rank 0's slice, + rank 1's, + ... in float32, then one rounding. The
+    # loads skip L1 (".cg"): the acquire above already orders them, this just never
+    # leans on L1 holding no line of the same buffer from two calls ago.
     for c in range(pid, num_chunks, MAX_PROGRAMS):
         offs = c * BLOCK + cols
         mask = offs < n
         src = data_ptr + tl.multiple_of(tl.load(data_deltas) + shift, ALIGN_ELEMS)
-        acc = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
         for r in tl.static_range(1, WORLD):
             src = data_ptr + tl.multiple_of(tl.load(data_deltas + r) + shift, ALIGN_ELEMS)
-            acc += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            acc += v.to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
