@@ -11,9 +11,11 @@ Each rank's IPC buffer (same layout on every rank; peers reach it through CUDA I
     flags[p][r] = the last epoch rank r's program p announced to this rank
 
 The message is cut into CHUNK_BYTES chunks, and chunk c always belongs to program
-c % max_programs, whatever the dtype and size of the call (so a region of the buffers is
-always staged and read by the same program index). Program p, with e = its epoch on this
-rank (a device counter it increments itself, so CUDA-graph replays advance it too):
+c % max_programs, whatever the dtype and size of the call: a byte of the buffers is always
+staged and read by the same program index, so the argument below holds per program. The
+grid is at most max_programs <= the SM count, so all programs are resident at once (a
+program spins on its peers' same-index program). Program p, with e = its epoch on this
+rank (a device counter each call increments by one, so CUDA-graph replays advance it too):
 
     1. stage   x[its chunks] -> my data buffer (e % 2)              plain stores
     2. signal  debug_barrier; flags[p][me] = e on every rank         release, system scope
