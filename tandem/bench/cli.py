@@ -62,9 +62,12 @@ def _report(rows: list[tuple[str, Any]], record: dict[str, Any]) -> None:
 
 
 def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
-    runner = llm.engine.runner
-    return {"benchmark": name, "device": device_name(runner.device),
-            "model": args.model or "default", "dtype": str(runner.dtype).replace("torch.", ""),
+    executor = llm.engine.executor
+    tp = llm.engine.config.parallel.tensor_parallel_size
+    return {"benchmark": name, "device": device_name(executor.device) + (f" x{tp}" if tp > 1
+                                                                         else ""),
+            "tensor_parallel_size": tp,
+            "model": args.model or "default", "dtype": str(executor.dtype).replace("torch.", ""),
             "load_format": args.load_format or "auto",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["tandem"] + sys.argv[1:]), "git_commit": git_commit()}
@@ -72,10 +75,13 @@ def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
 
 def _shape_and_rates(llm) -> tuple[ModelShape, float, float]:
     from tandem.models.loader import read_hf_config
-    runner = llm.engine.runner
-    shape = ModelShape.from_hf(read_hf_config(llm.engine.config.model.model), runner.dtype)
-    flops, bw = measure_rates(runner.device, runner.dtype)
-    return shape, flops, bw
+    executor = llm.engine.executor
+    shape = ModelShape.from_hf(read_hf_config(llm.engine.config.model.model), executor.dtype)
+    flops, bw = measure_rates(executor.device, executor.dtype)
+    # Tensor parallelism: the bound is every rank's matmul and bandwidth together (the
+    # all-reduces' cost is what the achieved fraction then shows).
+    tp = llm.engine.config.parallel.tensor_parallel_size
+    return shape, flops * tp, bw * tp
 
 
 def _runs_bar(args: argparse.Namespace, desc: str) -> tqdm:
@@ -87,7 +93,7 @@ def _runs_bar(args: argparse.Namespace, desc: str) -> tqdm:
 def _max_batch(llm, total_len: int) -> int:
     e = llm.engine
     blocks_per_req = -(-total_len // e.config.cache.block_size)
-    return max(1, min(e.config.scheduler.max_num_seqs, e.runner.num_blocks // blocks_per_req))
+    return max(1, min(e.config.scheduler.max_num_seqs, e.executor.num_blocks // blocks_per_req))
 
 
 def run_latency(args: argparse.Namespace) -> int:
@@ -230,7 +236,9 @@ def _measure_peer(args: argparse.Namespace, model_dir: str, device: torch.device
 def _free(llm) -> None:
     """Release the engine's device memory (KV pool, CUDA graphs) before a peer runs."""
     import gc
-    llm.engine.runner.graphs = None
+    if llm.engine.runner is not None:
+        llm.engine.runner.graphs = None
+    llm.engine.shutdown()
     llm.engine = None
     gc.collect()
     if torch.cuda.is_available():
@@ -260,9 +268,9 @@ def run_throughput(args: argparse.Namespace) -> int:
             ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
             ("roofline (s)", roof), ("roofline fraction", roof / elapsed)]
     if args.backend != "tandem":
-        runner = llm.engine.runner
-        model_dir, device, dtype = llm.engine.config.model.model, runner.device, runner.dtype
-        del runner
+        executor = llm.engine.executor
+        model_dir, device, dtype = llm.engine.config.model.model, executor.device, executor.dtype
+        del executor
         _free(llm)
         try:
             peer_rec = _measure_peer(args, model_dir, device, dtype, prompts, out_lens)
