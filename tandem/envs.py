@@ -6,11 +6,20 @@
     TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
+
+Set, not read: `NO_NVLINK_MULTICAST`, in every process tandem starts that may touch NCCL.
 """
 
 from __future__ import annotations
 
 import os
+
+
+# NVLink multicast (NVLS) can take shared GPUs out of service on the hosts tandem runs on:
+# every worker, test and benchmark process starts with it off, whatever its caller's
+# environment says.
+NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                       "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def api_key() -> str | None:

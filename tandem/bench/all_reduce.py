@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tandem.distributed.custom_all_reduce import NO_MULTICAST_ENV, CustomAllReduce
+from tandem.distributed.custom_all_reduce import join_cuda_group
+from tandem.envs import NO_NVLINK_MULTICAST
 
 
 def _eager_us(fn: Callable[[], Any], iters: int) -> float:
@@ -80,15 +81,9 @@ def _measure(car, x: torch.Tensor, calls: int) -> dict[str, float | None]:
 
 def _rank_main(rank: int, world: int, port: int, sizes: list[int], calls: int,
                result_path: str) -> None:
-    os.environ.update(NO_MULTICAST_ENV)  # before CUDA and torch.distributed initialize
     from tandem.bench.cli import device_name
 
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, device_id=device)
-    cpu_group = dist.new_group(backend="gloo")
-    car = CustomAllReduce(cpu_group, rank, world, device, max_bytes=max(sizes))
+    device, car = join_cuda_group(rank, world, port, max(sizes))
     rows = []
     for nbytes in sizes:
         # zeros: repeated in-place NCCL sums stay finite; the traffic is the same
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-gbps", type=float, default=390.0,
                    help="device-to-device copy rate between the GPUs, GB/s (the bound)")
     args = p.parse_args(argv)
-    os.environ.update(NO_MULTICAST_ENV)
+    os.environ.update(NO_NVLINK_MULTICAST)
     if torch.cuda.device_count() < args.world_size:
         print(f"needs {args.world_size} GPUs, found {torch.cuda.device_count()}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ multicast (NVLS / symmetric-memory multicast): plain peer loads and stores only.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import Any
 
@@ -32,12 +33,21 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-# Set in os.environ of every process of a group (before CUDA and torch.distributed start)
-# by whoever spawns them: NVLink multicast (NVLS) stays off on these machines.
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                    "NVSHMEM_DISABLE_NVLS": "1"}
-
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def join_cuda_group(rank: int, world: int, port: int, max_bytes: int
+                    ) -> tuple[torch.device, CustomAllReduce]:
+    """A spawned rank of a loopback test or benchmark: GPU `rank`, an NCCL group, a gloo
+    group and a CustomAllReduce on it. Sets NVLink multicast off first."""
+    from tandem.envs import NO_NVLINK_MULTICAST
+    os.environ.update(NO_NVLINK_MULTICAST)  # before CUDA and torch.distributed initialize
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, device_id=device)
+    return device, CustomAllReduce(dist.new_group(backend="gloo"), rank, world, device,
+                                   max_bytes=max_bytes)
 _MAX_WORLD = 8  # the kernel's flag table has 8 columns
 _ALIGN = 256  # bytes: buffer bases, deltas and sizes are multiples of it (kernel's hint)
 

@@ -31,13 +31,13 @@ import uuid
 
 import zmq
 
+from tandem import envs
 from tandem.config import EngineConfig
 from tandem.executor import codec
 from tandem.executor.base import Executor, ExecutorDead, StepFailed
 from tandem.executor.messages import (CollectStep, InitKVCache, KVCacheReady, LaunchStep,
                                       Shutdown, StepDone, WorkerFailed, WorkerHello,
                                       WorkerInit, WorkerReady, config_to_dict)
-from tandem.executor.worker import NVLS_OFF
 from tandem.outputs import StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def spawn_workers(config: EngineConfig, driver: str, master_port: int) -> list[s
     first = p.node_rank * p.ranks_per_node
     procs = []
     for local_rank in range(p.ranks_per_node):
-        env = {**os.environ, **NVLS_OFF, "MASTER_ADDR": p.master_addr,
+        env = {**os.environ, **envs.NO_NVLINK_MULTICAST, "MASTER_ADDR": p.master_addr,
                "MASTER_PORT": str(master_port), "WORLD_SIZE": str(p.tensor_parallel_size),
                "RANK": str(first + local_rank), "LOCAL_RANK": str(local_rank)}
         procs.append(subprocess.Popen([sys.executable, "-m", "tandem.executor.worker", driver],

@@ -20,16 +20,13 @@ import sys
 import torch
 import zmq
 
+from tandem import envs
 from tandem.executor import codec
 from tandem.executor.messages import (CollectStep, InitKVCache, KVCacheReady, LaunchStep,
                                       Shutdown, StepDone, WorkerFailed, WorkerHello,
                                       WorkerInit, WorkerReady, config_from_dict)
 
 logger = logging.getLogger("tandem.worker")
-# NVLink multicast (NVLS) can take shared GPUs out of service on the hosts tandem runs on:
-# every worker starts with it off, whatever the caller's environment says.
-NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class Worker:
@@ -132,7 +129,7 @@ def _custom_all_reduce(rank: int, world_size: int, device: torch.device):
 
 
 def main() -> int:
-    os.environ.update(NVLS_OFF)
+    os.environ.update(envs.NO_NVLINK_MULTICAST)
     logging.basicConfig(level=os.environ.get("TANDEM_WORKER_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s %(levelname)s %(name)s"
                                f"[rank {os.environ.get('RANK', '?')}]: %(message)s")

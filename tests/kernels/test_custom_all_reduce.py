@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tandem.distributed.custom_all_reduce import NO_MULTICAST_ENV, CustomAllReduce
+from tandem.distributed.custom_all_reduce import CustomAllReduce, join_cuda_group
+from tandem.envs import NO_NVLINK_MULTICAST
 from tandem.kernels.reference.all_reduce import all_reduce_reference
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -77,13 +78,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, body, max_bytes: int) -> None:
-    os.environ.update(NO_MULTICAST_ENV)  # before CUDA and torch.distributed initialize
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, device_id=device)
-    cpu_group = dist.new_group(backend="gloo")
-    car = CustomAllReduce(cpu_group, rank, world, device, max_bytes=max_bytes)
+    device, car = join_cuda_group(rank, world, port, max_bytes)
     assert car.enabled, f"rank {rank}: {car.disabled_reason}"
     body(car, rank, world, device)  # on failure: raise, the parent stops the other ranks
     car.close()
@@ -92,7 +87,7 @@ def _rank_main(rank: int, world: int, port: int, body, max_bytes: int) -> None:
 
 def _run_ranks(target, args: tuple, timeout_s: float) -> None:
     """target(rank, *args) in WORLD spawned processes; fails on a child error or timeout."""
-    os.environ.update(NO_MULTICAST_ENV)
+    os.environ.update(NO_NVLINK_MULTICAST)
     ctx = mp.start_processes(target, args=args, nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout_s
