@@ -35,6 +35,9 @@ class ModelConfig:
     # generation_config.json, "vllm" (or "none") keeps the built-in defaults, any other
     # value is a directory holding a generation_config.json.
     generation_config: str = "auto"
+    # Quantize linear weights at load: fp8 (W8A8), int8 (W8A16), int4 / int4_asym (W4A16,
+    # group size 128), or a policy JSON choosing per layer (tandem/quantization/policy.py).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
@@ -50,6 +53,9 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+        if self.quantization is not None:
+            from tandem.quantization.policy import QuantPolicy
+            QuantPolicy.parse(self.quantization)  # ValueError naming what is wrong
 
 
 @dataclass(frozen=True, slots=True)

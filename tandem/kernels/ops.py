@@ -1,6 +1,8 @@
 """The per-token ops the layers call: the fused Triton kernel for CUDA tensors where triton
 imports, else the PyTorch reference with the same signature (CPU, and the spec). `linear`
-sends single-row half-precision CUDA matmuls (batch-1 decode) to the Triton GEMV."""
+sends single-row half-precision CUDA matmuls (batch-1 decode) to the Triton GEMV; the
+quantized linears go to Triton (int8/int4 weight-only) or `torch._scaled_mm` (FP8 W8A8)
+on CUDA, to kernels/reference/quant.py elsewhere."""
 
 from __future__ import annotations
 
@@ -9,11 +11,14 @@ import torch.nn.functional as F
 
 from tandem.kernels.reference import elementwise as reference
 
+from tandem.kernels.reference import quant as quant_reference
+
 try:
     from tandem.kernels.triton import elementwise as fused
+    from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.gemv import gemv
 except ImportError:  # no triton: CPU-only installs
-    fused = gemv = None
+    fused = gemv = quant_gemm = None
 
 
 def _impl(x: torch.Tensor):
@@ -46,3 +51,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
             and weight.stride(-1) == 1):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    if quant_gemm is not None and quant_gemm.supported(x, qweight.shape[1], 8, 0):
+        return quant_gemm.quant_linear(x, qweight, scales, None, 8, 0, bias)
+    return quant_reference.int8_linear(x, qweight, scales, bias)
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor | None, group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    if quant_gemm is not None and quant_gemm.supported(x, 2 * qweight.shape[1], 4, group_size):
+        return quant_gemm.quant_linear(x, qweight, scales, zeros, 4, group_size, bias)
+    return quant_reference.int4_linear(x, qweight, scales, zeros, group_size, bias)
+
+
+def _scaled_mm_ok(x: torch.Tensor, wq: torch.Tensor) -> bool:
+    return (quant_gemm is not None and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (8, 9)
+            and wq.shape[0] % 16 == 0 and wq.shape[1] % 16 == 0)
+
+
+def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: the activation quantized per token, then an e4m3 x e4m3 matmul with row-wise
+    scales (fp32 accumulate) on Hopper; the emulating reference elsewhere."""
+    if not _scaled_mm_ok(x, wq):
+        return quant_reference.fp8_linear(x, wq, w_scale, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, x_scale = quant_gemm.quantize_fp8_per_token(x2.contiguous())
+    y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
+                         out_dtype=x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], wq.shape[0])

@@ -20,6 +20,7 @@ from torch import nn
 from tandem.distributed.parallel import ParallelContext
 from tandem.layers.linear import copy_checked
 from tandem.layers.linear_method import linear_method_for
+from tandem.quantization.policy import QuantPolicy
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -63,9 +64,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, prefix: str = "",
-                 parallel: ParallelContext | None = None) -> None:
+                 parallel: ParallelContext | None = None,
+                 quant: QuantPolicy | None = None) -> None:
         super().__init__(num_embeddings, embedding_dim, prefix, parallel)
-        self.method = linear_method_for(prefix)
+        self.method = linear_method_for(prefix, quant)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight

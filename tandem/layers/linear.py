@@ -28,6 +28,7 @@ from torch import nn
 
 from tandem.distributed.parallel import ParallelContext
 from tandem.layers.linear_method import linear_method_for
+from tandem.quantization.policy import QuantPolicy
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -57,13 +58,13 @@ class LinearBase(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, bias: bool, prefix: str,
                  parallel: ParallelContext | None, input_per_rank: int,
-                 output_per_rank: int) -> None:
+                 output_per_rank: int, quant: QuantPolicy | None = None) -> None:
         super().__init__()
         self.prefix = prefix  # module path, e.g. model.layers.3.mlp.down_proj
         self.parallel = parallel or ParallelContext.single()
         self.input_size, self.output_size = input_size, output_size  # unsharded
         self.input_size_per_rank, self.output_size_per_rank = input_per_rank, output_per_rank
-        self.method = linear_method_for(prefix)
+        self.method = linear_method_for(prefix, quant)
         self.method.create_weights(self, output_per_rank, input_per_rank)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -84,19 +85,21 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, prefix: str = "",
-                 parallel: ParallelContext | None = None) -> None:
+                 parallel: ParallelContext | None = None,
+                 quant: QuantPolicy | None = None) -> None:
         super().__init__(input_size, output_size, bias, prefix, parallel, input_size,
-                         output_size)
+                         output_size, quant)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; each rank keeps its slice of the output."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, prefix: str = "",
-                 parallel: ParallelContext | None = None) -> None:
+                 parallel: ParallelContext | None = None,
+                 quant: QuantPolicy | None = None) -> None:
         parallel = parallel or ParallelContext.single()
         out = parallel.shard(output_size, f"{prefix} output size")
-        super().__init__(input_size, output_size, bias, prefix, parallel, input_size, out)
+        super().__init__(input_size, output_size, bias, prefix, parallel, input_size, out, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         n = param.shape[0]
@@ -108,10 +111,12 @@ class RowParallelLinear(LinearBase):
     """Input features split across ranks (o_proj, down_proj); one all-reduce sums them."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, prefix: str = "",
-                 parallel: ParallelContext | None = None) -> None:
+                 parallel: ParallelContext | None = None,
+                 quant: QuantPolicy | None = None) -> None:
         parallel = parallel or ParallelContext.single()
         inp = parallel.shard(input_size, f"{prefix} input size")
-        super().__init__(input_size, output_size, bias, prefix, parallel, inp, output_size)
+        super().__init__(input_size, output_size, bias, prefix, parallel, inp, output_size,
+                         quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 1:  # the bias is whole on every rank
@@ -134,12 +139,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel linears over one input in one matmul (gate_up_proj: 0, 1)."""
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
-                 prefix: str = "", parallel: ParallelContext | None = None) -> None:
+                 prefix: str = "", parallel: ParallelContext | None = None,
+                 quant: QuantPolicy | None = None) -> None:
         parallel = parallel or ParallelContext.single()
         self.output_sizes = list(output_sizes)
         for i, size in enumerate(self.output_sizes):
             parallel.shard(size, f"{prefix} output shard {i}")
-        super().__init__(input_size, sum(output_sizes), bias, prefix, parallel)
+        super().__init__(input_size, sum(output_sizes), bias, prefix, parallel, quant)
         for param in self.parameters(recurse=False):
             param.shard_ids = tuple(range(len(self.output_sizes)))
 
@@ -164,7 +170,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, prefix: str = "",
-                 parallel: ParallelContext | None = None) -> None:
+                 parallel: ParallelContext | None = None,
+                 quant: QuantPolicy | None = None) -> None:
         parallel = parallel or ParallelContext.single()
         tp = parallel.tp_size
         self.num_heads = parallel.shard(num_heads, f"{prefix} num_attention_heads")
@@ -183,7 +190,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.total_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
                             "v": num_kv_heads * head_dim}
         LinearBase.__init__(self, hidden_size, sum(self.total_sizes.values()), bias, prefix,
-                            parallel, hidden_size, self.q_size + 2 * self.kv_size)
+                            parallel, hidden_size, self.q_size + 2 * self.kv_size, quant)
         for param in self.parameters(recurse=False):
             param.shard_ids = ("q", "k", "v")
 

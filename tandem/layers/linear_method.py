@@ -9,7 +9,8 @@ when the layer is constructed (vLLM's quant_method), never by rewriting a model 
 
 Methods here: `UnquantizedLinearMethod` (F.linear, or the Triton GEMV for one row on
 CUDA) and `OneDNNLinearMethod` (float32 on CPU: the weight reordered once into oneDNN's
-blocked layout; see layers/cpu_gemm.py for why). Quantized methods register the same way.
+blocked layout; see layers/cpu_gemm.py for why); the quantized ones are in
+tandem/quantization/methods.py, picked by the model's `QuantPolicy`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from tandem.kernels import ops
 from tandem.layers import cpu_gemm
+from tandem.quantization.policy import QuantPolicy
 
 
 class LinearMethod:
@@ -53,10 +55,16 @@ class OneDNNLinearMethod(LinearMethod):
         return cpu_gemm.linear(x, layer.weight, getattr(layer, "packed", None), bias)
 
 
-def linear_method_for(prefix: str, device: torch.device | None = None,
+def linear_method_for(prefix: str, quant: QuantPolicy | None = None,
+                      device: torch.device | None = None,
                       dtype: torch.dtype | None = None) -> LinearMethod:
-    """The method of the layer named `prefix` (e.g. model.layers.3.mlp.down_proj), for
-    weights on `device` in `dtype` (default: the ones the loader constructs under)."""
+    """The method of the layer named `prefix` (e.g. model.layers.3.mlp.down_proj): the
+    quantization policy's, if it names one, else the best unquantized one for weights on
+    `device` in `dtype` (default: the ones the loader constructs under)."""
+    name = quant.method_for(prefix) if quant is not None else None
+    if name is not None:
+        from tandem.quantization.methods import make_method
+        return make_method(name)
     device = device or torch.get_default_device()
     dtype = dtype or torch.get_default_dtype()
     if device.type == "cpu" and dtype == torch.float32 and cpu_gemm.onednn_available():

@@ -33,6 +33,7 @@ from tandem.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear)
 from tandem.layers.norm import RMSNorm
 from tandem.layers.rotary import RotaryEmbedding, rope_parameters
+from tandem.quantization.policy import QuantPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +88,13 @@ class LlamaArgs:
 
 class LlamaAttention(nn.Module):
     def __init__(self, args: LlamaArgs, backend: AttentionBackend | None, prefix: str,
-                 parallel: ParallelContext) -> None:
+                 parallel: ParallelContext, quant: QuantPolicy | None) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(args.hidden_size, args.head_dim, args.num_heads,
                                           args.num_kv_heads, args.qkv_bias,
-                                          f"{prefix}.qkv_proj", parallel)
+                                          f"{prefix}.qkv_proj", parallel, quant)
         self.o_proj = RowParallelLinear(args.num_heads * args.head_dim, args.hidden_size,
-                                        args.o_bias, f"{prefix}.o_proj", parallel)
+                                        args.o_bias, f"{prefix}.o_proj", parallel, quant)
         # This rank's heads (all of them with one rank).
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = args.head_dim
@@ -119,14 +120,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, args: LlamaArgs, prefix: str, parallel: ParallelContext) -> None:
+    def __init__(self, args: LlamaArgs, prefix: str, parallel: ParallelContext,
+                 quant: QuantPolicy | None) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             args.hidden_size, [args.intermediate_size] * 2, args.mlp_bias,
-            f"{prefix}.gate_up_proj", parallel)
+            f"{prefix}.gate_up_proj", parallel, quant)
         self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size,
-                                           args.mlp_bias, f"{prefix}.down_proj", parallel)
+                                           args.mlp_bias, f"{prefix}.down_proj", parallel, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_gemm.in_row_chunks(self._forward, x, self.down_proj.output_size)
@@ -137,10 +139,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, args: LlamaArgs, backend: AttentionBackend | None, prefix: str,
-                 parallel: ParallelContext) -> None:
+                 parallel: ParallelContext, quant: QuantPolicy | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, backend, f"{prefix}.self_attn", parallel)
-        self.mlp = LlamaMLP(args, f"{prefix}.mlp", parallel)
+        self.self_attn = LlamaAttention(args, backend, f"{prefix}.self_attn", parallel, quant)
+        self.mlp = LlamaMLP(args, f"{prefix}.mlp", parallel, quant)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -158,12 +160,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, args: LlamaArgs, backend: AttentionBackend | None, prefix: str,
-                 parallel: ParallelContext) -> None:
+                 parallel: ParallelContext, quant: QuantPolicy | None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size,
                                                    f"{prefix}.embed_tokens", parallel)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, backend, f"{prefix}.layers.{i}", parallel)
+            LlamaDecoderLayer(args, backend, f"{prefix}.layers.{i}", parallel, quant)
             for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -186,9 +188,11 @@ class LlamaForCausalLM(nn.Module):
                     qk_norm=False)
 
     def __init__(self, hf_config: dict[str, Any], attn_backend: AttentionBackend | None = None,
-                 parallel: ParallelContext | None = None) -> None:
+                 parallel: ParallelContext | None = None,
+                 quant: QuantPolicy | None = None) -> None:
         """`parallel`: this rank's place in the tensor-parallel group; every layer gets it
-        (and its module path) at construction and holds only its shard."""
+        (and its module path) at construction and holds only its shard. `quant`: which
+        linear layers are quantized, and how."""
         super().__init__()
         parallel = parallel or ParallelContext.single()
         self.args = args = LlamaArgs.from_hf(hf_config, self.arch_flags(hf_config))
@@ -204,9 +208,10 @@ class LlamaForCausalLM(nn.Module):
             logger.warning("sliding_window=%d is not implemented: attention is full, so outputs "
                            "are exact only up to %d tokens (clamp max_model_len to it)",
                            args.sliding_window, args.sliding_window)
-        self.model = LlamaModel(args, attn_backend, "model", parallel)
+        self.model = LlamaModel(args, attn_backend, "model", parallel, quant)
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
-        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, "lm_head", parallel)
+        self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, "lm_head", parallel,
+                                      quant)
         if args.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 

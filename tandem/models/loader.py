@@ -22,6 +22,7 @@ from torch import nn
 
 from tandem.distributed.parallel import ParallelContext
 from tandem.kernels import get_attention_backend
+from tandem.quantization.policy import QuantPolicy
 from tandem.models.registry import model_class_for
 
 
@@ -35,9 +36,11 @@ def read_hf_config(model_dir: str) -> dict:
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", seed: int = 0,
-               parallel: ParallelContext | None = None) -> nn.Module:
+               parallel: ParallelContext | None = None,
+               quant: QuantPolicy | None = None) -> nn.Module:
     """The model for `model_dir`, in eval mode, on `device` with floating weights in `dtype`;
-    under tensor parallelism, this rank's shard of every layer (`parallel`)."""
+    under tensor parallelism, this rank's shard of every layer (`parallel`); quantized
+    where `quant` says (after loading, by each layer's method)."""
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"unsupported load_format {load_format!r}; use auto, safetensors or dummy")
     hf_config = read_hf_config(model_dir)
@@ -45,7 +48,8 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     device = torch.device(device)
     files = [] if load_format == "dummy" else safetensors_files(model_dir)
     with torch.device(device), _default_dtype(dtype), torch.no_grad():
-        model = cls(hf_config, attn_backend=get_attention_backend(device), parallel=parallel)
+        model = cls(hf_config, attn_backend=get_attention_backend(device), parallel=parallel,
+                    quant=quant)
         if load_format == "dummy":
             init_dummy_weights(model, seed)
         else:

@@ -1,0 +1,95 @@
+"""The quantized LinearMethods. Each is chosen for one layer at construction; the layer
+loads its full-precision shard as usual (its own weight loader), then
+`process_weights_after_loading` quantizes it (round to nearest) and drops the original:
+
+    Fp8LinearMethod        weight_q e4m3 (N, K), weight_scale (N,)        8 bits/weight
+    Int8WeightOnlyMethod   qweight int8 (N, K), scales (N,)               8
+    Int4WeightOnlyMethod   qweight uint8 (N, K/2), scales (N, K/G),       4 (+ 32/G for the
+                           zeros uint8 (N, K/G) if asymmetric               scale, +8/G zeros)
+
+`apply` goes through kernels/ops, which picks the Triton kernel or `torch._scaled_mm` on
+CUDA and the PyTorch reference (kernels/reference/quant.py) elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tandem.kernels import ops
+from tandem.kernels.reference import quant
+from tandem.layers.linear_method import LinearMethod
+
+
+def _take_weight(layer: nn.Module) -> torch.Tensor:
+    """The loaded full-precision weight, removed from the layer (a tied embedding keeps its
+    own reference)."""
+    weight = layer.weight.data
+    del layer.weight
+    return weight
+
+
+class Fp8LinearMethod(LinearMethod):
+    """W8A8: e4m3 weights with per-output-channel scales; activations per token at run time."""
+
+    name, weight_bits = "fp8", 8.0
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        wq, scale = quant.quantize_fp8(_take_weight(layer))
+        layer.register_buffer("weight_q", wq, persistent=False)
+        layer.register_buffer("weight_scale", scale, persistent=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.fp8_linear(x, layer.weight_q, layer.weight_scale, bias)
+
+
+class Int8WeightOnlyMethod(LinearMethod):
+    """W8A16: int8 weights, per-output-channel scales; the matmul runs in the activation
+    dtype after dequantizing in the kernel's inner loop."""
+
+    name, weight_bits = "int8", 8.0
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        q, scale = quant.quantize_int8(_take_weight(layer))
+        layer.register_buffer("qweight", q, persistent=False)
+        layer.register_buffer("scales", scale, persistent=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.int8_linear(x, layer.qweight, layer.scales, bias)
+
+
+class Int4WeightOnlyMethod(LinearMethod):
+    """W4A16, group-wise along the input dimension (group_size 128), symmetric or with
+    zero points."""
+
+    def __init__(self, group_size: int = 128, symmetric: bool = True) -> None:
+        self.group_size, self.symmetric = group_size, symmetric
+        self.name = "int4" if symmetric else "int4_asym"
+        self.weight_bits = 4.0 + 32.0 / group_size + (0.0 if symmetric else 8.0 / group_size)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        packed, scale, zeros = quant.quantize_int4(_take_weight(layer), self.group_size,
+                                                   self.symmetric)
+        layer.register_buffer("qweight", packed, persistent=False)
+        layer.register_buffer("scales", scale, persistent=False)
+        layer.register_buffer("zeros", zeros, persistent=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size,
+                               bias)
+
+
+def make_method(name: str) -> LinearMethod:
+    """A fresh method object for one layer (policy.METHODS names)."""
+    if name == "fp8":
+        return Fp8LinearMethod()
+    if name == "int8":
+        return Int8WeightOnlyMethod()
+    if name == "int4":
+        return Int4WeightOnlyMethod(128, symmetric=True)
+    if name == "int4_asym":
+        return Int4WeightOnlyMethod(128, symmetric=False)
+    raise ValueError(f"unknown quantization method {name!r}")
