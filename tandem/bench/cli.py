@@ -66,7 +66,7 @@ def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
     tp = llm.engine.config.parallel.tensor_parallel_size
     return {"benchmark": name, "device": device_name(executor.device) + (f" x{tp}" if tp > 1
                                                                          else ""),
-            "tensor_parallel_size": tp,
+            "tensor_parallel_size": tp, "quantization": llm.engine.config.model.quantization,
             "model": args.model or "default", "dtype": str(executor.dtype).replace("torch.", ""),
             "load_format": args.load_format or "auto",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -76,7 +76,10 @@ def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
 def _shape_and_rates(llm) -> tuple[ModelShape, float, float]:
     from tandem.models.loader import read_hf_config
     executor = llm.engine.executor
-    shape = ModelShape.from_hf(read_hf_config(llm.engine.config.model.model), executor.dtype)
+    from tandem.quantization import QuantPolicy
+    quant = QuantPolicy.parse(llm.engine.config.model.quantization)
+    shape = ModelShape.from_hf(read_hf_config(llm.engine.config.model.model), executor.dtype,
+                               quant)
     flops, bw = measure_rates(executor.device, executor.dtype)
     # Tensor parallelism: the bound is every rank's matmul and bandwidth together (the
     # all-reduces' cost is what the achieved fraction then shows).

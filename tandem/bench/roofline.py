@@ -6,13 +6,15 @@ Both rates are measured at start on the benchmark's own device (a large matmul i
 model's dtype; a device-to-device copy counting bytes read and written).
 FLOPs: 2 x parameters x tokens through every linear layer (the LM head only for rows that
 produce logits), plus attention (QK^T and PV: 4 x heads x head_dim x context per token).
-Bytes: every weight read once per decode step (the embedding only for the rows looked up),
+Bytes: every weight read once per decode step (the embedding only for the rows looked up;
+quantized layers at their method's bits per weight, scales included),
 with as few steps as the KV pool allows (the largest batch it holds), plus every K/V byte
 written once and read once per attention over it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -30,16 +32,50 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool
     dtype_bytes: int
+    # Bytes of the weights a decode step reads, when quantized (None: params x dtype_bytes).
+    layer_weight_bytes: float | None = None
+    lm_head_weight_bytes: float | None = None
 
     @staticmethod
-    def from_hf(cfg: dict, dtype: torch.dtype) -> ModelShape:
+    def from_hf(cfg: dict, dtype: torch.dtype, quant=None) -> ModelShape:
+        """`quant`: the QuantPolicy the engine applied, for the weights' byte counts."""
         heads = cfg["num_attention_heads"]
-        return ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"], heads,
-                          cfg.get("num_key_value_heads") or heads,
-                          cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                          cfg["intermediate_size"], cfg["vocab_size"],
-                          bool(cfg.get("tie_word_embeddings", False)),
-                          torch.empty((), dtype=dtype).element_size())
+        shape = ModelShape(cfg["num_hidden_layers"], cfg["hidden_size"], heads,
+                           cfg.get("num_key_value_heads") or heads,
+                           cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                           cfg["intermediate_size"], cfg["vocab_size"],
+                           bool(cfg.get("tie_word_embeddings", False)),
+                           torch.empty((), dtype=dtype).element_size())
+        if quant is None:
+            return shape
+        return dataclasses.replace(shape, **shape.quantized_bytes(quant))
+
+    def quantized_bytes(self, quant) -> dict[str, float]:
+        """Weight bytes per decode step under a QuantPolicy (bits per weight of each layer's
+        method, scales included; unquantized layers at dtype_bytes)."""
+        from tandem.quantization.methods import make_method
+        h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
+        parts = {"self_attn.qkv_proj": h * d * (self.num_heads + 2 * self.num_kv_heads),
+                 "self_attn.o_proj": h * d * self.num_heads, "mlp.gate_up_proj": 2 * h * i,
+                 "mlp.down_proj": h * i}
+
+        def nbytes(prefix: str, params: int) -> float:
+            name = quant.method_for(prefix)
+            bits = make_method(name).weight_bits if name else 8 * self.dtype_bytes
+            return params * bits / 8
+
+        layers = sum(nbytes(f"model.layers.{n}.{part}", p) for n in range(self.num_layers)
+                     for part, p in parts.items())
+        return {"layer_weight_bytes": layers,
+                "lm_head_weight_bytes": nbytes("lm_head", self.lm_head_params)}
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of the weights one decode step reads (decoder linears and the LM head)."""
+        layers = self.layer_weight_bytes
+        head = self.lm_head_weight_bytes
+        return ((self.layer_params * self.dtype_bytes if layers is None else layers)
+                + (self.lm_head_params * self.dtype_bytes if head is None else head))
 
     @property
     def layer_params(self) -> int:
@@ -85,8 +121,7 @@ def workload_bytes(shape: ModelShape, w: Workload) -> float:
     outputs = sorted((o for _, o in w.requests), reverse=True)
     # Decode steps if requests run in waves of max_batch, longest first.
     steps = sum(outputs[i] for i in range(0, len(outputs), max(1, w.max_batch)))
-    weight_bytes = (shape.layer_params + shape.lm_head_params) * shape.dtype_bytes
-    total = steps * weight_bytes
+    total = steps * shape.weight_bytes
     kv = shape.kv_bytes_per_token
     for p, o in w.requests:
         total += (p + o - 1) * kv  # every K/V written once

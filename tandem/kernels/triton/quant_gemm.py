@@ -26,9 +26,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,6 +44,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_xm, stri
             w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None], other=0)
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
+        if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
+            y *= tl.load(xs_ptr + m)
     else:
         HALF: tl.constexpr = BLOCK_K // 2
         NG: tl.constexpr = BLOCK_K // G  # groups per tile
@@ -134,6 +137,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     args = (x2, qweight, scales, zeros if zeros is not None else scales,
             bias if bias is not None else scales, y)
     if m <= GEMV_MAX_ROWS:
+        args += (scales,)
+        common["HAS_XSCALE"] = False
         block_k = 256 if bits == 4 and k % 256 == 0 else (g if bits == 4 else 512)
         block_n = 16 if k > 8192 else 8
         _gemv_kernel[(triton.cdiv(n, block_n), m)](
@@ -146,6 +151,21 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             *args, m, n, k, x2.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=block_k, num_warps=8 if block_m >= 64 else 4, num_stages=3, **common)
     return y.reshape(*shape[:-1], n)
+
+
+def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 W8A8 for a few rows (decode): xq (M <= 8, K) e4m3 with per-row scales, wq (N, K)
+    e4m3 with per-channel scales -> (M, N) in out_dtype; sums in fp32, as _scaled_mm."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    _gemv_kernel[(triton.cdiv(n, 16 if k > 8192 else 8), m)](
+        xq, wq, w_scale, w_scale, bias if bias is not None else w_scale, y, x_scale, n, k,
+        xq.stride(0), y.stride(0), BITS=8, G=k, HAS_ZERO=False, HAS_BIAS=bias is not None,
+        HAS_XSCALE=True, BLOCK_N=16 if k > 8192 else 8, BLOCK_K=512, num_warps=4,
+        num_stages=4)
+    return y
 
 
 def supported(x: torch.Tensor, k: int, bits: int, group_size: int) -> bool:

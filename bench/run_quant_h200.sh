@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 12's GPU runs on one H200: Llama-3.1-8B shapes, dummy weights quantized at load.
+# Each JSON record (the last stdout line of a command) goes to $OUT/<name>.json, the full
+# output to $OUT/<name>.log. Usage: OUT=dir bash bench/run_quant_h200.sh [latency throughput prefill]
+set -u
+OUT=${OUT:-bench/results/tmp}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+[ -f .bench_commit ] && export TANDEM_GIT_COMMIT=${TANDEM_GIT_COMMIT:-$(cat .bench_commit)}
+M="--model bench/configs/llama-3.1-8b --load-format dummy"
+run() {  # name, timeout, args...
+  local name=$1 t=$2; shift 2
+  timeout "$t" python3 -m tandem bench "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$?"; tail -7 "$OUT/$name.log" | grep -v '^{'
+  tail -1 "$OUT/$name.log" | grep '^{' > "$OUT/$name.json" || rm -f "$OUT/$name.json"
+}
+q() { [ "$1" = bf16 ] || echo "--quantization $1"; }
+[ $# -gt 0 ] || set -- latency throughput prefill
+for what in "$@"; do
+  case $what in
+    latency) for m in ${METHODS:-bf16 int8 int4 fp8}; do
+               run latency-$m 200 latency $M $(q $m) --batch-size 1 --input-len 512 \
+                 --output-len 256 --max-model-len 1024 --max-num-seqs 1 --iters 3 --no-progress
+             done ;;
+    throughput) for m in ${METHODS:-bf16 fp8}; do
+               run throughput-$m 300 throughput $M $(q $m) --num-prompts 1024 --input-len 512 \
+                 --output-len 256 --max-model-len 1024 --max-num-seqs 512 --no-progress
+             done ;;
+    prefill) for m in ${METHODS:-bf16 fp8}; do
+               run prefill-$m 200 prefill $M $(q $m) --input-len 8192 \
+                 --max-num-batched-tokens 8192 --max-model-len 8448 --max-num-seqs 1 --iters 3 \
+                 --no-progress
+             done ;;
+  esac
+done
