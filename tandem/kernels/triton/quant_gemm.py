@@ -41,7 +41,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + k0 + k).to(tl.float32)
-            w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None], other=0)
+            # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
+            w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
         if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
