@@ -75,10 +75,11 @@ def test_quantized_model_on_cuda_matches_cpu_reference(tmp_path, method):
                   gpu_memory_utilization=0.3)
     assert gpu_llm.engine.runner.graphs is not None
     gpu = gpu_llm.generate(prompts, lp, use_tqdm=False)
-    for a, b in zip(cpu, gpu):  # prompt logprobs agree to bf16 precision
+    for a, b in zip(cpu, gpu):  # prompt logprobs agree to bf16 precision (which is
+        # relative: a logprob of -12 comes from logits of that size, good to ~3%)
         for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
             (tok,) = ea.keys()
-            assert abs(ea[tok] - eb[tok]) < 0.15, (ea, eb)
+            assert abs(ea[tok] - eb[tok]) < 0.1 + 0.03 * abs(ea[tok]), (ea, eb)
     # decode through the CUDA graphs (the GEMV path) runs and stays on the prompt's model
     outs = gpu_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16,
                                                     ignore_eos=True), use_tqdm=False)
