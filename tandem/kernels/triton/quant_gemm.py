@@ -3,10 +3,10 @@ int4 (group-wise scales, optional zero points), dequantized in the inner loop.
 
 Two kernels, both reading each quantized weight once per program row block:
 
-    gemv   M <= 8 rows (decode): program (n-block, row). acc[BLOCK_N, BLOCK_K] in fp32 over
-           K tiles, one reduction at the end (as kernels/triton/gemv.py). int8: the
-           per-channel scale multiplies the row sums once; int4: each nibble pair is
-           scaled by its group's scale (and zero point) before the FMA.
+    gemv   M <= 8 rows (decode): program (n-block, row). acc in fp32 over K tiles, one
+           reduction at the end (as kernels/triton/gemv.py). int8 / fp8: the per-channel
+           scale multiplies the row sums once; int4: a group at a time, its scale (and zero
+           point) a column over the group's partial products.
     gemm   more rows: tiles (BLOCK_M, BLOCK_N, BLOCK_K); the weight tile is dequantized to
            the activation dtype and fed to tl.dot (fp32 accumulate).
 
@@ -48,30 +48,27 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_
         if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
             y *= tl.load(xs_ptr + m)
     else:
-        HALF: tl.constexpr = BLOCK_K // 2
-        NG: tl.constexpr = BLOCK_K // G  # groups per tile
+        # One group (G inputs, G/2 bytes per row) per inner step, so its scale and zero are
+        # a column: sum_k (q_k - z) x_k s = s * (sum_j lo_j xe_j + hi_j xo_j - z sum_k x_k)
+        HALF: tl.constexpr = G // 2
         j = tl.arange(0, HALF)
         rows = w_ptr + n.to(tl.int64)[:, None] * (K // 2)
-        num_groups = K // G
+        srow = n.to(tl.int64) * (K // G)
         acc = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            b = tl.load(rows + k0 // 2 + j[None, :], mask=n_ok[:, None], other=0)
-            lo = (b & 0xF).to(tl.float32)
-            hi = (b >> 4).to(tl.float32)
-            xe = tl.load(x_row + k0 + 2 * j).to(tl.float32)
-            xo = tl.load(x_row + k0 + 2 * j + 1).to(tl.float32)
-            g = n.to(tl.int64)[:, None] * num_groups + k0 // G + tl.arange(0, NG)[None, :]
-            s = tl.load(s_ptr + g, mask=n_ok[:, None], other=0.0)  # (BLOCK_N, NG)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g, mask=n_ok[:, None], other=0).to(tl.float32)
-            else:
-                z = tl.full([BLOCK_N, NG], 8.0, tl.float32)
-            # each group's scale and zero over its G/2 nibble pairs
-            s = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, NG, G // 2]),
-                           [BLOCK_N, HALF])
-            z = tl.reshape(tl.broadcast_to(z[:, :, None], [BLOCK_N, NG, G // 2]),
-                           [BLOCK_N, HALF])
-            acc += ((lo - z) * xe[None, :] + (hi - z) * xo[None, :]) * s
+            for gi in tl.static_range(BLOCK_K // G):
+                kg = k0 + gi * G
+                b = tl.load(rows + kg // 2 + j[None, :], mask=n_ok[:, None], other=0)
+                xe = tl.load(x_row + kg + 2 * j).to(tl.float32)
+                xo = tl.load(x_row + kg + 2 * j + 1).to(tl.float32)
+                s = tl.load(s_ptr + srow + kg // G, mask=n_ok, other=0.0)
+                if HAS_ZERO:
+                    z = tl.load(z_ptr + srow + kg // G, mask=n_ok, other=0).to(tl.float32)
+                else:
+                    z = tl.full([BLOCK_N], 8.0, tl.float32)
+                part = ((b & 0xF).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32)
+                        * xo[None, :] - z[:, None] * (xe + xo)[None, :])
+                acc += part * s[:, None]
         y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -140,11 +137,14 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m <= GEMV_MAX_ROWS:
         args += (scales,)
         common["HAS_XSCALE"] = False
-        block_k = 256 if bits == 4 and k % 256 == 0 else (g if bits == 4 else 512)
-        block_n = 16 if k > 8192 else 8
+        # From scripts/bench_quant_gemv.py on the H200 (Llama-3.1-8B decode shapes).
+        if bits == 8:
+            block_n, block_k, stages = 8, 512, 1
+        else:
+            block_n, block_k, stages = 16, 512 if k % 512 == 0 else g, 3
         _gemv_kernel[(triton.cdiv(n, block_n), m)](
             *args, n, k, x2.stride(0), y.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=4, num_stages=4, **common)
+            num_warps=4, num_stages=stages, **common)
     else:
         block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
         block_n, block_k = 128, (g if bits == 4 else 64)
@@ -161,11 +161,10 @@ def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale:
     m, k = xq.shape
     n = wq.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    _gemv_kernel[(triton.cdiv(n, 16 if k > 8192 else 8), m)](
+    _gemv_kernel[(triton.cdiv(n, 16), m)](  # the H200 sweep's best (bench_quant_gemv.py)
         xq, wq, w_scale, w_scale, bias if bias is not None else w_scale, y, x_scale, n, k,
         xq.stride(0), y.stride(0), BITS=8, G=k, HAS_ZERO=False, HAS_BIAS=bias is not None,
-        HAS_XSCALE=True, BLOCK_N=16 if k > 8192 else 8, BLOCK_K=512, num_warps=4,
-        num_stages=4)
+        HAS_XSCALE=True, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=1)
     return y
 
 
