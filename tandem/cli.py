@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     from tandem.cost.cli import add_cost_parser
     add_cost_parser(sub)
+    from tandem.quantization.cli import add_quant_parser
+    add_quant_parser(sub)
     return parser
 
 

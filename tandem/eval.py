@@ -82,18 +82,24 @@ def score_files(llm, paths: list[str], progress: bool = False) -> list[FileScore
     return scores
 
 
+def expand_paths(files: list[str], suffix: str) -> list[str]:
+    """Files as given, and the files ending in `suffix` under directories, sorted."""
+    paths = [os.path.join(r, f) for p in files
+             for r, f in ([(os.path.dirname(p), os.path.basename(p))] if os.path.isfile(p)
+                          else [(d, f) for d, _, fs in os.walk(p) for f in sorted(fs)
+                                if f.endswith(suffix)])]
+    if not paths:
+        raise ValueError("no files to evaluate")
+    return sorted(paths)
+
+
 def _run(args: argparse.Namespace) -> int:
     from tandem.assets import default_model_dir
     from tandem.cli import engine_kwargs
     from tandem.engine.llm import LLM
-    paths = [os.path.join(r, f) for p in args.files
-             for r, f in ([(os.path.dirname(p), os.path.basename(p))] if os.path.isfile(p)
-                          else [(d, f) for d, _, fs in os.walk(p) for f in sorted(fs)
-                                if f.endswith(args.suffix)])]
-    if not paths:
-        raise ValueError("no files to evaluate")
     llm = LLM(args.model or default_model_dir(), **engine_kwargs(args))
-    scores = score_files(llm, sorted(paths), show_progress(args.no_progress))
+    scores = score_files(llm, expand_paths(args.files, args.suffix),
+                         show_progress(args.no_progress))
     name = max(12, *(len(os.path.relpath(s.path)) for s in scores[:50]))
     print(f"{'file':<{name}}  {'bytes':>8}  {'tokens':>7}  {'bits/byte':>9}  {'xz bits/byte':>12}")
     for s in scores:

@@ -13,6 +13,8 @@ CUDA and the PyTorch reference (kernels/reference/quant.py) elsewhere.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -66,7 +68,8 @@ class Int4WeightOnlyMethod(LinearMethod):
 
     def __init__(self, group_size: int = 128, symmetric: bool = True) -> None:
         self.group_size, self.symmetric = group_size, symmetric
-        self.name = "int4" if symmetric else "int4_asym"
+        self.name = ("int4" if symmetric else "int4_asym") + (
+            f"_g{group_size}" if group_size != 128 else "")
         self.weight_bits = 4.0 + 32.0 / group_size + (0.0 if symmetric else 8.0 / group_size)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -82,14 +85,27 @@ class Int4WeightOnlyMethod(LinearMethod):
                                bias)
 
 
+class Fp8WeightOnlyMethod(Int8WeightOnlyMethod):
+    """e4m3 weights, per-channel scales, activations left as they are (what `fp8` costs
+    minus its activation quantization: the sensitivity map's activation probe)."""
+
+    name, weight_bits = "fp8_weight_only", 8.0
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        q, scale = quant.quantize_fp8(_take_weight(layer))
+        layer.register_buffer("qweight", q, persistent=False)
+        layer.register_buffer("scales", scale, persistent=False)
+
+
 def make_method(name: str) -> LinearMethod:
-    """A fresh method object for one layer (policy.METHODS names)."""
+    """A fresh method object for one layer (names: policy.is_method)."""
     if name == "fp8":
         return Fp8LinearMethod()
+    if name == "fp8_weight_only":
+        return Fp8WeightOnlyMethod()
     if name == "int8":
         return Int8WeightOnlyMethod()
-    if name == "int4":
-        return Int4WeightOnlyMethod(128, symmetric=True)
-    if name == "int4_asym":
-        return Int4WeightOnlyMethod(128, symmetric=False)
+    m = re.fullmatch(r"int4(_asym)?(?:_g(\d+))?", name)
+    if m:
+        return Int4WeightOnlyMethod(int(m.group(2) or 128), symmetric=m.group(1) is None)
     raise ValueError(f"unknown quantization method {name!r}")

@@ -1,6 +1,7 @@
 """`QuantPolicy`: the quantization method of every linear layer, by module path.
 
     quantization="fp8" | "int8" | "int4" | "int4_asym"   every decoder-layer linear
+    (also "fp8_weight_only", and int4 with another group size: "int4_g64", "int4_asym_g256")
     quantization="policy.json"                              per-layer choices:
 
     {"default": "int4",                       # decoder-layer linears not matched below
@@ -16,10 +17,17 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass
 
-METHODS = ("fp8", "int8", "int4", "int4_asym")  # methods.py registers each
+METHODS = ("fp8", "int8", "int4", "int4_asym")  # the main ones; methods.py makes each
 NONE = "none"
+_METHOD = re.compile(r"fp8|fp8_weight_only|int8|int4(_asym)?(_g(32|64|128|256))?")
+
+
+def is_method(name: str) -> bool:
+    """Whether `name` is a method (METHODS, fp8_weight_only, int4[_asym]_gN)."""
+    return isinstance(name, str) and _METHOD.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +38,9 @@ class QuantPolicy:
 
     def __post_init__(self) -> None:
         for method in (self.default, *(m for _, m in self.rules)):
-            if method not in METHODS + (NONE,):
+            if method != NONE and not is_method(method):
                 raise ValueError(f"quantization method {method!r} is not one of "
-                                 f"{METHODS + (NONE,)}")
+                                 f"{METHODS + (NONE,)} (or fp8_weight_only, int4[_asym]_gN)")
 
     def method_for(self, prefix: str) -> str | None:
         """The method name for the layer at `prefix`, or None (unquantized)."""
@@ -48,7 +56,7 @@ class QuantPolicy:
         """`quantization` as given: a method name, a policy JSON path, or None."""
         if value is None or value == NONE:
             return None
-        if value in METHODS:
+        if is_method(value):
             return QuantPolicy(value, source=value)
         if not os.path.isfile(value):
             raise ValueError(f"quantization must be one of {METHODS} or a policy JSON file, "

@@ -1,0 +1,186 @@
+"""The sensitivity map: what quantizing ONE part of a model at a time costs in quality, and
+the per-layer policy built from it.
+
+    parts    each decoder layer's attention projections (qkv_proj, o_proj) and MLP
+             projections (gate_up_proj, down_proj), and the LM head
+    probes   the model with only that part quantized by one method, against the
+             unquantized model on the same held-out token windows
+    quality  KL(base || probe) of the next-token distribution (nats per token), the relative
+             increase of bits per byte (= of summed -log2 p(next token)), top-1 agreement
+    activations  per part, probe(fp8 W8A8) - probe(fp8 weights only): what quantizing the
+             activations adds on top of the same weights
+
+The policy (`build_policy`) starts every part at its fewest-bits method and upgrades the
+parts whose measured KL falls most per extra bit, while the parameter-weighted average
+bits per weight stays within `target_bits` (or until the predicted bits-per-byte increase,
+the sum of the parts' own, is within `max_bpb_increase`). It treats the parts' costs as
+additive; `tandem eval --quantization POLICY` checks what that prediction is worth.
+
+Probes load the model again with a one-rule `QuantPolicy`, so every probe runs exactly
+the code the engine serves with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tandem.layers.attention_metadata import AttentionMetadata
+from tandem.models.loader import load_model, read_hf_config
+from tandem.quantization.methods import make_method
+from tandem.quantization.policy import NONE, QuantPolicy
+from tandem.runner.kv_memory import allocate_kv_caches
+
+WEIGHT_METHODS = ("int4_asym_g256", "int4", "int4_asym", "int4_asym_g64", "int8", "fp8")
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    name: str  # e.g. "layer 3 attn", "lm_head"
+    pattern: str  # the policy rule that selects it
+    params: int  # weights in the part
+    layer: int | None  # None for the LM head
+    kind: str  # "attn" | "mlp" | "lm_head"
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    part: str
+    method: str
+    bits: float  # bits per weight of the method (scales included)
+    kl: float  # mean KL(base || probe), nats per token
+    bpb_increase: float  # relative increase of summed bits (0.01 = +1%)
+    top1: float  # fraction of positions whose argmax agrees with the base model
+
+
+def model_parts(hf: dict) -> list[Part]:
+    h = hf["hidden_size"]
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    d = hf.get("head_dim") or h // heads
+    attn = h * d * (2 * heads + 2 * kv)
+    mlp = 3 * h * hf["intermediate_size"]
+    parts = []
+    for i in range(hf["num_hidden_layers"]):
+        parts.append(Part(f"layer {i} attn", f"model.layers.{i}.self_attn.*", attn, i, "attn"))
+        parts.append(Part(f"layer {i} mlp", f"model.layers.{i}.mlp.*", mlp, i, "mlp"))
+    parts.append(Part("lm_head", "lm_head", h * hf["vocab_size"], None, "lm_head"))
+    return parts
+
+
+def sequence_logprobs(model: torch.nn.Module, ids: list[int], block_size: int = 16
+                      ) -> torch.Tensor:
+    """log-softmax of the next-token logits at every position of one sequence, (T, vocab)
+    float32, through the model's own paged attention on a scratch KV cache."""
+    t = len(ids)
+    device = next(model.buffers(), next(model.parameters())).device
+    nb = -(-t // block_size)
+    caches = allocate_kv_caches(model.num_layers, nb, block_size, model.num_kv_heads,
+                                model.head_dim, torch.get_default_dtype(), device)
+    for layer, cache in zip(model.attention_layers(), caches):
+        layer.kv_cache = cache
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(t, device=device),
+        query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([t], dtype=torch.int32, device=device),
+        block_tables=torch.arange(nb, dtype=torch.int32, device=device).view(1, nb),
+        query_lens_cpu=[t], seq_lens_cpu=[t], max_query_len=t, max_seq_len=t,
+        block_size=block_size)
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids, device=device), torch.arange(t, device=device), meta)
+        return model.compute_logits(hidden).float().log_softmax(-1)
+
+
+class Measurer:
+    """The base model's next-token distributions on `windows`, and probes against them."""
+
+    def __init__(self, model_dir: str, windows: list[list[int]], device: str = "cpu") -> None:
+        self.model_dir, self.windows = model_dir, windows
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+        base = self._load(None)
+        self.base = [sequence_logprobs(base, w) for w in self.windows]
+        self.base_bits = sum(self._bits(lp, w) for lp, w in zip(self.base, self.windows))
+
+    def _load(self, quant: QuantPolicy | None) -> torch.nn.Module:
+        return load_model(self.model_dir, self.dtype, self.device, quant=quant)
+
+    @staticmethod
+    def _bits(lp: torch.Tensor, ids: list[int]) -> float:
+        targets = torch.tensor(ids[1:], device=lp.device)
+        return -lp[:-1].gather(1, targets[:, None]).sum().item() / math.log(2)
+
+    def measure(self, policy: QuantPolicy) -> tuple[float, float, float]:
+        """(mean KL nats/token, relative bits increase, top-1 agreement) of the model under
+        `policy` against the base."""
+        model = self._load(policy)
+        kl_sum, agree, positions, bits = 0.0, 0, 0, 0.0
+        for base, ids in zip(self.base, self.windows):
+            lp = sequence_logprobs(model, ids)
+            kl_sum += (base.exp() * (base - lp)).sum().item()
+            agree += (base.argmax(-1) == lp.argmax(-1)).sum().item()
+            positions += len(ids)
+            bits += self._bits(lp, ids)
+        return kl_sum / positions, bits / self.base_bits - 1.0, agree / positions
+
+    def probe(self, part: Part, method: str) -> Probe:
+        kl, bpb, top1 = self.measure(QuantPolicy(NONE, ((part.pattern, method),)))
+        return Probe(part.name, method, make_method(method).weight_bits, kl, bpb, top1)
+
+
+def build_policy(parts: list[Part], probes: list[Probe], full_bits: float,
+                 target_bits: float | None = None, max_bpb_increase: float | None = None
+                 ) -> tuple[QuantPolicy, dict]:
+    """Choose a method per part (see the module docstring); returns the policy and its
+    predicted average bits, KL and bits-per-byte increase."""
+    if (target_bits is None) == (max_bpb_increase is None):
+        raise ValueError("give exactly one of target_bits and max_bpb_increase")
+    by_part: dict[str, list[Probe]] = {}
+    for p in probes:
+        if p.method != "fp8_weight_only":  # the activation probe is not a choice
+            by_part.setdefault(p.part, []).append(p)
+    # per part: options sorted by bits, each (bits, kl, bpb, method); unquantized last
+    options = {part.name: sorted([(p.bits, p.kl, p.bpb_increase, p.method)
+                                  for p in by_part.get(part.name, [])])
+               + [(full_bits, 0.0, 0.0, NONE)] for part in parts}
+    choice = {part.name: 0 for part in parts}
+    total = sum(part.params for part in parts)
+
+    def avg_bits() -> float:
+        return sum(options[p.name][choice[p.name]][0] * p.params for p in parts) / total
+
+    def predicted_bpb() -> float:
+        return sum(options[p.name][choice[p.name]][2] for p in parts)
+
+    while True:
+        if max_bpb_increase is not None and predicted_bpb() <= max_bpb_increase:
+            break
+        best = None
+        for p in parts:
+            bits, kl = options[p.name][choice[p.name]][:2]
+            for j in range(choice[p.name] + 1, len(options[p.name])):
+                nbits, nkl = options[p.name][j][:2]
+                if nkl >= kl:
+                    continue
+                extra = (nbits - bits) * p.params / total
+                if target_bits is not None and avg_bits() + extra > target_bits + 1e-9:
+                    continue
+                gain = (kl - nkl) / max(extra, 1e-12)
+                if best is None or gain > best[0]:
+                    best = (gain, p.name, j)
+        if best is None:
+            break
+        choice[best[1]] = best[2]
+    rules = tuple((p.pattern, options[p.name][choice[p.name]][3]) for p in parts)
+    predicted = {"avg_bits": avg_bits(), "kl": sum(options[p.name][choice[p.name]][1]
+                                                   for p in parts),
+                 "bpb_increase": predicted_bpb()}
+    return QuantPolicy(NONE, rules, source="sensitivity"), predicted
+
+
+def full_precision_bits(model_dir: str) -> float:
+    """Bits per weight of the checkpoint's floats (what 'none' keeps)."""
+    dtype = read_hf_config(model_dir).get("torch_dtype") or "float32"
+    return 16.0 if dtype in ("bfloat16", "float16") else 32.0
