@@ -76,6 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = args.model or default_model_dir()
     methods = args.methods.split(",")
     parts = sens.model_parts(read_hf_config(model_dir))
+    if args.keep_lm_head:  # as a uniform quantization= does: the head stays unquantized
+        parts = [p for p in parts if p.kind != "lm_head"]
     windows = _windows(model_dir, expand_paths(args.files, args.suffix), args.window,
                        args.max_tokens)
     t0 = time.time()
@@ -141,6 +143,9 @@ def add_quant_parser(sub: argparse._SubParsersAction) -> None:
                         help="average bits per weight the policy may spend")
     budget.add_argument("--max-bpb-increase", type=float, default=None,
                         help="predicted relative bits-per-byte increase allowed (0.01 = 1%%)")
+    s.add_argument("--keep-lm-head", action="store_true",
+                   help="leave the LM head unquantized and out of the bit budget (as a "
+                        "uniform --quantization does), so budgets compare with it")
     s.add_argument("--policy-out", default=None, help="write the policy JSON here")
     s.add_argument("--heatmap", default=None, help="write the heatmap PNG here")
     add_progress_flag(s)
