@@ -66,7 +66,8 @@ class LinearBase(nn.Module):
         self.input_size_per_rank, self.output_size_per_rank = input_per_rank, output_per_rank
         self.method = linear_method_for(prefix, quant)
         self.method.create_weights(self, output_per_rank, input_per_rank)
-        self.weight.weight_loader = self.weight_loader
+        for param in self.parameters(recurse=False):  # the method's (quantized checkpoints
+            param.weight_loader = self.weight_loader  # name several), each cut here
         if bias:
             self.bias = nn.Parameter(torch.empty(output_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -119,13 +120,15 @@ class RowParallelLinear(LinearBase):
                          quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        if param.dim() == 1:  # the bias is whole on every rank
+        # The bias, and per-output-channel scales (split_input False), are whole on every
+        # rank; everything else is split along its input (last) dimension.
+        if param.dim() == 1 or not getattr(param, "split_input", True):
             default_weight_loader(param, loaded)
             return
         n = param.shape[1]
-        if tuple(loaded.shape) != (self.output_size, self.input_size):
-            raise ValueError(f"shape mismatch: expected {(self.output_size, self.input_size)}, "
-                             f"got {tuple(loaded.shape)}")
+        expected = (param.shape[0], n * self.parallel.tp_size)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape mismatch: expected {expected}, got {tuple(loaded.shape)}")
         copy_checked(param.data, loaded.narrow(1, self.parallel.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

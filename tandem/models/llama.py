@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 STACKED_PARAMS = {".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"),
                   ".v_proj.": (".qkv_proj.", "v"), ".gate_proj.": (".gate_up_proj.", 0),
                   ".up_proj.": (".gate_up_proj.", 1)}
-IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+# Buffers some old checkpoints saved; compressed-tensors' record of the unpacked shape.
+IGNORED_TENSORS = ("rotary_emb.inv_freq", ".weight_shape")
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,12 +85,20 @@ def safetensors_files(model_dir: str) -> list[str]:
 
 
 def _stream(files: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, one tensor in host memory at a time; floats cast to dtype."""
+    """(name, tensor) pairs, one tensor in host memory at a time. 16/32-bit floats are cast
+    to `dtype` here (halving host memory for fp32 checkpoints); anything else (FP8 weights,
+    packed integers) stays as stored, and float32 scales of quantized layers are cast only
+    by the copy into their float32 parameters."""
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                if tensor.dtype in _WIDE_FLOATS and "_scale" not in name:
+                    tensor = tensor.to(dtype)
+                yield name, tensor
+
+
+_WIDE_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_complete(model: nn.Module, loaded: set[str]) -> None:

@@ -108,4 +108,9 @@ def make_method(name: str) -> LinearMethod:
     m = re.fullmatch(r"int4(_asym)?(?:_g(\d+))?", name)
     if m:
         return Int4WeightOnlyMethod(int(m.group(2) or 128), symmetric=m.group(1) is None)
+    if name.startswith("ct_"):  # a compressed-tensors checkpoint's own layout
+        from tandem.quantization.compressed_tensors import make_checkpoint_method
+        method = make_checkpoint_method(name)
+        if method is not None:
+            return method
     raise ValueError(f"unknown quantization method {name!r}")

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 METHODS = ("fp8", "int8", "int4", "int4_asym")  # the main ones; methods.py makes each
 NONE = "none"
-_METHOD = re.compile(r"fp8|fp8_weight_only|int8|int4(_asym)?(_g(32|64|128|256))?")
+_METHOD = re.compile(r"fp8|fp8_weight_only|int8|int4(_asym)?(_g(32|64|128|256))?"
+                     r"|ct_fp8_channel|ct_int4_g\d+")  # ct_: compressed-tensors checkpoints
+# tandem fuses these checkpoint layers; a rule naming one of the parts names the whole
+_FUSED = {".qkv_proj": ".q_proj", ".gate_up_proj": ".gate_proj"}
 
 
 def is_method(name: str) -> bool:
@@ -43,9 +46,11 @@ class QuantPolicy:
                                  f"{METHODS + (NONE,)} (or fp8_weight_only, int4[_asym]_gN)")
 
     def method_for(self, prefix: str) -> str | None:
-        """The method name for the layer at `prefix`, or None (unquantized)."""
+        """The method name for the layer at `prefix`, or None (unquantized). A pattern is
+        fnmatch-style, or "re:REGEX" (compressed-tensors' spelling, re.match)."""
+        names = [prefix] + [prefix.replace(f, part) for f, part in _FUSED.items() if f in prefix]
         for pattern, method in self.rules:
-            if fnmatch.fnmatchcase(prefix, pattern):
+            if any(_matches(pattern, name) for name in names):
                 return None if method == NONE else method
         if prefix.startswith("model.layers."):
             return None if self.default == NONE else self.default
@@ -74,3 +79,23 @@ class QuantPolicy:
 
     def to_json(self) -> dict:
         return {"default": self.default, "layers": dict(self.rules)}
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def quant_policy(model_config) -> QuantPolicy | None:
+    """The policy a model is served with: `quantization` as given, or a pre-quantized
+    checkpoint's own (compressed-tensors), never both."""
+    from tandem.models.loader import read_hf_config
+    from tandem.quantization.compressed_tensors import policy_from_config
+    checkpoint = policy_from_config(read_hf_config(model_config.model))
+    if checkpoint is not None and model_config.quantization not in (None, NONE):
+        raise ValueError(f"the checkpoint is already quantized (compressed-tensors); drop "
+                         f"quantization={model_config.quantization!r}")
+    if checkpoint is not None and model_config.load_format == "dummy":
+        raise ValueError("load_format 'dummy' cannot make a quantized checkpoint's tensors")
+    return checkpoint or QuantPolicy.parse(model_config.quantization)

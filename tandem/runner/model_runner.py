@@ -31,7 +31,7 @@ from tandem.config import EngineConfig
 from tandem.distributed.parallel import ParallelContext
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
-from tandem.quantization.policy import QuantPolicy
+from tandem.quantization.policy import quant_policy
 from tandem.outputs import Logprobs, StepPlan, StepResult
 from tandem.request import SamplingParams
 from tandem.runner.cuda_graph import CudaGraphRunner
@@ -95,7 +95,7 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)
         self.model = load_model(config.model.model, self.dtype, self.device,
                                 config.model.load_format, config.model.seed, self.parallel,
-                                QuantPolicy.parse(config.model.quantization))
+                                quant_policy(config.model))
         self.vocab_size = self.model.vocab_size
         self.block_size = config.cache.block_size
         self.sampler = Sampler(self.vocab_size)
