@@ -86,16 +86,3 @@ def _matches(pattern: str, name: str) -> bool:
         return re.match(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
 
-
-def quant_policy(model_config) -> QuantPolicy | None:
-    """The policy a model is served with: `quantization` as given, or a pre-quantized
-    checkpoint's own (compressed-tensors), never both."""
-    from tandem.models.loader import read_hf_config
-    from tandem.quantization.compressed_tensors import policy_from_config
-    checkpoint = policy_from_config(read_hf_config(model_config.model))
-    if checkpoint is not None and model_config.quantization not in (None, NONE):
-        raise ValueError(f"the checkpoint is already quantized (compressed-tensors); drop "
-                         f"quantization={model_config.quantization!r}")
-    if checkpoint is not None and model_config.load_format == "dummy":
-        raise ValueError("load_format 'dummy' cannot make a quantized checkpoint's tensors")
-    return checkpoint or QuantPolicy.parse(model_config.quantization)

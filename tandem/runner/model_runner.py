@@ -31,7 +31,7 @@ from tandem.config import EngineConfig
 from tandem.distributed.parallel import ParallelContext
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
-from tandem.quantization.policy import quant_policy
+from tandem.quantization.compressed_tensors import quant_policy
 from tandem.outputs import Logprobs, StepPlan, StepResult
 from tandem.request import SamplingParams
 from tandem.runner.cuda_graph import CudaGraphRunner
