@@ -65,6 +65,14 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory the engine may use
     cpu_kv_cache_gib: float = 2.0  # CPU: memory budget for the KV pool
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts seen before
+    # auto: the model dtype; fp8: e4m3 (half the bytes of bf16), one K and one V scale per
+    # layer (1.0 unless calculate_kv_scales)
+    kv_cache_dtype: str = "auto"
+    kv_cache_dtype_skip_layers: str | None = None  # comma-separated layer indices kept in
+    # the model dtype under kv_cache_dtype=fp8, e.g. "0,31"
+    # fp8 KV: set each layer's scales from the K/V amax of one calibration forward at
+    # start-up instead of 1.0
+    calculate_kv_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -77,6 +85,21 @@ class CacheConfig:
             )
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, "
+                             f"got {self.kv_cache_dtype!r}")
+        self.skip_layers()  # ValueError if malformed
+
+    def skip_layers(self) -> set[int]:
+        """The layers kv_cache_dtype_skip_layers keeps in the model dtype."""
+        text = self.kv_cache_dtype_skip_layers
+        if not text:
+            return set()
+        try:
+            return {int(x) for x in text.split(",") if x.strip()}
+        except ValueError:
+            raise ValueError(f"kv_cache_dtype_skip_layers must be comma-separated layer "
+                             f"indices, got {text!r}") from None
 
 
 @dataclass(frozen=True, slots=True)

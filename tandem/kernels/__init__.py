@@ -28,16 +28,20 @@ class AttentionBackend(Protocol):
     name: str
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        """key, value: (num_tokens, num_kv_heads, head_dim) into kv_cache at slot_mapping."""
+                 slot_mapping: torch.Tensor, kv_scale: tuple[float, float] = (1.0, 1.0)
+                 ) -> None:
+        """key, value: (num_tokens, num_kv_heads, head_dim) into kv_cache at slot_mapping.
+        An FP8 (float8_e4m3fn) cache stores key / kv_scale[0] and value / kv_scale[1]."""
         ...
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None) -> torch.Tensor:
+                value: torch.Tensor | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
         key, value: this step's new K/V, already in the cache; a backend may read them
-        directly instead of the cache (chunks with no cached prefix)."""
+        directly instead of the cache (chunks with no cached prefix), unless the cache is
+        FP8 (then every read dequantizes with kv_scale)."""
         ...
 
 
@@ -47,13 +51,16 @@ class TorchReferenceBackend:
     name = "torch"
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        reference.write_kv(key, value, kv_cache, slot_mapping)
+                 slot_mapping: torch.Tensor, kv_scale: tuple[float, float] = (1.0, 1.0)
+                 ) -> None:
+        reference.write_kv(key, value, kv_cache, slot_mapping, kv_scale)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None) -> torch.Tensor:
-        return reference.paged_attention(query, kv_cache, meta, scale, key, value)
+                value: torch.Tensor | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        return reference.paged_attention(query, kv_cache, meta, scale, key, value,
+                                         kv_scale=kv_scale)
 
 
 ATTENTION_BACKENDS: dict[str, type] = {"torch": TorchReferenceBackend}

@@ -28,6 +28,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.backend = backend if backend is not None else get_attention_backend("torch")
         self.kv_cache = torch.empty(0)  # bound by the model runner; a plain attribute, not a buffer
+        self.kv_scale = (1.0, 1.0)  # (k_scale, v_scale) of an FP8 cache, bound alongside
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return kv_cache_shape(num_blocks, block_size, self.num_kv_heads, self.head_dim)
@@ -44,6 +45,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping)
-        out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v)  # (T, H, D)
+        self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping, self.kv_scale)
+        out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v,
+                                   self.kv_scale)  # (T, H, D)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,6 +1,9 @@
-"""How many KV blocks fit, and the pool itself.
+"""How many KV blocks fit, and the pool itself, from a per-layer KV-cache spec.
 
-    bytes per block = 2 (K and V) x layers x block_size x kv_heads x head_dim x dtype bytes
+    spec: per layer, the cache dtype (the model's, or float8_e4m3fn with kv_cache_dtype=fp8
+          unless the layer is in kv_cache_dtype_skip_layers) and its (k_scale, v_scale)
+    bytes per block = sum over layers of 2 (K and V) x block_size x kv_heads x head_dim
+                      x that layer's dtype bytes
 
 CUDA: after the weights are loaded, one profiling forward at the largest step the scheduler
 can plan (max_num_batched_tokens tokens, max_num_seqs sampled rows) measures peak activation
@@ -12,13 +15,33 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from tandem.config import CacheConfig
 
 
-def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                   dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * elem
+@dataclass(frozen=True, slots=True)
+class LayerKVSpec:
+    dtype: torch.dtype  # what the layer's cache holds
+    kv_scale: tuple[float, float] = (1.0, 1.0)  # FP8: cached = K / k_scale, V / v_scale
+
+
+def kv_cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype
+                  ) -> list[LayerKVSpec]:
+    fp8 = cache.kv_cache_dtype in ("fp8", "fp8_e4m3")
+    skip = cache.skip_layers()
+    bad = [i for i in skip if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"kv_cache_dtype_skip_layers names layers {bad} of a model with "
+                         f"{num_layers}")
+    return [LayerKVSpec(torch.float8_e4m3fn if fp8 and i not in skip else model_dtype)
+            for i in range(num_layers)]
+
+
+def kv_block_bytes(spec: list[LayerKVSpec], block_size: int, num_kv_heads: int,
+                   head_dim: int) -> int:
+    return sum(2 * block_size * num_kv_heads * head_dim
+               * torch.empty((), dtype=s.dtype).element_size() for s in spec)
 
 
 def num_blocks_for(cache: CacheConfig, block_bytes: int, device: torch.device,
@@ -40,9 +63,10 @@ def num_blocks_for(cache: CacheConfig, block_bytes: int, device: torch.device,
 
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                       head_dim: int, dtype: torch.dtype, device: torch.device
-                       ) -> list[torch.Tensor]:
-    """One tensor per layer: (2, num_blocks, block_size, num_kv_heads, head_dim)."""
-    pool = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-                       dtype=dtype, device=device)
-    return list(pool.unbind(0))
+                       head_dim: int, dtype: torch.dtype | list[LayerKVSpec],
+                       device: torch.device) -> list[torch.Tensor]:
+    """One tensor per layer: (2, num_blocks, block_size, num_kv_heads, head_dim), of one
+    dtype or each layer's spec's."""
+    spec = dtype if isinstance(dtype, list) else [LayerKVSpec(dtype)] * num_layers
+    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=s.dtype,
+                        device=device) for s in spec]

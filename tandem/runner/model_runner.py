@@ -21,6 +21,7 @@ a step that samples for a request whose prompt holds that token raises `Injected
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -36,7 +37,8 @@ from tandem.outputs import Logprobs, StepPlan, StepResult
 from tandem.request import SamplingParams
 from tandem.runner.cuda_graph import CudaGraphRunner
 from tandem.runner.input_batch import ModelInputs, build_model_inputs, build_sampling_tensors
-from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, num_blocks_for)
+from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, kv_cache_spec,
+                                     num_blocks_for)
 from tandem.runner.request_state import RequestState, apply_plan
 from tandem.runner.sampler import Sampler
 
@@ -101,6 +103,7 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size)
         self.states: dict[str, RequestState] = {}
         self.num_blocks = 0
+        self.kv_spec = kv_cache_spec(config.cache, self.model.num_layers, self.dtype)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphRunner | None = None
         # The last launched step's sampled ids on the device, and each request's row there.
@@ -112,8 +115,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         m = self.model
-        return kv_block_bytes(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim,
-                              self.dtype)
+        return kv_block_bytes(self.kv_spec, self.block_size, m.num_kv_heads, m.head_dim)
 
     def available_kv_blocks(self) -> int:
         """How many KV blocks fit here (profiling peak memory on CUDA). Under tensor
@@ -129,9 +131,13 @@ class ModelRunner:
         # One extra block past the scheduler's pool: padding rows of CUDA-graph batches
         # write and read it, so no real sequence's cache is touched.
         self.kv_caches = allocate_kv_caches(m.num_layers, self.num_blocks + 1, self.block_size,
-                                            m.num_kv_heads, m.head_dim, self.dtype, self.device)
-        for layer, cache in zip(m.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache
+                                            m.num_kv_heads, m.head_dim, self.kv_spec,
+                                            self.device)
+        for layer, cache, spec in zip(m.attention_layers(), self.kv_caches, self.kv_spec):
+            layer.kv_cache, layer.kv_scale = cache, spec.kv_scale
+        if self.config.cache.calculate_kv_scales and any(
+                s.dtype == torch.float8_e4m3fn for s in self.kv_spec):
+            self._calibrate_kv_scales()
         backend = m.attention_layers()[0].backend
         if (cuda and not self.config.model.enforce_eager
                 and getattr(backend, "supports_cuda_graphs", False)):
@@ -141,6 +147,48 @@ class ModelRunner:
             self.graphs.capture()
             logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
 
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self, num_tokens: int = 512) -> None:
+        """FP8 layers' (k_scale, v_scale) = amax / 448 of the K and V one forward over a
+        fixed pseudo-random token sequence writes (calculate_kv_scales); the pool is
+        cleared afterwards."""
+        m = self.model
+        t = min(num_tokens, self.num_blocks * self.block_size, self.config.model.max_model_len
+                or num_tokens)
+        gen = torch.Generator().manual_seed(self.config.model.seed)
+        ids = torch.randint(0, self.vocab_size, (t,), generator=gen).to(self.device)
+        seen: dict[int, list[float]] = {}
+        layers = m.attention_layers()
+        writers = []
+        for i, layer in enumerate(layers):
+            def record(k, v, cache, slots, scale, i=i, write=layer.backend.write_kv):
+                seen[i] = [k.abs().amax().item(), v.abs().amax().item()]
+                write(k, v, cache, slots, scale)
+            writers.append(layer.backend)
+            layer.backend = _Recorder(layer.backend, record)
+        try:
+            nb = -(-t // self.block_size)
+            dev = self.device
+            meta = AttentionMetadata(
+                slot_mapping=torch.arange(t, device=dev),
+                query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
+                block_tables=torch.arange(nb, dtype=torch.int32, device=dev).view(1, nb),
+                query_lens_cpu=[t], seq_lens_cpu=[t], max_query_len=t, max_seq_len=t,
+                block_size=self.block_size)
+            m(ids, torch.arange(t, device=dev), meta)
+        finally:
+            for layer, backend in zip(layers, writers):
+                layer.backend = backend
+        for i, (layer, spec) in enumerate(zip(layers, self.kv_spec)):
+            if spec.dtype == torch.float8_e4m3fn:
+                layer.kv_scale = tuple(max(a, 1e-6) / 448.0 for a in seen[i])
+                self.kv_spec[i] = dataclasses.replace(spec, kv_scale=layer.kv_scale)
+        for cache in self.kv_caches:
+            cache.zero_()
+        logger.info("calibrated FP8 KV scales: %s",
+                    [tuple(round(x, 5) for x in s.kv_scale) for s in self.kv_spec])
+
     def _profile_peak_memory(self) -> int:
         """Run the largest step the scheduler may plan on a scratch pool; return peak bytes."""
         sched = self.config.scheduler
@@ -148,7 +196,7 @@ class ModelRunner:
         scratch_blocks = -(-tokens // self.block_size) + 1
         m = self.model
         caches = allocate_kv_caches(m.num_layers, scratch_blocks, self.block_size,
-                                    m.num_kv_heads, m.head_dim, self.dtype, self.device)
+                                    m.num_kv_heads, m.head_dim, self.kv_spec, self.device)
         for layer, cache in zip(m.attention_layers(), caches):
             layer.kv_cache = cache
         torch.cuda.synchronize(self.device)
@@ -294,6 +342,16 @@ def _prompt_logprobs(lp: torch.Tensor, target_ids: list[int], k: int) -> list[Lo
             entry[tok] = chosen[r]
         out.append(entry)
     return out
+
+
+class _Recorder:
+    """An attention backend whose write_kv goes through `record` first (calibration)."""
+
+    def __init__(self, backend, record) -> None:
+        self._backend, self.write_kv = backend, record
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -94,11 +94,13 @@ def supported(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
 
 
 def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                 scale: float, seqs: list[int], starts: list[int], out: torch.Tensor) -> None:
-    """`reference.attention.decode_batch` through the C kernel (same signature)."""
+                 scale: float, seqs: list[int], starts: list[int], out: torch.Tensor,
+                 kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
+    """`reference.attention.decode_batch` through the C kernel (same signature). An FP8
+    cache takes the reference's dequantizing path (the kernel reads float32)."""
     lib = load_library()
     if lib is None or not supported(query, kv_cache) or not out.is_contiguous():
-        decode_batch(query, kv_cache, meta, scale, seqs, starts, out)
+        decode_batch(query, kv_cache, meta, scale, seqs, starts, out, kv_scale)
         return
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     every = len(seqs) == meta.num_seqs  # all decodes: use the metadata's tensors as they are
@@ -125,6 +127,7 @@ class CpuAttentionBackend(TorchReferenceBackend):
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None) -> torch.Tensor:
+                value: torch.Tensor | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         return reference.paged_attention(query, kv_cache, meta, scale, key, value,
-                                         decode=paged_decode)
+                                         decode=paged_decode, kv_scale=kv_scale)

@@ -15,6 +15,10 @@ row j sits at absolute position `seq_len - query_len + j` and sees positions <= 
 Decodes (query_len == 1) are batched into padded gathers + masked SDPA; longer chunks
 (prefills, chunked prefills, draft verification) run one SDPA each with an explicit causal
 mask whose diagonal is shifted by the cached prefix. Runs on CPU and CUDA.
+
+An FP8 cache (float8_e4m3fn) holds K / k_scale and V / v_scale (`kv_scale`, per layer);
+reads multiply back. Then every chunk reads its K/V from the cache, never this step's
+unquantized rows, so a prompt sees exactly what its later decodes will.
 """
 
 from __future__ import annotations
@@ -24,22 +28,49 @@ import torch.nn.functional as F
 
 from tandem.layers.attention_metadata import AttentionMetadata
 
+KVScale = tuple[float, float]  # (k_scale, v_scale): cached value = K / k_scale (FP8 caches)
+NO_SCALE: KVScale = (1.0, 1.0)
+
+
+def is_fp8(kv_cache: torch.Tensor) -> bool:
+    return kv_cache.dtype == torch.float8_e4m3fn
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as bytes for copies and gathers (CPU kernels lack FP8 index ops)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _select(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _raw(cache).index_select(0, index).view(cache.dtype)
+
+
+def _load(cached: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache contents as `dtype` (dequantized from FP8)."""
+    if cached.dtype == torch.float8_e4m3fn:
+        return (cached.float() * scale).to(dtype)
+    return cached.to(dtype)
+
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, kv_scale: KVScale = NO_SCALE) -> None:
     """Scatter new K/V rows into their cache slots (every slot must be valid, >= 0).
 
     key, value: (num_tokens, num_kv_heads, head_dim); slot_mapping: (num_tokens,) int64.
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    if is_fp8(kv_cache):  # saturate to the e4m3 range, then round
+        key = (key.float() / kv_scale[0]).clamp(-448.0, 448.0)
+        value = (value.float() / kv_scale[1]).clamp(-448.0, 448.0)
+    _raw(flat[0]).index_copy_(0, slot_mapping, _raw(key.to(kv_cache.dtype)))
+    _raw(flat[1]).index_copy_(0, slot_mapping, _raw(value.to(kv_cache.dtype)))
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, key: torch.Tensor | None = None,
-                    value: torch.Tensor | None = None, decode=None) -> torch.Tensor:
+                    value: torch.Tensor | None = None, decode=None,
+                    kv_scale: KVScale = NO_SCALE) -> torch.Tensor:
     """Causal attention of each sequence's new query rows over its cached context.
 
     query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
@@ -54,15 +85,15 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         starts.append(starts[-1] + q_len)
     decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
     if decodes:
-        (decode or decode_batch)(query, kv_cache, meta, scale, decodes, starts, out)
+        (decode or decode_batch)(query, kv_cache, meta, scale, decodes, starts, out, kv_scale)
     for i, q_len in enumerate(meta.query_lens_cpu):
         if q_len > 1:
             rows = slice(starts[i], starts[i] + q_len)
             fresh = None
-            if key is not None and q_len == meta.seq_lens_cpu[i]:
+            if key is not None and q_len == meta.seq_lens_cpu[i] and not is_fp8(kv_cache):
                 fresh = (key[rows], value[rows])
             out[rows] = _prefill_one(query[rows], kv_cache, meta.block_tables[i],
-                                     meta.seq_lens_cpu[i], scale, fresh)
+                                     meta.seq_lens_cpu[i], scale, fresh, kv_scale)
     return out
 
 
@@ -75,8 +106,8 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor,
     block_size = kv_cache.shape[2]
     num_blocks = -(-num_positions // block_size)
     blocks = block_table[:num_blocks].long()
-    k = kv_cache[0].index_select(0, blocks).flatten(0, 1)
-    v = kv_cache[1].index_select(0, blocks).flatten(0, 1)
+    k = _select(kv_cache[0], blocks).flatten(0, 1)
+    v = _select(kv_cache[1], blocks).flatten(0, 1)
     return k[:num_positions], v[:num_positions]
 
 
@@ -84,7 +115,8 @@ _DECODE_GROUP = 16  # decodes per padded gather: sorted by length, so padding st
 
 
 def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, seqs: list[int], starts: list[int], out: torch.Tensor) -> None:
+                  scale: float, seqs: list[int], starts: list[int], out: torch.Tensor,
+                  kv_scale: KVScale = NO_SCALE) -> None:
     """Single-token queries (sequences `seqs`, query row `starts[i]`) into `out`, in
     groups of similar context length.
 
@@ -102,10 +134,11 @@ def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
         sel = torch.tensor(idx, device=device)
         blocks = meta.block_tables[sel, :nb].reshape(-1).long()
         # (b, Hkv, L, D) views of the gathered (b, L, Hkv, D) blocks
-        k = kv_cache[0].index_select(0, blocks).view(b, nb * block_size, num_kv_heads,
-                                                      head_dim).transpose(1, 2)
-        v = kv_cache[1].index_select(0, blocks).view(b, nb * block_size, num_kv_heads,
-                                                      head_dim).transpose(1, 2)
+        dtype = query.dtype if is_fp8(kv_cache) else kv_cache.dtype
+        k = _load(_select(kv_cache[0], blocks), kv_scale[0], dtype).view(
+            b, nb * block_size, num_kv_heads, head_dim).transpose(1, 2)
+        v = _load(_select(kv_cache[1], blocks), kv_scale[1], dtype).view(
+            b, nb * block_size, num_kv_heads, head_dim).transpose(1, 2)
         rows = torch.tensor([starts[i] for i in idx], device=device)
         q = query.index_select(0, rows).unsqueeze(2).to(k.dtype)  # (b, H, 1, D)
         # (b, 1, 1, L): True where the position is inside the sequence
@@ -118,12 +151,14 @@ def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
 
 def _prefill_one(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_len: int, scale: float,
-                 fresh: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 kv_scale: KVScale = NO_SCALE) -> torch.Tensor:
     """query: (query_len, num_heads, head_dim), the last query_len positions of seq_len.
     fresh: the chunk's own K/V when it is the whole context (nothing to gather)."""
     q_len = query.shape[0]
     # (seq_len, num_kv_heads, head_dim)
     k, v = fresh if fresh is not None else _gather_context(kv_cache, block_table, seq_len)
+    k, v = _load(k, kv_scale[0], query.dtype), _load(v, kv_scale[1], query.dtype)
     q = query.transpose(0, 1).unsqueeze(0)  # (1, num_heads, query_len, head_dim)
     k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, num_kv_heads, seq_len, head_dim)
     v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
