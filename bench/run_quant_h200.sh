@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's GPU runs on one H200: Llama-3.1-8B shapes, dummy weights quantized at load.
 # Each JSON record (the last stdout line of a command) goes to $OUT/<name>.json, the full
-# output to $OUT/<name>.log. Usage: OUT=dir bash bench/run_quant_h200.sh [latency throughput prefill]
+# output to $OUT/<name>.log. Usage: OUT=dir bash bench/run_quant_h200.sh [latency throughput prefill kv]
 set -u
 OUT=${OUT:-bench/results/tmp}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,5 +30,10 @@ for what in "$@"; do
                  --max-num-batched-tokens 8192 --max-model-len 8448 --max-num-seqs 1 --iters 3 \
                  --no-progress
              done ;;
+    kv) for kv in auto fp8; do  # long context: 256 x 4096 in / 256 out, KV dtype only
+          run kv-$kv 300 throughput $M --kv-cache-dtype $kv --num-prompts 256 \
+            --input-len 4096 --output-len 256 --max-model-len 4352 --max-num-seqs 256 \
+            --no-progress
+        done ;;
   esac
 done

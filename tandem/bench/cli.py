@@ -67,6 +67,8 @@ def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
     return {"benchmark": name, "device": device_name(executor.device) + (f" x{tp}" if tp > 1
                                                                          else ""),
             "tensor_parallel_size": tp, "quantization": llm.engine.config.model.quantization,
+            "kv_cache_dtype": llm.engine.config.cache.kv_cache_dtype,
+            "kv_cache_tokens": executor.num_blocks * llm.engine.config.cache.block_size,
             "model": args.model or "default", "dtype": str(executor.dtype).replace("torch.", ""),
             "load_format": args.load_format or "auto",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

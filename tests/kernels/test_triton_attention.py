@@ -202,3 +202,33 @@ def test_write_kv_exact(dtype) -> None:
 def test_cuda_prefers_triton() -> None:
     assert isinstance(get_attention_backend("cuda"), TritonAttentionBackend)
     assert get_attention_backend("triton").name == "triton"
+
+
+@pytest.mark.parametrize("head_dim,group", [(64, 4), (128, 8)])
+def test_fp8_kv_cache_matches_reference(head_dim, group) -> None:
+    """An e4m3 cache with per-layer scales: the Triton write stores the reference's bytes,
+    and decode + chunks (cached prefix, fresh prompts: read from the cache, not the rows)
+    dequantize as the reference does."""
+    rng = random.Random(head_dim)
+    torch.manual_seed(head_dim)
+    seqs = [(1, rng.randint(1, SHORT)), (rng.randint(2, 40), rng.randint(41, SHORT)),
+            (1, 33), (150, 150), (16, 37)]
+    meta, cache, query, key, value = make_batch(rng, seqs, 16, 2 * group, 2, head_dim,
+                                                torch.bfloat16)
+    kv_scale = (0.011, 0.023)
+    q8 = torch.empty(cache.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
+    flat = cache.view(2, -1, 2, head_dim)
+    q8.view(2, -1, 2, head_dim)[0] = (flat[0].float() / kv_scale[0]).clamp(-448, 448).to(
+        torch.float8_e4m3fn)
+    q8.view(2, -1, 2, head_dim)[1] = (flat[1].float() / kv_scale[1]).clamp(-448, 448).to(
+        torch.float8_e4m3fn)
+    ref_cache = q8.clone()
+    reference.write_kv(key, value, ref_cache, meta.slot_mapping, kv_scale)
+    write_kv(key, value, q8, meta.slot_mapping, kv_scale)
+    assert torch.equal(q8.view(torch.uint8), ref_cache.view(torch.uint8))
+    scale = head_dim ** -0.5
+    out = TritonAttentionBackend().forward(query, q8, meta, scale, key, value, kv_scale)
+    ref = reference.paged_attention(query.float(), torch.nan_to_num(q8.float()).to(
+        torch.float8_e4m3fn), meta, scale, kv_scale=kv_scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -43,15 +43,19 @@ class TritonAttentionBackend:
     supports_cuda_graphs = True  # decode-only steps: device lengths, batch-sized grids
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        write_kv(key, value, kv_cache, slot_mapping)
+                 slot_mapping: torch.Tensor, kv_scale: tuple[float, float] = (1.0, 1.0)
+                 ) -> None:
+        write_kv(key, value, kv_cache, slot_mapping, kv_scale)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None) -> torch.Tensor:
-        """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim)."""
+                value: torch.Tensor | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
+        An FP8 cache (float8_e4m3fn) is dequantized with kv_scale as it is read."""
         if not _supported(query.shape[-1]) or query.shape[0] == 0:
-            return reference.paged_attention(query, kv_cache, meta, scale, key, value)
+            return reference.paged_attention(query, kv_cache, meta, scale, key, value,
+                                             kv_scale=kv_scale)
         if query.stride(-1) != 1:
             query = query.contiguous()
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -59,7 +63,7 @@ class TritonAttentionBackend:
                   scale)
         if meta.max_query_len <= 1:  # decode-only: the CUDA-graph path
             decode_attention(*common, max_seq_len=meta.max_seq_len,
-                             num_decodes=meta.seq_lens.shape[0])
+                             num_decodes=meta.seq_lens.shape[0], kv_scale=kv_scale)
             return out
 
         q_lens, s_lens = meta.query_lens_cpu, meta.seq_lens_cpu
@@ -67,12 +71,14 @@ class TritonAttentionBackend:
         chunks = [i for i, n in enumerate(q_lens) if n > 1]
         if decodes:
             decode_attention(*common, max_seq_len=max(s_lens[i] for i in decodes),
-                             seq_ids=_device_ids(decodes, query.device))
-        # Chunks with no cached prefix attend only to their own rows: read those directly.
+                             seq_ids=_device_ids(decodes, query.device), kv_scale=kv_scale)
+        # Chunks with no cached prefix attend only to their own rows: read those directly
+        # (not from an FP8 cache: a prompt must see what its decodes will).
         fresh = key is not None and value is not None and all(
-            q_lens[i] == s_lens[i] for i in chunks)
+            q_lens[i] == s_lens[i] for i in chunks) and kv_cache.dtype != torch.float8_e4m3fn
         prefill_attention(*common, max_query_len=max(q_lens[i] for i in chunks),
                           seq_ids=None if not decodes else _device_ids(chunks, query.device),
                           num_chunks=len(chunks),
-                          key=key if fresh else None, value=value if fresh else None)
+                          key=key if fresh else None, value=value if fresh else None,
+                          kv_scale=kv_scale)
         return out

@@ -51,11 +51,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    counter_ptr, seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr,
                    block_tables_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-                   num_parts,
+                   num_parts, k_scale, v_scale,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, FP8: tl.constexpr):
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     p = tl.program_id(2)
@@ -76,7 +76,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     heads = kvh * GROUP + g
     head_ok = g < GROUP
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=head_ok[:, None], other=0.0).to(k_ptr.dtype.element_ty)  # (GROUP_PAD, D)
+                mask=head_ok[:, None], other=0.0)  # (GROUP_PAD, D)
+    if not FP8:  # an FP8 cache is dequantized to the query's dtype instead
+        q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -88,8 +90,16 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         blk = tl.load(table + offs // BLOCK_SIZE, mask=valid, other=0)
         slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE  # (BLOCK_N,)
         kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        if FP8:
+            k = (tl.load(k_ptr + kv_off, mask=valid[:, None]).to(tl.float32)
+                 * k_scale).to(q.dtype)
+            v = (tl.load(v_ptr + kv_off, mask=valid[:, None]).to(tl.float32)
+                 * v_scale).to(q.dtype)
+            k = tl.where(valid[:, None], k, 0.0)  # masked rows: no NaN from stale bytes
+            v = tl.where(valid[:, None], v, 0.0)
+        else:
+            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))  # (GROUP_PAD, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,7 +173,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      block_tables: torch.Tensor, scale: float, max_seq_len: int,
                      seq_ids: torch.Tensor | None = None, num_decodes: int | None = None,
                      num_parts: int | None = None,
-                     config: tuple[int, int, int] | None = None) -> None:
+                     config: tuple[int, int, int] | None = None,
+                     kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
     """out[row] = attention of query[row] over its sequence's paged context, for each
     decode sequence (all sequences, or those listed in seq_ids: (num_decodes,) int32).
 
@@ -202,12 +213,13 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         ids, query_start_loc, seq_lens, block_tables,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        num_parts,
+        num_parts, float(kv_scale[0]), float(kv_scale[1]),
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=_MIN_PART,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        FP8=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=num_warps, num_stages=num_stages)
 
 

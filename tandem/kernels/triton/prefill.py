@@ -46,11 +46,11 @@ def _key_rows(offs, q_start, table, mask, BLOCK_SIZE: tl.constexpr, FRESH: tl.co
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_ptr,
                     seq_lens_ptr, block_tables_ptr, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt,
+                    stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, k_scale, v_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_SEQ_IDS: tl.constexpr, FRESH: tl.constexpr, PRECISION: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    PREFETCH: tl.constexpr, FP8: tl.constexpr):
     h = tl.program_id(0)
     tile = tl.program_id(1)
     c = tl.program_id(2)
@@ -72,7 +72,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
     d = tl.arange(0, HEAD_DIM)
     q_rows = (q_start + rows).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0).to(k_ptr.dtype.element_ty)  # (BLOCK_M, D)
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    if not FP8:  # an FP8 cache is dequantized to the query's dtype instead
+        q = q.to(k_ptr.dtype.element_ty)
     kvh = h // GROUP
     k_base = k_ptr + kvh * stride_kh + d[None, :]
     v_base = v_ptr + kvh * stride_vh + d[None, :]
@@ -99,6 +101,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
             idx = _key_rows(offs, q_start, table, offs < n_full, BLOCK_SIZE, FRESH, False)
         k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
         v = tl.load(v_base + idx[:, None] * stride_vt)
+        if FP8:  # dequantize to the query's dtype
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         pr = tl.exp2(s - m_new[:, None])
@@ -111,8 +116,14 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         offs = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs < seq_len
         idx = _key_rows(offs, q_start, table, key_ok, BLOCK_SIZE, FRESH, True)
-        k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None], other=0.0)
+        if FP8:
+            k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None])
+            v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None])
+            k = tl.where(key_ok[:, None], k.to(tl.float32) * k_scale, 0.0).to(q.dtype)
+            v = tl.where(key_ok[:, None], v.to(tl.float32) * v_scale, 0.0).to(q.dtype)
+        else:
+            k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = (offs[None, :] <= ctx + rows[:, None]) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -149,7 +160,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                       seq_ids: torch.Tensor | None = None, num_chunks: int | None = None,
                       key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                       config: tuple[int, int, int, int] | None = None,
-                      prefetch_table: bool = True) -> None:
+                      prefetch_table: bool = True,
+                      kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
     """out rows of each chunk (all sequences, or those in seq_ids: (num_chunks,) int32) =
     causal attention over its paged context.
 
@@ -182,8 +194,10 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         query, k_src, v_src, out, seq_ids if seq_ids is not None else seq_lens,
         query_start_loc, seq_lens, block_tables, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        *k_strides, *v_strides, block_tables.stride(0),
+        *k_strides, *v_strides, block_tables.stride(0), float(kv_scale[0]),
+        float(kv_scale[1]),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SEQ_IDS=seq_ids is not None, FRESH=fresh,
         PRECISION="ieee" if k_src.dtype == torch.float32 else "tf32",
-        PREFETCH=prefetch_table and not fresh, num_warps=num_warps, num_stages=num_stages)
+        PREFETCH=prefetch_table and not fresh, FP8=k_src.dtype == torch.float8_e4m3fn,
+        num_warps=num_warps, num_stages=num_stages)

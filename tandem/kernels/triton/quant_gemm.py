@@ -1,21 +1,35 @@
 """Weight-only quantized matmuls, y = x W^T with W stored as int8 (per-channel scales) or
-int4 (group-wise scales, optional zero points), dequantized in the inner loop.
+int4 (group-wise scales, optional zero points), dequantized in registers.
 
-Two kernels, both reading each quantized weight once per program row block:
+Layouts: kernels/reference/quant.py is the spec, and the kernels read it as it is through an
+int32 view of each row (`words`, no repacking):
 
-    gemv   M <= 8 rows (decode): program (n-block, row). acc in fp32 over K tiles, one
-           reduction at the end (as kernels/triton/gemv.py). int8 / fp8: the per-channel
-           scale multiplies the row sums once; int4: a group at a time, its scale (and zero
-           point) a column over the group's partial products.
-    gemm   more rows: tiles (BLOCK_M, BLOCK_N, BLOCK_K); the weight tile is dequantized to
-           the activation dtype and fed to tl.dot (fp32 accumulate).
+    int8  qweight (N, K) int8     -> (N, K/4) words, byte b of word j    = q[4j + b]
+    int4  qweight (N, K/2) uint8  -> (N, K/8) words, nibble i of word j  = q[8j + i]
+    scales (N,) | (N, K/G) float32, zeros (N, K/G) uint8 or none (symmetric: codes - 8)
 
-Layouts (kernels/reference/quant.py is the spec): int8 qweight (N, K); int4 qweight uint8
-(N, K/2), byte j = q[2j] | q[2j+1] << 4, scales (N, K/G) float32, zeros (N, K/G) uint8 or
-none (symmetric: q - 8). K must be a multiple of the tiles (`supported` says).
+Dequantizing without int-to-float conversions (I2F issues at 16 lanes/clk/SM on sm_90, a
+quarter of what int4 at HBM speed needs: the I2F kernels stopped at 1.3-1.4 TB/s). A code c
+at bit p of a word, masked in place, read as a float32 is the subnormal c 2^(p-149) (exponent
+bits zero while p + BITS <= 23; codes above that are shifted down first, one shift a word):
 
-Also here: `quantize_fp8_per_token`, FP8 W8A8's activation quantization in one kernel
-(a program per row: amax, scale, cast), ahead of `torch._scaled_mm`.
+    gemv  (M <= 8 rows, decode)  c 2^(p-149) * (x 2^(100-p)) = c x 2^-49, exact: one AND and
+          one FFMA per weight. Offsets come from x alone, per 16-byte quad (32 int4 / 16 int8
+          codes, within one group): sum (c - z) x = sum c x - z sum x, z = 8 (symmetric
+          int4), the zero point, or 128 (int8, sign bits flipped once per word). The group
+          scale multiplies the quad sums; the per-channel scale and 2^49, the row sums.
+    gemm  (more rows)  c 2^(p-149) 2^(127-p) - z 2^-22 = (c - z) 2^-22, exact in bf16/fp16,
+          int4 tiles (BLOCK_K = G) into tl.dot, the group scale (x 2^22) on the tile's
+          product. int8 / fp8 bytes go through Triton's own cast (no I2F for int8 -> bf16).
+
+gemv layout: a tile is (Q quads, BLOCK_N rows, 4 words), quads first so that a thread holds
+one quad of every row in the tile and loads the quad's x (32 or 16 values) once for all:
+
+    row n:  | quad 0 | quad 1 | ... | quad Q-1 |   (16 B each, one vector load)
+            thread 0  thread 1 ...                 x[k] of a quad: one 64 B / 32 B load
+
+Also here: `fp8_gemv` (FP8 W8A8 decode, and fp8 weight-only) with a plain cast, and
+`quantize_fp8_per_token`, the activation quantizer ahead of `torch._scaled_mm`.
 """
 
 from __future__ import annotations
@@ -26,53 +40,146 @@ import triton.language as tl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
+def _split_last(xt, PER: tl.constexpr):
+    """(Q, 4, PER) -> PER tensors (Q, 4), in order of the last index (register renames)."""
+    Q: tl.constexpr = xt.shape[0]
+    if PER == 4:
+        a, b = tl.split(tl.reshape(xt, [Q, 4, 2, 2]))  # a: 0 2, b: 1 3
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return a0, b0, a1, b1
+    else:
+        a, b = tl.split(tl.reshape(xt, [Q, 4, 4, 2]))  # a: 0 2 4 6, b: 1 3 5 7
+        aa, ab = tl.split(tl.reshape(a, [Q, 4, 2, 2]))  # aa: 0 4, ab: 2 6
+        ba, bb = tl.split(tl.reshape(b, [Q, 4, 2, 2]))  # ba: 1 5, bb: 3 7
+        x0, x4 = tl.split(aa)
+        x2, x6 = tl.split(ab)
+        x1, x5 = tl.split(ba)
+        x3, x7 = tl.split(bb)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, stride_ym,
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS  # codes per word
+    SHIFT: tl.constexpr = 12 if BITS == 4 else 16  # codes ending above bit 23 come down
+    MASK: tl.constexpr = (1 << BITS) - 1
+    Q: tl.constexpr = BLOCK_KW // 4
+    m = tl.program_id(0)  # rows of x fastest: they share the weight block (L2)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    quad = tl.arange(0, Q)
+    word = quad[:, None] * 4 + tl.arange(0, 4)[None, :]  # (Q, 4)
+    w_ptrs = w_ptr + n.to(tl.int64)[None, :, None] * KW + word[:, None, :]  # (Q, BLOCK_N, 4)
+    x_ptrs = x_ptr + m * stride_xm + word[:, :, None] * PER + tl.arange(0, PER)[None, None, :]
+    acc = tl.zeros([Q, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:  # next tile's words in flight while this one is computed
+        w_next = tl.load(w_ptrs, mask=n_ok[None, :, None] & (word < KW)[:, None, :], other=0)
+    for kw0 in range(0, KW, BLOCK_KW):
+        k_ok = kw0 + word < KW  # (Q, 4)
+        if PREFETCH:
+            w = w_next
+            w_next = tl.load(w_ptrs + kw0 + BLOCK_KW, other=0,
+                             mask=n_ok[None, :, None] & (kw0 + BLOCK_KW + word < KW)[:, None, :])
+        elif EVEN_N and EVEN_K:
+            w = tl.load(w_ptrs + kw0)
+        else:
+            w = tl.load(w_ptrs + kw0, mask=n_ok[None, :, None] & k_ok[:, None, :], other=0)
+        if EVEN_K:
+            x3 = tl.load(x_ptrs + kw0 * PER)  # (Q, 4, PER)
+        else:
+            x3 = tl.load(x_ptrs + kw0 * PER, mask=k_ok[:, :, None], other=0.0)
+        if BITS == 8:
+            w = w ^ -0x7F7F7F80  # 0x80808080: signed byte q -> code q + 128
+        hi = w >> SHIFT
+        xs = _split_last(x3, PER)
+        for i in tl.static_range(PER):
+            xi = xs[i].to(tl.float32)  # (Q, 4): the x of code i of each word
+            if BITS * i + BITS <= 23:
+                c = (w & (MASK << (BITS * i))).to(tl.float32, bitcast=True)
+                xp = xi * (2.0 ** (100 - BITS * i))
+            else:
+                c = (hi & (MASK << (BITS * i - SHIFT))).to(tl.float32, bitcast=True)
+                xp = xi * (2.0 ** (100 - BITS * i + SHIFT))
+            if i == 0:
+                t = c * xp[:, None, :]  # (Q, BLOCK_N, 4): sum c x 2^-49 per word
+                xsum = xi
+            else:
+                t += c * xp[:, None, :]
+                xsum += xi
+        xq = tl.sum(xsum, 1) * (2.0 ** -49)  # (Q,): sum x per quad, in t's units
+        if BITS == 8:
+            acc += tl.sum(t, 2) - 128.0 * xq[:, None]
+        else:
+            gi = n.to(tl.int64)[None, :] * (KW * 8 // G) + ((kw0 + quad * 4) // (G // 8))[:, None]
+            g_ok = n_ok[None, :] & (kw0 + quad * 4 < KW)[:, None]  # (Q, BLOCK_N)
+            s = tl.load(s_ptr + gi, mask=g_ok, other=0.0)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + gi, mask=g_ok, other=0).to(tl.float32)
+            else:
+                z = 8.0
+            acc += (tl.sum(t, 2) - z * xq[:, None]) * s
+    y = tl.sum(acc, 0) * (2.0 ** 49)  # (BLOCK_N,)
+    if BITS == 8:
+        y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
+                       HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
+    (cvt to f16x2), fast enough to stream at ~3.8 TB/s on the H200."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    x_row = x_ptr + m * stride_xm
-    if BITS == 8:
-        k = tl.arange(0, BLOCK_K)
-        rows = w_ptr + n.to(tl.int64)[:, None] * K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + k).to(tl.float32)
-            # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
-            w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
-        if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
-            y *= tl.load(xs_ptr + m)
-    else:
-        # One group (G inputs, G/2 bytes per row) per inner step, so its scale and zero are
-        # a column: sum_k (q_k - z) x_k s = s * (sum_j lo_j xe_j + hi_j xo_j - z sum_k x_k)
-        HALF: tl.constexpr = G // 2
-        j = tl.arange(0, HALF)
-        rows = w_ptr + n.to(tl.int64)[:, None] * (K // 2)
-        srow = n.to(tl.int64) * (K // G)
-        acc = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            for gi in tl.static_range(BLOCK_K // G):
-                kg = k0 + gi * G
-                b = tl.load(rows + kg // 2 + j[None, :], mask=n_ok[:, None], other=0)
-                xe = tl.load(x_row + kg + 2 * j).to(tl.float32)
-                xo = tl.load(x_row + kg + 2 * j + 1).to(tl.float32)
-                s = tl.load(s_ptr + srow + kg // G, mask=n_ok, other=0.0)
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + srow + kg // G, mask=n_ok, other=0).to(tl.float32)
-                else:
-                    z = tl.full([BLOCK_N], 8.0, tl.float32)
-                part = ((b & 0xF).to(tl.float32) * xe[None, :] + (b >> 4).to(tl.float32)
-                        * xo[None, :] - z[:, None] * (xe + xo)[None, :])
-                acc += part * s[:, None]
-        y = tl.sum(acc, 1)
+    k = tl.arange(0, BLOCK_K)
+    rows = w_ptr + n.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + m * stride_xm + k0 + k).to(tl.float32)
+        # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
+        w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
+    if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
+        y *= tl.load(xs_ptr + m)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _code(w, hi, z, I: tl.constexpr, BITS: tl.constexpr):
+    """Code I of each word minus the zero point, times 2^-22, exact: one AND, one FFMA."""
+    SHIFT: tl.constexpr = 12 if BITS == 4 else 16
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS * I + BITS <= 23:
+        c = (w & (MASK << (BITS * I))).to(tl.float32, bitcast=True)
+        return c * (2.0 ** (127 - BITS * I)) - z
+    else:
+        c = (hi & (MASK << (BITS * I - SHIFT))).to(tl.float32, bitcast=True)
+        return c * (2.0 ** (127 - BITS * I + SHIFT)) - z
+
+
+@triton.jit
+def _dequant_int4(w, z):
+    """(BLOCK_N, BKW) int32 words -> (BLOCK_N, 8 BKW) (code - z) 2^-22 in k order; z holds
+    the zero points times 2^-22, (BLOCK_N, 1). join(a, b) interleaves a and b along a new last
+    axis, so the tree below puts code i at position i of each word's 8."""
+    hi = w >> 12
+    w3 = tl.join(tl.join(tl.join(_code(w, hi, z, 0, 4), _code(w, hi, z, 4, 4)),
+                         tl.join(_code(w, hi, z, 2, 4), _code(w, hi, z, 6, 4))),
+                 tl.join(tl.join(_code(w, hi, z, 1, 4), _code(w, hi, z, 5, 4)),
+                         tl.join(_code(w, hi, z, 3, 4), _code(w, hi, z, 7, 4))))
+    return tl.reshape(w3, [w.shape[0], w.shape[1] * 8])
 
 
 @triton.jit
@@ -80,6 +187,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
+    """Tiles (BLOCK_M, BLOCK_N, BLOCK_K) into tl.dot (fp32 accumulate). BITS == 4: int32 words
+    (N, K/8), BLOCK_K == G; BITS == 8: int8 or fp8 bytes (N, K), per-channel scales."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -92,22 +201,20 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
         x = tl.load(x_rows + k0 + k[None, :], mask=m_ok[:, None], other=0.0)
         if BITS == 8:
             w = tl.load(w_ptr + n.to(tl.int64)[:, None] * K + k0 + k[None, :],
-                        mask=n_ok[:, None], other=0).to(x.dtype)  # int8 -> exact in bf16
+                        mask=n_ok[:, None])  # rows past N never stored
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # int8 / e4m3 -> exact in bf16
         else:
-            HALF: tl.constexpr = BLOCK_K // 2
-            j = tl.arange(0, HALF)
-            b = tl.load(w_ptr + n.to(tl.int64)[:, None] * (K // 2) + k0 // 2 + j[None, :],
+            j = tl.arange(0, BLOCK_K // 8)
+            w = tl.load(w_ptr + n.to(tl.int64)[:, None] * (K // 8) + k0 // 8 + j[None, :],
                         mask=n_ok[:, None], other=0)
-            q = tl.reshape(tl.join(b & 0xF, b >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)
-            # BLOCK_K == G: one group per tile, one scale (and zero) per row
-            g = n.to(tl.int64) * (K // G) + k0 // G
+            g = n.to(tl.int64) * (K // G) + k0 // G  # one group per tile
             s = tl.load(s_ptr + g, mask=n_ok, other=0.0)
             if HAS_ZERO:
                 z = tl.load(z_ptr + g, mask=n_ok, other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N], 8.0, tl.float32)
-            w = ((q - z[:, None]) * s[:, None]).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w))
+            wq = _dequant_int4(w, z[:, None] * (2.0 ** -22)).to(x.dtype)
+            acc += tl.dot(x, tl.trans(wq)) * (s * (2.0 ** 22))[None, :]
     if BITS == 8:
         acc *= tl.load(s_ptr + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -119,60 +226,97 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
 GEMV_MAX_ROWS = 8
 
 
+def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, BLOCK_KW, num_warps, PREFETCH) for the int GEMV: 8 rows x one 16-byte quad
+    per thread (x loaded once for 8 rows, ~128 registers, 4 CTAs an SM), tiles of up to 512
+    words a row (16 KB for 8 rows) that divide the row when they can. H200 sweep:
+    scripts/bench_quant_gemv.py."""
+    kw = k * bits // 32
+    block_kw = 512
+    while block_kw > 128 and kw % block_kw:
+        block_kw //= 2
+    block_kw = min(block_kw, max(16, triton.next_power_of_2(kw)))
+    return 8, block_kw, max(1, min(4, block_kw // 128)), False
+
+
+def int_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+             zeros: torch.Tensor | None, bits: int, group_size: int,
+             bias: torch.Tensor | None = None,
+             config: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
+    """x2 (M, K), last dim contiguous; qweight int8 (N, K) or packed uint8 (N, K/2) -> (M, N)."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    words = qweight.contiguous().view(torch.int32)  # (N, K * bits / 32), the same bytes
+    kw = words.shape[1]
+    block_n, block_kw, warps, prefetch = config or gemv_config(bits, n, k)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    _gemv_kernel[(m, triton.cdiv(n, block_n))](
+        x2, words, scales, zeros if zeros is not None else scales,
+        bias if bias is not None else scales, y, n, kw, x2.stride(0), y.stride(0),
+        BITS=bits, G=group_size if bits == 4 else 32, HAS_ZERO=zeros is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0, PREFETCH=prefetch,
+        num_warps=warps, num_stages=1)
+    return y
+
+
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bits: int, group_size: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) half precision -> (..., N): x @ dequant(W)^T (+ bias)."""
+    """x (..., K) half precision -> (..., N): x @ dequant(W)^T (+ bias). bits 8: qweight int8,
+    or e4m3 (fp8 weight-only, cast in the loop)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
     n = qweight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    g = group_size if bits == 4 else k
-    common = dict(BITS=bits, G=g, HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None)
-    args = (x2, qweight, scales, zeros if zeros is not None else scales,
-            bias if bias is not None else scales, y)
     if m <= GEMV_MAX_ROWS:
-        args += (scales,)
-        common["HAS_XSCALE"] = False
-        # From scripts/bench_quant_gemv.py on the H200 (Llama-3.1-8B decode shapes).
-        if bits == 8:
-            block_n, block_k, stages = 8, 512, 1
+        if qweight.dtype in (torch.int8, torch.uint8):
+            y = int_gemv(x2, qweight, scales, zeros, bits, group_size, bias)
         else:
-            block_n, block_k, stages = 16, 512 if k % 512 == 0 else g, 3
-        _gemv_kernel[(triton.cdiv(n, block_n), m)](
-            *args, n, k, x2.stride(0), y.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=4, num_stages=stages, **common)
-    else:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
-        block_n, block_k = 128, (g if bits == 4 else 64)
-        _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            *args, m, n, k, x2.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=8 if block_m >= 64 else 4, num_stages=3, **common)
+            y = fp8_gemv(x2, None, qweight, scales, bias, x.dtype)
+        return y.reshape(*shape[:-1], n)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+    block_n = 64 if bits == 4 and block_m == 128 else 128  # 128 x 128 int4 spills
+    _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x2, qweight.contiguous().view(torch.int32) if bits == 4 else qweight, scales,
+        zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+        m, n, k, x2.stride(0), y.stride(0), BITS=bits, G=group_size if bits == 4 else k,
+        HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=group_size if bits == 4 else 64,
+        num_warps=8 if block_m >= 64 else 4, num_stages=3)
     return y.reshape(*shape[:-1], n)
 
 
-def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """FP8 W8A8 for a few rows (decode): xq (M <= 8, K) e4m3 with per-row scales, wq (N, K)
-    e4m3 with per-channel scales -> (M, N) in out_dtype; sums in fp32, as _scaled_mm."""
+def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
+             w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+             config: tuple[int, int, int] = (16, 512, 4)) -> torch.Tensor:
+    """A few rows (M <= 8) against e4m3 wq (N, K) with per-channel scales -> (M, N) in
+    out_dtype, sums in fp32 (as _scaled_mm). FP8 W8A8: xq e4m3 with per-row scales x_scale;
+    fp8 weight-only: xq half precision, x_scale None. config (BLOCK_N, BLOCK_K, num_warps):
+    the H200 sweep's best."""
     m, k = xq.shape
     n = wq.shape[0]
+    block_n, block_k, warps = config
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    _gemv_kernel[(triton.cdiv(n, 16), m)](  # the H200 sweep's best (bench_quant_gemv.py)
-        xq, wq, w_scale, w_scale, bias if bias is not None else w_scale, y, x_scale, n, k,
-        xq.stride(0), y.stride(0), BITS=8, G=k, HAS_ZERO=False, HAS_BIAS=bias is not None,
-        HAS_XSCALE=True, BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=1)
+    _gemv_float_kernel[(triton.cdiv(n, block_n), m)](
+        xq, wq, w_scale, bias if bias is not None else w_scale, y,
+        x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=1)
     return y
 
 
 def supported(x: torch.Tensor, k: int, bits: int, group_size: int) -> bool:
-    """Whether quant_linear handles this input: CUDA half precision, K a multiple of the
-    tiles (512 for int8, the group size for int4)."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and (k % 512 == 0 if bits == 8 else k % group_size == 0))
+    """Whether quant_linear handles this input: CUDA half precision; K a multiple of 512 for
+    8-bit weights, of the group size for int4, with groups of 32 to 256 (a power of two)."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if bits == 8:
+        return k % 512 == 0
+    return group_size in (32, 64, 128, 256) and k % group_size == 0
 
 
 @triton.jit
