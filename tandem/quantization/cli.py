@@ -19,8 +19,8 @@ import time
 from tandem.bench.progress import add_progress_flag, show_progress
 
 NOT_MEASURED = {
-    "kv_cache": "not measured: tandem has no FP8 KV cache yet (issue 12, open)",
-    "attention": "not measured: attention runs in the model dtype only",
+    "attention": "not measured: the attention computation (QK^T, softmax, PV) has no "
+                 "reduced-precision mode to probe yet",
 }
 
 
@@ -84,10 +84,18 @@ def _run(args: argparse.Namespace) -> int:
     measurer = sens.Measurer(model_dir, windows, args.device)
     jobs = [(part, m) for part in parts for m in methods]
     jobs += [(part, "fp8_weight_only") for part in parts if "fp8" in methods]
+    layers = sorted({p.layer for p in parts if p.layer is not None})
     probes = []
-    for part, method in tqdm(jobs, desc="probes", file=sys.stderr,
-                             disable=not show_progress(args.no_progress)):
+    bar = tqdm(total=len(jobs) + len(layers), desc="probes", file=sys.stderr,
+               disable=not show_progress(args.no_progress))
+    for part, method in jobs:
         probes.append(measurer.probe(part, method))
+        bar.update()
+    kv_probes = []
+    for layer in layers:
+        kv_probes.append(measurer.probe_kv(layer))
+        bar.update()
+    bar.close()
     kl = {(p.part, p.method): p for p in probes}
     print(f"{'part':<14}" + "".join(f"{m:>22}" for m in methods) + f"{'activations':>14}")
     print(f"{'':<14}" + "".join(f"{'KL / +bpb% / top1':>22}" for _ in methods)
@@ -103,6 +111,9 @@ def _run(args: argparse.Namespace) -> int:
                                                                     "fp8_weight_only")].kl
             row += f"{activation[part.name]:>14.2e}"
         print(row)
+    for p in kv_probes:
+        print(f"{p.part:<14}  fp8 KV cache: {p.kl:.2e} KL, {100 * p.bpb_increase:+.2f}% bpb, "
+              f"top-1 {p.top1:.3f}")
     full_bits = sens.full_precision_bits(model_dir)
     policy, predicted = sens.build_policy(parts, probes, full_bits, args.target_bits,
                                           args.max_bpb_increase)
@@ -119,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         "windows": len(windows), "tokens": sum(len(w) - 1 for w in windows),
         "methods": methods, "elapsed_s": time.time() - t0,
         "probes": [dataclasses.asdict(p) for p in probes],
+        "kv_probes": [dataclasses.asdict(p) for p in kv_probes],
         "activation_kl": activation, "not_measured": NOT_MEASURED,
         "policy": policy.to_json(), "predicted": predicted,
         "command": " ".join(["tandem"] + sys.argv[1:])}))

@@ -9,6 +9,7 @@ the per-layer policy built from it.
              increase of bits per byte (= of summed -log2 p(next token)), top-1 agreement
     activations  per part, probe(fp8 W8A8) - probe(fp8 weights only): what quantizing the
              activations adds on top of the same weights
+    KV cache per layer, the model with only that layer's K/V cache in FP8 (scale 1.0)
 
 The policy (`build_policy`) starts every part at its fewest-bits method and upgrades the
 parts whose measured KL falls most per extra bit, while the parameter-weighted average
@@ -31,7 +32,7 @@ from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model, read_hf_config
 from tandem.quantization.methods import make_method
 from tandem.quantization.policy import NONE, QuantPolicy
-from tandem.runner.kv_memory import allocate_kv_caches
+from tandem.runner.kv_memory import LayerKVSpec, allocate_kv_caches
 
 WEIGHT_METHODS = ("int4_asym_g256", "int4", "int4_asym", "int4_asym_g64", "int8", "fp8")
 
@@ -70,17 +71,20 @@ def model_parts(hf: dict) -> list[Part]:
     return parts
 
 
-def sequence_logprobs(model: torch.nn.Module, ids: list[int], block_size: int = 16
-                      ) -> torch.Tensor:
+def sequence_logprobs(model: torch.nn.Module, ids: list[int], block_size: int = 16,
+                      fp8_kv_layers: frozenset[int] = frozenset()) -> torch.Tensor:
     """log-softmax of the next-token logits at every position of one sequence, (T, vocab)
-    float32, through the model's own paged attention on a scratch KV cache."""
+    float32, through the model's own paged attention on a scratch KV cache (FP8, scale
+    1.0, for the layers in fp8_kv_layers)."""
     t = len(ids)
     device = next(model.buffers(), next(model.parameters())).device
     nb = -(-t // block_size)
+    spec = [LayerKVSpec(torch.float8_e4m3fn if i in fp8_kv_layers else torch.float32)
+            for i in range(model.num_layers)]
     caches = allocate_kv_caches(model.num_layers, nb, block_size, model.num_kv_heads,
-                                model.head_dim, torch.get_default_dtype(), device)
+                                model.head_dim, spec, device)
     for layer, cache in zip(model.attention_layers(), caches):
-        layer.kv_cache = cache
+        layer.kv_cache, layer.kv_scale = cache, (1.0, 1.0)
     meta = AttentionMetadata(
         slot_mapping=torch.arange(t, device=device),
         query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=device),
@@ -112,13 +116,14 @@ class Measurer:
         targets = torch.tensor(ids[1:], device=lp.device)
         return -lp[:-1].gather(1, targets[:, None]).sum().item() / math.log(2)
 
-    def measure(self, policy: QuantPolicy) -> tuple[float, float, float]:
+    def measure(self, policy: QuantPolicy | None, fp8_kv_layers: frozenset[int] = frozenset()
+                ) -> tuple[float, float, float]:
         """(mean KL nats/token, relative bits increase, top-1 agreement) of the model under
-        `policy` against the base."""
+        `policy` (and FP8 K/V in fp8_kv_layers) against the base."""
         model = self._load(policy)
         kl_sum, agree, positions, bits = 0.0, 0, 0, 0.0
         for base, ids in zip(self.base, self.windows):
-            lp = sequence_logprobs(model, ids)
+            lp = sequence_logprobs(model, ids, fp8_kv_layers=fp8_kv_layers)
             kl_sum += (base.exp() * (base - lp)).sum().item()
             agree += (base.argmax(-1) == lp.argmax(-1)).sum().item()
             positions += len(ids)
@@ -128,6 +133,11 @@ class Measurer:
     def probe(self, part: Part, method: str) -> Probe:
         kl, bpb, top1 = self.measure(QuantPolicy(NONE, ((part.pattern, method),)))
         return Probe(part.name, method, make_method(method).weight_bits, kl, bpb, top1)
+
+    def probe_kv(self, layer: int) -> Probe:
+        """Only `layer`'s KV cache in FP8 (e4m3, scale 1.0)."""
+        kl, bpb, top1 = self.measure(None, frozenset({layer}))
+        return Probe(f"layer {layer} kv", "fp8_kv", 8.0, kl, bpb, top1)
 
 
 def build_policy(parts: list[Part], probes: list[Probe], full_bits: float,
@@ -139,7 +149,7 @@ def build_policy(parts: list[Part], probes: list[Probe], full_bits: float,
         raise ValueError("give exactly one of target_bits and max_bpb_increase")
     by_part: dict[str, list[Probe]] = {}
     for p in probes:
-        if p.method != "fp8_weight_only":  # the activation probe is not a choice
+        if p.method not in ("fp8_weight_only", "fp8_kv"):  # measurements, not choices
             by_part.setdefault(p.part, []).append(p)
     # per part: options sorted by bits, each (bits, kl, bpb, method); unquantized last
     options = {part.name: sorted([(p.bits, p.kl, p.bpb_increase, p.method)

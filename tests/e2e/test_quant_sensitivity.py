@@ -42,7 +42,9 @@ def test_sensitivity_command_writes_map_policy_and_json(tmp_path):
     assert by[("layer 0 mlp", "int4")]["kl"] > by[("layer 0 mlp", "int8")]["kl"]
     assert set(record["activation_kl"]) == {"layer 0 attn", "layer 0 mlp", "layer 1 attn",
                                             "layer 1 mlp", "lm_head"}
-    assert "kv_cache" in record["not_measured"]
+    assert "attention" in record["not_measured"]
+    assert [p["part"] for p in record["kv_probes"]] == ["layer 0 kv", "layer 1 kv"]
+    assert all(p["kl"] > 0 for p in record["kv_probes"])  # FP8 K/V changes something
     assert (tmp_path / "map.png").stat().st_size > 1000
     assert record["predicted"]["avg_bits"] <= 6 + 1e-9
     # The policy file is a quantization the engine serves with.
