@@ -76,18 +76,20 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     w_ptrs = w_ptr + n.to(tl.int64)[None, :, None] * KW + word[:, None, :]  # (Q, BLOCK_N, 4)
     x_ptrs = x_ptr + m * stride_xm + word[:, :, None] * PER + tl.arange(0, PER)[None, None, :]
     acc = tl.zeros([Q, BLOCK_N], dtype=tl.float32)
-    if PREFETCH:  # next tile's words in flight while this one is computed
-        w_next = tl.load(w_ptrs, mask=n_ok[None, :, None] & (word < KW)[:, None, :], other=0)
+    # Masked-off words are left undefined: any word decodes to finite codes, rows past N are
+    # never stored, and past K the x (and so every product) is zero.
+    if PREFETCH:  # the next tile's words in flight while this one is computed
+        w_next = tl.load(w_ptrs, mask=n_ok[None, :, None] & (word < KW)[:, None, :])
     for kw0 in range(0, KW, BLOCK_KW):
         k_ok = kw0 + word < KW  # (Q, 4)
         if PREFETCH:
             w = w_next
-            w_next = tl.load(w_ptrs + kw0 + BLOCK_KW, other=0,
+            w_next = tl.load(w_ptrs + kw0 + BLOCK_KW,
                              mask=n_ok[None, :, None] & (kw0 + BLOCK_KW + word < KW)[:, None, :])
         elif EVEN_N and EVEN_K:
             w = tl.load(w_ptrs + kw0)
         else:
-            w = tl.load(w_ptrs + kw0, mask=n_ok[None, :, None] & k_ok[:, None, :], other=0)
+            w = tl.load(w_ptrs + kw0, mask=n_ok[None, :, None] & k_ok[:, None, :])
         if EVEN_K:
             x3 = tl.load(x_ptrs + kw0 * PER)  # (Q, 4, PER)
         else:
@@ -279,7 +281,8 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return y.reshape(*shape[:-1], n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
-    block_n = 64 if bits == 4 and block_m == 128 else 128  # 128 x 128 int4 spills
+    # int4 tiles of 128 x 128 (or 128 x 256, G = 256) dequantized at once spill registers
+    block_n = 64 if bits == 4 and (block_m == 128 or group_size > 128) else 128
     _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x2, qweight.contiguous().view(torch.int32) if bits == 4 else qweight, scales,
         zeros if zeros is not None else scales, bias if bias is not None else scales, y,
