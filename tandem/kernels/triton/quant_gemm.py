@@ -13,11 +13,12 @@ quarter of what int4 at HBM speed needs: the I2F kernels stopped at 1.3-1.4 TB/s
 at bit p of a word, masked in place, read as a float32 is the subnormal c 2^(p-149) (exponent
 bits zero while p + BITS <= 23; codes above that are shifted down first, one shift a word):
 
-    gemv  (M <= 8 rows, decode)  c 2^(p-149) * (x 2^(100-p)) = c x 2^-49, exact: one AND and
-          one FFMA per weight. Offsets come from x alone, per 16-byte quad (32 int4 / 16 int8
-          codes, within one group): sum (c - z) x = sum c x - z sum x, z = 8 (symmetric
-          int4), the zero point, or 128 (int8, sign bits flipped once per word). The group
-          scale multiplies the quad sums; the per-channel scale and 2^49, the row sums.
+    gemv  (M <= 8 rows, decode)  c 2^(p-149) * (x 2^(100-p)) = c x 2^-49, exact (|x| < 2^27):
+          one AND and one FFMA per weight. Offsets come from x alone, per 16-byte quad (32
+          int4 / 16 int8 codes, within one group): sum (c - z) x = sum c x - z sum x, z = 8
+          (symmetric int4), the zero point, or 128 (int8, sign bits flipped once per word).
+          The group scale multiplies the quad sums; the per-channel scale and 2^49, the row
+          sums.
     gemm  (more rows)  c 2^(p-149) 2^(127-p) - z 2^-22 = (c - z) 2^-22, exact in bf16/fp16,
           int4 tiles (BLOCK_K = G) into tl.dot, the group scale (x 2^22) on the tile's
           product. int8 / fp8 bytes go through Triton's own cast (no I2F for int8 -> bf16).
@@ -137,7 +138,7 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
-    (cvt to f16x2), fast enough to stream at ~3.8 TB/s on the H200."""
+    (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,15 +231,16 @@ GEMV_MAX_ROWS = 8
 
 def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, bool]:
     """(BLOCK_N, BLOCK_KW, num_warps, PREFETCH) for the int GEMV: 8 rows x one 16-byte quad
-    per thread (x loaded once for 8 rows, ~128 registers, 4 CTAs an SM), tiles of up to 512
-    words a row (16 KB for 8 rows) that divide the row when they can. H200 sweep:
-    scripts/bench_quant_gemv.py."""
+    a thread (x loaded once for 8 rows, ~128 registers), tiles of up to 512 words a row (16 KB
+    for 8 rows) that divide the row when they can. One tile a row (int4, K = 4096): every load
+    issued up front; more: prefetch the next tile, so that ~64 KB an SM stay in flight even
+    at N = 4096. Swept on the H200 by scripts/bench_quant_gemv.py."""
     kw = k * bits // 32
     block_kw = 512
     while block_kw > 128 and kw % block_kw:
         block_kw //= 2
     block_kw = min(block_kw, max(16, triton.next_power_of_2(kw)))
-    return 8, block_kw, max(1, min(4, block_kw // 128)), False
+    return 8, block_kw, max(1, min(4, block_kw // 128)), kw > block_kw
 
 
 def int_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
