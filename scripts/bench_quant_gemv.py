@@ -37,9 +37,9 @@ KINDS = ("int4", "int4_asym", "int8", "fp8")
 
 # int GEMV (BLOCK_N, BLOCK_KW, num_warps, PREFETCH): 8 rows x one 16-byte quad a thread,
 # fewer / more rows, two quads a thread, and prefetching the next tile
-INT_CONFIGS = [(8, 512, 4, False), (8, 512, 4, True), (8, 512, 2, False), (8, 256, 2, False),
-               (8, 256, 2, True), (8, 256, 1, False), (8, 128, 1, True), (4, 512, 4, False),
-               (16, 512, 4, False), (16, 256, 2, False)]
+INT_CONFIGS = [(8, 512, 4, False), (8, 512, 2, False), (8, 256, 2, False), (8, 256, 2, True),
+               (8, 256, 1, False), (8, 128, 1, False), (4, 512, 4, False), (4, 256, 2, False),
+               (4, 256, 1, False), (4, 128, 1, False), (16, 256, 2, False), (16, 256, 4, False)]
 FP8_CONFIGS = [(16, 512, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 8), (8, 1024, 4), (16, 256, 4)]
 
 
@@ -142,7 +142,8 @@ def sweep_shape(n: int, k: int) -> dict:
         best_us, best_cfg = min(results, key=lambda r: r[0])
         default_cfg = (quant_gemm.gemv_config(8 if kind == "int8" else 4, n, k)
                        if kind != "fp8" else (16, 512, 4))
-        row[kind] = {"bytes": nbytes, "default_us": default_us, "default_cfg": default_cfg,
+        row[kind] = {"sweep": {str(cfg): round(us, 2) for us, cfg in results},
+                     "bytes": nbytes, "default_us": default_us, "default_cfg": default_cfg,
                      "best_us": best_us, "best_cfg": best_cfg or default_cfg,
                      "GBps": nbytes / best_us / 1e3, "default_GBps": nbytes / default_us / 1e3,
                      "speedup_vs_bf16": bf16_us / best_us,

@@ -1,5 +1,6 @@
 """Where a batch-1 decode step's time goes on CUDA: graph replay alone vs the engine's step,
-and the kernels of a few steps. Usage: python scripts/diag_decode.py [MODEL_DIR]"""
+and the kernels of a few steps. Usage: python scripts/diag_decode.py [MODEL_DIR [TRACE_JSON
+[QUANTIZATION]]]"""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from torch.profiler import ProfilerActivity, profile
 from tandem import LLM, SamplingParams
 
 model = sys.argv[1] if len(sys.argv) > 1 else "bench/configs/llama-3.1-8b"
-llm = LLM(model, load_format="dummy", max_model_len=4096, max_num_seqs=1)
+quantization = sys.argv[3] if len(sys.argv) > 3 else None
+llm = LLM(model, load_format="dummy", max_model_len=4096, max_num_seqs=1,
+          quantization=quantization)
 params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 llm.generate([list(range(1, 129))], params, use_tqdm=False)
 
