@@ -141,7 +141,7 @@ def sweep_shape(n: int, k: int) -> dict:
         default_us = results[0][0] if results[0][1] is None else float("nan")
         best_us, best_cfg = min(results, key=lambda r: r[0])
         default_cfg = (quant_gemm.gemv_config(8 if kind == "int8" else 4, n, k)
-                       if kind != "fp8" else (16, 512, 4))
+                       if kind != "fp8" else quant_gemm.fp8_gemv_config(n, k))
         row[kind] = {"sweep": {str(cfg): round(us, 2) for us, cfg in results},
                      "bytes": nbytes, "default_us": default_us, "default_cfg": default_cfg,
                      "best_us": best_us, "best_cfg": best_cfg or default_cfg,

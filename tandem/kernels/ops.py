@@ -82,10 +82,10 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         return quant_reference.fp8_linear(x, wq, w_scale, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    xq, x_scale = quant_gemm.quantize_fp8_per_token(x2.contiguous())
     if x2.shape[0] <= quant_gemm.GEMV_MAX_ROWS and wq.shape[1] % 512 == 0:  # decode
-        return quant_gemm.fp8_gemv(xq, x_scale, wq, w_scale, bias, x.dtype).reshape(
-            *shape[:-1], wq.shape[0])
+        return quant_gemm.fp8_gemv(x2.contiguous(), None, wq, w_scale, bias, x.dtype,
+                                   quantize_x=True).reshape(*shape[:-1], wq.shape[0])
+    xq, x_scale = quant_gemm.quantize_fp8_per_token(x2.contiguous())
     y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :],
                          out_dtype=x.dtype)
     if bias is not None:

@@ -62,6 +62,23 @@ def test_fp8_per_token_quantizer_and_scaled_mm():
         torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[0] <= 8 and s[2] % 512 == 0])
+def test_fp8_gemv_quantizes_x_in_kernel(m, n, k):
+    """The decode GEMV quantizes x per row itself: bit-identical to quantizing first with
+    _fp8_rows_kernel, and close to the reference W8A8 linear."""
+    from tandem.kernels.triton.quant_gemm import fp8_gemv, quantize_fp8_per_token
+    g = torch.Generator(device="cuda").manual_seed(n + k + m)
+    wq, ws = quant.quantize_fp8(torch.randn(n, k, device="cuda", generator=g))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) * 3
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=g)
+    fused = fp8_gemv(x, None, wq, ws, bias, torch.bfloat16, quantize_x=True)
+    xq, xs = quantize_fp8_per_token(x)
+    assert torch.equal(fused, fp8_gemv(xq, xs, wq, ws, bias, torch.bfloat16))
+    ref = quant.fp8_linear(x.float(), wq, ws, bias.float())
+    torch.testing.assert_close(ops.fp8_linear(x, wq, ws, bias).float(), ref, rtol=3e-2,
+                               atol=3e-2 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("method", ["int8", "int4", "int4_asym", "fp8"])
 def test_quantized_model_on_cuda_matches_reference_kernels(tmp_path, method, monkeypatch):
     """The same quantized bf16 model on CUDA twice: through the Triton / _scaled_mm kernels

@@ -135,25 +135,39 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
 
 @triton.jit
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
-                       HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
-    (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep."""
+    (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep. QUANT_X: x is half
+    precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
+    _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2), instead of a separate
+    kernel per linear."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
     rows = w_ptr + n.to(tl.int64)[:, None] * K
+    x_scale = 1.0
+    if QUANT_X:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + k0 + k)
+                                           .to(tl.float32)))
+        x_scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + m * stride_xm + k0 + k).to(tl.float32)
+        if QUANT_X:
+            x = tl.clamp(x / x_scale, -448.0, 448.0).to(w_ptr.dtype.element_ty).to(tl.float32)
         # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
         w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
     if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
         y *= tl.load(xs_ptr + m)
+    if QUANT_X:
+        y *= x_scale
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -230,17 +244,34 @@ GEMV_MAX_ROWS = 8
 
 
 def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, BLOCK_KW, num_warps, PREFETCH) for the int GEMV: 8 rows x one 16-byte quad
-    a thread (x loaded once for 8 rows, ~128 registers), tiles of up to 512 words a row (16 KB
-    for 8 rows) that divide the row when they can. One tile a row (int4, K = 4096): every load
-    issued up front; more: prefetch the next tile, so that ~64 KB an SM stay in flight even
-    at N = 4096. Swept on the H200 by scripts/bench_quant_gemv.py."""
+    """(BLOCK_N, BLOCK_KW, num_warps, PREFETCH) for the int GEMV, from the H200 sweep of
+    scripts/bench_quant_gemv.py on Llama-3.1-8B's shapes (bench/results/2026-12-01-h200-quant/
+    gemv-sweep.json): one 16-byte quad a thread per tile row, small programs (64-128 threads)
+    so that many are resident, fewer when N is large (gate_up: 28672 rows); prefetching the
+    next tile never won. Within 1-3% of each shape's best."""
     kw = k * bits // 32
-    block_kw = 512
-    while block_kw > 128 and kw % block_kw:
+    if bits == 4:
+        cfg = (8, 128, 1) if n >= 16384 else (8, 256, 2)
+    elif n >= 16384:
+        cfg = (4, 256, 1)
+    elif n > k and kw < 2048:
+        cfg = (4, 256, 2)
+    else:
+        cfg = (4, 512, 4)
+    block_n, block_kw, warps = cfg
+    while block_kw > 16 and block_kw > triton.next_power_of_2(kw):  # short rows
         block_kw //= 2
-    block_kw = min(block_kw, max(16, triton.next_power_of_2(kw)))
-    return 8, block_kw, max(1, min(4, block_kw // 128)), kw > block_kw
+        warps = max(1, warps // 2)
+    return block_n, block_kw, warps, False
+
+
+def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for fp8_gemv, from the same sweep."""
+    if n >= 16384:
+        return 16, 256, 4
+    if n > k or k % 1024:
+        return 16, 512, 4
+    return 8, 1024, 4
 
 
 def int_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -297,19 +328,23 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
              w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-             config: tuple[int, int, int] = (16, 512, 4)) -> torch.Tensor:
+             config: tuple[int, int, int] | None = None,
+             quantize_x: bool = False) -> torch.Tensor:
     """A few rows (M <= 8) against e4m3 wq (N, K) with per-channel scales -> (M, N) in
     out_dtype, sums in fp32 (as _scaled_mm). FP8 W8A8: xq e4m3 with per-row scales x_scale;
     fp8 weight-only: xq half precision, x_scale None. config (BLOCK_N, BLOCK_K, num_warps):
-    the H200 sweep's best."""
+    fp8_gemv_config by default. quantize_x: xq is half precision, quantized per row to e4m3
+    inside the kernel (FP8 W8A8 without a separate quantizing kernel); x_scale must be None."""
+    assert not (quantize_x and x_scale is not None)
     m, k = xq.shape
     n = wq.shape[0]
-    block_n, block_k, warps = config
+    block_n, block_k, warps = config or fp8_gemv_config(n, k)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     _gemv_float_kernel[(triton.cdiv(n, block_n), m)](
         xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
+        BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=1)
     return y
 
