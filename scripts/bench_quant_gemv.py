@@ -35,11 +35,10 @@ if DRY:
 HBM_TBPS = 4.8  # H200 HBM3e peak
 KINDS = ("int4", "int4_asym", "int8", "fp8")
 
-# int GEMV (BLOCK_N, BLOCK_KW, num_warps, PREFETCH): 8 rows x one 16-byte quad a thread,
-# fewer / more rows, two quads a thread, and prefetching the next tile
-INT_CONFIGS = [(8, 512, 4, False), (8, 512, 2, False), (8, 256, 2, False), (8, 256, 2, True),
-               (8, 256, 1, False), (8, 128, 1, False), (4, 512, 4, False), (4, 256, 2, False),
-               (4, 256, 1, False), (4, 128, 1, False), (16, 256, 2, False), (16, 256, 4, False)]
+# int GEMV (BLOCK_N, BLOCK_KW, num_warps): 8 rows x one 16-byte quad a thread, fewer / more
+# rows, two quads a thread
+INT_CONFIGS = [(8, 512, 4), (8, 512, 2), (8, 256, 2), (8, 256, 1), (8, 128, 1), (4, 512, 4),
+               (4, 256, 2), (4, 256, 1), (4, 128, 1), (16, 256, 2), (16, 256, 4)]
 FP8_CONFIGS = [(16, 512, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 8), (8, 1024, 4), (16, 256, 4)]
 
 

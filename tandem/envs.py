@@ -4,6 +4,8 @@
     TANDEM_CPU_KERNELS    "0": never build or use the C kernels (PyTorch reference instead)
     TANDEM_CACHE_DIR      where compiled CPU kernels are cached (default ~/.cache/tandem)
     TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
+    TANDEM_PDL            "0": launch the Triton kernels without programmatic dependent
+                          launch (kernels/triton/pdl.py), for A/B runs and bisecting
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -33,6 +35,10 @@ def cpu_kernels_enabled() -> bool:
 def cache_dir() -> str:
     return os.environ.get("TANDEM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tandem")
+
+
+def pdl_enabled() -> bool:
+    return os.environ.get("TANDEM_PDL", "1") != "0"
 
 
 def git_commit() -> str | None:

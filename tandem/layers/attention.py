@@ -5,7 +5,11 @@ Holds no weights. The model runner allocates one KV cache tensor per layer and b
     for layer, cache in zip(model.attention_layers(), caches):
         layer.kv_cache = cache   # (2, num_blocks, block_size, num_kv_heads, head_dim)
 
-The arithmetic is the backend's (`tandem.kernels`); this layer only reshapes.
+The arithmetic is the backend's (`tandem.kernels`); this layer only reshapes. One knob
+bypasses the backend: `fp8_attention = True` runs the layer's attention through the
+reference's FP8 emulation (`reference.attention.fp8_sdpa`), whatever the backend, so the
+sensitivity map can measure reduced-precision attention one layer at a time. Off (the
+default) costs one attribute read.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tandem.kernels import AttentionBackend, get_attention_backend, kv_cache_shape
+from tandem.kernels import AttentionBackend, get_attention_backend, kv_cache_shape, reference
 from tandem.layers.attention_metadata import AttentionMetadata
 
 
@@ -29,6 +33,7 @@ class Attention(nn.Module):
         self.backend = backend if backend is not None else get_attention_backend("torch")
         self.kv_cache = torch.empty(0)  # bound by the model runner; a plain attribute, not a buffer
         self.kv_scale = (1.0, 1.0)  # (k_scale, v_scale) of an FP8 cache, bound alongside
+        self.fp8_attention = False  # emulate FP8 QK^T / softmax / PV (a probe; no kernel)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return kv_cache_shape(num_blocks, block_size, self.num_kv_heads, self.head_dim)
@@ -46,6 +51,10 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, self.kv_cache, meta.slot_mapping, self.kv_scale)
-        out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v,
-                                   self.kv_scale)  # (T, H, D)
+        if self.fp8_attention:  # only the reference emulates it (no C or Triton kernel)
+            out = reference.paged_attention(q, self.kv_cache, meta, self.scale, k, v,
+                                            kv_scale=self.kv_scale, fp8_attention=True)
+        else:
+            out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v,
+                                       self.kv_scale)  # (T, H, D)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,7 +1,9 @@
 """`tandem quant sensitivity --model DIR FILES...`: the sensitivity map and a policy.
 
-Prints a table (one row per part, one column group per method), writes a heatmap PNG
-(parts x methods, KL), a policy JSON built to a budget, and prints one JSON line last:
+Prints a table (one row per part, one column group per method), the per-layer KV-cache
+and attention-computation probes, a per-layer table of everything at 8 bits, writes a
+heatmap PNG (parts x methods, and layers x 8-bit probes, KL), a policy JSON built to a
+budget, and prints one JSON line last:
 
     tandem quant sensitivity --model DIR held_out/ --target-bits 4.25 \\
         --policy-out policy.json --heatmap map.png
@@ -18,10 +20,13 @@ import time
 
 from tandem.bench.progress import add_progress_flag, show_progress
 
-NOT_MEASURED = {
-    "attention": "not measured: the attention computation (QK^T, softmax, PV) has no "
-                 "reduced-precision mode to probe yet",
+NOT_CHOSEN = {  # probes the map reports and the policy never picks
+    "fp8_weight_only": "a baseline: the activations column is fp8 minus it",
+    "fp8_kv": "the KV cache dtype is an engine flag (--kv-cache-dtype), not a policy rule",
+    "fp8_attn": "emulated FP8 attention math: tandem has no FP8 attention kernel",
 }
+# the per-layer 8-bit table: column -> what it sums over the layer's attn and mlp parts
+LAYER_COLUMNS = ("int8 W", "fp8 W", "fp8 A", "fp8 KV", "fp8 attn")
 
 
 def _windows(model_dir: str, files: list[str], window: int, max_tokens: int
@@ -46,22 +51,55 @@ def _windows(model_dir: str, files: list[str], window: int, max_tokens: int
     return windows
 
 
-def _heatmap(parts, probes, methods: list[str], path: str) -> None:
+def _per_layer(parts, probes, kv_probes, attn_probes) -> dict[int, dict[str, float | None]]:
+    """Per layer, the KL of each 8-bit probe (LAYER_COLUMNS): weights and activations summed
+    over the layer's attn and mlp parts, None where not probed."""
+    kl = {(p.part, p.method): p.kl for p in probes}
+    table: dict[int, dict[str, float | None]] = {}
+    for layer in sorted({p.layer for p in parts if p.layer is not None}):
+        names = [p.name for p in parts if p.layer == layer]
+
+        def total(method: str, minus: str | None = None) -> float | None:
+            if any((n, method) not in kl or (minus and (n, minus) not in kl) for n in names):
+                return None
+            return sum(kl[(n, method)] - (kl[(n, minus)] if minus else 0.0) for n in names)
+
+        extra = {p.method: p.kl for p in kv_probes + attn_probes
+                 if p.part.startswith(f"layer {layer} ")}
+        table[layer] = {"int8 W": total("int8"), "fp8 W": total("fp8_weight_only"),
+                        "fp8 A": total("fp8", "fp8_weight_only"), "fp8 KV": extra.get("fp8_kv"),
+                        "fp8 attn": extra.get("fp8_attn")}
+    return table
+
+
+def _heatmap(parts, probes, methods: list[str], layer_table: dict, path: str) -> None:
+    """Left: parts x weight methods. Right: layers x 8-bit probes. One colour scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     names = [p.name for p in parts]
     kl = {(p.part, p.method): p.kl for p in probes}
-    grid = np.array([[kl.get((n, m), np.nan) for m in methods] for n in names])
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 3, 0.32 * len(names) + 1.5))
-    im = ax.imshow(np.log10(np.maximum(grid, 1e-7)), aspect="auto", cmap="magma_r")
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_title("log10 KL(base || part quantized), nats/token")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    grids = [np.array([[kl.get((n, m), np.nan) for m in methods] for n in names]),
+             np.array([[np.nan if row[c] is None else row[c] for c in LAYER_COLUMNS]
+                       for row in layer_table.values()]).reshape(-1, len(LAYER_COLUMNS))]
+    logs = [np.log10(np.maximum(g, 1e-7)) for g in grids]
+    lo = min(np.nanmin(g) for g in logs if np.isfinite(g).any())
+    hi = max(np.nanmax(g) for g in logs if np.isfinite(g).any())
+    fig, axes = plt.subplots(1, 2, figsize=(1.2 * (len(methods) + len(LAYER_COLUMNS)) + 4,
+                                            0.32 * len(names) + 1.8),
+                             gridspec_kw={"width_ratios": [len(methods), len(LAYER_COLUMNS)]})
+    labels = [(methods, names, "weights, one part at a time"),
+              (list(LAYER_COLUMNS), [f"layer {i}" for i in layer_table],
+               "8 bits, per layer (W, A: attn + mlp)")]
+    for ax, g, (cols, rows, title) in zip(axes, logs, labels):
+        im = ax.imshow(g, aspect="auto", cmap="magma_r", vmin=lo, vmax=hi)
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("log10 KL(base || probe), nats/token")
+    fig.colorbar(im, ax=axes)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -86,14 +124,16 @@ def _run(args: argparse.Namespace) -> int:
     jobs += [(part, "fp8_weight_only") for part in parts if "fp8" in methods]
     layers = sorted({p.layer for p in parts if p.layer is not None})
     probes = []
-    bar = tqdm(total=len(jobs) + len(layers), desc="probes", file=sys.stderr,
+    bar = tqdm(total=len(jobs) + 2 * len(layers), desc="probes", file=sys.stderr,
                disable=not show_progress(args.no_progress))
     for part, method in jobs:
         probes.append(measurer.probe(part, method))
         bar.update()
-    kv_probes = []
+    kv_probes, attn_probes = [], []
     for layer in layers:
         kv_probes.append(measurer.probe_kv(layer))
+        bar.update()
+        attn_probes.append(measurer.probe_attn(layer))
         bar.update()
     bar.close()
     kl = {(p.part, p.method): p for p in probes}
@@ -111,9 +151,16 @@ def _run(args: argparse.Namespace) -> int:
                                                                     "fp8_weight_only")].kl
             row += f"{activation[part.name]:>14.2e}"
         print(row)
-    for p in kv_probes:
-        print(f"{p.part:<14}  fp8 KV cache: {p.kl:.2e} KL, {100 * p.bpb_increase:+.2f}% bpb, "
+    for p in kv_probes + attn_probes:
+        what = "fp8 KV cache" if p.method == "fp8_kv" else "fp8 attention math"
+        print(f"{p.part:<20}  {what}: {p.kl:.2e} KL, {100 * p.bpb_increase:+.2f}% bpb, "
               f"top-1 {p.top1:.3f}")
+    layer_table = _per_layer(parts, probes, kv_probes, attn_probes)
+    print("KL per layer at 8 bits (W = weights, A = activations: attn + mlp parts summed)")
+    print(f"{'layer':<8}" + "".join(f"{c:>11}" for c in LAYER_COLUMNS))
+    for layer, row in layer_table.items():
+        print(f"{layer:<8}" + "".join(f"{'-':>11}" if row[c] is None else f"{row[c]:>11.2e}"
+                                      for c in LAYER_COLUMNS))
     full_bits = sens.full_precision_bits(model_dir)
     policy, predicted = sens.build_policy(parts, probes, full_bits, args.target_bits,
                                           args.max_bpb_increase)
@@ -123,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"policy: {args.policy_out} (predicted {predicted['avg_bits']:.3f} bits/weight, "
               f"+{100 * predicted['bpb_increase']:.2f}% bits per byte)")
     if args.heatmap:
-        _heatmap(parts, probes, methods, args.heatmap)
+        _heatmap(parts, probes, methods, layer_table, args.heatmap)
         print(f"heatmap: {args.heatmap}")
     print(json.dumps({
         "benchmark": "quant_sensitivity", "model": model_dir, "device": args.device,
@@ -131,7 +178,8 @@ def _run(args: argparse.Namespace) -> int:
         "methods": methods, "elapsed_s": time.time() - t0,
         "probes": [dataclasses.asdict(p) for p in probes],
         "kv_probes": [dataclasses.asdict(p) for p in kv_probes],
-        "activation_kl": activation, "not_measured": NOT_MEASURED,
+        "attn_probes": [dataclasses.asdict(p) for p in attn_probes],
+        "activation_kl": activation, "per_layer_8bit": layer_table, "not_chosen": NOT_CHOSEN,
         "policy": policy.to_json(), "predicted": predicted,
         "command": " ".join(["tandem"] + sys.argv[1:])}))
     return 0

@@ -10,12 +10,18 @@ the per-layer policy built from it.
     activations  per part, probe(fp8 W8A8) - probe(fp8 weights only): what quantizing the
              activations adds on top of the same weights
     KV cache per layer, the model with only that layer's K/V cache in FP8 (scale 1.0)
+    attention computation  per layer, the model with only that layer's QK^T / softmax / PV
+             in emulated FP8 (`Attention.fp8_attention`, `reference.attention.fp8_sdpa`:
+             e4m3 Q, K, V with per-tensor dynamic scales, e4m3 P with scale 1)
 
 The policy (`build_policy`) starts every part at its fewest-bits method and upgrades the
 parts whose measured KL falls most per extra bit, while the parameter-weighted average
 bits per weight stays within `target_bits` (or until the predicted bits-per-byte increase,
 the sum of the parts' own, is within `max_bpb_increase`). It treats the parts' costs as
-additive; `tandem eval --quantization POLICY` checks what that prediction is worth.
+additive; `tandem eval --quantization POLICY` checks what that prediction is worth. It
+chooses weight methods only: fp8 weights-only, the KV cache and the attention computation
+are measurements (`MEASUREMENTS`). The KV dtype is a separate engine flag, and tandem has
+no FP8 attention kernel, so there is no attention precision to choose.
 
 Probes load the model again with a one-rule `QuantPolicy`, so every probe runs exactly
 the code the engine serves with.
@@ -35,6 +41,7 @@ from tandem.quantization.policy import NONE, QuantPolicy
 from tandem.runner.kv_memory import LayerKVSpec, allocate_kv_caches
 
 WEIGHT_METHODS = ("int4_asym_g256", "int4", "int4_asym", "int4_asym_g64", "int8", "fp8")
+MEASUREMENTS = ("fp8_weight_only", "fp8_kv", "fp8_attn")  # probed, never chosen by a policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +79,11 @@ def model_parts(hf: dict) -> list[Part]:
 
 
 def sequence_logprobs(model: torch.nn.Module, ids: list[int], block_size: int = 16,
-                      fp8_kv_layers: frozenset[int] = frozenset()) -> torch.Tensor:
+                      fp8_kv_layers: frozenset[int] = frozenset(),
+                      fp8_attn_layers: frozenset[int] = frozenset()) -> torch.Tensor:
     """log-softmax of the next-token logits at every position of one sequence, (T, vocab)
     float32, through the model's own paged attention on a scratch KV cache (FP8, scale
-    1.0, for the layers in fp8_kv_layers)."""
+    1.0, for the layers in fp8_kv_layers; emulated FP8 attention math in fp8_attn_layers)."""
     t = len(ids)
     device = next(model.buffers(), next(model.parameters())).device
     nb = -(-t // block_size)
@@ -83,8 +91,9 @@ def sequence_logprobs(model: torch.nn.Module, ids: list[int], block_size: int = 
             for i in range(model.num_layers)]
     caches = allocate_kv_caches(model.num_layers, nb, block_size, model.num_kv_heads,
                                 model.head_dim, spec, device)
-    for layer, cache in zip(model.attention_layers(), caches):
+    for i, (layer, cache) in enumerate(zip(model.attention_layers(), caches)):
         layer.kv_cache, layer.kv_scale = cache, (1.0, 1.0)
+        layer.fp8_attention = i in fp8_attn_layers
     meta = AttentionMetadata(
         slot_mapping=torch.arange(t, device=device),
         query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=device),
@@ -116,14 +125,16 @@ class Measurer:
         targets = torch.tensor(ids[1:], device=lp.device)
         return -lp[:-1].gather(1, targets[:, None]).sum().item() / math.log(2)
 
-    def measure(self, policy: QuantPolicy | None, fp8_kv_layers: frozenset[int] = frozenset()
-                ) -> tuple[float, float, float]:
+    def measure(self, policy: QuantPolicy | None, fp8_kv_layers: frozenset[int] = frozenset(),
+                fp8_attn_layers: frozenset[int] = frozenset()) -> tuple[float, float, float]:
         """(mean KL nats/token, relative bits increase, top-1 agreement) of the model under
-        `policy` (and FP8 K/V in fp8_kv_layers) against the base."""
+        `policy` (and FP8 K/V in fp8_kv_layers, FP8 attention math in fp8_attn_layers)
+        against the base."""
         model = self._load(policy)
         kl_sum, agree, positions, bits = 0.0, 0, 0, 0.0
         for base, ids in zip(self.base, self.windows):
-            lp = sequence_logprobs(model, ids, fp8_kv_layers=fp8_kv_layers)
+            lp = sequence_logprobs(model, ids, fp8_kv_layers=fp8_kv_layers,
+                                   fp8_attn_layers=fp8_attn_layers)
             kl_sum += (base.exp() * (base - lp)).sum().item()
             agree += (base.argmax(-1) == lp.argmax(-1)).sum().item()
             positions += len(ids)
@@ -139,6 +150,12 @@ class Measurer:
         kl, bpb, top1 = self.measure(None, frozenset({layer}))
         return Probe(f"layer {layer} kv", "fp8_kv", 8.0, kl, bpb, top1)
 
+    def probe_attn(self, layer: int) -> Probe:
+        """Only `layer`'s attention computation (QK^T, softmax, PV) in emulated FP8; its
+        projections and KV cache stay exact."""
+        kl, bpb, top1 = self.measure(None, fp8_attn_layers=frozenset({layer}))
+        return Probe(f"layer {layer} attn_compute", "fp8_attn", 8.0, kl, bpb, top1)
+
 
 def build_policy(parts: list[Part], probes: list[Probe], full_bits: float,
                  target_bits: float | None = None, max_bpb_increase: float | None = None
@@ -149,7 +166,7 @@ def build_policy(parts: list[Part], probes: list[Probe], full_bits: float,
         raise ValueError("give exactly one of target_bits and max_bpb_increase")
     by_part: dict[str, list[Probe]] = {}
     for p in probes:
-        if p.method not in ("fp8_weight_only", "fp8_kv"):  # measurements, not choices
+        if p.method not in MEASUREMENTS:
             by_part.setdefault(p.part, []).append(p)
     # per part: options sorted by bits, each (bits, kl, bpb, method); unquantized last
     options = {part.name: sorted([(p.bits, p.kl, p.bpb_increase, p.method)

@@ -19,6 +19,10 @@ mask whose diagonal is shifted by the cached prefix. Runs on CPU and CUDA.
 An FP8 cache (float8_e4m3fn) holds K / k_scale and V / v_scale (`kv_scale`, per layer);
 reads multiply back. Then every chunk reads its K/V from the cache, never this step's
 unquantized rows, so a prompt sees exactly what its later decodes will.
+
+`fp8_attention=True` swaps the exact SDPA for `fp8_sdpa`, an emulation of FP8 attention
+math (QK^T and PV on e4m3 operands). No kernel serves it; it exists so the sensitivity map
+can measure what reduced-precision attention would cost.
 """
 
 from __future__ import annotations
@@ -52,6 +56,58 @@ def _load(cached: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tenso
     return cached.to(dtype)
 
 
+def _e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x / scale rounded to e4m3 (saturating), back as float32: the value an FP8 operand
+    holds, in units of `scale`."""
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+
+
+def _amax_scale(x: torch.Tensor) -> torch.Tensor:
+    """One dynamic scale per sequence (dim 0): amax / 448 over heads, positions, dims."""
+    return x.float().abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 448.0
+
+
+def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+             scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Attention as an FP8 kernel (FlashAttention-3's FP8 forward) computes it, emulated in
+    float32, with `F.scaled_dot_product_attention`'s signature (attn_mask bool, True =
+    attend). q: (B, H, Lq, D), k, v: (B, Hkv, L, D) -> (B, H, Lq, D) in q.dtype.
+
+      1. Q, K and V to e4m3, each with ONE dynamic scale per sequence (per tensor: amax / 448
+         over all its heads and positions; K/V positions no query attends, such as decode
+         padding, are left out of the amax);
+      2. S = (Qq Kq^T) * sq * sk * scale: e4m3 products are exact, accumulation in float32;
+      3. P = exp(S - rowmax(S)) in [0, 1], the kernel's unnormalized softmax, and its row
+         sum l in float32 from P before rounding (the kernel sums its float32 registers);
+      4. P to e4m3 with scale 1 (3 mantissa bits, fewer below 2^-6; P below 2^-10 rounds to
+         zero), then O = (Pq Vq) * sv / l.
+
+    Unlike the kernel, the row max is the whole row's, not a running max over key blocks
+    (there, P of earlier blocks is rounded against a smaller max). Accumulation order aside,
+    that is the only difference.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    lq, lk = q.shape[-2], k.shape[-2]
+    if is_causal:  # top-left aligned, as SDPA's
+        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:  # K/V positions no query attends (padding) stay out of amax
+        used = attn_mask.any(dim=-2)[..., None]  # (..., L, 1), broadcasts over (B, Hkv, L, D)
+        k, v = k.masked_fill(~used, 0.0), v.masked_fill(~used, 0.0)
+    sq, sk, sv = _amax_scale(q), _amax_scale(k), _amax_scale(v)  # (B, 1, 1, 1) each
+    qq, kq, vq = _e4m3(q, sq), _e4m3(k, sk), _e4m3(v, sv)
+    if enable_gqa and q.shape[1] != k.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        kq, vq = kq.repeat_interleave(group, dim=1), vq.repeat_interleave(group, dim=1)
+    s = (qq @ kq.transpose(-1, -2)) * (sq * sk * scale)  # (B, H, Lq, L)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf"))
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    o = (_e4m3(p, 1.0) @ vq) * sv / p.sum(dim=-1, keepdim=True)
+    return o.to(q.dtype)
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slot_mapping: torch.Tensor, kv_scale: KVScale = NO_SCALE) -> None:
     """Scatter new K/V rows into their cache slots (every slot must be valid, >= 0).
@@ -70,7 +126,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                     scale: float, key: torch.Tensor | None = None,
                     value: torch.Tensor | None = None, decode=None,
-                    kv_scale: KVScale = NO_SCALE) -> torch.Tensor:
+                    kv_scale: KVScale = NO_SCALE, fp8_attention: bool = False
+                    ) -> torch.Tensor:
     """Causal attention of each sequence's new query rows over its cached context.
 
     query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
@@ -78,13 +135,17 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     written to the cache); a chunk with nothing cached before it reads them directly.
     num_heads must be a multiple of num_kv_heads (GQA/MQA). decode: a replacement for
     `decode_batch` (same signature), how a backend plugs in a faster single-token path.
+    fp8_attention: `fp8_sdpa` instead of exact SDPA everywhere (a quality probe); decodes
+    then take `decode_batch` whatever `decode` says.
     """
     out = torch.empty_like(query)
     starts = [0]
     for q_len in meta.query_lens_cpu:
         starts.append(starts[-1] + q_len)
     decodes = [i for i, q_len in enumerate(meta.query_lens_cpu) if q_len == 1]
-    if decodes:
+    if decodes and fp8_attention:  # the emulation lives in the reference only
+        decode_batch(query, kv_cache, meta, scale, decodes, starts, out, kv_scale, True)
+    elif decodes:
         (decode or decode_batch)(query, kv_cache, meta, scale, decodes, starts, out, kv_scale)
     for i, q_len in enumerate(meta.query_lens_cpu):
         if q_len > 1:
@@ -93,7 +154,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
             if key is not None and q_len == meta.seq_lens_cpu[i] and not is_fp8(kv_cache):
                 fresh = (key[rows], value[rows])
             out[rows] = _prefill_one(query[rows], kv_cache, meta.block_tables[i],
-                                     meta.seq_lens_cpu[i], scale, fresh, kv_scale)
+                                     meta.seq_lens_cpu[i], scale, fresh, kv_scale,
+                                     fp8_attention)
     return out
 
 
@@ -116,7 +178,7 @@ _DECODE_GROUP = 16  # decodes per padded gather: sorted by length, so padding st
 
 def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, seqs: list[int], starts: list[int], out: torch.Tensor,
-                  kv_scale: KVScale = NO_SCALE) -> None:
+                  kv_scale: KVScale = NO_SCALE, fp8_attention: bool = False) -> None:
     """Single-token queries (sequences `seqs`, query row `starts[i]`) into `out`, in
     groups of similar context length.
 
@@ -144,15 +206,16 @@ def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
         # (b, 1, 1, L): True where the position is inside the sequence
         lens_t = torch.tensor(lens, device=device)
         valid = torch.arange(nb * block_size, device=device)[None, :] < lens_t[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
-                                           scale=scale, enable_gqa=q.shape[1] != num_kv_heads)
+        sdpa = fp8_sdpa if fp8_attention else F.scaled_dot_product_attention
+        o = sdpa(q, k, v, attn_mask=valid[:, None, None, :], scale=scale,
+                 enable_gqa=q.shape[1] != num_kv_heads)
         out.index_copy_(0, rows, o.squeeze(2).to(query.dtype))
 
 
 def _prefill_one(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_len: int, scale: float,
                  fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 kv_scale: KVScale = NO_SCALE) -> torch.Tensor:
+                 kv_scale: KVScale = NO_SCALE, fp8_attention: bool = False) -> torch.Tensor:
     """query: (query_len, num_heads, head_dim), the last query_len positions of seq_len.
     fresh: the chunk's own K/V when it is the whole context (nothing to gather)."""
     q_len = query.shape[0]
@@ -163,11 +226,12 @@ def _prefill_one(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     k = k.transpose(0, 1).unsqueeze(0).to(q.dtype)  # (1, num_kv_heads, seq_len, head_dim)
     v = v.transpose(0, 1).unsqueeze(0).to(q.dtype)
     gqa = q.shape[1] != k.shape[1]
+    sdpa = fp8_sdpa if fp8_attention else F.scaled_dot_product_attention
     if q_len == seq_len:  # nothing cached before the chunk: plain causal
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        o = sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         # Row j is absolute position seq_len - q_len + j: the diagonal shifts right.
         pos_q = torch.arange(seq_len - q_len, seq_len, device=query.device)
         mask = torch.arange(seq_len, device=query.device)[None, :] <= pos_q[:, None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.squeeze(0).transpose(0, 1)  # (query_len, num_heads, head_dim)

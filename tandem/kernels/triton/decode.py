@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 @triton.jit
 def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr):
@@ -55,7 +57,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
-                   PRECISION: tl.constexpr, FP8: tl.constexpr):
+                   PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     p = tl.program_id(2)
@@ -220,7 +225,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         FP8=kv_cache.dtype == torch.float8_e4m3fn,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}

@@ -13,13 +13,21 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, stride_x, stride_r, stride_o,
-                     stride_ro, n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     stride_ro, n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: safe ahead of the wait
+    if PDL:
+        gdc_wait()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:  # the add rounds to the stream's dtype, as in the reference
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -27,7 +35,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, stride_x, stride_r
         tl.store(r_out_ptr + row * stride_ro + cols, s, mask=mask)
         x = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -48,7 +55,8 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
         _rms_norm_kernel[(n,)](x2, r2, weight, out, r_out, x2.stride(0), r2.stride(0),
                                out.stride(0), r_out.stride(0), d, eps,
                                HAS_RESIDUAL=residual is not None,
-                               BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8)
+                               BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
+                               **launch_options(x2))
     res = r_out.view(x.shape) if residual is not None else None
     return out.view(x.shape), res
 
@@ -78,7 +86,10 @@ def _rotary_heads(base, stride_h, n_heads, cos, sin, d, BLOCK_H: tl.constexpr,
 @triton.jit
 def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt,
                    stride_kh, stride_c, n_q_heads, n_k_heads, HALF: tl.constexpr,
-                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr):
+                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF)
@@ -98,12 +109,17 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache:
         _rotary_kernel[(t,)](positions, q, k, cos_cache, sin_cache, q.stride(0), q.stride(1),
                              k.stride(0), k.stride(1), cos_cache.stride(0), h, k.shape[1],
                              HALF=d // 2, BLOCK_QH=triton.next_power_of_2(h),
-                             BLOCK_KH=triton.next_power_of_2(k.shape[1]), num_warps=4)
+                             BLOCK_KH=triton.next_power_of_2(k.shape[1]), num_warps=4,
+                             **launch_options(q))
     return q, k
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -122,5 +138,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if n:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(n, triton.cdiv(d, block))](x2, out, x2.stride(0), out.stride(0),
-                                                         d, BLOCK=block, num_warps=4)
+                                                         d, BLOCK=block, num_warps=4,
+                                                         **launch_options(x2))
     return out.view(*x.shape[:-1], d)

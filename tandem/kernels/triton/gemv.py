@@ -19,26 +19,45 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
+
+@triton.jit
+def _gemv_tile(x_ptr, rows, w, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One tile's products, w (BLOCK_N, BLOCK_K) already loaded: (BLOCK_N, BLOCK_K) fp32."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        x = tl.load(x_ptr + kk)
+    else:
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
+    return w.to(tl.float32) * x.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _load_w(rows, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    kk = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        return tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0)
+    return tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
+
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
-    k = tl.arange(0, BLOCK_K)
     rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + k
-        if EVEN_K:
-            x = tl.load(x_ptr + kk)
-            w = tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
-            w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    w = _load_w(rows, n_ok, 0, K, BLOCK_K, EVEN_K)  # the first tile, ahead of the wait
+    if PDL:
+        gdc_wait()  # x comes from the previous kernel (pdl.py)
+    acc = _gemv_tile(x_ptr, rows, w, 0, K, BLOCK_K, EVEN_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc += _gemv_tile(x_ptr, rows, _load_w(rows, n_ok, k0, K, BLOCK_K, EVEN_K), k0, K,
+                          BLOCK_K, EVEN_K)
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -57,7 +76,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, bias if bias is not None else weight, y, n_out, k_in, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k_in % block_k == 0, num_warps=warps, num_stages=stages)
+        EVEN_K=k_in % block_k == 0, num_warps=warps, num_stages=stages, **launch_options(x))
     return y
 
 

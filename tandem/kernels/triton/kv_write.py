@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 @triton.jit
 def _write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
@@ -24,7 +26,11 @@ def _write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
                      kv_stride,  # elements between kv_cache[0] and kv_cache[1]
                      k_scale, v_scale,
                      NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, FP8: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, FP8: tl.constexpr,
+                     PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -62,4 +68,4 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache.stride(0), float(kv_scale[0]), float(kv_scale[1]),
         FP8=kv_cache.dtype == torch.float8_e4m3fn, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1)
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **launch_options(key))

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
 
 @triton.jit
 def _split_last(xt, PER: tl.constexpr):
@@ -61,13 +63,67 @@ def _split_last(xt, PER: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, stride_ym,
-                 BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+def _int_tile(w, x3, acc, s_ptr, z_ptr, n, n_ok, kw0, KW, quad, BITS: tl.constexpr,
+              G: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """acc (Q, BLOCK_N) plus one tile: w (Q, BLOCK_N, 4) int32 words, x3 (Q, 4, PER)."""
     PER: tl.constexpr = 32 // BITS  # codes per word
     SHIFT: tl.constexpr = 12 if BITS == 4 else 16  # codes ending above bit 23 come down
     MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 8:
+        w = w ^ -0x7F7F7F80  # 0x80808080: signed byte q -> code q + 128
+    hi = w >> SHIFT
+    xs = _split_last(x3, PER)
+    for i in tl.static_range(PER):
+        xi = xs[i].to(tl.float32)  # (Q, 4): the x of code i of each word
+        if BITS * i + BITS <= 23:
+            c = (w & (MASK << (BITS * i))).to(tl.float32, bitcast=True)
+            xp = xi * (2.0 ** (100 - BITS * i))
+        else:
+            c = (hi & (MASK << (BITS * i - SHIFT))).to(tl.float32, bitcast=True)
+            xp = xi * (2.0 ** (100 - BITS * i + SHIFT))
+        if i == 0:
+            t = c * xp[:, None, :]  # (Q, BLOCK_N, 4): sum c x 2^-49 per word
+            xsum = xi
+        else:
+            t += c * xp[:, None, :]
+            xsum += xi
+    xq = tl.sum(xsum, 1) * (2.0 ** -49)  # (Q,): sum x per quad, in t's units
+    if BITS == 8:
+        return acc + tl.sum(t, 2) - 128.0 * xq[:, None]
+    gi = n.to(tl.int64)[None, :] * (KW * 8 // G) + ((kw0 + quad * 4) // (G // 8))[:, None]
+    g_ok = n_ok[None, :] & (kw0 + quad * 4 < KW)[:, None]  # (Q, BLOCK_N)
+    s = tl.load(s_ptr + gi, mask=g_ok, other=0.0)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + gi, mask=g_ok, other=0).to(tl.float32)
+    else:
+        z = 8.0
+    return acc + (tl.sum(t, 2) - z * xq[:, None]) * s
+
+
+@triton.jit
+def _load_words(w_ptrs, n_ok, word, kw0, KW, EVEN: tl.constexpr):
+    # Masked-off words are left undefined: any word decodes to finite codes, rows past N are
+    # never stored, and past K the x (and so every product) is zero.
+    if EVEN:
+        return tl.load(w_ptrs + kw0)
+    return tl.load(w_ptrs + kw0, mask=n_ok[None, :, None] & (kw0 + word < KW)[:, None, :])
+
+
+@triton.jit
+def _load_x(x_ptrs, word, kw0, KW, PER: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(x_ptrs + kw0 * PER)  # (Q, 4, PER)
+    return tl.load(x_ptrs + kw0 * PER, mask=(kw0 + word < KW)[:, :, None], other=0.0)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, stride_ym,
+                 BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+    PER: tl.constexpr = 32 // BITS
     Q: tl.constexpr = BLOCK_KW // 4
     m = tl.program_id(0)  # rows of x fastest: they share the weight block (L2)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,55 +132,16 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     word = quad[:, None] * 4 + tl.arange(0, 4)[None, :]  # (Q, 4)
     w_ptrs = w_ptr + n.to(tl.int64)[None, :, None] * KW + word[:, None, :]  # (Q, BLOCK_N, 4)
     x_ptrs = x_ptr + m * stride_xm + word[:, :, None] * PER + tl.arange(0, PER)[None, None, :]
-    acc = tl.zeros([Q, BLOCK_N], dtype=tl.float32)
-    # Masked-off words are left undefined: any word decodes to finite codes, rows past N are
-    # never stored, and past K the x (and so every product) is zero.
-    if PREFETCH:  # the next tile's words in flight while this one is computed
-        w_next = tl.load(w_ptrs, mask=n_ok[None, :, None] & (word < KW)[:, None, :])
-    for kw0 in range(0, KW, BLOCK_KW):
-        k_ok = kw0 + word < KW  # (Q, 4)
-        if PREFETCH:
-            w = w_next
-            w_next = tl.load(w_ptrs + kw0 + BLOCK_KW,
-                             mask=n_ok[None, :, None] & (kw0 + BLOCK_KW + word < KW)[:, None, :])
-        elif EVEN_N and EVEN_K:
-            w = tl.load(w_ptrs + kw0)
-        else:
-            w = tl.load(w_ptrs + kw0, mask=n_ok[None, :, None] & k_ok[:, None, :])
-        if EVEN_K:
-            x3 = tl.load(x_ptrs + kw0 * PER)  # (Q, 4, PER)
-        else:
-            x3 = tl.load(x_ptrs + kw0 * PER, mask=k_ok[:, :, None], other=0.0)
-        if BITS == 8:
-            w = w ^ -0x7F7F7F80  # 0x80808080: signed byte q -> code q + 128
-        hi = w >> SHIFT
-        xs = _split_last(x3, PER)
-        for i in tl.static_range(PER):
-            xi = xs[i].to(tl.float32)  # (Q, 4): the x of code i of each word
-            if BITS * i + BITS <= 23:
-                c = (w & (MASK << (BITS * i))).to(tl.float32, bitcast=True)
-                xp = xi * (2.0 ** (100 - BITS * i))
-            else:
-                c = (hi & (MASK << (BITS * i - SHIFT))).to(tl.float32, bitcast=True)
-                xp = xi * (2.0 ** (100 - BITS * i + SHIFT))
-            if i == 0:
-                t = c * xp[:, None, :]  # (Q, BLOCK_N, 4): sum c x 2^-49 per word
-                xsum = xi
-            else:
-                t += c * xp[:, None, :]
-                xsum += xi
-        xq = tl.sum(xsum, 1) * (2.0 ** -49)  # (Q,): sum x per quad, in t's units
-        if BITS == 8:
-            acc += tl.sum(t, 2) - 128.0 * xq[:, None]
-        else:
-            gi = n.to(tl.int64)[None, :] * (KW * 8 // G) + ((kw0 + quad * 4) // (G // 8))[:, None]
-            g_ok = n_ok[None, :] & (kw0 + quad * 4 < KW)[:, None]  # (Q, BLOCK_N)
-            s = tl.load(s_ptr + gi, mask=g_ok, other=0.0)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + gi, mask=g_ok, other=0).to(tl.float32)
-            else:
-                z = 8.0
-            acc += (tl.sum(t, 2) - z * xq[:, None]) * s
+    w = _load_words(w_ptrs, n_ok, word, 0, KW, EVEN_N and EVEN_K)  # ahead of the wait
+    if PDL:
+        gdc_wait()  # x comes from the previous kernel (pdl.py)
+    acc = _int_tile(w, _load_x(x_ptrs, word, 0, KW, PER, EVEN_K),
+                    tl.zeros([Q, BLOCK_N], dtype=tl.float32), s_ptr, z_ptr, n, n_ok, 0, KW,
+                    quad, BITS, G, HAS_ZERO)
+    for kw0 in range(BLOCK_KW, KW, BLOCK_KW):
+        acc = _int_tile(_load_words(w_ptrs, n_ok, word, kw0, KW, EVEN_N and EVEN_K),
+                        _load_x(x_ptrs, word, kw0, KW, PER, EVEN_K), acc, s_ptr, z_ptr, n,
+                        n_ok, kw0, KW, quad, BITS, G, HAS_ZERO)
     y = tl.sum(acc, 0) * (2.0 ** 49)  # (BLOCK_N,)
     if BITS == 8:
         y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
@@ -134,35 +151,45 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
 
 
 @triton.jit
+def _float_tile(x_ptr, w, k0, x_scale, QUANT_X: tl.constexpr, BLOCK_K: tl.constexpr):
+    x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+    if QUANT_X:
+        x = tl.clamp(x / x_scale, -448.0, 448.0).to(w.dtype).to(tl.float32)
+    return w.to(tl.float32) * x[None, :]
+
+
+@triton.jit
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
     (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep. QUANT_X: x is half
     precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
     _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2), instead of a separate
     kernel per linear."""
+    if PDL:
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
     rows = w_ptr + n.to(tl.int64)[:, None] * K
+    x_row = x_ptr + m * stride_xm
+    # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
+    w = tl.load(rows + k[None, :], mask=n_ok[:, None])  # the first tile, ahead of the wait
+    if PDL:
+        gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
     if QUANT_X:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + k0 + k)
-                                           .to(tl.float32)))
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
         x_scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + m * stride_xm + k0 + k).to(tl.float32)
-        if QUANT_X:
-            x = tl.clamp(x / x_scale, -448.0, 448.0).to(w_ptr.dtype.element_ty).to(tl.float32)
-        # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
+    acc = _float_tile(x_row, w, 0, x_scale, QUANT_X, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
-        acc += w.to(tl.float32) * x[None, :]
+        acc += _float_tile(x_row, w, k0, x_scale, QUANT_X, BLOCK_K)
     y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
     if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
         y *= tl.load(xs_ptr + m)
@@ -243,12 +270,12 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
 GEMV_MAX_ROWS = 8
 
 
-def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, BLOCK_KW, num_warps, PREFETCH) for the int GEMV, from the H200 sweep of
+def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_KW, num_warps) for the int GEMV, from the H200 sweep of
     scripts/bench_quant_gemv.py on Llama-3.1-8B's shapes (bench/results/2026-12-01-h200-quant/
     gemv-sweep.json): one 16-byte quad a thread per tile row, small programs (64-128 threads)
-    so that many are resident, fewer when N is large (gate_up: 28672 rows); prefetching the
-    next tile never won. Within 1-3% of each shape's best."""
+    so that many are resident, fewer when N is large (gate_up: 28672 rows); loading the next
+    tile a step ahead never won. Within 1-3% of each shape's best."""
     kw = k * bits // 32
     if bits == 4:
         cfg = (8, 128, 1) if n >= 16384 else (8, 256, 2)
@@ -262,7 +289,7 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, bool]:
     while block_kw > 16 and block_kw > triton.next_power_of_2(kw):  # short rows
         block_kw //= 2
         warps = max(1, warps // 2)
-    return block_n, block_kw, warps, False
+    return block_n, block_kw, warps
 
 
 def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
@@ -277,21 +304,21 @@ def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
 def int_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
              zeros: torch.Tensor | None, bits: int, group_size: int,
              bias: torch.Tensor | None = None,
-             config: tuple[int, int, int, bool] | None = None) -> torch.Tensor:
+             config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x2 (M, K), last dim contiguous; qweight int8 (N, K) or packed uint8 (N, K/2) -> (M, N)."""
     m, k = x2.shape
     n = qweight.shape[0]
     words = qweight.contiguous().view(torch.int32)  # (N, K * bits / 32), the same bytes
     kw = words.shape[1]
-    block_n, block_kw, warps, prefetch = config or gemv_config(bits, n, k)
+    block_n, block_kw, warps = config or gemv_config(bits, n, k)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x2, words, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, n, kw, x2.stride(0), y.stride(0),
         BITS=bits, G=group_size if bits == 4 else 32, HAS_ZERO=zeros is not None,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw,
-        EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0, PREFETCH=prefetch,
-        num_warps=warps, num_stages=1)
+        EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0, num_warps=warps, num_stages=1,
+        **launch_options(x2))
     return y
 
 
@@ -344,7 +371,7 @@ def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
         xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
-        BLOCK_N=block_n,
+        **launch_options(xq), BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=1)
     return y
 
