@@ -17,8 +17,9 @@ try:
     from tandem.kernels.triton import elementwise as fused
     from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.gemv import gemv
+    from tandem.kernels.triton.sampling import argmax_rows
 except ImportError:  # no triton: CPU-only installs
-    fused = gemv = quant_gemm = None
+    fused = gemv = quant_gemm = argmax_rows = None
 
 
 def _impl(x: torch.Tensor):
@@ -41,6 +42,13 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _impl(x).silu_and_mul(x)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """(rows, V) -> (rows,) int64: the first index of each row's maximum (torch.argmax)."""
+    if argmax_rows is not None and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:
+        return argmax_rows(x)
+    return x.argmax(dim=-1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,

@@ -97,8 +97,7 @@ def _heatmap(parts, probes, methods: list[str], layer_table: dict, path: str) ->
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_yticks(range(len(rows)), rows)
         ax.set_title(title, fontsize=9)
-    fig.suptitle("log10 KL(base || probe), nats/token")
-    fig.colorbar(im, ax=axes)
+    fig.colorbar(im, ax=axes, label="log10 KL(base || probe), nats/token")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 

@@ -35,6 +35,12 @@ class ModelInputs:
     inflight_src: torch.Tensor | None = None  # (I,) their rows in the previous step's output
 
 
+# Steps of at most this many tokens (every decode-only step up to 256 sequences) compute
+# positions and cache slots on the host and ship them with the step's one int64 copy: a
+# decode step then launches ~10 fewer kernels; longer steps compute them on the device.
+HOST_POSITIONS_MAX = 256
+
+
 def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     t = torch.tensor(data, dtype=dtype)
     if device.type == "cuda":
@@ -93,7 +99,16 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
     t = len(ids)
     num_seqs = len(plan.seqs)
     num_lp = len(prompt_rows)
-    longs = _to(ids + starts + sample_idx + prompt_rows + dst + src, torch.int64, device)
+    host = t <= HOST_POSITIONS_MAX
+    extra: list[int] = []
+    if host:  # positions, then slots: a few Python ops a token, no kernels
+        for start, qlen in zip(starts, query_lens):
+            extra += range(start, start + qlen)
+        extra += [tables_of[i][p // block_size] * block_size + p % block_size
+                  for i, (start, qlen) in enumerate(zip(starts, query_lens))
+                  for p in range(start, start + qlen)]
+    longs = _to(ids + starts + sample_idx + prompt_rows + dst + src + extra, torch.int64,
+                device)
     # Each int32 array starts 16-byte aligned: Triton specializes kernels on pointer
     # alignment, and an offset that moved with the batch size would compile new variants
     # mid-run.
@@ -108,16 +123,21 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
     lens_t = ints[offsets[1]:offsets[1] + num_seqs]
     qlens_t = ints[offsets[2]:offsets[2] + num_seqs]
     block_tables = ints[len(packed):].view(num_seqs, max_blocks)
-    # Each token's position and cache slot, computed on the device from its sequence's
-    # start and block table (no per-token Python):
-    #   seq_of[r] = the sequence of row r;  pos = start[seq] + (r - query_start[seq])
-    #   slot = block_tables[seq, pos // block_size] * block_size + pos % block_size
-    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device),
-                                     qlens_t, output_size=t)
-    rows = torch.arange(t, device=device)
-    positions = longs[t:t + num_seqs][seq_of] + rows - query_start_loc[seq_of]
-    slots = (block_tables[seq_of, positions // block_size].long() * block_size
-             + positions % block_size)
+    tail = t + num_seqs + n + num_lp
+    if host:
+        end = tail + 2 * len(dst)
+        positions, slots = longs[end:end + t], longs[end + t:end + 2 * t]
+    else:
+        # Each token's position and cache slot, computed on the device from its sequence's
+        # start and block table (no per-token Python):
+        #   seq_of[r] = the sequence of row r;  pos = start[seq] + (r - query_start[seq])
+        #   slot = block_tables[seq, pos // block_size] * block_size + pos % block_size
+        seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device),
+                                         qlens_t, output_size=t)
+        rows = torch.arange(t, device=device)
+        positions = longs[t:t + num_seqs][seq_of] + rows - query_start_loc[seq_of]
+        slots = (block_tables[seq_of, positions // block_size].long() * block_size
+                 + positions % block_size)
     meta = AttentionMetadata(
         slot_mapping=slots,
         query_start_loc=query_start_loc,
@@ -126,10 +146,9 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),
         block_size=block_size)
-    tail = t + num_seqs + n + num_lp
     return ModelInputs(longs[:t], positions, meta, sample_rows, longs[t + num_seqs:tail], spans,
                        longs[tail:tail + len(dst)] if dst else None,
-                       longs[tail + len(dst):] if dst else None)
+                       longs[tail + len(dst):tail + 2 * len(dst)] if dst else None)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -139,10 +158,17 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
 
 def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
                            sample_rows: list[int], vocab_size: int, device: torch.device
-                           ) -> SamplingTensors:
+                           ) -> SamplingTensors | None:
+    """The rows' sampling tensors; None when every row is plain greedy (temperature 0, no
+    logprobs, penalties or min_tokens bans pending): the sampler then needs only an argmax,
+    and the step no copy or kernel for parameters it would not read."""
     seqs = [plan.seqs[i] for i in sample_rows]
     reqs = [states[s.request_id] for s in seqs]
     params = [r.params for r in reqs]
+    if all(p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
+           and (p.min_tokens == 0 or s.end_pos - r.num_prompt_tokens >= p.min_tokens)
+           for s, r, p in zip(seqs, reqs, params)):
+        return None
     f32 = torch.float32
     penalize = any(p.has_penalties for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.kernels import ops
+
 _NEG_INF = float("-inf")
 
 
@@ -106,14 +108,15 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
-    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-        # logits: (N, vocab) in any float dtype; all math in float32.
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors | None) -> SamplerOutput:
+        """logits: (N, vocab) in any float dtype; all math in float32. t None: every row
+        plain greedy (no logprobs, penalties or banned tokens)."""
         logits = logits[:, : self.vocab_size]
-        if (t.all_greedy and t.max_logprobs < 0 and t.banned_tokens is None
-                and t.output_tokens is None):
+        if t is None or (t.all_greedy and t.max_logprobs < 0 and t.banned_tokens is None
+                         and t.output_tokens is None):
             # Plain greedy: argmax needs no float32 copy (the cast is exact and monotone),
             # which at 512 rows x 128k vocab saves ~0.2 ms a step.
-            return SamplerOutput(logits.argmax(dim=-1), None, None)
+            return SamplerOutput(ops.argmax(logits), None, None)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_logprobs >= 0 else None
         if t.banned_tokens is not None:
@@ -123,14 +126,14 @@ class Sampler:
             logits = logits.masked_fill(banned[:, : self.vocab_size], _NEG_INF)
         if t.output_tokens is not None:
             logits = apply_penalties(logits, t)
-        greedy = logits.argmax(dim=-1)
+        greedy = ops.argmax(logits)
         if t.all_greedy:
             tokens = greedy
         else:
             temp = torch.where(t.temperature > 0, t.temperature, torch.ones_like(t.temperature))
             scaled = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), t)
             probs = scaled.softmax(dim=-1)
-            sampled = (probs / _exponential_noise(probs, t.generators)).argmax(dim=-1)
+            sampled = ops.argmax(probs / _exponential_noise(probs, t.generators))
             tokens = torch.where(t.temperature > 0, sampled, greedy)
         if raw_logprobs is None:
             return SamplerOutput(tokens, None, None)
