@@ -13,7 +13,8 @@ from typing import Any
 
 from tandem.config import engine_arg_fields, field_comments
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool,
+          "SpeculativeConfig": str}  # JSON, parsed by the config
 SHORT_FLAGS = {"tensor_parallel_size": "-tp"}  # vLLM's short spellings
 
 

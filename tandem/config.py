@@ -102,6 +102,65 @@ class CacheConfig:
                              f"indices, got {text!r}") from None
 
 
+_SPEC_METHODS = ("ngram", "suffix", "draft_model")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config`: `{"method": ..., "num_speculative_tokens": K, ...}`
+    (`--speculative-config JSON`). Unknown keys are refused."""
+
+    method: str  # "ngram" (prompt lookup) | "suffix" | "draft_model"
+    num_speculative_tokens: int  # most draft tokens verified per request per step
+    model: str | None = None  # draft_model: its directory (default: the embedded draft)
+    prompt_lookup_max: int = 4  # ngram: longest suffix n-gram matched
+    prompt_lookup_min: int = 1  # ngram: shortest
+    # Benchmarking only: accept each proposed token with this probability instead of
+    # checking it (vLLM's load-testing mode; output is then NOT the model's). Refused
+    # outside `tandem bench`.
+    synthetic_acceptance_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in _SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {_SPEC_METHODS}, "
+                             f"got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be in "
+                             f"[1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= "
+                             "prompt_lookup_max")
+        rate = self.synthetic_acceptance_rate
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise ValueError(f"speculative_config.synthetic_acceptance_rate must be in "
+                             f"[0, 1], got {rate}")
+        if self.model is not None and self.method != "draft_model":
+            raise ValueError("speculative_config.model is for method 'draft_model'")
+
+    @staticmethod
+    def parse(value: Any) -> SpeculativeConfig:
+        """From a dict, a JSON string (the CLI flag) or a SpeculativeConfig."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            import json
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+        known = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys {unknown}; known: "
+                             f"{sorted(known)}")
+        for key in ("method", "num_speculative_tokens"):
+            if key not in value:
+                raise ValueError(f"speculative_config needs {key!r}")
+        return SpeculativeConfig(**value)
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one step (decodes + prefill chunks)
@@ -110,8 +169,14 @@ class SchedulerConfig:
     # Schedule step N+1 while step N runs on the device (host work off the critical path).
     # None: on for CUDA, off for CPU (where host and "device" are the same cores).
     async_scheduling: bool | None = None
+    # Speculative decoding, vLLM's JSON: {"method": "ngram" | "suffix" | "draft_model",
+    # "num_speculative_tokens": K, ...} (docs/speculative.md). Off by default.
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            object.__setattr__(self, "speculative_config",
+                               SpeculativeConfig.parse(self.speculative_config))
         if self.max_num_batched_tokens <= 0:
             raise ValueError(
                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"

@@ -51,6 +51,9 @@ class ScheduledSeq:
     blocks_from: int = 0  # index of new_block_ids[0] in the request's block table
     new_block_ids: list[int] = field(default_factory=list)  # KV block ids added since the
     # last plan (all of them, from 0, after a preemption); the table then covers end_pos
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens this step
+    # verifies: the last len(spec_token_ids) of the num_new_tokens positions (speculative
+    # decoding); the step samples every one of those rows plus the one before them
 
     @property
     def end_pos(self) -> int:
@@ -80,10 +83,15 @@ class StepPlan:
 class StepResult:
     """What the runner computed for a plan, aligned with `plan.seqs`."""
 
-    sampled_token_ids: list[int | None]  # the new token of each seq with sample=True, else None
-    logprobs: list[Logprobs | None]  # per seq: the sampled token's logprob + top-N, if asked
+    # per seq: the tokens it emitted this step, in order (empty unless sample=True): one,
+    # or with speculation the accepted drafts and the token after them (1..k+1)
+    sampled_token_ids: list[list[int]]
+    logprobs: list[list[Logprobs] | None]  # per seq: each emitted token's logprob + top-N
     prompt_logprobs: list[list[Logprobs | None] | None]  # per seq: one entry per prompt
     # position computed this step (None for position 0), if prompt_logprobs was asked
+    # per seq: the proposer's guesses of the tokens after the emitted ones (speculative
+    # decoding), for the scheduler to verify next step; None when speculation is off
+    draft_token_ids: list[list[int]] | None = None
 
 
 @dataclass(slots=True)

@@ -143,6 +143,11 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    # Speculative decoding: the proposer's guesses to verify next step, and this request's
+    # running acceptance (drafted / accepted counts, for the switch and the metrics).
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_drafted: int = 0
+    num_accepted: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

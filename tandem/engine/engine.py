@@ -66,11 +66,20 @@ class Engine:
         self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling
         self.async_scheduling = self.executor.device.type == "cuda" if asked is None else asked
+        if config.scheduler.speculative_config is not None:
+            # A step's drafts come from the previous step's sampled tokens, so speculation
+            # plans each step after the last one is collected (docs/speculative.md).
+            if asked:
+                raise ValueError("async_scheduling cannot be combined with "
+                                 "speculative_config yet")
+            self.async_scheduling = False
         self._inflight: tuple[StepPlan, Any] | None = None  # launched, not collected (async)
         self._step = 0
         self._last_split = (0, 0)
         self._prompt_tokens = 0
         self._generation_tokens = 0
+        self._spec_drafted = self._spec_accepted = self._spec_steps = 0
+        self._spec_per_position: list[int] = []
         logger.info("engine ready: %s, %s on %s (tensor parallel %d), KV cache %d blocks x %d "
                     "= %d tokens", model_dir, self.executor.dtype, self.executor.device,
                     config.parallel.tensor_parallel_size, num_blocks, config.cache.block_size,
@@ -174,7 +183,7 @@ class Engine:
         A retry recomputes the same tokens into the same cache slots (blocks are only
         registered for reuse once a step that computed them is updated), each retry reads
         its inputs from the host (the failed step's device outputs are gone), and seeded
-        requests rebuild their generators, replaying earlier draws, so every surviving
+        requests draw by (seed, position), so every surviving
         sequence gets the tokens the failed step would have given it."""
         logger.error("step failed (%r); isolating the failing request(s) among %d",
                      error, len(plan.seqs))
@@ -215,7 +224,7 @@ class Engine:
 
     def _finish_step(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         requests = self.scheduler.requests_of(plan)
-        self._account(plan, requests)
+        self._account(plan, requests, result)
         updated = self.scheduler.update(plan, result)
         return self.outputs.process(plan, result, updated)
 
@@ -225,7 +234,7 @@ class Engine:
         return any(s.sample and r.sampling_params.has_penalties
                    for s, r in zip(plan.seqs, self.scheduler.requests_of(plan)))
 
-    def _account(self, plan: StepPlan, requests: list[Request]) -> None:
+    def _account(self, plan: StepPlan, requests: list[Request], result: StepResult) -> None:
         """Count a step before its update (requests: the plan's, aligned with its seqs)."""
         self._step += 1
         self._last_split = split_step_tokens(plan, requests)
@@ -233,7 +242,17 @@ class Engine:
         # tokens), so this counts each prompt once.
         self._prompt_tokens += sum(r.num_prompt_tokens for s, r in zip(plan.seqs, requests)
                                    if s.sample and not r.is_finished and not r.output_token_ids)
-        self._generation_tokens += sum(1 for s in plan.seqs if s.sample)
+        self._generation_tokens += sum(len(t) for t in result.sampled_token_ids)
+        for seq, tokens in zip(plan.seqs, result.sampled_token_ids):
+            if seq.spec_token_ids and tokens:
+                accepted = len(tokens) - 1
+                self._spec_drafted += len(seq.spec_token_ids)
+                self._spec_accepted += accepted
+                self._spec_steps += 1
+                per = self._spec_per_position
+                per.extend([0] * (len(seq.spec_token_ids) - len(per)))
+                for j in range(accepted):
+                    per[j] += 1
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
@@ -241,5 +260,7 @@ class Engine:
         return EngineStats(self._step, prefill, decode, s.num_running, s.num_waiting,
                            s.num_kv_blocks_used, s.num_kv_blocks_total, s.kv_cache_usage,
                            s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions,
-                           self._prompt_tokens, self._generation_tokens)
+                           self._prompt_tokens, self._generation_tokens,
+                           self._spec_drafted, self._spec_accepted, self._spec_steps,
+                           tuple(self._spec_per_position))
 

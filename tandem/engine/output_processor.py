@@ -79,7 +79,7 @@ class OutputProcessor:
                 continue
             parent, child = entry
             if result.logprobs and result.logprobs[i] is not None and child.logprobs is not None:
-                child.logprobs.append(result.logprobs[i])
+                child.logprobs.extend(result.logprobs[i])
             if result.prompt_logprobs and result.prompt_logprobs[i] is not None:
                 entries = result.prompt_logprobs[i]
                 first = seq.start_pos + 1
@@ -102,16 +102,29 @@ class OutputProcessor:
                 or all(c.request.is_finished for c in p.children)]
 
     def _advance(self, child: ChildState) -> None:
-        """Feed new tokens to the detokenizer; a matched stop string finishes the request."""
+        """Feed new tokens to the detokenizer, one at a time; a matched stop string
+        finishes the request. A step may bring several tokens (speculative decoding): the
+        ones after the token that completed the stop string are dropped, so the output
+        ends exactly where one-token steps would have ended it."""
         req = child.request
         new = req.output_token_ids[child.num_seen:]
-        child.num_seen = len(req.output_token_ids)
-        if child.detok is None or not child.detok.add_tokens(new, finished=req.is_finished):
+        if child.detok is None:
+            child.num_seen = len(req.output_token_ids)
             return
-        if req.is_finished:  # the stop string came with the last token allowed
-            req.finish_reason = FinishReason.STOP
-        else:
-            self.finish(req.request_id, FinishReason.STOP)
+        for j, token in enumerate(new):
+            child.num_seen += 1
+            last = j == len(new) - 1
+            if not child.detok.add_tokens([token], finished=req.is_finished and last):
+                continue
+            if not last:  # tokens past the stop string: never generated, as far as anyone sees
+                del req.output_token_ids[child.num_seen:]
+                if child.logprobs is not None:
+                    del child.logprobs[child.num_seen:]
+            if req.is_finished:  # the stop string came with the last token allowed
+                req.finish_reason = FinishReason.STOP
+            else:
+                self.finish(req.request_id, FinishReason.STOP)
+            return
 
     def aborted_output(self, request_id: str) -> RequestOutput | None:
         """The final output of a user request after `Engine.abort_request`."""

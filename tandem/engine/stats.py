@@ -24,6 +24,23 @@ class EngineStats:
     num_preemptions: int  # cumulative
     prompt_tokens_total: int  # cumulative prompt tokens of requests that produced a token
     generation_tokens_total: int  # cumulative generated tokens
+    # Speculative decoding, cumulative: draft tokens verified, accepted, verify steps of a
+    # request, and accepted drafts by position (index j: the (j+1)-th draft of a step)
+    spec_drafted_total: int = 0
+    spec_accepted_total: int = 0
+    spec_verify_steps_total: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return (self.spec_accepted_total / self.spec_drafted_total
+                if self.spec_drafted_total else 0.0)
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step: accepted drafts + the target's own token."""
+        return (1 + self.spec_accepted_total / self.spec_verify_steps_total
+                if self.spec_verify_steps_total else 0.0)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -32,7 +49,8 @@ class EngineStats:
 
 def split_step_tokens(plan: StepPlan, requests: list[Request]) -> tuple[int, int]:
     """(prefill tokens, decode tokens) of a plan (requests: aligned with its seqs): a decode
-    computes one generated token."""
-    decode = sum(1 for s, r in zip(plan.seqs, requests)
-                 if s.num_new_tokens == 1 and s.start_pos >= r.num_prompt_tokens)
+    computes one generated token, or that and the drafts it verifies."""
+    decode = sum(s.num_new_tokens for s, r in zip(plan.seqs, requests)
+                 if (s.num_new_tokens == 1 or s.spec_token_ids)
+                 and s.start_pos >= r.num_prompt_tokens)
     return plan.num_batched_tokens - decode, decode

@@ -20,7 +20,7 @@ import torch
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.outputs import StepPlan
 from tandem.runner.request_state import RequestState
-from tandem.runner.sampler import SamplingTensors
+from tandem.runner.sampler import SamplingTensors, row_seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,8 @@ class ModelInputs:
     prompt_lp_spans: list[tuple[int, int, int]]  # (seq index, first logits row, count)
     inflight_rows: torch.Tensor | None = None  # (I,) rows whose input id is in flight
     inflight_src: torch.Tensor | None = None  # (I,) their rows in the previous step's output
+    # rows of logits per sampling seq (aligned with sample_rows): 1, or 1 + its drafts
+    sample_counts: list[int] | None = None
 
 
 # Steps of at most this many tokens (every decode-only step up to 256 sequences) compute
@@ -61,6 +63,7 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
     seq_lens: list[int] = []
     query_lens: list[int] = []
     sample_rows: list[int] = []
+    sample_counts: list[int] = []
     sample_idx: list[int] = []
     prompt_rows: list[int] = []
     spans: list[tuple[int, int, int]] = []
@@ -75,6 +78,9 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
             src.append(inflight_src[seq.request_id])
         elif seq.num_new_tokens == 1:
             ids.append(req.token_ids[start])
+        elif seq.spec_token_ids:  # known tokens, then the drafts to verify
+            ids.extend(req.token_ids[start:end - len(seq.spec_token_ids)])
+            ids.extend(seq.spec_token_ids)
         else:
             ids.extend(req.token_ids[start:end])
         tables_of.append(req.block_ids)
@@ -82,9 +88,12 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
         query_start.append(row0 + seq.num_new_tokens)
         query_lens.append(seq.num_new_tokens)
         seq_lens.append(end)
-        if seq.sample:
+        if seq.sample:  # the last row, and with drafts the row before each of them
             sample_rows.append(i)
-            sample_idx.append(row0 + seq.num_new_tokens - 1)
+            count = 1 + len(seq.spec_token_ids)
+            sample_counts.append(count)
+            sample_idx.extend(range(row0 + seq.num_new_tokens - count,
+                                    row0 + seq.num_new_tokens))
         if req.params.prompt_logprobs is not None:
             # Row p predicts prompt token p + 1; only rows before the last prompt token count.
             last = min(end, req.num_prompt_tokens - 1)
@@ -148,7 +157,8 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
         block_size=block_size)
     return ModelInputs(longs[:t], positions, meta, sample_rows, longs[t + num_seqs:tail], spans,
                        longs[tail:tail + len(dst)] if dst else None,
-                       longs[tail + len(dst):tail + 2 * len(dst)] if dst else None)
+                       longs[tail + len(dst):tail + 2 * len(dst)] if dst else None,
+                       sample_counts)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -157,27 +167,32 @@ def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tens
 
 
 def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
-                           sample_rows: list[int], vocab_size: int, device: torch.device
-                           ) -> SamplingTensors | None:
-    """The rows' sampling tensors; None when every row is plain greedy (temperature 0, no
-    logprobs, penalties or min_tokens bans pending): the sampler then needs only an argmax,
-    and the step no copy or kernel for parameters it would not read."""
-    seqs = [plan.seqs[i] for i in sample_rows]
+                           sample_rows: list[int], vocab_size: int, device: torch.device,
+                           sample_counts: list[int] | None = None) -> SamplingTensors | None:
+    """The sampling tensors of the logits rows: sample_counts[j] rows for seq sample_rows[j]
+    (default 1), sampling the tokens at positions end_pos - count + 1 .. end_pos. None when
+    every row is plain greedy (temperature 0, no logprobs, penalties or min_tokens bans
+    pending): the sampler then needs only an argmax, and the step no copy or kernel for
+    parameters it would not read."""
+    counts = sample_counts or [1] * len(sample_rows)
+    seqs = [plan.seqs[i] for i, c in zip(sample_rows, counts) for _ in range(c)]
+    positions = [plan.seqs[i].end_pos - c + 1 + j for i, c in zip(sample_rows, counts)
+                 for j in range(c)]
     reqs = [states[s.request_id] for s in seqs]
     params = [r.params for r in reqs]
     if all(p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
-           and (p.min_tokens == 0 or s.end_pos - r.num_prompt_tokens >= p.min_tokens)
-           for s, r, p in zip(seqs, reqs, params)):
+           and (p.min_tokens == 0 or pos - r.num_prompt_tokens >= p.min_tokens)
+           for pos, r, p in zip(positions, reqs, params)):
         return None
     f32 = torch.float32
     penalize = any(p.has_penalties for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)
     if penalize and any(s.inflight_input for s in seqs):  # the engine drains first
         raise RuntimeError("penalties need every earlier token on the host")
-    # Outputs before this sample: the sampled token lands at position end_pos.
+    # Outputs before this sample: the sampled token lands at position pos.
     banned = [sorted(set(r.eos_token_ids) | set(r.params.stop_token_ids))
-              if s.end_pos - r.num_prompt_tokens < r.params.min_tokens else []
-              for s, r in zip(seqs, reqs)]
+              if pos - r.num_prompt_tokens < r.params.min_tokens else []
+              for pos, r in zip(positions, reqs)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
     # One host-to-device copy for all per-row floats: (N, 7) -> 7 rows.
     table = _to([r.sampling_row for r in reqs], f32, device).t()
@@ -191,7 +206,8 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
         prompt_tokens=_padded([r.prompt_token_ids for r in reqs], vocab_size, device)
         if repetition else None,
         banned_tokens=_padded(banned, vocab_size, device) if any(banned) else None,
-        generators=[r.generator for r in reqs],
+        seeds=[row_seed(p.seed, pos) if p.seed is not None else None
+               for pos, p in zip(positions, params)],
         all_greedy=all(p.temperature == 0.0 for p in params),
         any_top_k=any(0 < p.top_k < vocab_size for p in params),
         any_top_p=any(p.top_p < 1.0 for p in params),

@@ -41,6 +41,7 @@ from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, kv_cach
                                      num_blocks_for)
 from tandem.runner.request_state import RequestState, apply_plan
 from tandem.runner.sampler import Sampler
+from tandem.spec_decode.verify import SyntheticAcceptance, accepted_length
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,16 @@ class ModelRunner:
         self._last_ids: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
         self.fault_token_id = envs.fault_token_id()
+        spec = config.scheduler.speculative_config
+        self.proposer = None
+        self.num_spec_tokens = 0
+        self.synthetic = None
+        if spec is not None:
+            from tandem.spec_decode import make_proposer
+            self.proposer = make_proposer(spec, config, self)
+            self.num_spec_tokens = spec.num_speculative_tokens
+            if spec.synthetic_acceptance_rate is not None:
+                self.synthetic = SyntheticAcceptance(spec.synthetic_acceptance_rate)
 
     # ---- KV pool -------------------------------------------------------------------------
     @property
@@ -239,6 +250,9 @@ class ModelRunner:
         apply_plan(self.states, plan)
         last_ids, last_rows = self._last_ids, self._last_rows
         self._last_ids, self._last_rows = None, {}
+        if self.proposer is not None:
+            for rid in plan.finished_request_ids:
+                self.proposer.finish(rid)
         if plan.is_empty:
             return Launched(plan)
         inputs = build_model_inputs(plan, self.states, self.block_size, self.device, last_rows)
@@ -249,7 +263,7 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        num_sampled = len(inputs.sample_rows)
+        num_sampled = sum(inputs.sample_counts)  # logits rows that sample
         states = [self.states[s.request_id] for s in plan.seqs]
         out = Launched(plan, inputs, logits=logits if inputs.prompt_lp_spans else None,
                        params=[st.params for st in states])
@@ -259,11 +273,12 @@ class ModelRunner:
         if num_sampled:
             if self.fault_token_id is not None:
                 self._inject_fault(plan, inputs.sample_rows)
-            self._make_generators(plan, inputs)
             tensors = build_sampling_tensors(plan, self.states, inputs.sample_rows,
-                                             self.vocab_size, self.device)
+                                             self.vocab_size, self.device,
+                                             inputs.sample_counts)
             sampled = self.sampler(logits[:num_sampled], tensors)
             self._last_ids = sampled.token_ids
+            # (async scheduling only: one row per seq, speculation runs synchronously)
             self._last_rows = {plan.seqs[i].request_id: row
                                for row, i in enumerate(inputs.sample_rows)}
             out.host = tuple(_to_host(t) for t in (sampled.token_ids, sampled.logprobs,
@@ -277,24 +292,10 @@ class ModelRunner:
     def collect(self, launched: Launched) -> StepResult:
         """Wait for a launched step's sampled tokens (the step's one host sync)."""
         if launched.inputs is None:
-            return StepResult([], [], [])
+            return StepResult([], [], [], [] if self.proposer is not None else None)
         if launched.event is not None:
             launched.event.synchronize()
         return self._to_result(launched)
-
-    def _make_generators(self, plan: StepPlan, inputs: ModelInputs) -> None:
-        for i in inputs.sample_rows:
-            seq = plan.seqs[i]
-            state = self.states[seq.request_id]
-            seed = state.params.seed
-            if seed is not None and state.generator is None:
-                g = state.generator = torch.Generator(device=self.device)
-                g.manual_seed(seed)
-                # A recomputed (preempted) or retried request replays its earlier draws
-                # (one per output token before this one) so its remaining samples match
-                # an uninterrupted run.
-                for _ in range(seq.end_pos - state.num_prompt_tokens):
-                    torch.empty(self.vocab_size, device=self.device).exponential_(generator=g)
 
     def _inject_fault(self, plan: StepPlan, sample_rows: list[int]) -> None:
         for i in sample_rows:
@@ -305,26 +306,55 @@ class ModelRunner:
     def _to_result(self, launched: Launched) -> StepResult:
         plan, inputs, logits = launched.plan, launched.inputs, launched.logits
         n = len(plan.seqs)
-        tokens: list[int | None] = [None] * n
-        logprobs: list[Logprobs | None] = [None] * n
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[Logprobs] | None] = [None] * n
         if launched.host:
             ids = launched.host[0].tolist()
             lp_vals = launched.host[1].tolist() if len(launched.host) > 1 else None
             lp_ids = launched.host[2].tolist() if lp_vals is not None else None
-            for row, i in enumerate(inputs.sample_rows):
-                tokens[i] = ids[row]
+            row = 0
+            for i, count in zip(inputs.sample_rows, inputs.sample_counts):
+                rows = range(row, row + count)
+                row += count
+                drafts = plan.seqs[i].spec_token_ids
+                # The target's samples at the rows: accept drafts while they agree, then
+                # the target's own token (lossless: verify.py).
+                if self.synthetic is not None and drafts:
+                    a = self.synthetic.accepted(len(drafts))
+                    emitted = drafts[:a] + [ids[rows[a]]]
+                else:
+                    a = accepted_length(drafts, [ids[r] for r in rows])
+                    emitted = [ids[r] for r in rows[:a + 1]]
+                tokens[i] = emitted
                 k = launched.params[i].logprobs
                 if k is not None and lp_vals is not None:
-                    logprobs[i] = dict(zip(lp_ids[row][: k + 1], lp_vals[row][: k + 1]))
+                    logprobs[i] = [dict(zip(lp_ids[r][: k + 1], lp_vals[r][: k + 1]))
+                                   for r in rows[:a + 1]]
         prompt_lps: list[list[Logprobs | None] | None] = [None] * n
         if inputs.prompt_lp_spans:
             for i, row0, count in inputs.prompt_lp_spans:
                 lp = logits[row0:row0 + count].float().log_softmax(dim=-1)
                 prompt_lps[i] = _prompt_logprobs(lp, launched.prompt_targets[i],
                                                  launched.params[i].prompt_logprobs or 0)
-        return StepResult(tokens, logprobs, prompt_lps)
+        return StepResult(tokens, logprobs, prompt_lps, self._propose(plan, tokens))
 
-
+    def _propose(self, plan: StepPlan, tokens: list[list[int]]) -> list[list[int]] | None:
+        """The proposer's guesses after each sampling seq's emitted tokens (speculative
+        decoding; the scheduler decides how many of them the next step verifies)."""
+        if self.proposer is None:
+            return None
+        rows = [i for i, t in enumerate(tokens) if t]
+        drafts: list[list[int]] = [[] for _ in tokens]
+        if rows:
+            rids = [plan.seqs[i].request_id for i in rows]
+            # The runner's tokens end at the seq's last known input; then what it emitted.
+            histories = [self.states[rid].token_ids[:plan.seqs[i].end_pos
+                                                    - len(plan.seqs[i].spec_token_ids)]
+                         + tokens[i] for rid, i in zip(rids, rows)]
+            for i, guess in zip(rows, self.proposer.propose(rids, histories,
+                                                            self.num_spec_tokens)):
+                drafts[i] = guess
+        return drafts
 
 def _prompt_logprobs(lp: torch.Tensor, target_ids: list[int], k: int) -> list[Logprobs | None]:
     """lp: (count, vocab) log-probs whose row r predicts target_ids[r]; each entry holds the

@@ -8,7 +8,7 @@ scheduler's objects:
     NewRequestData     -> RequestState(token_ids = prompt, block_ids = [])
     seq.new_token_ids  -> token_ids[seq.tokens_from:] = new_token_ids
     seq.new_block_ids  -> block_ids[seq.blocks_from:] = new_block_ids
-    finished ids       -> state dropped (its generator too)
+    finished ids       -> state dropped
 
 `token_ids` may lag one token behind a decode's input: the token still being sampled by
 the previous step (`ScheduledSeq.inflight_input`) is read from the device instead.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from tandem.outputs import StepPlan
 from tandem.request import SamplingParams
@@ -36,7 +35,6 @@ class RequestState:
     # temperature, top_k (0: off; capped at 2**24, beyond any vocabulary and exact in
     # float32), top_p, min_p, repetition, presence, frequency penalty.
     sampling_row: tuple[float, ...]
-    generator: torch.Generator | None = None  # seeded requests, made on the first sample
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -69,5 +67,3 @@ def apply_plan(states: dict[str, RequestState], plan: StepPlan) -> None:
         if seq.new_block_ids or seq.blocks_from < len(state.block_ids):
             del state.block_ids[seq.blocks_from:]
             state.block_ids += seq.new_block_ids
-        if plan.retry:
-            state.generator = None  # rebuilt, replaying earlier draws

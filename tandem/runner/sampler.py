@@ -5,8 +5,12 @@ Order of operations (the same as vLLM's, so outputs are comparable):
     min_tokens: ban EOS / stop tokens  -> penalties (repetition, presence, frequency)
     greedy rows: argmax                -> other rows: / temperature, top-k, top-p, min-p masks
     sample by the exponential race: argmax(p / q), q ~ Exp(1)   (== a draw from p)
-The race needs only one random vector per row, so a seeded request draws its row from its
-own generator and its samples do not depend on what else is in the batch.
+The race needs only one random vector per row. A seeded request's row draws it from a
+generator seeded with (the request's seed, the position of the token it samples), so its
+samples depend neither on what else is in the batch nor on how its tokens were grouped into
+steps: a preempted and recomputed request, a retried step, or speculative decoding (which
+samples several positions per step and throws some away) all draw the same vector for the
+same position.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class SamplingTensors:
     output_tokens: torch.Tensor | None  # (N, L) int64 padded with vocab_size; None: no penalties
     prompt_tokens: torch.Tensor | None  # (N, P) int64 padded with vocab_size (repetition only)
     banned_tokens: torch.Tensor | None  # (N, B) int64 padded with vocab_size (min_tokens)
-    generators: list[torch.Generator | None]  # per row: the request's own generator, if seeded
+    seeds: list[int | None]  # per row: the seed of its draw (seeded requests), else None
     all_greedy: bool
     any_top_k: bool
     any_top_p: bool
@@ -95,11 +99,22 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.T
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
 
-def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]
-                       ) -> torch.Tensor:
+def row_seed(seed: int, position: int) -> int:
+    """The seed of the draw for the token at `position` of a request seeded with `seed`."""
+    return (seed * 6364136223846793005 + position * 1442695040888963407 + 1) % (1 << 63)
+
+
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _exponential_noise(probs: torch.Tensor, seeds: list[int | None]) -> torch.Tensor:
     q = torch.empty_like(probs).exponential_()
-    for i, g in enumerate(generators):
-        if g is not None:  # a seeded row draws from its own stream only
+    for i, seed in enumerate(seeds):
+        if seed is not None:  # a seeded row draws from its own (seed, position) stream
+            g = _GENERATORS.get(probs.device)
+            if g is None:
+                g = _GENERATORS[probs.device] = torch.Generator(device=probs.device)
+            g.manual_seed(seed)
             q[i].exponential_(generator=g)
     return q
 
@@ -133,7 +148,7 @@ class Sampler:
             temp = torch.where(t.temperature > 0, t.temperature, torch.ones_like(t.temperature))
             scaled = apply_top_k_top_p_min_p(logits / temp.unsqueeze(1), t)
             probs = scaled.softmax(dim=-1)
-            sampled = ops.argmax(probs / _exponential_noise(probs, t.generators))
+            sampled = ops.argmax(probs / _exponential_noise(probs, t.seeds))
             tokens = torch.where(t.temperature > 0, sampled, greedy)
         if raw_logprobs is None:
             return SamplerOutput(tokens, None, None)

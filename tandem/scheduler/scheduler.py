@@ -114,6 +114,8 @@ class Scheduler:
             num_new = min(request.num_tokens + request.num_inflight_tokens
                           - request.num_computed_tokens, budget)
             assert num_new >= 1, f"running request {request.request_id} has nothing to compute"
+            spec = self._drafts_to_verify(request, budget - num_new)
+            num_new += len(spec)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()  # most recently admitted; never one scheduled above
                 self._preempt(victim)
@@ -122,7 +124,7 @@ class Scheduler:
                     break
             else:
                 scheduled.append(self._schedule_seq(request, request.num_computed_tokens,
-                                                    num_new, new))
+                                                    num_new, new, spec))
                 budget -= num_new
                 i += 1
 
@@ -189,11 +191,34 @@ class Scheduler:
         return self._register(seqs, live, new_requests=news, retry=True,
                               num_batched_tokens=sum(s.num_new_tokens for s in seqs))
 
+    def _drafts_to_verify(self, request: Request, room: int) -> list[int]:
+        """The guesses a decoding request verifies this step: its proposer's, cut to the
+        token budget left (`room`), and to what could still be emitted (max_tokens,
+        max_model_len, the pool): a step emits at most len(drafts) + 1 tokens."""
+        spec = request.spec_token_ids
+        if not spec or request.num_computed_tokens != request.num_tokens - 1:
+            return []
+        params = request.sampling_params
+        # Penalties and min_tokens bans depend on every earlier token of a row, drafts
+        # included: such requests decode one token a step.
+        if params.has_penalties or len(request.output_token_ids) < params.min_tokens:
+            return []
+        left = room
+        if params.max_tokens is not None:
+            left = min(left, params.max_tokens - len(request.output_token_ids) - 1)
+        if self.config.max_model_len:
+            left = min(left, self.config.max_model_len - request.num_tokens - 1)
+        while left > 0 and not self._fits_in_pool(request.num_tokens + left):
+            left -= 1
+        return spec[:max(left, 0)]
+
     def _schedule_seq(self, request: Request, start_pos: int, num_new: int,
-                      new: list[NewRequestData]) -> tuple[ScheduledSeq, Request]:
+                      new: list[NewRequestData], spec: list[int] | None = None
+                      ) -> tuple[ScheduledSeq, Request]:
+        spec = spec or []
         end = start_pos + num_new
         request.num_computed_tokens = end  # computed by the time update runs
-        sample = end == request.num_tokens + request.num_inflight_tokens
+        sample = end - len(spec) == request.num_tokens + request.num_inflight_tokens
         if request.num_sent_tokens == 0:  # the runner has never seen it
             new.append(NewRequestData(request.request_id, request.prompt_token_ids,
                                       request.sampling_params, sorted(request.eos_token_ids)))
@@ -204,12 +229,14 @@ class Scheduler:
             start_pos=start_pos,
             num_new_tokens=num_new,
             sample=sample,
-            inflight_input=end > request.num_tokens,
+            inflight_input=end - len(spec) > request.num_tokens,
             tokens_from=request.num_sent_tokens,
             new_token_ids=request.all_token_ids[request.num_sent_tokens:],
             blocks_from=request.num_sent_blocks,
             new_block_ids=list(table[request.num_sent_blocks:]),
+            spec_token_ids=list(spec),
         )
+        request.spec_token_ids = []
         request.num_sent_tokens = request.num_tokens
         request.num_sent_blocks = len(table)
         request.num_inflight_tokens += sample
@@ -230,6 +257,7 @@ class Scheduler:
         + output (its registered blocks may still be prefix hits then)."""
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_sent_blocks = 0  # its next plan sends a whole new block table
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -239,33 +267,55 @@ class Scheduler:
     # ---- update -------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Apply one step's result. Returns the requests that got a token or finished, each
+        """Apply one step's result. Returns the requests that got tokens or finished, each
         once, in plan order. Seqs whose request was aborted or finished since `schedule`
-        are skipped; one preempted since (async scheduling) still gets its token."""
+        are skipped; one preempted since (async scheduling) still gets its token.
+
+        Speculation: a seq that verified k drafts emits 1..k+1 tokens, appended one at a
+        time with the stop checks of each (so EOS, a stop token or max_tokens inside an
+        accepted run cut it exactly where plain decoding would); the K/V of the rejected
+        drafts' positions is rolled back (num_computed_tokens), so only verified tokens
+        are ever computed-and-known, and only those reach the prefix cache."""
         touched: list[Request] = []
         requests = self._planned.pop(plan.step_id)
-        for seq, request, token in zip(plan.seqs, requests, result.sampled_token_ids,
-                                       strict=True):
+        drafts = result.draft_token_ids
+        for i, (seq, request, tokens) in enumerate(zip(plan.seqs, requests,
+                                                       result.sampled_token_ids,
+                                                       strict=True)):
             if seq.sample:
                 request.num_inflight_tokens -= 1
             if request.status is RequestStatus.FINISHED:
                 continue
+            end = seq.end_pos
             if seq.sample:
-                if token is None:
-                    raise ValueError(f"no sampled token for request {request.request_id}")
-                request.output_token_ids.append(token)
+                if not tokens or len(tokens) > len(seq.spec_token_ids) + 1:
+                    raise ValueError(f"request {request.request_id}: {len(tokens)} tokens "
+                                     f"for a step verifying {len(seq.spec_token_ids)}")
+                rejected = len(seq.spec_token_ids) + 1 - len(tokens)
+                end -= rejected
+                if seq.spec_token_ids:
+                    request.num_drafted += len(seq.spec_token_ids)
+                    request.num_accepted += len(tokens) - 1
+                    if request.status is RequestStatus.RUNNING:
+                        request.num_computed_tokens -= rejected
                 if request.first_token_time is None:
                     request.first_token_time = time.time()
             if request.status is RequestStatus.RUNNING:
                 # Before a finish frees the blocks, so even a finishing request leaves its
                 # full blocks in the cache. Only through this step's end: with async
                 # scheduling num_computed_tokens already counts the next (unrun) step.
-                self.kv.cache_full_blocks(request, seq.end_pos)
+                self.kv.cache_full_blocks(request, end)
             if not seq.sample:
                 continue
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self._finish(request, reason)
+            for token in tokens:
+                request.output_token_ids.append(token)
+                reason = self._stop_reason(request, token)
+                if reason is not None:
+                    self._finish(request, reason)
+                    break
+            else:
+                if drafts is not None and request.status is RequestStatus.RUNNING:
+                    request.spec_token_ids = list(drafts[i])
             touched.append(request)
         return touched
 

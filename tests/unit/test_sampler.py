@@ -9,13 +9,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tandem.runner.sampler import Sampler, SamplingTensors
+from tandem.runner.sampler import row_seed, Sampler, SamplingTensors
 
 VOCAB = 8
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
 
 
-def _tensors(n: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generators=None,
+def _tensors(n: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None,
              max_logprobs=-1, **extra) -> SamplingTensors:
     full = lambda v, dt=torch.float32: torch.full((n,), v, dtype=dt)  # noqa: E731
     return SamplingTensors(
@@ -25,7 +25,7 @@ def _tensors(n: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generators=
         presence_penalty=full(extra.get("presence", 0.0)),
         frequency_penalty=full(extra.get("frequency", 0.0)),
         output_tokens=extra.get("output_tokens"), prompt_tokens=extra.get("prompt_tokens"),
-        banned_tokens=extra.get("banned"), generators=generators or [None] * n,
+        banned_tokens=extra.get("banned"), seeds=seeds or [None] * n,
         all_greedy=temperature == 0.0, any_top_k=0 < top_k < VOCAB, any_top_p=top_p < 1.0,
         any_min_p=min_p > 0.0, max_logprobs=max_logprobs)
 
@@ -82,20 +82,23 @@ def test_greedy_is_argmax_and_temperature_zero_rows_mix():
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
-    def draw(batch: int, row: int) -> list[int]:
-        g = torch.Generator().manual_seed(1234)
-        gens = [None] * batch
-        gens[row] = g
+    """A seeded row's draw is a function of (seed, position) only: neither the batch nor
+    the other rows, nor how many steps drew before, change it."""
+    def draw(batch: int, row: int, positions) -> list[int]:
         out = []
-        for _ in range(20):
+        for pos in positions:
+            seeds = [None] * batch
+            seeds[row] = row_seed(1234, pos)
             logits = torch.randn(batch, VOCAB)  # other rows change freely
             logits[row] = LOGITS
-            out.append(Sampler(VOCAB)(logits, _tensors(batch, generators=gens)).token_ids[row])
-        return [int(x) for x in out]
+            out.append(int(Sampler(VOCAB)(logits, _tensors(batch, seeds=seeds)).token_ids[row]))
+        return out
 
-    alone = draw(1, 0)
-    assert draw(7, 3) == alone and draw(32, 31) == alone
+    alone = draw(1, 0, range(20))
+    assert draw(7, 3, range(20)) == alone and draw(32, 31, range(20)) == alone
+    assert draw(4, 2, range(10, 20)) == alone[10:]  # a later start: same draws there
     assert len(set(alone)) > 1  # really sampled, not greedy
+    assert row_seed(1234, 5) != row_seed(1234, 6) != row_seed(1235, 6)
 
 
 def test_penalties_match_reference():

@@ -31,7 +31,7 @@ def make_request(rid: str, prompt: list[int] | int, max_tokens: int | None = 4,
 
 def result_for(plan: StepPlan, token: int = 7) -> StepResult:
     n = len(plan.seqs)
-    return StepResult([token if s.sample else None for s in plan.seqs], [None] * n, [None] * n)
+    return StepResult([[token] if s.sample else [] for s in plan.seqs], [None] * n, [None] * n)
 
 
 def step(sched: Scheduler, token: int = 7) -> tuple[StepPlan, list[Request]]:

@@ -153,7 +153,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def _update(self, plan, tokens: list[int | None]) -> None:
         sched, cfg, n = self.sched, self.sched.config, len(plan.seqs)
         sampled = {id(r) for s, r in zip(plan.seqs, sched.requests_of(plan)) if s.sample}
-        touched = sched.update(plan, StepResult(tokens, [None] * n, [None] * n))
+        touched = sched.update(plan, StepResult([[t] if t is not None else [] for t in tokens],
+                                                [None] * n, [None] * n))
         assert len({id(r) for r in touched}) == len(touched)
         for r in touched:
             assert id(r) in sampled and r.finish_reason is not FinishReason.ABORT

@@ -27,7 +27,8 @@ def test_plan_and_result_round_trip_through_msgpack():
     back = codec.decode(codec.encode(LaunchStep(plan)))
     assert back == LaunchStep(plan)
     assert back.plan.new_requests[0].sampling_params.output_kind is RequestOutputKind.DELTA
-    result = StepResult([5, None], [{5: -0.1, 7: -2.5}, None], [None, [None, {3: -1.0}]])
+    result = StepResult([[5, 6], []], [[{5: -0.1, 7: -2.5}, {6: -0.2}], None],
+                        [None, [None, {3: -1.0}]], [[1, 2, 3], []])
     assert codec.decode(codec.encode(StepDone(0, result))) == StepDone(0, result)
     for message in (InitKVCache(10), WorkerFailed(1, "boom", True)):
         assert codec.decode(codec.encode(message)) == message
