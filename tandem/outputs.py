@@ -71,8 +71,10 @@ class StepPlan:
     # the runner drops their state (scheduler)
     preempted_request_ids: list[str] = field(default_factory=list)  # preempted this step
     step_id: int = 0  # the scheduler's sequence number, naming the plan for `update`
-    retry: bool = False  # a failed step's sequences run again (engine): the runner rebuilds
-    # their seeded generators, so the retry draws what the failed step would have
+    retry: bool = False  # a failed step's sequences run again (engine); seeded draws go
+    # by (seed, position), so the retry draws what the failed step would have
+    num_spec_tokens: int = 0  # guesses the runner's proposer makes after this step, per
+    # sampling request (speculative decoding; 0: none)
 
     @property
     def is_empty(self) -> bool:

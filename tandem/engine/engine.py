@@ -34,6 +34,7 @@ from tandem.executor import Executor, ExecutorDead
 from tandem.outputs import RequestOutput, StepPlan, StepResult
 from tandem.request import FinishReason, Request, SamplingParams
 from tandem.scheduler import Scheduler
+from tandem.spec_decode.switch import SpecSwitch, StepCosts
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,13 @@ class Engine:
                 f"or give the cache more memory (num_kv_blocks, gpu_memory_utilization, "
                 f"cpu_kv_cache_gib)")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        spec = config.scheduler.speculative_config
+        if spec is not None:
+            costs = self.executor.spec_costs
+            self.scheduler.spec_switch = SpecSwitch(
+                spec.num_speculative_tokens,
+                StepCosts({int(r): t for r, t in costs.get("verify", {}).items()},
+                          {int(r): t for r, t in costs.get("draft", {}).items()}))
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling
@@ -151,6 +159,7 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if not self.async_scheduling:
+            t0 = time.perf_counter()
             plan = self.scheduler.schedule()
             try:
                 result = self.executor.execute(plan)
@@ -158,7 +167,10 @@ class Engine:
                 raise
             except Exception as e:
                 return self._isolate_failure(plan, e)
-            return self._finish_step(plan, result)
+            outputs = self._finish_step(plan, result)
+            if self.scheduler.spec_switch is not None and not plan.is_empty:
+                self.scheduler.spec_switch.step_time(time.perf_counter() - t0)
+            return outputs
         outputs: list[RequestOutput] = []
         if self._inflight is not None and self._needs_host_tokens(self._inflight[0]):
             outputs = self._collect()

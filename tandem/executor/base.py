@@ -33,6 +33,9 @@ class Executor:
     num_blocks: int  # KV blocks in the pool (every rank holds this many)
     block_bytes: int  # bytes per KV block on one rank
     runner: Any = None  # the in-process ModelRunner (UniProcExecutor only)
+    # rank 0's profiled step costs for speculative decoding ({"verify": {rows: s}, "draft":
+    # ...}; empty when speculation is off), read by the engine's switch
+    spec_costs: dict = {}
 
     @staticmethod
     def create(config: EngineConfig) -> Executor:

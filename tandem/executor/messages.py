@@ -65,6 +65,7 @@ class InitKVCache:
 @dataclass(frozen=True, slots=True)
 class KVCacheReady:
     rank: int
+    spec_costs: dict | None = None  # ModelRunner.profile_spec_costs() (speculation only)
 
 
 @register

@@ -111,7 +111,8 @@ class MultiProcExecutor(Executor):
         logger.info("KV blocks per rank: %s; the pool takes the minimum, %d",
                     [ready[r].num_blocks for r in sorted(ready)], self.num_blocks)
         self._broadcast(InitKVCache(self.num_blocks))
-        self._gather(KVCacheReady, deadline, "allocate the KV cache")
+        ready = self._gather(KVCacheReady, deadline, "allocate the KV cache")
+        self.spec_costs = ready[0].spec_costs or {}
 
     # ---- steps -----------------------------------------------------------------------------
     def launch(self, plan: StepPlan) -> StepPlan:

@@ -14,6 +14,7 @@ class UniProcExecutor(Executor):
         self.runner.init_kv_cache(self.runner.available_kv_blocks())
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.num_blocks, self.block_bytes = self.runner.num_blocks, self.runner.block_bytes
+        self.spec_costs = self.runner.profile_spec_costs()
 
     def launch(self, plan: StepPlan) -> Launched:
         return self.runner.launch(plan)

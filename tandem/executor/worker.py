@@ -74,7 +74,7 @@ class Worker:
                 self._collect(pending.popleft())
             elif isinstance(message, InitKVCache):
                 self.runner.init_kv_cache(message.num_blocks)
-                self.send(KVCacheReady(self.rank))
+                self.send(KVCacheReady(self.rank, self.runner.profile_spec_costs()))
             elif isinstance(message, Shutdown):
                 return 0
             else:

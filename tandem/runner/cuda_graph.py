@@ -9,8 +9,10 @@ step copies into, and a batch is padded up to the next captured size:
     seq_len     their lengths      1 (attends to one dummy position)
 
 Only backends whose decode path reads lengths and block tables from device tensors, with
-launch sizes fixed by the batch size, can be captured (`supports_cuda_graphs`). Prefill
-chunks and batches larger than the largest size run eagerly. Logits and sampling run
+launch sizes fixed by the batch size, can be captured (`supports_cuda_graphs`). A
+speculative verify step is one too: each of its rows is a one-token query of its own
+(runner/input_batch.py), so the graph of (rows) serves (batch, k + 1). Prefill chunks and
+batches larger than the largest size run eagerly. Logits and sampling run
 outside the graph.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from tandem.layers.attention_metadata import AttentionMetadata
-from tandem.outputs import StepPlan
 from tandem.runner.input_batch import ModelInputs
 
 _SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
@@ -68,9 +69,10 @@ class CudaGraphRunner:
             self.graphs[b] = graph
         torch.cuda.synchronize()
 
-    def can_run(self, plan: StepPlan) -> bool:
-        return (0 < len(plan.seqs) <= self.sizes[-1]
-                and plan.num_batched_tokens == len(plan.seqs))
+    def can_run(self, inputs: ModelInputs) -> bool:
+        """One-token queries only (decodes, and the rows of verifying seqs), few enough."""
+        meta = inputs.attn_metadata
+        return 0 < meta.num_seqs <= self.sizes[-1] and meta.num_tokens == meta.num_seqs
 
     def run(self, inputs: ModelInputs) -> torch.Tensor:
         """hidden states (B, hidden) of a decode-only step, through the captured graph."""

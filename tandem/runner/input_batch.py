@@ -83,11 +83,21 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
             ids.extend(seq.spec_token_ids)
         else:
             ids.extend(req.token_ids[start:end])
-        tables_of.append(req.block_ids)
-        starts.append(start)
-        query_start.append(row0 + seq.num_new_tokens)
-        query_lens.append(seq.num_new_tokens)
-        seq_lens.append(end)
+        if seq.spec_token_ids:
+            # Each verified row attends as its own one-token query over the positions up to
+            # it: every backend's decode kernel (and a decode CUDA graph) runs the verify.
+            for j in range(seq.num_new_tokens):
+                tables_of.append(req.block_ids)
+                starts.append(start + j)
+                query_start.append(row0 + j + 1)
+                query_lens.append(1)
+                seq_lens.append(start + j + 1)
+        else:
+            tables_of.append(req.block_ids)
+            starts.append(start)
+            query_start.append(row0 + seq.num_new_tokens)
+            query_lens.append(seq.num_new_tokens)
+            seq_lens.append(end)
         if seq.sample:  # the last row, and with drafts the row before each of them
             sample_rows.append(i)
             count = 1 + len(seq.spec_token_ids)
@@ -106,7 +116,7 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
     spans = [(i, n + r, c) for i, r, c in spans]  # prompt rows follow the sampled rows
     # Two host-to-device copies per step: every int64 array in one, every int32 in another.
     t = len(ids)
-    num_seqs = len(plan.seqs)
+    num_seqs = len(starts)  # attention sequences: a verifying seq counts once a row
     num_lp = len(prompt_rows)
     host = t <= HOST_POSITIONS_MAX
     extra: list[int] = []

@@ -153,7 +153,8 @@ class ModelRunner:
         if (cuda and not self.config.model.enforce_eager
                 and getattr(backend, "supports_cuda_graphs", False)):
             sched = self.config.scheduler
-            self.graphs = CudaGraphRunner(m, min(sched.max_num_seqs, 512), sched.max_model_len,
+            rows = sched.max_num_seqs * (1 + self.num_spec_tokens)  # verify rows count too
+            self.graphs = CudaGraphRunner(m, min(rows, 512), sched.max_model_len,
                                           self.block_size, self.num_blocks, self.device)
             self.graphs.capture()
             logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
@@ -258,7 +259,7 @@ class ModelRunner:
         inputs = build_model_inputs(plan, self.states, self.block_size, self.device, last_rows)
         if inputs.inflight_rows is not None:
             inputs.input_ids[inputs.inflight_rows] = last_ids[inputs.inflight_src]
-        if self.graphs is not None and self.graphs.can_run(plan):
+        if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
@@ -345,16 +346,59 @@ class ModelRunner:
             return None
         rows = [i for i, t in enumerate(tokens) if t]
         drafts: list[list[int]] = [[] for _ in tokens]
-        if rows:
+        k = min(plan.num_spec_tokens, self.num_spec_tokens)
+        if rows and k:
             rids = [plan.seqs[i].request_id for i in rows]
             # The runner's tokens end at the seq's last known input; then what it emitted.
             histories = [self.states[rid].token_ids[:plan.seqs[i].end_pos
                                                     - len(plan.seqs[i].spec_token_ids)]
                          + tokens[i] for rid, i in zip(rids, rows)]
-            for i, guess in zip(rows, self.proposer.propose(rids, histories,
-                                                            self.num_spec_tokens)):
+            for i, guess in zip(rows, self.proposer.propose(rids, histories, k)):
                 drafts[i] = guess
         return drafts
+
+    @torch.inference_mode()
+    def profile_spec_costs(self) -> dict[str, dict[int, float]]:
+        """Seconds per step by rows, measured here (spec_decode/switch.py): "verify", the
+        target's forward, logits and argmax over that many one-token queries (through the
+        CUDA graphs where they apply); "draft", one draft-model forward at that batch
+        (host proposers: nothing). Rows at context 1, in the spare block."""
+        if self.proposer is None:
+            return {}
+        sched = self.config.scheduler
+        limit = sched.max_num_seqs * (1 + self.num_spec_tokens)
+        limit = min(limit, 512 if self.device.type == "cuda" else 64)
+        sizes = [1 << i for i in range(10) if 1 << i <= limit]
+        dummy = self.num_blocks * self.block_size  # the spare block's first slot
+        verify, draft = {}, {}
+        for rows in sizes:
+            dev = self.device
+            meta = AttentionMetadata(
+                slot_mapping=torch.full((rows,), dummy, dtype=torch.int64, device=dev),
+                query_start_loc=torch.arange(rows + 1, dtype=torch.int32, device=dev),
+                seq_lens=torch.ones(rows, dtype=torch.int32, device=dev),
+                block_tables=torch.full((rows, 1), self.num_blocks, dtype=torch.int32,
+                                        device=dev),
+                query_lens_cpu=[1] * rows, seq_lens_cpu=[1] * rows, max_query_len=1,
+                max_seq_len=1, block_size=self.block_size)
+            ids = torch.zeros(rows, dtype=torch.int64, device=dev)
+            pos = torch.zeros(rows, dtype=torch.int64, device=dev)
+            fake = ModelInputs(ids, pos, meta, list(range(rows)), pos, [])
+
+            def step() -> None:
+                if self.graphs is not None and self.graphs.can_run(fake):
+                    hidden = self.graphs.run(fake)
+                else:
+                    hidden = self.model(ids, pos, meta)
+                self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+            verify[rows] = _best_time(step)
+            cost = getattr(self.proposer, "step_cost", None)
+            if cost is not None:
+                draft[rows] = cost(rows)
+        logger.info("speculative decoding step costs (ms by rows): verify %s, draft %s",
+                    {r: round(t * 1e3, 2) for r, t in verify.items()},
+                    {r: round(t * 1e3, 2) for r, t in draft.items()} or "none")
+        return {"verify": verify, "draft": draft}
 
 def _prompt_logprobs(lp: torch.Tensor, target_ids: list[int], k: int) -> list[Logprobs | None]:
     """lp: (count, vocab) log-probs whose row r predicts target_ids[r]; each entry holds the
@@ -382,6 +426,19 @@ class _Recorder:
 
     def __getattr__(self, name: str):
         return getattr(self._backend, name)
+
+
+def _best_time(fn, reps: int = 5) -> float:
+    """The fastest of `reps` timed calls after two warm-ups (the call syncs itself)."""
+    import time
+    fn()
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

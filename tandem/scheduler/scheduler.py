@@ -46,6 +46,7 @@ from tandem.config import CacheConfig, SchedulerConfig
 from tandem.kv_cache import KVCacheManager
 from tandem.outputs import NewRequestData, ScheduledSeq, StepPlan, StepResult
 from tandem.request import FinishReason, Request, RequestStatus
+from tandem.spec_decode.switch import SpecSwitch
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,11 @@ class Scheduler:
         self._finished_ids: list[str] = []  # finished since the last plan, for the runner
         self.num_preemptions = 0
         self._step_id = 0
+        # Speculative decoding: how many drafts each decode verifies (spec_decode/switch.py);
+        # set by the engine once the step costs are profiled. None: speculation off.
+        self.spec_switch: SpecSwitch | None = None
+        self._spec_k: dict[str, int] = {}  # this schedule's choice per request
+        self._spec_propose = 0
         # step_id -> the live requests of that plan's seqs (aligned), until its update
         self._planned: dict[int, list[Request]] = {}
 
@@ -100,6 +106,12 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
+        if self.spec_switch is not None:
+            decoding = [r.request_id for r in self.running
+                        if r.num_computed_tokens == r.num_tokens - 1]
+            other = sum(r.num_tokens - r.num_computed_tokens for r in self.running
+                        if r.num_computed_tokens < r.num_tokens - 1)
+            self._spec_k, self._spec_propose = self.spec_switch.choose(decoding, other)
         scheduled: list[tuple[ScheduledSeq, Request]] = []
         new: list[NewRequestData] = []  # requests the runner sees for the first time
         preempted: list[Request] = []
@@ -146,16 +158,19 @@ class Scheduler:
             scheduled.append(self._schedule_seq(request, num_hit, num_new, new))
             budget -= num_new
 
-        # One-token queries (decodes) first, then longer chunks; stable, so within each
-        # group running requests keep admission order, ahead of newly admitted ones.
-        order = [e for e in scheduled if e[0].num_new_tokens == 1]
-        order += [e for e in scheduled if e[0].num_new_tokens != 1]
+        # Decodes (one token, or one and the drafts it verifies) first, then longer chunks;
+        # stable, so within each group running requests keep admission order, ahead of
+        # newly admitted ones.
+        decode = [e[0].num_new_tokens == 1 or bool(e[0].spec_token_ids) for e in scheduled]
+        order = [e for e, d in zip(scheduled, decode) if d]
+        order += [e for e, d in zip(scheduled, decode) if not d]
         finished_ids, self._finished_ids = self._finished_ids, []
         return self._register(
             [seq for seq, _ in order], [r for _, r in order],
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             new_requests=new, finished_request_ids=finished_ids,
-            preempted_request_ids=[r.request_id for r in preempted])
+            preempted_request_ids=[r.request_id for r in preempted],
+            num_spec_tokens=self._spec_propose)
 
     def _register(self, seqs: list[ScheduledSeq], requests: list[Request], **fields
                   ) -> StepPlan:
@@ -195,7 +210,7 @@ class Scheduler:
         """The guesses a decoding request verifies this step: its proposer's, cut to the
         token budget left (`room`), and to what could still be emitted (max_tokens,
         max_model_len, the pool): a step emits at most len(drafts) + 1 tokens."""
-        spec = request.spec_token_ids
+        spec = request.spec_token_ids[:self._spec_k.get(request.request_id, 0)]
         if not spec or request.num_computed_tokens != request.num_tokens - 1:
             return []
         params = request.sampling_params
@@ -296,6 +311,9 @@ class Scheduler:
                 if seq.spec_token_ids:
                     request.num_drafted += len(seq.spec_token_ids)
                     request.num_accepted += len(tokens) - 1
+                    if self.spec_switch is not None:
+                        self.spec_switch.observe(request.request_id, len(seq.spec_token_ids),
+                                                 len(tokens) - 1)
                     if request.status is RequestStatus.RUNNING:
                         request.num_computed_tokens -= rejected
                 if request.first_token_time is None:
@@ -365,6 +383,8 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request)
         del self.requests[request.request_id]
+        if self.spec_switch is not None:
+            self.spec_switch.forget(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finish_time = time.time()

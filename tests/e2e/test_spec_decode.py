@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from tandem import LLM, SamplingParams
 from tandem.spec_decode import Proposer
+from tandem.spec_decode.switch import SpecSwitch
 from tests.e2e.test_llm_parity import ARCHS, _hf_greedy, _prompts
 from tests.model_factory import make_tiny_model
 
@@ -46,6 +47,10 @@ class OracleProposer(Proposer):
 
 
 def _runner(llm: LLM):
+    """The runner, with the switch set to always verify every draft (these tests check
+    exactness whatever is verified, not the switch's choices: test_spec_switch.py)."""
+    llm.engine.scheduler.spec_switch = SpecSwitch(
+        llm.engine.config.scheduler.speculative_config.num_speculative_tokens, None)
     return llm.engine.executor.runner
 
 
@@ -61,8 +66,9 @@ def test_greedy_with_speculation_matches_transformers(tmp_path, arch, kw):
         # small pool: preemption; small budget: chunked prefill; shared prefixes: hits
         llm = LLM(path, block_size=4, num_kv_blocks=24, max_num_batched_tokens=16,
                   max_num_seqs=8, max_model_len=64, speculative_config=NGRAM)
+        runner = _runner(llm)
         if proposer == "oracle":
-            _runner(llm).proposer = OracleProposer(refs)
+            runner.proposer = OracleProposer(refs)
         outs = llm.generate(prompts, params, use_tqdm=False)
         for p, o, ref in zip(prompts, outs, refs):
             assert o.outputs[0].token_ids == ref[len(p):], proposer
@@ -190,6 +196,7 @@ def test_stop_strings_max_tokens_and_eos_cut_where_plain_decoding_does():
     plain = LLM(max_model_len=512)
     spec = LLM(max_model_len=512, speculative_config={"method": "ngram",
                                                       "num_speculative_tokens": 5})
+    _runner(spec)
     prompt = ("def add(a, b):\n    return a + b\n\n\ndef add3(a, b, c):\n"
               "    return a + b + c\n\n\ndef add4(a, b, c, d):\n")
     tok = plain.get_tokenizer()

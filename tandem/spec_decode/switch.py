@@ -1,0 +1,146 @@
+"""Switched by load: how many drafts each request verifies this step (0 = plain decode).
+
+Verifying k drafts costs a forward over k + 1 rows per request instead of 1, plus the
+proposer's work; it pays back E(a, k) tokens a step, where a is the chance that a draft is
+accepted (each one given the ones before it were):
+
+    E(a, k) = 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a)
+
+At batch 1 a forward of 5 rows costs about what 1 row costs (the weights are read once
+either way), so k = 4 at a = 0.8 is ~3.4x; at large batch the forward is compute-bound,
+k + 1 rows cost ~k + 1 times as much, and speculation loses. So each step picks the k (one
+for the step, capped per request by what it has proposed) that maximizes
+
+    tokens / time = sum_i E(a_i, k_i) / (verify(sum_i (1 + k_i)) + k * draft(B))
+
+plus the step's overhead, with verify(rows) and draft(rows) the step costs profiled at
+start-up on the device (`profile_spec_costs` in the model runner; draft = 0 for the host
+proposers), the overhead what measured steps took beyond those (learned as it runs), B the
+decoding requests, and a_i each request's running estimate (accepted / drafted over its
+recent verify steps, starting from PRIOR). A request whose estimate falls below MIN_ALPHA
+verifies nothing, except one draft every PROBE_EVERY steps to notice when its text turns
+predictable again. Decisions are logged at debug level.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+PRIOR = 0.6  # a new request's acceptance estimate
+MIN_ALPHA = 0.15  # below this a request stops speculating (but probes)
+PROBE_EVERY = 16  # steps between probes of a request that stopped
+DECAY = 0.7  # weight of the past in the running estimate
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class StepCosts:
+    """Seconds per step by rows: verify[rows] (the target's forward + logits + sampling
+    of that many one-token queries), draft[rows] (one proposer forward; empty: free)."""
+
+    verify: dict[int, float]
+    draft: dict[int, float] = field(default_factory=dict)
+
+    @staticmethod
+    def _at(table: dict[int, float], rows: int) -> float:
+        if not table or rows <= 0:
+            return 0.0
+        xs = sorted(table)
+        if rows <= xs[0]:
+            return table[xs[0]]
+        if rows >= xs[-1]:  # linear beyond the last point, from the last two
+            if len(xs) == 1:
+                return table[xs[0]] * rows / xs[0]
+            a, b = xs[-2], xs[-1]
+            return table[b] + (table[b] - table[a]) / (b - a) * (rows - b)
+        j = bisect.bisect_left(xs, rows)
+        a, b = xs[j - 1], xs[j]
+        return table[a] + (table[b] - table[a]) * (rows - a) / (b - a)
+
+    def verify_at(self, rows: int) -> float:
+        return self._at(self.verify, rows)
+
+    def draft_at(self, rows: int) -> float:
+        return self._at(self.draft, rows)
+
+
+class SpecSwitch:
+    def __init__(self, k_max: int, costs: StepCosts | None) -> None:
+        """costs None: no switching, every decode verifies up to k_max drafts (tests)."""
+        self.k_max, self.costs = k_max, costs
+        # What a step costs beyond the profiled forwards (host work, attention over long
+        # contexts), learned from the steps' measured times: the same for every k, so it
+        # favors longer runs of drafts the larger it is.
+        self.overhead = 0.0
+        self._predicted = 0.0
+        self._drafted: dict[str, float] = {}
+        self._accepted: dict[str, float] = {}
+        self._idle: dict[str, int] = {}  # steps since a stopped request last verified
+
+    def alpha(self, rid: str) -> float:
+        d = self._drafted.get(rid, 0.0)
+        return PRIOR if d == 0 else self._accepted[rid] / d
+
+    def observe(self, rid: str, drafted: int, accepted: int) -> None:
+        self._drafted[rid] = DECAY * self._drafted.get(rid, 0.0) + drafted
+        self._accepted[rid] = DECAY * self._accepted.get(rid, 0.0) + accepted
+
+    def step_time(self, seconds: float) -> None:
+        """The measured time of the step last chosen for (schedule to update)."""
+        if self._predicted > 0 and self.costs is not None:
+            residual = max(seconds - self._predicted, 0.0)
+            self.overhead = 0.8 * self.overhead + 0.2 * residual
+
+    def forget(self, rid: str) -> None:
+        for d in (self._drafted, self._accepted, self._idle):
+            d.pop(rid, None)
+
+    def choose(self, rids: list[str], other_rows: int = 0) -> tuple[dict[str, int], int]:
+        """(drafts to verify per decoding request, drafts to propose for next step), for
+        the decoding requests `rids` of this step; other_rows: prefill tokens in it."""
+        if not rids:  # prefills only: guess for their first decode step
+            return {}, self.k_max
+        if self.costs is None:
+            return {r: self.k_max for r in rids}, self.k_max
+        alphas = {r: self.alpha(r) for r in rids}
+        probing = []
+        for r in rids:
+            if alphas[r] < MIN_ALPHA:
+                self._idle[r] = self._idle.get(r, 0) + 1
+                if self._idle[r] >= PROBE_EVERY:
+                    probing.append(r)
+        best_k, best_rate, rates = 0, 0.0, []
+        for k in range(self.k_max + 1):
+            ks = {r: (k if alphas[r] >= MIN_ALPHA else 0) for r in rids}
+            rows = other_rows + sum(1 + v for v in ks.values())
+            time = (self.overhead + self.costs.verify_at(rows)
+                    + k * self.costs.draft_at(len(rids)))
+            tokens = sum(expected_tokens(alphas[r], ks[r]) for r in rids)
+            rate = tokens / time if time > 0 else tokens
+            rates.append(rate)
+            if k == 0 or rate > best_rate * 1.02:  # more drafts only for a real gain
+                best_k, best_rate = k, rate
+        out = {r: (best_k if alphas[r] >= MIN_ALPHA else 0) for r in rids}
+        rows = other_rows + sum(1 + v for v in out.values())
+        self._predicted = self.costs.verify_at(rows) + best_k * self.costs.draft_at(len(rids))
+        for r in probing:
+            out[r] = max(out[r], 1)
+            self._idle[r] = 0
+        propose = max(out.values(), default=0)
+        if best_k == 0 and probing:
+            propose = 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("speculation: %d decoding, alpha %s, tokens/s by k %s -> k=%d%s",
+                         len(rids), [round(alphas[r], 2) for r in rids[:8]],
+                         [round(x) for x in rates], best_k,
+                         f", probing {len(probing)}" if probing else "")
+        return out, propose

@@ -1,0 +1,63 @@
+"""The speculation switch: k from the profiled step costs and each request's acceptance."""
+
+from __future__ import annotations
+
+from tandem.spec_decode import switch
+from tandem.spec_decode.switch import SpecSwitch, StepCosts, expected_tokens
+
+# batch-1-like: rows are nearly free up to 8 (weights read once); compute-bound past 64
+FLAT = StepCosts({1: 4e-3, 8: 4.4e-3, 64: 8e-3, 256: 30e-3, 1024: 120e-3})
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert abs(expected_tokens(0.8, 4) - (1 + .8 + .64 + .512 + .4096)) < 1e-12
+
+
+def test_costs_interpolate_and_extrapolate():
+    c = StepCosts({1: 1.0, 3: 3.0, 5: 4.0})
+    assert c.verify_at(2) == 2.0 and c.verify_at(4) == 3.5 and c.verify_at(7) == 5.0
+    assert c.verify_at(0) == 0.0 and c.draft_at(9) == 0.0
+
+
+def _observe(sw, rid, alpha, steps=20, k=4):
+    for _ in range(steps):
+        sw.observe(rid, k, round(alpha * k))
+
+
+def test_batch_one_speculates_fully_and_large_batch_turns_it_off():
+    sw = SpecSwitch(4, FLAT)
+    _observe(sw, "a", 0.75)
+    ks, propose = sw.choose(["a"])
+    assert ks == {"a": 4} and propose == 4
+    many = [f"r{i}" for i in range(256)]
+    for r in many:
+        _observe(sw, r, 0.75)
+    ks, propose = sw.choose(many)
+    assert set(ks.values()) == {0} and propose == 0
+    # a draft model's forwards make drafting dearer: fewer drafts at batch 1
+    dear = SpecSwitch(4, StepCosts(FLAT.verify, {1: 3e-3}))
+    _observe(dear, "a", 0.75)
+    assert dear.choose(["a"])[0]["a"] < 4
+
+
+def test_low_acceptance_stops_then_probes_and_comes_back():
+    sw = SpecSwitch(4, FLAT)
+    _observe(sw, "a", 0.0)
+    seen = [sw.choose(["a"])[0]["a"] for _ in range(2 * switch.PROBE_EVERY)]
+    assert seen.count(0) >= 2 * switch.PROBE_EVERY - 2 and seen.count(1) == 2  # probes
+    _observe(sw, "a", 1.0, steps=10, k=1)  # the text turned predictable
+    assert sw.choose(["a"])[0]["a"] == 4
+
+
+def test_overhead_learned_from_step_times_favors_more_drafts():
+    costs = StepCosts({1: 4e-3, 8: 8e-3})
+    sw = SpecSwitch(4, costs)
+    _observe(sw, "a", 0.5)
+    k_before = sw.choose(["a"])[0]["a"]
+    for _ in range(30):
+        sw.choose(["a"])
+        sw.step_time(sw._predicted + 20e-3)  # every step took 20 ms more than predicted
+    assert sw.overhead > 15e-3
+    assert sw.choose(["a"])[0]["a"] > k_before
