@@ -48,13 +48,37 @@ def _random_prompts(n: int, lens: list[int], vocab: int, seed: int) -> list[list
 
 
 def _make_llm(args: argparse.Namespace):
+    from tandem import spec_decode
     from tandem.assets import default_model_dir
     from tandem.cli import engine_kwargs
     from tandem.engine.llm import LLM
+    spec_decode.SYNTHETIC_ALLOWED = True  # benchmarks only: see SpeculativeConfig
     return LLM(args.model or default_model_dir(), **engine_kwargs(args))
 
 
-def _report(rows: list[tuple[str, Any]], record: dict[str, Any]) -> None:
+def _spec_record(llm) -> dict[str, Any]:
+    """Speculative decoding's config, counters and profiled step costs (empty when off)."""
+    spec = llm.engine.config.scheduler.speculative_config
+    if spec is None:
+        return {"speculative": None}
+    import dataclasses
+    st = llm.engine.stats()
+    return {"speculative": dataclasses.asdict(spec),
+            # synthetic: drafts accepted at random, NOT checked against the model
+            "spec_synthetic": spec.synthetic_acceptance_rate is not None,
+            "spec_drafted": st.spec_drafted_total, "spec_accepted": st.spec_accepted_total,
+            "spec_acceptance_rate": st.spec_acceptance_rate,
+            "spec_mean_accepted_length": st.spec_mean_accepted_length,
+            "spec_accepted_per_position": list(st.spec_accepted_per_position),
+            "spec_step_costs_s": llm.engine.executor.spec_costs}
+
+
+def _report(rows: list[tuple[str, Any]], record: dict[str, Any], llm=None) -> None:
+    if llm is not None:
+        record |= _spec_record(llm)
+    if record.get("speculative"):
+        rows = rows + [("spec acceptance rate", record["spec_acceptance_rate"]),
+                       ("spec mean accepted length", record["spec_mean_accepted_length"])]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
@@ -141,7 +165,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "roofline_fraction": roof / total}
     _report([("TTFT (ms)", ttft * 1e3), ("ms per output token", tpot * 1e3),
              ("end-to-end (s)", total), ("roofline (s)", roof),
-             ("roofline fraction", roof / total)], record)
+             ("roofline fraction", roof / total)], record, llm)
     return 0
 
 
@@ -268,7 +292,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "total_tokens_per_s": (out_tokens + in_tokens) / elapsed, "elapsed_s": elapsed,
         "matmul_flops_per_s": flops, "mem_bytes_per_s": bw, "roofline_s": roof,
         "roofline_compute_s": roof_c, "roofline_memory_s": roof_m,
-        "roofline_fraction": roof / elapsed}
+        "roofline_fraction": roof / elapsed} | _spec_record(llm)
     rows = [("prompts", n), ("output tokens/s", out_tokens / elapsed),
             ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
             ("roofline (s)", roof), ("roofline fraction", roof / elapsed)]

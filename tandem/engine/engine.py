@@ -74,6 +74,12 @@ class Engine:
         self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling
         self.async_scheduling = self.executor.device.type == "cuda" if asked is None else asked
+        spec = config.scheduler.speculative_config
+        if spec is not None and spec.synthetic_acceptance_rate is not None:
+            from tandem import spec_decode
+            if not spec_decode.SYNTHETIC_ALLOWED:
+                raise ValueError("speculative_config.synthetic_acceptance_rate is for "
+                                 "`tandem bench` only: its outputs are not the model's")
         if config.scheduler.speculative_config is not None:
             # A step's drafts come from the previous step's sampled tokens, so speculation
             # plans each step after the last one is collected (docs/speculative.md).

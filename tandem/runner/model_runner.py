@@ -353,7 +353,9 @@ class ModelRunner:
             histories = [self.states[rid].token_ids[:plan.seqs[i].end_pos
                                                     - len(plan.seqs[i].spec_token_ids)]
                          + tokens[i] for rid, i in zip(rids, rows)]
-            for i, guess in zip(rows, self.proposer.propose(rids, histories, k)):
+            for i, h, guess in zip(rows, histories, self.proposer.propose(rids, histories, k)):
+                if self.synthetic is not None:  # measure the machinery at k: pad to k
+                    guess = (list(guess) + [h[-1]] * k)[:k]
                 drafts[i] = guess
         return drafts
 

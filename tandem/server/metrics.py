@@ -8,7 +8,13 @@ engine thread after every step through `AsyncEngine.on_step`.
     counters    tandem:prompt_tokens_total, tandem:generation_tokens_total,
                 tandem:prefix_cache_queries_total, tandem:prefix_cache_hits_total,
                 tandem:num_preemptions_total,
-                tandem:request_success_total{finished_reason=stop|length|abort|error}
+                tandem:request_success_total{finished_reason=stop|length|abort|error},
+                speculative decoding (vLLM's names): tandem:spec_decode_num_drafts_total
+                (verify steps of a request), tandem:spec_decode_num_draft_tokens_total,
+                tandem:spec_decode_num_accepted_tokens_total,
+                tandem:spec_decode_num_accepted_tokens_per_pos_total{position=0..k-1}
+                (acceptance rate = accepted / draft tokens; mean accepted length =
+                1 + accepted / drafts)
 
 Every series carries a `model_name` label (the served model name), as vLLM's do. Each app
 gets its own CollectorRegistry (prometheus-client is thread-safe), so several servers, or
@@ -73,6 +79,17 @@ class ServerMetrics:
                                    "prefix cache", registry=r, **label).labels(model_name)
         self.preemptions = Counter("tandem:num_preemptions", "Requests preempted (their KV "
                                    "recomputed later)", registry=r, **label).labels(model_name)
+        self.spec_drafts = Counter("tandem:spec_decode_num_drafts", "Speculative verify "
+                                   "steps (one per request per step)", registry=r,
+                                   **label).labels(model_name)
+        self.spec_draft_tokens = Counter("tandem:spec_decode_num_draft_tokens", "Draft tokens "
+                                         "verified", registry=r, **label).labels(model_name)
+        self.spec_accepted = Counter("tandem:spec_decode_num_accepted_tokens", "Draft tokens "
+                                     "accepted", registry=r, **label).labels(model_name)
+        self._spec_pos = Counter("tandem:spec_decode_num_accepted_tokens_per_pos", "Draft "
+                                 "tokens accepted, by position in the draft", registry=r,
+                                 labelnames=["model_name", "position"])
+        self._model_name = model_name
         finished = Counter("tandem:request_success", "Finished requests by finish reason",
                            registry=r, labelnames=["model_name", "finished_reason"])
         self.finished = {reason: finished.labels(model_name, reason)
@@ -94,9 +111,20 @@ class ServerMetrics:
                 (self.prefix_queries, stats.prefix_cache_queries,
                  last and last.prefix_cache_queries),
                 (self.prefix_hits, stats.prefix_cache_hits, last and last.prefix_cache_hits),
-                (self.preemptions, stats.num_preemptions, last and last.num_preemptions)):
+                (self.preemptions, stats.num_preemptions, last and last.num_preemptions),
+                (self.spec_drafts, stats.spec_verify_steps_total,
+                 last and last.spec_verify_steps_total),
+                (self.spec_draft_tokens, stats.spec_drafted_total,
+                 last and last.spec_drafted_total),
+                (self.spec_accepted, stats.spec_accepted_total,
+                 last and last.spec_accepted_total)):
             if new > (old or 0):
                 counter.inc(new - (old or 0))
+        before = last.spec_accepted_per_position if last else ()
+        for pos, n in enumerate(stats.spec_accepted_per_position):
+            old_n = before[pos] if pos < len(before) else 0
+            if n > old_n:
+                self._spec_pos.labels(self._model_name, str(pos)).inc(n - old_n)
         self._last = stats
         for out in outputs:
             self._observe_request(out, now)

@@ -9,4 +9,8 @@ pass (docs/speculative.md).
 
 from tandem.spec_decode.proposer import NgramProposer, Proposer, make_proposer
 
-__all__ = ["NgramProposer", "Proposer", "make_proposer"]
+# `synthetic_acceptance_rate` makes outputs that are not the model's: only `tandem bench`
+# (which labels its records) turns this on; every other engine refuses the setting.
+SYNTHETIC_ALLOWED = False
+
+__all__ = ["NgramProposer", "Proposer", "SYNTHETIC_ALLOWED", "make_proposer"]

@@ -234,3 +234,34 @@ def test_speculative_config_is_validated(tiny):
             LLM(tiny, speculative_config=bad)
     with pytest.raises(ValueError, match="async"):
         LLM(tiny, speculative_config=NGRAM, async_scheduling=True)
+
+
+def test_served_with_speculation_over_the_openai_client(tmp_path):
+    """`tandem serve --speculative-config` on the embedded model: greedy completions (one
+    streamed) equal plain decoding's, and /metrics counts drafts and accepted tokens."""
+    from tandem.assets import default_model_dir
+    from tests.e2e.test_server import start_server, stop_server
+    prompt = ("def add(a, b):\n    return a + b\n\n\ndef add3(a, b, c):\n"
+              "    return a + b + c\n\n\ndef add4(a, b, c, d):\n")
+    plain = LLM(max_model_len=512).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    srv = start_server(default_model_dir(), str(tmp_path / "server.log"), "--speculative-config",
+                       '{"method": "ngram", "num_speculative_tokens": 4}')
+    try:
+        client = srv.client()
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=60,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == plain
+        stream = client.completions.create(model=model, prompt=prompt, max_tokens=60,
+                                           temperature=0.0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream) == plain
+        drafted = srv.metric("tandem:spec_decode_num_draft_tokens_total")
+        accepted = srv.metric("tandem:spec_decode_num_accepted_tokens_total")
+        assert 0 < accepted <= drafted
+        assert srv.metric("tandem:spec_decode_num_accepted_tokens_per_pos_total",
+                          position="0") > 0
+    finally:
+        stop_server(srv)

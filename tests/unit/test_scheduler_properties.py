@@ -151,11 +151,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert plan.num_batched_tokens <= cfg.max_num_batched_tokens
         assert len(sched.running) <= cfg.max_num_seqs
         assert len({id(r) for r in reqs}) == len(plan.seqs) == len(reqs)
-        # One-token queries (decodes) before prefill chunks; a decode verifying drafts is
-        # a decode too, so it may go in either group.
-        prefill = [s.num_new_tokens > 1 and not s.spec_token_ids for s in plan.seqs]
-        first_prefill = prefill.index(True) if True in prefill else len(prefill)
-        assert all(s.num_new_tokens > 1 for s in plan.seqs[first_prefill:])
+        decode = [s.num_new_tokens == 1 or bool(s.spec_token_ids) for s in plan.seqs]
+        assert decode == sorted(decode, reverse=True)  # decodes (verifying or not) first
         for rid in plan.preempted_request_ids:
             r = self.added[rid]
             assert r.status is RequestStatus.PREEMPTED and r.num_computed_tokens == 0
@@ -173,7 +170,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 p, out = r.sampling_params, len(r.output_token_ids)
                 assert out >= p.min_tokens and not p.has_penalties
                 assert p.max_tokens is None or out + len(spec) + 1 <= p.max_tokens
-                assert not cfg.max_model_len or r.num_tokens + len(spec) + 1 <= cfg.max_model_len
+                assert (not cfg.max_model_len
+                        or r.num_tokens + len(spec) + 1 <= cfg.max_model_len)
             assert s.inflight_input == (s.end_pos - len(spec) > r.num_tokens)
             assert self.async_mode or not s.inflight_input
             # The runner's copy, built from diffs only, matches the scheduler's state.
@@ -331,6 +329,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.sched.stats().num_kv_blocks_used == 0
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30,
+SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50,
                                               deadline=None)
 TestScheduler = SchedulerMachine.TestCase
