@@ -50,6 +50,14 @@ class StepCosts:
     verify: dict[int, float]
     draft: dict[int, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # More rows never cost less: a point above a larger row count's is noise (a busy
+        # host during the profile), cut down to it.
+        for table in (self.verify, self.draft):
+            best = float("inf")
+            for rows in sorted(table, reverse=True):
+                best = table[rows] = min(table[rows], best)
+
     @staticmethod
     def _at(table: dict[int, float], rows: int) -> float:
         if not table or rows <= 0:
@@ -130,8 +138,10 @@ class SpecSwitch:
             if k == 0 or rate > best_rate * 1.02:  # more drafts only for a real gain
                 best_k, best_rate = k, rate
         out = {r: (best_k if alphas[r] >= MIN_ALPHA else 0) for r in rids}
-        rows = other_rows + sum(1 + v for v in out.values())
-        self._predicted = self.costs.verify_at(rows) + best_k * self.costs.draft_at(len(rids))
+        rows = sum(1 + v for v in out.values())
+        # learn the overhead from decode-only steps (a prefill's cost is not profiled)
+        self._predicted = 0.0 if other_rows else (
+            self.costs.verify_at(rows) + best_k * self.costs.draft_at(len(rids)))
         for r in probing:
             out[r] = max(out[r], 1)
             self._idle[r] = 0

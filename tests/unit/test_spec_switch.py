@@ -19,6 +19,8 @@ def test_costs_interpolate_and_extrapolate():
     c = StepCosts({1: 1.0, 3: 3.0, 5: 4.0})
     assert c.verify_at(2) == 2.0 and c.verify_at(4) == 3.5 and c.verify_at(7) == 5.0
     assert c.verify_at(0) == 0.0 and c.draft_at(9) == 0.0
+    noisy = StepCosts({1: 0.24, 2: 0.004, 4: 0.2, 8: 0.006})  # a busy host while profiling
+    assert noisy.verify == {1: 0.004, 2: 0.004, 4: 0.006, 8: 0.006}
 
 
 def _observe(sw, rid, alpha, steps=20, k=4):

@@ -1,0 +1,135 @@
+"""Speculative decoding on the CPU: the embedded model at batch 1, greedy, each proposer
+against plain decoding, on code prompts from the shipped held-out files
+(bench/data/heldout_python.tar.gz) and on an edit-style workload (the prompt holds code
+that the answer repeats with a small change).
+
+    code    the first PROMPT_TOKENS tokens of each of the first N held-out files (sorted
+            paths), OUTPUT_TOKENS generated
+    edit    a held-out function, then "# Same function, `X` renamed to `Y`:" and its first
+            line renamed; the model continues the copy
+
+One run each way (plain, then each method), requests one after another. Prints a table
+and one JSON line. Usage: python scripts/bench_spec.py [--files N] [--methods a,b,...]
+[--k K] [--output-tokens T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import tarfile
+import tempfile
+import time
+
+from tandem import LLM, SamplingParams
+from tandem.bench.cli import device_name, git_commit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "bench", "data", "heldout_python.tar.gz")
+
+
+def held_out_sources(n: int) -> list[str]:
+    out = tempfile.mkdtemp(prefix="heldout")
+    with tarfile.open(DATA) as tar:
+        tar.extractall(out, filter="data")
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs
+                   if f.endswith(".py"))
+    return [open(p, errors="replace").read() for p in paths[:n]]
+
+
+def edit_prompts(sources: list[str], n: int) -> list[str]:
+    """A function (6-40 lines) with a local name renamed in the copy's first line."""
+    prompts = []
+    for src in sources:
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        lines = src.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not node.args.args:
+                continue
+            body = lines[node.lineno - 1:node.end_lineno]
+            if not 6 <= len(body) <= 40:
+                continue
+            old = node.args.args[-1].arg
+            if old == "self" or len(old) < 3:
+                continue
+            new = old + "_value"
+            fn = "\n".join(body)
+            first = re.sub(rf"\b{old}\b", new, body[0])
+            prompts.append(f"{fn}\n\n\n# The same function with `{old}` renamed to `{new}`:\n"
+                           f"{first}\n")
+            break
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, int]:
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(prompts[:1], sp, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    n = 0
+    outs = []
+    for p in prompts:  # batch 1: one request at a time
+        o = llm.generate([p], sp, use_tqdm=False)[0].outputs[0]
+        outs.append(o.token_ids)
+        n += len(o.token_ids)
+    return time.perf_counter() - t0, n, outs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--methods", default="ngram,suffix,draft_model")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--output-tokens", type=int, default=128)
+    args = ap.parse_args()
+    sources = held_out_sources(4 * args.files)
+    base = LLM(max_model_len=2048)
+    tok = base.get_tokenizer()
+    code = [tok.decode(tok.encode(s)[:args.prompt_tokens]) for s in sources[:args.files]]
+    edit = edit_prompts(sources, args.files)
+    work = {"code": code, "edit": edit}
+    results: dict = {}
+    plain = {w: run(base, ps, args.output_tokens) for w, ps in work.items()}
+    del base
+    print(f"{'workload':8s} {'method':12s} {'tok/s':>8s} {'speedup':>8s} {'accept':>7s} "
+          f"{'mean len':>8s} {'same':>5s}")
+    for w, (t, n, _) in plain.items():
+        print(f"{w:8s} {'off':12s} {n / t:8.1f}")
+        results[f"{w}/off"] = {"tokens_per_s": n / t, "prompts": len(work[w])}
+    for method in args.methods.split(","):
+        llm = LLM(max_model_len=2048, speculative_config={
+            "method": method, "num_speculative_tokens": args.k})
+        for w, ps in work.items():
+            before = llm.engine.stats()
+            t, n, outs = run(llm, ps, args.output_tokens)
+            st = llm.engine.stats()
+            drafted = st.spec_drafted_total - before.spec_drafted_total
+            accepted = st.spec_accepted_total - before.spec_accepted_total
+            steps = st.spec_verify_steps_total - before.spec_verify_steps_total
+            rec = {"tokens_per_s": n / t, "speedup": plain[w][0] / t * n / plain[w][1],
+                   "acceptance_rate": accepted / drafted if drafted else 0.0,
+                   "mean_accepted_length": 1 + accepted / steps if steps else 1.0,
+                   "same_tokens_as_plain": outs == plain[w][2]}
+            results[f"{w}/{method}"] = rec
+            print(f"{w:8s} {method:12s} {rec['tokens_per_s']:8.1f} {rec['speedup']:7.2f}x "
+                  f"{rec['acceptance_rate']:7.2f} {rec['mean_accepted_length']:8.2f} "
+                  f"{str(rec['same_tokens_as_plain']):>5s}")
+        del llm
+    print(json.dumps({"bench": "spec_decode_cpu", "device": device_name(
+        __import__("torch").device("cpu")), "model": "default (embedded) + embedded draft",
+        "batch_size": 1, "k": args.k, "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens, "files": args.files, "git_commit": git_commit(),
+        "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
