@@ -80,13 +80,6 @@ class Engine:
             if not spec_decode.SYNTHETIC_ALLOWED:
                 raise ValueError("speculative_config.synthetic_acceptance_rate is for "
                                  "`tandem bench` only: its outputs are not the model's")
-        if config.scheduler.speculative_config is not None:
-            # A step's drafts come from the previous step's sampled tokens, so speculation
-            # plans each step after the last one is collected (docs/speculative.md).
-            if asked:
-                raise ValueError("async_scheduling cannot be combined with "
-                                 "speculative_config yet")
-            self.async_scheduling = False
         self._inflight: tuple[StepPlan, Any] | None = None  # launched, not collected (async)
         self._step = 0
         self._last_split = (0, 0)
@@ -248,9 +241,13 @@ class Engine:
 
     def _needs_host_tokens(self, plan: StepPlan) -> bool:
         """Whether a request sampled in `plan` needs that token on the host to plan its
-        next step (penalties count every earlier output token)."""
-        return any(s.sample and r.sampling_params.has_penalties
-                   for s, r in zip(plan.seqs, self.scheduler.requests_of(plan)))
+        next step: penalties count every earlier output token, and drafts proposed after
+        `plan` (speculative decoding) are verified by the next step. So a speculating
+        engine runs a step at a time, and one whose switch has turned speculation off
+        pipelines its steps again."""
+        return plan.num_spec_tokens > 0 or any(
+            s.sample and r.sampling_params.has_penalties
+            for s, r in zip(plan.seqs, self.scheduler.requests_of(plan)))
 
     def _account(self, plan: StepPlan, requests: list[Request], result: StepResult) -> None:
         """Count a step before its update (requests: the plan's, aligned with its seqs)."""

@@ -22,6 +22,7 @@ a step that samples for a request whose prompt holds that token raises `Injected
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -279,9 +280,11 @@ class ModelRunner:
                                              inputs.sample_counts)
             sampled = self.sampler(logits[:num_sampled], tensors)
             self._last_ids = sampled.token_ids
-            # (async scheduling only: one row per seq, speculation runs synchronously)
-            self._last_rows = {plan.seqs[i].request_id: row
-                               for row, i in enumerate(inputs.sample_rows)}
+            # each seq's last sampled row (async scheduling; a step that verified drafts is
+            # collected before the next is planned, so none of its seqs is read from here)
+            ends = itertools.accumulate(inputs.sample_counts)
+            self._last_rows = {plan.seqs[i].request_id: end - 1
+                               for i, end in zip(inputs.sample_rows, ends)}
             out.host = tuple(_to_host(t) for t in (sampled.token_ids, sampled.logprobs,
                                                    sampled.logprob_token_ids) if t is not None)
             if self.device.type == "cuda":

@@ -107,8 +107,9 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
         if self.spec_switch is not None:
+            # decoding: one token to compute, or one in flight (async scheduling)
             decoding = [r.request_id for r in self.running
-                        if r.num_computed_tokens == r.num_tokens - 1]
+                        if r.num_computed_tokens >= r.num_tokens - 1]
             other = sum(r.num_tokens - r.num_computed_tokens for r in self.running
                         if r.num_computed_tokens < r.num_tokens - 1)
             self._spec_k, self._spec_propose = self.spec_switch.choose(decoding, other)

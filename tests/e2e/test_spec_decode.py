@@ -232,8 +232,39 @@ def test_speculative_config_is_validated(tiny):
                          "synthetic_acceptance_rate": 1.5}, "synthetic")]:
         with pytest.raises(ValueError, match=words.replace("[", r"\[")):
             LLM(tiny, speculative_config=bad)
-    with pytest.raises(ValueError, match="async"):
-        LLM(tiny, speculative_config=NGRAM, async_scheduling=True)
+    with pytest.raises(ValueError, match="bench"):  # synthetic acceptance: benchmarks only
+        LLM(tiny, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                      "synthetic_acceptance_rate": 0.5})
+
+
+@pytest.mark.parametrize("switch", ["always", "never"])
+def test_async_engine_speculates_then_pipelines(tiny, switch):
+    """With async scheduling on, a speculating step is collected before the next is planned
+    (its drafts come from its tokens); once the switch turns speculation off the steps
+    pipeline again. Either way the output is plain greedy decoding's."""
+    from tandem.spec_decode.switch import StepCosts
+    prompts = [[5, 9, 14, 3, 77, 21, 8], [300, 12, 45], list(range(40, 70))]
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(tiny, max_model_len=128).generate(
+        prompts, sp, use_tqdm=False)]
+    llm = LLM(tiny, max_model_len=128, speculative_config=NGRAM, async_scheduling=True)
+    runner = _runner(llm)
+    runner.proposer = OracleProposer([p + r for p, r in zip(prompts, ref)])
+    if switch == "never":  # verifying rows costs 10x: the switch keeps speculation off
+        llm.engine.scheduler.spec_switch = SpecSwitch(3, StepCosts({1: 1e-3, 2: 1e-2}))
+    launches = []
+    launch = llm.engine.executor.launch
+    llm.engine.executor.launch = lambda plan: (launches.append(
+        llm.engine._inflight is not None), launch(plan))[1]
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    s = llm.engine.stats()
+    if switch == "always":
+        assert s.spec_accepted_total > 0
+        assert not any(launches)  # every step waited for the one before
+    else:
+        assert s.spec_drafted_total <= 3  # a few probes at most
+        assert sum(launches) > len(launches) // 2  # launched behind a step in flight
 
 
 def test_served_with_speculation_over_the_openai_client(tmp_path):
