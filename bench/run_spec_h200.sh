@@ -25,7 +25,7 @@ for what in "$@"; do
       run latency-synthetic 200 $L --speculative-config "$SYN"
       run latency-ngram 200 $L --speculative-config "$REAL" ;;
     throughput)
-      T="throughput $M --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 1024
+      T="throughput $M --num-prompts 256 --input-len 512 --output-len 128 --max-model-len 1024
          --max-num-seqs 256 --no-progress"
       run throughput-off 200 $T
       run throughput-ngram 200 $T --speculative-config "$REAL" ;;

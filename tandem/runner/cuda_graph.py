@@ -30,9 +30,8 @@ class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_model_len: int,
                  block_size: int, dummy_block: int, device: torch.device) -> None:
         self.model = model
-        # up to the first size that holds max_batch (padding rows are cheap)
-        self.sizes = [s for s in _SIZES if s < max_batch] + [
-            next((s for s in _SIZES if s >= max_batch), _SIZES[-1])]
+        # up to max_batch itself (a batch-1 speculative step is k + 1 rows exactly)
+        self.sizes = [s for s in _SIZES if s < max_batch] + [min(max_batch, _SIZES[-1])]
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.dummy_block = dummy_block

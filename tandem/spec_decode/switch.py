@@ -16,8 +16,8 @@ for the step, capped per request by what it has proposed) that maximizes
 plus the step's overhead, with verify(rows) and draft(rows) the step costs profiled at
 start-up on the device (`profile_spec_costs` in the model runner; draft = 0 for the host
 proposers), the overhead what measured steps took beyond those (learned as it runs), B the
-decoding requests, and a_i each request's running estimate (accepted / drafted over its
-recent verify steps, starting from PRIOR). A request whose estimate falls below MIN_ALPHA
+decoding requests, and a_i each request's running estimate (accepted / tried over its
+recent verify steps, starting from PRIOR; see `observe`). A request whose estimate falls below MIN_ALPHA
 verifies nothing, except one draft every PROBE_EVERY steps to notice when its text turns
 predictable again. Decisions are logged at debug level.
 """
@@ -99,7 +99,11 @@ class SpecSwitch:
         return PRIOR if d == 0 else self._accepted[rid] / d
 
     def observe(self, rid: str, drafted: int, accepted: int) -> None:
-        self._drafted[rid] = DECAY * self._drafted.get(rid, 0.0) + drafted
+        """A verify step's outcome. A draft is only tried if every one before it was
+        accepted, so the per-draft chance a is accepted / tried, tried = accepted + (one
+        rejection, if the run stopped short): accepted / drafted would undercount it."""
+        tried = accepted + (accepted < drafted)
+        self._drafted[rid] = DECAY * self._drafted.get(rid, 0.0) + tried
         self._accepted[rid] = DECAY * self._accepted.get(rid, 0.0) + accepted
 
     def step_time(self, seconds: float) -> None:

@@ -23,9 +23,16 @@ def test_costs_interpolate_and_extrapolate():
     assert noisy.verify == {1: 0.004, 2: 0.004, 4: 0.006, 8: 0.006}
 
 
-def _observe(sw, rid, alpha, steps=20, k=4):
+def _observe(sw, rid, alpha, steps=20, k=4, rng=None):
+    """Steps whose drafts were each accepted with chance alpha (each given the ones before
+    it were)."""
+    import random
+    rng = rng or random.Random(0)
     for _ in range(steps):
-        sw.observe(rid, k, round(alpha * k))
+        a = 0
+        while a < k and rng.random() < alpha:
+            a += 1
+        sw.observe(rid, k, a)
 
 
 def test_batch_one_speculates_fully_and_large_batch_turns_it_off():
@@ -51,6 +58,15 @@ def test_low_acceptance_stops_then_probes_and_comes_back():
     assert seen.count(0) >= 2 * switch.PROBE_EVERY - 2 and seen.count(1) == 2  # probes
     _observe(sw, "a", 1.0, steps=10, k=1)  # the text turned predictable
     assert sw.choose(["a"])[0]["a"] == 4
+
+
+def test_acceptance_estimate_is_per_draft():
+    import random
+    sw, rng, seen = SpecSwitch(4, FLAT), random.Random(1), []
+    for _ in range(300):  # the running estimate, averaged over many steps
+        _observe(sw, "a", 0.8, steps=1, rng=rng)
+        seen.append(sw.alpha("a"))
+    assert abs(sum(seen) / len(seen) - 0.8) < 0.05  # accepted / drafted would say ~0.59
 
 
 def test_overhead_learned_from_step_times_favors_more_drafts():
