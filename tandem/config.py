@@ -115,6 +115,9 @@ class SpeculativeConfig:
     model: str | None = None  # draft_model: its directory (default: the embedded draft)
     prompt_lookup_max: int = 4  # ngram: longest suffix n-gram matched
     prompt_lookup_min: int = 1  # ngram: shortest
+    # Decide k every step from profiled costs and acceptance (spec_decode/switch.py);
+    # False: always verify up to num_speculative_tokens drafts, as vLLM does.
+    auto_switch: bool = True
     # Benchmarking only: accept each proposed token with this probability instead of
     # checking it (vLLM's load-testing mode; output is then NOT the model's). Refused
     # outside `tandem bench`.

@@ -69,7 +69,8 @@ class Engine:
             self.scheduler.spec_switch = SpecSwitch(
                 spec.num_speculative_tokens,
                 StepCosts({int(r): t for r, t in costs.get("verify", {}).items()},
-                          {int(r): t for r, t in costs.get("draft", {}).items()}))
+                          {int(r): t for r, t in costs.get("draft", {}).items()})
+                if spec.auto_switch else None)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling

@@ -107,12 +107,12 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
         if self.spec_switch is not None:
-            # decoding: one token to compute, or one in flight (async scheduling)
-            decoding = [r.request_id for r in self.running
-                        if r.num_computed_tokens >= r.num_tokens - 1]
-            other = sum(r.num_tokens - r.num_computed_tokens for r in self.running
+            # Every running request, prefilling ones included: they decode next, and the
+            # guesses proposed after this step are for the batch they will decode in.
+            other = sum(r.num_tokens - r.num_computed_tokens - 1 for r in self.running
                         if r.num_computed_tokens < r.num_tokens - 1)
-            self._spec_k, self._spec_propose = self.spec_switch.choose(decoding, other)
+            self._spec_k, self._spec_propose = self.spec_switch.choose(
+                [r.request_id for r in self.running], other)
         scheduled: list[tuple[ScheduledSeq, Request]] = []
         new: list[NewRequestData] = []  # requests the runner sees for the first time
         preempted: list[Request] = []
@@ -159,6 +159,10 @@ class Scheduler:
             scheduled.append(self._schedule_seq(request, num_hit, num_new, new))
             budget -= num_new
 
+        if self.spec_switch is not None and len(self.running) > len(self._spec_k):
+            # requests admitted this step decode next: guess for them too, if it pays
+            self._spec_propose = max(self._spec_propose, self.spec_switch.best_k(
+                [r.request_id for r in self.running])[0])
         # Decodes (one token, or one and the drafts it verifies) first, then longer chunks;
         # stable, so within each group running requests keep admission order, ahead of
         # newly admitted ones.
@@ -211,8 +215,14 @@ class Scheduler:
         """The guesses a decoding request verifies this step: its proposer's, cut to the
         token budget left (`room`), and to what could still be emitted (max_tokens,
         max_model_len, the pool): a step emits at most len(drafts) + 1 tokens."""
-        spec = request.spec_token_ids[:self._spec_k.get(request.request_id, 0)]
-        if not spec or request.num_computed_tokens != request.num_tokens - 1:
+        k = self._spec_k.get(request.request_id, 0)
+        spec = request.spec_token_ids[:k]
+        if request.num_computed_tokens != request.num_tokens - 1:
+            return []
+        if k and not spec and self.spec_switch is not None:
+            # drafts were wanted and the proposer had none: as good as a rejected one
+            self.spec_switch.observe(request.request_id, 1, 0)
+        if not spec:
             return []
         params = request.sampling_params
         # Penalties and min_tokens bans depend on every earlier token of a row, drafts

@@ -19,7 +19,8 @@ proposers), the overhead what measured steps took beyond those (learned as it ru
 decoding requests, and a_i each request's running estimate (accepted / tried over its
 recent verify steps, starting from PRIOR; see `observe`). A request whose estimate falls below MIN_ALPHA
 verifies nothing, except one draft every PROBE_EVERY steps to notice when its text turns
-predictable again. Decisions are logged at debug level.
+predictable again; a step where drafts were wanted and the proposer had none counts as a
+rejected draft. Decisions are logged at debug level.
 """
 
 from __future__ import annotations
@@ -116,45 +117,52 @@ class SpecSwitch:
         for d in (self._drafted, self._accepted, self._idle):
             d.pop(rid, None)
 
-    def choose(self, rids: list[str], other_rows: int = 0) -> tuple[dict[str, int], int]:
-        """(drafts to verify per decoding request, drafts to propose for next step), for
-        the decoding requests `rids` of this step; other_rows: prefill tokens in it."""
-        if not rids:  # prefills only: guess for their first decode step
-            return {}, self.k_max
+    def best_k(self, rids: list[str], other_rows: int = 0) -> tuple[int, list[float]]:
+        """The k with the most tokens per second for these requests (no side effects), and
+        the rate of every k."""
         if self.costs is None:
-            return {r: self.k_max for r in rids}, self.k_max
-        alphas = {r: self.alpha(r) for r in rids}
-        probing = []
-        for r in rids:
-            if alphas[r] < MIN_ALPHA:
-                self._idle[r] = self._idle.get(r, 0) + 1
-                if self._idle[r] >= PROBE_EVERY:
-                    probing.append(r)
-        best_k, best_rate, rates = 0, 0.0, []
+            return self.k_max, []
+        alphas = [self.alpha(r) for r in rids]
+        best, best_rate, rates = 0, 0.0, []
         for k in range(self.k_max + 1):
-            ks = {r: (k if alphas[r] >= MIN_ALPHA else 0) for r in rids}
-            rows = other_rows + sum(1 + v for v in ks.values())
+            ks = [k if a >= MIN_ALPHA else 0 for a in alphas]
+            rows = other_rows + len(rids) + sum(ks)
             time = (self.overhead + self.costs.verify_at(rows)
                     + k * self.costs.draft_at(len(rids)))
-            tokens = sum(expected_tokens(alphas[r], ks[r]) for r in rids)
+            tokens = sum(expected_tokens(a, v) for a, v in zip(alphas, ks))
             rate = tokens / time if time > 0 else tokens
             rates.append(rate)
             if k == 0 or rate > best_rate * 1.02:  # more drafts only for a real gain
-                best_k, best_rate = k, rate
-        out = {r: (best_k if alphas[r] >= MIN_ALPHA else 0) for r in rids}
-        rows = sum(1 + v for v in out.values())
+                best, best_rate = k, rate
+        return best, rates
+
+    def choose(self, rids: list[str], other_rows: int = 0) -> tuple[dict[str, int], int]:
+        """(drafts to verify per request, drafts to propose after this step), for the
+        running requests `rids` (one row each; those still prefilling decode next);
+        other_rows: the rest of the step's prefill tokens."""
+        if not rids:
+            return {}, 0
+        if self.costs is None:
+            return {r: self.k_max for r in rids}, self.k_max
+        best, rates = self.best_k(rids, other_rows)
+        out, probing = {}, 0
+        for r in rids:
+            if self.alpha(r) >= MIN_ALPHA:
+                out[r] = best
+                continue
+            self._idle[r] = self._idle.get(r, 0) + 1
+            out[r] = 0
+            if self._idle[r] >= PROBE_EVERY:
+                out[r], self._idle[r] = 1, 0
+                probing += 1
         # learn the overhead from decode-only steps (a prefill's cost is not profiled)
         self._predicted = 0.0 if other_rows else (
-            self.costs.verify_at(rows) + best_k * self.costs.draft_at(len(rids)))
-        for r in probing:
-            out[r] = max(out[r], 1)
-            self._idle[r] = 0
-        propose = max(out.values(), default=0)
-        if best_k == 0 and probing:
-            propose = 1
+            self.costs.verify_at(len(rids) + sum(out.values()))
+            + best * self.costs.draft_at(len(rids)))
+        propose = max(out.values())
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("speculation: %d decoding, alpha %s, tokens/s by k %s -> k=%d%s",
-                         len(rids), [round(alphas[r], 2) for r in rids[:8]],
-                         [round(x) for x in rates], best_k,
-                         f", probing {len(probing)}" if probing else "")
+            logger.debug("speculation: %d requests, alpha %s, tokens/s by k %s -> k=%d%s",
+                         len(rids), [round(self.alpha(r), 2) for r in rids[:8]],
+                         [round(x) for x in rates], best,
+                         f", probing {probing}" if probing else "")
         return out, propose

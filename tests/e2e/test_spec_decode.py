@@ -268,8 +268,9 @@ def test_async_engine_speculates_then_pipelines(tiny, switch):
 
 
 def test_served_with_speculation_over_the_openai_client(tmp_path):
-    """`tandem serve --speculative-config` on the embedded model: greedy completions (one
-    streamed) equal plain decoding's, and /metrics counts drafts and accepted tokens."""
+    """`tandem serve --speculative-config` on the embedded model (the switch off: always
+    verify, so that drafts surely run): greedy completions (one streamed) equal plain
+    decoding's, and /metrics counts drafts and accepted tokens."""
     from tandem.assets import default_model_dir
     from tests.e2e.test_server import start_server, stop_server
     prompt = ("def add(a, b):\n    return a + b\n\n\ndef add3(a, b, c):\n"
@@ -278,7 +279,8 @@ def test_served_with_speculation_over_the_openai_client(tmp_path):
         [prompt], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
         use_tqdm=False)[0].outputs[0].text
     srv = start_server(default_model_dir(), str(tmp_path / "server.log"), "--speculative-config",
-                       '{"method": "ngram", "num_speculative_tokens": 4}')
+                       '{"method": "ngram", "num_speculative_tokens": 4, '
+                       '"auto_switch": false}')
     try:
         client = srv.client()
         model = client.models.list().data[0].id

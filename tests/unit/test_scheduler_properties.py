@@ -25,6 +25,7 @@ from tandem.kv_cache.block_manager import hash_block_tokens
 from tandem.outputs import StepResult
 from tandem.request import FinishReason, Request, RequestStatus, SamplingParams
 from tandem.runner.request_state import apply_plan
+from tandem.spec_decode.switch import SpecSwitch
 from tandem.scheduler import Scheduler
 
 EOS, STOP_ID = 0, 3
@@ -35,18 +36,16 @@ MAX_DRAIN_STEPS = 5000
 MAX_DRAFTS = 4
 
 
-class EveryDecodeVerifies:
-    """The scheduler's speculation switch (spec_decode/switch.py), minus the cost model:
+class EveryDecodeVerifies(SpecSwitch):
+    """The scheduler's speculation switch (spec_decode/switch.py) without its cost model:
     every decoding request may verify up to MAX_DRAFTS drafts."""
 
-    def choose(self, rids: list[str], other_rows: int = 0) -> tuple[dict[str, int], int]:
-        return dict.fromkeys(rids, MAX_DRAFTS), MAX_DRAFTS
+    def __init__(self) -> None:
+        super().__init__(MAX_DRAFTS, None)
 
     def observe(self, rid: str, drafted: int, accepted: int) -> None:
         assert 0 <= accepted <= drafted <= MAX_DRAFTS
-
-    def forget(self, rid: str) -> None:
-        pass
+        super().observe(rid, drafted, accepted)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
