@@ -53,11 +53,11 @@ def edit_prompts(sources: list[str], n: int) -> list[str]:
             if not isinstance(node, ast.FunctionDef) or not node.args.args:
                 continue
             body = lines[node.lineno - 1:node.end_lineno]
-            if not 6 <= len(body) <= 40:
-                continue
+            if not 6 <= len(body) <= 40 or not body[0].rstrip().endswith(":"):
+                continue  # a one-line signature, then a body of some length
             old = node.args.args[-1].arg
-            if old == "self" or len(old) < 3:
-                continue
+            if old == "self" or len(old) < 3 or sum(old in b for b in body[1:]) < 2:
+                continue  # an argument the body uses
             new = old + "_value"
             fn = "\n".join(body)
             first = re.sub(rf"\b{old}\b", new, body[0])

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 PRIOR = 0.6  # a new request's acceptance estimate
+PRIOR_WEIGHT = 2.0  # ... worth this many tries (one bad step does not switch it off)
 MIN_ALPHA = 0.15  # below this a request stops speculating (but probes)
 PROBE_EVERY = 16  # steps between probes of a request that stopped
 DECAY = 0.7  # weight of the past in the running estimate
@@ -104,8 +105,10 @@ class SpecSwitch:
         accepted, so the per-draft chance a is accepted / tried, tried = accepted + (one
         rejection, if the run stopped short): accepted / drafted would undercount it."""
         tried = accepted + (accepted < drafted)
-        self._drafted[rid] = DECAY * self._drafted.get(rid, 0.0) + tried
-        self._accepted[rid] = DECAY * self._accepted.get(rid, 0.0) + accepted
+        if rid not in self._drafted:  # the prior, as PRIOR_WEIGHT tries that fade too
+            self._drafted[rid], self._accepted[rid] = PRIOR_WEIGHT, PRIOR * PRIOR_WEIGHT
+        self._drafted[rid] = DECAY * self._drafted[rid] + tried
+        self._accepted[rid] = DECAY * self._accepted[rid] + accepted
 
     def step_time(self, seconds: float) -> None:
         """The measured time of the step last chosen for (schedule to update)."""
