@@ -5,8 +5,9 @@ that the answer repeats with a small change).
 
     code    the first PROMPT_TOKENS tokens of each of the first N held-out files (sorted
             paths), OUTPUT_TOKENS generated
-    edit    a held-out function, then "# Same function, `X` renamed to `Y`:" and its first
-            line renamed; the model continues the copy
+    edit    a held-out function, then "# The same function with `X` renamed to `Y`:" and
+            its first line renamed; the model continues the copy for as many tokens as
+            the function has
 
 One run each way (plain, then each method), requests one after another. Prints a table
 and one JSON line. Usage: python scripts/bench_spec.py [--files N] [--methods a,b,...]
@@ -40,8 +41,9 @@ def held_out_sources(n: int) -> list[str]:
     return [open(p, errors="replace").read() for p in paths[:n]]
 
 
-def edit_prompts(sources: list[str], n: int) -> list[str]:
-    """A function (6-40 lines) with a local name renamed in the copy's first line."""
+def edit_prompts(sources: list[str], n: int) -> list[tuple[str, str]]:
+    """(prompt, the function it quotes): a function (6-40 lines), then the request for a
+    copy with an argument renamed, and the copy's first line."""
     prompts = []
     for src in sources:
         try:
@@ -61,21 +63,23 @@ def edit_prompts(sources: list[str], n: int) -> list[str]:
             new = old + "_value"
             fn = "\n".join(body)
             first = re.sub(rf"\b{old}\b", new, body[0])
-            prompts.append(f"{fn}\n\n\n# The same function with `{old}` renamed to `{new}`:\n"
-                           f"{first}\n")
+            prompts.append((f"{fn}\n\n\n# The same function with `{old}` renamed to "
+                            f"`{new}`:\n{first}\n", fn))
             break
         if len(prompts) == n:
             break
     return prompts
 
 
-def run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, int]:
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompts[:1], sp, use_tqdm=False)  # warm-up
+def run(llm: LLM, prompts: list[str], max_tokens: list[int]) -> tuple[float, int, list]:
+    """Each prompt alone (batch 1), greedy, max_tokens[i] tokens; (seconds, tokens, ids)."""
+    warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate(prompts[:1], warm, use_tqdm=False)
     t0 = time.perf_counter()
     n = 0
     outs = []
-    for p in prompts:  # batch 1: one request at a time
+    for p, m in zip(prompts, max_tokens):
+        sp = SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
         o = llm.generate([p], sp, use_tqdm=False)[0].outputs[0]
         outs.append(o.token_ids)
         n += len(o.token_ids)
@@ -95,21 +99,24 @@ def main() -> int:
     tok = base.get_tokenizer()
     code = [tok.decode(tok.encode(s)[:args.prompt_tokens]) for s in sources[:args.files]]
     edit = edit_prompts(sources, args.files)
-    work = {"code": code, "edit": edit}
+    # code: OUTPUT_TOKENS each; edit: as many as the quoted function (the answer's length)
+    work = {"code": (code, [args.output_tokens] * len(code)),
+            "edit": ([p for p, _ in edit], [len(tok.encode(fn)) for _, fn in edit])}
     results: dict = {}
-    plain = {w: run(base, ps, args.output_tokens) for w, ps in work.items()}
+    plain = {w: run(base, ps, ms) for w, (ps, ms) in work.items()}
     del base
     print(f"{'workload':8s} {'method':12s} {'tok/s':>8s} {'speedup':>8s} {'accept':>7s} "
           f"{'mean len':>8s} {'same':>5s}")
     for w, (t, n, _) in plain.items():
         print(f"{w:8s} {'off':12s} {n / t:8.1f}")
-        results[f"{w}/off"] = {"tokens_per_s": n / t, "prompts": len(work[w])}
+        results[f"{w}/off"] = {"tokens_per_s": n / t, "prompts": len(work[w][0]),
+                               "output_tokens": n}
     for method in args.methods.split(","):
         llm = LLM(max_model_len=2048, speculative_config={
             "method": method, "num_speculative_tokens": args.k})
-        for w, ps in work.items():
+        for w, (ps, ms) in work.items():
             before = llm.engine.stats()
-            t, n, outs = run(llm, ps, args.output_tokens)
+            t, n, outs = run(llm, ps, ms)
             st = llm.engine.stats()
             drafted = st.spec_drafted_total - before.spec_drafted_total
             accepted = st.spec_accepted_total - before.spec_accepted_total

@@ -80,7 +80,7 @@ class Scheduler:
         # set by the engine once the step costs are profiled. None: speculation off.
         self.spec_switch: SpecSwitch | None = None
         self._spec_k: dict[str, int] = {}  # this schedule's choice per request
-        self._spec_propose = 0
+        self._spec_propose = self._spec_proposed = 0
         # step_id -> the live requests of that plan's seqs (aligned), until its update
         self._planned: dict[int, list[Request]] = {}
 
@@ -106,6 +106,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
+        self._spec_proposed = self._spec_propose  # what the last step asked the proposer
         if self.spec_switch is not None:
             # Every running request, prefilling ones included: they decode next, and the
             # guesses proposed after this step are for the batch they will decode in.
@@ -219,8 +220,9 @@ class Scheduler:
         spec = request.spec_token_ids[:k]
         if request.num_computed_tokens != request.num_tokens - 1:
             return []
-        if k and not spec and self.spec_switch is not None:
-            # drafts were wanted and the proposer had none: as good as a rejected one
+        if k and not spec and self._spec_proposed and self.spec_switch is not None:
+            # drafts were asked for and wanted, and the proposer had none: as good as a
+            # rejected one
             self.spec_switch.observe(request.request_id, 1, 0)
         if not spec:
             return []

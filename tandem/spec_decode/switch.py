@@ -95,6 +95,7 @@ class SpecSwitch:
         self._drafted: dict[str, float] = {}
         self._accepted: dict[str, float] = {}
         self._idle: dict[str, int] = {}  # steps since a stopped request last verified
+        self._probe_next: set[str] = set()  # stopped requests that verify one next step
 
     def alpha(self, rid: str) -> float:
         d = self._drafted.get(rid, 0.0)
@@ -149,20 +150,23 @@ class SpecSwitch:
             return {r: self.k_max for r in rids}, self.k_max
         best, rates = self.best_k(rids, other_rows)
         out, probing = {}, 0
+        probe_now, self._probe_next = self._probe_next, set()
         for r in rids:
             if self.alpha(r) >= MIN_ALPHA:
                 out[r] = best
                 continue
+            # A probe takes two steps: one proposes a draft, the next verifies it.
+            out[r] = 1 if r in probe_now else 0
             self._idle[r] = self._idle.get(r, 0) + 1
-            out[r] = 0
             if self._idle[r] >= PROBE_EVERY:
-                out[r], self._idle[r] = 1, 0
+                self._idle[r] = 0
+                self._probe_next.add(r)
                 probing += 1
         # learn the overhead from decode-only steps (a prefill's cost is not profiled)
         self._predicted = 0.0 if other_rows else (
             self.costs.verify_at(len(rids) + sum(out.values()))
             + best * self.costs.draft_at(len(rids)))
-        propose = max(out.values())
+        propose = max(max(out.values()), 1 if self._probe_next else 0)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("speculation: %d requests, alpha %s, tokens/s by k %s -> k=%d%s",
                          len(rids), [round(self.alpha(r), 2) for r in rids[:8]],

@@ -54,8 +54,12 @@ def test_batch_one_speculates_fully_and_large_batch_turns_it_off():
 def test_low_acceptance_stops_then_probes_and_comes_back():
     sw = SpecSwitch(4, FLAT)
     _observe(sw, "a", 0.0)
-    seen = [sw.choose(["a"])[0]["a"] for _ in range(2 * switch.PROBE_EVERY)]
-    assert seen.count(0) >= 2 * switch.PROBE_EVERY - 2 and seen.count(1) == 2  # probes
+    steps = [sw.choose(["a"]) for _ in range(2 * switch.PROBE_EVERY + 1)]
+    ks = [k["a"] for k, _ in steps]
+    assert ks.count(1) == 2 and ks.count(0) == len(ks) - 2  # two probes
+    for i, k in enumerate(ks):  # a probe verifies the draft its previous step proposed
+        if k == 1:
+            assert steps[i - 1][1] == 1
     _observe(sw, "a", 1.0, steps=10, k=1)  # the text turned predictable
     assert sw.choose(["a"])[0]["a"] == 4
 
