@@ -2,17 +2,7 @@
 # Issue 13's GPU runs on one H200: Llama-3.1-8B shapes, dummy weights. Each JSON record
 # (the last stdout line) goes to $OUT/<name>.json, the output to $OUT/<name>.log.
 # Usage: OUT=dir bash bench/run_spec_h200.sh [latency throughput]
-set -u
-OUT=${OUT:-bench/results/tmp}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-[ -f .bench_commit ] && export TANDEM_GIT_COMMIT=${TANDEM_GIT_COMMIT:-$(cat .bench_commit)}
-M="--model bench/configs/llama-3.1-8b --load-format dummy"
-run() {  # name, timeout, args...
-  local name=$1 t=$2; shift 2
-  timeout "$t" python3 -m tandem bench "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$?"; tail -9 "$OUT/$name.log" | grep -v '^{'
-  tail -1 "$OUT/$name.log" | grep '^{' > "$OUT/$name.json" || rm -f "$OUT/$name.json"
-}
+. "$(dirname "$0")/common.sh"
 SYN='{"method": "ngram", "num_speculative_tokens": 4, "synthetic_acceptance_rate": 0.8}'
 REAL='{"method": "ngram", "num_speculative_tokens": 4}'
 [ $# -gt 0 ] || set -- latency throughput
