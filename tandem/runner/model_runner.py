@@ -133,7 +133,9 @@ class ModelRunner:
         """How many KV blocks fit here (profiling peak memory on CUDA). Under tensor
         parallelism the pool is the minimum over the ranks."""
         peak = self._profile_peak_memory() if self.device.type == "cuda" else 0
-        return num_blocks_for(self.config.cache, self.block_bytes, self.device, peak)
+        # a draft model keeps a pool of its own, block for block with the target's
+        draft = getattr(self.proposer, "block_bytes", 0)
+        return num_blocks_for(self.config.cache, self.block_bytes + draft, self.device, peak)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate and bind a pool of `num_blocks` (+1, below), then capture CUDA graphs."""
@@ -147,6 +149,8 @@ class ModelRunner:
                                             self.device)
         for layer, cache, spec in zip(m.attention_layers(), self.kv_caches, self.kv_spec):
             layer.kv_cache, layer.kv_scale = cache, spec.kv_scale
+        if hasattr(self.proposer, "allocate"):
+            self.proposer.allocate(num_blocks)
         if self.config.cache.calculate_kv_scales and any(
                 s.dtype == torch.float8_e4m3fn for s in self.kv_spec):
             self._calibrate_kv_scales()

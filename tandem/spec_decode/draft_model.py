@@ -30,7 +30,7 @@ import torch
 from tandem.config import SpeculativeConfig
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
-from tandem.runner.kv_memory import allocate_kv_caches
+from tandem.runner.kv_memory import LayerKVSpec, allocate_kv_caches, kv_block_bytes
 from tandem.spec_decode.proposer import Proposer
 
 
@@ -59,8 +59,20 @@ class DraftModelProposer(Proposer):
         self._seen: dict[str, list[int]] = {}  # request id -> tokens whose K/V it holds
         self._ready = False
 
-    def _allocate(self) -> None:
-        num = max(self.runner.num_blocks, 1) + 64
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of the draft's KV cache (the runner sizes both pools)."""
+        m = self.model
+        return kv_block_bytes([LayerKVSpec(self.dtype)] * m.num_layers, self.block_size,
+                              m.num_kv_heads, m.head_dim)
+
+    def allocate(self, num_blocks: int) -> None:
+        """The draft's pool, as many blocks as the target's (the runner counted both in the
+        memory it sized the target's pool from)."""
+        self._allocate(num_blocks)
+
+    def _allocate(self, num: int | None = None) -> None:
+        num = num or max(self.runner.num_blocks, 1)
         caches = allocate_kv_caches(self.model.num_layers, num, self.block_size,
                                     self.model.num_kv_heads, self.model.head_dim, self.dtype,
                                     self.device)

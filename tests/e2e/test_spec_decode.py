@@ -298,3 +298,23 @@ def test_served_with_speculation_over_the_openai_client(tmp_path):
                           position="0") > 0
     finally:
         stop_server(srv)
+
+
+def test_draft_model_on_the_embedded_model(tiny):
+    """The embedded draft proposes for the embedded model: greedy output equals plain
+    decoding's, its guesses are accepted, its KV pool is sized with the target's; a model
+    without a draft of its own must name one."""
+    prompt = "def area(width, height):\n    return width * height\n\n\ndef volume("
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = LLM(max_model_len=256).generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    spec = LLM(max_model_len=256, speculative_config={"method": "draft_model",
+                                                      "num_speculative_tokens": 4})
+    runner = _runner(spec)
+    assert runner.proposer.block_bytes > 0
+    assert len(runner.proposer._free) == runner.num_blocks  # block for block
+    out = spec.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == plain.token_ids
+    s = spec.engine.stats()
+    assert s.spec_accepted_total > 0.3 * s.spec_drafted_total > 0
+    with pytest.raises(ValueError, match="model"):
+        LLM(tiny, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})
