@@ -131,6 +131,10 @@ class Scheduler:
             spec = self._drafts_to_verify(request, budget - num_new)
             num_new += len(spec)
             while not self.kv.allocate_slots(request, num_new):
+                if spec:  # out of blocks: decode plainly before preempting anyone for drafts
+                    num_new -= len(spec)
+                    spec = []
+                    continue
                 victim = self.running.pop()  # most recently admitted; never one scheduled above
                 self._preempt(victim)
                 preempted.append(victim)

@@ -248,3 +248,22 @@ def test_empty_plan_when_idle():
     sched = make_scheduler()
     plan, touched = step(sched)
     assert plan.is_empty and plan.num_batched_tokens == 0 and touched == []
+
+
+def test_drafts_are_dropped_before_anyone_is_preempted_for_them():
+    """A decode whose drafts need a block the pool lacks verifies none (plain decode)
+    instead of preempting another running request."""
+    from tandem.spec_decode.switch import SpecSwitch
+    sched = make_scheduler(num_blocks=4, block_size=4, caching=False)
+    sched.spec_switch = SpecSwitch(4, None)  # always verify what there is
+    a, b = make_request("a", 7, max_tokens=20), make_request("b", 7, max_tokens=20)
+    sched.add_request(a)
+    sched.add_request(b)
+    plan = sched.schedule()  # both prefills: 2 blocks each, the pool is full
+    n = len(plan.seqs)
+    sched.update(plan, StepResult([[7]] * n, [None] * n, [None] * n, [[1, 2, 3]] * n))
+    # a is at 8 tokens (2 full blocks): its 3 drafts would need a third block
+    plan = sched.schedule()
+    assert shape(plan) == [("a", 7, 1, True), ("b", 7, 1, True)]
+    assert all(not s.spec_token_ids for s in plan.seqs)
+    assert sched.num_preemptions == 0
