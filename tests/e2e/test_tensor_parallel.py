@@ -195,3 +195,25 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"process {pid} is still running")
+
+
+def test_tp2_with_speculation_matches_tp1_plain(tmp_path):
+    """Speculative decoding across two ranks (each runs the proposer on the same plans):
+    greedy and seeded outputs equal TP=1 without speculation."""
+    path = make_tiny_model(tmp_path, "LlamaForCausalLM")
+    prompts = _prompts() + [[5, 6, 7, 8] * 4 + [5, 6]]  # the last one drafts for sure
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "auto_switch": False}
+    seeded = [SamplingParams(temperature=0.8, seed=i, max_tokens=MAX_TOKENS, ignore_eos=True)
+              for i in range(len(prompts))]
+    tp1 = LLM(path, **SIZES)
+    ref_greedy, ref_seeded = _greedy(tp1, prompts), tp1.generate(prompts, seeded,
+                                                                 use_tqdm=False)
+    tp2 = LLM(path, tensor_parallel_size=2, speculative_config=spec, **SIZES)
+    try:
+        assert _greedy(tp2, prompts) == ref_greedy
+        got = tp2.generate(prompts, seeded, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == \
+            [o.outputs[0].token_ids for o in ref_seeded]
+        assert tp2.engine.stats().spec_drafted_total > 0
+    finally:
+        tp2.engine.shutdown()
