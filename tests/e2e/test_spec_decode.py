@@ -64,7 +64,7 @@ def test_greedy_with_speculation_matches_transformers(tmp_path, arch, kw):
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     for proposer in ("oracle", "ngram"):
         # small pool: preemption; small budget: chunked prefill; shared prefixes: hits
-        llm = LLM(path, block_size=4, num_kv_blocks=24, max_num_batched_tokens=16,
+        llm = LLM(path, block_size=4, num_kv_blocks=20, max_num_batched_tokens=16,
                   max_num_seqs=8, max_model_len=64, speculative_config=NGRAM)
         runner = _runner(llm)
         if proposer == "oracle":
