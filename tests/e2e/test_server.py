@@ -346,13 +346,16 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 def test_disconnect_while_waiting_for_a_non_streamed_completion(server):
     before = server.metric("tandem:generation_tokens_total")
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 400, "ignore_eos": True}
+    # 8 x 460 tokens (a second or more of the tiny model on a quiet box, whose single
+    # sequence can finish 400 tokens in under 0.3 s) and a client that gives up after
+    # 0.2 s: finishing them all means the disconnect was missed.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 8,
+            "max_tokens": 460, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers(),
-                   timeout=httpx.Timeout(10, read=0.3))
+                   timeout=httpx.Timeout(10, read=0.2))
     _wait_idle(server)
-    assert server.metric("tandem:generation_tokens_total") - before < 400
+    assert server.metric("tandem:generation_tokens_total") - before < 8 * 460
 
 
 def test_64_concurrent_streaming_clients(server):
