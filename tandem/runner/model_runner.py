@@ -42,7 +42,7 @@ from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, kv_cach
                                      num_blocks_for)
 from tandem.runner.request_state import RequestState, apply_plan
 from tandem.runner.sampler import Sampler
-from tandem.spec_decode.verify import SyntheticAcceptance, accepted_length
+from tandem.spec_decode.verify import SyntheticAcceptance, accept_pq, accepted_length
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ class Launched:
     params: list[SamplingParams] = field(default_factory=list)  # aligned with plan.seqs
     prompt_targets: dict[int, list[int]] = field(default_factory=dict)  # seq index -> the
     # prompt tokens its prompt-logprob rows predict
+    # speculative decoding with a sampled draft: seq index -> the draft's q rows (k, V),
+    # and the target's sampling distributions of the step's sampled rows
+    draft_q: dict[int, torch.Tensor] = field(default_factory=dict)
+    probs: torch.Tensor | None = None
 
 
 class InjectedFault(RuntimeError):
@@ -282,7 +286,12 @@ class ModelRunner:
             tensors = build_sampling_tensors(plan, self.states, inputs.sample_rows,
                                              self.vocab_size, self.device,
                                              inputs.sample_counts)
-            sampled = self.sampler(logits[:num_sampled], tensors)
+            # drafts sampled from a q (draft model, temperature > 0): keep the target's p
+            qs = {i: self._draft_probs(plan.seqs[i]) for i in inputs.sample_rows
+                  if plan.seqs[i].spec_token_ids}
+            qs = {i: q for i, q in qs.items() if q is not None}
+            sampled = self.sampler(logits[:num_sampled], tensors, keep_probs=bool(qs))
+            out.draft_q, out.probs = qs, sampled.probs
             self._last_ids = sampled.token_ids
             # each seq's last sampled row (async scheduling; a step that verified drafts is
             # collected before the next is planned, so none of its seqs is read from here)
@@ -330,6 +339,13 @@ class ModelRunner:
                 if self.synthetic is not None and drafts:
                     a = self.synthetic.accepted(len(drafts))
                     emitted = drafts[:a] + [ids[rows[a]]]
+                elif i in launched.draft_q:  # p/q rule
+                    seq = plan.seqs[i]
+                    emitted = accept_pq(launched.probs[rows.start:rows.stop],
+                                        launched.draft_q[i], drafts, ids[rows[-1]],
+                                        launched.params[i].seed,
+                                        range(seq.end_pos - count + 1, seq.end_pos + 1))
+                    a = len(emitted) - 1
                 else:
                     a = accepted_length(drafts, [ids[r] for r in rows])
                     emitted = [ids[r] for r in rows[:a + 1]]
@@ -345,6 +361,10 @@ class ModelRunner:
                 prompt_lps[i] = _prompt_logprobs(lp, launched.prompt_targets[i],
                                                  launched.params[i].prompt_logprobs or 0)
         return StepResult(tokens, logprobs, prompt_lps, self._propose(plan, tokens))
+
+    def _draft_probs(self, seq) -> torch.Tensor | None:
+        get = getattr(self.proposer, "draft_probs", None)
+        return get(seq.request_id, seq.spec_token_ids) if get is not None else None
 
     def _propose(self, plan: StepPlan, tokens: list[list[int]]) -> list[list[int]] | None:
         """The proposer's guesses after each sampling seq's emitted tokens (speculative

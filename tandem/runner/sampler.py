@@ -51,6 +51,9 @@ class SamplerOutput:
     token_ids: torch.Tensor  # (N,) int64
     logprobs: torch.Tensor | None  # (N, 1 + max_logprobs) float32: sampled token, then top-N
     logprob_token_ids: torch.Tensor | None  # (N, 1 + max_logprobs) int64, same layout
+    # (N, vocab) float32: the distribution each row was sampled from (after temperature,
+    # top-k/top-p/min-p), when asked for (speculative decoding's p); None otherwise
+    probs: torch.Tensor | None = None
 
 
 def _counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -111,11 +114,7 @@ def _exponential_noise(probs: torch.Tensor, seeds: list[int | None]) -> torch.Te
     q = torch.empty_like(probs).exponential_()
     for i, seed in enumerate(seeds):
         if seed is not None:  # a seeded row draws from its own (seed, position) stream
-            g = _GENERATORS.get(probs.device)
-            if g is None:
-                g = _GENERATORS[probs.device] = torch.Generator(device=probs.device)
-            g.manual_seed(seed)
-            q[i].exponential_(generator=g)
+            q[i].exponential_(generator=seeded_generator(probs.device, seed))
     return q
 
 
@@ -123,9 +122,11 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
-    def __call__(self, logits: torch.Tensor, t: SamplingTensors | None) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors | None,
+                 keep_probs: bool = False) -> SamplerOutput:
         """logits: (N, vocab) in any float dtype; all math in float32. t None: every row
-        plain greedy (no logprobs, penalties or banned tokens)."""
+        plain greedy (no logprobs, penalties or banned tokens). keep_probs: return the
+        rows' sampling distributions too (rows that sample; greedy rows' are not used)."""
         logits = logits[:, : self.vocab_size]
         if t is None or (t.all_greedy and t.max_logprobs < 0 and t.banned_tokens is None
                          and t.output_tokens is None):
@@ -142,6 +143,7 @@ class Sampler:
         if t.output_tokens is not None:
             logits = apply_penalties(logits, t)
         greedy = ops.argmax(logits)
+        probs = None
         if t.all_greedy:
             tokens = greedy
         else:
@@ -150,9 +152,37 @@ class Sampler:
             probs = scaled.softmax(dim=-1)
             sampled = ops.argmax(probs / _exponential_noise(probs, t.seeds))
             tokens = torch.where(t.temperature > 0, sampled, greedy)
+        kept = probs if keep_probs else None
         if raw_logprobs is None:
-            return SamplerOutput(tokens, None, None)
+            return SamplerOutput(tokens, None, None, kept)
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
         top_vals, top_ids = raw_logprobs.topk(t.max_logprobs, dim=-1)
         return SamplerOutput(tokens, torch.cat([chosen, top_vals], dim=1),
-                             torch.cat([tokens.unsqueeze(1), top_ids], dim=1))
+                             torch.cat([tokens.unsqueeze(1), top_ids], dim=1), kept)
+
+
+def sampling_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """(N, vocab) logits -> the distributions rows with these SamplingParams (temperature
+    > 0, no penalties) sample from: the transforms of `Sampler`, in float32."""
+    dev = logits.device
+    vocab = logits.shape[1]
+    col = lambda v, dt=torch.float32: torch.tensor(v, dtype=dt, device=dev)  # noqa: E731
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    t = SamplingTensors(
+        temperature=col([p.temperature for p in params]), top_k=col(top_k, torch.int64),
+        top_p=col([p.top_p for p in params]), min_p=col([p.min_p for p in params]),
+        repetition_penalty=None, presence_penalty=None, frequency_penalty=None,
+        output_tokens=None, prompt_tokens=None, banned_tokens=None, seeds=[None] * len(params),
+        all_greedy=False, any_top_k=any(k < vocab for k in top_k),
+        any_top_p=any(p.top_p < 1.0 for p in params),
+        any_min_p=any(p.min_p > 0.0 for p in params), max_logprobs=-1)
+    return apply_top_k_top_p_min_p(logits.float() / t.temperature.unsqueeze(1), t
+                                   ).softmax(dim=-1)
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The device's scratch generator, seeded (one per device, reseeded per draw)."""
+    g = _GENERATORS.get(device)
+    if g is None:
+        g = _GENERATORS[device] = torch.Generator(device=device)
+    return g.manual_seed(seed)

@@ -12,10 +12,10 @@ k tokens greedily, one batched forward per guess, on its own paged KV cache.
     draft K/V   | the history      | guesses 1..k-1    |  (guess k is never fed)
 
 A request stops guessing early once the draft gives its guess less than MIN_PROB (most
-such guesses are rejected; each costs a draft forward and a verified row). Guesses are the
-draft's argmax (one-hot proposals): verification stays exact at any
-temperature (verify.py); a sampled draft with the p/q acceptance rule would accept more at
-temperature > 0 and is not built yet. The pool holds as many blocks as the target's
+such guesses are rejected; each costs a draft forward and a verified row). At temperature 0
+guesses are the draft's argmax (one-hot); at temperature > 0 they are sampled from the
+draft's q (the target's transforms; seeded requests from their own stream) and q is kept
+for the p/q acceptance rule (verify.accept_pq). The pool holds as many blocks as the target's
 (so any request the target can hold fits), allocated on the first call; a request that
 finds it full gets no guesses that step.
 """
@@ -30,8 +30,14 @@ import torch
 from tandem.config import SpeculativeConfig
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
+from tandem.request import SamplingParams
 from tandem.runner.kv_memory import LayerKVSpec, allocate_kv_caches, kv_block_bytes
+from tandem.runner.sampler import row_seed, sampling_probs, seeded_generator
 from tandem.spec_decode.proposer import Proposer
+
+
+_GREEDY = SamplingParams(temperature=0.0)
+_DRAFT_SALT = 0x68E31DA4  # the draft's own (seed, position) stream
 
 
 class DraftModelProposer(Proposer):
@@ -57,6 +63,9 @@ class DraftModelProposer(Proposer):
         self._free: list[int] = []
         self._blocks: dict[str, list[int]] = {}  # request id -> its draft blocks
         self._seen: dict[str, list[int]] = {}  # request id -> tokens whose K/V it holds
+        # request id -> (its last guesses, their q rows when sampled at temperature > 0)
+        self._last: dict[str, tuple[list[int], torch.Tensor | None]] = {}
+        self._q: dict[str, list[torch.Tensor]] = {}
         self._ready = False
 
     @property
@@ -108,9 +117,22 @@ class DraftModelProposer(Proposer):
             self.finish(rid)
         return 0.0
 
+    def _params(self, rid: str):
+        state = self.runner.states.get(rid)
+        return state.params if state is not None else _GREEDY
+
+    def draft_probs(self, rid: str, drafts: Sequence[int]) -> torch.Tensor | None:
+        """The q rows of `drafts` if they are the guesses last sampled for `rid` (k, V);
+        None for one-hot (argmax) guesses."""
+        guess, q = self._last.get(rid, ((), None))
+        if q is None or list(guess[:len(drafts)]) != list(drafts):
+            return None
+        return q[:len(drafts)]
+
     def finish(self, request_id: str) -> None:
         self._free += reversed(self._blocks.pop(request_id, []))
         self._seen.pop(request_id, None)
+        self._last.pop(request_id, None)
 
     def _slot(self, rid: str, pos: int) -> int:
         return self._blocks[rid][pos // self.block_size] * self.block_size + \
@@ -142,9 +164,26 @@ class DraftModelProposer(Proposer):
         hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=dev),
                             torch.tensor(pos, dtype=torch.int64, device=dev), meta)
         last = torch.tensor(qstart[1:], device=dev) - 1
-        probs = self.model.compute_logits(hidden[last]).float().softmax(dim=-1)
+        logits = self.model.compute_logits(hidden[last]).float()
+        probs = logits.softmax(dim=-1)
         top, ids = probs.max(dim=-1)
-        return ids.tolist(), top.tolist()
+        ids, top = ids.tolist(), top.tolist()
+        # Requests sampling at temperature > 0 draw their guess from the draft's q (the
+        # target's transforms), kept for the p/q rule (verify.accept_pq).
+        hot = [j for j, r in enumerate(rids) if self._params(r).temperature > 0]
+        if hot:
+            params = [self._params(rids[j]) for j in hot]
+            q = sampling_probs(logits[hot], params)
+            for row, j in enumerate(hot):
+                p = params[row]
+                pos = starts[j] + len(feeds[j])  # the position this guess takes
+                g = (None if p.seed is None else
+                     seeded_generator(q.device, row_seed(p.seed ^ _DRAFT_SALT, pos)))
+                noise = torch.empty_like(q[row]).exponential_(generator=g)
+                ids[j] = int((q[row] / noise).argmax().item())
+                top[j] = q[row, ids[j]].item()
+                self._q.setdefault(rids[j], []).append(q[row])
+        return ids, top
 
     def propose(self, request_ids: Sequence[str], histories: Sequence[Sequence[int]],
                 k: int) -> list[list[int]]:
@@ -166,6 +205,7 @@ class DraftModelProposer(Proposer):
         if not rows:
             return out
         rids = [request_ids[i] for i in rows]
+        self._q = {}
         first, conf = self._forward(rids, feeds, starts)
         guesses = [[g] for g in first]
         # Guessing goes on only while the draft is confident: a guess it gives less than
@@ -183,4 +223,6 @@ class DraftModelProposer(Proposer):
         for i, rid, g in zip(rows, rids, guesses):
             out[i] = g
             self._seen[rid] = list(histories[i]) + g[:-1]
+            q = self._q.get(rid)
+            self._last[rid] = (g, torch.stack(q) if q else None)
         return out

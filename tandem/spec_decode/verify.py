@@ -14,8 +14,16 @@ For a proposer whose draft is a single token (q one-hot on d, the n-gram and suf
 proposers), this IS speculative sampling: P(accept d) = p(d) = min(1, p(d)/q(d)), and on
 rejection t ~ p(. | t != d) = norm(max(0, p - q)). At temperature 0 it reduces to "accept
 while the draft equals the target's argmax". A draft model's proposals are verified the
-same way (as one-hot), which stays lossless; the p/q rule would accept more often at
-temperature > 0 (not built yet).
+same way at temperature 0; at temperature > 0 it samples its guesses from its own
+distribution q (after the same temperature / top-k / top-p / min-p) and `accept_pq`
+applies the rule for a q that is not one-hot:
+
+    accept d_j with probability min(1, p_j(d_j) / q_j(d_j))
+    on the first rejection: a token from norm(max(0, p_j - q_j)), and stop
+    all k accepted: the row-k sample (plain decoding's token at that position)
+
+Seeded requests draw u_j and the residual's sample from (seed, position) streams of their
+own, so they stay reproducible.
 
 `SyntheticAcceptance` (benchmarks only, `synthetic_acceptance_rate`): accept each draft
 with probability `rate` instead of checking it, to measure the machinery at a known
@@ -27,6 +35,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import torch
+
+from tandem.runner.sampler import row_seed, seeded_generator
+
+_UNIFORM, _RESIDUAL = 0x5BD1E995, 0x27D4EB2F  # stream salts of the p/q rule's draws
+
 
 def accepted_length(drafts: Sequence[int], sampled: Sequence[int]) -> int:
     """Leading drafts equal to the target's sample at the row before them.
@@ -35,6 +49,31 @@ def accepted_length(drafts: Sequence[int], sampled: Sequence[int]) -> int:
     while a < len(drafts) and drafts[a] == sampled[a]:
         a += 1
     return a
+
+
+def accept_pq(p: torch.Tensor, q: torch.Tensor, drafts: Sequence[int], bonus: int,
+              seed: int | None, positions: Sequence[int]) -> list[int]:
+    """The tokens a step emits for a request whose drafts were sampled from q.
+    p: (k+1, V) the target's sampling distributions at the rows, q: (k, V) the draft's,
+    bonus: the target's own sample at row k, positions: the position each row samples."""
+    def gen(salt: int, pos: int) -> torch.Generator | None:
+        return None if seed is None else seeded_generator(p.device, row_seed(seed ^ salt, pos))
+
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        u = torch.rand((), device=p.device, generator=gen(_UNIFORM, positions[j])).item()
+        pj, qj = p[j, d].item(), q[j, d].item()
+        if u * qj < pj:  # u < p / q: accepted
+            out.append(d)
+            continue
+        residual = (p[j] - q[j]).clamp_min(0.0)
+        if residual.sum().item() <= 0.0:  # p == q where it matters: nothing to correct
+            residual = p[j]
+        noise = torch.empty_like(residual).exponential_(generator=gen(_RESIDUAL,
+                                                                      positions[j]))
+        out.append(int((residual / noise).argmax().item()))
+        return out
+    return out + [bonus]
 
 
 class SyntheticAcceptance:

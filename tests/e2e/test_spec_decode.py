@@ -318,3 +318,35 @@ def test_draft_model_on_the_embedded_model(tiny):
     assert s.spec_accepted_total > 0.3 * s.spec_drafted_total > 0
     with pytest.raises(ValueError, match="model"):
         LLM(tiny, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})
+
+
+def test_sampled_draft_model_follows_the_targets_distribution():
+    """The embedded draft at temperature 0.7 samples its guesses from q and the p/q rule
+    verifies them: the 2nd-4th tokens' distributions with speculation are as close to
+    plain decoding's as a second plain run is (total variation, 600 samples each), a
+    different temperature is told apart, guesses are both accepted and rejected, and seeded
+    runs repeat exactly."""
+    prompt = ("def area(width, height):\n    return width * height\n\n\n"
+              "def volume(width, height, depth):\n")
+    plain = LLM(max_model_len=256)
+    spec = LLM(max_model_len=256, speculative_config={"method": "draft_model",
+                                                      "num_speculative_tokens": 3})
+    _runner(spec)
+
+    def run(llm, temperature, n=600, seed=None):
+        sp = [SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True,
+                             seed=None if seed is None else seed + i) for i in range(n)]
+        return [o.outputs[0].token_ids for o in llm.generate([prompt] * n, sp,
+                                                              use_tqdm=False)]
+
+    a, b = run(plain, 0.7), run(plain, 0.7)
+    s = run(spec, 0.7)
+    hot = run(plain, 1.3)
+    st = spec.engine.stats()
+    assert 0 < st.spec_accepted_total < st.spec_drafted_total
+    for pos in (1, 2, 3):
+        count = lambda runs: Counter(t[pos] for t in runs)  # noqa: E731
+        noise = _tv(count(a), count(b))
+        assert _tv(count(a), count(s)) < noise + 0.06, (pos, noise)
+        assert _tv(count(a), count(hot)) > noise + 0.1, pos  # the test can tell
+    assert run(spec, 0.7, n=20, seed=5) == run(spec, 0.7, n=20, seed=5)
