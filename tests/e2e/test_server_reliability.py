@@ -481,8 +481,8 @@ def test_a_dead_engine_process_fails_live_requests_and_health(tmp_path):
             assert httpx.get(srv.url + "/health", timeout=10).status_code == 503
             r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, timeout=10)
             assert r.status_code == 503
-        except httpx.ConnectError:
-            pass
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            pass  # the shutdown closed the socket first (refused, or reset mid-request)
         assert srv.proc.wait(timeout=10) == 1
     finally:
         stop_server(srv)
