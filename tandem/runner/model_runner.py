@@ -336,7 +336,9 @@ class ModelRunner:
                 drafts = plan.seqs[i].spec_token_ids
                 # The target's samples at the rows: accept drafts while they agree, then
                 # the target's own token (lossless: verify.py).
-                if self.synthetic is not None and drafts:
+                if not drafts:  # plain decoding (or a prefill's last chunk): one row
+                    a, emitted = 0, [ids[rows[0]]]
+                elif self.synthetic is not None:
                     a = self.synthetic.accepted(len(drafts))
                     emitted = drafts[:a] + [ids[rows[a]]]
                 elif i in launched.draft_q:  # p/q rule

@@ -220,11 +220,13 @@ class Scheduler:
         """The guesses a decoding request verifies this step: its proposer's, cut to the
         token budget left (`room`), and to what could still be emitted (max_tokens,
         max_model_len, the pool): a step emits at most len(drafts) + 1 tokens."""
+        if self.spec_switch is None:
+            return []
         k = self._spec_k.get(request.request_id, 0)
         spec = request.spec_token_ids[:k]
         if request.num_computed_tokens != request.num_tokens - 1:
             return []
-        if k and not spec and self._spec_proposed and self.spec_switch is not None:
+        if k and not spec and self._spec_proposed:
             # drafts were asked for and wanted, and the proposer had none: as good as a
             # rejected one
             self.spec_switch.observe(request.request_id, 1, 0)
@@ -240,8 +242,8 @@ class Scheduler:
             left = min(left, params.max_tokens - len(request.output_token_ids) - 1)
         if self.config.max_model_len:
             left = min(left, self.config.max_model_len - request.num_tokens - 1)
-        while left > 0 and not self._fits_in_pool(request.num_tokens + left):
-            left -= 1
+        # the capacity guard (_fits_in_pool) for the request's last emitted token
+        left = min(left, self.kv.num_blocks * self.block_size - request.num_tokens)
         return spec[:max(left, 0)]
 
     def _schedule_seq(self, request: Request, start_pos: int, num_new: int,
