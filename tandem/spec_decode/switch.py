@@ -17,10 +17,14 @@ plus the step's overhead, with verify(rows) and draft(rows) the step costs profi
 start-up on the device (`profile_spec_costs` in the model runner; draft = 0 for the host
 proposers), the overhead what measured steps took beyond those (learned as it runs), B the
 decoding requests, and a_i each request's running estimate (accepted / tried over its
-recent verify steps, starting from PRIOR; see `observe`). A request whose estimate falls below MIN_ALPHA
-verifies nothing, except one draft every PROBE_EVERY steps to notice when its text turns
-predictable again; a step where drafts were wanted and the proposer had none counts as a
-rejected draft. Decisions are logged at debug level.
+recent verify steps, starting from PRIOR; see `observe`). A request whose estimate falls
+below MIN_ALPHA verifies nothing, except one draft on the probe steps (every PROBE_EVERY-th,
+the same step for every stopped request) to notice when its text turns predictable again,
+and only when speculation could pay at this batch were it back at PRIOR. A step that asks
+for drafts cannot be pipelined with the next (the drafts come from its tokens), so probes
+that each request took on its own clock would stall every step of a large batch. A step
+where drafts were wanted and the proposer had none counts as a rejected draft. Decisions
+are logged at debug level.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class SpecSwitch:
         self._predicted = 0.0
         self._drafted: dict[str, float] = {}
         self._accepted: dict[str, float] = {}
-        self._idle: dict[str, int] = {}  # steps since a stopped request last verified
+        self._steps = 0  # choose() calls: the probe clock
         self._probe_next: set[str] = set()  # stopped requests that verify one next step
 
     def alpha(self, rid: str) -> float:
@@ -118,15 +122,17 @@ class SpecSwitch:
             self.overhead = 0.8 * self.overhead + 0.2 * residual
 
     def forget(self, rid: str) -> None:
-        for d in (self._drafted, self._accepted, self._idle):
+        for d in (self._drafted, self._accepted):
             d.pop(rid, None)
+        self._probe_next.discard(rid)
 
-    def best_k(self, rids: list[str], other_rows: int = 0) -> tuple[int, list[float]]:
+    def best_k(self, rids: list[str], other_rows: int = 0, alphas: list[float] | None = None
+               ) -> tuple[int, list[float]]:
         """The k with the most tokens per second for these requests (no side effects), and
-        the rate of every k."""
+        the rate of every k; `alphas`: acceptance estimates to assume instead of theirs."""
         if self.costs is None:
             return self.k_max, []
-        alphas = [self.alpha(r) for r in rids]
+        alphas = [self.alpha(r) for r in rids] if alphas is None else alphas
         best, best_rate, rates = 0, 0.0, []
         for k in range(self.k_max + 1):
             ks = [k if a >= MIN_ALPHA else 0 for a in alphas]
@@ -149,24 +155,26 @@ class SpecSwitch:
         if self.costs is None:
             return {r: self.k_max for r in rids}, self.k_max
         best, rates = self.best_k(rids, other_rows)
-        out, probing = {}, 0
+        out: dict[str, int] = {}
         probe_now, self._probe_next = self._probe_next, set()
+        stopped = []
         for r in rids:
             if self.alpha(r) >= MIN_ALPHA:
                 out[r] = best
-                continue
-            # A probe takes two steps: one proposes a draft, the next verifies it.
-            out[r] = 1 if r in probe_now else 0
-            self._idle[r] = self._idle.get(r, 0) + 1
-            if self._idle[r] >= PROBE_EVERY:
-                self._idle[r] = 0
-                self._probe_next.add(r)
-                probing += 1
+            else:  # a probe takes two steps: one proposes a draft, the next verifies it
+                out[r] = 1 if r in probe_now else 0
+                stopped.append(r)
+        self._steps += 1
+        if stopped and self._steps % PROBE_EVERY == 0 and self.best_k(
+                rids, other_rows, [PRIOR] * len(rids))[0] > 0:
+            self._probe_next = set(stopped)
+        probing = len(self._probe_next)
         # learn the overhead from decode-only steps (a prefill's cost is not profiled)
         self._predicted = 0.0 if other_rows else (
             self.costs.verify_at(len(rids) + sum(out.values()))
             + best * self.costs.draft_at(len(rids)))
-        propose = max(max(out.values()), 1 if self._probe_next else 0)
+        # guesses for the next step: those speculating want `best`; a probe verifies one
+        propose = max(best if len(stopped) < len(rids) else 0, 1 if self._probe_next else 0)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("speculation: %d requests, alpha %s, tokens/s by k %s -> k=%d%s",
                          len(rids), [round(self.alpha(r), 2) for r in rids[:8]],

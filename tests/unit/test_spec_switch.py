@@ -83,3 +83,22 @@ def test_overhead_learned_from_step_times_favors_more_drafts():
         sw.step_time(sw._predicted + 20e-3)  # every step took 20 ms more than predicted
     assert sw.overhead > 15e-3
     assert sw.choose(["a"])[0]["a"] > k_before
+
+
+def test_stopped_requests_probe_together_and_only_where_it_could_pay():
+    # A step that proposes is not pipelined with the next one, so stopped requests probe on
+    # one shared step per PROBE_EVERY (not each on its own clock: a batch of them would
+    # propose every step) ...
+    sw = SpecSwitch(4, FLAT)
+    few = [f"r{i}" for i in range(4)]
+    for i, r in enumerate(few):
+        _observe(sw, r, 0.0)
+        for _ in range(i):  # stopped at different steps
+            sw.choose(few)
+    proposing = [sw.choose(few)[1] > 0 for _ in range(4 * switch.PROBE_EVERY)]
+    assert sum(proposing) == 4
+    # ... and a batch where even acceptance at the prior would not pay never probes
+    many = [f"m{i}" for i in range(256)]
+    for r in many:
+        _observe(sw, r, 0.0)
+    assert not any(sw.choose(many)[1] for _ in range(3 * switch.PROBE_EVERY))
