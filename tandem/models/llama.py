@@ -15,7 +15,7 @@ returns (hidden, residual).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +41,10 @@ logger = logging.getLogger(__name__)
 STACKED_PARAMS = {".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"),
                   ".v_proj.": (".qkv_proj.", "v"), ".gate_proj.": (".gate_up_proj.", 0),
                   ".up_proj.": (".gate_up_proj.", 1)}
-# Buffers some old checkpoints saved; compressed-tensors' record of the unpacked shape.
-IGNORED_TENSORS = ("rotary_emb.inv_freq", ".weight_shape")
+# Buffers some old checkpoints saved; compressed-tensors' record of the unpacked shape; an
+# FP8 KV cache's scales (the runner reads them: compressed_tensors.checkpoint_kv_scales).
+IGNORED_TENSORS = ("rotary_emb.inv_freq", ".weight_shape", ".self_attn.k_scale",
+                   ".self_attn.v_scale")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +163,17 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, args: LlamaArgs, backend: AttentionBackend | None, prefix: str,
-                 parallel: ParallelContext, quant: QuantPolicy | None) -> None:
+                 parallel: ParallelContext, quant: QuantPolicy | None,
+                 make_layer: Callable[[int, str], nn.Module] | None = None) -> None:
+        """make_layer(index, prefix): the decoder layer (default LlamaDecoderLayer; the
+        mixture-of-experts models swap the MLP of some layers)."""
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size,
                                                    f"{prefix}.embed_tokens", parallel)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, backend, f"{prefix}.layers.{i}", parallel, quant)
-            for i in range(args.num_layers))
+        make_layer = make_layer or (lambda i, name: LlamaDecoderLayer(args, backend, name,
+                                                                      parallel, quant))
+        self.layers = nn.ModuleList(make_layer(i, f"{prefix}.layers.{i}")
+                                    for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -209,12 +215,20 @@ class LlamaForCausalLM(nn.Module):
             logger.warning("sliding_window=%d is not implemented: attention is full, so outputs "
                            "are exact only up to %d tokens (clamp max_model_len to it)",
                            args.sliding_window, args.sliding_window)
-        self.model = LlamaModel(args, attn_backend, "model", parallel, quant)
+        self.model = LlamaModel(args, attn_backend, "model", parallel, quant,
+                                self.layer_factory(hf_config, args, attn_backend, parallel,
+                                                   quant))
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads
         self.lm_head = ParallelLMHead(args.vocab_size, args.hidden_size, "lm_head", parallel,
                                       quant)
         if args.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def layer_factory(self, hf_config: dict[str, Any], args: LlamaArgs,
+                      backend: AttentionBackend | None, parallel: ParallelContext,
+                      quant: QuantPolicy | None) -> Callable[[int, str], nn.Module] | None:
+        """The decoder layers' maker (None: LlamaDecoderLayer throughout)."""
+        return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -250,7 +264,10 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 raise ValueError(f"unexpected tensor {name!r} in checkpoint: "
                                  f"{type(self).__name__} has no parameter {target!r}")
+            convert = getattr(param, "from_checkpoint", None)
             try:
+                if convert is not None:  # stored in a layout no shard can be cut from
+                    tensor = convert(tensor)
                 if shard_id is None:
                     param.weight_loader(param, tensor)
                 else:

@@ -1,7 +1,8 @@
 """How many KV blocks fit, and the pool itself, from a per-layer KV-cache spec.
 
     spec: per layer, the cache dtype (the model's, or float8_e4m3fn with kv_cache_dtype=fp8
-          unless the layer is in kv_cache_dtype_skip_layers) and its (k_scale, v_scale)
+          unless the layer is in kv_cache_dtype_skip_layers) and its (k_scale, v_scale):
+          1.0, calibrated by the runner, or a checkpoint's own (then fp8 under "auto" too)
     bytes per block = sum over layers of 2 (K and V) x block_size x kv_heads x head_dim
                       x that layer's dtype bytes
 
@@ -26,16 +27,23 @@ class LayerKVSpec:
     kv_scale: tuple[float, float] = (1.0, 1.0)  # FP8: cached = K / k_scale, V / v_scale
 
 
-def kv_cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype
+def kv_cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype,
+                  checkpoint_scales: list[tuple[float, float]] | None = None
                   ) -> list[LayerKVSpec]:
-    fp8 = cache.kv_cache_dtype in ("fp8", "fp8_e4m3")
+    """checkpoint_scales: each layer's (k_scale, v_scale) from a checkpoint that quantized
+    its KV cache (compressed-tensors kv_cache_scheme). Like vLLM, kv_cache_dtype "auto"
+    then means the checkpoint's choice, FP8 with those scales; "fp8" takes them too."""
+    fp8 = cache.kv_cache_dtype in ("fp8", "fp8_e4m3") or checkpoint_scales is not None
     skip = cache.skip_layers()
     bad = [i for i in skip if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"kv_cache_dtype_skip_layers names layers {bad} of a model with "
                          f"{num_layers}")
-    return [LayerKVSpec(torch.float8_e4m3fn if fp8 and i not in skip else model_dtype)
-            for i in range(num_layers)]
+    if checkpoint_scales is not None and len(checkpoint_scales) != num_layers:
+        raise ValueError(f"{len(checkpoint_scales)} KV scales for {num_layers} layers")
+    scales = checkpoint_scales or [(1.0, 1.0)] * num_layers
+    return [LayerKVSpec(model_dtype) if not fp8 or i in skip
+            else LayerKVSpec(torch.float8_e4m3fn, scales[i]) for i in range(num_layers)]
 
 
 def kv_block_bytes(spec: list[LayerKVSpec], block_size: int, num_kv_heads: int,

@@ -33,7 +33,7 @@ from tandem.config import EngineConfig
 from tandem.distributed.parallel import ParallelContext
 from tandem.layers.attention_metadata import AttentionMetadata
 from tandem.models.loader import load_model
-from tandem.quantization.compressed_tensors import quant_policy
+from tandem.quantization.compressed_tensors import checkpoint_kv_scales, quant_policy
 from tandem.outputs import Logprobs, StepPlan, StepResult
 from tandem.request import SamplingParams
 from tandem.runner.cuda_graph import CudaGraphRunner
@@ -109,7 +109,16 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size)
         self.states: dict[str, RequestState] = {}
         self.num_blocks = 0
-        self.kv_spec = kv_cache_spec(config.cache, self.model.num_layers, self.dtype)
+        # A checkpoint that quantized its KV cache brings its own scales (and FP8 under
+        # kv_cache_dtype auto); they win over calculate_kv_scales, as in vLLM.
+        ckpt_scales = checkpoint_kv_scales(config.model, self.model.num_layers)
+        self.kv_spec = kv_cache_spec(config.cache, self.model.num_layers, self.dtype,
+                                     ckpt_scales)
+        self.calibrate_kv_scales = config.cache.calculate_kv_scales and ckpt_scales is None
+        if ckpt_scales is not None:
+            logger.info("FP8 KV cache with the checkpoint's scales (kv_cache_scheme)%s",
+                        "; calculate_kv_scales ignored" if config.cache.calculate_kv_scales
+                        else "")
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphRunner | None = None
         # The last launched step's sampled ids on the device, and each request's row there.
@@ -155,7 +164,7 @@ class ModelRunner:
             layer.kv_cache, layer.kv_scale = cache, spec.kv_scale
         if hasattr(self.proposer, "allocate"):
             self.proposer.allocate(num_blocks)
-        if self.config.cache.calculate_kv_scales and any(
+        if self.calibrate_kv_scales and any(
                 s.dtype == torch.float8_e4m3fn for s in self.kv_spec):
             self._calibrate_kv_scales()
         backend = m.attention_layers()[0].backend

@@ -3,7 +3,8 @@ itself, load without flags and generate. FP8 per-channel W8A8 and pack-quantized
 W4A16 (group 128) checkpoints are quantized with the scales tandem's own quantizer would
 choose, so the checkpoint-loaded model must equal the model tandem quantizes at load
 (same buffers, same greedy tokens); the INT4 one also matches transformers running the
-library's own decompression."""
+library's own decompression. Asymmetric INT4 and FP8 KV-cache scales:
+test_ct_asym_kv_scales.py."""
 
 from __future__ import annotations
 
@@ -102,8 +103,11 @@ def test_unsupported_checkpoint_schemes_are_refused(tmp_path):
             "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"],
             "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128,
                         "symmetric": False}}}}
-    with pytest.raises(ValueError, match="asymmetric"):
+    assert policy_from_config({"quantization_config": base}).default == "ct_int4_asym_g128"
+    base["config_groups"]["group_0"]["weights"]["actorder"] = "group"  # needs weight_g_idx
+    with pytest.raises(ValueError, match="actorder 'group'"):
         policy_from_config({"quantization_config": base})
+    del base["config_groups"]["group_0"]["weights"]["actorder"]
     base["config_groups"]["group_0"]["weights"].update(num_bits=3, symmetric=True)
     with pytest.raises(ValueError, match="not supported"):
         policy_from_config({"quantization_config": base})
