@@ -189,6 +189,7 @@ class SchedulerConfig:
 
 
 _EXECUTOR_BACKENDS = ("uni", "mp")
+EXPERT_DISPATCH = ("allreduce", "alltoall")  # distributed/expert_dispatch.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +204,18 @@ class ParallelConfig:
     # node 0's port for torch.distributed's rendezvous (the executor's sockets use the next
     # two); None: a free port (one node only)
     master_port: int | None = None
+    # MoE models: shard the experts over the tensor-parallel ranks (whole experts per rank)
+    # instead of splitting every expert's intermediate size; attention stays tensor parallel
+    enable_expert_parallel: bool = False
+    # expert parallelism's token exchange: "allreduce" (every rank runs its experts on the
+    # tokens it already has; one all-reduce combines) or "alltoall" (tokens sent to their
+    # experts' ranks and back; eager steps only): distributed/expert_dispatch.py
+    expert_dispatch: str = "allreduce"
 
     def __post_init__(self) -> None:
+        if self.expert_dispatch not in EXPERT_DISPATCH:
+            raise ValueError(f"expert_dispatch must be one of {EXPERT_DISPATCH}, "
+                             f"got {self.expert_dispatch!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, "
                              f"got {self.tensor_parallel_size}")

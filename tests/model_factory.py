@@ -71,16 +71,31 @@ def _tokenizer_json(vocab_size: int, extra_special_tokens: tuple[str, ...] = ())
     return tok.to_str()
 
 
+MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "MixtralForCausalLM": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "Qwen2MoeForCausalLM": {"num_experts": 4, "num_experts_per_tok": 2,
+                            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+                            "norm_topk_prob": False, "decoder_sparse_step": 1,
+                            "mlp_only_layers": []},
+    "Qwen3MoeForCausalLM": {"num_experts": 4, "num_experts_per_tok": 2,
+                            "moe_intermediate_size": 32, "norm_topk_prob": True,
+                            "decoder_sparse_step": 1, "mlp_only_layers": []},
+}
+
+
 def _hf_config(architecture: str, **kw: Any):
     import transformers
 
     cls = {"LlamaForCausalLM": transformers.LlamaConfig,
            "MistralForCausalLM": transformers.MistralConfig,
            "Qwen2ForCausalLM": transformers.Qwen2Config,
-           "Qwen3ForCausalLM": transformers.Qwen3Config}[architecture]
-    if architecture in ("MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+           "Qwen3ForCausalLM": transformers.Qwen3Config,
+           "MixtralForCausalLM": transformers.MixtralConfig,
+           "Qwen2MoeForCausalLM": transformers.Qwen2MoeConfig,
+           "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig}[architecture]
+    if architecture != "LlamaForCausalLM":
         kw.update(sliding_window=None)
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if architecture.startswith("Qwen"):
         kw.update(use_sliding_window=False)
     return cls(architectures=[architecture], **kw)
 
@@ -93,8 +108,12 @@ def make_tiny_model(out_dir: str | os.PathLike | None = None,
                     intermediate_size: int = 128, vocab_size: int = 512,
                     max_position_embeddings: int = 512, rope_theta: float = 10000.0,
                     attention_bias: bool = False, weight_std: float = 0.1,
-                    seed: int = 0, extra_special_tokens: tuple[str, ...] = ()) -> str:
+                    seed: int = 0, extra_special_tokens: tuple[str, ...] = (),
+                    moe: dict[str, Any] | None = None) -> str:
     """Write a tiny random float32 checkpoint + tokenizer; return its directory.
+
+    moe: the mixture-of-experts fields of the config, for Mixtral / Qwen2-MoE / Qwen3-MoE
+    (defaults: 4 experts, top 2, expert size 32, Qwen2-MoE's shared expert 48).
 
     rope_scaling: None, "llama3" (factor 8, original 64 positions, so scaling bites even in
     a short test), "linear" (factor 2), or a full HF dict.
@@ -113,8 +132,10 @@ def make_tiny_model(out_dir: str | os.PathLike | None = None,
         rope_scaling = {"rope_type": "linear", "factor": 2.0}
     rope = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
     extra = {"head_dim": head_dim} if head_dim is not None else {}
-    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         extra["attention_bias"] = attention_bias
+    if architecture in MOE_DEFAULTS:
+        extra.update({**MOE_DEFAULTS[architecture], **(moe or {})})
     config = _hf_config(
         architecture, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,

@@ -10,6 +10,11 @@ Bytes: every weight read once per decode step (the embedding only for the rows l
 quantized layers at their method's bits per weight, scales included),
 with as few steps as the KV pool allows (the largest batch it holds), plus every K/V byte
 written once and read once per attention over it.
+
+Mixture of experts: FLOPs count the active parameters only (per token and sparse layer: the
+router, top_k experts, and a shared expert if any); a decode step of B tokens reads, per
+sparse layer, the experts that B tokens touch, E (1 - (1 - K/E)^B) of the E on average
+(routing taken as uniform): K experts at batch 1, all of them at large batch.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ class ModelShape:
     # Bytes of the weights a decode step reads, when quantized (None: params x dtype_bytes).
     layer_weight_bytes: float | None = None
     lm_head_weight_bytes: float | None = None
+    # Mixture of experts (num_experts 0: dense): sparse layers' experts, top_k per token,
+    # each 3 x hidden x expert_intermediate_size, plus a shared expert's intermediate size
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    num_sparse_layers: int = 0
 
     @staticmethod
     def from_hf(cfg: dict, dtype: torch.dtype, quant=None) -> ModelShape:
@@ -46,6 +58,15 @@ class ModelShape:
                            cfg["intermediate_size"], cfg["vocab_size"],
                            bool(cfg.get("tie_word_embeddings", False)),
                            torch.empty((), dtype=dtype).element_size())
+        from tandem.models.registry import model_class_for
+        moe_args = getattr(model_class_for(cfg), "moe_args", None)
+        if moe_args is not None:
+            moe = moe_args(cfg)
+            shape = dataclasses.replace(
+                shape, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                expert_intermediate_size=moe.intermediate_size,
+                shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+                num_sparse_layers=sum(moe.is_sparse(i) for i in range(shape.num_layers)))
         if quant is None:
             return shape
         return dataclasses.replace(shape, **shape.quantized_bytes(quant))
@@ -66,24 +87,50 @@ class ModelShape:
 
         layers = sum(nbytes(f"model.layers.{n}.{part}", p) for n in range(self.num_layers)
                      for part, p in parts.items())
+        # a sparse layer has no dense MLP; its experts stay in the model dtype (layers/moe.py)
+        layers -= self.num_sparse_layers * 3 * h * i * self.dtype_bytes
+        layers += (self.num_sparse_layers * self._sparse_mlp_params(self.num_experts_per_tok)
+                   * self.dtype_bytes)
         return {"layer_weight_bytes": layers,
                 "lm_head_weight_bytes": nbytes("lm_head", self.lm_head_params)}
 
     @property
     def weight_bytes(self) -> float:
-        """Bytes of the weights one decode step reads (decoder linears and the LM head)."""
+        """Bytes of the weights one batch-1 decode step reads (decoder linears, LM head)."""
+        return self.weight_bytes_at(1)
+
+    def weight_bytes_at(self, batch: int) -> float:
+        """Bytes of the weights a decode step of `batch` tokens reads: with experts, those
+        the batch touches (expected, uniform routing: E (1 - (1 - K/E)^batch) a layer)."""
         layers = self.layer_weight_bytes
         head = self.lm_head_weight_bytes
-        return ((self.layer_params * self.dtype_bytes if layers is None else layers)
-                + (self.lm_head_params * self.dtype_bytes if head is None else head))
+        out = ((self.layer_params * self.dtype_bytes if layers is None else layers)
+               + (self.lm_head_params * self.dtype_bytes if head is None else head))
+        if self.num_experts:
+            e, k = self.num_experts, self.num_experts_per_tok
+            touched = e * (1.0 - (1.0 - k / e) ** max(batch, 1))
+            out += (self.num_sparse_layers * (touched - k) * 3 * self.hidden_size
+                    * self.expert_intermediate_size * self.dtype_bytes)
+        return out
+
+    def _sparse_mlp_params(self, experts: float) -> float:
+        """One sparse layer's MLP parameters with `experts` experts in use: the router,
+        those experts, and the shared expert with its gate."""
+        h = self.hidden_size
+        shared = self.shared_expert_intermediate_size
+        return (h * self.num_experts + experts * 3 * h * self.expert_intermediate_size
+                + (3 * h * shared + h if shared else 0))
 
     @property
     def layer_params(self) -> int:
-        """Linear parameters of all decoder layers (norms are negligible)."""
+        """Linear parameters of all decoder layers that one token uses (norms are
+        negligible): with experts, the sparse layers' active ones (top_k experts)."""
         h, d = self.hidden_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
         mlp = 3 * h * self.intermediate_size
-        return self.num_layers * (attn + mlp)
+        sparse = self.num_sparse_layers
+        return int(self.num_layers * attn + (self.num_layers - sparse) * mlp
+                   + sparse * self._sparse_mlp_params(self.num_experts_per_tok))
 
     @property
     def lm_head_params(self) -> int:
@@ -119,9 +166,11 @@ def workload_flops(shape: ModelShape, w: Workload) -> float:
 def workload_bytes(shape: ModelShape, w: Workload) -> float:
     """Weights once per decode step at the largest batch, plus K/V written and read."""
     outputs = sorted((o for _, o in w.requests), reverse=True)
-    # Decode steps if requests run in waves of max_batch, longest first.
-    steps = sum(outputs[i] for i in range(0, len(outputs), max(1, w.max_batch)))
-    total = steps * shape.weight_bytes
+    # Decode steps if requests run in waves of max_batch, longest first (a wave's steps
+    # read the weights its batch touches: all of a dense model's, some experts).
+    wave = max(1, w.max_batch)
+    total = sum(outputs[i] * shape.weight_bytes_at(len(outputs[i:i + wave]))
+                for i in range(0, len(outputs), wave))
     kv = shape.kv_bytes_per_token
     for p, o in w.requests:
         total += (p + o - 1) * kv  # every K/V written once

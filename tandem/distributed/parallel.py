@@ -29,6 +29,10 @@ class ParallelContext:
     tp_size: int  # ranks in the group (1: no tensor parallelism)
     group: Any = None  # the torch.distributed group of the device collectives (None: one rank)
     custom_all_reduce: Any = None  # a CustomAllReduce for small CUDA messages, if usable
+    # MoE layers: each rank owns whole experts (E / tp of them) instead of every expert's
+    # slice of the intermediate size (layers/moe.py); attention stays tensor parallel
+    expert_parallel: bool = False
+    expert_dispatch: str = "allreduce"  # how tokens meet their experts (expert_dispatch.py)
 
     @staticmethod
     def single() -> ParallelContext:

@@ -111,7 +111,9 @@ class Worker:
         custom = None
         if device.type == "cuda" and self.world_size > 1:
             custom = _custom_all_reduce(self.rank, self.world_size, device)
-        parallel = ParallelContext(self.rank, self.world_size, dist.group.WORLD, custom)
+        parallel = ParallelContext(self.rank, self.world_size, dist.group.WORLD, custom,
+                                   config.parallel.enable_expert_parallel,
+                                   config.parallel.expert_dispatch)
         self.runner = ModelRunner(config, parallel, device)
         self.send(WorkerReady(self.rank, str(device), str(self.runner.dtype).split(".")[-1],
                               self.runner.available_kv_blocks(), self.runner.block_bytes))

@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels.reference import elementwise as reference
+from tandem.kernels.reference import moe as moe_reference
 
 from tandem.kernels.reference import quant as quant_reference
 
 try:
     from tandem.kernels.triton import elementwise as fused
+    from tandem.kernels.triton import fused_moe as moe_triton
     from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.gemv import gemv
     from tandem.kernels.triton.sampling import argmax_rows
 except ImportError:  # no triton: CPU-only installs
-    fused = gemv = quant_gemm = argmax_rows = None
+    fused = gemv = quant_gemm = argmax_rows = moe_triton = None
 
 
 def _impl(x: torch.Tensor):
@@ -99,3 +101,15 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], wq.shape[0])
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """The experts' MLP of a mixture-of-experts layer: x (T, H), w13 (E, 2I, H) gate then up,
+    w2 (E, H, I), routing (T, K) weights and ids (-1: expert on another rank) -> (T, H)."""
+    if (moe_triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and w13.dtype == x.dtype and w2.dtype == x.dtype):
+        return moe_triton.fused_moe(x, w13, w2, topk_weights, topk_ids)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():  # no host syncs in a graph
+        return moe_reference.fused_moe_dense(x, w13, w2, topk_weights, topk_ids)
+    return moe_reference.fused_moe(x, w13, w2, topk_weights, topk_ids)

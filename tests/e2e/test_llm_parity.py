@@ -18,6 +18,11 @@ ARCHS = [
     ("MistralForCausalLM", {}),
     ("Qwen2ForCausalLM", {}),
     ("Qwen3ForCausalLM", {"head_dim": 32}),
+    ("MixtralForCausalLM", {}),
+    # a dense layer among the sparse ones; the shared expert and its gate; raw top-k weights
+    ("Qwen2MoeForCausalLM", {"moe": {"mlp_only_layers": [1]}}),
+    ("Qwen3MoeForCausalLM", {"head_dim": 32, "moe": {"num_experts": 8,
+                                                     "num_experts_per_tok": 3}}),
 ]
 MAX_TOKENS = 12
 

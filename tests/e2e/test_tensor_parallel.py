@@ -69,6 +69,35 @@ def test_tp2_greedy_matches_tp1_and_transformers(tmp_path, arch, kw):
         tp2.engine.shutdown()
 
 
+MOE_ARCHS = [(a, kw) for a, kw in ARCHS if "Moe" in a or "Mixtral" in a]
+EP_CASES = [(a, kw, "allreduce") for a, kw in MOE_ARCHS] + [
+    (a, kw, "alltoall") for a, kw in MOE_ARCHS if a == "Qwen3MoeForCausalLM"]
+
+
+@pytest.mark.parametrize("arch,kw,dispatch", EP_CASES,
+                         ids=[f"{a}-{d}" for a, _, d in EP_CASES])
+def test_expert_parallel_matches_one_rank(tmp_path, arch, kw, dispatch):
+    """Each rank owns half of the experts whole. allreduce: tokens routed to the other half
+    are this rank's -1s and an all-reduce combines; alltoall: each rank sends its slice of
+    the tokens to the experts' owners and back (one-token decode steps leave rank 1's slice
+    empty). Greedy tokens and prompt logprobs equal one rank's."""
+    path = make_tiny_model(tmp_path, arch, **kw)
+    prompts = _prompts()
+    lp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=3)
+    tp1 = LLM(path, **SIZES)
+    expected, ref_lp = _greedy(tp1, prompts), tp1.generate(prompts[:3], lp, use_tqdm=False)
+    ep2 = LLM(path, tensor_parallel_size=2, enable_expert_parallel=True,
+              expert_dispatch=dispatch, **SIZES)
+    try:
+        assert _greedy(ep2, prompts) == expected
+        for a, b in zip(ref_lp, ep2.generate(prompts[:3], lp, use_tqdm=False)):
+            for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+                assert ea.keys() == eb.keys()
+                assert all(abs(ea[t] - eb[t]) < 1e-4 for t in ea)
+    finally:
+        ep2.engine.shutdown()
+
+
 def test_tp2_seeded_sampling_and_async_match_tp1(tmp_path):
     path = make_tiny_model(tmp_path, "Qwen3ForCausalLM", head_dim=32)
     prompts = _prompts()

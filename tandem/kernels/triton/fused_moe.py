@@ -1,0 +1,257 @@
+"""The mixture-of-experts MLP as two grouped GEMMs: the fast twin of kernels/reference/moe.py,
+same signature, any number of tokens, CUDA-graph capturable (no host syncs, shapes known
+from T, K and E alone).
+
+Why sort and pad. Token t's K (token, slot) pairs p = t*K + k go to K different experts, so
+neither "one token" nor "one expert" is a GEMM tile. Sorting the pairs by expert gives each
+expert a contiguous run of rows; padding every run to a multiple of BLOCK_M makes each
+M-block belong to exactly one expert, so a program is an ordinary (BLOCK_M x BLOCK_N) GEMM
+tile over one expert's weights, and every weight tile is read once per M-block (once in
+all at decode sizes, where each expert gets a few rows):
+
+    sorted_ids (rows):  | e0 e0 e0 -- | e2 e2 e2 e2 | e2 -- -- -- | e5 -- -- -- | -1 -1 -- -- |
+    block_expert:       |      0      |      2      |      2      |      5      |   E (zeros) |
+                        <- BLOCK_M ->                                     then past num_rows: E+1
+    (--: padding, the sentinel T*K; -1: pairs of experts on other ranks, run last as a
+     pretend expert E whose blocks only write zeros)
+
+The layout is built by three launches (`moe_align`), none of which syncs with the host:
+counts <- 0; `_count_kernel` takes each pair's rank within its expert with an atomic add
+on counts[expert] (the order within a run is arbitrary and changes nothing: every row is
+computed on its own) and fills sorted_ids with the sentinel; `_place_kernel` turns the
+counts into padded runs (a cumsum over E+1 values, redone by every program) and writes
+each pair to start[e] + rank, and each block's expert. The number of blocks is bounded
+without knowing the counts, num_pairs // BLOCK_M + min(E + 1, num_pairs) (each non-empty
+run adds at most one partial block), so grids are fixed; blocks past num_rows (expert
+E + 1) exit at once.
+
+Then the two GEMMs, each one launch, grid (block, tile of N):
+
+    gate/up  h[row] = silu(x[t] @ gate_e^T) * (x[t] @ up_e^T)       (rows, I)   x.dtype
+             gathers its x rows by t = pair // K, two accumulators over H (the gate and the
+             up tile of the same columns), SiLU-and-mul in the epilogue: the (rows, 2I)
+             intermediate never exists.
+    down     buf[pair] = topk_weight[pair] * h[row] @ w2_e^T           (T*K, H)   x.dtype
+             written at the pair's own row, so out = buf.view(T, K, H).sum(1) is a plain
+             reduction (float32 inside). Not atomics into out: the K adds would land in a
+             different order each run (results not bit-reproducible), and out would need a
+             float32 buffer and a zeroing pass anyway.
+
+h is rounded to x.dtype between the launches, as an unfused bf16 MLP rounds it; the
+reference keeps it in float32 (the parity tests allow for that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_pairs, max_rows, E,
+                  CHUNK: tl.constexpr):
+    i = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    ok = i < num_pairs
+    e = tl.load(ids_ptr + i, mask=ok, other=0).to(tl.int32)
+    expert = tl.where(e < 0, E, e)  # -1: the pretend expert E
+    rank = tl.atomic_add(counts_ptr + expert, 1, mask=ok, sem="relaxed")  # the old counts
+    tl.store(rank_ptr + i, rank, mask=ok)
+    tl.store(sorted_ptr + i, num_pairs, mask=i < max_rows)  # padding until placed
+
+
+@triton.jit
+def _place_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, expert_ptr, num_rows_ptr,
+                  num_pairs, max_blocks, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    ex = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + ex, mask=ex <= E, other=0)  # (E_PAD,) experts 0..E
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)  # one past each run's last row
+    start = end - padded
+    # pair i -> row start[expert] + rank (a one-hot sum picks start[expert]: (CHUNK, E_PAD))
+    i = pid * CHUNK + tl.arange(0, CHUNK)
+    ok = i < num_pairs
+    e = tl.load(ids_ptr + i, mask=ok, other=0).to(tl.int32)
+    expert = tl.where(e < 0, E, e)
+    row = tl.sum(tl.where(ex[None, :] == expert[:, None], start[None, :], 0), 1)
+    row += tl.load(rank_ptr + i, mask=ok, other=0)
+    tl.store(sorted_ptr + row, i, mask=ok)
+    # block b -> the number of runs that end at or before its first row (E + 1: past the end)
+    b = pid * CHUNK + tl.arange(0, CHUNK)
+    before = (end[None, :] <= b[:, None] * BLOCK_M) & (ex[None, :] <= E)
+    tl.store(expert_ptr + b, tl.sum(before.to(tl.int32), 1), mask=b < max_blocks)
+    if pid == 0:
+        tl.store(num_rows_ptr, tl.sum(padded, 0))
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_k, E, H, I,
+                    stride_xt, stride_we, stride_hm, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m = tl.program_id(0)  # blocks fastest: an expert's blocks share its weight tiles (L2)
+    pid_n = tl.program_id(1)
+    e = tl.load(expert_ptr + pid_m)
+    if e >= E:  # -1 pairs (down writes their zeros) or past the last block
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    row_ok = pair < num_pairs
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of h: gate row n, up row I + n
+    n_ok = n < I
+    k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (pair // top_k).to(tl.int64)[:, None] * stride_xt + k[None, :]
+    g_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * H + k[:, None]  # (BK, BN)
+    u_ptrs = g_ptrs + I * H
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
+            wg = tl.load(g_ptrs + k0, mask=n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs + k0, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = k0 + k < H
+            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(g_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(xt, wg, acc_g)
+        acc_u = tl.dot(xt, wu, acc_u)
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :],
+             h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_pairs, E, H,
+                 I, stride_we, stride_hm, stride_om, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(expert_ptr + pid_m)
+    if e > E:  # past the last block
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    row_ok = pair < num_pairs
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of out: rows of w2_e
+    n_ok = n < H
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + n[None, :]
+    out_ok = row_ok[:, None] & n_ok[None, :]
+    if e == E:  # pairs of experts on other ranks contribute zeros, without reading weights
+        tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty),
+                 mask=out_ok)
+        return
+    k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + k[None, :]  # (BM, BK)
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * I + k[:, None]  # (BK, BN)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(h_ptrs + k0, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = k0 + k < I
+            a = tl.load(h_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+    acc *= tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """Tiles of one fused_moe call; both launches share block_m (the layout's pad unit)."""
+    block_m: int  # sorted rows per program, all of one expert
+    gate_up: tuple[int, int, int, int]  # (BLOCK_N over I, BLOCK_K over H, num_warps, stages)
+    down: tuple[int, int, int, int]  # (BLOCK_N over H, BLOCK_K over I, num_warps, stages)
+
+
+def moe_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> MoEConfig:
+    """Tiles from the rows an expert gets on average (T*K/E) and the matrix sizes. Untuned
+    first guesses, to be replaced by the H200 sweep of scripts/bench_fused_moe.py:
+
+      rows/expert <= 16 (decode): BLOCK_M 16, the smallest tl.dot tile: a run is mostly
+          padding anyway and the launch is a weight stream. Long BLOCK_K steps, 4 stages in
+          flight, narrow N tiles (32 gate + 32 up columns) for enough programs at batch 1
+          (Qwen3-30B-A3B: 8 experts x 24 tiles).
+      <= 64: BLOCK_M 32; <= 256: 64; more (prefill): 128 with 8 warps, 64-wide K steps and
+          3 stages (32 KB of smem a stage), where the launch is compute-bound.
+    Tiles shrink to the matrix (>= 16, tl.dot's minimum) for small H or I."""
+    avg = num_pairs / max(num_experts, 1)
+    if avg <= 16:
+        cfg = MoEConfig(16, (32, 128, 4, 4), (64, 128, 4, 4))
+    elif avg <= 64:
+        cfg = MoEConfig(32, (64, 64, 4, 4), (64, 64, 4, 4))
+    elif avg <= 256:
+        cfg = MoEConfig(64, (64, 64, 4, 4), (128, 64, 4, 4))
+    else:
+        cfg = MoEConfig(128, (64, 64, 8, 3), (128, 64, 8, 3))
+
+    def fit(tile: tuple[int, int, int, int], n: int, k: int) -> tuple[int, int, int, int]:
+        cap = lambda b, d: max(16, min(b, triton.next_power_of_2(d)))  # noqa: E731
+        return cap(tile[0], n), cap(tile[1], k), tile[2], tile[3]
+
+    return MoEConfig(cfg.block_m, fit(cfg.gate_up, inter, hidden), fit(cfg.down, hidden, inter))
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids (T, K) in [-1, E) -> (sorted_ids (max_rows,) int32: the pair of each row,
+    padding = T*K; block_expert (max_blocks,) int32: each block's expert, E for the blocks
+    of -1 pairs, E + 1 past the end; num_rows (1,) int32: the padded rows in use)."""
+    ids = topk_ids.reshape(-1)
+    num_pairs = ids.numel()
+    max_blocks = num_pairs // block_m + min(num_experts + 1, num_pairs)
+    max_rows = max_blocks * block_m
+    e_pad = triton.next_power_of_2(num_experts + 1)
+    dev = ids.device
+    counts = torch.zeros(e_pad, dtype=torch.int32, device=dev)
+    rank = torch.empty(num_pairs, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_rows = torch.empty(1, dtype=torch.int32, device=dev)
+    _count_kernel[(triton.cdiv(max_rows, 256),)](ids, counts, rank, sorted_ids, num_pairs,
+                                                 max_rows, num_experts, CHUNK=256)
+    chunk = max(16, 8192 // e_pad)  # the one-hot is (chunk, e_pad)
+    _place_kernel[(triton.cdiv(max(num_pairs, max_blocks), chunk),)](
+        ids, counts, rank, sorted_ids, block_expert, num_rows, num_pairs, max_blocks,
+        num_experts, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk)
+    return sorted_ids, block_expert, num_rows
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """x (T, H) bf16/fp16; w13 (E, 2I, H); w2 (E, H, I); topk_weights (T, K) float;
+    topk_ids (T, K) int32/int64 in [-1, E) -> (T, H) in x.dtype (reference/moe.py)."""
+    num_tokens, hidden = x.shape
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()  # no-ops for loaded weights
+    cfg = config or moe_config(num_pairs, num_experts, hidden, inter)
+    sorted_ids, block_expert, _ = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
+    max_blocks = block_expert.numel()
+    h = torch.empty(sorted_ids.numel(), inter, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = cfg.gate_up
+    _gate_up_kernel[(max_blocks, triton.cdiv(inter, bn))](
+        x, w13, h, sorted_ids, block_expert, num_pairs, top_k, num_experts, hidden, inter,
+        x.stride(0), w13.stride(0), h.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=hidden % bk == 0, num_warps=warps, num_stages=stages)
+    buf = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # (T*K, H)
+    bn, bk, warps, stages = cfg.down
+    _down_kernel[(max_blocks, triton.cdiv(hidden, bn))](
+        h, w2, buf, sorted_ids, block_expert, topk_weights.contiguous(), num_pairs,
+        num_experts, hidden, inter, w2.stride(0), h.stride(0), buf.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, num_warps=warps,
+        num_stages=stages)
+    if top_k == 1:
+        return buf
+    return buf.view(num_tokens, top_k, hidden).sum(1)  # float32 inside, rounded once
