@@ -1,7 +1,9 @@
 """The quantized matmuls on CUDA against their PyTorch references (kernels/reference/quant.py):
 int8 and int4 (symmetric and asymmetric) weight-only GEMV and GEMM over decode and prefill
-shapes, the per-token FP8 quantizer, FP8 W8A8 through torch._scaled_mm, and a quantized
-model on CUDA (CUDA graphs, async scheduling) against the same model on the CPU reference."""
+shapes, the per-token FP8 quantizer, FP8 W8A8 through torch._scaled_mm, the FP8 decode GEMVs
+(tensor-core fp8_dot_gemv: rows, shapes off the blocks, configs, split-K in CUDA graphs; and
+the cast kernel), and a quantized model on CUDA (CUDA graphs, async scheduling) against the
+same model on the CPU reference."""
 
 from __future__ import annotations
 
@@ -63,10 +65,13 @@ def test_fp8_per_token_quantizer_and_scaled_mm():
 
 
 @pytest.mark.parametrize("m,n,k", [s for s in SHAPES if s[0] <= 8 and s[2] % 512 == 0])
-def test_fp8_gemv_quantizes_x_in_kernel(m, n, k):
-    """The decode GEMV quantizes x per row itself: bit-identical to quantizing first with
-    _fp8_rows_kernel, and close to the reference W8A8 linear."""
+@pytest.mark.parametrize("decode", ["dot", "cast"])
+def test_fp8_gemv_quantizes_x_in_kernel(m, n, k, decode, monkeypatch):
+    """The decode GEMV (either kernel) quantizes x per row itself: bit-identical to quantizing
+    first with _fp8_rows_kernel, and close to the reference W8A8 linear."""
+    from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.quant_gemm import fp8_gemv, quantize_fp8_per_token
+    monkeypatch.setattr(quant_gemm, "FP8_DECODE", decode)
     g = torch.Generator(device="cuda").manual_seed(n + k + m)
     wq, ws = quant.quantize_fp8(torch.randn(n, k, device="cuda", generator=g))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) * 3
@@ -77,6 +82,131 @@ def test_fp8_gemv_quantizes_x_in_kernel(m, n, k):
     ref = quant.fp8_linear(x.float(), wq, ws, bias.float())
     torch.testing.assert_close(ops.fp8_linear(x, wq, ws, bias).float(), ref, rtol=3e-2,
                                atol=3e-2 * ref.abs().max().item())
+
+
+def _fp8_case(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0):
+    """x (m, k) dtype, e4m3 weights (n, k) with their scales, an optional bias."""
+    g = torch.Generator(device="cuda").manual_seed(seed or m * 7919 + n * 31 + k)
+    wq, ws = quant.quantize_fp8(torch.randn(n, k, device="cuda", generator=g))
+    x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    return x, wq, ws, b
+
+
+def _check_fp8_dot(x, wq, ws, b, config=None):
+    """fp8_dot_gemv three ways: (1) on x quantized by the reference, against the reference's
+    own product of the same e4m3 values (only the sums and the output rounding differ);
+    (2) quantizing x in the kernel: bit-identical to quantize_fp8_per_token then (1)'s kernel;
+    (3) that against the reference W8A8 linear (x's e4m3 rounding may differ by a step where
+    x / scale is an exact tie: the kernels multiply by the reciprocal)."""
+    from tandem.kernels.triton.fp8_gemv import fp8_dot_gemv
+    from tandem.kernels.triton.quant_gemm import quantize_fp8_per_token
+    m, n, dtype = x.shape[0], wq.shape[0], x.dtype
+    bf = b.float() if b is not None else 0.0
+    xq, xs = quant.quantize_fp8(x.float())
+    exact = (xq.double() @ wq.double().t()) * xs[:, None].double() * ws[None, :].double() + bf
+    out = fp8_dot_gemv(xq, xs, wq, ws, b, dtype, config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-2,
+                               atol=2e-3 * exact.abs().max().item())
+    fused = fp8_dot_gemv(x, None, wq, ws, b, dtype, config)
+    rq, rs = quantize_fp8_per_token(x)
+    assert torch.equal(fused, fp8_dot_gemv(rq, rs, wq, ws, b, dtype, config))
+    ref = quant.fp8_linear(x.float(), wq, ws, b.float() if b is not None else None)
+    torch.testing.assert_close(fused.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("n,k", [(100, 300), (130, 2100), (64, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_dot_gemv_matches_reference(m, n, k, dtype, bias):
+    """The tensor-core FP8 decode GEMV at its default configs, 1-8 rows, N and K off the
+    blocks (100 x 300, 130 x 2100) and on them, with and without bias."""
+    _check_fp8_dot(*_fp8_case(m, n, k, dtype, bias))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (1, 4096, 4096), (8, 28672, 4096),
+                                   (1, 4096, 14336), (3, 4096, 14336), (1, 128256, 4096)])
+def test_fp8_dot_gemv_llama_shapes(m, n, k):
+    """Llama-3.1-8B's qkv, o, gate_up, down and lm_head at their default configs (split-K on
+    o and down)."""
+    _check_fp8_dot(*_fp8_case(m, n, k, torch.bfloat16, True))
+
+
+def _dot_configs():
+    from tandem.kernels.triton.fp8_gemv import Fp8DotConfig as C
+    return [C(), C(block_k=128, num_stages=6), C(block_k=512, num_stages=3, prefetch_k=1024),
+            C(split_k=2), C(split_k=3, prefetch_k=0), C(split_k=8, block_k=128),
+            C(block_n=128, num_warps=8), C(block_n=128, block_k=128, num_warps=8, split_k=4),
+            C(block_n=128, num_warps=4, num_stages=3, split_k=2)]
+
+
+@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("m,n,k", [(1, 200, 1000), (6, 256, 2048)])
+def test_fp8_dot_gemv_configs(i, m, n, k):
+    """Every tile shape the sweep (scripts/bench_quant_gemv.py) may pick, split-K included
+    (split 8 of 1000 = 8 tiles of 128: one split past K, all-zero partials)."""
+    _check_fp8_dot(*_fp8_case(m, n, k, torch.bfloat16, True), config=_dot_configs()[i])
+
+
+def test_fp8_dot_gemv_split_k_is_deterministic_and_graph_safe():
+    """Split-K sums partials in split order whichever program finishes last (the same bits
+    every run), and its counters are back at zero after each launch: a CUDA graph of split
+    launches of two shapes back to back, replayed, matches the eager calls."""
+    from tandem.kernels.triton.fp8_gemv import Fp8DotConfig, fp8_dot_gemv
+    cfg = Fp8DotConfig(split_k=4)
+    x, wq, ws, b = _fp8_case(2, 4096, 4096, torch.bfloat16, True, seed=5)
+    x2, wq2, ws2, _ = _fp8_case(2, 1000, 4096, torch.bfloat16, False, seed=6)
+    first = fp8_dot_gemv(x, None, wq, ws, b, torch.bfloat16, cfg)
+    for _ in range(3):
+        assert torch.equal(fp8_dot_gemv(x, None, wq, ws, b, torch.bfloat16, cfg), first)
+    fp8_dot_gemv(x2, None, wq2, ws2, None, torch.bfloat16, cfg)  # compiled ahead of capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8_dot_gemv(x, None, wq, ws, b, torch.bfloat16, cfg)
+        y2 = fp8_dot_gemv(x2, None, wq2, ws2, None, torch.bfloat16, cfg)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g).to(x.dtype))
+        x2.copy_(torch.randn(x2.shape, device="cuda", generator=g).to(x2.dtype))
+        graph.replay()
+        assert torch.equal(y, fp8_dot_gemv(x, None, wq, ws, b, torch.bfloat16, cfg))
+        assert torch.equal(y2, fp8_dot_gemv(x2, None, wq2, ws2, None, torch.bfloat16, cfg))
+
+
+def test_fp8_gemv_dispatch(monkeypatch):
+    """fp8_gemv: W8A8 decode on the dot kernel when FP8_DECODE is "dot" (the default, or
+    TANDEM_FP8_DECODE), the cast kernel with "cast" or an explicit (cast) config, and fp8
+    weight-only always on the cast kernel."""
+    from tandem.kernels.triton import quant_gemm
+    from tandem.kernels.triton.fp8_gemv import fp8_dot_gemv
+    monkeypatch.delenv("TANDEM_FP8_DECODE", raising=False)
+    assert quant_gemm.fp8_decode_from_env() == "dot"
+    monkeypatch.setenv("TANDEM_FP8_DECODE", "cast")
+    assert quant_gemm.fp8_decode_from_env() == "cast"
+    monkeypatch.setenv("TANDEM_FP8_DECODE", "fast")
+    with pytest.raises(ValueError):
+        quant_gemm.fp8_decode_from_env()
+    x, wq, ws, b = _fp8_case(4, 1024, 2048, torch.bfloat16, True, seed=11)
+    args = (x, None, wq, ws, b, torch.bfloat16)
+    dot = fp8_dot_gemv(*args)
+    cast = quant_gemm.fp8_cast_gemv(*args, quantize_x=True)
+    monkeypatch.setattr(quant_gemm, "FP8_DECODE", "dot")
+    assert torch.equal(quant_gemm.fp8_gemv(*args, quantize_x=True), dot)
+    assert torch.equal(quant_gemm.fp8_gemv(*args, (16, 512, 4), quantize_x=True),
+                       quant_gemm.fp8_cast_gemv(*args, (16, 512, 4), quantize_x=True))
+    monkeypatch.setattr(quant_gemm, "FP8_DECODE", "cast")
+    assert torch.equal(quant_gemm.fp8_gemv(*args, quantize_x=True), cast)
+    ref = quant.fp8_linear(x.float(), wq, ws, b.float())
+    for out in (dot, cast):
+        torch.testing.assert_close(out.float(), ref, rtol=3e-2,
+                                   atol=3e-2 * ref.abs().max().item())
+    monkeypatch.setattr(quant_gemm, "FP8_DECODE", "dot")
+    weight_only = quant_gemm.fp8_gemv(*args)  # x not quantized
+    exact = x.float() @ (wq.float() * ws[:, None]).t() + b.float()
+    torch.testing.assert_close(weight_only.float(), exact, rtol=2e-2,
+                               atol=2e-2 * exact.abs().max().item())
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "int4_asym", "fp8"])

@@ -29,16 +29,21 @@ one quad of every row in the tile and loads the quad's x (32 or 16 values) once 
     row n:  | quad 0 | quad 1 | ... | quad Q-1 |   (16 B each, one vector load)
             thread 0  thread 1 ...                 x[k] of a quad: one 64 B / 32 B load
 
-Also here: `fp8_gemv` (FP8 W8A8 decode, and fp8 weight-only) with a plain cast, and
+Also here: `fp8_gemv`, FP8 decode (M <= 8). W8A8 goes to the tensor-core kernel of fp8_gemv.py
+(e4m3 x e4m3 QGMMA, no conversions) when FP8_DECODE is "dot", the default; otherwise, and for
+fp8 weight-only, to `fp8_cast_gemv`, which casts each weight to float32 in registers. And
 `quantize_fp8_per_token`, the activation quantizer ahead of `torch._scaled_mm`.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.fp8_gemv import e4m3_scale, fp8_dot_gemv, to_e4m3
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -151,11 +156,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
 
 
 @triton.jit
-def _float_tile(x_ptr, w, k0, x_scale, QUANT_X: tl.constexpr, BLOCK_K: tl.constexpr):
-    x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
+def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_K: tl.constexpr):
+    x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
     if QUANT_X:
-        x = tl.clamp(x / x_scale, -448.0, 448.0).to(w.dtype).to(tl.float32)
-    return w.to(tl.float32) * x[None, :]
+        x = to_e4m3(x, x_inv)
+    return w.to(tl.float32) * x.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -181,15 +186,16 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
+    x_inv = 1.0
     if QUANT_X:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
-        x_scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
-    acc = _float_tile(x_row, w, 0, x_scale, QUANT_X, BLOCK_K)
+        x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
+    acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
-        acc += _float_tile(x_row, w, k0, x_scale, QUANT_X, BLOCK_K)
+        acc += _float_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_K)
     y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
     if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
         y *= tl.load(xs_ptr + m)
@@ -293,7 +299,7 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
 
 
 def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for fp8_gemv, from the same sweep."""
+    """(BLOCK_N, BLOCK_K, num_warps) for fp8_cast_gemv, from the same sweep."""
     if n >= 16384:
         return 16, 256, 4
     if n > k or k % 1024:
@@ -353,16 +359,43 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.reshape(*shape[:-1], n)
 
 
+def fp8_decode_from_env() -> str:
+    """TANDEM_FP8_DECODE: "dot" (the default) or "cast", the FP8 W8A8 decode kernel; for A/B
+    runs. (To move into tandem/envs.py with the other variables.)"""
+    value = os.environ.get("TANDEM_FP8_DECODE", "dot")
+    if value not in ("dot", "cast"):
+        raise ValueError(f"TANDEM_FP8_DECODE must be 'dot' or 'cast', not {value!r}")
+    return value
+
+
+# FP8 W8A8 decode: "dot", the tensor-core kernel (fp8_gemv.py), or "cast", fp8_cast_gemv.
+# "dot" until the sweep of scripts/bench_quant_gemv.py on the H200 says otherwise.
+FP8_DECODE = fp8_decode_from_env()
+
+
 def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
              w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
              config: tuple[int, int, int] | None = None,
              quantize_x: bool = False) -> torch.Tensor:
     """A few rows (M <= 8) against e4m3 wq (N, K) with per-channel scales -> (M, N) in
-    out_dtype, sums in fp32 (as _scaled_mm). FP8 W8A8: xq e4m3 with per-row scales x_scale;
-    fp8 weight-only: xq half precision, x_scale None. config (BLOCK_N, BLOCK_K, num_warps):
-    fp8_gemv_config by default. quantize_x: xq is half precision, quantized per row to e4m3
-    inside the kernel (FP8 W8A8 without a separate quantizing kernel); x_scale must be None."""
+    out_dtype, sums in fp32 (as _scaled_mm). FP8 W8A8: xq e4m3 with per-row scales x_scale,
+    or (quantize_x) xq half precision, quantized per row to e4m3 inside the kernel, x_scale
+    None. fp8 weight-only: xq half precision, x_scale None. W8A8 runs fp8_dot_gemv when
+    FP8_DECODE is "dot"; weight-only, FP8_DECODE "cast" or a config (BLOCK_N, BLOCK_K,
+    num_warps) run fp8_cast_gemv."""
     assert not (quantize_x and x_scale is not None)
+    w8a8 = quantize_x or x_scale is not None
+    if w8a8 and FP8_DECODE == "dot" and config is None and xq.shape[0] <= GEMV_MAX_ROWS:
+        return fp8_dot_gemv(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return fp8_cast_gemv(xq, x_scale, wq, w_scale, bias, out_dtype, config, quantize_x)
+
+
+def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
+                  w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  config: tuple[int, int, int] | None = None,
+                  quantize_x: bool = False) -> torch.Tensor:
+    """fp8_gemv on CUDA cores, each weight cast to float32 (K a multiple of BLOCK_K). config
+    (BLOCK_N, BLOCK_K, num_warps): fp8_gemv_config by default."""
     m, k = xq.shape
     n = wq.shape[0]
     block_n, block_k, warps = config or fp8_gemv_config(n, k)
@@ -387,18 +420,20 @@ def supported(x: torch.Tensor, k: int, bits: int, group_size: int) -> bool:
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # x comes from the previous kernel
     m = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + m * stride_xm + k0 + k, mask=k0 + k < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+    scale, inv = e4m3_scale(tl.max(amax, 0))
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + m * stride_xm + k0 + k, mask=k0 + k < K, other=0.0)
-        q = tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0)
-        tl.store(q_ptr + m * K + k0 + k, q.to(q_ptr.dtype.element_ty), mask=k0 + k < K)
+        tl.store(q_ptr + m * K + k0 + k, to_e4m3(x, inv), mask=k0 + k < K)
     tl.store(s_ptr + m, scale)
 
 
@@ -409,5 +444,5 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), BLOCK_K=min(4096, triton.next_power_of_2(k)),
-                           num_warps=8)
+                           num_warps=8, **launch_options(x))
     return q, s
