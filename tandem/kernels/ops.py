@@ -103,6 +103,15 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     return y.reshape(*shape[:-1], wq.shape[0])
 
 
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE routing: (T, E) logits -> top_k softmax weights (T, K) float32 (renormalized if
+    asked) and expert ids (T, K) int32."""
+    if moe_triton is not None and router_logits.is_cuda and router_logits.stride(-1) == 1:
+        return moe_triton.select_experts(router_logits, top_k, renormalize)
+    return moe_reference.select_experts(router_logits, top_k, renormalize)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """The experts' MLP of a mixture-of-experts layer: x (T, H), w13 (E, 2I, H) gate then up,

@@ -51,12 +51,8 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the experts (float32), then the top_k of each row, renormalized to sum
     to 1 if asked (Mixtral always; Qwen's norm_topk_prob). -> (weights (T, K) float32,
-    ids (T, K) int32)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+    ids (T, K) int32). One fused launch on CUDA."""
+    return ops.select_experts(router_logits, top_k, renormalize)
 
 
 class UnquantizedFusedMoEMethod:

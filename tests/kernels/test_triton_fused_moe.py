@@ -132,3 +132,36 @@ def test_cuda_graph_replay_with_new_inputs():
         ref = reference(nx.float(), w13.float(), w2.float(), nw, nids)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2,
                                    atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("t,e,k,renorm", [(1, 128, 8, True), (5, 8, 2, True), (300, 60, 4, False),
+                                          (3, 16, 1, False), (7, 256, 8, True)])
+def test_select_experts_matches_reference(t, e, k, renorm):
+    from tandem.kernels.reference.moe import select_experts as ref_select
+    from tandem.kernels.triton.fused_moe import select_experts
+    g = torch.Generator(device="cuda").manual_seed(t * e + k)
+    logits = torch.randn(t, e, device="cuda", generator=g).to(torch.bfloat16)
+    w, ids = select_experts(logits, k, renorm)
+    rw, rids = ref_select(logits, k, renorm)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids, rids)  # random logits: no ties
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,k,e,block_m", [(1, 8, 128, 16), (8, 8, 128, 16), (3, 2, 8, 16),
+                                           (16, 4, 60, 32), (2, 8, 128, 64)])
+def test_one_launch_align_equals_the_three_launch_one(monkeypatch, t, k, e, block_m):
+    """Below SMALL_ALIGN_PAIRS one program aligns: the same runs, block experts and rows
+    (the order within a run may differ: compared as sets)."""
+    from tandem.kernels.triton import fused_moe as fm
+    g = torch.Generator(device="cuda").manual_seed(t + e)
+    ids = torch.stack([torch.randperm(e, device="cuda", generator=g)[:k] for _ in range(t)])
+    ids[0, -1] = -1  # an expert on another rank
+    ids = ids.to(torch.int32)
+    small = fm.moe_align(ids, e, block_m)
+    monkeypatch.setattr(fm, "SMALL_ALIGN_PAIRS", 0)
+    big = fm.moe_align(ids, e, block_m)
+    assert torch.equal(small[1], big[1]) and torch.equal(small[2], big[2])
+    for b in range(small[1].numel()):
+        rows = slice(b * block_m, (b + 1) * block_m)
+        assert sorted(small[0][rows].tolist()) == sorted(big[0][rows].tolist())

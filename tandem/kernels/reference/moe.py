@@ -25,6 +25,18 @@ import torch
 import torch.nn.functional as F
 
 
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing: softmax over the experts (float32), the top_k of each row, renormalized
+    to sum to 1 if asked (Mixtral always; Qwen's norm_topk_prob). (T, E) -> (weights (T, K)
+    float32, ids (T, K) int32)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """x (T, H); w13 (E, 2I, H); w2 (E, H, I); topk_weights (T, K) float; topk_ids (T, K)

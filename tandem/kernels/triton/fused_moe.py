@@ -162,6 +162,76 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
+@triton.jit
+def _align_small_kernel(ids_ptr, sorted_ptr, expert_ptr, num_rows_ptr, num_pairs, max_rows,
+                        max_blocks, E,
+                        BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, P_PAD: tl.constexpr,
+                        R_PAD: tl.constexpr, B_PAD: tl.constexpr):
+    """moe_align in one program, for few pairs (decode): each pair's rank within its expert
+    from a (pairs x pairs) comparison instead of atomics, so one launch replaces three."""
+    i = tl.arange(0, P_PAD)
+    ok = i < num_pairs
+    e = tl.load(ids_ptr + i, mask=ok, other=0).to(tl.int32)
+    expert = tl.where(ok, tl.where(e < 0, E, e), E_PAD)  # E_PAD: no expert (masked pairs)
+    ex = tl.arange(0, E_PAD)
+    onehot = expert[:, None] == ex[None, :]  # (P_PAD, E_PAD)
+    counts = tl.sum(onehot.to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    start = end - padded
+    rank = tl.sum(((expert[:, None] == expert[None, :]) & (i[None, :] < i[:, None])).to(
+        tl.int32), 1)
+    row = tl.sum(tl.where(onehot, start[None, :], 0), 1) + rank
+    r = tl.arange(0, R_PAD)
+    tl.store(sorted_ptr + r, num_pairs + tl.zeros_like(r), mask=r < max_rows)  # padding ...
+    tl.debug_barrier()  # ... then the pairs over it (one program: a block-wide barrier)
+    tl.store(sorted_ptr + row, i, mask=ok)
+    b = tl.arange(0, B_PAD)
+    before = (end[None, :] <= b[:, None] * BLOCK_M) & (ex[None, :] <= E)
+    tl.store(expert_ptr + b, tl.sum(before.to(tl.int32), 1), mask=b < max_blocks)
+    tl.store(num_rows_ptr, tl.sum(padded, 0))
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride, K: tl.constexpr,
+                         K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+    """One token's routing: softmax over its E logits (float32), the K largest (first index
+    on ties), renormalized to sum to 1 if RENORM. One program a token."""
+    t = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + t * stride + e, mask=e < E, other=-float("inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    kk = tl.arange(0, K_PAD)
+    weights = tl.zeros([K_PAD], dtype=tl.float32)
+    ids = tl.zeros([K_PAD], dtype=tl.int32)
+    for k in tl.static_range(K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, e, E_PAD), 0)
+        weights = tl.where(kk == k, best, weights)
+        ids = tl.where(kk == k, idx, ids)
+        p = tl.where(e == idx, -1.0, p)
+    if RENORM:
+        weights = weights / tl.sum(weights, 0)
+    tl.store(w_ptr + t * K + kk, weights, mask=kk < K)
+    tl.store(ids_ptr + t * K + kk, ids, mask=kk < K)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference/moe.py's select_experts in one launch: (T, E) logits -> (T, K) float32
+    weights, (T, K) int32 ids."""
+    t, e = router_logits.shape
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
+    if t:
+        _topk_softmax_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0),
+                                   K=top_k, K_PAD=triton.next_power_of_2(top_k),
+                                   E_PAD=triton.next_power_of_2(e), RENORM=renormalize,
+                                   num_warps=1 if e <= 128 else 4)
+    return weights, ids
+
+
 @dataclass(frozen=True, slots=True)
 class MoEConfig:
     """Tiles of one fused_moe call; both launches share block_m (the layout's pad unit)."""
@@ -198,6 +268,9 @@ def moe_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> MoE
     return MoEConfig(cfg.block_m, fit(cfg.gate_up, inter, hidden), fit(cfg.down, hidden, inter))
 
 
+SMALL_ALIGN_PAIRS = 64  # up to this many (token, slot) pairs, one program aligns them
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids (T, K) in [-1, E) -> (sorted_ids (max_rows,) int32: the pair of each row,
@@ -209,11 +282,18 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     max_rows = max_blocks * block_m
     e_pad = triton.next_power_of_2(num_experts + 1)
     dev = ids.device
-    counts = torch.zeros(e_pad, dtype=torch.int32, device=dev)
-    rank = torch.empty(num_pairs, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     num_rows = torch.empty(1, dtype=torch.int32, device=dev)
+    if num_pairs <= SMALL_ALIGN_PAIRS:  # decode: one launch
+        _align_small_kernel[(1,)](ids, sorted_ids, block_expert, num_rows, num_pairs, max_rows,
+                                  max_blocks, num_experts, BLOCK_M=block_m, E_PAD=e_pad,
+                                  P_PAD=triton.next_power_of_2(num_pairs),
+                                  R_PAD=triton.next_power_of_2(max_rows),
+                                  B_PAD=triton.next_power_of_2(max_blocks), num_warps=4)
+        return sorted_ids, block_expert, num_rows
+    counts = torch.zeros(e_pad, dtype=torch.int32, device=dev)
+    rank = torch.empty(num_pairs, dtype=torch.int32, device=dev)
     _count_kernel[(triton.cdiv(max_rows, 256),)](ids, counts, rank, sorted_ids, num_pairs,
                                                  max_rows, num_experts, CHUNK=256)
     chunk = max(16, 8192 // e_pad)  # the one-hot is (chunk, e_pad)
