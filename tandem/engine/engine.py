@@ -71,6 +71,7 @@ class Engine:
                 StepCosts({int(r): t for r, t in costs.get("verify", {}).items()},
                           {int(r): t for r, t in costs.get("draft", {}).items()})
                 if spec.auto_switch else None)
+        self._host_s = 0.0  # host work (schedule, update) of the async step under way
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling
@@ -174,7 +175,9 @@ class Engine:
         outputs: list[RequestOutput] = []
         if self._inflight is not None and self._needs_host_tokens(self._inflight[0]):
             outputs = self._collect()
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        self._host_s += time.perf_counter() - t0
         try:
             launched = self.executor.launch(plan)
         except ExecutorDead:
@@ -186,6 +189,9 @@ class Engine:
         if self._inflight is not None:
             outputs += self._collect()
         self._inflight = (plan, launched)
+        if self.scheduler.spec_switch is not None:  # what a step that proposes cannot hide
+            self.scheduler.spec_switch.host_time(self._host_s)
+        self._host_s = 0.0
         return outputs
 
     def _isolate_failure(self, plan: StepPlan, error: Exception) -> list[RequestOutput]:
@@ -232,7 +238,11 @@ class Engine:
 
     def _collect(self) -> list[RequestOutput]:
         (plan, launched), self._inflight = self._inflight, None
-        return self._finish_step(plan, self.executor.collect(launched))
+        result = self.executor.collect(launched)
+        t0 = time.perf_counter()
+        outputs = self._finish_step(plan, result)
+        self._host_s += time.perf_counter() - t0
+        return outputs
 
     def _finish_step(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         requests = self.scheduler.requests_of(plan)

@@ -165,9 +165,16 @@ class Scheduler:
             budget -= num_new
 
         if self.spec_switch is not None and len(self.running) > len(self._spec_k):
-            # requests admitted this step decode next: guess for them too, if it pays
+            # Requests admitted this step decode soon: guess for them too if it pays at
+            # the batch they will decode in, beside the prefill work still pending then
+            # (while a wave of prompts is being admitted, speculation rarely pays, and a
+            # step that proposes is not pipelined with the next).
+            pending = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+            pending += sum(r.num_tokens - r.num_computed_tokens - 1 for r in self.running
+                           if r.num_computed_tokens < r.num_tokens - 1)
             self._spec_propose = max(self._spec_propose, self.spec_switch.best_k(
-                [r.request_id for r in self.running])[0])
+                [r.request_id for r in self.running],
+                min(pending, self.config.max_num_batched_tokens))[0])
         # Decodes (one token, or one and the drafts it verifies) first, then longer chunks;
         # stable, so within each group running requests keep admission order, ahead of
         # newly admitted ones.

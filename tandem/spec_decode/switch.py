@@ -25,6 +25,11 @@ for drafts cannot be pipelined with the next (the drafts come from its tokens), 
 that each request took on its own clock would stall every step of a large batch. A step
 where drafts were wanted and the proposer had none counts as a rejected draft. Decisions
 are logged at debug level.
+
+Two costs besides: a step's prefill rows are charged to the prefill (the decodes pay only
+verify(prefill + their rows) - verify(prefill)), and with async scheduling a k > 0 pays the
+host work of a step (measured), since a step that proposes is collected before the next
+is planned and its host work no longer overlaps the device.
 """
 
 from __future__ import annotations
@@ -95,6 +100,10 @@ class SpecSwitch:
         # contexts), learned from the steps' measured times: the same for every k, so it
         # favors longer runs of drafts the larger it is.
         self.overhead = 0.0
+        # Host seconds of a pipelined step (async scheduling: schedule and update run while
+        # the device works). A step that asks for drafts is collected before the next one
+        # is planned, so that work is no longer hidden: it is added to every k > 0.
+        self.host = 0.0
         self._predicted = 0.0
         self._drafted: dict[str, float] = {}
         self._accepted: dict[str, float] = {}
@@ -121,6 +130,10 @@ class SpecSwitch:
             residual = max(seconds - self._predicted, 0.0)
             self.overhead = 0.8 * self.overhead + 0.2 * residual
 
+    def host_time(self, seconds: float) -> None:
+        """The host work of a pipelined step, as measured (engine.py)."""
+        self.host = 0.8 * self.host + 0.2 * seconds
+
     def forget(self, rid: str) -> None:
         for d in (self._drafted, self._accepted):
             d.pop(rid, None)
@@ -133,13 +146,21 @@ class SpecSwitch:
         if self.costs is None:
             return self.k_max, []
         alphas = [self.alpha(r) for r in rids] if alphas is None else alphas
+        # requests by estimate (many share one: the prior, or a stopped request's zero)
+        groups: dict[float, int] = {}
+        for a in alphas:
+            groups[a] = groups.get(a, 0) + 1
+        active = sum(n for a, n in groups.items() if a >= MIN_ALPHA)
         best, best_rate, rates = 0, 0.0, []
+        # Prefill rows in the same step are work that happens anyway: the decodes are
+        # charged only what they add to it.
+        base = self.costs.verify_at(other_rows) if other_rows else 0.0
         for k in range(self.k_max + 1):
-            ks = [k if a >= MIN_ALPHA else 0 for a in alphas]
-            rows = other_rows + len(rids) + sum(ks)
-            time = (self.overhead + self.costs.verify_at(rows)
-                    + k * self.costs.draft_at(len(rids)))
-            tokens = sum(expected_tokens(a, v) for a, v in zip(alphas, ks))
+            rows = other_rows + len(rids) + k * active
+            time = (self.overhead + self.costs.verify_at(rows) - base
+                    + k * self.costs.draft_at(len(rids)) + (self.host if k else 0.0))
+            tokens = sum(n * expected_tokens(a, k if a >= MIN_ALPHA else 0)
+                         for a, n in groups.items())
             rate = tokens / time if time > 0 else tokens
             rates.append(rate)
             if k == 0 or rate > best_rate * 1.02:  # more drafts only for a real gain

@@ -30,7 +30,6 @@ def _run(path: str, device: str, dtype: str):
 
 def _agree(out, ref, min_same: int, lp_tol: float) -> None:
     for a, b in zip(out, ref):
-        # bf16: another summation order may flip a near-tie late in a greedy run
         same = next((i for i, (x, y) in enumerate(zip(a.outputs[0].token_ids,
                                                       b.outputs[0].token_ids)) if x != y), 16)
         assert same >= min_same, (a.outputs[0].token_ids, b.outputs[0].token_ids)
@@ -39,13 +38,29 @@ def _agree(out, ref, min_same: int, lp_tol: float) -> None:
             assert abs(ea[tok] - eb[tok]) < lp_tol
 
 
+def _prompt_logprob_errors(out, ref) -> list[float]:
+    return [abs(ea[tok] - eb[tok]) for a, b in zip(out, ref)
+            for tok, ea, eb in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:],
+                                   b.prompt_logprobs[1:])]
+
+
 @pytest.mark.parametrize("arch,moe", CASES, ids=[a for a, _ in CASES])
 def test_moe_model_on_cuda_matches_cpu(tmp_path, arch, moe):
-    """bf16 on CUDA (Triton routing and experts, CUDA graphs) against bf16 on the CPU
-    (the PyTorch reference)."""
+    """bf16 on CUDA (Triton routing and experts, CUDA graphs) against float32 on the CPU
+    (the PyTorch reference). Routing is discontinuous: a bf16 rounding that swaps two
+    experts' order changes a token's output wholesale, so token-for-token agreement is not
+    a fair test in bf16; the prompt logprobs are, statistically (a wrong kernel is off by
+    whole nats everywhere)."""
     path = make_tiny_model(tmp_path, arch, hidden_size=128, intermediate_size=256,
                            num_layers=3, moe=moe)
-    _agree(_run(path, "cuda", "bfloat16"), _run(path, "cpu", "bfloat16"), 8, 0.05)
+    out, ref = _run(path, "cuda", "bfloat16"), _run(path, "cpu", "float32")
+    errors = sorted(_prompt_logprob_errors(out, ref))
+    assert len(errors) == 174
+    # (bf16 on the CPU against float32: mean 0.02, 90th percentile 0.04-0.045)
+    assert sum(errors) / len(errors) < 0.05 and errors[int(0.9 * len(errors))] < 0.1, errors
+    # the first greedy token (from the prefill): most prompts agree
+    assert sum(a.outputs[0].token_ids[0] == b.outputs[0].token_ids[0]
+               for a, b in zip(out, ref)) >= 3
 
 
 def test_float32_moe_on_cuda_uses_the_reference_and_matches_cpu(tmp_path):

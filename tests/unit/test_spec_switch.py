@@ -102,3 +102,22 @@ def test_stopped_requests_probe_together_and_only_where_it_could_pay():
     for r in many:
         _observe(sw, r, 0.0)
     assert not any(sw.choose(many)[1] for _ in range(3 * switch.PROBE_EVERY))
+
+
+def test_prefill_rows_are_charged_to_the_prefill_and_proposing_pays_the_host_work():
+    sw = SpecSwitch(4, FLAT)
+    rids = [f"r{i}" for i in range(4)]
+    for r in rids:
+        _observe(sw, r, 0.75)
+    assert sw.best_k(rids)[0] > 0  # four decodes alone: rows nearly free, drafts pay
+    # beside a prefill the weights are read anyway: each draft row costs its share of the
+    # (now linear) compute, and an accepted draft is less than a token a row
+    assert sw.best_k(rids, other_rows=1024)[0] == 0
+    # with async scheduling, proposing also pays the host work the pipeline hid: 20 ms
+    # outweighs 3x the tokens of a 4 ms step, 1 ms does not
+    for _ in range(30):
+        sw.host_time(20e-3)
+    assert sw.host > 15e-3 and sw.best_k(["r0"])[0] == 0
+    for _ in range(30):
+        sw.host_time(1e-3)
+    assert sw.best_k(["r0"])[0] == 4
