@@ -13,8 +13,10 @@ experts hit x 3 x H x I x 2 bytes), TFLOP/s the matmuls of the routed pairs (6 H
 
 --sweep: also time a few tile configs per T (BLOCK_M x gate/up tiles with the default down
 tiles, then down tiles with the best gate/up), and print the best per T, for moe_config.
+--tokens=1,4,16: only these T; --tiers=16,32: only these BLOCK_M tiers in the sweep.
 Prints a table, then one JSON line. Usage: python scripts/bench_fused_moe.py [--sweep]
-[--dry] (--dry: tiny shapes on CPU under TRITON_INTERPRET=1, to check the plumbing).
+[--tokens=...] [--tiers=...] [--dry] (--dry: tiny shapes on CPU under TRITON_INTERPRET=1,
+to check the plumbing).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 
 DRY = "--dry" in sys.argv
 SWEEP = "--sweep" in sys.argv
+_OPTS = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -36,16 +39,19 @@ from tandem.kernels.triton.fused_moe import MoEConfig, fused_moe, moe_config  # 
 
 DEVICE = "cpu" if DRY else "cuda"
 WORKLOADS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
-TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
+TOKENS = tuple(int(t) for t in _OPTS.get("tokens", "1,4,16,64,256,1024,4096").split(","))
+TIERS = tuple(int(t) for t in _OPTS.get("tiers", "16,64,256,1024").split(","))
 if DRY:
     WORKLOADS = {"tiny": (8, 2, 64, 32)}
     TOKENS = (1, 4, 16)
 HBM_TBPS, BF16_TFLOPS = 4.8, 989.0  # H200 peaks
 ROUTINGS = 1 if DRY else 8
 GATE_UP_TILES = [(32, 128, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3),
-                 (64, 64, 8, 3), (128, 64, 8, 3), (32, 64, 4, 5)]
+                 (64, 64, 8, 3), (128, 64, 8, 3), (32, 64, 4, 5), (16, 256, 4, 4),
+                 (32, 256, 4, 3), (16, 128, 2, 4), (32, 128, 2, 4)]
 DOWN_TILES = [(64, 128, 4, 4), (32, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4),
-              (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3)]
+              (128, 64, 8, 3), (256, 64, 8, 3), (128, 128, 8, 3), (32, 256, 4, 3),
+              (64, 256, 4, 3), (16, 128, 2, 4), (32, 128, 2, 4)]
 
 
 def timed(fns: list, calls: int, graph: bool) -> float:
@@ -107,7 +113,7 @@ def sweep(x, routings, w13, w2, ref) -> tuple[MoEConfig, float]:
     """Coordinate descent: BLOCK_M x gate/up tiles (down at its default), then down tiles."""
     results = []
     hidden, inter = x.shape[1], w2.shape[2]
-    for rows_per_expert in (16, 64, 256, 1024):  # moe_config's four BLOCK_M tiers
+    for rows_per_expert in TIERS:  # moe_config's BLOCK_M tiers (16, 64, 256, 1024)
         tier = moe_config(rows_per_expert, 1, hidden, inter)
         for gu in GATE_UP_TILES:
             cfg = MoEConfig(tier.block_m, gu, tier.down)
