@@ -176,13 +176,13 @@ def test_fp8_dot_gemv_split_k_is_deterministic_and_graph_safe():
 
 
 def test_fp8_gemv_dispatch(monkeypatch):
-    """fp8_gemv: W8A8 decode on the dot kernel when FP8_DECODE is "dot" (the default, or
-    TANDEM_FP8_DECODE), the cast kernel with "cast" or an explicit (cast) config, and fp8
-    weight-only always on the cast kernel."""
+    """fp8_gemv: W8A8 decode on the dot kernel when FP8_DECODE is "dot" (or "auto", the
+    default, with more than one row), the cast kernel with "cast", "auto" at one row, or an
+    explicit (cast) config, and fp8 weight-only always on the cast kernel."""
     from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.fp8_gemv import fp8_dot_gemv
     monkeypatch.delenv("TANDEM_FP8_DECODE", raising=False)
-    assert quant_gemm.fp8_decode_from_env() == "dot"
+    assert quant_gemm.fp8_decode_from_env() == "auto"
     monkeypatch.setenv("TANDEM_FP8_DECODE", "cast")
     assert quant_gemm.fp8_decode_from_env() == "cast"
     monkeypatch.setenv("TANDEM_FP8_DECODE", "fast")
@@ -198,6 +198,11 @@ def test_fp8_gemv_dispatch(monkeypatch):
                        quant_gemm.fp8_cast_gemv(*args, (16, 512, 4), quantize_x=True))
     monkeypatch.setattr(quant_gemm, "FP8_DECODE", "cast")
     assert torch.equal(quant_gemm.fp8_gemv(*args, quantize_x=True), cast)
+    monkeypatch.setattr(quant_gemm, "FP8_DECODE", "auto")  # 4 rows: dot; 1 row: cast
+    assert torch.equal(quant_gemm.fp8_gemv(*args, quantize_x=True), dot)
+    one = (x[:1], None, wq, ws, b, torch.bfloat16)
+    assert torch.equal(quant_gemm.fp8_gemv(*one, quantize_x=True),
+                       quant_gemm.fp8_cast_gemv(*one, quantize_x=True))
     ref = quant.fp8_linear(x.float(), wq, ws, b.float())
     for out in (dot, cast):
         torch.testing.assert_close(out.float(), ref, rtol=3e-2,

@@ -30,8 +30,12 @@ one quad of every row in the tile and loads the quad's x (32 or 16 values) once 
             thread 0  thread 1 ...                 x[k] of a quad: one 64 B / 32 B load
 
 Also here: `fp8_gemv`, FP8 decode (M <= 8). W8A8 goes to the tensor-core kernel of fp8_gemv.py
-(e4m3 x e4m3 QGMMA, no conversions) when FP8_DECODE is "dot", the default; otherwise, and for
-fp8 weight-only, to `fp8_cast_gemv`, which casts each weight to float32 in registers. And
+(e4m3 x e4m3 QGMMA, no conversions) or to `fp8_cast_gemv`, which casts each weight to float32
+in registers (fp8 weight-only always goes there). FP8_DECODE "auto" (the default) picks by the
+H200 sweep (bench/results/2026-12-01-h200-quant/gemv-sweep-fp8-9b069df.log): one row casts
+(9.2 / 6.3 / 33.4 / 18.2 us against dot's 10.2 / 7.8 / 33.3 / 19.8 for qkv / o / gate_up /
+down), except the widest matrices (lm_head 128256 rows: 132 against 125 us); from two rows
+the dot kernel (M=2: 11.6 against 14.9 us, M=8: 16.3 against 37.7). And
 `quantize_fp8_per_token`, the activation quantizer ahead of `torch._scaled_mm`.
 """
 
@@ -299,9 +303,15 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
 
 
 def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for fp8_cast_gemv, from the same sweep."""
-    if n >= 16384:
+    """(BLOCK_N, BLOCK_K, num_warps) for fp8_cast_gemv, from the H200 sweeps (the second,
+    gemv-sweep-fp8-9b069df.log: gate_up 33.4 us at (16, 512, 4) against 34.9, down 18.2 at
+    (16, 1024, 8) against 19.0)."""
+    if n >= 65536:
         return 16, 256, 4
+    if n >= 16384:
+        return 16, 512, 4
+    if k >= 2 * n and k % 1024 == 0:
+        return 16, 1024, 8
     if n > k or k % 1024:
         return 16, 512, 4
     return 8, 1024, 4
@@ -360,17 +370,24 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def fp8_decode_from_env() -> str:
-    """TANDEM_FP8_DECODE: "dot" (the default) or "cast", the FP8 W8A8 decode kernel; for A/B
-    runs. (To move into tandem/envs.py with the other variables.)"""
-    value = os.environ.get("TANDEM_FP8_DECODE", "dot")
-    if value not in ("dot", "cast"):
-        raise ValueError(f"TANDEM_FP8_DECODE must be 'dot' or 'cast', not {value!r}")
+    """TANDEM_FP8_DECODE: "auto" (the default), "dot" or "cast", the FP8 W8A8 decode kernel;
+    for A/B runs. (To move into tandem/envs.py with the other variables.)"""
+    value = os.environ.get("TANDEM_FP8_DECODE", "auto")
+    if value not in ("auto", "dot", "cast"):
+        raise ValueError(f"TANDEM_FP8_DECODE must be 'auto', 'dot' or 'cast', not {value!r}")
     return value
 
 
-# FP8 W8A8 decode: "dot", the tensor-core kernel (fp8_gemv.py), or "cast", fp8_cast_gemv.
-# "dot" until the sweep of scripts/bench_quant_gemv.py on the H200 says otherwise.
+# FP8 W8A8 decode: "dot", the tensor-core kernel (fp8_gemv.py), "cast", fp8_cast_gemv, or
+# "auto": by rows and width, from the H200 sweep (module docstring).
 FP8_DECODE = fp8_decode_from_env()
+DOT_MIN_N_ONE_ROW = 65536  # one row: the dot kernel only for matrices this wide
+
+
+def _use_dot(rows: int, n: int) -> bool:
+    if FP8_DECODE == "auto":
+        return rows > 1 or n >= DOT_MIN_N_ONE_ROW
+    return FP8_DECODE == "dot"
 
 
 def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
@@ -380,12 +397,13 @@ def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
     """A few rows (M <= 8) against e4m3 wq (N, K) with per-channel scales -> (M, N) in
     out_dtype, sums in fp32 (as _scaled_mm). FP8 W8A8: xq e4m3 with per-row scales x_scale,
     or (quantize_x) xq half precision, quantized per row to e4m3 inside the kernel, x_scale
-    None. fp8 weight-only: xq half precision, x_scale None. W8A8 runs fp8_dot_gemv when
-    FP8_DECODE is "dot"; weight-only, FP8_DECODE "cast" or a config (BLOCK_N, BLOCK_K,
-    num_warps) run fp8_cast_gemv."""
+    None. fp8 weight-only: xq half precision, x_scale None. W8A8 runs fp8_dot_gemv where
+    FP8_DECODE says (auto: more than one row, or the widest matrices); weight-only, "cast",
+    or a config (BLOCK_N, BLOCK_K, num_warps) run fp8_cast_gemv."""
     assert not (quantize_x and x_scale is not None)
     w8a8 = quantize_x or x_scale is not None
-    if w8a8 and FP8_DECODE == "dot" and config is None and xq.shape[0] <= GEMV_MAX_ROWS:
+    if (w8a8 and config is None and xq.shape[0] <= GEMV_MAX_ROWS
+            and _use_dot(xq.shape[0], wq.shape[0])):
         return fp8_dot_gemv(xq, x_scale, wq, w_scale, bias, out_dtype)
     return fp8_cast_gemv(xq, x_scale, wq, w_scale, bias, out_dtype, config, quantize_x)
 
