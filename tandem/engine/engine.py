@@ -255,9 +255,10 @@ class Engine:
         next step: penalties count every earlier output token, and drafts proposed after
         `plan` (speculative decoding) are verified by the next step. So a speculating
         engine runs a step at a time, and one whose switch has turned speculation off
-        pipelines its steps again."""
+        pipelines its steps again. A step that verifies drafts is collected too: how many
+        of its tokens count (and so where each request stands) is known only then."""
         return plan.num_spec_tokens > 0 or any(
-            s.sample and r.sampling_params.has_penalties
+            s.spec_token_ids or (s.sample and r.sampling_params.has_penalties)
             for s, r in zip(plan.seqs, self.scheduler.requests_of(plan)))
 
     def _account(self, plan: StepPlan, requests: list[Request], result: StepResult) -> None:

@@ -237,7 +237,7 @@ def test_speculative_config_is_validated(tiny):
                                       "synthetic_acceptance_rate": 0.5})
 
 
-@pytest.mark.parametrize("switch", ["always", "never"])
+@pytest.mark.parametrize("switch", ["always", "never", "alternate"])
 def test_async_engine_speculates_then_pipelines(tiny, switch):
     """With async scheduling on, a speculating step is collected before the next is planned
     (its drafts come from its tokens); once the switch turns speculation off the steps
@@ -252,6 +252,15 @@ def test_async_engine_speculates_then_pipelines(tiny, switch):
     runner.proposer = OracleProposer([p + r for p, r in zip(prompts, ref)])
     if switch == "never":  # verifying rows costs 10x: the switch keeps speculation off
         llm.engine.scheduler.spec_switch = SpecSwitch(3, StepCosts({1: 1e-3, 2: 1e-2}))
+    if switch == "alternate":  # every other step verifies drafts but proposes none after
+        sw = llm.engine.scheduler.spec_switch
+        choose, calls = sw.choose, []
+
+        def alternate(rids, other=0):
+            ks, propose = choose(rids, other)
+            calls.append(1)
+            return ks, propose if len(calls) % 2 else 0
+        sw.choose = alternate
     launches = []
     launch = llm.engine.executor.launch
     llm.engine.executor.launch = lambda plan: (launches.append(
@@ -262,6 +271,8 @@ def test_async_engine_speculates_then_pipelines(tiny, switch):
     if switch == "always":
         assert s.spec_accepted_total > 0
         assert not any(launches)  # every step waited for the one before
+    elif switch == "alternate":  # a verifying step is collected even if it proposes nothing
+        assert s.spec_accepted_total > 0
     else:
         assert s.spec_drafted_total <= 3  # a few probes at most
         assert sum(launches) > len(launches) // 2  # launched behind a step in flight
