@@ -52,40 +52,38 @@ class ServerMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        label = {"labelnames": ["model_name"]}
-        self.running = Gauge("tandem:num_requests_running", "Requests running (in a batch)",
-                             registry=r, **label).labels(model_name)
-        self.waiting = Gauge("tandem:num_requests_waiting", "Requests waiting (incl. "
-                             "preempted)", registry=r, **label).labels(model_name)
-        self.kv_usage = Gauge("tandem:kv_cache_usage_perc", "Fraction of KV blocks held by "
-                              "live requests (0 to 1)", registry=r, **label).labels(model_name)
-        self.ttft = Histogram("tandem:time_to_first_token_seconds", "Arrival to first token",
-                              buckets=_TTFT_BUCKETS, registry=r, **label).labels(model_name)
-        self.itl = Histogram("tandem:inter_token_latency_seconds", "Time between a request's "
-                             "successive outputs, per step", buckets=_ITL_BUCKETS,
-                             registry=r, **label).labels(model_name)
-        self.e2e = Histogram("tandem:e2e_request_latency_seconds", "Arrival to the last token "
-                             "of finished (not aborted) requests", buckets=_E2E_BUCKETS,
-                             registry=r, **label).labels(model_name)
+        def one(kind, name: str, doc: str, **kw):  # a metric with this engine's label
+            return kind(name, doc, registry=r, labelnames=["model_name"], **kw).labels(
+                model_name)
+
+        self.running = one(Gauge, "tandem:num_requests_running", "Requests running (in a batch)")
+        self.waiting = one(Gauge, "tandem:num_requests_waiting",
+                           "Requests waiting (incl. preempted)")
+        self.kv_usage = one(Gauge, "tandem:kv_cache_usage_perc",
+                            "Fraction of KV blocks held by live requests (0 to 1)")
+        self.ttft = one(Histogram, "tandem:time_to_first_token_seconds",
+                        "Arrival to first token", buckets=_TTFT_BUCKETS)
+        self.itl = one(Histogram, "tandem:inter_token_latency_seconds",
+                       "Time between a request's successive outputs, per step",
+                       buckets=_ITL_BUCKETS)
+        self.e2e = one(Histogram, "tandem:e2e_request_latency_seconds",
+                       "Arrival to the last token of finished (not aborted) requests",
+                       buckets=_E2E_BUCKETS)
         # prometheus-client appends _total to counter names on exposition.
-        self.prompt_tokens = Counter("tandem:prompt_tokens", "Prompt tokens processed",
-                                     registry=r, **label).labels(model_name)
-        self.generation_tokens = Counter("tandem:generation_tokens", "Tokens generated",
-                                         registry=r, **label).labels(model_name)
-        self.prefix_queries = Counter("tandem:prefix_cache_queries", "Prompt tokens looked "
-                                      "up in the prefix cache", registry=r,
-                                      **label).labels(model_name)
-        self.prefix_hits = Counter("tandem:prefix_cache_hits", "Prompt tokens found in the "
-                                   "prefix cache", registry=r, **label).labels(model_name)
-        self.preemptions = Counter("tandem:num_preemptions", "Requests preempted (their KV "
-                                   "recomputed later)", registry=r, **label).labels(model_name)
-        self.spec_drafts = Counter("tandem:spec_decode_num_drafts", "Speculative verify "
-                                   "steps (one per request per step)", registry=r,
-                                   **label).labels(model_name)
-        self.spec_draft_tokens = Counter("tandem:spec_decode_num_draft_tokens", "Draft tokens "
-                                         "verified", registry=r, **label).labels(model_name)
-        self.spec_accepted = Counter("tandem:spec_decode_num_accepted_tokens", "Draft tokens "
-                                     "accepted", registry=r, **label).labels(model_name)
+        self.prompt_tokens = one(Counter, "tandem:prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = one(Counter, "tandem:generation_tokens", "Tokens generated")
+        self.prefix_queries = one(Counter, "tandem:prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache")
+        self.prefix_hits = one(Counter, "tandem:prefix_cache_hits",
+                               "Prompt tokens found in the prefix cache")
+        self.preemptions = one(Counter, "tandem:num_preemptions",
+                               "Requests preempted (their KV recomputed later)")
+        self.spec_drafts = one(Counter, "tandem:spec_decode_num_drafts",
+                               "Speculative verify steps (one per request per step)")
+        self.spec_draft_tokens = one(Counter, "tandem:spec_decode_num_draft_tokens",
+                                     "Draft tokens verified")
+        self.spec_accepted = one(Counter, "tandem:spec_decode_num_accepted_tokens",
+                                 "Draft tokens accepted")
         self._spec_pos = Counter("tandem:spec_decode_num_accepted_tokens_per_pos", "Draft "
                                  "tokens accepted, by position in the draft", registry=r,
                                  labelnames=["model_name", "position"])
