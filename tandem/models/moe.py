@@ -21,6 +21,7 @@ Mixtral's `block_sparse_moe` is this code's `mlp`; the rest loads as for Llama.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from tandem.layers.norm import RMSNorm
 from tandem.models.llama import (LlamaArgs, LlamaAttention, LlamaDecoderLayer,
                                  LlamaForCausalLM, LlamaMLP)
 from tandem.quantization.policy import QuantPolicy
+
+logger = logging.getLogger(__name__)
 
 # ...experts.<e>.<proj>.weight -> (the FusedMoE's path, shard id, expert)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -120,6 +123,10 @@ class Qwen2MoeForCausalLM(LlamaForCausalLM):
                       backend: AttentionBackend | None, parallel: ParallelContext,
                       quant: QuantPolicy | None) -> Callable[[int, str], nn.Module]:
         moe = self.moe_args(hf_config)
+        if quant is not None:
+            logger.warning("quantization applies to attention and dense MLPs; the experts "
+                           "of %s stay in the model dtype (layers/moe.py)",
+                           type(self).__name__)
         if moe.top_k > moe.num_experts:
             raise ValueError(f"num_experts_per_tok ({moe.top_k}) exceeds the "
                              f"{moe.num_experts} experts")
