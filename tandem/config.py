@@ -216,6 +216,9 @@ class ParallelConfig:
         if self.expert_dispatch not in EXPERT_DISPATCH:
             raise ValueError(f"expert_dispatch must be one of {EXPERT_DISPATCH}, "
                              f"got {self.expert_dispatch!r}")
+        if self.expert_dispatch != "allreduce" and not self.enable_expert_parallel:
+            raise ValueError(f"expert_dispatch={self.expert_dispatch!r} needs "
+                             f"enable_expert_parallel")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, "
                              f"got {self.tensor_parallel_size}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 
@@ -24,6 +25,8 @@ from tandem.distributed.parallel import ParallelContext
 from tandem.kernels import get_attention_backend
 from tandem.quantization.policy import QuantPolicy
 from tandem.models.registry import model_class_for
+
+logger = logging.getLogger(__name__)
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -58,6 +61,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
         for module in model.modules():  # e.g. pack weights for the CPU matmul
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
+    if parallel is not None and parallel.expert_parallel and not hasattr(cls, "moe_args"):
+        logger.warning("enable_expert_parallel has no effect: %s has no experts",
+                       cls.__name__)
     return model.eval()
 
 
