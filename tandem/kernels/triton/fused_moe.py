@@ -49,8 +49,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.triton import moe_gemv
-
 
 @triton.jit
 def _count_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_pairs, max_rows, E,
@@ -318,8 +316,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if x.stride(1) != 1:
         x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()  # no-ops for loaded weights
-    if config is None and num_pairs <= moe_gemv.MAX_PAIRS:  # decode: no sort, no padding
-        return moe_gemv.moe_gemv(x, w13, w2, topk_weights, topk_ids)
     cfg = config or moe_config(num_pairs, num_experts, hidden, inter)
     sorted_ids, block_expert, _ = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
     max_blocks = block_expert.numel()
