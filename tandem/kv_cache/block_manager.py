@@ -177,6 +177,49 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], self._block_hash(request, i))
         self._num_cached_blocks[rid] = max(self._num_cached_blocks[rid], num_full)
 
+    # ---- KV transfer between engines (disagg/): blocks named by their hashes ------------
+
+    def prompt_block_hashes(self, token_ids: Sequence[int]) -> list[int]:
+        """The chained hashes of the full blocks a request with this prompt looks up
+        (`get_computed_blocks`: the first len - 1 tokens)."""
+        hashes: list[int] = []
+        for i in range((len(token_ids) - 1) // self.block_size):
+            block = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, block))
+        return hashes
+
+    def cached_prefix(self, hashes: Sequence[int]) -> int:
+        """How many of the leading `hashes` this pool holds (a transfer skips them)."""
+        n = 0
+        while n < len(hashes) and self.pool.get_cached_block(hashes[n]) is not None:
+            n += 1
+        return n
+
+    def pin_cached(self, hashes: Sequence[int]) -> list[int]:
+        """The blocks of `hashes`, held (not evictable) until `unpin`; ValueError if one is
+        not cached."""
+        ids = [self.pool.get_cached_block(h) for h in hashes]
+        if any(b is None for b in ids):
+            raise ValueError("a block to pin is not in the prefix cache")
+        self.pool.touch(ids)
+        return ids
+
+    def unpin(self, block_ids: Sequence[int]) -> None:
+        self.pool.free_blocks(block_ids)
+
+    def allocate_for_import(self, n: int) -> list[int] | None:
+        """n free blocks to receive a transfer into (held), or None if the pool is short."""
+        if n > self.pool.num_free_blocks:
+            return None
+        return self.pool.get_new_blocks(n)
+
+    def commit_import(self, block_ids: Sequence[int], hashes: Sequence[int]) -> None:
+        """Filled blocks join the prefix cache under their hashes and are released, so the
+        request they came for finds them as a prefix hit."""
+        for b, h in zip(block_ids, hashes, strict=True):
+            self.pool.cache_block(b, h)
+        self.pool.free_blocks(reversed(list(block_ids)))
+
     def free(self, request: Request) -> None:
         """Release the request's blocks (tail first: evicted before the shared head) and
         forget it. Registered blocks stay findable until evicted. Idempotent."""

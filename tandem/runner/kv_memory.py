@@ -78,3 +78,29 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
     spec = dtype if isinstance(dtype, list) else [LayerKVSpec(dtype)] * num_layers
     return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=s.dtype,
                         device=device) for s in spec]
+
+
+def read_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> list[torch.Tensor]:
+    """A copy of blocks `block_ids` of every layer, on the host: per layer (2, n, block_size,
+    num_kv_heads, head_dim) in the layer's dtype (the pool is block-addressable along dim 1).
+    For KV transfer between engines (disagg/)."""
+    if not kv_caches:
+        return []
+    idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+    return [cache.index_select(1, idx).cpu() for cache in kv_caches]
+
+
+def write_blocks(kv_caches: list[torch.Tensor], block_ids: list[int],
+                 layers: list[torch.Tensor]) -> None:
+    """Fill blocks `block_ids` of every layer from `read_blocks`' output (checked: the
+    same layer count, block shape and dtypes)."""
+    if len(layers) != len(kv_caches):
+        raise ValueError(f"KV of {len(layers)} layers for a pool of {len(kv_caches)}")
+    idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+    for i, (cache, data) in enumerate(zip(kv_caches, layers)):
+        want = (2, len(block_ids), *cache.shape[2:])
+        if tuple(data.shape) != want or data.dtype != cache.dtype:
+            raise ValueError(f"layer {i}: KV blocks {tuple(data.shape)} {data.dtype}, "
+                             f"the pool takes {want} {cache.dtype}")
+        cache.index_copy_(1, idx, data.to(cache.device, non_blocking=True))
+
