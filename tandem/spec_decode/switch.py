@@ -27,9 +27,10 @@ where drafts were wanted and the proposer had none counts as a rejected draft. D
 are logged at debug level.
 
 Two costs besides: a step's prefill rows are charged to the prefill (the decodes pay only
-verify(prefill + their rows) - verify(prefill)), and with async scheduling a k > 0 pays the
-host work of a step (measured), since a step that proposes is collected before the next
-is planned and its host work no longer overlaps the device.
+what they add to verify(prefill)), and with async scheduling the host work of a step
+(measured) counts: a pipelined step (k = 0) takes max(device, host), a step that proposes
+device + host, since it is collected before the next is planned. (So where the host is the
+bottleneck, as with a tiny model on a GPU, more tokens per step pay for it.)
 """
 
 from __future__ import annotations
@@ -157,8 +158,11 @@ class SpecSwitch:
         base = self.costs.verify_at(other_rows) if other_rows else 0.0
         for k in range(self.k_max + 1):
             rows = other_rows + len(rids) + k * active
-            time = (self.overhead + self.costs.verify_at(rows) - base
-                    + k * self.costs.draft_at(len(rids)) + (self.host if k else 0.0))
+            device = (self.overhead + self.costs.verify_at(rows)
+                      + k * self.costs.draft_at(len(rids)))
+            # a pipelined step (k = 0) takes the longer of device and host work; one that
+            # proposes, both in turn
+            time = (device + self.host if k else max(device, self.host)) - base
             tokens = sum(n * expected_tokens(a, k if a >= MIN_ALPHA else 0)
                          for a, n in groups.items())
             rate = tokens / time if time > 0 else tokens
