@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 
 class RequestStatus(enum.Enum):
+    WAITING_FOR_KV = "waiting_for_kv"  # its prompt's KV comes from a prefill engine
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"

@@ -4,14 +4,16 @@ contract (the offline form of disaggregation; the served, multi-process form is 
     generate(prompts, params)
       1. route every request (policy.py) by its prompt, the decode engine's cached prefix
          and the prefill engine's queue
-      2. remote ones run on the prefill engine as one-token requests (their prompts' KV)
-      3. each one's full prompt blocks the decode engine lacks go through the connector
-      4. the decode engine imports them and runs every request: the imported blocks are
-         prefix hits, so it computes only the prompt's last partial block and decodes
+      2. every request goes to the decode engine at once; remote ones wait there for
+         their KV (WAITING_FOR_KV, receiver.py) while the local ones run
+      3. remote ones also run on the prefill engine as one-token requests; as each
+         finishes, its full prompt blocks the decode engine lacks go through the connector
+      4. the engines step in turn; the decode engine imports what arrived (prefix-cache
+         blocks), and those requests compute only their prompt's last partial block
 
 The first token is sampled on the decode engine (greedy and seeded requests draw exactly
-what a colocated engine draws); the prefill engine's is dropped. A transfer that fails
-(nothing arrives, or no room) falls back to prefilling on the decode engine.
+what a colocated engine draws); the prefill engine's is dropped. A transfer that fails or
+finds no room falls back to prefilling on the decode engine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tandem.config import EngineConfig
 from tandem.disagg import transfer
 from tandem.disagg.connector import KVConnector, SharedMemoryConnector
 from tandem.disagg.policy import DisaggPolicy
+from tandem.disagg.receiver import KVReceiver
 from tandem.engine.engine import Engine
 from tandem.engine.llm import LLM
 from tandem.outputs import RequestOutput
@@ -35,7 +38,10 @@ from tandem.request import RequestOutputKind, SamplingParams
 
 class DisaggLLM(LLM):
     def __init__(self, model: str | None = None, policy: DisaggPolicy | str = "conditional",
-                 connector: KVConnector | None = None, **engine_args: Any) -> None:
+                 connector: KVConnector | None = None, kv_timeout_s: float = 30.0,
+                 **engine_args: Any) -> None:
+        """kv_timeout_s: how long a decode-side request waits for KV that was sent but has
+        not arrived before it prefills locally."""
         super().__init__(model, **engine_args)  # self.engine: the decode engine
         # Synchronous steps: a finished prefill's blocks are shipped before the next step
         # is planned (a pipelined one could evict them first).
@@ -43,10 +49,13 @@ class DisaggLLM(LLM):
             self.engine.config.model.model, **{**engine_args, "async_scheduling": False}))
         self.policy = policy if isinstance(policy, DisaggPolicy) else DisaggPolicy(policy)
         self.connector = connector or SharedMemoryConnector(uuid.uuid4().hex)
+        self.receiver = self.engine.kv_receiver = KVReceiver(self.connector, kv_timeout_s)
         self._pids = itertools.count()
+        self._remote: dict[str, list[int]] = {}  # request id -> its prompt's block hashes
+        self._in_transit: set[int] = set()  # hashes sent since the decode engine last polled
         # what went where and what moved (the served form exports these as metrics)
-        self.stats = {"remote": 0, "local": 0, "fallback": 0, "blocks_sent": 0,
-                      "bytes_sent": 0, "transfer_s": 0.0}
+        self.stats = {"remote": 0, "local": 0, "blocks_sent": 0, "bytes_sent": 0,
+                      "transfer_s": 0.0}
 
     def _transferable(self, token_ids: list[int], sp: SamplingParams) -> bool:
         return (sp.prompt_logprobs is None and sp.n == 1
@@ -60,53 +69,58 @@ class DisaggLLM(LLM):
         for (_, token_ids), sp in zip(tokenized, params):
             self.engine.inputs.validate(token_ids, sp)
         ids = [str(next(self._ids)) for _ in prompts]
-        queued = 0
-        remote: dict[str, list[int]] = {}  # rid -> its prompt's block hashes
-        for rid, (_, token_ids), sp in zip(ids, tokenized, params):
+        size = self.engine.config.cache.block_size
+        queued = self.prefill.scheduler.num_waiting * size  # a rough load figure
+        for rid, (text, token_ids), sp in zip(ids, tokenized, params):
             hashes = transfer.prompt_hashes(self.engine, token_ids)
             held = transfer.cached_blocks(self.engine, hashes)
-            size = self.engine.config.cache.block_size
             route = self.policy.route(len(token_ids), held * size, queued,
                                       self._transferable(token_ids, sp) and held < len(hashes))
             self.stats[route] += 1
+            sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
+            self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp,
+                                    awaiting_kv=route == "remote")
             if route == "remote":
-                remote[rid] = hashes
+                self._remote[rid] = hashes
                 queued += len(token_ids)
                 one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                                      output_kind=RequestOutputKind.FINAL_ONLY)
                 self.prefill.add_request(f"p{next(self._pids)}-{rid}",
                                          {"prompt_token_ids": token_ids}, one)
-        self._run_prefill(remote)
-        for rid, (text, token_ids), sp in zip(ids, tokenized, params):
-            sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
-            self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp)
         return self._run(ids, use_tqdm)
 
-    def _run_prefill(self, remote: dict[str, list[int]]) -> None:
-        """Prefill the remote requests; ship each one's blocks as its prefill finishes
-        (before the next prefill step can evict them), then import them on the decode
-        side (or fall back: the request just prefills there)."""
-        while self.prefill.has_unfinished_requests():
+    def _step_engines(self) -> list[RequestOutput]:
+        """One prefill step (shipping what it finished), then one decode step."""
+        if self.prefill.has_unfinished_requests():
             for out in self.prefill.step():
-                if not out.finished:
-                    continue
-                rid = out.request_id.split("-", 1)[1]
-                hashes = remote[rid]
-                t0 = time.perf_counter()
-                # what the decode side holds now (an earlier import may have brought a
-                # shared prefix): only the rest moves
-                held = transfer.cached_blocks(self.engine, hashes)
-                if held == len(hashes):  # all there already: nothing to move
-                    continue
-                payload = transfer.export_prompt(self.prefill, rid, hashes, held)
-                if payload is not None:
-                    self.connector.send(payload)
-                    self.stats["blocks_sent"] += len(payload.hashes)
-                    self.stats["bytes_sent"] += payload.nbytes
-                arrived = self.connector.recv(rid) if payload is not None else None
-                if arrived is None or not transfer.import_payload(self.engine, arrived):
-                    self.stats["fallback"] += 1
-                self.stats["transfer_s"] += time.perf_counter() - t0
+                if out.finished:
+                    self._ship(out.request_id.split("-", 1)[1])
+        outputs = self.engine.step()  # imports everything shipped above, first
+        self._in_transit.clear()
+        return outputs
+
+    def _ship(self, rid: str) -> None:
+        """Send a finished prefill's blocks that the decode engine lacks, before the next
+        prefill step can evict them."""
+        hashes = self._remote.pop(rid)
+        t0 = time.perf_counter()
+        # what the decode side holds now (an earlier import may have brought a shared
+        # prefix): only the rest moves
+        held = transfer.cached_blocks(self.engine, hashes)
+        while held < len(hashes) and hashes[held] in self._in_transit:
+            held += 1  # sent for a request shipped just before: imported first
+        if held == len(hashes):
+            self.receiver.release(rid)
+            return
+        payload = transfer.export_prompt(self.prefill, rid, hashes, held)
+        if payload is None:  # evicted before it could be read
+            self.receiver.fail(rid)
+            return
+        self.connector.send(payload)
+        self._in_transit.update(payload.hashes)
+        self.stats["blocks_sent"] += len(payload.hashes)
+        self.stats["bytes_sent"] += payload.nbytes
+        self.stats["transfer_s"] += time.perf_counter() - t0
 
     def _normalize(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
         from tandem.engine.llm import _is_token_ids

@@ -72,6 +72,7 @@ class Engine:
                           {int(r): t for r, t in costs.get("draft", {}).items()})
                 if spec.auto_switch else None)
         self._host_s = 0.0  # host work (schedule, update) of the async step under way
+        self.kv_receiver = None  # a decode engine's disagg.receiver.KVReceiver
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self.eos_token_ids = self.inputs.eos_token_ids  # what new requests stop on
         asked = config.scheduler.async_scheduling
@@ -116,8 +117,11 @@ class Engine:
 
     # ---- requests (tokenizing and validation: self.inputs, an InputProcessor) ----------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
-        """Validate and queue; raises ValueError (naming the field) and changes nothing."""
+                    arrival_time: float | None = None, awaiting_kv: bool = False) -> None:
+        """Validate and queue; raises ValueError (naming the field) and changes nothing.
+        awaiting_kv: its prompt's KV comes from a prefill engine (disagg/receiver.py)."""
+        if awaiting_kv and (self.kv_receiver is None or params.n != 1):
+            raise ValueError("awaiting_kv needs a kv_receiver and n == 1")
         text, token_ids = self.inputs.tokenize_prompt(prompt)
         self.inputs.validate(token_ids, params)
         arrival = arrival_time if arrival_time is not None else time.time()
@@ -136,7 +140,7 @@ class Engine:
         added: list[str] = []
         try:
             for r in children:
-                self.scheduler.add_request(r)
+                self.scheduler.add_request(r, awaiting_kv)
                 added.append(r.request_id)
         except ValueError:  # undo, so a refused request leaves no trace
             self.scheduler.abort_requests(added)
@@ -159,6 +163,8 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.kv_receiver is not None:  # disaggregation: KV that arrived joins the queue
+            self.kv_receiver.poll(self)
         if not self.async_scheduling:
             t0 = time.perf_counter()
             plan = self.scheduler.schedule()

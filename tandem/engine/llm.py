@@ -75,6 +75,10 @@ class LLM:
                    for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def _step_engines(self) -> list[RequestOutput]:
+        """One step of the engine(s) behind this LLM (disagg/local.py runs two)."""
+        return self.engine.step()
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(ids)
         done: dict[str, RequestOutput] = {}
@@ -82,7 +86,7 @@ class LLM:
                    dynamic_ncols=True)
         try:
             while pending:
-                for out in self.engine.step():
+                for out in self._step_engines():
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         done[out.request_id] = out

@@ -86,18 +86,36 @@ class Scheduler:
 
     # ---- intake -------------------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, awaiting_kv: bool = False) -> None:
         """Queue a request (validated by the engine). Raises ValueError if its prompt needs
-        more KV blocks than the pool has, or its id is already live."""
+        more KV blocks than the pool has, or its id is already live.
+
+        awaiting_kv (disaggregation): its prompt's KV is on its way from a prefill engine;
+        it waits aside, never in front of other admissions, until `kv_arrived` (when the
+        blocks are in the prefix cache, or the transfer failed and it prefills here)."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already live")
         if not self._fits_in_pool(request.num_tokens):
             raise ValueError(
                 f"request {request.request_id!r}: {request.num_tokens} tokens need more than "
                 f"the {self.kv.num_blocks} KV blocks of {self.block_size} tokens in the pool")
+        self.requests[request.request_id] = request
+        if awaiting_kv:
+            request.status = RequestStatus.WAITING_FOR_KV
+            return
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
-        self.requests[request.request_id] = request
+
+    def kv_arrived(self, request_id: str) -> None:
+        """A request awaiting KV joins the waiting queue (no-op for any other id)."""
+        request = self.requests.get(request_id)
+        if request is not None and request.status is RequestStatus.WAITING_FOR_KV:
+            request.status = RequestStatus.WAITING
+            self.waiting.append(request)
+
+    def awaiting_kv(self) -> list[str]:
+        return [r.request_id for r in self.requests.values()
+                if r.status is RequestStatus.WAITING_FOR_KV]
 
     def _fits_in_pool(self, num_tokens: int) -> bool:
         return -(-num_tokens // self.block_size) <= self.kv.num_blocks
@@ -405,7 +423,7 @@ class Scheduler:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-        else:
+        elif request.status is not RequestStatus.WAITING_FOR_KV:
             self.waiting.remove(request)
         self.kv.free(request)
         del self.requests[request.request_id]

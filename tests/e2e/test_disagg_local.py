@@ -47,7 +47,7 @@ def test_one_prefill_one_decode_equals_colocated(tiny, policy):
     d = DisaggLLM(tiny, policy=rule, **SIZES)
     assert _greedy(d, prompts) == ref
     s = d.stats
-    assert s["fallback"] == 0
+    assert d.receiver.stats["fallback"] == 0
     if policy == "never":
         assert s["remote"] == 0 and s["blocks_sent"] == 0
     else:
@@ -105,9 +105,9 @@ class _Lossy(KVConnector):
 def test_a_lost_transfer_falls_back_to_local_prefill(tiny):
     prompts = _workload()
     ref = _greedy(LLM(tiny, **SIZES), prompts)
-    d = DisaggLLM(tiny, policy="always", connector=_Lossy(), **SIZES)
+    d = DisaggLLM(tiny, policy="always", connector=_Lossy(), kv_timeout_s=0.2, **SIZES)
     assert _greedy(d, prompts) == ref
-    assert d.stats["fallback"] >= 2
+    assert d.receiver.stats["fallback"] >= 2
 
 
 def test_shared_memory_crosses_processes():
@@ -136,3 +136,11 @@ def test_import_without_room_changes_nothing(tiny):
     free = d.engine.scheduler.kv.num_free_blocks
     assert not transfer.import_payload(d.engine, big)
     assert d.engine.scheduler.kv.num_free_blocks == free
+
+
+def test_awaiting_kv_needs_a_receiver(tiny):
+    llm = LLM(tiny, **SIZES)
+    with pytest.raises(ValueError, match="kv_receiver"):
+        llm.engine.add_request("a", {"prompt_token_ids": [5, 6, 7]},
+                               SamplingParams(max_tokens=2), awaiting_kv=True)
+    assert not llm.engine.has_unfinished_requests()

@@ -27,4 +27,4 @@ def test_disaggregated_on_one_gpu_equals_colocated(tmp_path):
                                                                       use_tqdm=False)]
     d = DisaggLLM(path, policy=DisaggPolicy("always"), **kw)
     assert [o.outputs[0].token_ids for o in d.generate(prompts, sp, use_tqdm=False)] == ref
-    assert d.stats["fallback"] == 0 and d.stats["bytes_sent"] > 0
+    assert d.receiver.stats["fallback"] == 0 and d.stats["bytes_sent"] > 0

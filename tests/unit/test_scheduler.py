@@ -267,3 +267,23 @@ def test_drafts_are_dropped_before_anyone_is_preempted_for_them():
     assert shape(plan) == [("a", 7, 1, True), ("b", 7, 1, True)]
     assert all(not s.spec_token_ids for s in plan.seqs)
     assert sched.num_preemptions == 0
+
+
+def test_a_request_awaiting_kv_waits_aside_without_blocking_others():
+    """Disaggregation's WAITING_FOR_KV: the request is live (counted, abortable) but never
+    scheduled, and admissions behind it go ahead; once its KV arrives it queues as usual."""
+    sched = make_scheduler()
+    a, b = make_request("a", 10), make_request("b", 6)
+    sched.add_request(a, awaiting_kv=True)
+    sched.add_request(b)
+    assert a.status is RequestStatus.WAITING_FOR_KV and sched.awaiting_kv() == ["a"]
+    plan, _ = step(sched)
+    assert [s.request_id for s in plan.seqs] == ["b"] and sched.has_unfinished_requests()
+    sched.kv_arrived("a")
+    sched.kv_arrived("b")  # not awaiting: nothing happens
+    plan, _ = step(sched)
+    assert {s.request_id for s in plan.seqs} == {"a", "b"} and sched.awaiting_kv() == []
+    c = make_request("c", 5)
+    sched.add_request(c, awaiting_kv=True)
+    assert sched.abort_requests(["c"]) == [c] and c.status is RequestStatus.FINISHED
+    assert sched.awaiting_kv() == []
