@@ -4,6 +4,7 @@ engine.
     send(payload)           the blocks (hashes + per-layer tensors) of one request
     recv(request_id)        the payload, or None if it never arrived (the caller falls back
                             to prefilling locally)
+    discard(request_id)     drop a payload whose request ended before receiving it
 
 `SharedMemoryConnector` (one machine, any processes): one POSIX shared-memory segment per
 request, named from the request id, laid out as
@@ -42,6 +43,9 @@ class KVConnector:
     def recv(self, request_id: str) -> KVPayload | None:
         raise NotImplementedError
 
+    def discard(self, request_id: str) -> None:
+        """Drop what was sent for a request that ended before receiving it."""
+
 
 class SharedMemoryConnector(KVConnector):
     def __init__(self, namespace: str) -> None:
@@ -59,8 +63,12 @@ class SharedMemoryConnector(KVConnector):
             "layers": [[str(t.dtype).removeprefix("torch."), list(t.shape)]
                        for t in payload.layers]})
         size = 8 + len(header) + sum(r.numel() for r in raw)
-        shm = shared_memory.SharedMemory(self._name(payload.request_id), create=True,
-                                         size=size)
+        name = self._name(payload.request_id)
+        try:
+            shm = shared_memory.SharedMemory(name, create=True, size=size)
+        except FileExistsError:  # an earlier attempt's, never received: replace it
+            self.discard(payload.request_id)
+            shm = shared_memory.SharedMemory(name, create=True, size=size)
         # The receiver unlinks it; the tracker must not do it when this process exits.
         resource_tracker.unregister(shm._name, "shared_memory")
         try:
@@ -98,3 +106,13 @@ class SharedMemoryConnector(KVConnector):
             shm.close()
             shm.unlink()
         return KVPayload(request_id, hashes, layers)
+
+    def discard(self, request_id: str) -> None:
+        """Drop a payload nobody will receive (its request ended), if it is there."""
+        try:
+            shm = shared_memory.SharedMemory(self._name(request_id))
+        except FileNotFoundError:
+            return
+        shm.close()
+        shm.unlink()
+

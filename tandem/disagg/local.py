@@ -53,6 +53,7 @@ class DisaggLLM(LLM):
         self._pids = itertools.count()
         self._remote: dict[str, list[int]] = {}  # request id -> its prompt's block hashes
         self._in_transit: set[int] = set()  # hashes sent since the decode engine last polled
+        self._prefill_ids: dict[str, str] = {}  # request id -> its prefill-side request id
         # what went where and what moved (the served form exports these as metrics)
         self.stats = {"remote": 0, "local": 0, "blocks_sent": 0, "bytes_sent": 0,
                       "transfer_s": 0.0}
@@ -85,9 +86,16 @@ class DisaggLLM(LLM):
                 queued += len(token_ids)
                 one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
                                      output_kind=RequestOutputKind.FINAL_ONLY)
-                self.prefill.add_request(f"p{next(self._pids)}-{rid}",
+                self._prefill_ids[rid] = f"p{next(self._pids)}-{rid}"
+                self.prefill.add_request(self._prefill_ids[rid],
                                          {"prompt_token_ids": token_ids}, one)
         return self._run(ids, use_tqdm)
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+        if request_id in self._prefill_ids:
+            self.prefill.abort_request(self._prefill_ids.pop(request_id))
+        self._remote.pop(request_id, None)
 
     def _step_engines(self) -> list[RequestOutput]:
         """One prefill step (shipping what it finished), then one decode step."""
@@ -102,7 +110,10 @@ class DisaggLLM(LLM):
     def _ship(self, rid: str) -> None:
         """Send a finished prefill's blocks that the decode engine lacks, before the next
         prefill step can evict them."""
-        hashes = self._remote.pop(rid)
+        self._prefill_ids.pop(rid, None)
+        hashes = self._remote.pop(rid, None)
+        if hashes is None:  # aborted meanwhile
+            return
         t0 = time.perf_counter()
         # what the decode side holds now (an earlier import may have brought a shared
         # prefix): only the rest moves

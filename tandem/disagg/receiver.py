@@ -34,7 +34,12 @@ class KVReceiver:
 
     def poll(self, engine) -> None:
         now = time.monotonic()
-        for rid in engine.scheduler.awaiting_kv():
+        awaiting = engine.scheduler.awaiting_kv()
+        for rid in set(self._since) - set(awaiting):  # ended (aborted) while waiting
+            self.connector.discard(rid)
+            self._since.pop(rid)
+            self._settled.pop(rid, None)
+        for rid in awaiting:
             started = self._since.setdefault(rid, now)
             payload = self.connector.recv(rid)
             if payload is not None and transfer.import_payload(engine, payload):

@@ -75,6 +75,9 @@ class LLM:
                    for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+
     def _step_engines(self) -> list[RequestOutput]:
         """One step of the engine(s) behind this LLM (disagg/local.py runs two)."""
         return self.engine.step()
@@ -93,7 +96,7 @@ class LLM:
                         bar.update(1)
         except BaseException:  # leave nothing of this batch behind in the engine
             for rid in pending:
-                self.engine.abort_request(rid)
+                self._abort(rid)
             raise
         finally:
             bar.close()

@@ -144,3 +144,39 @@ def test_awaiting_kv_needs_a_receiver(tiny):
         llm.engine.add_request("a", {"prompt_token_ids": [5, 6, 7]},
                                SamplingParams(max_tokens=2), awaiting_kv=True)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_an_aborted_batch_leaves_nothing_behind(tiny, monkeypatch):
+    """generate raising midway aborts its requests on both engines; the next call works and
+    no payload is left in shared memory."""
+    prompts = _workload()
+    d = DisaggLLM(tiny, policy="always", **SIZES)
+    calls = []
+    step = d.engine.step
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step()
+    monkeypatch.setattr(d.engine, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        _greedy(d, prompts)
+    assert not d.engine.has_unfinished_requests() and not d.prefill.has_unfinished_requests()
+    monkeypatch.setattr(d.engine, "step", step)
+    assert _greedy(d, prompts) == _greedy(LLM(tiny, **SIZES), prompts)
+    for rid in map(str, range(len(prompts))):  # the first batch's ids: nothing lingers
+        assert d.connector.recv(rid) is None
+
+
+def test_resending_replaces_a_stale_payload():
+    c = SharedMemoryConnector(uuid.uuid4().hex)
+    old = KVPayload("r", [1], [torch.zeros(2, 1, 2, 1, 4)])
+    new = KVPayload("r", [2], [torch.ones(2, 1, 2, 1, 4)])
+    c.send(old)
+    c.send(new)
+    got = c.recv("r")
+    assert got.hashes == [2] and torch.equal(got.layers[0], new.layers[0])
+    c.send(old)
+    c.discard("r")
+    assert c.recv("r") is None
