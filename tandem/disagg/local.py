@@ -13,13 +13,15 @@ contract (the offline form of disaggregation; the served, multi-process form is 
 
 The first token is sampled on the decode engine (greedy and seeded requests draw exactly
 what a colocated engine draws); the prefill engine's is dropped. A transfer that fails or
-finds no room falls back to prefilling on the decode engine.
+finds no room falls back to prefilling on the decode engine; if the prefill engine itself
+fails, every request it held falls back and later ones are routed locally.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -34,6 +36,9 @@ from tandem.engine.engine import Engine
 from tandem.engine.llm import LLM
 from tandem.outputs import RequestOutput
 from tandem.request import RequestOutputKind, SamplingParams
+
+
+logger = logging.getLogger(__name__)
 
 
 class DisaggLLM(LLM):
@@ -71,12 +76,13 @@ class DisaggLLM(LLM):
             self.engine.inputs.validate(token_ids, sp)
         ids = [str(next(self._ids)) for _ in prompts]
         size = self.engine.config.cache.block_size
-        queued = self.prefill.scheduler.num_waiting * size  # a rough load figure
+        queued = self.prefill.scheduler.num_waiting * size if self.prefill else 0  # load
         for rid, (text, token_ids), sp in zip(ids, tokenized, params):
             hashes = transfer.prompt_hashes(self.engine, token_ids)
             held = transfer.cached_blocks(self.engine, hashes)
             route = self.policy.route(len(token_ids), held * size, queued,
-                                      self._transferable(token_ids, sp) and held < len(hashes))
+                                      self.prefill is not None and held < len(hashes)
+                                      and self._transferable(token_ids, sp))
             self.stats[route] += 1
             sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
             self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp,
@@ -93,16 +99,27 @@ class DisaggLLM(LLM):
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
-        if request_id in self._prefill_ids:
+        if request_id in self._prefill_ids and self.prefill is not None:
             self.prefill.abort_request(self._prefill_ids.pop(request_id))
         self._remote.pop(request_id, None)
 
     def _step_engines(self) -> list[RequestOutput]:
         """One prefill step (shipping what it finished), then one decode step."""
-        if self.prefill.has_unfinished_requests():
-            for out in self.prefill.step():
-                if out.finished:
-                    self._ship(out.request_id.split("-", 1)[1])
+        if self.prefill is not None and self.prefill.has_unfinished_requests():
+            try:
+                finished = [o for o in self.prefill.step() if o.finished]
+            except Exception as e:  # the prefill side is gone: everyone prefills here
+                logger.error("prefill engine failed (%r): %d requests fall back to the "
+                             "decode engine; routing everything there from now on", e,
+                             len(self._remote))
+                for rid in self._remote:
+                    self.receiver.fail(rid)
+                self._remote.clear()
+                self._prefill_ids.clear()
+                self.prefill = None
+                finished = []
+            for out in finished:
+                self._ship(out.request_id.split("-", 1)[1])
         outputs = self.engine.step()  # imports everything shipped above, first
         self._in_transit.clear()
         return outputs

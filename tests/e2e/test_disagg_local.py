@@ -180,3 +180,18 @@ def test_resending_replaces_a_stale_payload():
     c.send(old)
     c.discard("r")
     assert c.recv("r") is None
+
+
+def test_a_failed_prefill_engine_leaves_every_request_to_the_decode_engine(tiny,
+                                                                           monkeypatch):
+    from tandem.executor import ExecutorDead
+    prompts = _workload()
+    ref = _greedy(LLM(tiny, **SIZES), prompts)
+    d = DisaggLLM(tiny, policy="always", **SIZES)
+
+    def dead():
+        raise ExecutorDead("prefill worker lost")
+    monkeypatch.setattr(d.prefill, "step", dead)
+    assert _greedy(d, prompts) == ref  # nothing lost, nothing duplicated
+    assert d.prefill is None and d.receiver.stats["fallback"] == d.stats["remote"] > 0
+    assert _greedy(d, prompts) == ref and d.stats["remote"] == d.receiver.stats["fallback"]
