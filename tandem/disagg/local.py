@@ -76,7 +76,7 @@ class DisaggLLM(LLM):
             self.engine.inputs.validate(token_ids, sp)
         ids = [str(next(self._ids)) for _ in prompts]
         size = self.engine.config.cache.block_size
-        queued = self.prefill.scheduler.num_waiting * size if self.prefill else 0  # load
+        queued = self._prefill_backlog()
         for rid, (text, token_ids), sp in zip(ids, tokenized, params):
             hashes = transfer.prompt_hashes(self.engine, token_ids)
             held = transfer.cached_blocks(self.engine, hashes)
@@ -96,6 +96,13 @@ class DisaggLLM(LLM):
                 self.prefill.add_request(self._prefill_ids[rid],
                                          {"prompt_token_ids": token_ids}, one)
         return self._run(ids, use_tqdm)
+
+    def _prefill_backlog(self) -> int:
+        """Prompt tokens the prefill engine has yet to compute (the rule's load figure)."""
+        if self.prefill is None:
+            return 0
+        return sum(r.num_tokens - r.num_computed_tokens
+                   for r in self.prefill.scheduler.requests.values())
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)

@@ -195,3 +195,14 @@ def test_a_failed_prefill_engine_leaves_every_request_to_the_decode_engine(tiny,
     assert _greedy(d, prompts) == ref  # nothing lost, nothing duplicated
     assert d.prefill is None and d.receiver.stats["fallback"] == d.stats["remote"] > 0
     assert _greedy(d, prompts) == ref and d.stats["remote"] == d.receiver.stats["fallback"]
+
+
+def test_a_saturated_prefill_engine_keeps_requests_local(tiny):
+    """conditional: once the prefill engine's backlog passes max_prefill_queue_tokens, the
+    rest of a batch prefills on the decode engine."""
+    prompts = _workload()
+    rule = DisaggPolicy("conditional", min_remote_tokens=8, min_uncached_fraction=0.0,
+                        max_prefill_queue_tokens=50)
+    d = DisaggLLM(tiny, policy=rule, **SIZES)
+    assert _greedy(d, prompts) == _greedy(LLM(tiny, **SIZES), prompts)
+    assert d.stats["remote"] == 2 and d.stats["local"] == 5  # 41 + 49 tokens queued: full
