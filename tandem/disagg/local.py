@@ -24,7 +24,6 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 from tandem.config import EngineConfig
@@ -70,11 +69,7 @@ class DisaggLLM(LLM):
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
                  ) -> list[RequestOutput]:
-        prompts, params = self._normalize(prompts, sampling_params)
-        tokenized = [self.engine.inputs.tokenize_prompt(p) for p in prompts]
-        for (_, token_ids), sp in zip(tokenized, params):
-            self.engine.inputs.validate(token_ids, sp)
-        ids = [str(next(self._ids)) for _ in prompts]
+        ids, tokenized, params = self._prepare(prompts, sampling_params)
         size = self.engine.config.cache.block_size
         queued = self._prefill_backlog()
         for rid, (text, token_ids), sp in zip(ids, tokenized, params):
@@ -156,17 +151,3 @@ class DisaggLLM(LLM):
         self.stats["blocks_sent"] += len(payload.hashes)
         self.stats["bytes_sent"] += payload.nbytes
         self.stats["transfer_s"] += time.perf_counter() - t0
-
-    def _normalize(self, prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
-        from tandem.engine.llm import _is_token_ids
-        if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = self.engine.inputs.default_sampling_params()
-        params = (list(sampling_params) if isinstance(sampling_params, Sequence)
-                  else [sampling_params] * len(prompts))
-        if len(params) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params)} entries for "
-                             f"{len(prompts)} prompts")
-        return prompts, params

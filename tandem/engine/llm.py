@@ -41,6 +41,19 @@ class LLM:
 
         Every prompt is validated before any is queued, so a ValueError leaves the engine
         exactly as it was."""
+        ids, tokenized, params = self._prepare(prompts, sampling_params)
+        for rid, (text, token_ids), sp in zip(ids, tokenized, params):
+            # Offline callers read only final outputs: skip building one every step.
+            sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
+            self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp)
+        return self._run(ids, use_tqdm)
+
+    def _prepare(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None
+                 ) -> tuple[list[str], list[tuple[str | None, list[int]]],
+                            list[SamplingParams]]:
+        """(request ids, (text, token ids) per prompt, params per prompt), every prompt
+        validated; nothing queued."""
         if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -54,12 +67,7 @@ class LLM:
         tokenized = [self.engine.inputs.tokenize_prompt(p) for p in prompts]
         for (_, token_ids), sp in zip(tokenized, params):
             self.engine.inputs.validate(token_ids, sp)
-        ids = [str(next(self._ids)) for _ in prompts]
-        for rid, (text, token_ids), sp in zip(ids, tokenized, params):
-            # Offline callers read only final outputs: skip building one every step.
-            sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
-            self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp)
-        return self._run(ids, use_tqdm)
+        return [str(next(self._ids)) for _ in prompts], tokenized, params
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

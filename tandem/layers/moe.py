@@ -34,8 +34,6 @@ quantization policy's linear methods apply to the attention, the router stays un
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -43,8 +41,6 @@ from tandem.distributed.expert_dispatch import dispatch
 from tandem.distributed.parallel import ParallelContext
 from tandem.kernels import ops
 from tandem.layers.linear import copy_checked
-
-logger = logging.getLogger(__name__)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
