@@ -8,6 +8,10 @@ a decode engine, which decodes as if those blocks were prefix-cache hits.
     transfer.py   an engine's side of a transfer: export (pin, read) and import (allocate,
                   write, register as prefix-cache blocks)
     local.py      DisaggLLM: one prefill and one decode engine in one process (offline API)
+    worker.py     the served form's worker roles (DecodeSide, PrefillSide) and messages
+    frontend.py   DisaggAsyncEngine: P prefill + D decode engine processes behind
+                  AsyncEngine's interface (`tandem serve --prefill-workers P ...`)
+    config.py     DisaggConfig (the serve flags); metrics.py: its Prometheus series
 
 Blocks are named by the prefix cache's chained hashes (kv_cache/block_manager.py), equal in
 every process, so a decode engine receives only the blocks it does not already hold.

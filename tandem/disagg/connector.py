@@ -6,23 +6,39 @@ engine.
                             to prefilling locally)
     discard(request_id)     drop a payload whose request ended before receiving it
 
-`SharedMemoryConnector` (one machine, any processes): one POSIX shared-memory segment per
-request, named from the request id, laid out as
+`SharedMemoryConnector` (one machine, any processes): one file per request in shared
+memory (/dev/shm, POSIX shared memory's home on Linux), named from the request id, mapped
+by both sides and laid out as
 
-    | header length (8 bytes, little-endian) | msgpack header | layer 0 bytes | layer 1 ...
+    | ready (1 byte) | 7 bytes | header length (8, little-endian) | msgpack header |
+    | layer 0 bytes | layer 1 ...       (each layer from a 64-byte boundary)
 
-with the header {hashes, layers: [[dtype, shape], ...]}; the receiver copies the bytes out,
-then unlinks the segment. Tensors travel as their raw bytes (bf16 and e4m3 alike).
+with the header {hashes, layers: [[dtype, shape], ...]}. Each side copies once: the
+sender from its KV pool (device or host) straight into the mapping, the receiver from the
+mapping straight into its pool. The sender sets the ready byte last; a receiver that
+finds the file before that leaves it for its next poll; one that reads it unlinks it at
+once (its mapping lives as long as the payload's tensors). Tensors travel as their raw
+bytes (bf16 and e4m3 alike).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
 
 import msgpack
 import torch
+
+
+_HEAD = 16  # ready byte, padding, header length
+_SHM = "/dev/shm"
+
+
+def _aligned(offset: int) -> int:
+    """Each layer starts on a 64-byte boundary (any dtype can view it)."""
+    return -(-offset // 64) * 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +64,14 @@ class KVConnector:
 
 
 class SharedMemoryConnector(KVConnector):
-    def __init__(self, namespace: str) -> None:
-        """`namespace`: the same on both sides (segment names derive from it)."""
+    def __init__(self, namespace: str, directory: str | None = None) -> None:
+        """`namespace`: the same on both sides (file names derive from it)."""
         self.namespace = namespace
+        self.directory = directory or (_SHM if os.path.isdir(_SHM) else tempfile.gettempdir())
 
-    def _name(self, request_id: str) -> str:
+    def _path(self, request_id: str) -> str:
         digest = hashlib.sha256(f"{self.namespace}/{request_id}".encode()).hexdigest()[:24]
-        return f"tkv{digest}"  # short and free of "/" whatever the ids are
+        return os.path.join(self.directory, f"tkv{digest}")  # free of "/" whatever the ids
 
     def send(self, payload: KVPayload) -> None:
         raw = [t.contiguous().view(torch.uint8).reshape(-1) for t in payload.layers]
@@ -62,57 +79,50 @@ class SharedMemoryConnector(KVConnector):
             "hashes": [h.to_bytes(32, "little") for h in payload.hashes],
             "layers": [[str(t.dtype).removeprefix("torch."), list(t.shape)]
                        for t in payload.layers]})
-        size = 8 + len(header) + sum(r.numel() for r in raw)
-        name = self._name(payload.request_id)
-        try:
-            shm = shared_memory.SharedMemory(name, create=True, size=size)
-        except FileExistsError:  # an earlier attempt's, never received: replace it
-            self.discard(payload.request_id)
-            shm = shared_memory.SharedMemory(name, create=True, size=size)
-        # The receiver unlinks it; the tracker must not do it when this process exits.
-        resource_tracker.unregister(shm._name, "shared_memory")
-        try:
-            buf = shm.buf
-            buf[:8] = len(header).to_bytes(8, "little")
-            buf[8:8 + len(header)] = header
-            at = 8 + len(header)
-            for r in raw:
-                n = r.numel()
-                torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=at).copy_(r)
-                at += n
-        finally:
-            del buf
-            shm.close()
+        size = _HEAD + len(header)
+        for r in raw:
+            size = _aligned(size) + r.numel()
+        path = self._path(payload.request_id)
+        self.discard(payload.request_id)  # an earlier attempt's, never received
+        with open(path, "xb") as f:
+            f.truncate(size)
+        buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        buf[8:_HEAD] = torch.tensor(list(len(header).to_bytes(8, "little")), dtype=torch.uint8)
+        buf[_HEAD:_HEAD + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        at = _HEAD + len(header)
+        for r in raw:  # device -> mapping directly for a GPU pool
+            at = _aligned(at)
+            buf[at:at + r.numel()].copy_(r)
+            at += r.numel()
+        buf[0] = 1  # ready: everything above is in place
 
     def recv(self, request_id: str) -> KVPayload | None:
+        path = self._path(request_id)
         try:
-            shm = shared_memory.SharedMemory(self._name(request_id))
+            size = os.path.getsize(path)
         except FileNotFoundError:
             return None
-        try:  # (unlink below also ends this process's tracking of it)
-            buf = shm.buf
-            n = int.from_bytes(buf[:8], "little")
-            header = msgpack.unpackb(bytes(buf[8:8 + n]))
-            at, layers = 8 + n, []
-            for dtype_name, shape in header["layers"]:
-                dtype = getattr(torch, dtype_name)
-                count = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                raw = torch.frombuffer(buf, dtype=torch.uint8, count=count, offset=at).clone()
-                layers.append(raw.view(dtype).reshape(shape))
-                at += count
-            hashes = [int.from_bytes(h, "little") for h in header["hashes"]]
-        finally:
-            del buf
-            shm.close()
-            shm.unlink()
+        if size < _HEAD:  # being created
+            return None
+        buf = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        if int(buf[0]) != 1:  # still being written
+            return None
+        os.unlink(path)  # the mapping stays valid while the tensors below live
+        n = int.from_bytes(bytes(buf[8:_HEAD].tolist()), "little")
+        header = msgpack.unpackb(bytes(buf[_HEAD:_HEAD + n].numpy()))
+        at, layers = _HEAD + n, []
+        for dtype_name, shape in header["layers"]:
+            dtype = getattr(torch, dtype_name)
+            count = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            at = _aligned(at)
+            layers.append(buf[at:at + count].view(dtype).reshape(shape))
+            at += count
+        hashes = [int.from_bytes(h, "little") for h in header["hashes"]]
         return KVPayload(request_id, hashes, layers)
 
     def discard(self, request_id: str) -> None:
         """Drop a payload nobody will receive (its request ended), if it is there."""
         try:
-            shm = shared_memory.SharedMemory(self._name(request_id))
+            os.unlink(self._path(request_id))
         except FileNotFoundError:
-            return
-        shm.close()
-        shm.unlink()
-
+            pass

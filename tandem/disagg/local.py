@@ -29,7 +29,7 @@ from typing import Any
 from tandem.config import EngineConfig
 from tandem.disagg import transfer
 from tandem.disagg.connector import KVConnector, SharedMemoryConnector
-from tandem.disagg.policy import DisaggPolicy
+from tandem.disagg.policy import DisaggPolicy, transferable
 from tandem.disagg.receiver import KVReceiver
 from tandem.engine.engine import Engine
 from tandem.engine.llm import LLM
@@ -62,10 +62,9 @@ class DisaggLLM(LLM):
         self.stats = {"remote": 0, "local": 0, "blocks_sent": 0, "bytes_sent": 0,
                       "transfer_s": 0.0}
 
-    def _transferable(self, token_ids: list[int], sp: SamplingParams) -> bool:
-        return (sp.prompt_logprobs is None and sp.n == 1
-                and self.engine.config.cache.enable_prefix_caching
-                and self.prefill.config.cache.enable_prefix_caching)
+    def _transferable(self, sp: SamplingParams) -> bool:
+        return transferable(sp, self.engine.config.cache.enable_prefix_caching
+                            and self.prefill.config.cache.enable_prefix_caching)
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
                  ) -> list[RequestOutput]:
@@ -77,7 +76,7 @@ class DisaggLLM(LLM):
             held = transfer.cached_blocks(self.engine, hashes)
             route = self.policy.route(len(token_ids), held * size, queued,
                                       self.prefill is not None and held < len(hashes)
-                                      and self._transferable(token_ids, sp))
+                                      and self._transferable(sp))
             self.stats[route] += 1
             sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
             self.engine.add_request(rid, {"prompt": text, "prompt_token_ids": token_ids}, sp,
@@ -124,6 +123,7 @@ class DisaggLLM(LLM):
                 self._ship(out.request_id.split("-", 1)[1])
         outputs = self.engine.step()  # imports everything shipped above, first
         self._in_transit.clear()
+        self.receiver.settled.clear()  # (the served form's accounting)
         return outputs
 
     def _ship(self, rid: str) -> None:

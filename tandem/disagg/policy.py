@@ -20,6 +20,12 @@ from dataclasses import dataclass
 POLICIES = ("always", "never", "conditional")
 
 
+def transferable(params, prefix_caching: bool) -> bool:
+    """Whether a request's prompt KV can be computed elsewhere: one sample, no prompt
+    logprobs, and both engines with prefix caching (imported blocks are prefix hits)."""
+    return params.n == 1 and params.prompt_logprobs is None and prefix_caching
+
+
 @dataclass(frozen=True, slots=True)
 class DisaggPolicy:
     policy: str = "conditional"

@@ -11,10 +11,13 @@ admissions); every engine step polls the connector for them:
 
 from __future__ import annotations
 
+import logging
 import time
 
 from tandem.disagg import transfer
 from tandem.disagg.connector import KVConnector
+
+logger = logging.getLogger(__name__)
 
 
 class KVReceiver:
@@ -22,7 +25,17 @@ class KVReceiver:
         self.connector, self.timeout_s = connector, timeout_s
         self._since: dict[str, float] = {}
         self._settled: dict[str, bool] = {}  # request id -> proceed without a payload
+        # request id -> the blocks of its prompt this engine held when it was routed
+        # remote, pinned so the transfer (which skips them) still finds them here
+        self._held: dict[str, list[int]] = {}
         self.stats = {"imported": 0, "fallback": 0, "imported_bytes": 0}
+        # (request id, imported) of the requests that left WAITING_FOR_KV, for the front
+        # end's accounting (disagg/worker.py drains it)
+        self.settled: list[tuple[str, bool]] = []
+
+    def hold(self, request_id: str, block_ids: list[int]) -> None:
+        """Keep `block_ids` (pinned by the caller) until the request's KV arrives."""
+        self._held[request_id] = block_ids
 
     def release(self, request_id: str) -> None:
         """Nothing will be sent for it (the decode engine holds the blocks already)."""
@@ -35,21 +48,34 @@ class KVReceiver:
     def poll(self, engine) -> None:
         now = time.monotonic()
         awaiting = engine.scheduler.awaiting_kv()
-        for rid in set(self._since) - set(awaiting):  # ended (aborted) while waiting
+        # ended (aborted) while waiting, or settled after it ended
+        for rid in (set(self._since) | set(self._settled) | set(self._held)) - set(awaiting):
             self.connector.discard(rid)
-            self._since.pop(rid)
+            self._since.pop(rid, None)
             self._settled.pop(rid, None)
+            engine.scheduler.kv.unpin(self._held.pop(rid, []))
         for rid in awaiting:
             started = self._since.setdefault(rid, now)
-            payload = self.connector.recv(rid)
-            if payload is not None and transfer.import_payload(engine, payload):
+            imported = failed = False
+            try:
+                payload = self.connector.recv(rid)
+                imported = payload is not None and transfer.import_payload(engine, payload)
+                failed = payload is not None and not imported  # no room for it
+            except Exception:  # this request prefills here; the others carry on
+                logger.exception("receiving the KV of %s failed; prefilling it here", rid)
+                failed = True
+            if imported:
                 self.stats["imported"] += 1
                 self.stats["imported_bytes"] += payload.nbytes
-            elif payload is not None or self._settled.get(rid, False) or (
+            elif failed or self._settled.get(rid, False) or (
                     rid not in self._settled and now - started > self.timeout_s):
                 self.stats["fallback"] += 1
             elif rid not in self._settled:
                 continue  # still on its way
+            else:
+                imported = True  # released: every block was here already
+            self.settled.append((rid, imported))
             engine.scheduler.kv_arrived(rid)
             self._since.pop(rid, None)
             self._settled.pop(rid, None)
+            engine.scheduler.kv.unpin(self._held.pop(rid, []))

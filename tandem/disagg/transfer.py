@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from tandem.disagg.connector import KVPayload
 from tandem.runner.kv_memory import read_blocks, write_blocks
 
@@ -55,15 +57,23 @@ def export_prompt(engine, request_id: str, hashes: Sequence[int], skip: int
 
 def import_payload(engine, payload: KVPayload) -> bool:
     """Write the payload's blocks into `engine`'s pool and prefix cache; False (nothing
-    changed) if the pool has no room for them."""
+    changed) if the pool has no room for them. Blocks it holds already (another request
+    brought the same prefix meanwhile) are skipped."""
     kv = engine.scheduler.kv
-    ids = kv.allocate_for_import(len(payload.hashes))
+    new = [i for i, h in enumerate(payload.hashes) if not kv.is_cached(h)]
+    if not new:
+        return True
+    ids = kv.allocate_for_import(len(new))
     if ids is None:
         return False
+    layers = payload.layers
+    if len(new) < len(payload.hashes):
+        pick = torch.tensor(new)
+        layers = [t.index_select(1, pick) for t in layers]
     try:
-        write_blocks(_runner(engine).kv_caches, ids, payload.layers)
+        write_blocks(_runner(engine).kv_caches, ids, layers)
     except Exception:
         kv.unpin(ids)
         raise
-    kv.commit_import(ids, payload.hashes)
+    kv.commit_import(ids, [payload.hashes[i] for i in new])
     return True

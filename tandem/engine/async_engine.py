@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from tandem.engine.engine import Engine
 from tandem.engine.engine_loop import (Abort, Add, Command, EngineError, EngineLoop,
-                                       EngineStopped, Event, Exit)
+                                       EngineStopped, Event, Exit, KVFailed)
 from tandem.engine.input_processor import InputProcessor, PromptType
 from tandem.engine.stats import EngineStats
 from tandem.outputs import RequestOutput
@@ -102,6 +102,8 @@ class AsyncEngine:
         self.config = self.inputs.config
         self.on_step = on_step
         self.on_dead: Callable[[BaseException], None] | None = None  # the engine is gone
+        # A disaggregation worker's control messages (disagg/worker.py), from its rx thread
+        self.on_control: Callable[[list], None] | None = None
         self._cond = threading.Condition()
         self._commands: list[Command] = []  # guarded by _cond
         self._stopping = False  # guarded by _cond; no new requests once set
@@ -115,10 +117,11 @@ class AsyncEngine:
 
     @classmethod
     def in_process(cls, config: Any, on_step: StepHook | None = None,
-                   log_level: int = logging.INFO) -> AsyncEngine:
-        """The engine in its own process (started here; ValueError if it cannot start)."""
+                   log_level: int = logging.INFO, role: Any = None) -> AsyncEngine:
+        """The engine in its own process (started here; ValueError if it cannot start).
+        role: a disagg.worker.WorkerRole for a disaggregation worker."""
         from tandem.engine.core_process import ProcessCore
-        return cls(None, on_step, core=ProcessCore(config, log_level))
+        return cls(None, on_step, core=ProcessCore(config, log_level, role))
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -131,7 +134,7 @@ class AsyncEngine:
         else:
             self._thread = threading.Thread(target=self._send_remote, name="tandem-engine-tx",
                                             daemon=True)
-            self._core.start(self._on_events, self._died)
+            self._core.start(self._on_events, self._died, self.on_control)
         self._thread.start()
 
     @property
@@ -191,9 +194,9 @@ class AsyncEngine:
         return text, token_ids
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None) -> RequestStream:
+                    arrival_time: float | None = None, disagg: Any = None) -> RequestStream:
         """Validate (ValueError: nothing is queued), then hand the request to the engine.
-        Call from the event loop that will consume the stream."""
+        Call from the event loop that will consume the stream. disagg: engine_loop.Add's."""
         if not self.is_running:
             raise EngineStopped("the engine is not running (the server is shutting down, or "
                                 "the engine process died)")
@@ -203,15 +206,16 @@ class AsyncEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._streams[request_id] = stream
         self._submit(Add(request_id, {"prompt": text, "prompt_token_ids": token_ids}, params,
-                         arrival_time if arrival_time is not None else time.time()))
+                         arrival_time if arrival_time is not None else time.time(), disagg))
         return stream
 
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, disagg: Any = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs until it finishes. Bad input raises ValueError at the
         first `anext`, before anything is queued. If the consumer stops early (the generator
         is closed or its task cancelled), the request is aborted at once."""
-        stream = self.add_request(request_id, prompt, params, arrival_time)
+        stream = self.add_request(request_id, prompt, params, arrival_time, disagg)
         try:
             async for out in stream:
                 yield out
@@ -223,6 +227,14 @@ class AsyncEngine:
         """Abort a request (any thread); its KV blocks are freed before the next step.
         Unknown or finished ids are ignored."""
         self._submit(Abort(request_id))
+
+    def kv_failed(self, request_id: str) -> None:
+        """Disaggregation: the request's KV will not come; the decode worker prefills it."""
+        self._submit(KVFailed(request_id))
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(serving, the /health body)."""
+        return self.is_running, {"status": "ok" if self.is_running else "stopping"}
 
     def _submit(self, command: Command) -> None:
         with self._cond:

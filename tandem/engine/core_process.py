@@ -10,6 +10,8 @@ engine process builds the `Engine` (model, KV cache, CUDA graphs) and reports "r
 what it is, or the error that stopped it, which the server raises as ValueError. Only the
 engine process touches the GPU; the server process keeps an `InputProcessor` of its own.
 If the engine process dies, the rx thread fails every live request and `alive` turns False.
+A disaggregation worker (given a `disagg.worker.WorkerRole`) also sends ("control", [...])
+messages after an iteration: its decisions and transfers, for the front end.
 """
 
 from __future__ import annotations
@@ -31,13 +33,22 @@ logger = logging.getLogger(__name__)
 _START_TIMEOUT_S = 1800.0  # model load + KV sizing + CUDA graph capture
 
 
-def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int) -> None:
-    """The engine process: build the engine, then apply commands and step until Exit."""
+def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int,
+              role: Any = None) -> None:
+    """The engine process: build the engine, then apply commands and step until Exit.
+    role: a disagg.worker.WorkerRole for a prefill or decode worker, else None."""
+    name = "engine" if role is None else f"{role.role}{role.index}"
     logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s[{name}]: %(message)s")
+    if role is not None and role.cuda_device is not None:  # before CUDA initializes
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(role.cuda_device)
     from tandem.engine.engine import Engine
     try:
         engine = Engine(config)
+        side = None
+        if role is not None:
+            from tandem.disagg.worker import make_side
+            side = make_side(engine, role)
     except Exception as e:  # reported to the server, which exits with the message
         events.send(("error", f"{e}", isinstance(e, ValueError)))
         return
@@ -52,16 +63,23 @@ def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int) 
                 for rid, item in evts]
         events.send(("events", refs, packed, stats, num_waiting))
 
-    loop = EngineLoop(engine, emit)
+    loop = EngineLoop(engine, emit, side)
+    sched = engine.scheduler
     running = True
     try:
         while running:
             batch: list[Command] = []
             if not loop.has_work():
                 batch += commands.recv()  # idle: wait for work
+            elif not sched.running and not sched.waiting:  # only requests awaiting KV
+                commands.poll(0.002)
             while commands.poll():
                 batch += commands.recv()
             running = loop.run_once(batch)
+            if side is not None:
+                control = side.take_control()
+                if control:
+                    events.send(("control", control))
     finally:
         engine.shutdown()  # the tensor-parallel workers, if any
     if loop.dead is not None:  # the server fails what is left, reports unhealthy, exits
@@ -87,10 +105,13 @@ def _pack(out: RequestOutput, sent_prompt_logprobs: set[str]) -> tuple:
 
 
 class ProcessCore:
-    def __init__(self, config: EngineConfig, log_level: int = logging.INFO) -> None:
+    def __init__(self, config: EngineConfig, log_level: int = logging.INFO,
+                 role: Any = None) -> None:
+        """role: a disagg.worker.WorkerRole (a disaggregation worker), else None."""
         self.inputs = InputProcessor(config)  # validates the model directory early
         self.config = self.inputs.config
         self.log_level = log_level
+        self.role = role
         self.info: dict[str, Any] = {}
         self.alive = False
         self._proc: mp.process.BaseProcess | None = None
@@ -101,15 +122,17 @@ class ProcessCore:
         self._prompt_logprobs: dict[str, list] = {}
 
     def start(self, on_events: Callable[..., None],
-              on_dead: Callable[[BaseException], None]) -> None:
-        """Spawn the engine process and wait until it is ready (ValueError if it fails)."""
+              on_dead: Callable[[BaseException], None],
+              on_control: Callable[[list], None] | None = None) -> None:
+        """Spawn the engine process and wait until it is ready (ValueError if it fails).
+        on_control: a disaggregation worker's control messages (disagg/worker.py)."""
         if self._proc is not None:
             return
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         cmd_r, self._cmd_w = ctx.Pipe(duplex=False)
         self._evt_r, evt_w = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=core_main, name="tandem-engine-core", daemon=True,
-                                 args=(self.config, cmd_r, evt_w, self.log_level))
+                                 args=(self.config, cmd_r, evt_w, self.log_level, self.role))
         self._proc.start()
         cmd_r.close()
         evt_w.close()
@@ -125,7 +148,8 @@ class ProcessCore:
             raise ValueError(message[1])
         self.info = message[1]
         self.alive = True
-        self._rx = threading.Thread(target=self._receive, args=(on_events, on_dead),
+        self._rx = threading.Thread(target=self._receive,
+                                    args=(on_events, on_dead, on_control),
                                     name="tandem-engine-rx", daemon=True)
         self._rx.start()
 
@@ -145,7 +169,8 @@ class ProcessCore:
             return False
 
     def _receive(self, on_events: Callable[..., None],
-                 on_dead: Callable[[BaseException], None]) -> None:
+                 on_dead: Callable[[BaseException], None],
+                 on_control: Callable[[list], None] | None) -> None:
         clean = False
         reason = "the engine process died"
         while True:
@@ -159,6 +184,13 @@ class ProcessCore:
             if message[0] == "dead":
                 reason = message[1]
                 break
+            if message[0] == "control":
+                if on_control is not None:
+                    try:
+                        on_control(message[1])
+                    except Exception:
+                        logger.exception("control message handler failed")
+                continue
             _, refs, packed, stats, num_waiting = message
             outputs = [self._unpack(p) for p in packed]
             for rid, item in refs:

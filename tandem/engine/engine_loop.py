@@ -13,6 +13,10 @@ so they pickle across the boundary. A step that raises past `Engine.step`'s own 
 fails the live requests with `EngineError`; the loop carries on. If the executor is dead
 (a tensor-parallel worker died), the live requests fail, `dead` holds the reason and
 `run_once` returns False: the engine cannot serve any more.
+
+A disaggregation worker passes its role's `side` (disagg/worker.py): it adds the requests
+that carry an `Add.disagg`, takes `KVFailed`, and sees each step's outputs first (a prefill
+worker ships the KV of the prompts it finished before anything can evict it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tandem.engine.engine import Engine
 from tandem.engine.stats import EngineStats
@@ -44,6 +49,9 @@ class Add:
     prompt: dict  # {"prompt": text | None, "prompt_token_ids": [...]}, already validated
     params: SamplingParams
     arrival_time: float
+    # Disaggregation (disagg/worker.py): a RouteHint for a decode worker (apply the rule),
+    # a ShipTo for a prefill worker (send the prompt's KV after its prefill); None otherwise.
+    disagg: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +60,27 @@ class Abort:
 
 
 @dataclass(frozen=True, slots=True)
+class KVFailed:
+    """Disaggregation: the prefill or the transfer of this request's KV failed; the decode
+    worker prefills it itself."""
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Exit:
     """Abort whatever is live (EngineStopped) and stop."""
 
 
-Command = Add | Abort | Exit
+Command = Add | Abort | KVFailed | Exit
 Event = tuple[str, RequestOutput | BaseException]
 Emit = Callable[[list[Event], list[RequestOutput], EngineStats, int], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, emit: Emit) -> None:
+    def __init__(self, engine: Engine, emit: Emit, side: Any = None) -> None:
         self.engine = engine
         self.emit = emit
+        self.side = side  # a disagg.worker.PrefillSide or DecodeSide, or None
         self.live: set[str] = set()  # request ids added and not yet finished
         self.dead: ExecutorDead | None = None  # why the engine cannot go on, once it cannot
 
@@ -102,6 +118,8 @@ class EngineLoop:
             logger.exception("engine step failed; aborting %d live request(s)", len(self.live))
             self._fail_all(EngineError(f"engine step failed: {e!r}"), events, outputs)
             return
+        if self.side is not None:
+            self.side.after_step(self.engine, step_outputs)
         for out in step_outputs:
             if out.request_id in self.live:
                 if out.finished:
@@ -109,9 +127,13 @@ class EngineLoop:
                 events.append((out.request_id, out))
         outputs += step_outputs
 
-    def _apply(self, command: Add | Abort, events: list[Event],
+    def _apply(self, command: Add | Abort | KVFailed, events: list[Event],
                outputs: list[RequestOutput]) -> None:
         rid = command.request_id
+        if isinstance(command, KVFailed):
+            if self.side is not None:
+                self.side.kv_failed(rid)
+            return
         if isinstance(command, Abort):
             try:
                 out = self.engine.abort_request(rid)
@@ -127,7 +149,11 @@ class EngineLoop:
         try:
             if rid in self.live:
                 raise ValueError(f"request_id {rid!r} is already in use")
-            self.engine.add_request(rid, command.prompt, command.params, command.arrival_time)
+            if command.disagg is not None and self.side is not None:
+                self.side.add(self.engine, command)
+            else:
+                self.engine.add_request(rid, command.prompt, command.params,
+                                        command.arrival_time)
         except Exception as e:  # ValueError (late validation) or an engine failure
             events.append((rid, e))
             return

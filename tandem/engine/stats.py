@@ -54,3 +54,21 @@ def split_step_tokens(plan: StepPlan, requests: list[Request]) -> tuple[int, int
                  if (s.num_new_tokens == 1 or s.spec_token_ids)
                  and s.start_pos >= r.num_prompt_tokens)
     return plan.num_batched_tokens - decode, decode
+
+
+def merge_stats(parts: list[EngineStats]) -> EngineStats:
+    """Several engines' snapshots as one (disaggregation's decode workers): counts add up,
+    the KV usage is over all their blocks."""
+    if len(parts) == 1:
+        return parts[0]
+    total = {f: sum(getattr(s, f) for s in parts) for f in (
+        "step", "num_prefill_tokens", "num_decode_tokens", "num_running", "num_waiting",
+        "num_kv_blocks_used", "num_kv_blocks_total", "prefix_cache_queries",
+        "prefix_cache_hits", "num_preemptions", "prompt_tokens_total",
+        "generation_tokens_total", "spec_drafted_total", "spec_accepted_total",
+        "spec_verify_steps_total")}
+    width = max(len(s.spec_accepted_per_position) for s in parts)
+    per_pos = tuple(sum(s.spec_accepted_per_position[i] for s in parts
+                        if i < len(s.spec_accepted_per_position)) for i in range(width))
+    usage = total["num_kv_blocks_used"] / max(1, total["num_kv_blocks_total"])
+    return EngineStats(kv_cache_usage=usage, spec_accepted_per_position=per_pos, **total)

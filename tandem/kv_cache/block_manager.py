@@ -195,6 +195,9 @@ class KVCacheManager:
             n += 1
         return n
 
+    def is_cached(self, block_hash: int) -> bool:
+        return self.pool.get_cached_block(block_hash) is not None
+
     def pin_cached(self, hashes: Sequence[int]) -> list[int]:
         """The blocks of `hashes`, held (not evictable) until `unpin`; ValueError if one is
         not cached."""

@@ -81,13 +81,13 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
 
 
 def read_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> list[torch.Tensor]:
-    """A copy of blocks `block_ids` of every layer, on the host: per layer (2, n, block_size,
-    num_kv_heads, head_dim) in the layer's dtype (the pool is block-addressable along dim 1).
-    For KV transfer between engines (disagg/)."""
+    """A copy of blocks `block_ids` of every layer, on the pool's device: per layer (2, n,
+    block_size, num_kv_heads, head_dim) in the layer's dtype (the pool is block-addressable
+    along dim 1). For KV transfer between engines (disagg/): the connector copies it on."""
     if not kv_caches:
         return []
     idx = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
-    return [cache.index_select(1, idx).cpu() for cache in kv_caches]
+    return [cache.index_select(1, idx) for cache in kv_caches]
 
 
 def write_blocks(kv_caches: list[torch.Tensor], block_ids: list[int],

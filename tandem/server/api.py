@@ -64,9 +64,8 @@ def build_app(state: ServerState, metrics: ServerMetrics | None = None) -> FastA
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
-        if not engine.is_running:
-            return JSONResponse({"status": "stopping"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        serving, body = engine.health()  # disaggregated: "degraded" while a worker is down
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:

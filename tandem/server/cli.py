@@ -26,10 +26,13 @@ from typing import Any
 from tandem import envs
 from tandem.cli import add_config_args, add_engine_args, engine_kwargs
 from tandem.config import field_comments
+from tandem.disagg.config import DisaggConfig
+from tandem.disagg.policy import POLICIES
 from tandem.server.config import LOG_LEVELS, ServerConfig
 
 logger = logging.getLogger("tandem.server")
 _SERVER_FIELDS = list(dataclasses.fields(ServerConfig))
+_DISAGG_FIELDS = list(dataclasses.fields(DisaggConfig))
 # Slack on top of --shutdown-timeout for aborted streams to send their last events.
 _ABORT_GRACE_S = 5.0
 
@@ -44,6 +47,9 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                     choices={"log_level": LOG_LEVELS, "uvicorn_log_level": LOG_LEVELS})
     group.add_argument("--disable-log-requests", dest="enable_log_requests",
                        action="store_false", help="do not log each request (the default)")
+    disagg = p.add_argument_group("prefill/decode disaggregation (docs/disaggregation.md)")
+    add_config_args(disagg, _DISAGG_FIELDS, field_comments(DisaggConfig),
+                    choices={"disagg_policy": POLICIES})
     add_engine_args(p)
     p.set_defaults(func=_cmd_serve)
     return p
@@ -54,6 +60,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
              if getattr(args, f.name, None) is not None}
     given.setdefault("api_key", envs.api_key())
     return ServerConfig(**given)
+
+
+def disagg_config(args: argparse.Namespace) -> DisaggConfig:
+    return DisaggConfig(**{f.name: getattr(args, f.name) for f in _DISAGG_FIELDS
+                           if getattr(args, f.name, None) is not None})
 
 
 def _model_dir(args: argparse.Namespace) -> str:
@@ -72,7 +83,8 @@ def _model_dir(args: argparse.Namespace) -> str:
 def _summary(engine: Any, name: str, host: str, port: int) -> str:
     info, config = engine.describe(), engine.config
     kv_tokens = info["num_kv_blocks"] * info["block_size"]
-    where = f"engine process {info['pid']}" if "pid" in info else "engine thread"
+    where = info.get("layout") or (f"engine process {info['pid']}" if "pid" in info
+                                   else "engine thread")
     return (f"serving {name!r} from {config.model.model}: dtype {info['dtype']}, "
             f"device {info['device']} ({where}), max_model_len {engine.max_model_len}, KV "
             f"cache {kv_tokens} tokens ({info['num_kv_blocks']} blocks), maximum concurrency "
@@ -109,7 +121,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         metrics.observe(outputs, stats)
         status.observe(stats)
 
-    if config.engine_process:
+    layout = disagg_config(args)
+    if layout.enabled:
+        from tandem.disagg.frontend import DisaggAsyncEngine
+        from tandem.disagg.metrics import DisaggMetrics
+        if not config.engine_process:
+            raise ValueError("--prefill-workers / --decode-workers run engine processes: "
+                             "drop --no-engine-process")
+        if engine_config.parallel.tensor_parallel_size > 1 or engine_config.parallel.nnodes > 1:
+            raise ValueError("disaggregation with tensor parallelism is not built yet: "
+                             "use --tensor-parallel-size 1 with --prefill-workers / "
+                             "--decode-workers")
+        engine = DisaggAsyncEngine(engine_config, layout, on_step, logging.getLogger().level,
+                                   DisaggMetrics(name, metrics.registry))
+    elif config.engine_process:
         engine = AsyncEngine.in_process(engine_config, on_step, logging.getLogger().level)
     else:
         engine = AsyncEngine(Engine(engine_config), on_step)

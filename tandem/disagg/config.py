@@ -1,0 +1,40 @@
+"""`DisaggConfig`: the process layout of `tandem serve` (one flag per field)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.disagg.policy import DisaggPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggConfig:
+    prefill_workers: int = 0  # engine processes that only prefill (0: no disaggregation)
+    decode_workers: int = 1  # engine processes that decode (and prefill what stays local)
+    # always | never | conditional: which prompts prefill on a prefill worker
+    disagg_policy: str = "conditional"
+    # conditional: remote only if at least this many prompt tokens are uncached
+    disagg_min_remote_tokens: int = 2048
+    # conditional: and at least this fraction of the prompt is uncached
+    disagg_min_uncached_fraction: float = 0.7
+    # conditional: the prefill side counts as saturated at this many queued prompt tokens
+    disagg_max_prefill_queue_tokens: int = 65536
+    # seconds a decode worker waits for KV that was sent before prefilling itself
+    kv_transfer_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.prefill_workers < 0 or self.decode_workers < 1:
+            raise ValueError("prefill_workers >= 0 and decode_workers >= 1")
+        if self.kv_transfer_timeout <= 0:
+            raise ValueError("kv_transfer_timeout must be > 0")
+        self.policy()  # validates the rule's fields
+
+    @property
+    def enabled(self) -> bool:
+        """More than the one engine process of a plain `tandem serve`."""
+        return self.prefill_workers > 0 or self.decode_workers > 1
+
+    def policy(self) -> DisaggPolicy:
+        return DisaggPolicy(self.disagg_policy, self.disagg_min_remote_tokens,
+                            self.disagg_min_uncached_fraction,
+                            self.disagg_max_prefill_queue_tokens)

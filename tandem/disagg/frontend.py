@@ -1,0 +1,307 @@
+"""`DisaggAsyncEngine`: the served form of disaggregation. P prefill and D decode workers,
+each an engine process (engine/core_process.py), behind `AsyncEngine`'s interface, so the
+HTTP server (server/) runs on it unchanged.
+
+    generate(request)
+      1. pick the decode worker with the fewest live requests; hand it the request with a
+         RouteHint (the rule, and the least-loaded prefill worker's queued prompt tokens)
+      2. the decode worker applies the rule to its own cache (disagg/worker.py):
+           local   it prefills and decodes, as a plain engine would
+           remote  the request waits for KV there; Routed(remote, skip) comes back
+      3. remote: the least-loaded prefill worker gets the prompt as a one-token request with
+         ShipTo(decode worker, skip); when its prefill ends it sends the blocks past `skip`
+         through shared memory, and the decode worker imports them and goes on
+      4. the decode worker's outputs stream back to the caller, as with one engine
+
+Faults: a prefill worker that dies, fails a request or cannot ship its KV leaves each of
+its requests to its decode worker (KVFailed: it prefills locally; nothing is lost or done
+twice), and later requests are routed locally while no prefill worker is left. /health
+says "degraded" then (still 200); it turns 503 only when no decode worker is left, which
+also ends the server (`on_dead`), as a dead engine does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tandem.config import EngineConfig
+from tandem.disagg.config import DisaggConfig
+from tandem.disagg.metrics import DisaggMetrics
+from tandem.disagg.worker import Routed, RouteHint, Settled, Shipped, ShipTo, WorkerRole
+from tandem.engine.async_engine import AsyncEngine, EngineStopped, StepHook
+from tandem.engine.stats import EngineStats, merge_stats
+from tandem.outputs import RequestOutput
+from tandem.request import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+# The prefill worker's request: its prompt and one (discarded) token; the decode worker
+# samples the request's first token itself, so greedy and seeded outputs match one engine.
+_ONE_TOKEN = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+@dataclasses.dataclass(slots=True)
+class _Live:
+    """A request in flight, by its id."""
+    decode: int  # its decode worker
+    token_ids: list[int]
+    prefill: int | None = None  # its prefill worker, while it prefills remotely
+
+
+class DisaggAsyncEngine:
+    def __init__(self, config: EngineConfig, layout: DisaggConfig,
+                 on_step: StepHook | None = None, log_level: int = logging.INFO,
+                 metrics: DisaggMetrics | None = None, num_gpus: int | None = None) -> None:
+        """num_gpus: GPUs to spread the workers over (decode workers first, round robin);
+        None: all visible ones if the engine runs on CUDA."""
+        self.policy = layout.policy()
+        self.on_step = on_step
+        self.on_dead: Callable[[BaseException], None] | None = None
+        self.metrics = metrics
+        gpus = _gpus(config) if num_gpus is None else num_gpus
+        decode_cfg = config
+        prefill_cfg = dataclasses.replace(  # see PrefillSide: steps one at a time
+            config, scheduler=dataclasses.replace(config.scheduler, async_scheduling=False))
+        roles = [WorkerRole("decode", i, f"{uuid.uuid4().hex[:12]}d{i}",
+                            layout.kv_transfer_timeout) for i in range(layout.decode_workers)]
+        roles += [WorkerRole("prefill", j, "") for j in range(layout.prefill_workers)]
+        self.workers: list[AsyncEngine] = []
+        self.roles: list[WorkerRole] = []
+        for k, role in enumerate(roles):
+            role = dataclasses.replace(role, cuda_device=k % gpus if gpus else None)
+            w = AsyncEngine.in_process(decode_cfg if role.role == "decode" else prefill_cfg,
+                                       self._hook(k), log_level, role)
+            w.on_control = self._control_handler(k)
+            w.on_dead = self._dead_handler(k)
+            self.workers.append(w)
+            self.roles.append(role)
+        self.decode = [k for k, r in enumerate(self.roles) if r.role == "decode"]
+        self.prefill = [k for k, r in enumerate(self.roles) if r.role == "prefill"]
+        first = self.workers[0]
+        self.inputs, self.tokenizer = first.inputs, first.tokenizer
+        self.max_model_len, self.vocab_size = first.max_model_len, first.vocab_size
+        self.config = first.config
+        self._live: dict[str, _Live] = {}
+        self._queued = [0] * len(self.workers)  # prompt tokens sent to each prefill worker
+        self._stats: dict[int, EngineStats] = {}  # the decode workers' latest
+        self._stats_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = self._stopping = False
+        self.counts = {"remote": 0, "local": 0, "fallback": 0, "bytes": 0, "blocks": 0,
+                       "transfer_s": 0.0}
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every worker (in parallel; each loads the model). ValueError if one fails."""
+        if self._started:
+            return
+        with ThreadPoolExecutor(len(self.workers)) as pool:
+            failures = [f.exception() for f in [pool.submit(w.start) for w in self.workers]]
+        errors = [e for e in failures if e is not None]
+        if errors:  # (the workers that did start are daemons: they end with this process)
+            raise ValueError(f"a disaggregation worker failed to start: {errors[0]}")
+        self._started = True
+        for k in range(len(self.workers)):
+            self._report(k)
+
+    @property
+    def is_running(self) -> bool:
+        return self._started and not self._stopping and any(
+            self.workers[k].is_running for k in self.decode)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(serving, the /health body): "degraded" while some worker is down."""
+        workers = [{"role": r.role, "index": r.index, "alive": w.is_running,
+                    "pid": w.describe().get("pid"), "device": w.describe().get("device")}
+                   for w, r in zip(self.workers, self.roles)]
+        ok = self.is_running
+        status = ("stopping" if not ok else
+                  "ok" if all(w["alive"] for w in workers) else "degraded")
+        return ok, {"status": status, "workers": workers}
+
+    def describe(self) -> dict[str, Any]:
+        info = dict(self.workers[self.decode[0]].describe())
+        pids = ", ".join(f"{r.role}{r.index} {w.describe().get('pid')}"
+                         for w, r in zip(self.workers, self.roles))
+        info["layout"] = (f"{len(self.prefill)} prefill + {len(self.decode)} decode worker "
+                          f"processes ({pids}), disagg policy {self.policy.policy}")
+        return info
+
+    @property
+    def num_live_requests(self) -> int:
+        return len(self._live)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return sum(self.workers[k].num_waiting_requests for k in self.decode)
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        while self._live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(w.shutdown(0.0) for w in self.workers))
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self.workers[self.decode[0]].run_blocking(fn, *args, **kwargs)
+
+    # ---- requests (event loop) -----------------------------------------------------------
+    def prepare(self, prompt: Any, params: SamplingParams) -> tuple[str | None, list[int]]:
+        return self.workers[self.decode[0]].prepare(prompt, params)
+
+    async def generate(self, request_id: str, prompt: Any, params: SamplingParams,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """AsyncEngine.generate's contract, over the workers."""
+        if not self.is_running:
+            raise EngineStopped("the server is shutting down, or no decode worker is left")
+        self._loop = asyncio.get_running_loop()
+        text, token_ids = self.prepare(prompt, params)
+        if request_id in self._live:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        d = min((k for k in self.decode if self.workers[k].is_running),
+                key=lambda k: self.workers[k].num_live_requests)
+        alive = [k for k in self.prefill if self.workers[k].is_running]
+        hint = RouteHint(self.policy, min((self._queued[k] for k in alive), default=0),
+                         bool(alive)) if self.prefill else None
+        self._live[request_id] = _Live(d, token_ids)
+        try:
+            async for out in self.workers[d].generate(
+                    request_id, {"prompt": text, "prompt_token_ids": token_ids}, params,
+                    arrival_time, hint):
+                yield out
+        finally:
+            live = self._live.pop(request_id, None)
+            if live is not None and live.prefill is not None:
+                self.workers[live.prefill].abort(_prefill_id(request_id))
+
+    def abort(self, request_id: str) -> None:
+        live = self._live.get(request_id)
+        if live is None:
+            return
+        self.workers[live.decode].abort(request_id)
+        if live.prefill is not None:
+            self.workers[live.prefill].abort(_prefill_id(request_id))
+
+    # ---- the workers' messages -----------------------------------------------------------
+    def _control_handler(self, k: int) -> Callable[[list], None]:
+        def handle(messages: list) -> None:  # the worker's rx thread: over to the loop
+            loop = self._loop
+            if loop is None:
+                return
+            try:
+                loop.call_soon_threadsafe(self._on_control, k, messages)
+            except RuntimeError:  # the loop is closed
+                pass
+        return handle
+
+    def _on_control(self, k: int, messages: list) -> None:
+        for m in messages:
+            if isinstance(m, Routed):
+                self._count("remote" if m.remote else "local")
+                if m.remote:
+                    self._start_prefill(k, m)
+            elif isinstance(m, Settled):
+                if not m.imported:
+                    self._count("fallback")
+            elif isinstance(m, Shipped):
+                self._shipped(m)
+
+    def _start_prefill(self, d: int, routed: Routed) -> None:
+        live = self._live.get(routed.request_id)
+        if live is None:  # ended meanwhile
+            return
+        alive = [k for k in self.prefill if self.workers[k].is_running]
+        if not alive:
+            self.workers[d].kv_failed(routed.request_id)
+            return
+        p = min(alive, key=lambda k: self._queued[k])
+        live.prefill = p
+        asyncio.ensure_future(self._prefill(p, d, routed, live.token_ids))
+
+    async def _prefill(self, p: int, d: int, routed: Routed, token_ids: list[int]) -> None:
+        rid = routed.request_id
+        self._queued[p] += len(token_ids)
+        ship = ShipTo(self.roles[d].namespace, rid, routed.skip)
+        try:
+            async for _ in self.workers[p].generate(_prefill_id(rid),
+                                                    {"prompt_token_ids": token_ids},
+                                                    _ONE_TOKEN, None, ship):
+                pass
+        except Exception as e:  # a failed request or a dead worker: prefill at decode
+            logger.warning("remote prefill of %s failed (%s); the decode worker prefills it",
+                           rid, e)
+            self.workers[d].kv_failed(rid)
+        finally:
+            self._queued[p] -= len(token_ids)
+            live = self._live.get(rid)
+            if live is not None:
+                live.prefill = None
+
+    def _shipped(self, m: Shipped) -> None:
+        live = self._live.get(m.request_id)
+        if not m.ok:
+            if self.metrics is not None:
+                self.metrics.failures.inc()
+            if live is not None:
+                self.workers[live.decode].kv_failed(m.request_id)
+            return
+        self.counts["bytes"] += m.num_bytes
+        self.counts["blocks"] += m.num_blocks
+        self.counts["transfer_s"] += m.seconds
+        if self.metrics is not None:
+            self.metrics.bytes.inc(m.num_bytes)
+            self.metrics.blocks.inc(m.num_blocks)
+            self.metrics.seconds.observe(m.seconds)
+
+    def _count(self, route: str) -> None:
+        self.counts[route] += 1
+        if self.metrics is not None:
+            self.metrics.routes[route].inc()
+
+    def _hook(self, k: int) -> StepHook:
+        def on_step(outputs: list[RequestOutput], stats: EngineStats) -> None:
+            role = self.roles[k]
+            if self.metrics is not None:
+                self.metrics.worker(role.role, role.index, True, stats)
+            if role.role != "decode":  # prefill workers' requests are internal
+                return
+            with self._stats_lock:  # the decode workers' rx threads
+                self._stats[k] = stats
+                if self.on_step is not None:
+                    self.on_step(outputs, merge_stats(list(self._stats.values())))
+        return on_step
+
+    def _dead_handler(self, k: int) -> Callable[[BaseException], None]:
+        def on_dead(error: BaseException) -> None:
+            role = self.roles[k]
+            logger.error("%s worker %d died (%s)", role.role, role.index, error)
+            self._report(k)
+            if role.role == "decode" and not any(self.workers[j].is_running
+                                                 for j in self.decode):
+                if self.on_dead is not None:
+                    self.on_dead(error)
+        return on_dead
+
+    def _report(self, k: int) -> None:
+        if self.metrics is not None:
+            r = self.roles[k]
+            self.metrics.worker(r.role, r.index, self.workers[k].is_running)
+
+
+def _prefill_id(request_id: str) -> str:
+    return f"{request_id}@prefill"
+
+
+def _gpus(config: EngineConfig) -> int:
+    if config.model.device not in ("auto", "cuda"):  # cpu, or one GPU named: no spreading
+        return 0
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,157 @@
+"""`tandem serve --prefill-workers P --decode-workers D --disagg-policy X`: real server
+subprocesses (the front end and its engine processes), driven by the official `openai`
+client, against a colocated engine's outputs.
+
+    1P1D under every policy (and 1P2D): greedy outputs of a mixed workload with shared
+    prefixes equal one engine's; /metrics counts the routes and the bytes moved
+    the prefill worker frozen, then killed, under load: every request completes with the
+    same outputs (fallback to decode-side prefill), later ones route locally, /health says
+    "degraded"
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from tandem import LLM, SamplingParams
+from tests.e2e.test_server import start_server, stop_server
+from tests.model_factory import make_tiny_model
+
+pytestmark = pytest.mark.slow
+SIZES = ["--block-size", "4", "--max-model-len", "256", "--num-kv-blocks", "256",
+         "--max-num-seqs", "32"]
+MAX_TOKENS = 10
+
+
+def _workload() -> list[list[int]]:
+    """Long prompts, some sharing a 48-token prefix, short ones, one on a block edge."""
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 500, (48,), generator=g).tolist()
+    own = [torch.randint(3, 500, (n,), generator=g).tolist()
+           for n in (40, 5, 60, 2, 70, 33, 12, 44)]
+    return [shared + own[0], shared + own[1], own[2], own[3], shared + own[4], own[5],
+            shared[:16] + own[6], own[7], shared + own[0][:3]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("disagg-serve"), "LlamaForCausalLM")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    llm = LLM(tiny, block_size=4, max_model_len=256, num_kv_blocks=256)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [o.outputs[0].text for o in llm.generate(_workload(), sp, use_tqdm=False)]
+
+
+def _complete_all(server, prompts: list[list[int]]) -> list[str]:
+    """The prompts at once (threads), greedy; their texts in order."""
+    client = server.client()
+
+    def one(p: list[int]) -> str:
+        r = client.completions.create(model="tiny", prompt=p, max_tokens=MAX_TOKENS,
+                                      temperature=0.0, extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length"
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def _start(tiny, tmp_path, *args: str):
+    return start_server(tiny, str(tmp_path / "server.log"), "--served-model-name", "tiny",
+                        *SIZES, *args, defaults=False, timeout=180.0)
+
+
+@pytest.mark.parametrize("policy,decode_workers", [("always", 1), ("never", 1),
+                                                   ("conditional", 1), ("conditional", 2)])
+def test_disaggregated_server_equals_colocated(tiny, reference, tmp_path, policy,
+                                               decode_workers):
+    server = _start(tiny, tmp_path, "--prefill-workers", "1", "--decode-workers",
+                    str(decode_workers), "--disagg-policy", policy,
+                    "--disagg-min-remote-tokens", "32")
+    try:
+        prompts = _workload()
+        # twice: the second round finds the first's blocks on the decode side(s)
+        assert _complete_all(server, prompts) == reference
+        assert _complete_all(server, prompts) == reference
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        assert health["status"] == "ok"
+        assert [w["role"] for w in health["workers"]] == ["decode"] * decode_workers + \
+            ["prefill"]
+        remote = server.metric("tandem:disagg_requests_total", route="remote")
+        local = server.metric("tandem:disagg_requests_total", route="local")
+        assert remote + local == 2 * len(prompts)
+        assert server.metric("tandem:disagg_requests_total", route="fallback") == 0
+        moved = server.metric("tandem:kv_transfer_bytes_total")
+        if policy == "never":
+            assert remote == 0 and moved == 0
+        else:
+            # always: everything with an uncached full block; conditional: the long,
+            # uncached prompts (>= 32 tokens and >= 0.7 of the prompt)
+            assert remote >= (6 if policy == "always" else 3)
+            assert local >= (1 if policy == "always" else 4)
+            assert moved > 0
+            assert server.metric("tandem:kv_transfer_seconds_count") >= 1
+        # the user-facing series add up over the decode workers
+        assert server.metric("tandem:request_success_total", finished_reason="length") == \
+            2 * len(prompts)
+    finally:
+        stop_server(server)
+
+
+def test_prefill_worker_killed_under_load_every_request_completes(tiny, reference, tmp_path):
+    server = _start(tiny, tmp_path, "--prefill-workers", "1", "--disagg-policy", "always",
+                    "--kv-transfer-timeout", "600")
+    try:
+        prompts = _workload()
+        assert _complete_all(server, prompts) == reference  # warm: the path works
+        prefill = next(w for w in httpx.get(server.url + "/health").json()["workers"]
+                       if w["role"] == "prefill")
+        os.kill(prefill["pid"], signal.SIGSTOP)  # frozen: remote requests wait on it
+        fresh = [[t + 1 for t in p] for p in prompts]  # nothing cached anywhere
+        base = server.metric("tandem:disagg_requests_total", route="remote")
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_complete_all, server, fresh)
+            deadline = time.monotonic() + 60
+            while server.metric("tandem:disagg_requests_total", route="remote") < base + 6 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not pending.done()  # they wait for KV that cannot come
+            os.kill(prefill["pid"], signal.SIGKILL)
+            got = pending.result(timeout=120)
+        llm = LLM(tiny, block_size=4, max_model_len=256, num_kv_blocks=256)
+        sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        assert got == [o.outputs[0].text for o in llm.generate(fresh, sp, use_tqdm=False)]
+        assert server.metric("tandem:disagg_requests_total", route="fallback") >= 6
+        health = httpx.get(server.url + "/health", timeout=10)
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert [w["alive"] for w in health.json()["workers"]] == [True, False]
+        assert server.metric("tandem:worker_up", role="prefill", worker="0") == 0
+        # later requests route locally and still match
+        before = server.metric("tandem:disagg_requests_total", route="local")
+        assert _complete_all(server, prompts) == reference
+        assert server.metric("tandem:disagg_requests_total", route="local") == \
+            before + len(prompts)
+    finally:
+        stop_server(server)
+
+
+def test_bad_layouts_are_refused(tiny, tmp_path):
+    import subprocess
+    import sys
+    for args, words in ((["--prefill-workers", "1", "--no-engine-process"], "engine process"),
+                        (["--decode-workers", "0"], "decode_workers"),
+                        (["--prefill-workers", "1", "--disagg-min-uncached-fraction", "2"],
+                         "min_uncached_fraction")):
+        r = subprocess.run([sys.executable, "-m", "tandem", "serve", tiny, *args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and words in r.stderr, r.stderr[-2000:]
