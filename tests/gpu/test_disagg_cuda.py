@@ -30,37 +30,57 @@ def test_disaggregated_on_one_gpu_equals_colocated(tmp_path):
     assert d.receiver.stats["fallback"] == 0 and d.stats["bytes_sent"] > 0
 
 
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    import httpx
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series
+                                                for k, v in labels.items()):
+            return float(value)
+    raise KeyError(name)
+
+
 def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path):
     """`tandem serve --prefill-workers 1 --decode-workers 1`: two engine processes on the
     one GPU, the KV host-staged between them; greedy outputs equal an in-process engine's,
-    and /metrics says what moved."""
+    and /metrics says what moved. (httpx, not the openai client: the GPU machine has no
+    network to install it.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
-    from tests.e2e.test_disagg_serve import _complete_all
-    from tests.e2e.test_server import start_server, stop_server
+    from tandem.bench.serve_cli import start_server, stop_server
     path = make_tiny_model(tmp_path, "LlamaForCausalLM")
     sizes = dict(device="cuda", dtype="float32", block_size=16, max_model_len=256)
     prompts = [[t % 500 + 3 for t in range(i * 7, i * 7 + n)] for i, n in
                enumerate((150, 40, 90, 17, 200, 64))]
     sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    ref = [o.outputs[0].text for o in LLM(path, gpu_memory_utilization=0.2, **sizes)
-           .generate(prompts, sp, use_tqdm=False)]
-    server = start_server(path, str(tmp_path / "server.log"), "--served-model-name", "tiny",
-                          "--device", "cuda", "--dtype", "float32", "--block-size", "16",
-                          "--max-model-len", "256", "--gpu-memory-utilization", "0.2",
-                          "--prefill-workers", "1", "--disagg-policy", "always",
-                          defaults=False, timeout=300.0)
+    llm = LLM(path, gpu_memory_utilization=0.2, **sizes)
+    ref = [o.outputs[0].text for o in llm.generate(prompts, sp, use_tqdm=False)]
+    proc, url = start_server(path, "--device cuda --dtype float32 --block-size 16 "
+                             "--max-model-len 256 --gpu-memory-utilization 0.2 "
+                             "--prefill-workers 1 --disagg-policy always",
+                             str(tmp_path / "server.log"), timeout_s=300)
+
+    def one(p: list[int]) -> str:
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "prompt": p, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
     try:
-        assert _complete_all(server, prompts) == ref
-        health = httpx.get(server.url + "/health", timeout=10).json()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(one, prompts)) == ref
+        health = httpx.get(url + "/health", timeout=10).json()
         assert health["status"] == "ok"
         assert all(w["device"].startswith("cuda") for w in health["workers"])
-        assert server.metric("tandem:disagg_requests_total", route="remote") >= 5
-        assert server.metric("tandem:disagg_requests_total", route="fallback") == 0
-        moved = server.metric("tandem:kv_transfer_bytes_total")
-        seconds = server.metric("tandem:kv_transfer_seconds_sum")
-        print(f"\nserved 1P1D on one GPU: {moved / 1e6:.2f} MB shipped in {seconds * 1e3:.2f} ms "
-              f"(export + send)")
+        assert _metric(url, "tandem:disagg_requests_total", route="remote") >= 5
+        assert _metric(url, "tandem:disagg_requests_total", route="fallback") == 0
+        moved = _metric(url, "tandem:kv_transfer_bytes_total")
+        seconds = _metric(url, "tandem:kv_transfer_seconds_sum")
+        print(f"\nserved 1P1D on one GPU: {moved / 1e6:.2f} MB shipped in "
+              f"{seconds * 1e3:.2f} ms (gather + send)")
         assert moved > 0
     finally:
-        stop_server(server)
+        stop_server(proc)
