@@ -1,45 +1,110 @@
-"""Where a batch-1 decode step's time goes on CUDA: graph replay alone vs the engine's step,
-and the kernels of a few steps. Usage: python scripts/diag_decode.py [MODEL_DIR [TRACE_JSON
-[QUANTIZATION]]]"""
+"""Where a batch-1 decode step's time goes on CUDA: the captured graph's replay time, its
+kernels (per step: launches, mean and total microseconds) and the engine's whole step.
+
+    python scripts/diag_decode.py [MODEL_DIR [TRACE_JSON [QUANTIZATION]]] [--ab] [--json F]
+
+--ab captures the graph again under each of TANDEM_DECODE_FUSION=0/1 x TANDEM_PDL=1/0 in one
+process (same weights, same machine state), so the variants compare directly. With PDL on,
+a kernel starts before the one ahead of it ends and waits inside, so its measured duration
+includes that wait; the PDL-off rows show each kernel's own time (and the launch gaps as
+replay minus busy). --json writes every variant's numbers.
+"""
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import os
 import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tandem import LLM, SamplingParams
 
-model = sys.argv[1] if len(sys.argv) > 1 else "bench/configs/llama-3.1-8b"
-quantization = sys.argv[3] if len(sys.argv) > 3 else None
-llm = LLM(model, load_format="dummy", max_model_len=4096, max_num_seqs=1,
-          quantization=quantization)
-params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-llm.generate([list(range(1, 129))], params, use_tqdm=False)
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("model", nargs="?", default="bench/configs/llama-3.1-8b")
+ap.add_argument("trace", nargs="?", default="/tmp/decode_trace.json")
+ap.add_argument("quantization", nargs="?", default=None)
+ap.add_argument("--ab", action="store_true", help="fusion on/off x PDL on/off")
+ap.add_argument("--json", help="write the numbers here")
+args = ap.parse_args()
 
+llm = LLM(args.model, load_format="dummy", max_model_len=4096, max_num_seqs=1,
+          quantization=args.quantization)
+llm.generate([list(range(1, 129))], SamplingParams(temperature=0.0, max_tokens=64,
+                                                   ignore_eos=True), use_tqdm=False)
 graphs = llm.engine.runner.graphs
-g = graphs.graphs[1]
-for _ in range(5):
-    g.replay()
-torch.cuda.synchronize()
-start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-start.record()
-for _ in range(50):
-    g.replay()
-end.record()
-torch.cuda.synchronize()
-print(f"graph replay batch 1: {start.elapsed_time(end) / 50:.3f} ms")
 
-t0 = time.perf_counter()
-llm.generate([list(range(200, 328))], SamplingParams(temperature=0.0, max_tokens=257,
-                                                     ignore_eos=True), use_tqdm=False)
-total = time.perf_counter() - t0
-print(f"generate 128 in / 257 out: {total * 1e3:.1f} ms, {total / 257 * 1e3:.3f} ms per token")
 
+def replay_ms(g: torch.cuda.CUDAGraph, reps: int = 50) -> float:
+    """Best of 5 timed runs of `reps` replays, after a warm-up."""
+    for _ in range(20):
+        g.replay()
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
+
+
+def kernels_per_step(g: torch.cuda.CUDAGraph, steps: int = 20) -> list[dict]:
+    """Each kernel of one replay: name, launches, mean us, total us, sorted by total."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            g.replay()
+        torch.cuda.synchronize()
+    acc: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            acc[e.name.split("(")[0][:60]].append(e.device_time_total)
+    rows = [{"kernel": k, "per_step": len(v) / steps, "mean_us": sum(v) / len(v),
+             "total_us": sum(v) / steps} for k, v in acc.items()]
+    return sorted(rows, key=lambda r: -r["total_us"])
+
+
+def step_ms() -> float:
+    t0 = time.perf_counter()
+    llm.generate([list(range(200, 328))], SamplingParams(temperature=0.0, max_tokens=257,
+                                                         ignore_eos=True), use_tqdm=False)
+    return (time.perf_counter() - t0) / 257 * 1e3
+
+
+variants = ([(f, p) for f in ("0", "1") for p in ("1", "0")] if args.ab
+            else [(os.environ.get("TANDEM_DECODE_FUSION", "1"), os.environ.get("TANDEM_PDL", "1"))])
+results = []
+for fusion, pdl in variants:
+    os.environ["TANDEM_DECODE_FUSION"], os.environ["TANDEM_PDL"] = fusion, pdl
+    graphs.capture()  # again, under this variant's switches
+    g = graphs.graphs[1]
+    rows = kernels_per_step(g)
+    res = {"decode_fusion": fusion, "pdl": pdl, "graph_replay_ms": replay_ms(g),
+           "kernels_per_step": sum(r["per_step"] for r in rows),
+           "busy_ms": sum(r["total_us"] for r in rows) / 1e3,
+           "generate_ms_per_token": step_ms(), "kernels": rows}
+    results.append(res)
+    print(f"\n== TANDEM_DECODE_FUSION={fusion} TANDEM_PDL={pdl}: graph replay "
+          f"{res['graph_replay_ms']:.3f} ms, {res['kernels_per_step']:.0f} kernels, busy "
+          f"{res['busy_ms']:.3f} ms; generate 128 in / 257 out "
+          f"{res['generate_ms_per_token']:.3f} ms per token")
+    print(f"  {'kernel':<44}{'per step':>9}{'mean us':>9}{'us/step':>9}")
+    for r in rows:
+        print(f"  {r['kernel']:<44}{r['per_step']:>9.1f}{r['mean_us']:>9.2f}{r['total_us']:>9.1f}")
+
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump({"model": args.model, "quantization": args.quantization,
+                   "device": torch.cuda.get_device_name(), "variants": results}, f, indent=1)
+
+# the engine's own steps (graph + LM head + sampling + host), for scripts/diag_trace.py
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     llm.generate([list(range(400, 528))], SamplingParams(temperature=0.0, max_tokens=33,
                                                          ignore_eos=True), use_tqdm=False)
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
-prof.export_chrome_trace(sys.argv[2] if len(sys.argv) > 2 else "/tmp/decode_trace.json")
+prof.export_chrome_trace(args.trace)

@@ -41,6 +41,10 @@ def pdl_enabled() -> bool:
     return os.environ.get("TANDEM_PDL", "1") != "0"
 
 
+def decode_fusion_enabled() -> bool:
+    return os.environ.get("TANDEM_DECODE_FUSION", "1") != "0"
+
+
 def git_commit() -> str | None:
     return os.environ.get("TANDEM_GIT_COMMIT") or None
 

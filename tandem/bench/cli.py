@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tandem import envs
 from tandem.bench.progress import add_progress_flag, show_progress
-from tandem.bench.roofline import ModelShape, Workload, measure_rates, roofline_seconds
+from tandem.bench.roofline import ModelShape, Workload, measure, roofline_seconds
 
 
 def git_commit() -> str:
@@ -99,18 +99,21 @@ def _base_record(name: str, args: argparse.Namespace, llm) -> dict[str, Any]:
             "command": " ".join(["tandem"] + sys.argv[1:]), "git_commit": git_commit()}
 
 
-def _shape_and_rates(llm) -> tuple[ModelShape, float, float]:
+def _shape_and_rates(llm) -> tuple[ModelShape, float, float, dict[str, Any]]:
+    """(shape, matmul FLOP/s, bytes/s, the rates' record for the JSON: how and what was
+    measured, per rank). Measured after the benchmark's runs, warm (roofline.measure)."""
     from tandem.models.loader import read_hf_config
     executor = llm.engine.executor
     from tandem.quantization import QuantPolicy
     quant = QuantPolicy.parse(llm.engine.config.model.quantization)
     shape = ModelShape.from_hf(read_hf_config(llm.engine.config.model.model), executor.dtype,
                                quant)
-    flops, bw = measure_rates(executor.device, executor.dtype)
+    rates = measure(executor.device, executor.dtype)
     # Tensor parallelism: the bound is every rank's matmul and bandwidth together (the
     # all-reduces' cost is what the achieved fraction then shows).
     tp = llm.engine.config.parallel.tensor_parallel_size
-    return shape, flops * tp, bw * tp
+    return (shape, rates.matmul_flops_per_s * tp, rates.mem_bytes_per_s * tp,
+            {"rates": rates.record() | {"ranks": tp}})
 
 
 def _runs_bar(args: argparse.Namespace, desc: str) -> tqdm:
@@ -153,7 +156,7 @@ def run_latency(args: argparse.Namespace) -> int:
     bar.close()
     ttft, total = sorted(ttfts)[len(ttfts) // 2], sorted(totals)[len(totals) // 2]
     tpot = (total - ttft) / max(1, args.output_len - 1)
-    shape, flops, bw = _shape_and_rates(llm)
+    shape, flops, bw, rates = _shape_and_rates(llm)
     work = Workload([(args.input_len, args.output_len)] * args.batch_size, args.batch_size)
     roof, roof_c, roof_m = roofline_seconds(shape, work, flops, bw)
     record = _base_record("latency", args, llm) | {
@@ -162,7 +165,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "output_tokens_per_s": args.batch_size * args.output_len / total, "elapsed_s": total,
         "matmul_flops_per_s": flops, "mem_bytes_per_s": bw, "roofline_s": roof,
         "roofline_compute_s": roof_c, "roofline_memory_s": roof_m,
-        "roofline_fraction": roof / total}
+        "roofline_fraction": roof / total} | rates
     _report([("TTFT (ms)", ttft * 1e3), ("ms per output token", tpot * 1e3),
              ("end-to-end (s)", total), ("roofline (s)", roof),
              ("roofline fraction", roof / total)], record, llm)
@@ -190,7 +193,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         bar.update()
     bar.close()
     elapsed = sorted(times)[len(times) // 2]
-    shape, flops_rate, bw = _shape_and_rates(llm)
+    shape, flops_rate, bw, rates = _shape_and_rates(llm)
     work = Workload([(args.input_len, 1)], 1)
     flops = workload_flops(shape, work)
     roof, roof_c, roof_m = roofline_seconds(shape, work, flops_rate, bw)
@@ -199,7 +202,7 @@ def run_prefill(args: argparse.Namespace) -> int:
         "ttft_ms": elapsed * 1e3, "elapsed_s": elapsed, "flops": flops,
         "achieved_flops_per_s": flops / elapsed, "matmul_flops_per_s": flops_rate,
         "mem_bytes_per_s": bw, "roofline_s": roof, "roofline_compute_s": roof_c,
-        "roofline_memory_s": roof_m, "roofline_fraction": roof / elapsed}
+        "roofline_memory_s": roof_m, "roofline_fraction": roof / elapsed} | rates
     _report([("prompt tokens", args.input_len), ("TTFT (ms)", elapsed * 1e3),
              ("achieved TFLOP/s", flops / elapsed / 1e12),
              ("matmul TFLOP/s", flops_rate / 1e12), ("roofline fraction", roof / elapsed)],
@@ -281,7 +284,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     elapsed, out_tokens = measure_tandem_throughput(llm, prompts, out_lens, args.warmup,
                                                     show_progress(args.no_progress))
     in_tokens = sum(in_lens)
-    shape, flops, bw = _shape_and_rates(llm)
+    shape, flops, bw, rates = _shape_and_rates(llm)
     work = Workload(list(zip(in_lens, out_lens)),
                     _max_batch(llm, max(i + o for i, o in zip(in_lens, out_lens))))
     roof, roof_c, roof_m = roofline_seconds(shape, work, flops, bw)
@@ -292,7 +295,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "total_tokens_per_s": (out_tokens + in_tokens) / elapsed, "elapsed_s": elapsed,
         "matmul_flops_per_s": flops, "mem_bytes_per_s": bw, "roofline_s": roof,
         "roofline_compute_s": roof_c, "roofline_memory_s": roof_m,
-        "roofline_fraction": roof / elapsed} | _spec_record(llm)
+        "roofline_fraction": roof / elapsed} | rates | _spec_record(llm)
     rows = [("prompts", n), ("output tokens/s", out_tokens / elapsed),
             ("total tokens/s", (out_tokens + in_tokens) / elapsed), ("elapsed (s)", elapsed),
             ("roofline (s)", roof), ("roofline fraction", roof / elapsed)]

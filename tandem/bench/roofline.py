@@ -2,8 +2,10 @@
 
     roofline_s = max(FLOPs / matmul rate, bytes / memory bandwidth)
 
-Both rates are measured at start on the benchmark's own device (a large matmul in the
-model's dtype; a device-to-device copy counting bytes read and written).
+Both rates are measured on the benchmark's own device after its run (a large matmul in the
+model's dtype; a device-to-device copy counting bytes read and written), warm: at least a
+second of each op first, then the best of several timed repeats (`measure`), so a cold
+clock never lowers the denominator and flatters the fraction.
 FLOPs: 2 x parameters x tokens through every linear layer (the LM head only for rows that
 produce logits), plus attention (QK^T and PV: 4 x heads x head_dim x context per token).
 Bytes: every weight read once per decode step (the embedding only for the rows looked up;
@@ -179,30 +181,82 @@ def workload_bytes(shape: ModelShape, w: Workload) -> float:
     return total
 
 
-def measure_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(matmul FLOP/s in `dtype`, memory bytes/s counting reads and writes) on `device`."""
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """The two ceilings, measured warm: the best of several timed repeats (each many
+    back-to-back ops) after at least `warmup_s` of the same op (GPU clocks ramp under load;
+    a cold, low denominator would flatter every fraction computed with it)."""
+
+    matmul_flops_per_s: float  # best repeat: 2 n^3 per (n, n) x (n, n) product in `dtype`
+    mem_bytes_per_s: float  # best repeat: a device-to-device copy, bytes read + written
+    matmul_repeats: tuple[float, ...]  # every repeat's FLOP/s, in order
+    copy_repeats: tuple[float, ...]  # every repeat's bytes/s, in order
+    matmul_n: int
+    copy_bytes: int  # one copy's size (each copy moves twice this)
+    warmup_s: float  # least warm-up before each measurement (seconds of the op itself)
+
+    def record(self) -> dict:
+        """The JSON form benchmarks store under "rates"."""
+        return {"method": f"best of {len(self.matmul_repeats)} repeats after >= "
+                          f"{self.warmup_s:g} s warm-up of the same op",
+                **dataclasses.asdict(self)}
+
+
+def measure(device: torch.device, dtype: torch.dtype) -> Rates:
+    """The matmul rate and copy bandwidth of `device`, warm. CPU: short (tests call it)."""
     cuda = device.type == "cuda"
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     size = (1 << 30) if cuda else (1 << 27)
     src = torch.empty(size, dtype=torch.uint8, device=device)
+    if cuda:
+        src.random_(0, 256)  # not zeros (METHOD.md: they can run faster than real data)
     dst = torch.empty_like(src)
+    warmup_s = 1.0 if cuda else 0.0
+    repeats = 7 if cuda else 3
 
-    def timed(fn, reps: int) -> float:
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def best(fn, reps: int) -> tuple[float, list[float]]:
+        """(least seconds per op, each repeat's seconds per op) after the warm-up."""
         fn()
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync()
         t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) / reps
+        while time.perf_counter() - t0 < warmup_s:
+            for _ in range(reps):
+                fn()
+            sync()
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                for _ in range(reps):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / reps)
+            else:
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times.append((time.perf_counter() - t) / reps)
+        return min(times), times
 
-    flops = 2 * n**3 / timed(lambda: torch.mm(a, b), 10 if cuda else 3)
-    bw = 2 * size / timed(lambda: dst.copy_(src), 20 if cuda else 5)
-    return flops, bw
+    _, mm = best(lambda: torch.mm(a, b), 20 if cuda else 1)
+    _, cp = best(lambda: dst.copy_(src), 20 if cuda else 2)
+    return Rates(2 * n**3 / min(mm), 2 * size / min(cp), tuple(2 * n**3 / t for t in mm),
+                 tuple(2 * size / t for t in cp), n, size, warmup_s)
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s in `dtype`, memory bytes/s counting reads and writes) on `device`,
+    measured warm (`measure`)."""
+    rates = measure(device, dtype)
+    return rates.matmul_flops_per_s, rates.mem_bytes_per_s
 
 
 def roofline_seconds(shape: ModelShape, w: Workload, flops_rate: float, bw: float

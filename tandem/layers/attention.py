@@ -58,3 +58,12 @@ class Attention(nn.Module):
             out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v,
                                        self.kv_scale)  # (T, H, D)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: (T, H*D) -> (T, H*D), over a cache that already holds this step's K/V (a fused
+        kernel wrote them: kernels/triton/norm_gemv.py). One-token rows only."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        out = self.backend.forward(q, self.kv_cache, meta, self.scale, None, None,
+                                   self.kv_scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

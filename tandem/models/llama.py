@@ -9,7 +9,9 @@ grouped-query attention with rotary positions and a SwiGLU MLP.
 The relatives differ only in flags (`arch_flags`): Mistral has no biases; Qwen2 always
 biases q/k/v; Qwen3 adds a per-head RMSNorm on q and k before rotary and usually sets
 `head_dim` explicitly. The residual add is fused into the next RMSNorm, so a layer takes and
-returns (hidden, residual).
+returns (hidden, residual). At batch-1 decode on CUDA each norm runs inside the matmul after
+it, with rotary and the KV write, or SiLU-and-mul, in that matmul's epilogue
+(fused_decode.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tandem.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear)
 from tandem.layers.norm import RMSNorm
 from tandem.layers.rotary import RotaryEmbedding, rope_parameters
+from tandem.models import fused_decode
 from tandem.quantization.policy import QuantPolicy
 
 logger = logging.getLogger(__name__)
@@ -152,6 +155,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, meta: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused_decode.applies(self, hidden):  # one token on CUDA: norms inside the matmuls
+            return fused_decode.decoder_layer(self, positions, hidden, residual, meta)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
