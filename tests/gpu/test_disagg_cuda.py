@@ -19,8 +19,10 @@ pytestmark = [pytest.mark.gpu,
 
 def test_disaggregated_on_one_gpu_equals_colocated(tmp_path):
     path = make_tiny_model(tmp_path, "LlamaForCausalLM")
+    # three engines in this process: fixed pools (memory profiling is per process, so a
+    # later engine would count the earlier ones' caches as its own peak)
     kw = dict(device="cuda", dtype="float32", block_size=16, max_model_len=256,
-              gpu_memory_utilization=0.2)  # two engines on one device
+              num_kv_blocks=256)
     prompts = _workload()
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     ref = [o.outputs[0].token_ids for o in LLM(path, **kw).generate(prompts, sp,
@@ -56,7 +58,7 @@ def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path):
     prompts = [[t % 500 + 3 for t in range(i * 7, i * 7 + n)] for i, n in
                enumerate((150, 40, 90, 17, 200, 64))]
     sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    llm = LLM(path, gpu_memory_utilization=0.2, **sizes)
+    llm = LLM(path, num_kv_blocks=256, **sizes)
     ref = [o.outputs[0].text for o in llm.generate(prompts, sp, use_tqdm=False)]
     proc, url = start_server(path, "--device cuda --dtype float32 --block-size 16 "
                              "--max-model-len 256 --gpu-memory-utilization 0.2 "
