@@ -77,7 +77,8 @@ def step_ms() -> float:
 
 
 variants = ([(f, p) for f in ("0", "1") for p in ("1", "0")] if args.ab
-            else [(os.environ.get("TANDEM_DECODE_FUSION", "1"), os.environ.get("TANDEM_PDL", "1"))])
+            else [(os.environ.get("TANDEM_DECODE_FUSION", "0"),
+                   os.environ.get("TANDEM_PDL", "1"))])
 results = []
 for fusion, pdl in variants:
     os.environ["TANDEM_DECODE_FUSION"], os.environ["TANDEM_PDL"] = fusion, pdl

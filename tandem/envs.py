@@ -6,6 +6,10 @@
     TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
     TANDEM_PDL            "0": launch the Triton kernels without programmatic dependent
                           launch (kernels/triton/pdl.py), for A/B runs and bisecting
+    TANDEM_DECODE_FUSION  "1": batch-1 decode runs each norm inside the next matmul, with
+                          rotary and the KV write or SiLU-and-mul in its epilogue
+                          (models/fused_decode.py); off by default, as it measured slower on
+                          the H200 (docs/decode.md)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -42,7 +46,7 @@ def pdl_enabled() -> bool:
 
 
 def decode_fusion_enabled() -> bool:
-    return os.environ.get("TANDEM_DECODE_FUSION", "1") != "0"
+    return os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
 
 
 def git_commit() -> str | None:

@@ -3,9 +3,9 @@
     roofline_s = max(FLOPs / matmul rate, bytes / memory bandwidth)
 
 Both rates are measured on the benchmark's own device after its run (a large matmul in the
-model's dtype; a device-to-device copy counting bytes read and written), warm: at least a
-second of each op first, then the best of several timed repeats (`measure`), so a cold
-clock never lowers the denominator and flatters the fraction.
+model's dtype; a device-to-device copy counting bytes read and written): the best of
+repeats timed back to back for a second of each op (`measure`), so neither a cold clock
+nor a power-throttled one lowers the denominator and flatters the fraction.
 FLOPs: 2 x parameters x tokens through every linear layer (the LM head only for rows that
 produce logits), plus attention (QK^T and PV: 4 x heads x head_dim x context per token).
 Bytes: every weight read once per decode step (the embedding only for the rows looked up;
@@ -183,27 +183,31 @@ def workload_bytes(shape: ModelShape, w: Workload) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """The two ceilings, measured warm: the best of several timed repeats (each many
-    back-to-back ops) after at least `warmup_s` of the same op (GPU clocks ramp under load;
-    a cold, low denominator would flatter every fraction computed with it)."""
+    """The two ceilings: the best of many timed repeats (each `reps` back-to-back ops) run
+    without pause for at least `window_s`. The window covers both clock states a fraction
+    could be flattered by: the first repeats run before a long load pulls the clocks down
+    (power, heat: an H200's sustained bf16 matmul rate measured ~15% under its first
+    repeats'), the later ones after an idle GPU's clocks have ramped up. The best of all is
+    the ceiling, so a fraction computed with it is never too high."""
 
     matmul_flops_per_s: float  # best repeat: 2 n^3 per (n, n) x (n, n) product in `dtype`
     mem_bytes_per_s: float  # best repeat: a device-to-device copy, bytes read + written
-    matmul_repeats: tuple[float, ...]  # every repeat's FLOP/s, in order
-    copy_repeats: tuple[float, ...]  # every repeat's bytes/s, in order
+    matmul_repeats: tuple[float, ...]  # (first, median, last) repeat's FLOP/s
+    copy_repeats: tuple[float, ...]  # (first, median, last) repeat's bytes/s
+    num_repeats: tuple[int, int]  # (matmul, copy) repeats timed
     matmul_n: int
     copy_bytes: int  # one copy's size (each copy moves twice this)
-    warmup_s: float  # least warm-up before each measurement (seconds of the op itself)
+    window_s: float  # least seconds of each op timed, repeat after repeat
 
     def record(self) -> dict:
         """The JSON form benchmarks store under "rates"."""
-        return {"method": f"best of {len(self.matmul_repeats)} repeats after >= "
-                          f"{self.warmup_s:g} s warm-up of the same op",
+        return {"method": f"best repeat of >= {self.window_s:g} s of each op timed back to "
+                          "back (repeats: first, median, last)",
                 **dataclasses.asdict(self)}
 
 
 def measure(device: torch.device, dtype: torch.dtype) -> Rates:
-    """The matmul rate and copy bandwidth of `device`, warm. CPU: short (tests call it)."""
+    """The matmul rate and copy bandwidth of `device` (`Rates`). CPU: short (tests call it)."""
     cuda = device.type == "cuda"
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -213,24 +217,17 @@ def measure(device: torch.device, dtype: torch.dtype) -> Rates:
     if cuda:
         src.random_(0, 256)  # not zeros (METHOD.md: they can run faster than real data)
     dst = torch.empty_like(src)
-    warmup_s = 1.0 if cuda else 0.0
-    repeats = 7 if cuda else 3
+    window_s = 1.0 if cuda else 0.0
+    least = 5 if cuda else 3
 
-    def sync() -> None:
+    def repeats(fn, reps: int) -> list[float]:
+        """Seconds per op of each repeat, timed back to back for window_s (least repeats)."""
+        fn()  # compilation, handles: untimed
         if cuda:
             torch.cuda.synchronize(device)
-
-    def best(fn, reps: int) -> tuple[float, list[float]]:
-        """(least seconds per op, each repeat's seconds per op) after the warm-up."""
-        fn()
-        sync()
+        times: list[float] = []
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < warmup_s:
-            for _ in range(reps):
-                fn()
-            sync()
-        times = []
-        for _ in range(repeats):
+        while len(times) < least or time.perf_counter() - t0 < window_s:
             if cuda:
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
@@ -244,12 +241,16 @@ def measure(device: torch.device, dtype: torch.dtype) -> Rates:
                 for _ in range(reps):
                     fn()
                 times.append((time.perf_counter() - t) / reps)
-        return min(times), times
+        return times
 
-    _, mm = best(lambda: torch.mm(a, b), 20 if cuda else 1)
-    _, cp = best(lambda: dst.copy_(src), 20 if cuda else 2)
-    return Rates(2 * n**3 / min(mm), 2 * size / min(cp), tuple(2 * n**3 / t for t in mm),
-                 tuple(2 * size / t for t in cp), n, size, warmup_s)
+    mm = [2 * n**3 / t for t in repeats(lambda: torch.mm(a, b), 10 if cuda else 1)]
+    cp = [2 * size / t for t in repeats(lambda: dst.copy_(src), 10 if cuda else 2)]
+
+    def summary(r: list[float]) -> tuple[float, ...]:
+        return r[0], sorted(r)[len(r) // 2], r[-1]
+
+    return Rates(max(mm), max(cp), summary(mm), summary(cp), (len(mm), len(cp)), n, size,
+                 window_s)
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:

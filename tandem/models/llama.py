@@ -9,9 +9,9 @@ grouped-query attention with rotary positions and a SwiGLU MLP.
 The relatives differ only in flags (`arch_flags`): Mistral has no biases; Qwen2 always
 biases q/k/v; Qwen3 adds a per-head RMSNorm on q and k before rotary and usually sets
 `head_dim` explicitly. The residual add is fused into the next RMSNorm, so a layer takes and
-returns (hidden, residual). At batch-1 decode on CUDA each norm runs inside the matmul after
-it, with rotary and the KV write, or SiLU-and-mul, in that matmul's epilogue
-(fused_decode.py).
+returns (hidden, residual). With TANDEM_DECODE_FUSION=1, batch-1 decode on CUDA runs each
+norm inside the matmul after it, with rotary and the KV write, or SiLU-and-mul, in that
+matmul's epilogue (fused_decode.py; off by default: slower so far).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, meta: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if fused_decode.applies(self, hidden):  # one token on CUDA: norms inside the matmuls
+        if fused_decode.applies(self, hidden):  # opt-in: one token, norms inside the matmuls
             return fused_decode.decoder_layer(self, positions, hidden, residual, meta)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)

@@ -139,10 +139,13 @@ def _norm_gemv_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, w_ptr, b_ptr, y_ptr,
                        + slot * (NUM_KV_HEADS * 2 * HALF) + kvh * (2 * HALF) + i)
                 if FP8:  # e4m3 of K / k_scale, V / v_scale, saturated to its range
                     scale = tl.where(is_v, v_scale, k_scale)
-                    out_a = tl.clamp(out_a.to(tl.float32) / scale, -448.0, 448.0)
-                    out_b = tl.clamp(out_b.to(tl.float32) / scale, -448.0, 448.0)
-                tl.store(dst, out_a.to(cache_ptr.dtype.element_ty), mask=ok)
-                tl.store(dst + HALF, out_b.to(cache_ptr.dtype.element_ty), mask=ok)
+                    qa = tl.clamp(out_a.to(tl.float32) / scale, -448.0, 448.0)
+                    qb = tl.clamp(out_b.to(tl.float32) / scale, -448.0, 448.0)
+                    tl.store(dst, qa.to(cache_ptr.dtype.element_ty), mask=ok)
+                    tl.store(dst + HALF, qb.to(cache_ptr.dtype.element_ty), mask=ok)
+                else:
+                    tl.store(dst, out_a.to(cache_ptr.dtype.element_ty), mask=ok)
+                    tl.store(dst + HALF, out_b.to(cache_ptr.dtype.element_ty), mask=ok)
 
 
 # (BLOCK_N = 2 * HB output rows a program, BLOCK_K, num_warps, num_stages)
