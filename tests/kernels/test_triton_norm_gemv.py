@@ -159,6 +159,7 @@ def test_fused_decode_path_matches_the_plain_one(tmp_path, monkeypatch, arch, kw
     model = load_model(make_tiny_model(tmp_path, arch, **kw), torch.bfloat16, "cuda")
     layer = model.model.layers[0]
     hidden = torch.zeros(1, model.hidden_size, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.delenv("TANDEM_DECODE_FUSION", raising=False)
     assert not fused_decode.applies(layer, hidden)  # opt-in
     monkeypatch.setenv("TANDEM_DECODE_FUSION", "1")
     assert fused_decode.applies(layer, hidden)
