@@ -1,8 +1,10 @@
 """A Llama decoder layer at batch-1 decode, with each input norm folded into the matmul
-after it (kernels/triton/norm_gemv.py), four launches fewer a layer:
+after it (kernels/triton/norm_gemv.py), five launches fewer a layer:
 
-    plain   [add+norm] [qkv] [rotary] [write_kv] [attention] [o] [add+norm] [gate_up] [silu*up] [down]
-    fused   [add+norm+qkv+rotary+write_kv]       [attention] [o] [add+norm+gate_up+silu*up]   [down]
+    plain  [add+norm] [qkv] [rotary] [write_kv] [attention] [o]
+           [add+norm] [gate_up] [silu*up] [down]
+    fused  [add+norm+qkv+rotary+write_kv] [attention] [o]
+           [add+norm+gate_up+silu*up] [down]
 
 Same function, same rounding points (the norm's scale aside: see norm_gemv.py). Each half
 fuses where its layers allow it (`attention_fusable`, `mlp_fusable`: unquantized weights,
