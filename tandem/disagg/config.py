@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from tandem.disagg.policy import DisaggPolicy
 
+KV_CONNECTORS = ("auto", "shm", "ipc")
+
 
 @dataclass(frozen=True, slots=True)
 class DisaggConfig:
@@ -21,12 +23,17 @@ class DisaggConfig:
     disagg_max_prefill_queue_tokens: int = 65536
     # seconds a decode worker waits for KV that was sent before prefilling itself
     kv_transfer_timeout: float = 30.0
+    # how KV moves: shm (a shared-memory file, host-staged), ipc (CUDA IPC handles in the
+    # message: device to device, for workers on one GPU), auto (ipc where the two share a GPU)
+    kv_connector: str = "auto"
 
     def __post_init__(self) -> None:
         if self.prefill_workers < 0 or self.decode_workers < 1:
             raise ValueError("prefill_workers >= 0 and decode_workers >= 1")
         if self.kv_transfer_timeout <= 0:
             raise ValueError("kv_transfer_timeout must be > 0")
+        if self.kv_connector not in KV_CONNECTORS:
+            raise ValueError(f"kv_connector must be one of {KV_CONNECTORS}")
         self.policy()  # validates the rule's fields
 
     @property

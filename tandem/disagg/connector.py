@@ -6,6 +6,11 @@ engine.
                             to prefilling locally)
     discard(request_id)     drop a payload whose request ended before receiving it
 
+Or a payload travels inside a message (`pack` / `unpack`, disagg/worker.py's "ipc" path):
+on a GPU as CUDA IPC handles, so the receiver copies device to device straight out of the
+sender's memory (torch keeps that memory alive until the receiver lets go); on a CPU by
+value. For workers sharing one GPU.
+
 `SharedMemoryConnector` (one machine, any processes): one file per request in shared
 memory (/dev/shm, POSIX shared memory's home on Linux), named from the request id, mapped
 by both sides and laid out as
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 
@@ -50,6 +56,21 @@ class KVPayload:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.layers)
+
+
+def pack(payload: KVPayload) -> bytes:
+    """The payload as bytes for a message: CUDA tensors as IPC handles (torch's reductions;
+    the sender's memory stays alive until the receiver frees its view), others by value."""
+    if payload.layers and payload.layers[0].is_cuda:
+        import torch.multiprocessing  # noqa: F401  (registers the CUDA IPC reductions)
+        from multiprocessing.reduction import ForkingPickler
+        return bytes(ForkingPickler.dumps(payload))
+    return pickle.dumps(payload)
+
+
+def unpack(blob: bytes) -> KVPayload:
+    import torch.multiprocessing  # noqa: F401
+    return pickle.loads(blob)
 
 
 class KVConnector:

@@ -63,6 +63,7 @@ class DisaggAsyncEngine:
         """num_gpus: GPUs to spread the workers over (decode workers first, round robin);
         None: all visible ones if the engine runs on CUDA."""
         self.policy = layout.policy()
+        self.kv_connector = layout.kv_connector
         self.on_step = on_step
         self.on_dead: Callable[[BaseException], None] | None = None
         self.metrics = metrics
@@ -96,7 +97,7 @@ class DisaggAsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = self._stopping = False
         self.counts = {"remote": 0, "local": 0, "fallback": 0, "bytes": 0, "blocks": 0,
-                       "transfer_s": 0.0}
+                       "transfer_s": 0.0, "import_s": 0.0}
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +212,10 @@ class DisaggAsyncEngine:
             elif isinstance(m, Settled):
                 if not m.imported:
                     self._count("fallback")
+                else:
+                    self.counts["import_s"] += m.seconds
+                    if self.metrics is not None:
+                        self.metrics.import_seconds.observe(m.seconds)
             elif isinstance(m, Shipped):
                 self._shipped(m)
 
@@ -229,7 +234,7 @@ class DisaggAsyncEngine:
     async def _prefill(self, p: int, d: int, routed: Routed, token_ids: list[int]) -> None:
         rid = routed.request_id
         self._queued[p] += len(token_ids)
-        ship = ShipTo(self.roles[d].namespace, rid, routed.skip)
+        ship = ShipTo(self.roles[d].namespace, rid, routed.skip, self._via(p, d))
         try:
             async for _ in self.workers[p].generate(_prefill_id(rid),
                                                     {"prompt_token_ids": token_ids},
@@ -245,8 +250,18 @@ class DisaggAsyncEngine:
             if live is not None:
                 live.prefill = None
 
+    def _via(self, p: int, d: int) -> str:
+        """ipc where both workers use one GPU (or where asked), else shared memory."""
+        if self.kv_connector != "auto":
+            return self.kv_connector
+        same = self.roles[p].cuda_device is not None and \
+            self.roles[p].cuda_device == self.roles[d].cuda_device
+        return "ipc" if same else "shm"
+
     def _shipped(self, m: Shipped) -> None:
         live = self._live.get(m.request_id)
+        if m.ok and m.blob is not None and live is not None:
+            self.workers[live.decode].kv_ready(m.request_id, m.blob)
         if not m.ok:
             if self.metrics is not None:
                 self.metrics.failures.inc()

@@ -5,6 +5,8 @@
     tandem:kv_transfer_bytes_total             KV bytes shipped prefill -> decode
     tandem:kv_transfer_blocks_total
     tandem:kv_transfer_seconds                 per shipped request: export and send
+    tandem:kv_import_seconds                   per request: the decode worker receiving and
+                                               writing the blocks into its pool
     tandem:kv_transfer_failures_total
     tandem:worker_up{role, worker}             1 while the worker's process serves
     tandem:worker_num_requests_waiting{role, worker}, ..._running{role, worker}
@@ -33,6 +35,10 @@ class DisaggMetrics:
         self.seconds = Histogram("tandem:kv_transfer_seconds", "Per request: reading its KV "
                                  "blocks on the prefill worker and sending them", registry=r,
                                  labelnames=["model_name"], buckets=_TRANSFER_BUCKETS).labels(m)
+        self.import_seconds = Histogram(
+            "tandem:kv_import_seconds", "Per request: the decode worker receiving its KV "
+            "blocks and writing them into its pool", registry=r, labelnames=["model_name"],
+            buckets=_TRANSFER_BUCKETS).labels(m)
         self.failures = Counter("tandem:kv_transfer_failures", "KV transfers that failed",
                                 registry=r, labelnames=["model_name"]).labels(m)
         labels = ["model_name", "role", "worker"]

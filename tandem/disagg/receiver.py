@@ -15,7 +15,7 @@ import logging
 import time
 
 from tandem.disagg import transfer
-from tandem.disagg.connector import KVConnector
+from tandem.disagg.connector import KVConnector, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,15 @@ class KVReceiver:
         # remote, pinned so the transfer (which skips them) still finds them here
         self._held: dict[str, list[int]] = {}
         self.stats = {"imported": 0, "fallback": 0, "imported_bytes": 0}
-        # (request id, imported) of the requests that left WAITING_FOR_KV, for the front
-        # end's accounting (disagg/worker.py drains it)
-        self.settled: list[tuple[str, bool]] = []
+        # (request id, imported, seconds the import took) of the requests that left
+        # WAITING_FOR_KV, for the front end's accounting (disagg/worker.py drains it)
+        self.settled: list[tuple[str, bool, float]] = []
+        # request id -> a payload that came as a message (connector.unpack), not a file
+        self._delivered: dict[str, bytes] = {}
+
+    def deliver(self, request_id: str, blob: bytes) -> None:
+        """A payload that came with a message (CUDA IPC handles, or the bytes on a CPU)."""
+        self._delivered[request_id] = blob
 
     def hold(self, request_id: str, block_ids: list[int]) -> None:
         """Keep `block_ids` (pinned by the caller) until the request's KV arrives."""
@@ -49,18 +55,23 @@ class KVReceiver:
         now = time.monotonic()
         awaiting = engine.scheduler.awaiting_kv()
         # ended (aborted) while waiting, or settled after it ended
-        for rid in (set(self._since) | set(self._settled) | set(self._held)) - set(awaiting):
+        for rid in (set(self._since) | set(self._settled) | set(self._held)
+                    | set(self._delivered)) - set(awaiting):
             self.connector.discard(rid)
             self._since.pop(rid, None)
             self._settled.pop(rid, None)
+            self._delivered.pop(rid, None)
             engine.scheduler.kv.unpin(self._held.pop(rid, []))
         for rid in awaiting:
             started = self._since.setdefault(rid, now)
             imported = failed = False
+            t0 = time.perf_counter()
             try:
-                payload = self.connector.recv(rid)
+                blob = self._delivered.pop(rid, None)
+                payload = unpack(blob) if blob is not None else self.connector.recv(rid)
                 imported = payload is not None and transfer.import_payload(engine, payload)
                 failed = payload is not None and not imported  # no room for it
+                del blob
             except Exception:  # this request prefills here; the others carry on
                 logger.exception("receiving the KV of %s failed; prefilling it here", rid)
                 failed = True
@@ -74,7 +85,7 @@ class KVReceiver:
                 continue  # still on its way
             else:
                 imported = True  # released: every block was here already
-            self.settled.append((rid, imported))
+            self.settled.append((rid, imported, time.perf_counter() - t0))
             engine.scheduler.kv_arrived(rid)
             self._since.pop(rid, None)
             self._settled.pop(rid, None)

@@ -72,6 +72,8 @@ def import_payload(engine, payload: KVPayload) -> bool:
         layers = [t.index_select(1, pick) for t in layers]
     try:
         write_blocks(_runner(engine).kv_caches, ids, layers)
+        if layers and layers[0].is_cuda:  # the source may be another process's memory,
+            torch.cuda.current_stream(layers[0].device).synchronize()  # released after this
     except Exception:
         kv.unpin(ids)
         raise

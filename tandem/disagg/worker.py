@@ -11,6 +11,8 @@ exchanges with the front end (disagg/frontend.py).
                               KVReceiver polls  <==shared memory====  blocks past `skip` sent
                               the connector: imports, queues it  <--Shipped(ok, bytes, s)--
     KVFailed (a failed ship or a dead prefill worker) --> prefills it itself
+    (workers on one GPU: the payload rides in Shipped as CUDA IPC handles and goes on to the
+    decode worker as KVReady, which copies it device to device: no file, no host copy)
 
 The decode worker applies the rule because it alone knows its cache exactly (the uncached
 part of the prompt, and which blocks need not move); the front end picks the workers and
@@ -25,9 +27,10 @@ import time
 from dataclasses import dataclass
 
 from tandem.disagg import transfer
-from tandem.disagg.connector import SharedMemoryConnector
+from tandem.disagg.connector import SharedMemoryConnector, pack
 from tandem.disagg.policy import DisaggPolicy, transferable
 from tandem.disagg.receiver import KVReceiver
+from tandem.engine.engine_loop import KVReady
 from tandem.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,9 @@ class ShipTo:
     namespace: str  # the decode worker's connector namespace
     request_id: str  # the request's id on the decode worker (the payload's name)
     skip: int  # leading prompt blocks the decode worker holds (pinned there): not sent
+    # "shm": a shared-memory file; "ipc": inside the Shipped message (CUDA IPC handles when
+    # both workers use the same GPU: the decode worker copies device to device)
+    via: str = "shm"
 
 
 # ---- workers -> front end (control messages) ---------------------------------------------
@@ -82,7 +88,8 @@ class Shipped:
     ok: bool  # False: nothing was sent (the prefill failed, or its blocks were evicted)
     num_blocks: int
     num_bytes: int
-    seconds: float  # export (device -> host) and send
+    seconds: float  # export (gather on the device) and send
+    blob: bytes | None = None  # the payload itself on the "ipc" path (connector.pack)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +97,7 @@ class Settled:
     """A decode worker's remote request stopped waiting for KV."""
     request_id: str
     imported: bool  # False: a fallback (failed, timed out, or no room): prefilled locally
+    seconds: float  # receiving and writing the blocks into the pool
 
 
 class DecodeSide:
@@ -116,15 +124,19 @@ class DecodeSide:
             self.receiver.hold(command.request_id, kv.pin_cached(hashes[:held]))
         self._control.append(Routed(command.request_id, remote, held))
 
-    def kv_failed(self, request_id: str) -> None:
-        self.receiver.fail(request_id)
+    def kv_message(self, command) -> None:
+        """engine_loop.KVFailed (prefill here) or KVReady (the payload, as a message)."""
+        if isinstance(command, KVReady):
+            self.receiver.deliver(command.request_id, command.blob)
+        else:
+            self.receiver.fail(command.request_id)
 
     def after_step(self, engine, outputs: list[RequestOutput]) -> None:
         pass
 
     def take_control(self) -> list:
         settled, self.receiver.settled = self.receiver.settled, []
-        out, self._control = self._control + [Settled(r, ok) for r, ok in settled], []
+        out, self._control = self._control + [Settled(*s) for s in settled], []
         return out
 
 
@@ -146,7 +158,7 @@ class PrefillSide:
                            command.arrival_time)
         self._ships[command.request_id] = (ship, transfer.prompt_hashes(engine, tokens))
 
-    def kv_failed(self, request_id: str) -> None:
+    def kv_message(self, command) -> None:
         pass
 
     def after_step(self, engine, outputs: list[RequestOutput]) -> None:
@@ -166,7 +178,10 @@ class PrefillSide:
         t0 = time.perf_counter()
         try:
             payload = transfer.export_prompt(engine, ship.request_id, hashes, ship.skip)
-            if payload is not None:
+            blob = None
+            if payload is not None and ship.via == "ipc":
+                blob = pack(payload)
+            elif payload is not None:
                 connector = self._connectors.get(ship.namespace)
                 if connector is None:
                     connector = self._connectors[ship.namespace] = \
@@ -183,7 +198,7 @@ class PrefillSide:
         self.sent["blocks"] += len(payload.hashes)
         self.sent["bytes"] += payload.nbytes
         self.sent["seconds"] += seconds
-        return Shipped(ship.request_id, True, len(payload.hashes), payload.nbytes, seconds)
+        return Shipped(ship.request_id, True, len(payload.hashes), payload.nbytes, seconds, blob)
 
     def take_control(self) -> list:
         out, self._control = self._control, []

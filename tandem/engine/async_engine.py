@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from tandem.engine.engine import Engine
 from tandem.engine.engine_loop import (Abort, Add, Command, EngineError, EngineLoop,
-                                       EngineStopped, Event, Exit, KVFailed)
+                                       EngineStopped, Event, Exit, KVFailed, KVReady)
 from tandem.engine.input_processor import InputProcessor, PromptType
 from tandem.engine.stats import EngineStats
 from tandem.outputs import RequestOutput
@@ -231,6 +231,10 @@ class AsyncEngine:
     def kv_failed(self, request_id: str) -> None:
         """Disaggregation: the request's KV will not come; the decode worker prefills it."""
         self._submit(KVFailed(request_id))
+
+    def kv_ready(self, request_id: str, blob: bytes) -> None:
+        """Disaggregation: the request's KV, as a message (disagg/connector.pack)."""
+        self._submit(KVReady(request_id, blob))
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(serving, the /health body)."""

@@ -15,7 +15,7 @@ fails the live requests with `EngineError`; the loop carries on. If the executor
 `run_once` returns False: the engine cannot serve any more.
 
 A disaggregation worker passes its role's `side` (disagg/worker.py): it adds the requests
-that carry an `Add.disagg`, takes `KVFailed`, and sees each step's outputs first (a prefill
+that carry an `Add.disagg`, takes `KVFailed` and `KVReady`, and sees each step's outputs first (a prefill
 worker ships the KV of the prompts it finished before anything can evict it).
 """
 
@@ -71,7 +71,14 @@ class Exit:
     """Abort whatever is live (EngineStopped) and stop."""
 
 
-Command = Add | Abort | KVFailed | Exit
+@dataclass(frozen=True, slots=True)
+class KVReady:
+    """Disaggregation: this request's KV, carried by the message (disagg/connector.pack)."""
+    request_id: str
+    blob: bytes
+
+
+Command = Add | Abort | KVFailed | KVReady | Exit
 Event = tuple[str, RequestOutput | BaseException]
 Emit = Callable[[list[Event], list[RequestOutput], EngineStats, int], None]
 
@@ -127,12 +134,12 @@ class EngineLoop:
                 events.append((out.request_id, out))
         outputs += step_outputs
 
-    def _apply(self, command: Add | Abort | KVFailed, events: list[Event],
+    def _apply(self, command: Add | Abort | KVFailed | KVReady, events: list[Event],
                outputs: list[RequestOutput]) -> None:
         rid = command.request_id
-        if isinstance(command, KVFailed):
+        if isinstance(command, KVFailed | KVReady):
             if self.side is not None:
-                self.side.kv_failed(rid)
+                self.side.kv_message(command)
             return
         if isinstance(command, Abort):
             try:

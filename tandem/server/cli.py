@@ -26,7 +26,7 @@ from typing import Any
 from tandem import envs
 from tandem.cli import add_config_args, add_engine_args, engine_kwargs
 from tandem.config import field_comments
-from tandem.disagg.config import DisaggConfig
+from tandem.disagg.config import KV_CONNECTORS, DisaggConfig
 from tandem.disagg.policy import POLICIES
 from tandem.server.config import LOG_LEVELS, ServerConfig
 
@@ -49,7 +49,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                        action="store_false", help="do not log each request (the default)")
     disagg = p.add_argument_group("prefill/decode disaggregation (docs/disaggregation.md)")
     add_config_args(disagg, _DISAGG_FIELDS, field_comments(DisaggConfig),
-                    choices={"disagg_policy": POLICIES})
+                    choices={"disagg_policy": POLICIES, "kv_connector": KV_CONNECTORS})
     add_engine_args(p)
     p.set_defaults(func=_cmd_serve)
     return p

@@ -71,13 +71,16 @@ def _start(tiny, tmp_path, *args: str):
                         *SIZES, *args, defaults=False, timeout=180.0)
 
 
-@pytest.mark.parametrize("policy,decode_workers", [("always", 1), ("never", 1),
-                                                   ("conditional", 1), ("conditional", 2)])
+@pytest.mark.parametrize("policy,decode_workers,connector", [
+    ("always", 1, "shm"), ("always", 1, "ipc"), ("never", 1, "auto"),
+    ("conditional", 1, "auto"), ("conditional", 2, "auto")])
 def test_disaggregated_server_equals_colocated(tiny, reference, tmp_path, policy,
-                                               decode_workers):
+                                               decode_workers, connector):
+    """(ipc on a CPU: the payload rides in the messages, by value; on a GPU, as CUDA IPC
+    handles: tests/gpu/test_disagg_cuda.py.)"""
     server = _start(tiny, tmp_path, "--prefill-workers", "1", "--decode-workers",
                     str(decode_workers), "--disagg-policy", policy,
-                    "--disagg-min-remote-tokens", "32")
+                    "--disagg-min-remote-tokens", "32", "--kv-connector", connector)
     try:
         prompts = _workload()
         # twice: the second round finds the first's blocks on the decode side(s)
@@ -101,6 +104,7 @@ def test_disaggregated_server_equals_colocated(tiny, reference, tmp_path, policy
             assert local >= (1 if policy == "always" else 4)
             assert moved > 0
             assert server.metric("tandem:kv_transfer_seconds_count") >= 1
+            assert server.metric("tandem:kv_import_seconds_count") >= 1
         # the user-facing series add up over the decode workers
         assert server.metric("tandem:request_success_total", finished_reason="length") == \
             2 * len(prompts)

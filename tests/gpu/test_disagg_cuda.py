@@ -43,11 +43,13 @@ def _metric(url: str, name: str, **labels: str) -> float:
     raise KeyError(name)
 
 
-def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path):
+@pytest.mark.parametrize("connector", ["ipc", "shm"])
+def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path, connector):
     """`tandem serve --prefill-workers 1 --decode-workers 1`: two engine processes on the
-    one GPU, the KV host-staged between them; greedy outputs equal an in-process engine's,
-    and /metrics says what moved. (httpx, not the openai client: the GPU machine has no
-    network to install it.)"""
+    one GPU, the KV moved device to device through CUDA IPC handles or host-staged through
+    a shared-memory file; greedy outputs equal an in-process engine's, and /metrics says
+    what moved. (httpx, not the openai client: the GPU machine has no network to install
+    it.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -62,7 +64,8 @@ def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path):
     ref = [o.outputs[0].text for o in llm.generate(prompts, sp, use_tqdm=False)]
     proc, url = start_server(path, "--device cuda --dtype float32 --block-size 16 "
                              "--max-model-len 256 --gpu-memory-utilization 0.2 "
-                             "--prefill-workers 1 --disagg-policy always",
+                             "--prefill-workers 1 --disagg-policy always "
+                             f"--kv-connector {connector}",
                              str(tmp_path / "server.log"), timeout_s=300)
 
     def one(p: list[int]) -> str:
@@ -81,8 +84,9 @@ def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path):
         assert _metric(url, "tandem:disagg_requests_total", route="fallback") == 0
         moved = _metric(url, "tandem:kv_transfer_bytes_total")
         seconds = _metric(url, "tandem:kv_transfer_seconds_sum")
-        print(f"\nserved 1P1D on one GPU: {moved / 1e6:.2f} MB shipped in "
-              f"{seconds * 1e3:.2f} ms (gather + send)")
+        imported = _metric(url, "tandem:kv_import_seconds_sum")
+        print(f"\nserved 1P1D on one GPU ({connector}): {moved / 1e6:.2f} MB shipped, "
+              f"{seconds * 1e3:.2f} ms to gather and send, {imported * 1e3:.2f} ms to import")
         assert moved > 0
     finally:
         stop_server(proc)
