@@ -2,7 +2,8 @@
 # Issue 15's runs on one H200: the disaggregation GPU tests, the KV path's bandwidth stage
 # by stage (scripts/bench_kv_transfer.py, Llama-3.1-8B shapes), and a served 1P1D pair
 # sharing the GPU (Llama-3.1-8B shapes, dummy weights, 4096-token prompts) through each
-# connector, timed by its own /metrics (scripts/bench_disagg_serve.py). Usage: OUT=dir bash bench/run_disagg_h200.sh [tests bw serve]
+# connector, timed by its own /metrics (scripts/bench_disagg_serve.py). On two GPUs: p2p
+# (scripts/bench_kv_p2p.py, NCCL between the GPUs against a plain copy) and serve-nccl. Usage: OUT=dir bash bench/run_disagg_h200.sh [tests bw serve]
 set -u
 OUT=${OUT:-bench/results/tmp}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -24,5 +25,17 @@ for what in "$@"; do
              > "$OUT/disagg-serve.log" 2>&1; echo "== serve rc=$?"
            grep -v '^{' "$OUT/disagg-serve.log" | tail -5
            tail -1 "$OUT/disagg-serve.log" | grep '^{' > "$OUT/disagg-serve.json" ;;
+    p2p) timeout 300 python3 scripts/bench_kv_p2p.py --tokens 512,2048,8192 \
+           > "$OUT/kv-p2p.log" 2>&1; echo "== p2p rc=$?"
+         grep -v '^{' "$OUT/kv-p2p.log" | tail -5
+         tail -1 "$OUT/kv-p2p.log" | grep '^{' > "$OUT/kv-p2p.json" ;;
+    serve-nccl) M=/tmp/llama-3.1-8b
+           python3 -m tandem.bench.shape_tokenizer bench/configs/llama-3.1-8b $M > /dev/null
+           timeout 300 python3 scripts/bench_disagg_serve.py $M --connectors nccl \
+             --prompt-len 4096 --num-prompts 6 --log-dir "$OUT" --serve-args \
+             "--load-format dummy --max-model-len 8448" \
+             > "$OUT/disagg-serve-nccl.log" 2>&1; echo "== serve-nccl rc=$?"
+           grep -v '^{' "$OUT/disagg-serve-nccl.log" | tail -4
+           tail -1 "$OUT/disagg-serve-nccl.log" | grep '^{' > "$OUT/disagg-serve-nccl.json" ;;
   esac
 done

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tandem.disagg.policy import DisaggPolicy
 
-KV_CONNECTORS = ("auto", "shm", "ipc")
+KV_CONNECTORS = ("auto", "shm", "ipc", "nccl")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,8 @@ class DisaggConfig:
     # seconds a decode worker waits for KV that was sent before prefilling itself
     kv_transfer_timeout: float = 30.0
     # how KV moves: shm (a shared-memory file, host-staged), ipc (CUDA IPC handles in the
-    # message: device to device, for workers on one GPU), auto (ipc where the two share a GPU)
+    # message: device to device, workers on one GPU), nccl (point-to-point sends between
+    # GPUs; gloo on a CPU), auto (ipc on one GPU, nccl between GPUs, else shm)
     kv_connector: str = "auto"
 
     def __post_init__(self) -> None:

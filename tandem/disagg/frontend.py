@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from typing import Any
 from tandem.config import EngineConfig
 from tandem.disagg.config import DisaggConfig
 from tandem.disagg.metrics import DisaggMetrics
+from tandem.disagg.p2p import P2PGroup
 from tandem.disagg.worker import Routed, RouteHint, Settled, Shipped, ShipTo, WorkerRole
 from tandem.engine.async_engine import AsyncEngine, EngineStopped, StepHook
 from tandem.engine.stats import EngineStats, merge_stats
@@ -74,10 +76,16 @@ class DisaggAsyncEngine:
         roles = [WorkerRole("decode", i, f"{uuid.uuid4().hex[:12]}d{i}",
                             layout.kv_transfer_timeout) for i in range(layout.decode_workers)]
         roles += [WorkerRole("prefill", j, "") for j in range(layout.prefill_workers)]
+        roles = [dataclasses.replace(r, cuda_device=k % gpus if gpus else None)
+                 for k, r in enumerate(roles)]
+        if layout.prefill_workers and (self.kv_connector == "nccl" or (
+                self.kv_connector == "auto" and min(gpus, len(roles)) > 1)):
+            init = f"tcp://127.0.0.1:{_free_port()}"  # the point-to-point group (p2p.py)
+            roles = [dataclasses.replace(r, p2p=P2PGroup(init, k, len(roles)))
+                     for k, r in enumerate(roles)]
         self.workers: list[AsyncEngine] = []
         self.roles: list[WorkerRole] = []
         for k, role in enumerate(roles):
-            role = dataclasses.replace(role, cuda_device=k % gpus if gpus else None)
             w = AsyncEngine.in_process(decode_cfg if role.role == "decode" else prefill_cfg,
                                        self._hook(k), log_level, role)
             w.on_control = self._control_handler(k)
@@ -91,6 +99,7 @@ class DisaggAsyncEngine:
         self.max_model_len, self.vocab_size = first.max_model_len, first.vocab_size
         self.config = first.config
         self._live: dict[str, _Live] = {}
+        self._dest: dict[str, int] = {}  # request id -> decode worker, while it is shipped
         self._queued = [0] * len(self.workers)  # prompt tokens sent to each prefill worker
         self._stats: dict[int, EngineStats] = {}  # the decode workers' latest
         self._stats_lock = threading.Lock()
@@ -234,34 +243,42 @@ class DisaggAsyncEngine:
     async def _prefill(self, p: int, d: int, routed: Routed, token_ids: list[int]) -> None:
         rid = routed.request_id
         self._queued[p] += len(token_ids)
-        ship = ShipTo(self.roles[d].namespace, rid, routed.skip, self._via(p, d))
+        ship = ShipTo(self.roles[d].namespace, rid, routed.skip, self._via(p, d), d)
+        self._dest[rid] = d
+        shipping = False  # a finished prefill: its Shipped message follows
         try:
-            async for _ in self.workers[p].generate(_prefill_id(rid),
-                                                    {"prompt_token_ids": token_ids},
-                                                    _ONE_TOKEN, None, ship):
-                pass
+            async for out in self.workers[p].generate(_prefill_id(rid),
+                                                      {"prompt_token_ids": token_ids},
+                                                      _ONE_TOKEN, None, ship):
+                shipping = out.finished and out.outputs[0].finish_reason in ("length", "stop")
         except Exception as e:  # a failed request or a dead worker: prefill at decode
             logger.warning("remote prefill of %s failed (%s); the decode worker prefills it",
                            rid, e)
             self.workers[d].kv_failed(rid)
         finally:
             self._queued[p] -= len(token_ids)
+            if not shipping:  # aborted or failed: no Shipped will come
+                self._dest.pop(rid, None)
             live = self._live.get(rid)
             if live is not None:
                 live.prefill = None
 
     def _via(self, p: int, d: int) -> str:
-        """ipc where both workers use one GPU (or where asked), else shared memory."""
+        """auto: ipc where both workers use one GPU, nccl between two GPUs, else shared
+        memory."""
         if self.kv_connector != "auto":
             return self.kv_connector
-        same = self.roles[p].cuda_device is not None and \
-            self.roles[p].cuda_device == self.roles[d].cuda_device
-        return "ipc" if same else "shm"
+        gp, gd = self.roles[p].cuda_device, self.roles[d].cuda_device
+        if gp is None or gd is None:
+            return "shm"
+        return "ipc" if gp == gd else "nccl" if self.roles[p].p2p is not None else "shm"
 
     def _shipped(self, m: Shipped) -> None:
         live = self._live.get(m.request_id)
-        if m.ok and m.blob is not None and live is not None:
-            self.workers[live.decode].kv_ready(m.request_id, m.blob)
+        d = self._dest.pop(m.request_id, None)
+        if m.ok and m.blob is not None and d is not None:
+            # always, even if the request ended: a point-to-point send must be received
+            self.workers[d].kv_ready(m.request_id, m.blob, m.via)
         if not m.ok:
             if self.metrics is not None:
                 self.metrics.failures.inc()
@@ -313,6 +330,12 @@ class DisaggAsyncEngine:
 
 def _prefill_id(request_id: str) -> str:
     return f"{request_id}@prefill"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _gpus(config: EngineConfig) -> int:

@@ -15,7 +15,7 @@ import logging
 import time
 
 from tandem.disagg import transfer
-from tandem.disagg.connector import KVConnector, unpack
+from tandem.disagg.connector import KVConnector, KVPayload, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,14 @@ class KVReceiver:
         # (request id, imported, seconds the import took) of the requests that left
         # WAITING_FOR_KV, for the front end's accounting (disagg/worker.py drains it)
         self.settled: list[tuple[str, bool, float]] = []
-        # request id -> a payload that came as a message (connector.unpack), not a file
-        self._delivered: dict[str, bytes] = {}
+        # request id -> a payload that came as a message (connector.pack's bytes, or one
+        # received point to point), not a file
+        self._delivered: dict[str, bytes | KVPayload] = {}
 
-    def deliver(self, request_id: str, blob: bytes) -> None:
-        """A payload that came with a message (CUDA IPC handles, or the bytes on a CPU)."""
-        self._delivered[request_id] = blob
+    def deliver(self, request_id: str, payload: bytes | KVPayload) -> None:
+        """A payload that came with a message (CUDA IPC handles, the bytes on a CPU, or a
+        point-to-point receive)."""
+        self._delivered[request_id] = payload
 
     def hold(self, request_id: str, block_ids: list[int]) -> None:
         """Keep `block_ids` (pinned by the caller) until the request's KV arrives."""
@@ -68,7 +70,8 @@ class KVReceiver:
             t0 = time.perf_counter()
             try:
                 blob = self._delivered.pop(rid, None)
-                payload = unpack(blob) if blob is not None else self.connector.recv(rid)
+                payload = (self.connector.recv(rid) if blob is None else
+                           unpack(blob) if isinstance(blob, bytes) else blob)
                 imported = payload is not None and transfer.import_payload(engine, payload)
                 failed = payload is not None and not imported  # no room for it
                 del blob

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from tandem.disagg import transfer
 from tandem.disagg.connector import SharedMemoryConnector, pack
+from tandem.disagg.p2p import P2PGroup, P2PLink
 from tandem.disagg.policy import DisaggPolicy, transferable
 from tandem.disagg.receiver import KVReceiver
 from tandem.engine.engine_loop import KVReady
@@ -45,6 +46,7 @@ class WorkerRole:
     namespace: str  # a decode worker's connector namespace (payloads addressed to it)
     kv_timeout_s: float = 30.0  # decode: wait this long for KV that was sent, then prefill
     cuda_device: int | None = None  # the GPU this worker uses (CUDA_VISIBLE_DEVICES)
+    p2p: P2PGroup | None = None  # the point-to-point group, if any pair uses "nccl"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -68,8 +70,10 @@ class ShipTo:
     request_id: str  # the request's id on the decode worker (the payload's name)
     skip: int  # leading prompt blocks the decode worker holds (pinned there): not sent
     # "shm": a shared-memory file; "ipc": inside the Shipped message (CUDA IPC handles when
-    # both workers use the same GPU: the decode worker copies device to device)
+    # both workers use the same GPU: the decode worker copies device to device); "nccl": a
+    # point-to-point send to rank `dst_rank` (p2p.py), announced by the Shipped message
     via: str = "shm"
+    dst_rank: int = -1
 
 
 # ---- workers -> front end (control messages) ---------------------------------------------
@@ -89,7 +93,9 @@ class Shipped:
     num_blocks: int
     num_bytes: int
     seconds: float  # export (gather on the device) and send
-    blob: bytes | None = None  # the payload itself on the "ipc" path (connector.pack)
+    # "ipc": the payload itself (connector.pack); "nccl": the send's header (p2p.py)
+    blob: bytes | None = None
+    via: str = "shm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +109,10 @@ class Settled:
 class DecodeSide:
     """A decode worker: routes the requests that carry a RouteHint, receives KV."""
 
-    def __init__(self, engine, role: WorkerRole) -> None:
+    def __init__(self, engine, role: WorkerRole, link: P2PLink | None = None) -> None:
         self.receiver = engine.kv_receiver = KVReceiver(
             SharedMemoryConnector(role.namespace), role.kv_timeout_s)
+        self.link = link
         self._control: list[Routed] = []
 
     def add(self, engine, command) -> None:
@@ -126,7 +133,11 @@ class DecodeSide:
 
     def kv_message(self, command) -> None:
         """engine_loop.KVFailed (prefill here) or KVReady (the payload, as a message)."""
-        if isinstance(command, KVReady):
+        if isinstance(command, KVReady) and command.via == "nccl":
+            # received now, in the order sent, whether or not the request still waits
+            self.receiver.deliver(command.request_id,
+                                  self.link.recv(command.request_id, command.blob))
+        elif isinstance(command, KVReady):
             self.receiver.deliver(command.request_id, command.blob)
         else:
             self.receiver.fail(command.request_id)
@@ -145,7 +156,8 @@ class PrefillSide:
     engine runs synchronous steps, so a finished prompt's blocks are still in the prefix
     cache when `after_step` reads them (nothing has been scheduled since)."""
 
-    def __init__(self, engine, role: WorkerRole) -> None:
+    def __init__(self, engine, role: WorkerRole, link: P2PLink | None = None) -> None:
+        self.link = link
         self._ships: dict[str, tuple[ShipTo, list[int]]] = {}  # request id -> (where, hashes)
         self._connectors: dict[str, SharedMemoryConnector] = {}
         self._control: list[Shipped] = []
@@ -169,6 +181,8 @@ class PrefillSide:
             done = out.outputs and out.outputs[0].finish_reason in ("length", "stop")
             self._control.append(self._ship(engine, out.request_id, ship, hashes)
                                  if done else Shipped(ship.request_id, False, 0, 0, 0.0))
+        if self.link is not None:
+            self.link.reap()
         live = engine.scheduler.requests
         if len(self._ships) > len(live):  # aborted ones: nothing to send
             for rid in [r for r in self._ships if r not in live]:
@@ -181,6 +195,8 @@ class PrefillSide:
             blob = None
             if payload is not None and ship.via == "ipc":
                 blob = pack(payload)
+            elif payload is not None and ship.via == "nccl":
+                blob = self.link.send(payload, ship.dst_rank)
             elif payload is not None:
                 connector = self._connectors.get(ship.namespace)
                 if connector is None:
@@ -198,7 +214,8 @@ class PrefillSide:
         self.sent["blocks"] += len(payload.hashes)
         self.sent["bytes"] += payload.nbytes
         self.sent["seconds"] += seconds
-        return Shipped(ship.request_id, True, len(payload.hashes), payload.nbytes, seconds, blob)
+        return Shipped(ship.request_id, True, len(payload.hashes), payload.nbytes, seconds,
+                       blob, ship.via)
 
     def take_control(self) -> list:
         out, self._control = self._control, []
@@ -206,4 +223,5 @@ class PrefillSide:
 
 
 def make_side(engine, role: WorkerRole) -> DecodeSide | PrefillSide:
-    return (PrefillSide if role.role == "prefill" else DecodeSide)(engine, role)
+    link = P2PLink(role.p2p, engine.executor.device) if role.p2p is not None else None
+    return (PrefillSide if role.role == "prefill" else DecodeSide)(engine, role, link)

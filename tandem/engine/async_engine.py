@@ -232,9 +232,9 @@ class AsyncEngine:
         """Disaggregation: the request's KV will not come; the decode worker prefills it."""
         self._submit(KVFailed(request_id))
 
-    def kv_ready(self, request_id: str, blob: bytes) -> None:
-        """Disaggregation: the request's KV, as a message (disagg/connector.pack)."""
-        self._submit(KVReady(request_id, blob))
+    def kv_ready(self, request_id: str, blob: bytes, via: str) -> None:
+        """Disaggregation: the request's KV, or its header, as a message (engine_loop.KVReady)."""
+        self._submit(KVReady(request_id, blob, via))
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(serving, the /health body)."""

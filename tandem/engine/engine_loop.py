@@ -73,9 +73,11 @@ class Exit:
 
 @dataclass(frozen=True, slots=True)
 class KVReady:
-    """Disaggregation: this request's KV, carried by the message (disagg/connector.pack)."""
+    """Disaggregation: this request's KV as a message: the payload (via "ipc":
+    disagg/connector.pack), or the header of a point-to-point send (via "nccl": disagg/p2p.py)."""
     request_id: str
     blob: bytes
+    via: str = "ipc"
 
 
 Command = Add | Abort | KVFailed | KVReady | Exit

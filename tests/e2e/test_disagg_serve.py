@@ -72,12 +72,12 @@ def _start(tiny, tmp_path, *args: str):
 
 
 @pytest.mark.parametrize("policy,decode_workers,connector", [
-    ("always", 1, "shm"), ("always", 1, "ipc"), ("never", 1, "auto"),
+    ("always", 1, "shm"), ("always", 1, "ipc"), ("always", 2, "nccl"), ("never", 1, "auto"),
     ("conditional", 1, "auto"), ("conditional", 2, "auto")])
 def test_disaggregated_server_equals_colocated(tiny, reference, tmp_path, policy,
                                                decode_workers, connector):
-    """(ipc on a CPU: the payload rides in the messages, by value; on a GPU, as CUDA IPC
-    handles: tests/gpu/test_disagg_cuda.py.)"""
+    """(On a CPU, ipc carries the payload in the messages by value, nccl sends it point to
+    point over gloo; on GPUs: tests/gpu/test_disagg_cuda.py.)"""
     server = _start(tiny, tmp_path, "--prefill-workers", "1", "--decode-workers",
                     str(decode_workers), "--disagg-policy", policy,
                     "--disagg-min-remote-tokens", "32", "--kv-connector", connector)

@@ -90,3 +90,44 @@ def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path, 
         assert moved > 0
     finally:
         stop_server(proc)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_served_workers_on_two_gpus_move_kv_point_to_point(tmp_path):
+    """1P1D on two GPUs (decode on GPU 0, prefill on GPU 1): `--kv-connector auto` picks the
+    NCCL point-to-point path; greedy outputs equal an in-process engine's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tandem.bench.serve_cli import start_server, stop_server
+    path = make_tiny_model(tmp_path, "LlamaForCausalLM")
+    sizes = dict(device="cuda", dtype="float32", block_size=16, max_model_len=256)
+    prompts = [[t % 500 + 3 for t in range(i * 5, i * 5 + n)] for i, n in
+               enumerate((150, 40, 90, 17, 200, 64, 120))]
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    ref = [o.outputs[0].text for o in LLM(path, num_kv_blocks=256, **sizes)
+           .generate(prompts, sp, use_tqdm=False)]
+    proc, url = start_server(path, "--dtype float32 --block-size 16 --max-model-len 256 "
+                             "--gpu-memory-utilization 0.2 --prefill-workers 1 "
+                             "--disagg-policy always", str(tmp_path / "server.log"),
+                             timeout_s=300)
+
+    def one(p: list[int]) -> str:
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "prompt": p, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(one, prompts)) == ref
+        workers = httpx.get(url + "/health", timeout=10).json()["workers"]
+        assert {w["role"]: w["device"] for w in workers} == {"decode": "cuda:0",
+                                                              "prefill": "cuda:0"}
+        assert _metric(url, "tandem:disagg_requests_total", route="remote") >= 6
+        assert _metric(url, "tandem:disagg_requests_total", route="fallback") == 0
+        assert _metric(url, "tandem:kv_transfer_bytes_total") > 0
+        assert "KV transfer group" in open(tmp_path / "server.log").read()
+    finally:
+        stop_server(proc)
