@@ -44,6 +44,8 @@ class P2PLink:
     def __init__(self, group: P2PGroup, device: torch.device) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
+            if device.index is None:  # "cuda": this worker's one visible GPU
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=group.init_method, rank=group.rank,
                                 world_size=group.world_size)
