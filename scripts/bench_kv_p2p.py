@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import socket
 import time
 
@@ -58,14 +59,14 @@ def _rank(rank: int, args: argparse.Namespace, init: str, out: dict) -> None:
             sync()
             t0 = time.perf_counter()
             if rank == 0:
-                header = link.send(KVPayload("r", list(range(n)), read_blocks(pool, ids)),
-                                   dst=1)
-                dist.broadcast_object_list([header], src=0)  # as the control message does
+                link.send(KVPayload("r", list(range(n)), read_blocks(pool, ids)), dst=1)
                 link._sending[-1][0].wait()
-            else:
-                box = [None]
-                dist.broadcast_object_list(box, src=0)
-                write_blocks(pool, ids, link.recv("r", box[0]).layers)
+            else:  # the header the control message would carry, built here: no NCCL
+                # collective may interleave with the pending send (separate communicators
+                # issued in different orders can deadlock)
+                header = pickle.dumps((0, (layers, 2, n, *shape[2:]), str(dtype),
+                                       list(range(n))))
+                write_blocks(pool, ids, link.recv("r", header).layers)
             sync()
             times.append(time.perf_counter() - t0)
         if rank == 1:
