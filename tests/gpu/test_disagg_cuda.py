@@ -33,6 +33,22 @@ def test_disaggregated_on_one_gpu_equals_colocated(tmp_path):
 
 
 
+def _complete_all(url: str, prompts: list[list[int]]) -> list[str]:
+    """The prompts at once (threads), greedy, 10 tokens; their texts in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def one(p: list[int]) -> str:
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "prompt": p, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
 def _metric(url: str, name: str, **labels: str) -> float:
     import httpx
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
@@ -50,8 +66,6 @@ def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path, 
     a shared-memory file; greedy outputs equal an in-process engine's, and /metrics says
     what moved. (httpx, not the openai client: the GPU machine has no network to install
     it.)"""
-    from concurrent.futures import ThreadPoolExecutor
-
     import httpx
 
     from tandem.bench.serve_cli import start_server, stop_server
@@ -68,15 +82,8 @@ def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path, 
                              f"--kv-connector {connector}",
                              str(tmp_path / "server.log"), timeout_s=300)
 
-    def one(p: list[int]) -> str:
-        r = httpx.post(url + "/v1/completions", timeout=120, json={
-            "prompt": p, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True})
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-
     try:
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            assert list(pool.map(one, prompts)) == ref
+        assert _complete_all(url, prompts) == ref
         health = httpx.get(url + "/health", timeout=10).json()
         assert health["status"] == "ok"
         assert all(w["device"].startswith("cuda") for w in health["workers"])
@@ -96,8 +103,6 @@ def test_served_prefill_and_decode_workers_on_one_gpu_equal_colocated(tmp_path, 
 def test_served_workers_on_two_gpus_move_kv_point_to_point(tmp_path):
     """1P1D on two GPUs (decode on GPU 0, prefill on GPU 1): `--kv-connector auto` picks the
     NCCL point-to-point path; greedy outputs equal an in-process engine's."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import httpx
 
     from tandem.bench.serve_cli import start_server, stop_server
@@ -113,15 +118,8 @@ def test_served_workers_on_two_gpus_move_kv_point_to_point(tmp_path):
                              "--disagg-policy always", str(tmp_path / "server.log"),
                              timeout_s=300)
 
-    def one(p: list[int]) -> str:
-        r = httpx.post(url + "/v1/completions", timeout=120, json={
-            "prompt": p, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True})
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
-
     try:
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            assert list(pool.map(one, prompts)) == ref
+        assert _complete_all(url, prompts) == ref
         workers = httpx.get(url + "/health", timeout=10).json()["workers"]
         # each worker sees its own GPU as its only one
         assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
