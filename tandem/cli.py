@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from tandem.server.cli import add_serve_parser
     add_serve_parser(sub)
+    from tandem.disagg.remote import add_worker_parser
+    add_worker_parser(sub)
     from tandem.eval import add_eval_parser
     add_eval_parser(sub)
     from tandem.cost.cli import add_cost_parser

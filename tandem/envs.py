@@ -1,7 +1,9 @@
 """Every environment variable tandem reads, declared once, typed, read when asked.
 
     TANDEM_API_KEY        the server's API key when --api-key is not given
-    TANDEM_CPU_KERNELS    "0": never build or use the C kernels (PyTorch reference instead)
+    TANDEM_WORKER_KEY     authenticates a disaggregated front end to its `tandem worker`s
+    TANDEM_CPU_KERNELS    "0": never build or use the C kernels (decode attention and the
+                          fused decode step: the PyTorch reference instead)
     TANDEM_CACHE_DIR      where compiled CPU kernels are cached (default ~/.cache/tandem)
     TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
     TANDEM_PDL            "0": launch the Triton kernels without programmatic dependent
@@ -26,6 +28,10 @@ import os
 # environment says.
 NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                        "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def worker_key() -> str | None:
+    return os.environ.get("TANDEM_WORKER_KEY") or None
 
 
 def api_key() -> str | None:

@@ -37,6 +37,7 @@ from tandem.config import EngineConfig
 from tandem.disagg.config import DisaggConfig
 from tandem.disagg.metrics import DisaggMetrics
 from tandem.disagg.p2p import P2PGroup
+from tandem.disagg.remote import RemoteCore
 from tandem.disagg.worker import Routed, RouteHint, Settled, Shipped, ShipTo, WorkerRole
 from tandem.engine.async_engine import AsyncEngine, EngineStopped, StepHook
 from tandem.engine.stats import EngineStats, merge_stats
@@ -73,21 +74,38 @@ class DisaggAsyncEngine:
         decode_cfg = config
         prefill_cfg = dataclasses.replace(  # see PrefillSide: steps one at a time
             config, scheduler=dataclasses.replace(config.scheduler, async_scheduling=False))
-        roles = [WorkerRole("decode", i, f"{uuid.uuid4().hex[:12]}d{i}",
-                            layout.kv_transfer_timeout) for i in range(layout.decode_workers)]
-        roles += [WorkerRole("prefill", j, "") for j in range(layout.prefill_workers)]
-        roles = [dataclasses.replace(r, cuda_device=k % gpus if gpus else None)
-                 for k, r in enumerate(roles)]
-        if layout.prefill_workers and (self.kv_connector == "nccl" or (
+        # local decode workers, remote decode workers, local prefill, remote prefill
+        remote = layout.remote_workers
+        roles = [(WorkerRole("decode", i, f"{uuid.uuid4().hex[:12]}d{i}",
+                             layout.kv_transfer_timeout), None)
+                 for i in range(layout.decode_workers)]
+        roles += [(WorkerRole("decode", len(roles) + i, f"{uuid.uuid4().hex[:12]}r{i}",
+                              layout.kv_transfer_timeout), addr)
+                  for i, (_, addr) in enumerate(r for r in remote if r[0] == "decode")]
+        roles += [(WorkerRole("prefill", j, ""), None) for j in range(layout.prefill_workers)]
+        roles += [(WorkerRole("prefill", layout.prefill_workers + j, ""), addr)
+                  for j, (_, addr) in enumerate(r for r in remote if r[0] == "prefill")]
+        self.addresses = [addr for _, addr in roles]  # None: spawned here
+        local = [k for k, addr in enumerate(self.addresses) if addr is None]
+        roles = [dataclasses.replace(r, cuda_device=local.index(k) % gpus
+                                     if gpus and addr is None else None)
+                 for k, (r, addr) in enumerate(roles)]
+        any_prefill = layout.prefill_workers or any(r[0] == "prefill" for r in remote)
+        if any_prefill and (self.kv_connector == "nccl" or remote or (
                 self.kv_connector == "auto" and min(gpus, len(roles)) > 1)):
-            init = f"tcp://127.0.0.1:{_free_port()}"  # the point-to-point group (p2p.py)
+            host = layout.kv_group_address or "127.0.0.1"
+            init = f"tcp://{host}:{_free_port()}"  # the point-to-point group (p2p.py)
             roles = [dataclasses.replace(r, p2p=P2PGroup(init, k, len(roles)))
                      for k, r in enumerate(roles)]
         self.workers: list[AsyncEngine] = []
         self.roles: list[WorkerRole] = []
         for k, role in enumerate(roles):
-            w = AsyncEngine.in_process(decode_cfg if role.role == "decode" else prefill_cfg,
-                                       self._hook(k), log_level, role)
+            cfg = decode_cfg if role.role == "decode" else prefill_cfg
+            if self.addresses[k] is None:
+                w = AsyncEngine.in_process(cfg, self._hook(k), log_level, role)
+            else:
+                w = AsyncEngine(None, self._hook(k),
+                                core=RemoteCore(cfg, self.addresses[k], log_level, role))
             w.on_control = self._control_handler(k)
             w.on_dead = self._dead_handler(k)
             self.workers.append(w)
@@ -130,8 +148,9 @@ class DisaggAsyncEngine:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(serving, the /health body): "degraded" while some worker is down."""
         workers = [{"role": r.role, "index": r.index, "alive": w.is_running,
-                    "pid": w.describe().get("pid"), "device": w.describe().get("device")}
-                   for w, r in zip(self.workers, self.roles)]
+                    "pid": w.describe().get("pid"), "device": w.describe().get("device"),
+                    "address": f"{a[0]}:{a[1]}" if a else None}
+                   for w, r, a in zip(self.workers, self.roles, self.addresses)]
         ok = self.is_running
         status = ("stopping" if not ok else
                   "ok" if all(w["alive"] for w in workers) else "degraded")
@@ -268,6 +287,8 @@ class DisaggAsyncEngine:
         memory."""
         if self.kv_connector != "auto":
             return self.kv_connector
+        if self.addresses[p] is not None or self.addresses[d] is not None:
+            return "nccl"  # another machine, maybe
         gp, gd = self.roles[p].cuda_device, self.roles[d].cuda_device
         if gp is None or gd is None:
             return "shm"

@@ -124,10 +124,31 @@ class ProcessCore:
     def start(self, on_events: Callable[..., None],
               on_dead: Callable[[BaseException], None],
               on_control: Callable[[list], None] | None = None) -> None:
-        """Spawn the engine process and wait until it is ready (ValueError if it fails).
-        on_control: a disaggregation worker's control messages (disagg/worker.py)."""
-        if self._proc is not None:
+        """Start the engine process (spawn it, or reach it: `_open`) and wait until it is
+        ready (ValueError if it fails). on_control: a disaggregation worker's control
+        messages (disagg/worker.py)."""
+        if self._rx is not None:
             return
+        self._open()
+        if not self._evt_r.poll(_START_TIMEOUT_S):
+            self._stop()
+            raise ValueError("the engine process did not start in time")
+        try:
+            message = self._evt_r.recv()
+        except (EOFError, OSError):
+            message = ("error", f"the engine process exited ({self._exitcode()})", False)
+        if message[0] == "error":
+            self._stop()
+            raise ValueError(message[1])
+        self.info = message[1]
+        self.alive = True
+        self._rx = threading.Thread(target=self._receive,
+                                    args=(on_events, on_dead, on_control),
+                                    name="tandem-engine-rx", daemon=True)
+        self._rx.start()
+
+    def _open(self) -> None:
+        """Spawn the engine process; set the command and event connections."""
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         cmd_r, self._cmd_w = ctx.Pipe(duplex=False)
         self._evt_r, evt_w = ctx.Pipe(duplex=False)
@@ -136,22 +157,16 @@ class ProcessCore:
         self._proc.start()
         cmd_r.close()
         evt_w.close()
-        if not self._evt_r.poll(_START_TIMEOUT_S):
-            self._proc.kill()
-            raise ValueError("the engine process did not start in time")
-        try:
-            message = self._evt_r.recv()
-        except EOFError:
-            message = ("error", f"the engine process exited ({self._proc.exitcode})", False)
-        if message[0] == "error":
+
+    def _stop(self) -> None:
+        """A start that failed: end the process."""
+        if self._proc is not None:
             self._proc.join(10)
-            raise ValueError(message[1])
-        self.info = message[1]
-        self.alive = True
-        self._rx = threading.Thread(target=self._receive,
-                                    args=(on_events, on_dead, on_control),
-                                    name="tandem-engine-rx", daemon=True)
-        self._rx.start()
+            if self._proc.is_alive():
+                self._proc.kill()
+
+    def _exitcode(self) -> int | None:
+        return self._proc.exitcode if self._proc is not None else None
 
     def send(self, commands: list[Command]) -> bool:
         """Queue commands in the engine process; False once it is gone."""
@@ -202,8 +217,7 @@ class ProcessCore:
             on_events(events, outputs, stats, num_waiting)
         self.alive = False
         if not clean:
-            logger.error("%s (engine process exit code %s)", reason,
-                         self._proc.exitcode if self._proc else None)
+            logger.error("%s (engine process exit code %s)", reason, self._exitcode())
             on_dead(EngineError(reason))
 
     def _unpack(self, packed: tuple) -> RequestOutput:

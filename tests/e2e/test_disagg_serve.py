@@ -159,3 +159,69 @@ def test_bad_layouts_are_refused(tiny, tmp_path):
         r = subprocess.run([sys.executable, "-m", "tandem", "serve", tiny, *args],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and words in r.stderr, r.stderr[-2000:]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_workers_started_apart_and_joined_by_address(tiny, reference, tmp_path):
+    """`tandem worker --listen` twice (a prefill and a decode worker, as on other machines)
+    and a front end with one local decode worker that joins them by address: outputs equal
+    one engine's, KV moves point to point (gloo here), /health lists the addresses; when
+    the remote prefill worker dies, requests route locally and /health says degraded."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TANDEM_WORKER_KEY": "test-key"}
+    ports = [_free_port(), _free_port()]
+    workers = [subprocess.Popen([sys.executable, "-m", "tandem", "worker", tiny, "--listen",
+                                 f"127.0.0.1:{port}", *SIZES], env=env,
+                                stdout=open(tmp_path / f"worker{i}.log", "w"),
+                                stderr=subprocess.STDOUT) for i, port in enumerate(ports)]
+    try:
+        time.sleep(3)  # listening (the model loads once the front end connects)
+        server = start_server(tiny, str(tmp_path / "server.log"), "--served-model-name",
+                              "tiny", *SIZES, "--remote-prefill", f"127.0.0.1:{ports[0]}",
+                              "--remote-decode", f"127.0.0.1:{ports[1]}",
+                              "--disagg-policy", "always", defaults=False, timeout=180.0,
+                              env={"TANDEM_WORKER_KEY": "test-key"})
+        try:
+            prompts = _workload()
+            assert _complete_all(server, prompts) == reference
+            health = httpx.get(server.url + "/health", timeout=10).json()
+            assert health["status"] == "ok"
+            assert [(w["role"], w["address"]) for w in health["workers"]] == [
+                ("decode", None), ("decode", f"127.0.0.1:{ports[1]}"),
+                ("prefill", f"127.0.0.1:{ports[0]}")]
+            assert server.metric("tandem:disagg_requests_total", route="remote") >= 6
+            assert server.metric("tandem:kv_transfer_bytes_total") > 0
+            assert server.metric("tandem:disagg_requests_total", route="fallback") == 0
+            workers[0].kill()  # the prefill worker's machine goes away
+            workers[0].wait(timeout=30)
+            deadline = time.monotonic() + 30
+            while httpx.get(server.url + "/health").json()["status"] != "degraded":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            before = server.metric("tandem:disagg_requests_total", route="local")
+            assert _complete_all(server, prompts) == reference
+            assert server.metric("tandem:disagg_requests_total", route="local") == \
+                before + len(prompts)
+        finally:
+            stop_server(server)
+        assert workers[1].wait(timeout=60) == 0  # the front end left: the worker exits
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+
+
+def test_a_worker_refuses_a_front_end_without_the_key(tiny, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "tandem", "worker", tiny, "--listen",
+                        "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "TANDEM_WORKER_KEY"})
+    assert r.returncode == 2 and "TANDEM_WORKER_KEY" in r.stderr
