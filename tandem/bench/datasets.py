@@ -1,6 +1,8 @@
 """Request sets for `tandem bench serve`, built (tokenized, serialized) before the clock starts.
 
     random         exact input/output lengths as token ids (or ranges, --random-range-ratio)
+    mixed          classes of exact input lengths in given shares (--mix 0.8:256,0.2:8192),
+                   shuffled: short chat turns among long documents
     shared-prefix  G groups x a shared prefix + a unique suffix (the prefix-caching workload)
     code           completions and fill-in-the-middle requests cut from Python files
     sharegpt       first human turn -> prompt, first reply's token count -> max_tokens
@@ -21,7 +23,7 @@ from typing import Any
 
 from tandem.engine.tokenizer import Tokenizer
 
-DATASETS = ("random", "shared-prefix", "code", "sharegpt", "jsonl")
+DATASETS = ("random", "mixed", "shared-prefix", "code", "sharegpt", "jsonl")
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
@@ -65,6 +67,32 @@ def random_dataset(tok: Tokenizer, n: int, input_len: int, output_len: int, rati
     ins, outs = _lens(rng, n, input_len, ratio), _lens(rng, n, output_len, ratio)
     return [_spec(COMPLETIONS, {"prompt": _ids(rng, i, lo, hi), "max_tokens": o}, i, model,
                   ignore_eos) for i, o in zip(ins, outs)]
+
+
+def parse_mix(text: str) -> list[tuple[float, int]]:
+    """"0.8:256,0.2:8192" -> [(0.8, 256), (0.2, 8192)] (shares summing to 1)."""
+    try:
+        mix = [(float(a), int(b)) for a, b in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise ValueError(f"--mix takes SHARE:INPUT_LEN,..., got {text!r}") from None
+    if not mix or any(f <= 0 or n < 1 for f, n in mix) or abs(sum(f for f, _ in mix) - 1) > 1e-6:
+        raise ValueError(f"--mix: positive shares summing to 1 and lengths >= 1, got {text!r}")
+    return mix
+
+
+def mixed_dataset(tok: Tokenizer, n: int, mix: list[tuple[float, int]], output_len: int,
+                  seed: int, model: str | None, ignore_eos: bool) -> list[RequestSpec]:
+    """round(share x n) requests of each input length (the last class takes the rest),
+    in a seeded random order."""
+    rng = random.Random(seed)
+    lo, hi = _id_range(tok)
+    lens: list[int] = []
+    for i, (share, length) in enumerate(mix):
+        count = n - len(lens) if i == len(mix) - 1 else round(share * n)
+        lens += [length] * count
+    rng.shuffle(lens)
+    return [_spec(COMPLETIONS, {"prompt": _ids(rng, i, lo, hi), "max_tokens": output_len}, i,
+                  model, ignore_eos) for i in lens]
 
 
 def shared_prefix_dataset(tok: Tokenizer, n: int, groups: int, prefix_len: int,

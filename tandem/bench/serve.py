@@ -208,7 +208,25 @@ def summarize(records: list[RequestRecord], duration_s: float,
         "tpot_s": _stats([t for r in ok if (t := r.tpot_s) is not None]),
         "itl_s": _stats([g for r in ok for g in r.itl_s]),
         "e2el_s": _stats([r.e2e_s for r in ok]),
+        "by_prompt_tokens": _by_prompt_tokens(ok, bounds),
     }
+
+
+def _by_prompt_tokens(ok: list[RequestRecord], bounds: dict[str, float]
+                      ) -> dict[str, dict[str, Any]] | None:
+    """TTFT, ITL and goodput per prompt length, when a few lengths make the workload (the
+    mixed dataset: short requests among long ones); else None."""
+    lengths = sorted({r.prompt_tokens for r in ok})
+    if not 2 <= len(lengths) <= 4:
+        return None
+    out = {}
+    for n in lengths:
+        group = [r for r in ok if r.prompt_tokens == n]
+        out[str(n)] = {"completed": len(group),
+                       "ttft_s": _stats([r.ttft_s for r in group if r.ttft_s is not None]),
+                       "itl_s": _stats([g for r in group for g in r.itl_s]),
+                       "good": sum(meets(r, bounds) for r in group) if bounds else None}
+    return out
 
 
 def record_dicts(records: list[RequestRecord]) -> list[dict]:
@@ -237,4 +255,9 @@ def table(summary: dict[str, Any]) -> list[tuple[str, Any]]:
             rows.append((f"{name[:-2].upper()} ms mean / p50 / p90 / p99 / max",
                          " / ".join(f"{1000 * s[k]:.2f}" for k in
                                     ("mean", "median", "p90", "p99", "max"))))
+    for n, g in (summary.get("by_prompt_tokens") or {}).items():
+        if g["ttft_s"]["mean"] is not None and g["itl_s"]["mean"] is not None:
+            rows.append((f"{n}-token prompts ({g['completed']}): TTFT p50 / p99, ITL p99 ms",
+                         f"{1000 * g['ttft_s']['median']:.2f} / {1000 * g['ttft_s']['p99']:.2f}"
+                         f", {1000 * g['itl_s']['p99']:.2f}"))
     return rows

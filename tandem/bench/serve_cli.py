@@ -54,6 +54,8 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-output-len", type=int, default=256)
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths uniform in [len x (1 - r), len x (1 + r)]")
+    p.add_argument("--mix", default="0.8:256,0.2:8192",
+                   help="mixed: SHARE:INPUT_LEN,... (outputs: --random-output-len)")
     p.add_argument("--num-groups", type=int, default=8, help="shared-prefix: groups")
     p.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: prefix tokens")
     p.add_argument("--suffix-len", type=int, default=64, help="shared-prefix: unique tokens")
@@ -76,6 +78,9 @@ def build_specs(args: argparse.Namespace, tok) -> list[datasets.RequestSpec]:
     if args.dataset == "random":
         return datasets.random_dataset(tok, n, args.random_input_len, args.random_output_len,
                                        args.random_range_ratio, seed, model, eos)
+    if args.dataset == "mixed":
+        return datasets.mixed_dataset(tok, n, datasets.parse_mix(args.mix),
+                                      args.random_output_len, seed, model, eos)
     if args.dataset == "shared-prefix":
         return datasets.shared_prefix_dataset(tok, n, args.num_groups, args.prefix_len,
                                               args.suffix_len, args.random_output_len, seed,

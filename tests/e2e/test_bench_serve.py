@@ -64,6 +64,7 @@ def test_datasets(server, tmp_path):
         {"prompt": "import os\n", "max_tokens": 5},
         {"messages": [{"role": "user", "content": "sort a list"}], "max_tokens": 5}]))
     for argv in (["--dataset", "random", "--random-range-ratio", "0.5"],
+                 ["--dataset", "mixed", "--mix", "0.75:16,0.25:100", "--goodput", "ttft:60000"],
                  ["--dataset", "shared-prefix", "--num-groups", "2", "--prefix-len", "64",
                   "--suffix-len", "8", "--max-concurrency", "2"],
                  ["--dataset", "code", "--fim-ratio", "0.5"],
@@ -74,6 +75,18 @@ def test_datasets(server, tmp_path):
         assert summary["total_output_tokens"] > 0
         if argv[1] == "shared-prefix":  # 10 of 12 prompts reuse their group's 64 tokens
             assert summary["server"]["prefix_cache_hit_rate"] > 0.4
+        if argv[1] == "mixed":  # 9 short and 3 long, each class reported on its own
+            groups = summary["by_prompt_tokens"]
+            assert {k: g["completed"] for k, g in groups.items()} == {"16": 9, "100": 3}
+            assert all(g["ttft_s"]["p99"] > 0 and g["good"] == g["completed"]
+                       for g in groups.values())
+
+
+def test_mix_is_parsed_and_checked():
+    assert datasets.parse_mix("0.8:256,0.2:8192") == [(0.8, 256), (0.2, 8192)]
+    for bad in ("0.8:256", "0.5:10,0.6:20", "a:b", "0.5:0,0.5:3"):
+        with pytest.raises(ValueError, match="--mix"):
+            datasets.parse_mix(bad)
 
 
 def test_code_dataset_has_fim_requests():
