@@ -225,3 +225,39 @@ def test_a_worker_refuses_a_front_end_without_the_key(tiny, tmp_path):
                         "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in os.environ.items() if k != "TANDEM_WORKER_KEY"})
     assert r.returncode == 2 and "TANDEM_WORKER_KEY" in r.stderr
+
+
+def test_clients_that_leave_early_leave_nothing_behind(tiny, tmp_path):
+    """Streams of remote requests closed after their first chunk, 12 at 4 at a time: both
+    workers end idle with no KV held, no payload file is left in shared memory, and the
+    server still answers."""
+    import glob
+    before = set(glob.glob("/dev/shm/tkv*"))
+    server = _start(tiny, tmp_path, "--prefill-workers", "1", "--disagg-policy", "always",
+                    "--kv-connector", "shm")
+    try:
+        prompts = [[t + k for t in p] for k, p in enumerate(_workload()[:4])]
+
+        def leave_early(p: list[int]) -> None:
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+                    "prompt": p, "max_tokens": 100, "stream": True, "ignore_eos": True,
+                    "model": "tiny"}) as r:
+                assert r.status_code == 200
+                for _ in r.iter_lines():
+                    break  # go away after the first chunk
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(leave_early, prompts * 3))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            idle = all(server.metric(f"tandem:worker_num_requests_{s}", role=r,
+                                     worker="0") == 0
+                       for s in ("running", "waiting") for r in ("decode", "prefill"))
+            if idle and server.metric("tandem:kv_cache_usage_perc") == 0:
+                break
+            time.sleep(0.2)
+        assert idle and server.metric("tandem:kv_cache_usage_perc") == 0
+        assert set(glob.glob("/dev/shm/tkv*")) <= before  # every payload received or dropped
+        assert _complete_all(server, _workload()[:2]) is not None
+    finally:
+        stop_server(server)
