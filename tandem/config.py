@@ -29,7 +29,9 @@ class ModelConfig:
     seed: int = 0  # seeds dummy weights and unseeded sampling
     max_model_len: int | None = None  # prompt + output limit (None: max_position_embeddings)
     chat_template: str | None = None  # path or literal jinja; overrides the model's own
-    enforce_eager: bool = False  # never capture CUDA graphs (debugging, profiling)
+    # Always run the model's PyTorch forward: no CUDA graphs, no fused CPU decode step
+    # (runner/cpu_decode.py); for debugging, profiling, and as the reference.
+    enforce_eager: bool = False
     max_logprobs: int = 20  # most top-N logprobs one request may ask for (per token)
     # Sampling defaults for what a request leaves unset: "auto" reads the model's
     # generation_config.json, "vllm" (or "none") keeps the built-in defaults, any other

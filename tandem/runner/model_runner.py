@@ -36,6 +36,7 @@ from tandem.models.loader import load_model
 from tandem.quantization.compressed_tensors import checkpoint_kv_scales, quant_policy
 from tandem.outputs import Logprobs, StepPlan, StepResult
 from tandem.request import SamplingParams
+from tandem.runner.cpu_decode import CpuDecodeRunner
 from tandem.runner.cuda_graph import CudaGraphRunner
 from tandem.runner.input_batch import ModelInputs, build_model_inputs, build_sampling_tensors
 from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, kv_cache_spec,
@@ -121,6 +122,7 @@ class ModelRunner:
                         else "")
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphRunner | None = None
+        self.cpu_decode: CpuDecodeRunner | None = None  # small decode steps in one C call
         # The last launched step's sampled ids on the device, and each request's row there.
         self._last_ids: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
@@ -176,6 +178,8 @@ class ModelRunner:
                                           self.block_size, self.num_blocks, self.device)
             self.graphs.capture()
             logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
+        elif self.device.type == "cpu" and not self.config.model.enforce_eager:
+            self.cpu_decode = CpuDecodeRunner.create(m)
 
     @torch.inference_mode()
     def _calibrate_kv_scales(self, num_tokens: int = 512) -> None:
@@ -277,11 +281,14 @@ class ModelRunner:
         inputs = build_model_inputs(plan, self.states, self.block_size, self.device, last_rows)
         if inputs.inflight_rows is not None:
             inputs.input_ids[inputs.inflight_rows] = last_ids[inputs.inflight_src]
-        if self.graphs is not None and self.graphs.can_run(inputs):
-            hidden = self.graphs.run(inputs)
+        if self.cpu_decode is not None and self.cpu_decode.can_run(inputs):
+            logits = self.cpu_decode.logits(inputs)  # forward and LM head, one native call
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            if self.graphs is not None and self.graphs.can_run(inputs):
+                hidden = self.graphs.run(inputs)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         num_sampled = sum(inputs.sample_counts)  # logits rows that sample
         states = [self.states[s.request_id] for s in plan.seqs]
         out = Launched(plan, inputs, logits=logits if inputs.prompt_lp_spans else None,
@@ -401,8 +408,9 @@ class ModelRunner:
     def profile_spec_costs(self) -> dict[str, dict[int, float]]:
         """Seconds per step by rows, measured here (spec_decode/switch.py): "verify", the
         target's forward, logits and argmax over that many one-token queries (through the
-        CUDA graphs where they apply); "draft", one draft-model forward at that batch
-        (host proposers: nothing). Rows at context 1, in the spare block."""
+        CUDA graphs or the fused CPU step where they apply); "draft", one draft-model
+        forward at that batch (host proposers: nothing). Rows at context 1, in the spare
+        block."""
         if self.proposer is None:
             return {}
         sched = self.config.scheduler
@@ -426,6 +434,9 @@ class ModelRunner:
             fake = ModelInputs(ids, pos, meta, list(range(rows)), pos, [])
 
             def step() -> None:
+                if self.cpu_decode is not None and self.cpu_decode.can_run(fake):
+                    self.cpu_decode.logits(fake).argmax(dim=-1).tolist()
+                    return
                 if self.graphs is not None and self.graphs.can_run(fake):
                     hidden = self.graphs.run(fake)
                 else:

@@ -8,6 +8,9 @@ flags and CPU), then loaded with ctypes; the call releases the GIL and runs on O
 threads (torch's own runtime: both load `libgomp.so.1`). Where there is no compiler, or for
 what the kernel does not cover (dtypes other than float32, head_dim > 256, GQA groups
 > 64), the reference runs instead. `TANDEM_CPU_KERNELS=0` turns the kernel off.
+
+The same library holds `decode_step.c`, a whole decode step of a float32 Llama in one call
+(runner/cpu_decode.py loads it from here).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from tandem.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_decode.c")
+# One library: decode attention, and the fused decode step of runner/cpu_decode.py.
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "decode_step.c")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _MAX_GROUP, _MAX_HEAD_DIM, _MAX_BLOCK = 64, 256, 256  # as in paged_decode.c
 
@@ -58,20 +62,21 @@ def load_library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: CPU decode attention uses the PyTorch reference")
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *_FLAGS]).encode()
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES)
+                         + " ".join([compiler, *_FLAGS]).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
-    path = _cache_dir() / f"paged_decode-{key}.so"
+    path = _cache_dir() / f"tandem_cpu-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True,
-                           capture_output=True, text=True, timeout=120)
+            subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"],
+                           check=True, capture_output=True, text=True, timeout=120)
             os.replace(tmp, path)  # atomic: concurrent builders race harmlessly
         except (subprocess.SubprocessError, OSError) as e:
             detail = getattr(e, "stderr", "") or e
-            logger.warning("building the CPU decode kernel failed (%s): using the PyTorch "
+            logger.warning("building the CPU kernels failed (%s): using the PyTorch "
                            "reference", str(detail).strip()[:500])
             Path(tmp).unlink(missing_ok=True)
             return None
@@ -81,6 +86,9 @@ def load_library() -> ctypes.CDLL | None:
     fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
                    ctypes.c_float, ptr, i64]
     fn.restype = None
+    step = lib.tandem_llama_decode_f32
+    step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    step.restype = ctypes.c_int
     return lib
 
 

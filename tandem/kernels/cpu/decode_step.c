@@ -1,0 +1,323 @@
+/* One decode step of a Llama-family model in float32, in one call: the CPU fast path for
+ * decode steps of a few rows (tandem/runner/cpu_decode.py drives it; the model's PyTorch
+ * forward, tandem/models/llama.py, is the spec it is tested against).
+ *
+ * A batch-1 decode step on CPU reads every weight once (85 MB for the embedded model) and
+ * does little else, so it is bound by memory bandwidth, but through PyTorch each of its
+ * ~70 ops costs a Python call, a dispatch and (for the matmuls) an OpenMP fork and join.
+ * Here the whole step is one OpenMP parallel region:
+ *
+ *   every thread:  res = embed[id];  h = rmsnorm(res)          (its own copy of res and h)
+ *   per layer:     qkv = h Wqkv^T                     split over output rows    | barrier
+ *                  rotary(q, k); k, v -> cache slot   split over (row, kv head) | barrier
+ *                  attention over the paged cache     split over (row, kv head) | barrier
+ *                  delta = attn Wo^T                  split over output rows    | barrier
+ *                  res += delta; h = rmsnorm(res)     every thread, redundantly
+ *                  act = silu(h Wg^T) * (h Wu^T)      split over output rows    | barrier
+ *                  delta = act Wd^T                   split over output rows    | barrier
+ *                  res += delta; h = rmsnorm(res)     every thread, redundantly
+ *   logits = h Wlm^T                                  split over vocabulary rows
+ *
+ * Norms and residual adds are recomputed by every thread instead of shared, which saves a
+ * barrier each. Every row is a one-token query at its own position: rows may belong to one
+ * sequence (speculative decoding's verify rows), since all of a step's K/V is in the cache
+ * before any row attends.
+ *
+ * Layouts (row-major, contiguous): weights (out_features, in_features) as PyTorch stores
+ * them; qkv_proj rows | q heads | k heads | v heads |; gate_up_proj rows | gate | up |;
+ * k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; cos/sin caches
+ * [max_positions, head_dim] (both halves equal, rotate-half layout).
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TANDEM_DECODE_MAX_ROWS 8
+#define TANDEM_DECODE_MAX_GROUP 64
+#define TANDEM_DECODE_MAX_HEAD_DIM 256
+#define TANDEM_DECODE_MAX_BLOCK 256
+
+typedef struct {
+    int64_t num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size;
+    int64_t vocab_size, block_size;
+    float eps, attn_scale;
+    const float *embed;      /* (vocab, hidden) */
+    const float *final_norm; /* (hidden,) */
+    const float *lm_head;    /* (vocab, hidden); the embedding when tied */
+    const float *cos_cache, *sin_cache;
+    /* per layer, num_layers pointers each */
+    const float *const *input_norm, *const *qkv, *const *o_proj, *const *post_norm;
+    const float *const *gate_up, *const *down;
+    float *const *k_cache, *const *v_cache;
+} tandem_llama_f32;
+
+/* This thread's share [*lo, *hi) of n output rows, in multiples of 4. */
+static void split_rows(int64_t n, int nt, int t, int64_t *lo, int64_t *hi)
+{
+    int64_t per = ((n + nt - 1) / nt + 3) / 4 * 4;
+    *lo = t * per < n ? t * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+/* y[r * ldy + o] = w[o, :] . x[r * in + :] for o in [lo, hi), r < rows. Four weight rows
+ * at a time (four independent sums); the later input rows re-read them from L1. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline float hsum8(__m256 v)
+{
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_hadd_ps(a, a);
+    return _mm_cvtss_f32(_mm_hadd_ps(a, a));
+}
+#endif
+
+static void gemv(const float *w, int64_t in, const float *x, int64_t rows, float *y,
+                 int64_t ldy, int64_t lo, int64_t hi)
+{
+    int64_t o = lo;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (in % 8 == 0)
+        for (; o + 4 <= hi; o += 4) {
+            const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+            for (int64_t r = 0; r < rows; ++r) {
+                const float *xr = x + r * in;
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+                for (int64_t i = 0; i < in; i += 8) {
+                    const __m256 xv = _mm256_loadu_ps(xr + i);
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
+                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+                }
+                float *yr = y + r * ldy + o;
+                yr[0] = hsum8(a0), yr[1] = hsum8(a1), yr[2] = hsum8(a2), yr[3] = hsum8(a3);
+            }
+        }
+#endif
+    for (; o + 4 <= hi; o += 4) {
+        const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *xr = x + r * in;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t i = 0; i < in; ++i) {
+                a0 += w0[i] * xr[i];
+                a1 += w1[i] * xr[i];
+                a2 += w2[i] * xr[i];
+                a3 += w3[i] * xr[i];
+            }
+            float *yr = y + r * ldy + o;
+            yr[0] = a0, yr[1] = a1, yr[2] = a2, yr[3] = a3;
+        }
+    }
+    for (; o < hi; ++o)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *wo = w + o * in, *xr = x + r * in;
+            float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+            for (int64_t i = 0; i < in; ++i) a += wo[i] * xr[i];
+            y[r * ldy + o] = a;
+        }
+}
+
+/* res (+)= delta; h = weight * res / sqrt(mean(res^2) + eps), for each row. */
+static void add_rms_norm(float *res, const float *delta, const float *weight, float *h,
+                         int64_t rows, int64_t dim, float eps)
+{
+    for (int64_t r = 0; r < rows; ++r) {
+        float *x = res + r * dim;
+        if (delta != NULL)
+            for (int64_t i = 0; i < dim; ++i) x[i] += delta[r * dim + i];
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < dim; ++i) ss += x[i] * x[i];
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int64_t i = 0; i < dim; ++i) h[r * dim + i] = weight[i] * (x[i] * inv);
+    }
+}
+
+/* x * cos + rotate_half(x) * sin, rotate_half(| a | b |) = | -b | a |. */
+static void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t d)
+{
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+        out[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+}
+
+/* One (row, kv head) item before attention: rotate the head's k and its group's q (q in
+ * place in the row's qkv), store k and v at the row's slot. */
+static void rotate_store_item(const tandem_llama_f32 *m, int64_t layer, float *qkv_row,
+                              int64_t pos, int64_t slot, int64_t kh)
+{
+    const int64_t d = m->head_dim, group = m->num_heads / m->num_kv_heads;
+    const int64_t token_stride = m->num_kv_heads * d;
+    const float *cos = m->cos_cache + pos * d, *sin = m->sin_cache + pos * d;
+    const float *k = qkv_row + (m->num_heads + kh) * d;
+    const float *v = qkv_row + (m->num_heads + m->num_kv_heads + kh) * d;
+    rotate(k, cos, sin, m->k_cache[layer] + slot * token_stride + kh * d, d);
+    memcpy(m->v_cache[layer] + slot * token_stride + kh * d, v, (size_t)d * sizeof(float));
+    float tmp[TANDEM_DECODE_MAX_HEAD_DIM];
+    for (int64_t g = 0; g < group; ++g) {
+        float *q = qkv_row + (kh * group + g) * d;
+        rotate(q, cos, sin, tmp, d);
+        memcpy(q, tmp, (size_t)d * sizeof(float));
+    }
+}
+
+/* One (row, kv head) item of attention: the group's rotated queries over the row's cached
+ * context, online softmax a block at a time (as kernels/cpu/paged_decode.c). */
+static void attend_item(const tandem_llama_f32 *m, int64_t layer, const float *qkv_row,
+                        const int32_t *table, int64_t len, int64_t kh, float *out_row)
+{
+    const int64_t d = m->head_dim, group = m->num_heads / m->num_kv_heads;
+    const int64_t token_stride = m->num_kv_heads * d;
+    const float *kc = m->k_cache[layer], *vc = m->v_cache[layer];
+    const float *q[TANDEM_DECODE_MAX_GROUP];
+    float acc[TANDEM_DECODE_MAX_GROUP][TANDEM_DECODE_MAX_HEAD_DIM];
+    float mx[TANDEM_DECODE_MAX_GROUP], l[TANDEM_DECODE_MAX_GROUP];
+    float p[TANDEM_DECODE_MAX_BLOCK];
+    for (int64_t g = 0; g < group; ++g) {
+        q[g] = qkv_row + (kh * group + g) * d;
+        mx[g] = -INFINITY;
+        l[g] = 0.0f;
+        for (int64_t i = 0; i < d; ++i) acc[g][i] = 0.0f;
+    }
+    const int64_t bs = m->block_size;
+    for (int64_t start = 0; start < len; start += bs) {
+        const int64_t block = table[start / bs];
+        const int64_t n = len - start < bs ? len - start : bs;
+        const float *kb = kc + block * bs * token_stride + kh * d;
+        const float *vb = vc + block * bs * token_stride + kh * d;
+        for (int64_t g = 0; g < group; ++g) {
+            float block_max = -INFINITY;
+            for (int64_t t = 0; t < n; ++t) {
+                const float *kt = kb + t * token_stride;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < d; ++i) dot += q[g][i] * kt[i];
+                p[t] = dot * m->attn_scale;
+                if (p[t] > block_max) block_max = p[t];
+            }
+            const float m_new = block_max > mx[g] ? block_max : mx[g];
+            const float alpha = expf(mx[g] - m_new); /* 0 on the first block */
+            float sum = 0.0f;
+            for (int64_t t = 0; t < n; ++t) {
+                p[t] = expf(p[t] - m_new);
+                sum += p[t];
+            }
+            l[g] = l[g] * alpha + sum;
+            mx[g] = m_new;
+            float *a = acc[g];
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
+            for (int64_t t = 0; t < n; ++t) {
+                const float *vt = vb + t * token_stride;
+                const float pt = p[t];
+#pragma omp simd
+                for (int64_t i = 0; i < d; ++i) a[i] += pt * vt[i];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.0f / l[g];
+        float *o = out_row + (kh * group + g) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = acc[g][i] * inv;
+    }
+}
+
+static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
+
+/* The step for `rows` sequences (one new token each): input_ids, positions, slots (rows,)
+ * int64; block_tables (rows, bt_stride) int32; seq_lens (rows,) int32, the context length
+ * after this token. Writes the token's K/V into every layer's cache and the logits
+ * (rows, vocab) into `logits`. Returns 0, or -1 if it refused the shapes (nothing done). */
+int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64_t *input_ids,
+                            const int64_t *positions, const int64_t *slots,
+                            const int32_t *block_tables, int64_t bt_stride,
+                            const int32_t *seq_lens, float *logits, int num_threads)
+{
+    const int64_t dim = m->hidden_size, d = m->head_dim, inter = m->intermediate_size;
+    const int64_t q_size = m->num_heads * d, qkv_size = q_size + 2 * m->num_kv_heads * d;
+    if (rows < 1 || rows > TANDEM_DECODE_MAX_ROWS || d > TANDEM_DECODE_MAX_HEAD_DIM
+        || d % 2 || m->num_heads % m->num_kv_heads
+        || m->num_heads / m->num_kv_heads > TANDEM_DECODE_MAX_GROUP
+        || m->block_size > TANDEM_DECODE_MAX_BLOCK || num_threads < 1)
+        return -1;
+    /* shared: qkv (rows, qkv_size) | attn (rows, q_size) | act (rows, inter) |
+     * delta (rows, dim); then per thread: res, h (rows, dim) each */
+    const size_t shared[4] = {round64(rows * qkv_size * 4), round64(rows * q_size * 4),
+                              round64(rows * inter * 4), round64(rows * dim * 4)};
+    const size_t own = 2 * round64(rows * dim * 4);
+    char *work = aligned_alloc(64, shared[0] + shared[1] + shared[2] + shared[3]
+                                       + own * num_threads);
+    if (work == NULL) return -1;
+    float *qkv = (float *)work, *attn = (float *)(work + shared[0]);
+    float *act = (float *)(work + shared[0] + shared[1]);
+    float *delta = (float *)(work + shared[0] + shared[1] + shared[2]);
+    char *own_base = work + shared[0] + shared[1] + shared[2] + shared[3];
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        float *res = (float *)(own_base + t * own);
+        float *h = (float *)(own_base + t * own + own / 2);
+        for (int64_t r = 0; r < rows; ++r)
+            memcpy(res + r * dim, m->embed + input_ids[r] * dim, (size_t)dim * sizeof(float));
+        add_rms_norm(res, NULL, m->input_norm[0], h, rows, dim, m->eps);
+        int64_t lo, hi;
+        for (int64_t layer = 0; layer < m->num_layers; ++layer) {
+            split_rows(qkv_size, nt, t, &lo, &hi);
+            gemv(m->qkv[layer], dim, h, rows, qkv, qkv_size, lo, hi);
+#pragma omp barrier
+            const int64_t items = rows * m->num_kv_heads;
+            for (int64_t item = t; item < items; item += nt) {
+                const int64_t r = item / m->num_kv_heads;
+                rotate_store_item(m, layer, qkv + r * qkv_size, positions[r], slots[r],
+                                  item % m->num_kv_heads);
+            }
+#pragma omp barrier
+            for (int64_t item = t; item < items; item += nt) {
+                const int64_t r = item / m->num_kv_heads;
+                attend_item(m, layer, qkv + r * qkv_size, block_tables + r * bt_stride,
+                            seq_lens[r], item % m->num_kv_heads, attn + r * q_size);
+            }
+#pragma omp barrier
+            split_rows(dim, nt, t, &lo, &hi);
+            gemv(m->o_proj[layer], q_size, attn, rows, delta, dim, lo, hi);
+#pragma omp barrier
+            add_rms_norm(res, delta, m->post_norm[layer], h, rows, dim, m->eps);
+            /* gate rows [0, inter), up rows [inter, 2 inter): this thread's share of both,
+             * then silu(gate) * up in place of its gate outputs */
+            split_rows(inter, nt, t, &lo, &hi);
+            const float *gu = m->gate_up[layer];
+            for (int64_t o = lo; o < hi; o += 4) {
+                const int64_t n = hi - o < 4 ? hi - o : 4;
+                float gate[TANDEM_DECODE_MAX_ROWS * 4], up[TANDEM_DECODE_MAX_ROWS * 4];
+                gemv(gu + o * dim, dim, h, rows, gate, 4, 0, n);  /* (rows, 4) */
+                gemv(gu + (inter + o) * dim, dim, h, rows, up, 4, 0, n);
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int64_t j = 0; j < n; ++j) {
+                        const float g = gate[r * 4 + j];
+                        act[r * inter + o + j] = g / (1.0f + expf(-g)) * up[r * 4 + j];
+                    }
+            }
+#pragma omp barrier
+            split_rows(dim, nt, t, &lo, &hi);
+            gemv(m->down[layer], inter, act, rows, delta, dim, lo, hi);
+#pragma omp barrier
+            add_rms_norm(res, delta,
+                         layer + 1 < m->num_layers ? m->input_norm[layer + 1] : m->final_norm,
+                         h, rows, dim, m->eps);
+        }
+        split_rows(m->vocab_size, nt, t, &lo, &hi);
+        gemv(m->lm_head, dim, h, rows, logits, m->vocab_size, lo, hi);
+    }
+    free(work);
+    return 0;
+}

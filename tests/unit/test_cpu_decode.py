@@ -1,0 +1,141 @@
+"""The fused CPU decode step (runner/cpu_decode.py, kernels/cpu/decode_step.c) against the
+model's PyTorch forward, its spec: the same logits and the same K/V written, step by step
+inside real generations, and the same tokens end to end."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tandem import LLM, SamplingParams
+from tandem.kernels.cpu import load_library
+from tandem.runner import cpu_decode
+from tandem.runner.cpu_decode import CpuDecodeRunner
+from tandem.runner.input_batch import ModelInputs
+from tests.model_factory import make_attn_metadata, make_tiny_model
+
+needs_kernel = pytest.mark.skipif(load_library() is None, reason="no C compiler")
+
+
+def _runner(llm: LLM):
+    return llm.engine.executor.runner
+
+
+def _check_every_fused_step(llm: LLM) -> list[int]:
+    """Wrap the fused step: each call also runs the reference forward on the same inputs
+    and caches, and asserts equal logits and K/V. Returns the list of row counts seen."""
+    runner = _runner(llm)
+    fused, model = runner.cpu_decode.logits, runner.model
+    caches = [layer.kv_cache for layer in model.attention_layers()]
+    seen: list[int] = []
+
+    def checked(inputs: ModelInputs) -> torch.Tensor:
+        before = [c.clone() for c in caches]
+        got = fused(inputs)
+        got_kv = [c.clone() for c in caches]
+        for c, b in zip(caches, before):
+            c.copy_(b)
+        hidden = model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        want = model.compute_logits(hidden[inputs.logits_indices])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for g, w in zip(got_kv, caches):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        seen.append(inputs.attn_metadata.num_tokens)
+        return got
+
+    runner.cpu_decode.logits = checked
+    return seen
+
+
+@needs_kernel
+@pytest.mark.parametrize("tied, intermediate_size, block_size, num_prompts", [
+    (True, 128, 16, 1), (False, 100, 16, 3), (True, 96, 1, 8), (False, 128, 32, 11)])
+def test_fused_step_matches_forward(tmp_path, tied: bool, intermediate_size: int,
+                                    block_size: int, num_prompts: int) -> None:
+    """Logits and cache writes of every fused step equal the forward's; rows 1..8, context
+    across block boundaries, an intermediate size with a tail of < 4 rows; with 11 prompts
+    the steps of more than 8 rows take the forward and the rest the fused step."""
+    path = make_tiny_model(tmp_path, tie_word_embeddings=tied, num_heads=8, num_kv_heads=2,
+                           head_dim=16, intermediate_size=intermediate_size)
+    llm = LLM(path, block_size=block_size, num_kv_blocks=1024 // block_size)
+    assert _runner(llm).cpu_decode is not None
+    seen = _check_every_fused_step(llm)
+    rng = random.Random(num_prompts)
+    prompts = [[rng.randrange(1, 512) for _ in range(rng.randint(1, 40))]
+               for _ in range(num_prompts)]
+    lens = [rng.randint(5, 40) for _ in prompts]
+    llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                           for n in lens], use_tqdm=False)
+    assert seen and max(seen) == min(num_prompts, cpu_decode.MAX_ROWS)
+
+
+@needs_kernel
+def test_engine_outputs_equal_eager(tmp_path) -> None:
+    """Greedy tokens and sampled logprobs equal those of enforce_eager (the forward)."""
+    path = make_tiny_model(tmp_path, num_heads=4, num_kv_heads=2, hidden_size=64)
+    prompts = ["def fibonacci(n):", "The capital of France", "import torch\n", "for i in"]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=3)
+    fused = LLM(path)
+    assert _runner(fused).cpu_decode is not None
+    eager = LLM(path, enforce_eager=True)
+    assert _runner(eager).cpu_decode is None
+    for a, b in zip(fused.generate(prompts, params, use_tqdm=False),
+                    eager.generate(prompts, params, use_tqdm=False)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys()
+            for tok in la:
+                assert abs(la[tok] - lb[tok]) < 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("kwargs", [
+    {"architecture": "Qwen2ForCausalLM"}, {"architecture": "Qwen3ForCausalLM"},
+    {"quantization": "int8"}])
+def test_not_built_for_what_it_does_not_cover(tmp_path, kwargs: dict) -> None:
+    kwargs = dict(kwargs)
+    quant = kwargs.pop("quantization", None)
+    llm = LLM(make_tiny_model(tmp_path, **kwargs), quantization=quant)
+    assert _runner(llm).cpu_decode is None
+
+
+def test_off_without_cpu_kernels(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TANDEM_CPU_KERNELS", "0")
+    assert _runner(LLM(make_tiny_model(tmp_path))).cpu_decode is None
+
+
+def test_can_run_only_plain_decode_rows() -> None:
+    def inputs(query_lens, seq_lens, counts, prompt_lp=()):
+        meta = make_attn_metadata(query_lens, seq_lens, [[0, 1, 2]] * len(seq_lens), 16)
+        t = sum(query_lens)
+        ids = torch.zeros(t, dtype=torch.int64)
+        logits_rows = torch.arange(sum(counts) + sum(c for _, _, c in prompt_lp))
+        return ModelInputs(ids, ids, meta, list(range(len(counts))), logits_rows,
+                           list(prompt_lp), sample_counts=counts)
+    can_run = CpuDecodeRunner.can_run
+    assert can_run(None, inputs([1, 1], [5, 9], [1, 1]))
+    assert can_run(None, inputs([1] * 8, [5] * 8, [1] * 8))
+    assert not can_run(None, inputs([1] * 9, [5] * 9, [1] * 9))  # more than MAX_ROWS
+    assert not can_run(None, inputs([3, 1], [5, 9], [1, 1]))  # a prefill chunk
+    assert can_run(None, inputs([1, 1], [5, 6], [2]))  # verify rows of one sequence
+    assert not can_run(None, inputs([1], [5], [1], [(0, 1, 1)]))  # prompt logprobs
+
+
+@needs_kernel
+def test_speculative_verify_steps_match_forward(tmp_path) -> None:
+    """Verify rows (one sequence's drafts as one-token queries, each attending to the K/V
+    the rows before it wrote in the same step) through the fused step: every step checked
+    against the forward, and the tokens those of plain decoding."""
+    path = make_tiny_model(tmp_path, num_heads=4, num_kv_heads=2)
+    text = "def fibonacci(n):\n    return n " * 6
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    spec = LLM(path, num_kv_blocks=64, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3})
+    seen = _check_every_fused_step(spec)
+    got = spec.generate([text], params, use_tqdm=False)[0].outputs[0].token_ids
+    want = LLM(path, enforce_eager=True).generate([text], params,
+                                                  use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want
+    assert max(seen) > 1  # some steps verified drafts
