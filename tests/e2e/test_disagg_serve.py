@@ -66,6 +66,15 @@ def _complete_all(server, prompts: list[list[int]]) -> list[str]:
         return list(pool.map(one, prompts))
 
 
+def _later_requests_route_locally(server, prompts: list[list[int]], reference: list[str]
+                                  ) -> None:
+    """With no prefill worker left, every request prefills on its decode worker."""
+    before = server.metric("tandem:disagg_requests_total", route="local")
+    assert _complete_all(server, prompts) == reference
+    assert server.metric("tandem:disagg_requests_total", route="local") == \
+        before + len(prompts)
+
+
 def _start(tiny, tmp_path, *args: str):
     return start_server(tiny, str(tmp_path / "server.log"), "--served-model-name", "tiny",
                         *SIZES, *args, defaults=False, timeout=180.0)
@@ -140,11 +149,7 @@ def test_prefill_worker_killed_under_load_every_request_completes(tiny, referenc
         assert health.status_code == 200 and health.json()["status"] == "degraded"
         assert [w["alive"] for w in health.json()["workers"]] == [True, False]
         assert server.metric("tandem:worker_up", role="prefill", worker="0") == 0
-        # later requests route locally and still match
-        before = server.metric("tandem:disagg_requests_total", route="local")
-        assert _complete_all(server, prompts) == reference
-        assert server.metric("tandem:disagg_requests_total", route="local") == \
-            before + len(prompts)
+        _later_requests_route_locally(server, prompts, reference)
     finally:
         stop_server(server)
 
@@ -205,10 +210,7 @@ def test_workers_started_apart_and_joined_by_address(tiny, reference, tmp_path):
             while httpx.get(server.url + "/health").json()["status"] != "degraded":
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-            before = server.metric("tandem:disagg_requests_total", route="local")
-            assert _complete_all(server, prompts) == reference
-            assert server.metric("tandem:disagg_requests_total", route="local") == \
-                before + len(prompts)
+            _later_requests_route_locally(server, prompts, reference)
         finally:
             stop_server(server)
         assert workers[1].wait(timeout=60) == 0  # the front end left: the worker exits
