@@ -54,8 +54,11 @@ class KVReceiver:
         self._settled[request_id] = True
 
     def poll(self, engine) -> None:
-        now = time.monotonic()
         awaiting = engine.scheduler.awaiting_kv()
+        if not awaiting and not (self._since or self._settled or self._held
+                                 or self._delivered):
+            return  # the common step of a decode worker: nothing in flight
+        now = time.monotonic()
         # ended (aborted) while waiting, or settled after it ended
         for rid in (set(self._since) | set(self._settled) | set(self._held)
                     | set(self._delivered)) - set(awaiting):

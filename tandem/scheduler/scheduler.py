@@ -73,6 +73,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()  # FIFO; preempted requests re-enter at the front
         self.running: list[Request] = []  # admission order: the last one is preempted first
         self.requests: dict[str, Request] = {}  # every live (waiting or running) request
+        self._awaiting_kv: dict[str, None] = {}  # WAITING_FOR_KV ids, in arrival order
         self._finished_ids: list[str] = []  # finished since the last plan, for the runner
         self.num_preemptions = 0
         self._step_id = 0
@@ -102,6 +103,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         if awaiting_kv:
             request.status = RequestStatus.WAITING_FOR_KV
+            self._awaiting_kv[request.request_id] = None
             return
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
@@ -112,10 +114,12 @@ class Scheduler:
         if request is not None and request.status is RequestStatus.WAITING_FOR_KV:
             request.status = RequestStatus.WAITING
             self.waiting.append(request)
+            del self._awaiting_kv[request_id]
 
     def awaiting_kv(self) -> list[str]:
-        return [r.request_id for r in self.requests.values()
-                if r.status is RequestStatus.WAITING_FOR_KV]
+        """The ids of the requests waiting for KV (kept aside: no scan of every request
+        on each step)."""
+        return list(self._awaiting_kv)
 
     def _fits_in_pool(self, num_tokens: int) -> bool:
         return -(-num_tokens // self.block_size) <= self.kv.num_blocks
@@ -423,7 +427,9 @@ class Scheduler:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-        elif request.status is not RequestStatus.WAITING_FOR_KV:
+        elif request.status is RequestStatus.WAITING_FOR_KV:
+            del self._awaiting_kv[request.request_id]
+        else:
             self.waiting.remove(request)
         self.kv.free(request)
         del self.requests[request.request_id]
