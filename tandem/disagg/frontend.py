@@ -33,6 +33,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from tandem.config import EngineConfig
 from tandem.disagg.config import DisaggConfig
 from tandem.disagg.metrics import DisaggMetrics
@@ -64,12 +66,13 @@ class DisaggAsyncEngine:
                  on_step: StepHook | None = None, log_level: int = logging.INFO,
                  metrics: DisaggMetrics | None = None, num_gpus: int | None = None) -> None:
         """num_gpus: GPUs to spread the workers over (decode workers first, round robin);
-        None: all visible ones if the engine runs on CUDA."""
+        None: all visible ones if the engine runs on CUDA. metrics: where the routes and
+        transfers are counted (the server's registry; a private one if None)."""
         self.policy = layout.policy()
         self.kv_connector = layout.kv_connector
         self.on_step = on_step
         self.on_dead: Callable[[BaseException], None] | None = None
-        self.metrics = metrics
+        self.metrics = metrics or DisaggMetrics("default", CollectorRegistry())
         gpus = _gpus(config) if num_gpus is None else num_gpus
         decode_cfg = config
         prefill_cfg = dataclasses.replace(  # see PrefillSide: steps one at a time
@@ -123,8 +126,6 @@ class DisaggAsyncEngine:
         self._stats_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = self._stopping = False
-        self.counts = {"remote": 0, "local": 0, "fallback": 0, "bytes": 0, "blocks": 0,
-                       "transfer_s": 0.0, "import_s": 0.0}
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -241,9 +242,7 @@ class DisaggAsyncEngine:
                 if not m.imported:
                     self._count("fallback")
                 else:
-                    self.counts["import_s"] += m.seconds
-                    if self.metrics is not None:
-                        self.metrics.import_seconds.observe(m.seconds)
+                    self.metrics.import_seconds.observe(m.seconds)
             elif isinstance(m, Shipped):
                 self._shipped(m)
 
@@ -301,29 +300,21 @@ class DisaggAsyncEngine:
             # always, even if the request ended: a point-to-point send must be received
             self.workers[d].kv_ready(m.request_id, m.blob, m.via)
         if not m.ok:
-            if self.metrics is not None:
-                self.metrics.failures.inc()
+            self.metrics.failures.inc()
             if live is not None:
                 self.workers[live.decode].kv_failed(m.request_id)
             return
-        self.counts["bytes"] += m.num_bytes
-        self.counts["blocks"] += m.num_blocks
-        self.counts["transfer_s"] += m.seconds
-        if self.metrics is not None:
-            self.metrics.bytes.inc(m.num_bytes)
-            self.metrics.blocks.inc(m.num_blocks)
-            self.metrics.seconds.observe(m.seconds)
+        self.metrics.bytes.inc(m.num_bytes)
+        self.metrics.blocks.inc(m.num_blocks)
+        self.metrics.seconds.observe(m.seconds)
 
     def _count(self, route: str) -> None:
-        self.counts[route] += 1
-        if self.metrics is not None:
-            self.metrics.routes[route].inc()
+        self.metrics.routes[route].inc()
 
     def _hook(self, k: int) -> StepHook:
         def on_step(outputs: list[RequestOutput], stats: EngineStats) -> None:
             role = self.roles[k]
-            if self.metrics is not None:
-                self.metrics.worker(role.role, role.index, True, stats)
+            self.metrics.worker(role.role, role.index, True, stats)
             if role.role != "decode":  # prefill workers' requests are internal
                 return
             with self._stats_lock:  # the decode workers' rx threads
@@ -344,9 +335,8 @@ class DisaggAsyncEngine:
         return on_dead
 
     def _report(self, k: int) -> None:
-        if self.metrics is not None:
-            r = self.roles[k]
-            self.metrics.worker(r.role, r.index, self.workers[k].is_running)
+        r = self.roles[k]
+        self.metrics.worker(r.role, r.index, self.workers[k].is_running)
 
 
 def _prefill_id(request_id: str) -> str:

@@ -161,7 +161,6 @@ class PrefillSide:
         self._ships: dict[str, tuple[ShipTo, list[int]]] = {}  # request id -> (where, hashes)
         self._connectors: dict[str, SharedMemoryConnector] = {}
         self._control: list[Shipped] = []
-        self.sent = {"requests": 0, "blocks": 0, "bytes": 0, "seconds": 0.0, "failed": 0}
 
     def add(self, engine, command) -> None:
         ship: ShipTo = command.disagg
@@ -208,12 +207,7 @@ class PrefillSide:
             payload = None
         seconds = time.perf_counter() - t0
         if payload is None:
-            self.sent["failed"] += 1
             return Shipped(ship.request_id, False, 0, 0, seconds)
-        self.sent["requests"] += 1
-        self.sent["blocks"] += len(payload.hashes)
-        self.sent["bytes"] += payload.nbytes
-        self.sent["seconds"] += seconds
         return Shipped(ship.request_id, True, len(payload.hashes), payload.nbytes, seconds,
                        blob, ship.via)
 
