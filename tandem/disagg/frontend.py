@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -132,9 +131,26 @@ class DisaggAsyncEngine:
         """Start every worker (in parallel; each loads the model). ValueError if one fails."""
         if self._started:
             return
-        with ThreadPoolExecutor(len(self.workers)) as pool:
-            failures = [f.exception() for f in [pool.submit(w.start) for w in self.workers]]
-        errors = [e for e in failures if e is not None]
+        results: dict[int, BaseException | None] = {}
+        done = threading.Condition()
+
+        def start_one(k: int) -> None:
+            error: BaseException | None = None
+            try:
+                self.workers[k].start()
+            except BaseException as e:
+                error = e
+            with done:
+                results[k] = error
+                done.notify()
+
+        for k in range(len(self.workers)):  # daemons: a failed start does not wait for them
+            threading.Thread(target=start_one, args=(k,), daemon=True,
+                             name=f"tandem-start-{k}").start()
+        with done:  # all ready, or the first failure (the others may wait on it forever)
+            while len(results) < len(self.workers) and not any(results.values()):
+                done.wait()
+        errors = [e for e in results.values() if e is not None]
         if errors:  # (the workers that did start are daemons: they end with this process)
             raise ValueError(f"a disaggregation worker failed to start: {errors[0]}")
         self._started = True

@@ -160,9 +160,14 @@ def test_bad_layouts_are_refused(tiny, tmp_path):
     for args, words in ((["--prefill-workers", "1", "--no-engine-process"], "engine process"),
                         (["--decode-workers", "0"], "decode_workers"),
                         (["--prefill-workers", "1", "--disagg-min-uncached-fraction", "2"],
-                         "min_uncached_fraction")):
+                         "min_uncached_fraction"),
+                        (["--remote-prefill", "127.0.0.1:1"], "cannot reach the worker"),
+                        (["--remote-prefill", "nowhere"], "HOST:PORT"),
+                        (["--remote-prefill", "127.0.0.1:9", "--kv-connector", "shm"],
+                         "point-to-point")):
         r = subprocess.run([sys.executable, "-m", "tandem", "serve", tiny, *args],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "TANDEM_WORKER_KEY": "k"})
         assert r.returncode != 0 and words in r.stderr, r.stderr[-2000:]
 
 
