@@ -170,65 +170,20 @@ static void rotate_store_item(const tandem_llama_f32 *m, int64_t layer, float *q
     }
 }
 
-/* One (row, kv head) item of attention: the group's rotated queries over the row's cached
- * context, online softmax a block at a time (as kernels/cpu/paged_decode.c). */
+/* One (row, KV head) item of attention: the group's rotated queries over the row's cached
+ * context (kernels/cpu/paged_decode.c, the same library). */
+void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v_cache,
+                            const int32_t *table, int64_t len, int64_t kh, int64_t group,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                            float scale, float *o);
+
 static void attend_item(const tandem_llama_f32 *m, int64_t layer, const float *qkv_row,
                         const int32_t *table, int64_t len, int64_t kh, float *out_row)
 {
     const int64_t d = m->head_dim, group = m->num_heads / m->num_kv_heads;
-    const int64_t token_stride = m->num_kv_heads * d;
-    const float *kc = m->k_cache[layer], *vc = m->v_cache[layer];
-    const float *q[TANDEM_DECODE_MAX_GROUP];
-    float acc[TANDEM_DECODE_MAX_GROUP][TANDEM_DECODE_MAX_HEAD_DIM];
-    float mx[TANDEM_DECODE_MAX_GROUP], l[TANDEM_DECODE_MAX_GROUP];
-    float p[TANDEM_DECODE_MAX_BLOCK];
-    for (int64_t g = 0; g < group; ++g) {
-        q[g] = qkv_row + (kh * group + g) * d;
-        mx[g] = -INFINITY;
-        l[g] = 0.0f;
-        for (int64_t i = 0; i < d; ++i) acc[g][i] = 0.0f;
-    }
-    const int64_t bs = m->block_size;
-    for (int64_t start = 0; start < len; start += bs) {
-        const int64_t block = table[start / bs];
-        const int64_t n = len - start < bs ? len - start : bs;
-        const float *kb = kc + block * bs * token_stride + kh * d;
-        const float *vb = vc + block * bs * token_stride + kh * d;
-        for (int64_t g = 0; g < group; ++g) {
-            float block_max = -INFINITY;
-            for (int64_t t = 0; t < n; ++t) {
-                const float *kt = kb + t * token_stride;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < d; ++i) dot += q[g][i] * kt[i];
-                p[t] = dot * m->attn_scale;
-                if (p[t] > block_max) block_max = p[t];
-            }
-            const float m_new = block_max > mx[g] ? block_max : mx[g];
-            const float alpha = expf(mx[g] - m_new); /* 0 on the first block */
-            float sum = 0.0f;
-            for (int64_t t = 0; t < n; ++t) {
-                p[t] = expf(p[t] - m_new);
-                sum += p[t];
-            }
-            l[g] = l[g] * alpha + sum;
-            mx[g] = m_new;
-            float *a = acc[g];
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
-            for (int64_t t = 0; t < n; ++t) {
-                const float *vt = vb + t * token_stride;
-                const float pt = p[t];
-#pragma omp simd
-                for (int64_t i = 0; i < d; ++i) a[i] += pt * vt[i];
-            }
-        }
-    }
-    for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.0f / l[g];
-        float *o = out_row + (kh * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = acc[g][i] * inv;
-    }
+    tandem_attend_item_f32(qkv_row + kh * group * d, m->k_cache[layer], m->v_cache[layer],
+                           table, len, kh, group, m->num_kv_heads, d, m->block_size,
+                           m->attn_scale, out_row + kh * group * d);
 }
 
 static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
