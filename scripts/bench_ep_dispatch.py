@@ -24,10 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# never NVLink multicast on the lent machines
-for var, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                   ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(var, value)
+from tandem.envs import NO_NVLINK_MULTICAST
+
+os.environ.update(NO_NVLINK_MULTICAST)  # never NVLink multicast
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int, out: dict) -> None:

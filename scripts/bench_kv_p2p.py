@@ -21,9 +21,9 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-for var, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                   ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(var, value)
+from tandem.envs import NO_NVLINK_MULTICAST
+
+os.environ.update(NO_NVLINK_MULTICAST)  # never NVLink multicast
 
 
 def _shapes(args: argparse.Namespace) -> tuple[int, tuple[int, ...]]:

@@ -40,8 +40,11 @@ def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int,
     name = "engine" if role is None else f"{role.role}{role.index}"
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s %(name)s[{name}]: %(message)s")
-    if role is not None and role.cuda_device is not None:  # before CUDA initializes
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(role.cuda_device)
+    if role is not None:  # before CUDA and torch.distributed initialize
+        from tandem import envs
+        os.environ.update(envs.NO_NVLINK_MULTICAST)  # workers may join an NCCL group
+        if role.cuda_device is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(role.cuda_device)
     from tandem.engine.engine import Engine
     try:
         engine = Engine(config)
