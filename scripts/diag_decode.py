@@ -4,7 +4,7 @@ kernels (per step: launches, mean and total microseconds) and the engine's whole
     python scripts/diag_decode.py [MODEL_DIR [TRACE_JSON [QUANTIZATION]]] [--ab] [--json F]
 
 --ab captures the graph again under each of TANDEM_DECODE_FUSION=0/1 x TANDEM_PDL=1/0 in one
-process (same weights, same machine state), so the variants compare directly. With PDL on,
+process (--pdl-ab: PDL on and off only) (same weights, same machine state), so the variants compare directly. With PDL on,
 a kernel starts before the one ahead of it ends and waits inside, so its measured duration
 includes that wait; the PDL-off rows show each kernel's own time (and the launch gaps as
 replay minus busy). --json writes every variant's numbers.
@@ -28,6 +28,7 @@ ap.add_argument("model", nargs="?", default="bench/configs/llama-3.1-8b")
 ap.add_argument("trace", nargs="?", default="/tmp/decode_trace.json")
 ap.add_argument("quantization", nargs="?", default=None)
 ap.add_argument("--ab", action="store_true", help="fusion on/off x PDL on/off")
+ap.add_argument("--pdl-ab", action="store_true", help="PDL on, then off (fusion as set)")
 ap.add_argument("--json", help="write the numbers here")
 args = ap.parse_args()
 
@@ -76,9 +77,10 @@ def step_ms() -> float:
     return (time.perf_counter() - t0) / 257 * 1e3
 
 
+fusion_env = os.environ.get("TANDEM_DECODE_FUSION", "0")
 variants = ([(f, p) for f in ("0", "1") for p in ("1", "0")] if args.ab
-            else [(os.environ.get("TANDEM_DECODE_FUSION", "0"),
-                   os.environ.get("TANDEM_PDL", "1"))])
+            else [(fusion_env, "1"), (fusion_env, "0")] if args.pdl_ab
+            else [(fusion_env, os.environ.get("TANDEM_PDL", "1"))])
 results = []
 for fusion, pdl in variants:
     os.environ["TANDEM_DECODE_FUSION"], os.environ["TANDEM_PDL"] = fusion, pdl
