@@ -59,11 +59,39 @@ class Attention(nn.Module):
                                        self.kv_scale)  # (T, H, D)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
-    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata, k: torch.Tensor | None = None,
+               v: torch.Tensor | None = None) -> torch.Tensor:
         """q: (T, H*D) -> (T, H*D), over a cache that already holds this step's K/V (a fused
-        kernel wrote them: kernels/triton/norm_gemv.py). One-token rows only."""
+        kernel wrote them: rotary_write_kv below, or kernels/triton/norm_gemv.py); k, v
+        (T, Hkv, D), if given, are those K/V (a fresh prompt may read them directly)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        out = self.backend.forward(q, self.kv_cache, meta, self.scale, None, None,
-                                   self.kv_scale)
+        out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v, self.kv_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def fuses_rotary(self, q: torch.Tensor) -> bool:
+        """Whether this step's rotary (and q/k norm) and K/V write run as one backend kernel
+        (`rotary_write_kv`; the Triton backend on CUDA). Not under the fp8_attention probe,
+        whose attention is the reference's."""
+        return (q.is_cuda and not self.fp8_attention
+                and hasattr(self.backend, "rotary_write_kv"))
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                        norms: tuple[nn.Module, nn.Module] | None, meta: AttentionMetadata
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, H, D), k, v (T, Hkv, D): [each head RMSNormed by norms (q_norm, k_norm),]
+        q and k rotated in place, K and V written to the cache, in one kernel. Returns
+        (q, k); then `attend`."""
+        if meta is None:
+            raise ValueError("Attention.rotary_write_kv needs AttentionMetadata "
+                             "(built by the model runner)")
+        if self.kv_cache.numel() == 0:
+            raise RuntimeError("Attention.kv_cache is not bound; the model runner allocates it")
+        q_w = k_w = None
+        eps = 1e-6
+        if norms is not None:
+            q_w, k_w, eps = norms[0].weight, norms[1].weight, norms[0].eps
+        return self.backend.rotary_write_kv(positions, q, k, v, cos_cache, sin_cache,
+                                            self.kv_cache, meta.slot_mapping, self.kv_scale,
+                                            q_w, k_w, eps)

@@ -4,6 +4,7 @@ grouped-query attention with rotary positions and a SwiGLU MLP.
     input_ids (T,) -> embed_tokens -> [LlamaDecoderLayer] x L -> norm -> hidden (T, hidden)
     LlamaDecoderLayer:  h = h + attn(rmsnorm(h));  h = h + mlp(rmsnorm(h))
     attn:  qkv_proj -> (q_norm, k_norm: Qwen3) -> rotary -> paged attention -> o_proj
+           (on CUDA the norms, rotary and the K/V write are one kernel: rotary_write_kv)
     mlp:   down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up fused as gate_up_proj
 
 The relatives differ only in flags (`arch_flags`): Mistral has no biases; Qwen2 always
@@ -118,8 +119,14 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head's D before rotary
-            q, k = self.q_norm(q), self.k_norm(k)
+        norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
+        if self.attn.fuses_rotary(q):  # CUDA: norms, rotary and the K/V write in one kernel
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            q, k = self.attn.rotary_write_kv(positions, q, k, v, self.rotary_emb.cos_cache,
+                                             self.rotary_emb.sin_cache, norms, meta)
+            return self.o_proj(self.attn.attend(q.reshape(num_tokens, -1), meta, k, v))
+        if norms is not None:  # Qwen3: RMSNorm over each head's D before rotary
+            q, k = norms[0](q), norms[1](k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)
         return self.o_proj(out)  # (T, hidden)

@@ -19,7 +19,7 @@ import torch
 
 from tandem.kernels import reference
 from tandem.kernels.triton.decode import decode_attention
-from tandem.kernels.triton.kv_write import write_kv
+from tandem.kernels.triton.kv_write import rotary_write_kv, write_kv
 from tandem.kernels.triton.prefill import prefill_attention
 from tandem.layers.attention_metadata import AttentionMetadata
 
@@ -46,6 +46,17 @@ class TritonAttentionBackend:
                  slot_mapping: torch.Tensor, kv_scale: tuple[float, float] = (1.0, 1.0)
                  ) -> None:
         write_kv(key, value, kv_cache, slot_mapping, kv_scale)
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        kv_scale: tuple[float, float], q_norm: torch.Tensor | None,
+                        k_norm: torch.Tensor | None, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[Per-head RMSNorm of q and k,] rotary in place, then write_kv: one launch
+        (kv_write.rotary_write_kv) instead of up to four."""
+        return rotary_write_kv(positions, q, k, v, cos_cache, sin_cache, kv_cache,
+                               slot_mapping, kv_scale, q_norm, k_norm, eps)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,

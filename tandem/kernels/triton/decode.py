@@ -179,7 +179,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      seq_ids: torch.Tensor | None = None, num_decodes: int | None = None,
                      num_parts: int | None = None,
                      config: tuple[int, int, int] | None = None,
-                     kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
+                     kv_scale: tuple[float, float] = (1.0, 1.0),
+                     min_part: int | None = None) -> None:
     """out[row] = attention of query[row] over its sequence's paged context, for each
     decode sequence (all sequences, or those listed in seq_ids: (num_decodes,) int32).
 
@@ -187,7 +188,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), contiguous.
     max_seq_len: a host bound on the decode sequences' seq_lens; it only caps num_parts.
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
-    config: (BLOCK_N, num_warps, num_stages), for tuning.
+    config: (BLOCK_N, num_warps, num_stages), for tuning; min_part: the shortest partition
+    in tokens (default _MIN_PART), for tuning.
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -196,9 +198,10 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_decodes = seq_ids.shape[0] if seq_ids is not None else seq_lens.shape[0]
     if num_decodes == 0:
         return
+    min_part = min_part or _MIN_PART
     if num_parts is None:
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
-                                          _num_sms(query.device), min_part=_MIN_PART)
+                                          _num_sms(query.device), min_part=min_part)
     fp32 = kv_cache.dtype == torch.float32
     block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
                                                 2 if fp32 else 3)
@@ -221,7 +224,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_parts, float(kv_scale[0]), float(kv_scale[1]),
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=_MIN_PART,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         FP8=kv_cache.dtype == torch.float8_e4m3fn,

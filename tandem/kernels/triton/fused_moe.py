@@ -37,6 +37,10 @@ Then the two GEMMs, each one launch, grid (block, tile of N):
              different order each run (results not bit-reproducible), and out would need a
              float32 buffer and a zeroing pass anyway.
 
+One token (batch-1 decode) skips the layout: its K experts are distinct, so block p is
+pair p alone with expert topk_ids[p] (DIRECT), and the launches are gate/up, down and the
+slot sum (`sum_slots`, a Triton reduction so that the whole chain runs under PDL, pdl.py).
+
 h is rounded to x.dtype between the launches, as an unfused bf16 MLP rounds it; the
 reference keeps it in float32 (the parity tests allow for that).
 """
@@ -48,6 +52,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
 @triton.jit
@@ -89,16 +95,30 @@ def _place_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, expert_ptr, num_row
 
 
 @triton.jit
+def _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr):
+    """(rows of h, the pair of each row) of block pid_m: sorted rows, or DIRECT (one token):
+    block p is pair p alone, at row p of h (its other BLOCK_M - 1 rows are padding)."""
+    r = tl.arange(0, BLOCK_M)
+    if DIRECT:
+        return pid_m + 0 * r, tl.where(r == 0, pid_m, num_pairs)
+    rows = pid_m * BLOCK_M + r
+    return rows, tl.load(sorted_ptr + rows)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_k, E, H, I,
                     stride_xt, stride_we, stride_hm, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    DIRECT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # the expert of every block comes from the routing
     pid_m = tl.program_id(0)  # blocks fastest: an expert's blocks share its weight tiles (L2)
     pid_n = tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
-    if e >= E:  # -1 pairs (down writes their zeros) or past the last block
+    if e >= E or e < 0:  # -1 pairs (down writes their zeros) or past the last block
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
+    rows, pair = _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M, DIRECT)
     row_ok = pair < num_pairs
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of h: gate row n, up row I + n
     n_ok = n < I
@@ -128,14 +148,19 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_pairs, E, H,
                  I, stride_we, stride_hm, stride_om, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 DIRECT: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # h from the gate/up launch
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
     if e > E:  # past the last block
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
+    if DIRECT and e < 0:  # the -1 pairs of the direct layout
+        e = E
+    rows, pair = _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M, DIRECT)
     row_ok = pair < num_pairs
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of out: rows of w2_e
     n_ok = n < H
@@ -166,9 +191,12 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_
 def _align_small_kernel(ids_ptr, sorted_ptr, expert_ptr, num_rows_ptr, num_pairs, max_rows,
                         max_blocks, E,
                         BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, P_PAD: tl.constexpr,
-                        R_PAD: tl.constexpr, B_PAD: tl.constexpr):
+                        R_PAD: tl.constexpr, B_PAD: tl.constexpr, PDL: tl.constexpr):
     """moe_align in one program, for few pairs (decode): each pair's rank within its expert
     from a (pairs x pairs) comparison instead of atomics, so one launch replaces three."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     i = tl.arange(0, P_PAD)
     ok = i < num_pairs
     e = tl.load(ids_ptr + i, mask=ok, other=0).to(tl.int32)
@@ -194,9 +222,13 @@ def _align_small_kernel(ids_ptr, sorted_ptr, expert_ptr, num_rows_ptr, num_pairs
 
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride, K: tl.constexpr,
-                         K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr):
+                         K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
+                         PDL: tl.constexpr):
     """One token's routing: softmax over its E logits (float32), the K largest (first index
     on ties), renormalized to sum to 1 if RENORM. One program a token."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     e = tl.arange(0, E_PAD)
     x = tl.load(logits_ptr + t * stride + e, mask=e < E, other=-float("inf")).to(tl.float32)
@@ -228,8 +260,36 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
         _topk_softmax_kernel[(t,)](router_logits, weights, ids, e, router_logits.stride(0),
                                    K=top_k, K_PAD=triton.next_power_of_2(top_k),
                                    E_PAD=triton.next_power_of_2(e), RENORM=renormalize,
-                                   num_warps=1 if e <= 128 else 4)
+                                   num_warps=1 if e <= 128 else 4,
+                                   **launch_options(router_logits))
     return weights, ids
+
+
+@triton.jit
+def _sum_slots_kernel(buf_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    """out[t] = sum over k of buf[t * K + k] (float32, rounded once, as torch's sum)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in tl.static_range(K):
+        acc += tl.load(buf_ptr + (t * K + k) * H + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + c, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_slots(buf: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """(T*K, H) contiguous -> (T, H): buf.view(T, K, H).sum(1), in a launch that takes part
+    in the decode chain's PDL (pdl.py)."""
+    hidden = buf.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=buf.dtype, device=buf.device)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        buf, out, hidden, K=top_k, BLOCK=block, num_warps=4, **launch_options(buf))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +350,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
                                   max_blocks, num_experts, BLOCK_M=block_m, E_PAD=e_pad,
                                   P_PAD=triton.next_power_of_2(num_pairs),
                                   R_PAD=triton.next_power_of_2(max_rows),
-                                  B_PAD=triton.next_power_of_2(max_blocks), num_warps=4)
+                                  B_PAD=triton.next_power_of_2(max_blocks), num_warps=4,
+                                  **launch_options(ids))
         return sorted_ids, block_expert, num_rows
     counts = torch.zeros(e_pad, dtype=torch.int32, device=dev)
     rank = torch.empty(num_pairs, dtype=torch.int32, device=dev)
@@ -317,21 +378,30 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()  # no-ops for loaded weights
     cfg = config or moe_config(num_pairs, num_experts, hidden, inter)
-    sorted_ids, block_expert, _ = moe_align(topk_ids.contiguous(), num_experts, cfg.block_m)
+    ids = topk_ids.contiguous()
+    # One token: its K experts are distinct, so block p can simply be pair p (expert ids[p])
+    # and no layout is built; more tokens may share experts, which the sort groups.
+    direct = num_tokens == 1
+    if direct:
+        sorted_ids, block_expert = ids, ids.view(-1)  # sorted_ids unused
+    else:
+        sorted_ids, block_expert, _ = moe_align(ids, num_experts, cfg.block_m)
     max_blocks = block_expert.numel()
-    h = torch.empty(sorted_ids.numel(), inter, dtype=x.dtype, device=x.device)
+    pdl = launch_options(x)
+    h = torch.empty(num_pairs if direct else sorted_ids.numel(), inter, dtype=x.dtype,
+                    device=x.device)
     bn, bk, warps, stages = cfg.gate_up
     _gate_up_kernel[(max_blocks, triton.cdiv(inter, bn))](
         x, w13, h, sorted_ids, block_expert, num_pairs, top_k, num_experts, hidden, inter,
         x.stride(0), w13.stride(0), h.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=hidden % bk == 0, num_warps=warps, num_stages=stages)
+        EVEN_K=hidden % bk == 0, DIRECT=direct, num_warps=warps, num_stages=stages, **pdl)
     buf = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # (T*K, H)
     bn, bk, warps, stages = cfg.down
     _down_kernel[(max_blocks, triton.cdiv(hidden, bn))](
         h, w2, buf, sorted_ids, block_expert, topk_weights.contiguous(), num_pairs,
         num_experts, hidden, inter, w2.stride(0), h.stride(0), buf.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, num_warps=warps,
-        num_stages=stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, DIRECT=direct,
+        num_warps=warps, num_stages=stages, **pdl)
     if top_k == 1:
         return buf
-    return buf.view(num_tokens, top_k, hidden).sum(1)  # float32 inside, rounded once
+    return sum_slots(buf, num_tokens, top_k)

@@ -1,4 +1,5 @@
-r"""`write_kv` in Triton: scatter this step's new K/V rows into their paged cache slots.
+r"""`write_kv` in Triton: scatter this step's new K/V rows into their paged cache slots;
+`rotary_write_kv`: the same after rotary (and Qwen3's per-head q/k RMSNorm) in one launch.
 
 One program per new token copies its whole (num_kv_heads, head_dim) row of K and of V:
 
@@ -69,3 +70,99 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         FP8=kv_cache.dtype == torch.float8_e4m3fn, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **launch_options(key))
+
+
+@triton.jit
+def _norm_rotate_heads(base, stride_h, n_heads, w_ptr, eps, cos, sin, d,
+                       BLOCK_H: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Heads (n_heads, 2 HALF) at base: [RMSNorm over each head with weight w, rounded to the
+    dtype as elementwise._rms_norm_kernel rounds it,] then rotary as elementwise._rotary_heads,
+    stored in place. Returns the rotated halves (BLOCK_H, HALF) in the dtype."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    mask = h < n_heads
+    p1 = base + h * stride_h + d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    if NORM:
+        ss = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)  # (BLOCK_H,)
+        rstd = (1.0 / tl.sqrt(ss / (2 * HALF) + eps))[:, None]
+        w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
+        a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+        b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
+    r1 = (a * cos - b * sin).to(x1.dtype)
+    r2 = (b * cos + a * sin).to(x1.dtype)
+    tl.store(p1, r1, mask=mask)
+    tl.store(p1 + HALF, r2, mask=mask)
+    return r1, r2
+
+
+@triton.jit
+def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
+                            cache_ptr, slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                            stride_vt, stride_vh, stride_c, kv_stride, n_q_heads, eps,
+                            k_scale, v_scale, NUM_KV_HEADS: tl.constexpr,
+                            BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+                            HALF: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
+                            PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    t = tl.program_id(0)
+    row = t.to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + pos * stride_c + d)[None, :]  # first half; the halves are equal
+    sin = tl.load(sin_ptr + pos * stride_c + d)[None, :]
+    _norm_rotate_heads(q_ptr + row * stride_qt, stride_qh, n_q_heads, qw_ptr, eps, cos, sin,
+                       d, BLOCK_QH, HALF, NORM)
+    k1, k2 = _norm_rotate_heads(k_ptr + row * stride_kt, stride_kh, NUM_KV_HEADS, kw_ptr, eps,
+                                cos, sin, d, BLOCK_KH, HALF, NORM)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # a padding row of a CUDA-graph batch
+        return
+    h = tl.arange(0, BLOCK_KH)[:, None]
+    mask = h < NUM_KV_HEADS
+    pv = v_ptr + row * stride_vt + h * stride_vh + d[None, :]
+    v1 = tl.load(pv, mask=mask, other=0.0)
+    v2 = tl.load(pv + HALF, mask=mask, other=0.0)
+    dst = cache_ptr + slot * (NUM_KV_HEADS * 2 * HALF) + h * (2 * HALF) + d[None, :]
+    if FP8:  # as _write_kv_kernel: e4m3 of K / k_scale, V / v_scale, saturated
+        k1 = tl.clamp(k1.to(tl.float32) / k_scale, -448.0, 448.0)
+        k2 = tl.clamp(k2.to(tl.float32) / k_scale, -448.0, 448.0)
+        v1 = tl.clamp(v1.to(tl.float32) / v_scale, -448.0, 448.0)
+        v2 = tl.clamp(v2.to(tl.float32) / v_scale, -448.0, 448.0)
+    ty = cache_ptr.dtype.element_ty
+    tl.store(dst, k1.to(ty), mask=mask)
+    tl.store(dst + HALF, k2.to(ty), mask=mask)
+    tl.store(dst + kv_stride, v1.to(ty), mask=mask)
+    tl.store(dst + kv_stride + HALF, v2.to(ty), mask=mask)
+
+
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                    kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    kv_scale: tuple[float, float] = (1.0, 1.0),
+                    q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                    eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """[q_norm / k_norm: RMSNorm over each head (Qwen3),] rotary on q (T, H, D) and k
+    (T, Hkv, D) in place, and K, V into their cache slots: elementwise.rms_norm, rotary and
+    write_kv in one launch (a program per token). q, k, v may be strided views of the fused
+    QKV output (unit stride along D). Returns (q, k)."""
+    t, h, d = q.shape
+    hkv = k.shape[1]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert d % 2 == 0 and (d & (d - 1)) == 0 and kv_cache.is_contiguous()
+    assert (q_norm is None) == (k_norm is None)
+    if t:
+        _rotary_write_kv_kernel[(t,)](
+            positions, q, k, v, cos_cache, sin_cache,
+            q_norm if q_norm is not None else cos_cache,
+            k_norm if k_norm is not None else cos_cache, kv_cache, slot_mapping,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cos_cache.stride(0), kv_cache.stride(0), h, eps, float(kv_scale[0]),
+            float(kv_scale[1]), NUM_KV_HEADS=hkv, BLOCK_QH=triton.next_power_of_2(h),
+            BLOCK_KH=triton.next_power_of_2(hkv), HALF=d // 2, NORM=q_norm is not None,
+            FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4, **launch_options(q))
+    return q, k

@@ -1,0 +1,121 @@
+"""Decode attention (kernels/triton/decode.py) alone: microseconds per call in a CUDA graph,
+over tile configs and the shortest partition (min_part), at batch 1 and short contexts (a
+batch-1 decode step is latency-bound there) and at batch 256 x 4096 (bandwidth-bound, bf16
+against an FP8 cache). Each point is checked against the PyTorch reference first.
+
+    python scripts/bench_decode_attention.py [--json F]
+
+Prints a table per case and one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+
+from tandem.kernels import kv_cache_shape, reference
+from tandem.kernels.triton.decode import decode_attention
+from tandem.layers.attention_metadata import AttentionMetadata
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--json", help="also write the JSON record here")
+args = ap.parse_args()
+DEV = "cuda"
+BLOCK = 16
+
+
+def batch(num_seqs: int, ctx: int, kv_heads: int, heads: int, dtype: torch.dtype, seed: int):
+    rng = random.Random(seed)
+    need = -(-ctx // BLOCK)
+    num_blocks = num_seqs * need + 1
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables = [[pool.pop() for _ in range(need)] for _ in range(num_seqs)]
+    cache = torch.randn(kv_cache_shape(num_blocks, BLOCK, kv_heads, 128), device=DEV)
+    scale = (1.0, 1.0)
+    if dtype == torch.float8_e4m3fn:
+        scale = (0.05, 0.05)
+        cache = (cache / 0.05).clamp(-448, 448)
+    cache = cache.to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(num_seqs, dtype=torch.int64, device=DEV),
+        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEV),
+        seq_lens=torch.full((num_seqs,), ctx, dtype=torch.int32, device=DEV),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEV),
+        query_lens_cpu=[1] * num_seqs, seq_lens_cpu=[ctx] * num_seqs, max_query_len=1,
+        max_seq_len=ctx, block_size=BLOCK)
+    q = torch.randn(num_seqs, heads, 128, device=DEV).to(torch.bfloat16)
+    return q, cache, meta, scale
+
+
+def timed(fn, calls: int = 32) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    for _ in range(3):
+        g.replay()
+    best = float("inf")
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(10):
+            g.replay()
+        e.record()
+        e.synchronize()
+        best = min(best, s.elapsed_time(e) * 1e3 / (10 * calls))
+    return best
+
+
+CASES = [  # name, seqs, ctx, kv heads, q heads, cache dtype, graph max_seq_len
+    ("llama8b-b1-ctx256", 1, 256, 8, 32, torch.bfloat16, 4096),
+    ("llama8b-b1-ctx512", 1, 512, 8, 32, torch.bfloat16, 4096),
+    ("llama8b-b1-ctx2048", 1, 2048, 8, 32, torch.bfloat16, 4096),
+    ("qwen3moe-b1-ctx256", 1, 256, 4, 32, torch.bfloat16, 4096),
+    ("llama8b-b256-ctx4096-bf16", 256, 4096, 8, 32, torch.bfloat16, 4352),
+    ("llama8b-b256-ctx4096-fp8", 256, 4096, 8, 32, torch.float8_e4m3fn, 4352),
+]
+CONFIGS = [None, (64, 4, 3, 64), (64, 4, 2, 64), (32, 4, 3, 32), (32, 2, 3, 32), (32, 4, 2, 64),
+           (64, 8, 3, 64), (128, 8, 2, 128), (64, 4, 4, 128)]  # (BLOCK_N, warps, stages, min_part)
+rows = []
+for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
+    q, cache, meta, scale = batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
+    ref = reference.paged_attention(q.float(), cache.float() if dtype != torch.float8_e4m3fn
+                                    else cache, meta, 128 ** -0.5, kv_scale=scale)
+    kv_bytes = seqs * ctx * kvh * 128 * 2 * cache.element_size()
+    print(f"\n{name}: {kv_bytes / 1e6:.1f} MB of K/V")
+    for cfg in CONFIGS:
+        if seqs > 1 and cfg not in (None, (64, 4, 3, 64), (128, 8, 2, 128)):
+            continue
+        out = torch.empty_like(q)
+        kw = dict(max_seq_len=max_len, kv_scale=scale)
+        if cfg is not None:
+            kw.update(config=cfg[:3], min_part=cfg[3])
+
+        def call(out=out, kw=kw):
+            decode_attention(q, cache, out, meta.query_start_loc, meta.seq_lens,
+                             meta.block_tables, 128 ** -0.5, **kw)
+        try:
+            call()
+            err = (out.float() - ref.float()).abs().max().item()
+            if err > 3e-2 * max(1.0, ref.abs().max().item()):
+                print(f"  {cfg}: WRONG (max err {err:.3g})")
+                continue
+            us = timed(call)
+        except Exception as e:  # out of resources
+            print(f"  {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        rows.append({"case": name, "config": cfg, "us": us, "kv_MB": kv_bytes / 1e6,
+                     "GBps": kv_bytes / us / 1e3})
+        print(f"  {str(cfg):<22} {us:8.2f} us  {kv_bytes / us / 1e3:8.0f} GB/s")
+rec = {"bench": "decode_attention", "device": torch.cuda.get_device_name(),
+       "config_fields": "(BLOCK_N, num_warps, num_stages, min_part); null: the default",
+       "rows": rows}
+print(json.dumps(rec))
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(rec, f)
