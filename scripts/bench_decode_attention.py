@@ -72,15 +72,22 @@ def timed(fn, calls: int = 32) -> float:
 
 
 CASES = [  # name, seqs, ctx, kv heads, q heads, cache dtype, graph max_seq_len
-    ("llama8b-b1-ctx256", 1, 256, 8, 32, torch.bfloat16, 4096),
-    ("llama8b-b1-ctx512", 1, 512, 8, 32, torch.bfloat16, 4096),
+    ("llama8b-b1-ctx256", 1, 256, 8, 32, torch.bfloat16, 1024),
+    ("llama8b-b1-ctx512", 1, 512, 8, 32, torch.bfloat16, 1024),
+    ("llama8b-b1-ctx1024", 1, 1024, 8, 32, torch.bfloat16, 4096),
     ("llama8b-b1-ctx2048", 1, 2048, 8, 32, torch.bfloat16, 4096),
-    ("qwen3moe-b1-ctx256", 1, 256, 4, 32, torch.bfloat16, 4096),
+    ("qwen3moe-b1-ctx256", 1, 256, 4, 32, torch.bfloat16, 1024),
+    ("qwen3moe-b1-ctx512", 1, 512, 4, 32, torch.bfloat16, 1024),
+    ("llama8b-b8-ctx1024", 8, 1024, 8, 32, torch.bfloat16, 4096),
     ("llama8b-b256-ctx4096-bf16", 256, 4096, 8, 32, torch.bfloat16, 4352),
     ("llama8b-b256-ctx4096-fp8", 256, 4096, 8, 32, torch.float8_e4m3fn, 4352),
 ]
-CONFIGS = [None, (64, 4, 3, 64), (64, 4, 2, 64), (32, 4, 3, 32), (32, 2, 3, 32), (32, 4, 2, 64),
-           (64, 8, 3, 64), (128, 8, 2, 128), (64, 4, 4, 128)]  # (BLOCK_N, warps, stages, min_part)
+CONFIGS = [None, (64, 4, 3, 64), (32, 4, 2, 64), (128, 8, 2, 128), (64, 4, 3, 256),
+           (64, 4, 3, 512), (64, 4, 3, 1024), (64, 8, 3, 512), (128, 8, 2, 512),
+           (128, 8, 3, 512), (32, 4, 4, 512), (64, 4, 4, 512), (128, 4, 2, 512)]
+BIG = (None, (64, 4, 3, 64), (128, 8, 2, 128), (64, 8, 3, 512), (128, 8, 2, 512),
+       (64, 4, 4, 512), (32, 4, 3, 32))
+# (BLOCK_N, warps, stages, min_part); big batches only try BIG
 rows = []
 for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
     q, cache, meta, scale = batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
@@ -89,7 +96,7 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
     kv_bytes = seqs * ctx * kvh * 128 * 2 * cache.element_size()
     print(f"\n{name}: {kv_bytes / 1e6:.1f} MB of K/V")
     for cfg in CONFIGS:
-        if seqs > 1 and cfg not in (None, (64, 4, 3, 64), (128, 8, 2, 128)):
+        if seqs > 8 and cfg not in BIG:
             continue
         out = torch.empty_like(q)
         kw = dict(max_seq_len=max_len, kv_scale=scale)

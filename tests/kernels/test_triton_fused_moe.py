@@ -83,13 +83,35 @@ def test_minus_one_ids_contribute_nothing(num_tokens, drop):
     assert torch.all(out[(ids < 0).all(1)] == 0)
 
 
-def test_bit_reproducible():
-    """The atomics place an expert's pairs in a different order each run; every row is
-    computed on its own and the K slots are summed in a fixed order, so nothing changes."""
-    x, w13, w2, w, ids = make(1000, 256, 128, 8, 2, seed=5)
+@pytest.mark.parametrize("num_tokens,top_k", [(1000, 2), (1, 8)])
+def test_bit_reproducible(num_tokens, top_k):
+    """The atomics place an expert's pairs in a different order each run, and with one token
+    a different program sums the K slots of a tile each run; every row is computed on its
+    own and the K slots are summed in a fixed order, so nothing changes."""
+    x, w13, w2, w, ids = make(num_tokens, 256, 128, 64, top_k, seed=5)
     first = ops.fused_moe(x, w13, w2, w, ids)
     for _ in range(5):
         assert torch.equal(ops.fused_moe(x, w13, w2, w, ids), first)
+
+
+def test_one_token_sums_in_the_down_launch_like_sum_slots():
+    """The one-token path (no layout, the slot sum inside the down launch) equals the
+    sorted layout's pair rows summed by sum_slots, bit for bit: the same K rows, added in
+    the same order. Run under a CUDA graph twice: the tile counters reset themselves."""
+    from tandem.kernels.triton import fused_moe as fm
+    x, w13, w2, w, ids = make(1, 2048, 768, 128, 8, seed=21, drop=0.25)
+    cfg = fm.moe_config(8, 128, 2048, 768)
+    x2 = torch.cat([x, x])  # two tokens: the sorted layout, then sum_slots
+    both = fm.fused_moe(x2, w13, w2, torch.cat([w, w]), torch.cat([ids, ids]), config=cfg)
+    fm.fused_moe(x, w13, w2, w, ids, config=cfg)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fm.fused_moe(x, w13, w2, w, ids, config=cfg)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], both[0])
 
 
 @pytest.mark.parametrize("block_m", [16, 64])

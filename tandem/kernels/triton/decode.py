@@ -82,7 +82,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     head_ok = g < GROUP
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=head_ok[:, None], other=0.0)  # (GROUP_PAD, D)
-    if not FP8:  # an FP8 cache is dequantized to the query's dtype instead
+    if FP8:  # e4m3 -> fp16 is one packed conversion per two values (fp32 was three each)
+        q = q.to(tl.float16)
+    else:
         q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
@@ -95,11 +97,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         blk = tl.load(table + offs // BLOCK_SIZE, mask=valid, other=0)
         slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE  # (BLOCK_N,)
         kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-        if FP8:
-            k = (tl.load(k_ptr + kv_off, mask=valid[:, None]).to(tl.float32)
-                 * k_scale).to(q.dtype)
-            v = (tl.load(v_ptr + kv_off, mask=valid[:, None]).to(tl.float32)
-                 * v_scale).to(q.dtype)
+        if FP8:  # the scales apply to the scores (k_scale, in scale_log2) and the output
+            k = tl.load(k_ptr + kv_off, mask=valid[:, None]).to(tl.float16)
+            v = tl.load(v_ptr + kv_off, mask=valid[:, None]).to(tl.float16)
             k = tl.where(valid[:, None], k, 0.0)  # masked rows: no NaN from stale bytes
             v = tl.where(valid[:, None], v, 0.0)
         else:
@@ -115,6 +115,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if FP8:
+        o *= v_scale
     dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
     n_parts = tl.cdiv(tl.maximum(seq_len, 1), part_len)  # partitions that run for this seq
     if n_parts == 1:  # always so with one partition per launch: nothing to merge
@@ -203,13 +205,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
                                           _num_sms(query.device), min_part=min_part)
     fp32 = kv_cache.dtype == torch.float32
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
                                                 2 if fp32 else 3)
     if num_parts == 1:  # the scratch is unused; placeholders of the types the kernel expects
         part_out = part_max = part_sum = out
         counters = seq_lens
     else:
-        counters = _arrival_counters(query.device, num_decodes * num_kv_heads)
+        counters = arrival_counters(query.device, num_decodes * num_kv_heads)
         part_out = torch.empty(num_decodes, num_heads, num_parts, head_dim,
                                dtype=torch.float32, device=query.device)
         part_max = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32,
@@ -219,7 +222,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     _decode_kernel[(num_decodes, num_kv_heads, num_parts)](
         query, kv_cache[0], kv_cache[1], out, part_out, part_max, part_sum, counters,
         ids, query_start_loc, seq_lens, block_tables,
-        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        # log2(e): the kernel works in base 2; an FP8 cache's k_scale scales the scores
+        scale * 1.4426950408889634 * (float(kv_scale[0]) if fp8 else 1.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         num_parts, float(kv_scale[0]), float(kv_scale[1]),
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
@@ -227,18 +231,17 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        FP8=kv_cache.dtype == torch.float8_e4m3fn,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(query))
+        FP8=fp8, num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_COUNTERS: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
 
 
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, KV head), left zeroed by every launch.
-    Grown by allocating a larger buffer; old ones are kept alive, since CUDA graphs captured
-    earlier still point at them."""
-    buffers = _COUNTERS.setdefault(device, [])
+def arrival_counters(device: torch.device, n: int, owner: str = "decode") -> torch.Tensor:
+    """Zeroed int32 counters for a "the last program to arrive finishes" kernel, left zeroed
+    by every launch; one buffer per owner (kernel family). Grown by allocating a larger
+    buffer; old ones are kept alive, since CUDA graphs captured earlier still point at them."""
+    buffers = _COUNTERS.setdefault((device, owner), [])
     if not buffers or buffers[-1].numel() < n:
         buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
     return buffers[-1]

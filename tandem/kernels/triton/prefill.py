@@ -73,7 +73,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
     q_rows = (q_start + rows).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    if not FP8:  # an FP8 cache is dequantized to the query's dtype instead
+    if FP8:  # e4m3 -> fp16 is one packed conversion per two values; k_scale is in
+        q = q.to(tl.float16)  # scale_log2, v_scale applied to the output
+    else:
         q = q.to(k_ptr.dtype.element_ty)
     kvh = h // GROUP
     k_base = k_ptr + kvh * stride_kh + d[None, :]
@@ -101,9 +103,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
             idx = _key_rows(offs, q_start, table, offs < n_full, BLOCK_SIZE, FRESH, False)
         k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
         v = tl.load(v_base + idx[:, None] * stride_vt)
-        if FP8:  # dequantize to the query's dtype
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        if FP8:
+            k = k.to(tl.float16)
+            v = v.to(tl.float16)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         pr = tl.exp2(s - m_new[:, None])
@@ -119,8 +121,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         if FP8:
             k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None])
             v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None])
-            k = tl.where(key_ok[:, None], k.to(tl.float32) * k_scale, 0.0).to(q.dtype)
-            v = tl.where(key_ok[:, None], v.to(tl.float32) * v_scale, 0.0).to(q.dtype)
+            k = tl.where(key_ok[:, None], k.to(tl.float16), 0.0)  # no NaN from stale bytes
+            v = tl.where(key_ok[:, None], v.to(tl.float16), 0.0)
         else:
             k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None], other=0.0)
             v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None], other=0.0)
@@ -135,6 +137,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         m_i = m_new
 
     o = acc / l_i[:, None]
+    if FP8:
+        o *= v_scale
     dst = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -190,14 +194,17 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     block_m, block_n, num_warps, num_stages = config or prefill_config(head_dim, k_src.dtype,
                                                                        fresh)
     grid = (num_heads, triton.cdiv(max_query_len, block_m), num_chunks)
+    fp8 = k_src.dtype == torch.float8_e4m3fn
     _prefill_kernel[grid](
         query, k_src, v_src, out, seq_ids if seq_ids is not None else seq_lens,
-        query_start_loc, seq_lens, block_tables, scale * 1.4426950408889634,
+        query_start_loc, seq_lens, block_tables,
+        # log2(e): base 2 inside; an FP8 cache's k_scale scales the scores
+        scale * 1.4426950408889634 * (float(kv_scale[0]) if fp8 else 1.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *k_strides, *v_strides, block_tables.stride(0), float(kv_scale[0]),
         float(kv_scale[1]),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SEQ_IDS=seq_ids is not None, FRESH=fresh,
         PRECISION="ieee" if k_src.dtype == torch.float32 else "tf32",
-        PREFETCH=prefetch_table and not fresh, FP8=k_src.dtype == torch.float8_e4m3fn,
+        PREFETCH=prefetch_table and not fresh, FP8=fp8,
         num_warps=num_warps, num_stages=num_stages)
