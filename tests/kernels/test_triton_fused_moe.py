@@ -85,19 +85,18 @@ def test_minus_one_ids_contribute_nothing(num_tokens, drop):
 
 @pytest.mark.parametrize("num_tokens,top_k", [(1000, 2), (1, 8)])
 def test_bit_reproducible(num_tokens, top_k):
-    """The atomics place an expert's pairs in a different order each run, and with one token
-    a different program sums the K slots of a tile each run; every row is computed on its
-    own and the K slots are summed in a fixed order, so nothing changes."""
+    """The atomics place an expert's pairs in a different order each run; every row is
+    computed on its own and the K slots are summed in a fixed order, so nothing changes."""
     x, w13, w2, w, ids = make(num_tokens, 256, 128, 64, top_k, seed=5)
     first = ops.fused_moe(x, w13, w2, w, ids)
     for _ in range(5):
         assert torch.equal(ops.fused_moe(x, w13, w2, w, ids), first)
 
 
-def test_one_token_sums_in_the_down_launch_like_sum_slots():
-    """The one-token path (no layout, the slot sum inside the down launch) equals the
-    sorted layout's pair rows summed by sum_slots, bit for bit: the same K rows, added in
-    the same order. Run under a CUDA graph twice: the tile counters reset themselves."""
+def test_one_token_direct_path_equals_the_sorted_layout():
+    """The one-token path (no layout: block p is pair p) equals the sorted layout's rows bit
+    for bit: the same tiles, the same K slots summed in the same order. Under a CUDA graph,
+    replayed twice."""
     from tandem.kernels.triton import fused_moe as fm
     x, w13, w2, w, ids = make(1, 2048, 768, 128, 8, seed=21, drop=0.25)
     cfg = fm.moe_config(8, 128, 2048, 768)
