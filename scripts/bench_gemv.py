@@ -1,9 +1,11 @@
-"""cuBLAS (F.linear) against the Triton GEMV at batch 1 on Llama-3.1-8B's weight shapes,
-per config: the numbers behind `layers/linear.py`'s choice. Usage: python scripts/bench_gemv.py"""
+"""cuBLAS (F.linear) against the Triton GEMV at batch 1 on Llama-3.1-8B's weight shapes (or
+Qwen3-30B-A3B's dense ones: --qwen3), per config: the numbers behind `layers/linear.py`'s
+choice and gemv.default_config. Usage: python scripts/bench_gemv.py [--qwen3]"""
 
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,12 @@ from tandem.kernels.triton.gemv import gemv
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336), "lm_head": (128256, 4096)}
+QWEN3 = "--qwen3" in sys.argv
+if QWEN3:  # Qwen3-30B-A3B: 32 heads of 128 and 4 KV heads on a hidden size of 2048
+    SHAPES = {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048),
+              "lm_head": (151936, 2048)}
+GRID = (([2, 4, 8, 16], [512, 1024, 2048], [4, 8], [2, 4]) if QWEN3
+        else ([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3, 4]))
 
 
 def timed(fn, iters=200):
@@ -40,9 +48,8 @@ for name, (n, k) in SHAPES.items():
     cublas = timed(lambda: F.linear(x, ws[next(it) % 4]))
     gbytes = n * k * 2 / 1e3
     best = None
-    for bn, bk, warps, stages in itertools.product([4, 8, 16, 32], [256, 512, 1024],
-                                                   [4, 8], [2, 3, 4]):
-        if bn * bk > 32768:
+    for bn, bk, warps, stages in itertools.product(*GRID):
+        if bn * bk > 32768 or bk > k:
             continue
         cfg = (bn, bk, warps, stages)
         try:

@@ -1,8 +1,11 @@
-"""Batch-1 MoE (one token, K experts) on CUDA: fused_moe's one-token tl.dot path against the
-matrix-vector path of kernels/triton/moe_gemv.py, each over a sweep of tiles (coordinate
-descent: gate/up tiles with the default down, then down tiles), microseconds per call in a
-CUDA graph of 16 calls cycling through 8 random routings, every variant checked against
-the PyTorch reference first. Prints a table and one JSON line.
+"""Batch-1 MoE (one token, K experts) on CUDA: fused_moe's one-token path over a sweep of tiles
+(coordinate descent: gate/up tiles with the default down, then down tiles), microseconds
+per call in a CUDA graph of 16 calls cycling through 8 random routings, every variant
+checked against the PyTorch reference first. Prints a table and one JSON line.
+
+(A matrix-vector form, one program per BLOCK_N features of a pair with no tensor cores, was
+swept against it at 9713227 and did not win: 26.1 against 25.9 us on Qwen3-30B-A3B, 174.5
+against 177.7 on Mixtral-8x7B; bench/results/2026-12-01-h200-moe-decode-9713227.)
 
     python scripts/bench_moe_decode.py [--quick]   (--quick: the defaults only)"""
 
@@ -16,7 +19,6 @@ import torch
 
 from tandem.kernels.reference.moe import fused_moe as reference
 from tandem.kernels.triton import fused_moe as fm
-from tandem.kernels.triton import moe_gemv as mg
 
 QUICK = "--quick" in sys.argv
 WORKLOADS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
@@ -24,12 +26,6 @@ DOT_GATE_UP = [(32, 128, 4, 4), (16, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3
                (16, 128, 2, 4), (64, 128, 4, 3), (32, 64, 4, 6), (16, 512, 4, 2)]
 DOT_DOWN = [(64, 128, 4, 4), (32, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3),
             (128, 64, 4, 4), (16, 128, 2, 4)]
-GEMV_GATE_UP = [(4, 1024, 8, 4), (2, 1024, 4, 4), (4, 512, 4, 4), (8, 512, 8, 3),
-                (2, 2048, 8, 2), (4, 2048, 8, 2), (8, 256, 4, 4), (1, 2048, 4, 2),
-                (2, 512, 4, 4), (4, 256, 4, 4)]
-GEMV_DOWN = [(8, 256, 4, 4), (16, 256, 4, 4), (4, 256, 4, 4), (8, 512, 4, 3),
-             (16, 512, 8, 3), (32, 256, 8, 3), (4, 1024, 8, 2), (8, 1024, 8, 2),
-             (2, 1024, 4, 2), (16, 128, 4, 4)]
 
 
 def timed(fns: list, calls: int = 16) -> float:
@@ -95,18 +91,13 @@ for name, (E, K, H, I) in WORKLOADS.items():
     ref = reference(x.float(), w13.float(), w2.float(), *routings[0])
     bytes_ = K * 3 * H * I * 2
     print(f"\n{name}: T=1, {K} of {E} experts, {bytes_ / 1e6:.1f} MB of weights a call")
-    cfg = fm.moe_config(K, E, H, I)
-    dot_us, dot_best = descend(
+    cfg = fm.moe_config(K, E, H, I, direct=True)
+    us, best = descend(
         "dot", lambda t: (lambda *a: fm.fused_moe(*a, config=fm.MoEConfig(16, *t))),
         DOT_GATE_UP, DOT_DOWN, (cfg.gate_up, cfg.down), (x, w13, w2, routings, ref))
-    gemv_us, gemv_best = descend(
-        "gemv", lambda t: (lambda *a: mg.moe_gemv(*a, tiles=t)), GEMV_GATE_UP, GEMV_DOWN,
-        mg.default_tiles(H, I), (x, w13, w2, routings, ref))
-    for path, us, tiles in (("dot", dot_us, dot_best), ("gemv", gemv_us, gemv_best)):
-        if us is not None:
-            rows.append({"workload": name, "path": path, "best_tiles": tiles, "us": us,
-                         "GBps": bytes_ / us / 1e3})
-            print(f"  BEST {path}: {us:.2f} us {bytes_ / us / 1e3:.0f} GB/s tiles {tiles}")
+    if us is not None:
+        rows.append({"workload": name, "best_tiles": best, "us": us, "GBps": bytes_ / us / 1e3})
+        print(f"  BEST: {us:.2f} us {bytes_ / us / 1e3:.0f} GB/s tiles {best}")
 print(json.dumps({"bench": "moe_decode", "device": torch.cuda.get_device_name(),
                   "tiles": "(BLOCK_N, BLOCK_K, num_warps, num_stages) for gate_up, down",
                   "rows": rows}))

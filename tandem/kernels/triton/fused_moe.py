@@ -302,7 +302,8 @@ class MoEConfig:
     down: tuple[int, int, int, int]  # (BLOCK_N over H, BLOCK_K over I, num_warps, stages)
 
 
-def moe_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> MoEConfig:
+def moe_config(num_pairs: int, num_experts: int, hidden: int, inter: int,
+               direct: bool = False) -> MoEConfig:
     """Tiles from the rows an expert gets on average (T*K/E) and the matrix sizes. Untuned
     first guesses, to be replaced by the H200 sweep of scripts/bench_fused_moe.py:
 
@@ -312,9 +313,15 @@ def moe_config(num_pairs: int, num_experts: int, hidden: int, inter: int) -> MoE
           (Qwen3-30B-A3B: 8 experts x 24 tiles).
       <= 64: BLOCK_M 32; <= 256: 64; more (prefill): 128 with 8 warps, 64-wide K steps and
           3 stages (32 KB of smem a stage), where the launch is compute-bound.
+      direct (one token): 256-wide K steps in 3 stages, from the H200 sweep of
+          scripts/bench_moe_decode.py (bench/results/2026-12-01-h200-moe-decode-9713227:
+          Qwen3-30B-A3B 25.9 against 33.2 us a call, Mixtral-8x7B 177.7 against 198.6).
     Tiles shrink to the matrix (>= 16, tl.dot's minimum) for small H or I."""
     avg = num_pairs / max(num_experts, 1)
-    if avg <= 16:
+    if direct:
+        cfg = MoEConfig(16, (32, 256, 4, 3), (32, 256, 4, 3) if inter <= 4096
+                        else (64, 128, 4, 4))
+    elif avg <= 16:
         cfg = MoEConfig(16, (32, 128, 4, 4), (64, 128, 4, 4))
     elif avg <= 64:
         cfg = MoEConfig(32, (64, 64, 4, 4), (64, 64, 4, 4))
@@ -379,11 +386,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if x.stride(1) != 1:
         x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()  # no-ops for loaded weights
-    cfg = config or moe_config(num_pairs, num_experts, hidden, inter)
     ids = topk_ids.contiguous()
     # One token: its K experts are distinct, so block p can simply be pair p (expert ids[p])
     # and no layout is built; more tokens may share experts, which the sort groups.
     direct = num_tokens == 1
+    cfg = config or moe_config(num_pairs, num_experts, hidden, inter, direct)
     if direct:
         sorted_ids, block_expert = ids, ids.view(-1)  # sorted_ids unused
     else:
