@@ -81,6 +81,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def default_config(n_out: int, k_in: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of a sweep on the H100 shapes;
-    long rows (down_proj) want more rows per program."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of a sweep on the H100 shapes
+    (Llama-3.1-8B); long rows (down_proj) want more rows per program. Shapes with a hidden
+    size of 2048 from the H200 sweep of `bench_gemv.py --qwen3` (Qwen3-30B-A3B,
+    bench/results/2026-12-01-h200-qwen3-88b4679/gemv-qwen3.log, default -> best): qkv
+    5120 x 2048 6.16 -> 5.78 us, o 2048 x 4096 5.19 -> 4.50, router 128 x 2048 1.26 -> 0.97,
+    LM head 151936 x 2048 144.8 -> 136.3."""
+    if n_out <= 256:  # a router: few rows, one program's worth of K
+        return 2, min(2048, triton.next_power_of_2(k_in)), 8, 2
+    if k_in <= 2048:
+        return (4, 1024, 4, 2) if n_out >= 65536 else (4, 512, 4, 4)
+    if n_out <= 2048 and k_in <= 4096:
+        return 4, 2048, 8, 4
     return (16 if k_in > 8192 else 4, 1024, 8, 4)
