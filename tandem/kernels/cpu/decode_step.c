@@ -53,16 +53,18 @@ typedef struct {
     float *const *k_cache, *const *v_cache;
 } tandem_llama_f32;
 
-/* This thread's share [*lo, *hi) of n output rows, in multiples of 4. */
+/* This thread's share [*lo, *hi) of n output rows, in multiples of 8. */
 static void split_rows(int64_t n, int nt, int t, int64_t *lo, int64_t *hi)
 {
-    int64_t per = ((n + nt - 1) / nt + 3) / 4 * 4;
+    int64_t per = ((n + nt - 1) / nt + 7) / 8 * 8;
     *lo = t * per < n ? t * per : n;
     *hi = *lo + per < n ? *lo + per : n;
 }
 
-/* y[r * ldy + o] = w[o, :] . x[r * in + :] for o in [lo, hi), r < rows. Four weight rows
- * at a time (four independent sums); the later input rows re-read them from L1. */
+/* y[r * ldy + o] = w[o, :] . x[r * in + :] for o in [lo, hi), r < rows. Eight weight rows
+ * at a time (eight independent sums, eight streams in flight: 28-29 GB/s on this 2-core
+ * box against 24-28 with four), then four, then one; the later input rows re-read them
+ * from L1. */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -79,6 +81,22 @@ static void gemv(const float *w, int64_t in, const float *x, int64_t rows, float
 {
     int64_t o = lo;
 #if defined(__AVX2__) && defined(__FMA__)
+    if (in % 8 == 0)
+        for (; o + 8 <= hi; o += 8) {
+            const float *w0 = w + o * in;
+            for (int64_t r = 0; r < rows; ++r) {
+                const float *xr = x + r * in;
+                __m256 a[8];
+                for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+                for (int64_t i = 0; i < in; i += 8) {
+                    const __m256 xv = _mm256_loadu_ps(xr + i);
+                    for (int j = 0; j < 8; ++j)
+                        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j * in + i), xv, a[j]);
+                }
+                float *yr = y + r * ldy + o;
+                for (int j = 0; j < 8; ++j) yr[j] = hsum8(a[j]);
+            }
+        }
     if (in % 8 == 0)
         for (; o + 4 <= hi; o += 4) {
             const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
@@ -251,15 +269,15 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
              * then silu(gate) * up in place of its gate outputs */
             split_rows(inter, nt, t, &lo, &hi);
             const float *gu = m->gate_up[layer];
-            for (int64_t o = lo; o < hi; o += 4) {
-                const int64_t n = hi - o < 4 ? hi - o : 4;
-                float gate[TANDEM_DECODE_MAX_ROWS * 4], up[TANDEM_DECODE_MAX_ROWS * 4];
-                gemv(gu + o * dim, dim, h, rows, gate, 4, 0, n);  /* (rows, 4) */
-                gemv(gu + (inter + o) * dim, dim, h, rows, up, 4, 0, n);
+            for (int64_t o = lo; o < hi; o += 8) {
+                const int64_t n = hi - o < 8 ? hi - o : 8;
+                float gate[TANDEM_DECODE_MAX_ROWS * 8], up[TANDEM_DECODE_MAX_ROWS * 8];
+                gemv(gu + o * dim, dim, h, rows, gate, 8, 0, n);  /* (rows, 8) */
+                gemv(gu + (inter + o) * dim, dim, h, rows, up, 8, 0, n);
                 for (int64_t r = 0; r < rows; ++r)
                     for (int64_t j = 0; j < n; ++j) {
-                        const float g = gate[r * 4 + j];
-                        act[r * inter + o + j] = g / (1.0f + expf(-g)) * up[r * 4 + j];
+                        const float g = gate[r * 8 + j];
+                        act[r * inter + o + j] = g / (1.0f + expf(-g)) * up[r * 8 + j];
                     }
             }
 #pragma omp barrier
