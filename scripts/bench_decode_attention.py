@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from tandem.bench.timing import graph_us
 from tandem.kernels import kv_cache_shape, reference
 from tandem.kernels.triton.decode import decode_attention
 from tandem.layers.attention_metadata import AttentionMetadata
@@ -48,27 +49,6 @@ def batch(num_seqs: int, ctx: int, kv_heads: int, heads: int, dtype: torch.dtype
         max_seq_len=ctx, block_size=BLOCK)
     q = torch.randn(num_seqs, heads, 128, device=DEV).to(torch.bfloat16)
     return q, cache, meta, scale
-
-
-def timed(fn, calls: int = 32) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    for _ in range(3):
-        g.replay()
-    best = float("inf")
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(10):
-            g.replay()
-        e.record()
-        e.synchronize()
-        best = min(best, s.elapsed_time(e) * 1e3 / (10 * calls))
-    return best
 
 
 CASES = [  # name, seqs, ctx, kv heads, q heads, cache dtype, graph max_seq_len
@@ -112,7 +92,7 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
             if err > 3e-2 * max(1.0, ref.abs().max().item()):
                 print(f"  {cfg}: WRONG (max err {err:.3g})")
                 continue
-            us = timed(call)
+            us = graph_us(call, calls=32, repeats=5, best=True)
         except Exception as e:  # out of resources
             print(f"  {cfg}: {type(e).__name__}: {str(e)[:80]}")
             continue

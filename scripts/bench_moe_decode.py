@@ -12,11 +12,11 @@ against 177.7 on Mixtral-8x7B; bench/results/2026-12-01-h200-moe-decode-9713227.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 
 import torch
 
+from tandem.bench.timing import graph_us
 from tandem.kernels.reference.moe import fused_moe as reference
 from tandem.kernels.triton import fused_moe as fm
 
@@ -28,32 +28,12 @@ DOT_DOWN = [(64, 128, 4, 4), (32, 128, 4, 4), (16, 256, 4, 3), (32, 256, 4, 3),
             (128, 64, 4, 4), (16, 128, 2, 4)]
 
 
-def timed(fns: list, calls: int = 16) -> float:
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def point(fn, x, w13, w2, routings, ref) -> float | None:
     try:
         out = fn(x, w13, w2, *routings[0])
         if (out.float() - ref).abs().max().item() > 2e-2 * ref.abs().max().item():
             return None
-        return timed([lambda r=r: fn(x, w13, w2, *r) for r in routings])
+        return graph_us([lambda r=r: fn(x, w13, w2, *r) for r in routings])
     except Exception as err:  # out of resources
         print(f"    {type(err).__name__}: {str(err)[:90]}")
         return None

@@ -42,6 +42,7 @@ if DRY:
 
 import torch  # noqa: E402
 
+from tandem.bench.timing import graph_us  # noqa: E402
 from tandem.kernels.reference import quant  # noqa: E402
 from tandem.kernels.triton import quant_gemm  # noqa: E402
 from tandem.kernels.triton.fp8_gemv import (Fp8DotConfig, fp8_dot_gemv,  # noqa: E402
@@ -98,25 +99,11 @@ def cfg_name(cfg) -> str:
 
 def timed(fns) -> float:
     """Microseconds per call of a graph of 200 calls, cycling through `fns` (one per copy)."""
-    for f in fns:
-        f()
     if DRY:
+        for f in fns:
+            f()
         return 1.0
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(200):
-            fns[i % len(fns)]()
-    graph.replay()
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / 200)
-    return sorted(times)[2]
+    return graph_us(fns, calls=200, repeats=5)
 
 
 def copies_for(nbytes: int) -> int:

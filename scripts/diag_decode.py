@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tandem import LLM, SamplingParams
+from tandem.bench.timing import replay_us
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("model", nargs="?", default="bench/configs/llama-3.1-8b")
@@ -43,16 +44,7 @@ def replay_ms(g: torch.cuda.CUDAGraph, reps: int = 50) -> float:
     """Best of 5 timed runs of `reps` replays, after a warm-up."""
     for _ in range(20):
         g.replay()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / reps)
-    return best
+    return min(replay_us(g, reps) for _ in range(5)) / 1e3
 
 
 def kernels_per_step(g: torch.cuda.CUDAGraph, steps: int = 20) -> list[dict]:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tandem.bench.timing import graph_us
 from tandem.distributed.custom_all_reduce import join_cuda_group
 from tandem.envs import NO_NVLINK_MULTICAST
 
@@ -46,24 +47,9 @@ def _eager_us(fn: Callable[[], Any], iters: int) -> float:
 
 
 def _graph_us(fn: Callable[[], Any], calls: int, replays: int) -> float:
-    for _ in range(3):  # compiled, communicators up, before capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    for _ in range(2):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    del graph
-    return start.elapsed_time(end) * 1e3 / (replays * calls)
+    """Per all-reduce, from a graph of `calls` of them (compiled and communicators up
+    first: three eager rounds), the median of `replays` replays."""
+    return graph_us(fn, calls=calls, repeats=replays, warmup=3)
 
 
 def _measure(car, x: torch.Tensor, calls: int) -> dict[str, float | None]:

@@ -71,16 +71,29 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 @triton.jit
-def _rotary_heads(base, stride_h, n_heads, cos, sin, d, BLOCK_H: tl.constexpr,
-                  HALF: tl.constexpr):
+def norm_rotate_heads(base, stride_h, n_heads, w_ptr, eps, cos, sin, d,
+                      BLOCK_H: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Heads (n_heads, 2 HALF) at base: [RMSNorm over each head with weight w, rounded to
+    the dtype as _rms_norm_kernel rounds it,] then rotary, stored in place. Returns the
+    rotated halves (BLOCK_H, HALF) in the dtype (kv_write.rotary_write_kv writes them)."""
     h = tl.arange(0, BLOCK_H)[:, None]
     mask = h < n_heads
     p1 = base + h * stride_h + d[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(p1, (a * cos - b * sin).to(x1.dtype), mask=mask)
-    tl.store(p1 + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    if NORM:
+        ss = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)  # (BLOCK_H,)
+        rstd = (1.0 / tl.sqrt(ss / (2 * HALF) + eps))[:, None]
+        w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
+        a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+        b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
+    r1 = (a * cos - b * sin).to(x1.dtype)
+    r2 = (b * cos + a * sin).to(x1.dtype)
+    tl.store(p1, r1, mask=mask)
+    tl.store(p1 + HALF, r2, mask=mask)
+    return r1, r2
 
 
 @triton.jit
@@ -95,8 +108,10 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh
     d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_c + d)[None, :]  # first half; the halves are equal
     sin = tl.load(sin_ptr + pos * stride_c + d)[None, :]
-    _rotary_heads(q_ptr + t * stride_qt, stride_qh, n_q_heads, cos, sin, d, BLOCK_QH, HALF)
-    _rotary_heads(k_ptr + t * stride_kt, stride_kh, n_k_heads, cos, sin, d, BLOCK_KH, HALF)
+    norm_rotate_heads(q_ptr + t * stride_qt, stride_qh, n_q_heads, cos_ptr, 0.0, cos, sin, d,
+                      BLOCK_QH, HALF, False)
+    norm_rotate_heads(k_ptr + t * stride_kt, stride_kh, n_k_heads, cos_ptr, 0.0, cos, sin, d,
+                      BLOCK_KH, HALF, False)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,

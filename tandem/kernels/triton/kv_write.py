@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.elementwise import norm_rotate_heads
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -43,11 +44,16 @@ def _write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
     k = tl.load(key_ptr + row * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + row * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + d
-    if FP8:  # e4m3 of K / k_scale, V / v_scale, saturated to its range
-        k = tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0)
-        v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + kv_stride, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, _cached(k, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + kv_stride, _cached(v, v_scale, cache_ptr, FP8), mask=mask)
+
+
+@triton.jit
+def _cached(x, scale, cache_ptr, FP8: tl.constexpr):
+    """x as the cache stores it: e4m3 of x / scale saturated to its range (FP8), or cast."""
+    if FP8:
+        x = tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -73,32 +79,6 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 
 @triton.jit
-def _norm_rotate_heads(base, stride_h, n_heads, w_ptr, eps, cos, sin, d,
-                       BLOCK_H: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
-    """Heads (n_heads, 2 HALF) at base: [RMSNorm over each head with weight w, rounded to the
-    dtype as elementwise._rms_norm_kernel rounds it,] then rotary as elementwise._rotary_heads,
-    stored in place. Returns the rotated halves (BLOCK_H, HALF) in the dtype."""
-    h = tl.arange(0, BLOCK_H)[:, None]
-    mask = h < n_heads
-    p1 = base + h * stride_h + d[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
-    a, b = x1.to(tl.float32), x2.to(tl.float32)
-    if NORM:
-        ss = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)  # (BLOCK_H,)
-        rstd = (1.0 / tl.sqrt(ss / (2 * HALF) + eps))[:, None]
-        w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
-        w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
-        a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
-        b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
-    r1 = (a * cos - b * sin).to(x1.dtype)
-    r2 = (b * cos + a * sin).to(x1.dtype)
-    tl.store(p1, r1, mask=mask)
-    tl.store(p1 + HALF, r2, mask=mask)
-    return r1, r2
-
-
-@triton.jit
 def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
                             cache_ptr, slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                             stride_vt, stride_vh, stride_c, kv_stride, n_q_heads, eps,
@@ -115,10 +95,10 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_p
     d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_c + d)[None, :]  # first half; the halves are equal
     sin = tl.load(sin_ptr + pos * stride_c + d)[None, :]
-    _norm_rotate_heads(q_ptr + row * stride_qt, stride_qh, n_q_heads, qw_ptr, eps, cos, sin,
-                       d, BLOCK_QH, HALF, NORM)
-    k1, k2 = _norm_rotate_heads(k_ptr + row * stride_kt, stride_kh, NUM_KV_HEADS, kw_ptr, eps,
-                                cos, sin, d, BLOCK_KH, HALF, NORM)
+    norm_rotate_heads(q_ptr + row * stride_qt, stride_qh, n_q_heads, qw_ptr, eps, cos, sin, d,
+                      BLOCK_QH, HALF, NORM)
+    k1, k2 = norm_rotate_heads(k_ptr + row * stride_kt, stride_kh, NUM_KV_HEADS, kw_ptr, eps,
+                               cos, sin, d, BLOCK_KH, HALF, NORM)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # a padding row of a CUDA-graph batch
         return
@@ -128,16 +108,10 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_p
     v1 = tl.load(pv, mask=mask, other=0.0)
     v2 = tl.load(pv + HALF, mask=mask, other=0.0)
     dst = cache_ptr + slot * (NUM_KV_HEADS * 2 * HALF) + h * (2 * HALF) + d[None, :]
-    if FP8:  # as _write_kv_kernel: e4m3 of K / k_scale, V / v_scale, saturated
-        k1 = tl.clamp(k1.to(tl.float32) / k_scale, -448.0, 448.0)
-        k2 = tl.clamp(k2.to(tl.float32) / k_scale, -448.0, 448.0)
-        v1 = tl.clamp(v1.to(tl.float32) / v_scale, -448.0, 448.0)
-        v2 = tl.clamp(v2.to(tl.float32) / v_scale, -448.0, 448.0)
-    ty = cache_ptr.dtype.element_ty
-    tl.store(dst, k1.to(ty), mask=mask)
-    tl.store(dst + HALF, k2.to(ty), mask=mask)
-    tl.store(dst + kv_stride, v1.to(ty), mask=mask)
-    tl.store(dst + kv_stride + HALF, v2.to(ty), mask=mask)
+    tl.store(dst, _cached(k1, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + HALF, _cached(k2, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + kv_stride, _cached(v1, v_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + kv_stride + HALF, _cached(v2, v_scale, cache_ptr, FP8), mask=mask)
 
 
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
