@@ -82,8 +82,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     head_ok = g < GROUP
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=head_ok[:, None], other=0.0)  # (GROUP_PAD, D)
-    if FP8:  # e4m3 -> fp16 is one packed conversion per two values (fp32 was three each)
-        q = q.to(tl.float16)
+    if FP8:  # e4m3 -> fp16 is one packed conversion per two values (fp32 was three each);
+        q = q.to(tl.float16)  # (a query past fp16's range, 65504, would overflow)
     else:
         q = q.to(k_ptr.dtype.element_ty)
 
