@@ -6,6 +6,11 @@ An `AttentionBackend` owns the two operations an attention layer needs per step:
         -> backend.write_kv(k, v, kv_cache, meta.slot_mapping)     new K/V into cache slots
         -> backend.forward(q, kv_cache, meta, scale, k, v)          paged causal attention
 
+A backend may also offer `rotary_write_kv(positions, q, k, v, cos, sin, kv_cache,
+slot_mapping, kv_scale, q_norm, k_norm, eps)`: [per-head q/k RMSNorm,] rotary and the
+write in one launch (the Triton backend does; `Attention.fuses_rotary` looks for it, and
+the layer then calls `backend.forward` itself).
+
 Every backend uses the same KV cache layout, `kv_cache_shape(...)`:
 (2, num_blocks, block_size, num_kv_heads, head_dim), index 0 = K, 1 = V. The pure-PyTorch
 reference (`reference/`) is the spec and runs anywhere; fast backends (Triton, later)
