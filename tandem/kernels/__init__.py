@@ -1,15 +1,14 @@
 """Kernels: attention backends behind one small interface and one dispatcher.
 
-An `AttentionBackend` owns the two operations an attention layer needs per step:
+An `AttentionBackend` owns the operations an attention layer needs per step:
 
     Attention.forward(q, k, v, meta)
         -> backend.write_kv(k, v, kv_cache, meta.slot_mapping)     new K/V into cache slots
         -> backend.forward(q, kv_cache, meta, scale, k, v)          paged causal attention
-
-A backend may also offer `rotary_write_kv(positions, q, k, v, cos, sin, kv_cache,
-slot_mapping, kv_scale, q_norm, k_norm, eps)`: [per-head q/k RMSNorm,] rotary and the
-write in one launch (the Triton backend does; `Attention.fuses_rotary` looks for it, and
-the layer then calls `backend.forward` itself).
+    Attention.rotary_write_kv(positions, q, k, v, ...) + attend(q, meta, k, v)   (Llama)
+        -> backend.rotary_write_kv(...)   [q/k RMSNorm,] rotary and write_kv: one launch on
+                                          Triton, the reference ops composed elsewhere
+        -> backend.forward(q, kv_cache, meta, scale, k, v)
 
 Every backend uses the same KV cache layout, `kv_cache_shape(...)`:
 (2, num_blocks, block_size, num_kv_heads, head_dim), index 0 = K, 1 = V. The pure-PyTorch
@@ -39,6 +38,16 @@ class AttentionBackend(Protocol):
         An FP8 (float8_e4m3fn) cache stores key / kv_scale[0] and value / kv_scale[1]."""
         ...
 
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        kv_scale: tuple[float, float], q_norm: torch.Tensor | None,
+                        k_norm: torch.Tensor | None, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (T, H, D), k, v (T, Hkv, D): [per-head RMSNorm of q and k with q_norm / k_norm,]
+        rotary (cos/sin caches (max_pos, D)), then write_kv. Returns the rotated (q, k)."""
+        ...
+
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None,
@@ -59,6 +68,17 @@ class TorchReferenceBackend:
                  slot_mapping: torch.Tensor, kv_scale: tuple[float, float] = (1.0, 1.0)
                  ) -> None:
         reference.write_kv(key, value, kv_cache, slot_mapping, kv_scale)
+
+    def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                        kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        kv_scale: tuple[float, float], q_norm: torch.Tensor | None,
+                        k_norm: torch.Tensor | None, eps: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[q/k RMSNorm,] rotary, then this backend's write_kv: the ops composed."""
+        return reference.rotary_write_kv(positions, q, k, v, cos_cache, sin_cache, kv_cache,
+                                         slot_mapping, kv_scale, q_norm, k_norm, eps,
+                                         write=self.write_kv)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,

@@ -5,8 +5,10 @@ Holds no weights. The model runner allocates one KV cache tensor per layer and b
     for layer, cache in zip(model.attention_layers(), caches):
         layer.kv_cache = cache   # (2, num_blocks, block_size, num_kv_heads, head_dim)
 
-The arithmetic is the backend's (`tandem.kernels`); this layer only reshapes. One knob
-bypasses the backend: `fp8_attention = True` runs the layer's attention through the
+The arithmetic is the backend's (`tandem.kernels`); this layer only reshapes. Llama-family
+models call `rotary_write_kv` (their q/k norms and rotary with the K/V write, one kernel on
+CUDA) and then `attend`; `forward` writes and attends for callers that rotate themselves.
+One knob bypasses the backend: `fp8_attention = True` runs the layer's attention through the
 reference's FP8 emulation (`reference.attention.fp8_sdpa`), whatever the backend, so the
 sensitivity map can measure reduced-precision attention one layer at a time. Off (the
 default) costs one attribute read.
@@ -61,28 +63,27 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, meta: AttentionMetadata, k: torch.Tensor | None = None,
                v: torch.Tensor | None = None) -> torch.Tensor:
-        """q: (T, H*D) -> (T, H*D), over a cache that already holds this step's K/V (a fused
-        kernel wrote them: rotary_write_kv below, or kernels/triton/norm_gemv.py); k, v
-        (T, Hkv, D), if given, are those K/V (a fresh prompt may read them directly)."""
+        """q: (T, H*D) -> (T, H*D), over a cache that already holds this step's K/V
+        (rotary_write_kv below wrote them, or kernels/triton/norm_gemv.py); k, v (T, Hkv,
+        D), if given, are those K/V (a fresh prompt may read them directly)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v, self.kv_scale)
+        if self.fp8_attention:  # only the reference emulates it (no C or Triton kernel)
+            out = reference.paged_attention(q, self.kv_cache, meta, self.scale, k, v,
+                                            kv_scale=self.kv_scale, fp8_attention=True)
+        else:
+            out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v,
+                                       self.kv_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
-
-    def fuses_rotary(self, q: torch.Tensor) -> bool:
-        """Whether this step's rotary (and q/k norm) and K/V write run as one backend kernel
-        (`rotary_write_kv`; the Triton backend on CUDA). Not under the fp8_attention probe,
-        whose attention is the reference's."""
-        return (q.is_cuda and not self.fp8_attention
-                and hasattr(self.backend, "rotary_write_kv"))
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
                         norms: tuple[nn.Module, nn.Module] | None, meta: AttentionMetadata
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """q (T, H, D), k, v (T, Hkv, D): [each head RMSNormed by norms (q_norm, k_norm),]
-        q and k rotated in place, K and V written to the cache, in one kernel. Returns
-        (q, k); then `attend`."""
+        q and k rotated, K and V written to the cache: one kernel on the Triton backend (q
+        and k rotated in place there), the reference ops composed on the others. Returns
+        the rotated (q, k); then `attend`."""
         if meta is None:
             raise ValueError("Attention.rotary_write_kv needs AttentionMetadata "
                              "(built by the model runner)")

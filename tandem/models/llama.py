@@ -119,17 +119,13 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        # Qwen3: RMSNorm over each head's D before rotary; then the K/V write (one kernel
+        # on CUDA)
         norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
-        if self.attn.fuses_rotary(q):  # CUDA: norms, rotary and the K/V write in one kernel
-            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-            q, k = self.attn.rotary_write_kv(positions, q, k, v, self.rotary_emb.cos_cache,
-                                             self.rotary_emb.sin_cache, norms, meta)
-            return self.o_proj(self.attn.attend(q.reshape(num_tokens, -1), meta, k, v))
-        if norms is not None:  # Qwen3: RMSNorm over each head's D before rotary
-            q, k = norms[0](q), norms[1](k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)
-        return self.o_proj(out)  # (T, hidden)
+        q, k = self.attn.rotary_write_kv(positions, q, k, v, self.rotary_emb.cos_cache,
+                                         self.rotary_emb.sin_cache, norms, meta)
+        return self.o_proj(self.attn.attend(q.reshape(num_tokens, -1), meta, k, v))
 
 
 class LlamaMLP(nn.Module):

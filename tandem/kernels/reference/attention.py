@@ -7,7 +7,9 @@ KV cache layout, one tensor per attention layer (index 0 = K, 1 = V):
     block b:  | slot b*bs+0 | slot b*bs+1 | ... | slot b*bs+bs-1 |
     a sequence's position p lives in block block_table[p // bs], offset p % bs
 
-`write_kv` scatters the step's new K/V into their slots; `paged_attention` gathers each
+`write_kv` scatters the step's new K/V into their slots (`rotary_write_kv`: after Qwen3's
+per-head q/k RMSNorm, if any, and rotary, the ops the Triton kernel of that name fuses);
+`paged_attention` gathers each
 sequence's context through its block table and attends causally. The new tokens of a
 sequence are always the LAST `query_len` positions of its `seq_len`-long context, so query
 row j sits at absolute position `seq_len - query_len + j` and sees positions <= that.
@@ -235,3 +237,21 @@ def _prefill_one(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
         mask = torch.arange(seq_len, device=query.device)[None, :] <= pos_q[:, None]
         o = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.squeeze(0).transpose(0, 1)  # (query_len, num_heads, head_dim)
+
+
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                    kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    kv_scale: KVScale = NO_SCALE, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                    write=write_kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (T, H, D), k, v (T, Hkv, D): [each head RMSNormed with q_norm / k_norm,] rotary,
+    then K and V into the cache through `write` (a backend's write_kv). Returns the
+    rotated (q, k). The spec of kernels/triton/kv_write.rotary_write_kv."""
+    from tandem.kernels import ops  # the layers' elementwise ops (no cycle at import)
+
+    if q_norm is not None:
+        q, k = ops.rms_norm(q, q_norm, eps), ops.rms_norm(k, k_norm, eps)
+    q, k = ops.rotary(positions, q, k, cos_cache, sin_cache)
+    write(k, v, kv_cache, slot_mapping, kv_scale)
+    return q, k
