@@ -14,6 +14,11 @@ stored, and converts them to tandem's kernel layout after loading (losslessly):
         by 8 like the weights. Unpacked at load (a packed word spans 8 rows, which no
         row shard could cut) to uint8 (N, K/G): zp + 8, tandem's `zeros` as they are,
         since (q - zp) * s = ((q + 8) - (zp + 8)) * s
+    pack-quantized, INT4 W4A16 per channel (strategy "channel"): the same with one group
+        spanning each row, weight_scale (N, 1) (zero points (ceil(N/8), 1)), whole on
+        every rank; after loading each row's scale (and zero point) is repeated over the
+        groups of the kernels' group size (128, or 64 or 32 where K is not a multiple),
+        which is exact: the group-wise kernels then serve it unchanged
     kv_cache_scheme, FP8 e4m3 with one static scale per tensor
         model.layers.N.self_attn.k_scale, .v_scale (one value each) -> the runner's
         per-layer KV spec (`checkpoint_kv_scales`; kv_cache_dtype auto becomes fp8, as
@@ -40,7 +45,7 @@ from tandem.quantization.policy import NONE, QuantPolicy
 logger = logging.getLogger(__name__)
 
 CT_FP8 = "ct_fp8_channel"
-_CT_INT4 = re.compile(r"ct_int4(_asym)?_g(\d+)")
+_CT_INT4 = re.compile(r"ct_int4(_asym)?_(?:g(\d+)|ch)")
 _KV_SCALE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_scale$")
 
 
@@ -88,19 +93,30 @@ class CompressedFp8Method(Fp8LinearMethod):
 
 
 class CompressedInt4Method(Int4WeightOnlyMethod):
-    def __init__(self, group_size: int, symmetric: bool = True) -> None:
-        super().__init__(group_size, symmetric)
-        self.name = f"ct_int4{'' if symmetric else '_asym'}_g{group_size}"
+    """group_size None: per channel (one scale a row, whatever K is)."""
+
+    def __init__(self, group_size: int | None, symmetric: bool = True) -> None:
+        super().__init__(group_size or 128, symmetric)
+        self.per_channel = group_size is None
+        self.name = (f"ct_int4{'' if symmetric else '_asym'}_"
+                     + ("ch" if self.per_channel else f"g{group_size}"))
+        if self.per_channel:
+            self.weight_bits = 4.0  # + 32 (8) bits a row
 
     def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
-        if input_size % self.group_size:
+        if input_size % 8:
+            raise ValueError(f"{layer.prefix}: input size {input_size} per rank is not a "
+                             f"multiple of 8 (eight INT4 values a packed word)")
+        if not self.per_channel and input_size % self.group_size:
             raise ValueError(f"{layer.prefix}: input size {input_size} per rank is not a "
                              f"multiple of the checkpoint's group size {self.group_size}")
-        groups = input_size // self.group_size
+        groups = 1 if self.per_channel else input_size // self.group_size
+        split = not self.per_channel  # a row's one scale is whole on every rank
         _param(layer, "weight_packed", (output_size, input_size // 8), torch.int32)
-        _param(layer, "weight_scale", (output_size, groups), torch.float32)
+        _param(layer, "weight_scale", (output_size, groups), torch.float32, split_input=split)
         if not self.symmetric:  # unpacked before the loader cuts it (load_weights)
-            zp = _param(layer, "weight_zero_point", (output_size, groups), torch.uint8)
+            zp = _param(layer, "weight_zero_point", (output_size, groups), torch.uint8,
+                        split_input=split)
             zp.from_checkpoint = unpack_zero_points
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -108,6 +124,12 @@ class CompressedInt4Method(Int4WeightOnlyMethod):
         packed = layer.weight_packed.data.contiguous()
         scale = layer.weight_scale.data.float()
         zeros = None if self.symmetric else layer.weight_zero_point.data
+        if self.per_channel:  # the same scale over every group of a row: exact
+            k = packed.shape[1] * 8
+            self.group_size = next((g for g in (128, 64, 32) if k % g == 0), k)
+            scale = scale.repeat_interleave(k // self.group_size, dim=1).contiguous()
+            if zeros is not None:
+                zeros = zeros.repeat_interleave(k // self.group_size, dim=1).contiguous()
         del layer.weight_packed, layer.weight_scale
         if zeros is not None:
             del layer.weight_zero_point
@@ -117,14 +139,15 @@ class CompressedInt4Method(Int4WeightOnlyMethod):
 
 
 def make_checkpoint_method(name: str):
-    """The method for a compressed-tensors layer name (CT_FP8, ct_int4[_asym]_gG), or
-    None."""
+    """The method for a compressed-tensors layer name (CT_FP8, ct_int4[_asym]_gG, or
+    ct_int4[_asym]_ch per channel), or None."""
     if name == CT_FP8:
         return CompressedFp8Method()
     m = _CT_INT4.fullmatch(name)
     if m is None:
         return None
-    return CompressedInt4Method(int(m.group(2)), symmetric=m.group(1) is None)
+    return CompressedInt4Method(int(m.group(2)) if m.group(2) else None,
+                                symmetric=m.group(1) is None)
 
 
 def _method_of(group: dict[str, Any], where: str) -> str:
@@ -137,15 +160,19 @@ def _method_of(group: dict[str, Any], where: str) -> str:
             raise ValueError(f"{where}: FP8 with static or non-per-token activation scales "
                              f"is not supported")
         return CT_FP8
-    if (w.get("type") == "int" and w.get("num_bits") == 4 and w.get("strategy") == "group"
+    if (w.get("type") == "int" and w.get("num_bits") == 4
+            and w.get("strategy") in ("group", "channel")
             and fmt in (None, "pack-quantized") and not acts):
         if w.get("actorder") == "group":
             raise ValueError(f"{where}.weights.actorder 'group' (a weight_g_idx "
                              f"permutation of the groups) is not supported")
         asym = "" if w.get("symmetric", True) else "_asym"
+        if w["strategy"] == "channel":
+            return f"ct_int4{asym}_ch"
         return f"ct_int4{asym}_g{int(w['group_size'])}"
     raise ValueError(f"{where}: weights {w} (format {fmt}) are not supported; tandem loads "
-                     f"FP8 per-channel W8A8 and pack-quantized INT4 W4A16 group-wise")
+                     f"FP8 per-channel W8A8 and pack-quantized INT4 W4A16 group-wise or per "
+                     f"channel")
 
 
 def kv_cache_scheme(hf_config: dict[str, Any]) -> dict[str, Any] | None:

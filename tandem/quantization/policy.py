@@ -23,7 +23,7 @@ from dataclasses import dataclass
 METHODS = ("fp8", "int8", "int4", "int4_asym")  # the main ones; methods.py makes each
 NONE = "none"
 _METHOD = re.compile(r"fp8|fp8_weight_only|int8|int4(_asym)?(_g(32|64|128|256))?"
-                     r"|ct_fp8_channel|ct_int4(_asym)?_g\d+")  # ct_: compressed-tensors
+                     r"|ct_fp8_channel|ct_int4(_asym)?_(g\d+|ch)")  # ct_: compressed-tensors
 # tandem fuses these checkpoint layers; a rule naming one of the parts names the whole
 _FUSED = {".qkv_proj": ".q_proj", ".gate_up_proj": ".gate_proj"}
 

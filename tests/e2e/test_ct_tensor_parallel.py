@@ -1,14 +1,15 @@
 """A compressed-tensors checkpoint with asymmetric INT4 linears and FP8 KV scales under
 tensor parallelism on CPU (two gloo worker processes): the unpacked zero points split
 with the output rows (column-parallel) or with the input groups (row-parallel), and every
-rank reads the same KV scales, so TP=2 greedy-decodes what TP=1 does."""
+rank reads the same KV scales, so TP=2 greedy-decodes what TP=1 does. Per-channel INT4
+too: a row's one scale and zero point are whole on both ranks of a row-parallel layer."""
 
 from __future__ import annotations
 
 import pytest
 
 from tandem import LLM
-from tests.unit.test_ct_asym_kv_scales import SIZES, _outputs, _src, _write
+from tests.unit.test_ct_asym_kv_scales import SIZES, _int4_asym, _outputs, _src, _write
 
 pytest.importorskip("compressed_tensors")
 pytestmark = pytest.mark.slow
@@ -17,6 +18,17 @@ pytestmark = pytest.mark.slow
 def test_tp2_asymmetric_int4_with_kv_scales_matches_tp1(tmp_path):
     src, out = _src(tmp_path, hidden_size=256), str(tmp_path / "ckpt")  # 128 inputs/rank
     _write(src, out, int4_asym=True, kv=True)
+    expected = [tokens for tokens, _ in _outputs(LLM(out, **SIZES))]
+    tp2 = LLM(out, tensor_parallel_size=2, **SIZES)
+    try:
+        assert [tokens for tokens, _ in _outputs(tp2)] == expected
+    finally:
+        tp2.engine.shutdown()
+
+
+def test_tp2_per_channel_int4_matches_tp1(tmp_path):
+    src, out = _src(tmp_path, hidden_size=256), str(tmp_path / "ckpt")
+    _write(src, out, int4_asym=False, kv=False, args=_int4_asym(channel=True))
     expected = [tokens for tokens, _ in _outputs(LLM(out, **SIZES))]
     tp2 = LLM(out, tensor_parallel_size=2, **SIZES)
     try:

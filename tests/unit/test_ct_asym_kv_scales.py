@@ -1,5 +1,5 @@
-"""Asymmetric pack-quantized INT4 and FP8 KV-cache scales from compressed-tensors
-checkpoints written by the `compressed-tensors` library itself.
+"""Asymmetric and per-channel pack-quantized INT4 and FP8 KV-cache scales from
+compressed-tensors checkpoints written by the `compressed-tensors` library itself.
 
 - INT4 W4A16 with zero points (`symmetric: false`): the library picks scales and zero
   points (its own `calculate_qparams`) and packs them; tandem must dequantize to exactly
@@ -36,10 +36,13 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprob
 GROUP = 128
 
 
-def _int4_asym():
+def _int4_asym(channel: bool = False, symmetric: bool = False):
     from compressed_tensors.quantization import QuantizationArgs
+    if channel:  # one scale (and zero point) a row
+        return QuantizationArgs(num_bits=4, type="int", strategy="channel",
+                                symmetric=symmetric)
     return QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=GROUP,
-                            symmetric=False)
+                            symmetric=symmetric)
 
 
 def _fp8_kv():
@@ -53,9 +56,11 @@ def _src(tmp_path, hidden_size: int = 128) -> str:
                            intermediate_size=2 * hidden_size)
 
 
-def _write(src: str, out: str, int4_asym: bool, kv: bool) -> list[tuple[float, float]]:
+def _write(src: str, out: str, int4_asym: bool, kv: bool,
+           args=None) -> list[tuple[float, float]]:
     """A compressed-tensors checkpoint of `src`: pack-quantized asymmetric INT4 linears
-    and/or an FP8 kv_cache_scheme. Returns the K/V scales written (per layer)."""
+    (or INT4 as `args` say) and/or an FP8 kv_cache_scheme. Returns the K/V scales written
+    (per layer)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme,
                                                  QuantizationStatus,
@@ -82,16 +87,21 @@ def _write(src: str, out: str, int4_asym: bool, kv: bool) -> list[tuple[float, f
                                             torch.nn.Parameter(scale, requires_grad=False))
                     pair.append(scale.item())
                 scales.append(tuple(pair))
-    if int4_asym:
-        args = _int4_asym()
+    if int4_asym or args is not None:
+        args = args or _int4_asym()
+        group = GROUP if args.strategy == "group" else None  # None: a whole row
         apply_quantization_config(model, QuantizationConfig(
             config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
             ignore=["lm_head"], format="pack-quantized"))
         for module in model.modules():
-            if hasattr(module, "weight_zero_point"):
-                w = module.weight.data.reshape(module.weight.shape[0], -1, GROUP)
+            if hasattr(module, "weight_scale"):
+                rows = module.weight.shape[0]
+                w = module.weight.data.reshape(rows, -1, group or module.weight.shape[1])
                 scale, zp = calculate_qparams(w.amin(2), w.amax(2), args)
-                module.weight_scale.data, module.weight_zero_point.data = scale, zp
+                module.weight_scale.data = scale.reshape(module.weight_scale.shape)
+                if hasattr(module, "weight_zero_point"):
+                    module.weight_zero_point.data = zp.reshape(
+                        module.weight_zero_point.shape)
                 module.quantization_status = QuantizationStatus.FROZEN
         compressor = ModelCompressor.from_pretrained_model(
             model, quantization_format="pack-quantized")
@@ -113,19 +123,20 @@ def _outputs(llm: LLM) -> list[tuple[list[int], list]]:
             for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
-def _library_weights(out: str) -> dict[str, torch.Tensor]:
+def _library_weights(out: str, args=None) -> dict[str, torch.Tensor]:
     """module name -> the float weight the library's own decompressor gives back."""
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
     stored = load_file(f"{out}/model.safetensors")
-    scheme = QuantizationScheme(targets=["Linear"], weights=_int4_asym())
+    scheme = QuantizationScheme(targets=["Linear"], weights=args or _int4_asym())
     weights = {}
     for key in stored:
         if key.endswith(".weight_packed"):
             name = key[: -len(".weight_packed")]
             parts = {p: stored[f"{name}.{p}"] for p in (
-                "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")}
+                "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+                if f"{name}.{p}" in stored}
             weights[name] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
     return weights
 
@@ -167,6 +178,45 @@ def test_asymmetric_int4_checkpoint_matches_the_library_and_transformers(tmp_pat
             want = torch.cat([lib[f"{pre}.{p}"] for p in parts])
             assert torch.equal(got, want.float()), f"{pre}: {parts}"  # lossless
     assert len(zeros_seen) > 3  # real zero points, not a symmetric grid in disguise
+    got = _outputs(llm)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, module in hf.named_modules():
+        if name in lib:
+            module.weight.data = lib[name].float()
+    hf.generation_config.eos_token_id = None
+    for p, (tokens, _) in zip(PROMPTS, got):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert tokens == ref
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_per_channel_int4_checkpoint_matches_the_library_and_transformers(tmp_path,
+                                                                          symmetric):
+    """INT4 W4A16 with one scale (and zero point) a row, strategy "channel": loads without
+    flags, dequantizes to exactly the library's weights (its row scale repeated over the
+    kernels' groups), and generates what transformers generates on those weights."""
+    args = _int4_asym(channel=True, symmetric=symmetric)
+    src, out = _src(tmp_path, hidden_size=96), str(tmp_path / "ckpt")  # K = 96: groups of 32
+    _write(src, out, int4_asym=False, kv=False, args=args)
+    with open(f"{out}/config.json") as f:
+        qc = json.load(f)["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    lib = _library_weights(out, args)
+    llm = LLM(out, **SIZES)
+    layer = llm.engine.runner.model.model.layers[0]
+    for module, parts, group in (
+            (layer.self_attn.qkv_proj, ("self_attn.q_proj", "self_attn.k_proj",
+                                        "self_attn.v_proj"), 32),  # K = 96
+            (layer.mlp.down_proj, ("mlp.down_proj",), 64)):  # K = 192
+        assert module.method.name == f"ct_int4{'' if symmetric else '_asym'}_ch"
+        assert (module.zeros is None) == symmetric
+        g = module.method.group_size  # each layer: the largest kernel group dividing its K
+        assert g == group
+        assert torch.equal(module.scales, module.scales[:, :1].expand_as(module.scales))
+        got = dequantize_int4(module.qweight, module.scales, module.zeros, g)
+        want = torch.cat([lib[f"model.layers.0.{p}"] for p in parts])
+        assert torch.equal(got, want.float()), parts  # lossless
     got = _outputs(llm)
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     for name, module in hf.named_modules():
