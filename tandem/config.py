@@ -60,6 +60,9 @@ class ModelConfig:
             QuantPolicy.parse(self.quantization)  # ValueError naming what is wrong
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "bfloat16", "float16", "float32")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
@@ -67,8 +70,10 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory the engine may use
     cpu_kv_cache_gib: float = 2.0  # CPU: memory budget for the KV pool
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts seen before
-    # auto: the model dtype; fp8: e4m3 (half the bytes of bf16), one K and one V scale per
-    # layer (1.0 unless calculate_kv_scales)
+    # auto: the model dtype (a checkpoint's kv_cache_scheme: fp8, as in vLLM); fp8 (or
+    # fp8_e4m3): e4m3 (half the bytes of bf16), one K and one V scale per layer (1.0 unless
+    # calculate_kv_scales or the checkpoint's); bfloat16 / float16 / float32: the model
+    # dtype by name, kept even when the checkpoint quantized its KV cache
     kv_cache_dtype: str = "auto"
     kv_cache_dtype_skip_layers: str | None = None  # comma-separated layer indices kept in
     # the model dtype under kv_cache_dtype=fp8, e.g. "0,31"
@@ -87,8 +92,8 @@ class CacheConfig:
             )
         if self.cpu_kv_cache_gib <= 0:
             raise ValueError(f"cpu_kv_cache_gib must be positive, got {self.cpu_kv_cache_gib}")
-        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
-            raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, "
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
         self.skip_layers()  # ValueError if malformed
 

@@ -32,8 +32,14 @@ def kv_cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype,
                   ) -> list[LayerKVSpec]:
     """checkpoint_scales: each layer's (k_scale, v_scale) from a checkpoint that quantized
     its KV cache (compressed-tensors kv_cache_scheme). Like vLLM, kv_cache_dtype "auto"
-    then means the checkpoint's choice, FP8 with those scales; "fp8" takes them too."""
-    fp8 = cache.kv_cache_dtype in ("fp8", "fp8_e4m3") or checkpoint_scales is not None
+    then means the checkpoint's choice, FP8 with those scales; "fp8" takes them too; the
+    model dtype by name (bfloat16, ...) keeps the cache unquantized anyway."""
+    name = cache.kv_cache_dtype
+    if name not in ("auto", "fp8", "fp8_e4m3") and getattr(torch, name) != model_dtype:
+        raise ValueError(f"kv_cache_dtype {name} is not the model dtype "
+                         f"({str(model_dtype).removeprefix('torch.')}): the cache holds the "
+                         f"model dtype (auto, or its name) or fp8")
+    fp8 = name in ("fp8", "fp8_e4m3") or (name == "auto" and checkpoint_scales is not None)
     skip = cache.skip_layers()
     bad = [i for i in skip if not 0 <= i < num_layers]
     if bad:

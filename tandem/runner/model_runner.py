@@ -116,10 +116,15 @@ class ModelRunner:
         self.kv_spec = kv_cache_spec(config.cache, self.model.num_layers, self.dtype,
                                      ckpt_scales)
         self.calibrate_kv_scales = config.cache.calculate_kv_scales and ckpt_scales is None
-        if ckpt_scales is not None:
+        fp8_cache = any(s.dtype == torch.float8_e4m3fn for s in self.kv_spec)
+        if ckpt_scales is not None and fp8_cache:
             logger.info("FP8 KV cache with the checkpoint's scales (kv_cache_scheme)%s",
                         "; calculate_kv_scales ignored" if config.cache.calculate_kv_scales
                         else "")
+        elif ckpt_scales is not None:
+            logger.info("KV cache kept in %s (kv_cache_dtype=%s): the checkpoint's "
+                        "kv_cache_scheme scales are not used", self.dtype,
+                        config.cache.kv_cache_dtype)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphRunner | None = None
         self.cpu_decode: CpuDecodeRunner | None = None  # small decode steps in one C call

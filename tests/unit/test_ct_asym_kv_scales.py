@@ -268,6 +268,14 @@ def test_kv_cache_scheme_uses_the_checkpoint_scales(tmp_path, int4_asym):
                                                              torch.float8_e4m3fn]
     assert skip.engine.runner.kv_spec[1].kv_scale == scales[1]
 
+    # the model dtype by name (vLLM's kv_cache_dtype="bfloat16" and kin) keeps the cache
+    # unquantized: what the same weights without the KV scheme generate
+    kept = LLM(out, kv_cache_dtype="float32", **SIZES)
+    assert all(c.dtype == torch.float32 for c in kept.engine.runner.kv_caches)
+    assert _outputs(kept) == _outputs(LLM(plain, **SIZES))
+    with pytest.raises(ValueError, match="kv_cache_dtype bfloat16 is not the model dtype"):
+        LLM(out, kv_cache_dtype="bfloat16", **SIZES)
+
 
 def test_kv_cache_scheme_alone_leaves_the_weights_to_the_user(tmp_path):
     src, out = _src(tmp_path), str(tmp_path / "ckpt")

@@ -31,6 +31,18 @@ def test_fp8_spec_halves_bf16_bytes_and_skips_layers():
         CacheConfig(kv_cache_dtype="int4")
 
 
+def test_the_model_dtype_by_name_is_an_unquantized_cache():
+    scales = [(0.5, 0.25)] * 4  # a checkpoint's kv_cache_scheme
+    auto = kv_cache_spec(CacheConfig(), 4, torch.bfloat16, scales)
+    assert [s.dtype for s in auto] == [torch.float8_e4m3fn] * 4  # auto: the checkpoint's
+    named = kv_cache_spec(CacheConfig(kv_cache_dtype="bfloat16"), 4, torch.bfloat16, scales)
+    assert [s.dtype for s in named] == [torch.bfloat16] * 4
+    assert named == kv_cache_spec(CacheConfig(), 4, torch.bfloat16)
+    with pytest.raises(ValueError, match="kv_cache_dtype float16 is not the model dtype "
+                                         "\\(bfloat16\\)"):
+        kv_cache_spec(CacheConfig(kv_cache_dtype="float16"), 4, torch.bfloat16)
+
+
 def test_fp8_reference_round_trip_and_attention():
     torch.manual_seed(0)
     meta = make_attn_metadata([5, 1], [5, 9], [[0, 1], [2, 3, 4]], 4)
