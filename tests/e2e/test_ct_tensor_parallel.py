@@ -15,23 +15,22 @@ pytest.importorskip("compressed_tensors")
 pytestmark = pytest.mark.slow
 
 
-def test_tp2_asymmetric_int4_with_kv_scales_matches_tp1(tmp_path):
-    src, out = _src(tmp_path, hidden_size=256), str(tmp_path / "ckpt")  # 128 inputs/rank
-    _write(src, out, int4_asym=True, kv=True)
+def _tp2_matches_tp1(out: str) -> None:
     expected = [tokens for tokens, _ in _outputs(LLM(out, **SIZES))]
     tp2 = LLM(out, tensor_parallel_size=2, **SIZES)
     try:
         assert [tokens for tokens, _ in _outputs(tp2)] == expected
     finally:
         tp2.engine.shutdown()
+
+
+def test_tp2_asymmetric_int4_with_kv_scales_matches_tp1(tmp_path):
+    src, out = _src(tmp_path, hidden_size=256), str(tmp_path / "ckpt")  # 128 inputs/rank
+    _write(src, out, int4_asym=True, kv=True)
+    _tp2_matches_tp1(out)
 
 
 def test_tp2_per_channel_int4_matches_tp1(tmp_path):
     src, out = _src(tmp_path, hidden_size=256), str(tmp_path / "ckpt")
     _write(src, out, int4_asym=False, kv=False, args=_int4_asym(channel=True))
-    expected = [tokens for tokens, _ in _outputs(LLM(out, **SIZES))]
-    tp2 = LLM(out, tensor_parallel_size=2, **SIZES)
-    try:
-        assert [tokens for tokens, _ in _outputs(tp2)] == expected
-    finally:
-        tp2.engine.shutdown()
+    _tp2_matches_tp1(out)

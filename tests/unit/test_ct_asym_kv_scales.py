@@ -141,6 +141,21 @@ def _library_weights(out: str, args=None) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _assert_generates_like_transformers(llm: LLM, src: str,
+                                        lib: dict[str, torch.Tensor]) -> None:
+    """llm's greedy tokens equal transformers' on src with the library's weights in."""
+    got = _outputs(llm)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, module in hf.named_modules():
+        if name in lib:
+            module.weight.data = lib[name].float()
+    hf.generation_config.eos_token_id = None
+    for p, (tokens, _) in zip(PROMPTS, got):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert tokens == ref
+
+
 def test_zero_points_unpack_as_the_library_packs_them():
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from tandem.quantization.compressed_tensors import unpack_zero_points
@@ -178,16 +193,7 @@ def test_asymmetric_int4_checkpoint_matches_the_library_and_transformers(tmp_pat
             want = torch.cat([lib[f"{pre}.{p}"] for p in parts])
             assert torch.equal(got, want.float()), f"{pre}: {parts}"  # lossless
     assert len(zeros_seen) > 3  # real zero points, not a symmetric grid in disguise
-    got = _outputs(llm)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    for name, module in hf.named_modules():
-        if name in lib:
-            module.weight.data = lib[name].float()
-    hf.generation_config.eos_token_id = None
-    for p, (tokens, _) in zip(PROMPTS, got):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
-                          pad_token_id=0)[0, len(p):].tolist()
-        assert tokens == ref
+    _assert_generates_like_transformers(llm, src, lib)
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
@@ -217,16 +223,7 @@ def test_per_channel_int4_checkpoint_matches_the_library_and_transformers(tmp_pa
         got = dequantize_int4(module.qweight, module.scales, module.zeros, g)
         want = torch.cat([lib[f"model.layers.0.{p}"] for p in parts])
         assert torch.equal(got, want.float()), parts  # lossless
-    got = _outputs(llm)
-    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    for name, module in hf.named_modules():
-        if name in lib:
-            module.weight.data = lib[name].float()
-    hf.generation_config.eos_token_id = None
-    for p, (tokens, _) in zip(PROMPTS, got):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
-                          pad_token_id=0)[0, len(p):].tolist()
-        assert tokens == ref
+    _assert_generates_like_transformers(llm, src, lib)
 
 
 @pytest.mark.parametrize("int4_asym", [False, True], ids=["kv-only", "w4a16-asym+kv"])
