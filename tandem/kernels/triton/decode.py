@@ -212,7 +212,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         part_out = part_max = part_sum = out
         counters = seq_lens
     else:
-        counters = arrival_counters(query.device, num_decodes * num_kv_heads)
+        counters = _arrival_counters(query.device, num_decodes * num_kv_heads)
         part_out = torch.empty(num_decodes, num_heads, num_parts, head_dim,
                                dtype=torch.float32, device=query.device)
         part_max = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32,
@@ -234,14 +234,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         FP8=fp8, num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 
-_COUNTERS: dict[tuple[torch.device, str], list[torch.Tensor]] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
-def arrival_counters(device: torch.device, n: int, owner: str = "decode") -> torch.Tensor:
-    """Zeroed int32 counters for a "the last program to arrive finishes" kernel, left zeroed
-    by every launch; one buffer per owner (kernel family). Grown by allocating a larger
-    buffer; old ones are kept alive, since CUDA graphs captured earlier still point at them."""
-    buffers = _COUNTERS.setdefault((device, owner), [])
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), left zeroed by every launch.
+    Grown by allocating a larger buffer; old ones are kept alive, since CUDA graphs captured
+    earlier still point at them."""
+    buffers = _COUNTERS.setdefault(device, [])
     if not buffers or buffers[-1].numel() < n:
         buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
     return buffers[-1]
