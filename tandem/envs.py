@@ -8,8 +8,6 @@
     TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
     TANDEM_PDL            "0": launch the Triton kernels without programmatic dependent
                           launch (kernels/triton/pdl.py), for A/B runs and bisecting
-    TANDEM_L2_PREFETCH    "0": the decode GEMVs do not ask L2 for their weights while they
-                          wait on the kernel ahead (kernels/triton/pdl.py), for A/B runs
     TANDEM_DECODE_FUSION  "1": batch-1 decode runs each norm inside the next matmul, with
                           rotary and the KV write or SiLU-and-mul in its epilogue
                           (models/fused_decode.py); off by default, as it measured slower on
@@ -51,10 +49,6 @@ def cache_dir() -> str:
 
 def pdl_enabled() -> bool:
     return os.environ.get("TANDEM_PDL", "1") != "0"
-
-
-def l2_prefetch_enabled() -> bool:
-    return os.environ.get("TANDEM_L2_PREFETCH", "1") != "0"
 
 
 def decode_fusion_enabled() -> bool:

@@ -57,8 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.triton.pdl import (gdc_launch_dependents, gdc_wait, launch_options,
-                                       prefetch_l2)
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 BLOCK_M = 16  # rows of x a program, padded: the smallest N of a tl.dot
 XCHUNK = 512  # x values a chunk in the amax pass
@@ -106,6 +105,17 @@ def _row_scales(x_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, XROWS: tl.constex
 
 
 @triton.jit
+def _prefetch_l2(w_ptr, n, N, K, k_lo, PREFETCH_K: tl.constexpr):
+    """Ask L2 for PREFETCH_K bytes of each of the block's weight rows from k_lo, a 128-byte
+    line a request (addresses clamped into the matrix; the answer is never read here)."""
+    line = k_lo + tl.arange(0, PREFETCH_K // 128) * 128
+    ptrs = (w_ptr + tl.minimum(n, N - 1).to(tl.int64)[:, None] * K
+            + tl.minimum(line, K - 1)[None, :])
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _load_w(w_rows, k0, k, n_ok, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     # Past K the weight must read as zero (x is zero there, and a stray e4m3 NaN times zero
     # is NaN); past N anything finite or not is fine: those rows of acc are never stored.
@@ -144,8 +154,7 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, cnt_pt
     if HAS_BIAS:
         bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if PREFETCH_K > 0:
-        prefetch_l2(w_ptr, tl.minimum(n, N - 1), K, k_lo, tl.minimum(K, k_lo + PREFETCH_K),
-                    PREFETCH_K // 128)
+        _prefetch_l2(w_ptr, n, N, K, k_lo, PREFETCH_K)
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     if QUANT_X:

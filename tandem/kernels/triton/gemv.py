@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.triton.pdl import (gdc_launch_dependents, gdc_wait, l2_prefetch_bytes,
-                                       launch_options, prefetch_l2)
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
 @triton.jit
@@ -43,9 +42,9 @@ def _load_w(rows, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, row_bytes, pf_lo, pf_hi,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PF_LINES: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -53,8 +52,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, row_bytes, pf_lo, p
     n_ok = n < N
     rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
     w = _load_w(rows, n_ok, 0, K, BLOCK_K, EVEN_K)  # the first tile, ahead of the wait
-    if PF_LINES > 0:  # and the next bytes of the rows into L2 (pdl.py)
-        prefetch_l2(w_ptr, tl.minimum(n, N - 1), row_bytes, pf_lo, pf_hi, PF_LINES)
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     acc = _gemv_tile(x_ptr, rows, w, 0, K, BLOCK_K, EVEN_K)
@@ -76,14 +73,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, warps, stages = config or default_config(n_out, k_in)
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-    programs = triton.cdiv(n_out, block_n)
-    size = weight.element_size()
-    pf_bytes, pf_lines = l2_prefetch_bytes(x, programs, block_n, warps, (k_in - block_k) * size)
-    _gemv_kernel[(programs,)](
+    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, bias if bias is not None else weight, y, n_out, k_in, weight.stride(0),
-        weight.stride(0) * size, block_k * size, block_k * size + pf_bytes, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k_in % block_k == 0, PF_LINES=pf_lines,
-        num_warps=warps, num_stages=stages, **launch_options(x))
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k_in % block_k == 0, num_warps=warps, num_stages=stages, **launch_options(x))
     return y
 
 

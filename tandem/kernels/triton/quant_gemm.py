@@ -48,8 +48,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.triton.fp8_gemv import e4m3_scale, fp8_dot_gemv, to_e4m3
-from tandem.kernels.triton.pdl import (gdc_launch_dependents, gdc_wait, l2_prefetch_bytes,
-                                       launch_options, prefetch_l2)
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
 @triton.jit
@@ -128,10 +127,9 @@ def _load_x(x_ptrs, word, kw0, KW, PER: tl.constexpr, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, stride_ym,
-                 pf_hi, BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PF_LINES: tl.constexpr,
-                 PDL: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     PER: tl.constexpr = 32 // BITS
@@ -144,8 +142,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     w_ptrs = w_ptr + n.to(tl.int64)[None, :, None] * KW + word[:, None, :]  # (Q, BLOCK_N, 4)
     x_ptrs = x_ptr + m * stride_xm + word[:, :, None] * PER + tl.arange(0, PER)[None, None, :]
     w = _load_words(w_ptrs, n_ok, word, 0, KW, EVEN_N and EVEN_K)  # ahead of the wait
-    if PF_LINES > 0:  # and the next bytes of the rows into L2 (pdl.py)
-        prefetch_l2(w_ptr, tl.minimum(n, N - 1), KW * 4, BLOCK_KW * 4, pf_hi, PF_LINES)
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     acc = _int_tile(w, _load_x(x_ptrs, word, 0, KW, PER, EVEN_K),
@@ -173,9 +169,8 @@ def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_K: tl.constexp
 
 @triton.jit
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
-                       pf_hi, HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr,
-                       QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PF_LINES: tl.constexpr, PDL: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
     (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep. QUANT_X: x is half
     precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
@@ -192,8 +187,6 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
     x_row = x_ptr + m * stride_xm
     # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
     w = tl.load(rows + k[None, :], mask=n_ok[:, None])  # the first tile, ahead of the wait
-    if PF_LINES > 0:  # and the next bytes of the rows into L2 (pdl.py)
-        prefetch_l2(w_ptr, tl.minimum(n, N - 1), K, BLOCK_K, pf_hi, PF_LINES)
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
@@ -335,16 +328,13 @@ def int_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     kw = words.shape[1]
     block_n, block_kw, warps = config or gemv_config(bits, n, k)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    programs = triton.cdiv(n, block_n)
-    pf_bytes, pf_lines = l2_prefetch_bytes(x2, m * programs, block_n, warps,
-                                           (kw - block_kw) * 4)
-    _gemv_kernel[(m, programs)](
+    _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x2, words, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, n, kw, x2.stride(0), y.stride(0),
-        block_kw * 4 + pf_bytes, BITS=bits, G=group_size if bits == 4 else 32,
-        HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_KW=block_kw, EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0,
-        PF_LINES=pf_lines, num_warps=warps, num_stages=1, **launch_options(x2))
+        BITS=bits, G=group_size if bits == 4 else 32, HAS_ZERO=zeros is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw,
+        EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0, num_warps=warps, num_stages=1,
+        **launch_options(x2))
     return y
 
 
@@ -428,15 +418,12 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
     n = wq.shape[0]
     block_n, block_k, warps = config or fp8_gemv_config(n, k)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    programs = triton.cdiv(n, block_n)
-    pf_bytes, pf_lines = l2_prefetch_bytes(xq, m * programs, block_n, warps,
-                                           (k - block_k) * wq.element_size())
-    _gemv_float_kernel[(programs, m)](
+    _gemv_float_kernel[(triton.cdiv(n, block_n), m)](
         xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
-        block_k + pf_bytes, HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None,
-        QUANT_X=quantize_x, BLOCK_N=block_n, BLOCK_K=block_k, PF_LINES=pf_lines,
-        num_warps=warps, num_stages=1, **launch_options(xq))
+        HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
+        **launch_options(xq), BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=1)
     return y
 
 
