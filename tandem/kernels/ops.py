@@ -41,6 +41,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return _impl(x).fused_add_rms_norm(x, residual, weight, eps)
 
 
+def sum_add_rms_norm(terms: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm(terms.sum(1), residual, ...): terms (T, S, H), summed in float32
+    and rounded once (as torch's sum), inside the norm's launch on CUDA."""
+    return _impl(terms).sum_add_rms_norm(terms, residual, weight, eps)
+
+
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
            sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(q).rotary(positions, q, k, cos_cache, sin_cache)
@@ -147,12 +154,14 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """The experts' MLP of a mixture-of-experts layer: x (T, H), w13 (E, 2I, H) gate then up,
-    w2 (E, H, I), routing (T, K) weights and ids (-1: expert on another rank) -> (T, H)."""
+    w2 (E, H, I), routing (T, K) weights and ids (-1: expert on another rank) -> (T, H).
+    reduce=False: the K weighted expert outputs (T, K, H), unsummed (the caller sums them:
+    layers/norm.PartialSums), except on the graph-capturable dense reference (T, H)."""
     if (moe_triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and w13.dtype == x.dtype and w2.dtype == x.dtype):
-        return moe_triton.fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return moe_triton.fused_moe(x, w13, w2, topk_weights, topk_ids, reduce=reduce)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():  # no host syncs in a graph
         return moe_reference.fused_moe_dense(x, w13, w2, topk_weights, topk_ids)
-    return moe_reference.fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return moe_reference.fused_moe(x, w13, w2, topk_weights, topk_ids, reduce=reduce)

@@ -41,6 +41,7 @@ from tandem.distributed.expert_dispatch import dispatch
 from tandem.distributed.parallel import ParallelContext
 from tandem.kernels import ops
 from tandem.layers.linear import copy_checked
+from tandem.layers.norm import PartialSums
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -62,8 +63,9 @@ class UnquantizedFusedMoEMethod:
                                        requires_grad=False)
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-        return ops.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids)
+              topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        return ops.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
+                             reduce=reduce)
 
 
 class FusedMoE(nn.Module):
@@ -141,10 +143,15 @@ class FusedMoE(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                reduce: bool = True) -> torch.Tensor | PartialSums:
+        """-> (T, H); with reduce=False on one rank, possibly PartialSums (the kernel's K
+        weighted expert outputs, for the next RMSNorm to sum: layers/norm.py)."""
         p = self.parallel
-        if not p.expert_parallel or p.tp_size == 1:
+        if p.tp_size == 1:
+            out = self.method.apply(self, x, topk_weights, topk_ids, reduce=reduce)
+            return PartialSums(out) if out.dim() == 3 else out
+        if not p.expert_parallel:
             return p.all_reduce(self.method.apply(self, x, topk_weights, topk_ids))
         # all-to-all needs the sizes on the host: never inside a CUDA-graph capture
         name = ("allreduce" if x.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -51,7 +51,7 @@ def _fuse_mlp(layer: nn.Module, hidden: torch.Tensor) -> bool:
 
 def applies(layer: nn.Module, hidden: torch.Tensor) -> bool:
     """Whether `layer.forward(positions, hidden, ...)` takes the fused path."""
-    return (hidden.shape[0] == 1 and hidden.is_cuda and envs.decode_fusion_enabled()
+    return (isinstance(hidden, torch.Tensor) and hidden.shape[0] == 1 and hidden.is_cuda and envs.decode_fusion_enabled()
             and (_fuse_attention(layer, hidden) or _fuse_mlp(layer, hidden)))
 
 

@@ -34,12 +34,17 @@ from tandem.distributed.parallel import ParallelContext
 from tandem.kernels import AttentionBackend
 from tandem.layers.linear import ReplicatedLinear
 from tandem.layers.moe import FusedMoE, select_experts
-from tandem.layers.norm import RMSNorm
+from tandem.layers.norm import PartialSums, RMSNorm
 from tandem.models.llama import (LlamaArgs, LlamaAttention, LlamaDecoderLayer,
                                  LlamaForCausalLM, LlamaMLP)
 from tandem.quantization.policy import QuantPolicy
 
 logger = logging.getLogger(__name__)
+import os  # noqa: E402  (A/B switch for one GPU measurement; to be removed)
+
+
+def _sum_in_norm() -> bool:
+    return os.environ.get("TANDEM_MOE_SUM_IN_NORM", "1") != "0"
 
 # ...experts.<e>.<proj>.weight -> (the FusedMoE's path, shard id, expert)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -81,12 +86,14 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = ReplicatedLinear(args.hidden_size, 1, False,
                                                        f"{prefix}.shared_expert_gate", parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSums:
+        """(T, H), or without a shared expert possibly PartialSums: the experts' K outputs,
+        which the next layer's input RMSNorm (or the final norm) sums with its residual add."""
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # (T, K)
+        if self.shared_expert is None:
+            return self.experts(x, weights, ids, reduce=not _sum_in_norm())
         out = self.experts(x, weights, ids)  # (T, H)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 class MoEDecoderLayer(LlamaDecoderLayer):

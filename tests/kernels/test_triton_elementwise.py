@@ -35,6 +35,26 @@ def test_rms_norm_and_fused_add(dtype, rows, d):
     torch.testing.assert_close(out, ref_out, **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,terms,d", [(1, 8, 2048), (3, 2, 4096), (5, 4, 896)])
+def test_sum_add_rms_norm(dtype, rows, terms, d):
+    """A MoE layer's K expert outputs summed inside the next norm's residual add
+    (layers/norm.PartialSums), against the reference: sum, add, norm."""
+    g = torch.Generator(device="cuda").manual_seed(rows * terms + d)
+    t = torch.randn(rows, terms, d, device="cuda", generator=g).to(dtype)
+    r = torch.randn(rows, d, device="cuda", generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(d, device="cuda", generator=g)).to(dtype)
+    out, res = fused.sum_add_rms_norm(t, r, w, 1e-6)
+    ref_out, ref_res = ref.sum_add_rms_norm(t, r, w, 1e-6)
+    # the sum rounds once, but its float32 order may differ from torch's: an ulp at most
+    torch.testing.assert_close(res, ref_res, **_tol(dtype))
+    torch.testing.assert_close(out, ref_out, **_tol(dtype))
+    # and equal to summing first with the separate kernels (the path it replaces)
+    from tandem.kernels.triton.fused_moe import sum_slots
+    out2, res2 = fused.fused_add_rms_norm(sum_slots(t.reshape(-1, d), rows, terms), r, w, 1e-6)
+    assert torch.equal(res, res2) and torch.equal(out, out2)
+
+
 def test_rms_norm_on_a_strided_3d_view():
     qkv = torch.randn(9, 3 * 4 * 64, device="cuda", dtype=torch.bfloat16)
     q = qkv[:, :256].view(9, 4, 64)  # per-head norm (Qwen3) on a view of the fused output

@@ -85,3 +85,27 @@ def test_expert_parallel_on_a_dense_model_is_said(tmp_path, caplog):
         load_model(path, torch.float32, "cpu", parallel=ParallelContext(0, 1,
                                                                         expert_parallel=True))
     assert "enable_expert_parallel has no effect" in caplog.text
+
+
+def test_one_rank_leaves_the_slots_for_the_next_norm():
+    """reduce=False on one rank: the K weighted expert outputs as PartialSums, whose sum is
+    the reduced output, and RMSNorm's residual add over them equals the norm of the sum."""
+    from tandem.layers.norm import PartialSums, RMSNorm
+    torch.manual_seed(0)
+    layer = FusedMoE(E, 2, H, I, "model.layers.0.mlp.experts", ParallelContext(0, 1))
+    _load(layer, [torch.randn(2 * I + H, max(H, I)) for _ in range(E)])
+    x = torch.randn(5, H)
+    weights = torch.rand(5, 2)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 3], [0, 2], [3, -1]], dtype=torch.int32)
+    full = layer(x, weights, ids)
+    slots = layer(x, weights, ids, reduce=False)
+    assert isinstance(full, torch.Tensor) and isinstance(slots, PartialSums)
+    assert slots.terms.shape == (5, 2, H)
+    assert torch.equal(slots.terms[4, 1], torch.zeros(H))  # the -1 slot adds nothing
+    torch.testing.assert_close(slots.sum(), full, atol=1e-6, rtol=1e-6)
+    norm = RMSNorm(H, 1e-6)
+    norm.weight.data.uniform_(0.5, 1.5)
+    residual = torch.randn(5, H)
+    got, got_res = norm(slots, residual)
+    want, want_res = norm(slots.sum(), residual)
+    assert torch.equal(got_res, want_res) and torch.equal(got, want)

@@ -38,13 +38,15 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """x (T, H); w13 (E, 2I, H); w2 (E, H, I); topk_weights (T, K) float; topk_ids (T, K)
-    int in [-1, E) -> (T, H) in x.dtype."""
+    int in [-1, E) -> (T, H) in x.dtype, summed in float32; reduce=False: each pair's
+    weighted output unsummed, (T, K, H) (zero for a -1 id)."""
     num_tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
+    rows = num_tokens if reduce else num_tokens * top_k
+    out = torch.zeros(rows, hidden, dtype=torch.float32, device=x.device)
     ids = topk_ids.reshape(-1).long()  # (T*K,), pair p = t*K + k
     weights = topk_weights.reshape(-1).float()
     # -1 sorts last as a pretend expert E, then is never visited
@@ -63,7 +65,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         gate_up = xe @ w13[e].float().t()  # (n, 2I)
         h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # (n, I)
         y = (h @ w2[e].float().t()) * weights[p, None]  # (n, H)
-        out.index_add_(0, tok, y)
+        out.index_add_(0, tok if reduce else p, y)
+    if not reduce:
+        return out.view(num_tokens, top_k, hidden).to(x.dtype)
     return out.to(x.dtype)
 
 

@@ -17,9 +17,11 @@ from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_op
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, stride_x, stride_r, stride_o,
-                     stride_ro, n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, stride_x, stride_s, stride_r,
+                     stride_o, stride_ro, n_cols, eps, HAS_RESIDUAL: tl.constexpr,
+                     TERMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """A row's RMSNorm (+ the residual add). TERMS > 1: x is TERMS terms a row (stride_s
+    apart), summed in float32 and rounded once first (sum_add_rms_norm)."""
     if PDL:
         gdc_launch_dependents()
     row = tl.program_id(0)
@@ -29,6 +31,11 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, r_out_ptr, stride_x, stride_r
     if PDL:
         gdc_wait()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if TERMS > 1:
+        for t in tl.static_range(1, TERMS):
+            x += tl.load(x_ptr + row * stride_x + t * stride_s + cols, mask=mask,
+                         other=0.0).to(tl.float32)
+        x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_RESIDUAL:  # the add rounds to the stream's dtype, as in the reference
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         s = (x + r).to(r_out_ptr.dtype.element_ty)
@@ -44,21 +51,29 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x2 = _rows(x)
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+          terms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """terms (T, S, H) instead of x: x = terms summed over S."""
+    if terms is not None:
+        if terms.stride(-1) != 1:
+            terms = terms.contiguous()
+        x2 = terms[:, 0]
+        num_terms, stride_s = terms.shape[1], terms.stride(1)
+    else:
+        x2, num_terms, stride_s = _rows(x), 1, 0
     n, d = x2.shape
-    out = torch.empty_like(x2)
+    out = torch.empty(n, d, dtype=x2.dtype, device=x2.device)
     r2 = _rows(residual) if residual is not None else x2
-    r_out = torch.empty_like(x2) if residual is not None else out
+    r_out = torch.empty_like(out) if residual is not None else out
     if n:
-        _rms_norm_kernel[(n,)](x2, r2, weight, out, r_out, x2.stride(0), r2.stride(0),
-                               out.stride(0), r_out.stride(0), d, eps,
-                               HAS_RESIDUAL=residual is not None,
+        _rms_norm_kernel[(n,)](x2, r2, weight, out, r_out, x2.stride(0), stride_s,
+                               r2.stride(0), out.stride(0), r_out.stride(0), d, eps,
+                               HAS_RESIDUAL=residual is not None, TERMS=num_terms,
                                BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
                                **launch_options(x2))
-    res = r_out.view(x.shape) if residual is not None else None
-    return out.view(x.shape), res
+    shape = x.shape if terms is None else (n, d)
+    res = r_out.view(shape) if residual is not None else None
+    return out.view(shape), res
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,6 +83,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _norm(x, residual, weight, eps)
+
+
+def sum_add_rms_norm(terms: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm(None, residual, weight, eps, terms=terms)
 
 
 @triton.jit

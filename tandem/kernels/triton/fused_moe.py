@@ -374,9 +374,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: MoEConfig | None = None,
+              reduce: bool = True) -> torch.Tensor:
     """x (T, H) bf16/fp16; w13 (E, 2I, H); w2 (E, H, I); topk_weights (T, K) float;
-    topk_ids (T, K) int32/int64 in [-1, E) -> (T, H) in x.dtype (reference/moe.py)."""
+    topk_ids (T, K) int32/int64 in [-1, E) -> (T, H) in x.dtype (reference/moe.py), or with
+    reduce=False and K > 1 the K weighted expert outputs (T, K, H), for the caller to sum."""
     num_tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
@@ -413,4 +415,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         num_warps=warps, num_stages=stages, **pdl)
     if top_k == 1:
         return buf
+    if not reduce:
+        return buf.view(num_tokens, top_k, hidden)
     return sum_slots(buf, num_tokens, top_k)
