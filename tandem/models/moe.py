@@ -40,11 +40,6 @@ from tandem.models.llama import (LlamaArgs, LlamaAttention, LlamaDecoderLayer,
 from tandem.quantization.policy import QuantPolicy
 
 logger = logging.getLogger(__name__)
-import os  # noqa: E402  (A/B switch for one GPU measurement; to be removed)
-
-
-def _sum_in_norm() -> bool:
-    return os.environ.get("TANDEM_MOE_SUM_IN_NORM", "1") != "0"
 
 # ...experts.<e>.<proj>.weight -> (the FusedMoE's path, shard id, expert)
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -91,7 +86,7 @@ class SparseMoeBlock(nn.Module):
         which the next layer's input RMSNorm (or the final norm) sums with its residual add."""
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # (T, K)
         if self.shared_expert is None:
-            return self.experts(x, weights, ids, reduce=not _sum_in_norm())
+            return self.experts(x, weights, ids, reduce=False)
         out = self.experts(x, weights, ids)  # (T, H)
         return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
