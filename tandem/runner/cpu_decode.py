@@ -8,10 +8,19 @@ token on the 2-core development machine. `CpuDecodeRunner` runs the same math
 `kernels/cpu/decode_step.c`, on the model's own weight and KV cache tensors (read in
 place; nothing is copied or rewritten), one OpenMP region for the whole step.
 
-    model_runner.launch:  step of <= MAX_ROWS one-token queries, every row sampled
+    model_runner.launch:  plain decodes (<= MAX_ROWS, one known token each), all plain
+                          greedy -> CpuDecodeRunner.greedy(plan)   token ids (a list)
+                          step of <= MAX_ROWS one-token queries, every row sampled
                           (plain decodes, or speculative decoding's verify rows)
                           -> CpuDecodeRunner.logits(inputs)       (rows, vocab)
                           else model.forward -> compute_logits     (the spec)
+
+Plain decode rows are written into standing input buffers (`decode_inputs`) rather than
+built: each step changes only a row's id, position, slot and length. The greedy shortcut
+also takes each row's argmax inside the native call and returns Python ints: no torch op
+and no tensor between two steps. That matters more than the op counts suggest: the step
+streams ~89 MB through the caches, so whatever host code runs between two steps runs
+cold (a torch op that takes 10 us in a loop takes 25-60 us there).
 
 It is built for what it covers and is None otherwise: a float32 Llama/Mistral-style model
 (no biases, no q/k norm, plain decoder layers) on one CPU rank, unquantized, float32 KV
@@ -28,7 +37,10 @@ import logging
 import torch
 from torch import nn
 
+from tandem.layers.attention_metadata import AttentionMetadata
+from tandem.outputs import StepPlan
 from tandem.runner.input_batch import ModelInputs
+from tandem.runner.request_state import RequestState
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +126,129 @@ class CpuDecodeRunner:
             down=ptrs([l.mlp.down_proj.weight for l in layers]),
             k_cache=ptrs([c[0] for c in caches]), v_cache=ptrs([c[1] for c in caches]))
         self._model_ref = ctypes.byref(self._model)
+        self._block_size = self._model.block_size
+        self._alloc_inputs(64)
+        # greedy(): the logits it writes (and nobody reads) and the argmax it returns
+        self.vocab_size = model.vocab_size  # argmax over these; lm_head rows may be padded
+        self._logits_buf = torch.empty(MAX_ROWS, self.vocab_rows)
+        self._greedy_logits = self._logits_buf.data_ptr()
+        self._argmax = (ctypes.c_int64 * MAX_ROWS)()
+        self._argmax_ptr = ctypes.addressof(self._argmax)
         eps = {n.eps for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)}
         if eps != {model.model.norm.eps}:
             raise ValueError("layers with different RMSNorm eps")
+
+    def _alloc_inputs(self, width: int) -> None:
+        """The standing inputs of plain decode steps (`decode_inputs`, `greedy`), block
+        tables `width` blocks wide:
+
+            longs   (3, MAX_ROWS) int64        | input ids | positions | slots |
+            lens    (MAX_ROWS,) int32          seq_lens
+            tables  (MAX_ROWS, width) int32    row r: row r's block table, padded with 0
+
+        written through ctypes arrays over the same memory: a store costs ~0.1 us where a
+        tensor element assignment costs several, and the greedy step makes no tensor."""
+        self._width = width
+        self._longs = torch.zeros(3, MAX_ROWS, dtype=torch.int64)
+        self._lens = torch.zeros(MAX_ROWS, dtype=torch.int32)
+        self._tables = torch.zeros(MAX_ROWS, width, dtype=torch.int32)
+        self._longs_c = (ctypes.c_int64 * (3 * MAX_ROWS)).from_address(self._longs.data_ptr())
+        self._lens_c = (ctypes.c_int32 * MAX_ROWS).from_address(self._lens.data_ptr())
+        self._tables_c = (ctypes.c_int32 * (MAX_ROWS * width)).from_address(
+            self._tables.data_ptr())
+        # the step's pointer arguments after rows: ids, positions, slots, tables, stride, lens
+        ptr, row = self._longs.data_ptr(), MAX_ROWS * 8
+        self._input_args = (ptr, ptr + row, ptr + 2 * row, self._tables.data_ptr(), width,
+                            self._lens.data_ptr())
+        # what each block-table row holds: (request state, its blocks_version, blocks written)
+        self._row_tables: list[tuple[RequestState | None, int, int]] = [(None, 0, 0)] * MAX_ROWS
+        self._views: dict[int, tuple] = {}  # per row count: the tensors decode_inputs passes
+
+    def _write_rows(self, plan: StepPlan, states: dict[str, RequestState],
+                    greedy: bool) -> list[int] | None:
+        """Write a plan of 1..MAX_ROWS plain decode rows (one known input token each,
+        sampled, no drafts) into the standing inputs; per row only the id, position, slot
+        and length change, and the block-table row when the request's table did
+        (`RequestState.blocks_version`). Returns the rows' seq_lens, or None (nothing
+        written) for any other plan, or with `greedy` when a row does not sample by argmax
+        alone (Sampler's plain greedy case: no logprobs, penalties or min_tokens ban)."""
+        seqs = plan.seqs
+        if not 0 < len(seqs) <= MAX_ROWS:
+            return None
+        for seq in seqs:
+            if (seq.num_new_tokens != 1 or not seq.sample or seq.inflight_input
+                    or seq.spec_token_ids):
+                return None
+            if greedy:
+                st = states[seq.request_id]
+                min_tokens = st.params.min_tokens
+                # the token sampled lands at end_pos; min_tokens bans EOS before then
+                if not st.plain_greedy or (min_tokens and seq.start_pos + 1
+                                           - st.num_prompt_tokens < min_tokens):
+                    return None
+        bs = self._block_size
+        longs, lens, row_tables = self._longs_c, self._lens_c, self._row_tables
+        seq_lens: list[int] = []
+        for r, seq in enumerate(seqs):
+            st = states[seq.request_id]
+            pos = seq.start_pos
+            blocks = st.block_ids
+            longs[r] = st.token_ids[pos]
+            longs[MAX_ROWS + r] = pos
+            longs[2 * MAX_ROWS + r] = blocks[pos // bs] * bs + pos % bs
+            lens[r] = pos + 1
+            seq_lens.append(pos + 1)
+            held, version, written = row_tables[r]
+            if held is not st or version != st.blocks_version:
+                n = len(blocks)
+                if n > self._width:  # a wider table: every row is written again
+                    self._alloc_inputs(max(n, 2 * self._width))
+                    return self._write_rows(plan, states, greedy)
+                base = r * self._width
+                self._tables_c[base:base + n] = blocks
+                if written > n:
+                    self._tables_c[base + n:base + written] = [0] * (written - n)
+                row_tables[r] = (st, st.blocks_version, n)
+        return seq_lens
+
+    def decode_inputs(self, plan: StepPlan, states: dict[str, RequestState]
+                      ) -> ModelInputs | None:
+        """What `build_model_inputs` builds for a plan of plain decode rows (see
+        `_write_rows`), as views of the standing inputs: read by this step only, the next
+        one overwrites them. None for any other plan."""
+        seq_lens = self._write_rows(plan, states, greedy=False)
+        if seq_lens is None:
+            return None
+        rows = len(seq_lens)
+        views = self._views.get(rows)
+        if views is None:
+            ar = torch.arange(rows + 1, dtype=torch.int32)
+            views = self._views[rows] = (
+                self._longs[0, :rows], self._longs[1, :rows], self._longs[2, :rows],
+                ar, self._lens[:rows], self._tables[:rows], ar[:rows].long())
+        ids, positions, slots, query_start, lens, tables, logits_rows = views
+        ones = [1] * rows  # query lengths, and logits rows per sampling seq
+        meta = AttentionMetadata(slots, query_start, lens, tables, ones, seq_lens, 1,
+                                 max(seq_lens), self._block_size)
+        return ModelInputs(ids, positions, meta, list(range(rows)), logits_rows, [],
+                           sample_counts=ones)
+
+    def greedy(self, plan: StepPlan, states: dict[str, RequestState]) -> list[int] | None:
+        """The tokens of a step of plain decode rows that all sample greedily without
+        logprobs (see `_write_rows`): the step and each row's argmax (torch.argmax's
+        rule) in one native call, with no torch op and no tensor made on the way. None,
+        having done nothing, for any other plan: then `decode_inputs` or the general
+        builder, `logits` and the Sampler, which pick the same tokens
+        (tests/unit/test_cpu_decode.py)."""
+        seq_lens = self._write_rows(plan, states, greedy=True)
+        if seq_lens is None:
+            return None
+        rows = len(seq_lens)
+        rc = self._fn(self._model_ref, rows, *self._input_args, self._greedy_logits,
+                      torch.get_num_threads(), self.vocab_size, self._argmax_ptr)
+        if rc != 0:
+            raise RuntimeError("tandem_llama_decode_f32 refused the step")
+        return self._argmax[:rows]
 
     @staticmethod
     def create(model: nn.Module) -> CpuDecodeRunner | None:
@@ -151,7 +283,7 @@ class CpuDecodeRunner:
         rc = self._fn(self._model_ref, rows, inputs.input_ids.data_ptr(),
                       inputs.positions.data_ptr(), meta.slot_mapping.data_ptr(),
                       tables.data_ptr(), tables.stride(0), meta.seq_lens.data_ptr(),
-                      out.data_ptr(), torch.get_num_threads())
+                      out.data_ptr(), torch.get_num_threads(), 0, None)
         if rc != 0:
             raise RuntimeError("tandem_llama_decode_f32 refused the step")
         return out

@@ -185,15 +185,21 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
     pending): the sampler then needs only an argmax, and the step no copy or kernel for
     parameters it would not read."""
     counts = sample_counts or [1] * len(sample_rows)
+    for i, c in zip(sample_rows, counts):
+        seq = plan.seqs[i]
+        st = states[seq.request_id]
+        # a min_tokens ban covers rows sampling output tokens before min_tokens; the
+        # seq's earliest row samples position end_pos - c + 1
+        if not st.plain_greedy or (st.params.min_tokens and seq.end_pos - c + 1
+                                   - st.num_prompt_tokens < st.params.min_tokens):
+            break
+    else:
+        return None
     seqs = [plan.seqs[i] for i, c in zip(sample_rows, counts) for _ in range(c)]
     positions = [plan.seqs[i].end_pos - c + 1 + j for i, c in zip(sample_rows, counts)
                  for j in range(c)]
     reqs = [states[s.request_id] for s in seqs]
     params = [r.params for r in reqs]
-    if all(p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
-           and (p.min_tokens == 0 or pos - r.num_prompt_tokens >= p.min_tokens)
-           for pos, r, p in zip(positions, reqs, params)):
-        return None
     f32 = torch.float32
     penalize = any(p.has_penalties for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)

@@ -4,6 +4,11 @@
              -> Sampler (sampled rows) -> copy of the sampled ids to pinned host memory
     collect: wait for that copy -> StepResult (+ log_softmax of prompt-logprob rows)
 
+On CPU, a decode step whose rows all sample greedily without logprobs or penalties takes
+a shortcut: `CpuDecodeRunner.greedy` writes its inputs in place, runs the fused step and
+takes each row's argmax in the same native call, and the tokens come back as a list (no
+tensor, no Sampler; the host work between two such steps is ~0.1 ms).
+
 `execute` is the two back to back. With async scheduling the engine launches step N+1
 before collecting step N, so the host's work overlaps the device's; a decode of N+1 whose
 input is N's sampled token reads it from N's device output (`inflight_input`).
@@ -67,6 +72,9 @@ class Launched:
     # and the target's sampling distributions of the step's sampled rows
     draft_q: dict[int, torch.Tensor] = field(default_factory=dict)
     probs: torch.Tensor | None = None
+    # a step the fused CPU step sampled greedily (CpuDecodeRunner.greedy): each seq's
+    # token, on the host already (the fields above stay empty)
+    token_ids: list[int] | None = None
 
 
 class InjectedFault(RuntimeError):
@@ -128,8 +136,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CudaGraphRunner | None = None
         self.cpu_decode: CpuDecodeRunner | None = None  # small decode steps in one C call
-        # The last launched step's sampled ids on the device, and each request's row there.
-        self._last_ids: torch.Tensor | None = None
+        # The last launched step's sampled ids on the device (a list from the greedy fused
+        # CPU step), and each request's row there.
+        self._last_ids: torch.Tensor | list[int] | None = None
         self._last_rows: dict[str, int] = {}
         self.fault_token_id = envs.fault_token_id()
         spec = config.scheduler.speculative_config
@@ -272,7 +281,6 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
 
-    @torch.inference_mode()
     def launch(self, plan: StepPlan) -> Launched:
         """Enqueue the step's device work; returns before it finishes (no host sync)."""
         apply_plan(self.states, plan)
@@ -283,8 +291,31 @@ class ModelRunner:
                 self.proposer.finish(rid)
         if plan.is_empty:
             return Launched(plan)
-        inputs = build_model_inputs(plan, self.states, self.block_size, self.device, last_rows)
+        if self.cpu_decode is not None and self.fault_token_id is None:
+            # Plain decode rows, all plain greedy: step and argmax in one native call,
+            # no tensors on the way (the sampler would take the same argmax).
+            token_ids = self.cpu_decode.greedy(plan, self.states)
+            if token_ids is not None:
+                self._last_ids = token_ids
+                self._last_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
+                return Launched(plan, token_ids=token_ids)
+        return self._launch(plan, last_ids, last_rows)
+
+    @torch.inference_mode()
+    def _launch(self, plan: StepPlan, last_ids: torch.Tensor | list[int] | None,
+                last_rows: dict[str, int]) -> Launched:
+        """The general step: inputs, forward (or a fused replay), logits, Sampler.
+        last_ids, last_rows: the previous step's sampled ids (on the device, or a list
+        from the greedy fused CPU step) and each request's row there (async inputs)."""
+        inputs = None
+        if self.cpu_decode is not None:  # plain decode rows: the fused step's standing inputs
+            inputs = self.cpu_decode.decode_inputs(plan, self.states)
+        if inputs is None:
+            inputs = build_model_inputs(plan, self.states, self.block_size, self.device,
+                                        last_rows)
         if inputs.inflight_rows is not None:
+            if isinstance(last_ids, list):
+                last_ids = torch.tensor(last_ids, device=self.device)
             inputs.input_ids[inputs.inflight_rows] = last_ids[inputs.inflight_src]
         if self.cpu_decode is not None and self.cpu_decode.can_run(inputs):
             logits = self.cpu_decode.logits(inputs)  # forward and LM head, one native call
@@ -326,9 +357,20 @@ class ModelRunner:
                 out.event.record()
         return out
 
-    @torch.inference_mode()
     def collect(self, launched: Launched) -> StepResult:
         """Wait for a launched step's sampled tokens (the step's one host sync)."""
+        if launched.token_ids is not None:  # sampled on the host already
+            tokens = [[t] for t in launched.token_ids]
+            n = len(tokens)
+            drafts = None
+            if self.proposer is not None:
+                with torch.inference_mode():
+                    drafts = self._propose(launched.plan, tokens)
+            return StepResult(tokens, [None] * n, [None] * n, drafts)
+        return self._collect(launched)
+
+    @torch.inference_mode()
+    def _collect(self, launched: Launched) -> StepResult:
         if launched.inputs is None:
             return StepResult([], [], [], [] if self.proposer is not None else None)
         if launched.event is not None:

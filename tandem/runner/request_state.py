@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from tandem.outputs import StepPlan
 from tandem.request import SamplingParams
 
@@ -35,6 +34,16 @@ class RequestState:
     # temperature, top_k (0: off; capped at 2**24, beyond any vocabulary and exact in
     # float32), top_p, min_p, repetition, presence, frequency penalty.
     sampling_row: tuple[float, ...]
+    # Bumped by every change to block_ids: a copy of the table made elsewhere (the fused
+    # CPU step's standing block-table rows) is current while the two agree.
+    blocks_version: int = 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether its rows sample by argmax alone: greedy, no logprobs, no penalties (a
+        min_tokens ban depends on the position: checked per row)."""
+        p = self.params
+        return p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -67,3 +76,4 @@ def apply_plan(states: dict[str, RequestState], plan: StepPlan) -> None:
         if seq.new_block_ids or seq.blocks_from < len(state.block_ids):
             del state.block_ids[seq.blocks_from:]
             state.block_ids += seq.new_block_ids
+            state.blocks_version += 1

@@ -25,8 +25,11 @@ def _runner(llm: LLM):
 
 def _check_every_fused_step(llm: LLM) -> list[int]:
     """Wrap the fused step: each call also runs the reference forward on the same inputs
-    and caches, and asserts equal logits and K/V. Returns the list of row counts seen."""
+    and caches, and asserts equal logits and K/V. Returns the list of row counts seen.
+    The greedy shortcut (`greedy`, the same native step with the argmax taken inside) is
+    turned off, so every step comes through `logits`; test_greedy_steps_* cover it."""
     runner = _runner(llm)
+    runner.cpu_decode.greedy = lambda plan, states: None
     fused, model = runner.cpu_decode.logits, runner.model
     caches = [layer.kv_cache for layer in model.attention_layers()]
     seen: list[int] = []
@@ -104,6 +107,101 @@ def test_not_built_for_what_it_does_not_cover(tmp_path, kwargs: dict) -> None:
 def test_off_without_cpu_kernels(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TANDEM_CPU_KERNELS", "0")
     assert _runner(LLM(make_tiny_model(tmp_path))).cpu_decode is None
+
+
+def _generate_both_ways(llm: LLM, prompts: list, params) -> tuple[list, list, list[int]]:
+    """Token ids of `prompts` with the greedy shortcut (CpuDecodeRunner.greedy) on, then off
+    (the general path: standing or built inputs, `logits`, the Sampler's argmax), and the
+    row counts of the steps the shortcut took."""
+    cpu = _runner(llm).cpu_decode
+    greedy = cpu.greedy
+    rows: list[int] = []
+
+    def counted(plan, states):
+        ids = greedy(plan, states)
+        if ids is not None:
+            rows.append(len(ids))
+        return ids
+
+    cpu.greedy = counted
+    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    cpu.greedy = lambda plan, states: None
+    general = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    cpu.greedy = greedy
+    return fast, general, rows
+
+
+@needs_kernel
+@pytest.mark.parametrize("block_size, num_prompts", [(16, 1), (1, 3), (16, 8), (32, 11)])
+def test_greedy_steps_match_the_general_path(tmp_path, block_size: int,
+                                             num_prompts: int) -> None:
+    """The greedy shortcut (step and argmax in one native call, inputs in standing
+    buffers) picks the tokens of the general path and of the eager forward: rows 1..8,
+    requests joining and leaving the standing rows, tables across block boundaries."""
+    path = make_tiny_model(tmp_path, num_heads=4, num_kv_heads=2)
+    llm = LLM(path, block_size=block_size, num_kv_blocks=2048 // block_size)
+    rng = random.Random(num_prompts)
+    prompts = [[rng.randrange(1, 512) for _ in range(rng.randint(1, 40))]
+               for _ in range(num_prompts)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(5, 60), ignore_eos=True)
+              for _ in prompts]
+    fast, general, rows = _generate_both_ways(llm, prompts, params)
+    assert fast == general
+    assert rows and max(rows) <= cpu_decode.MAX_ROWS
+    assert num_prompts > cpu_decode.MAX_ROWS or max(rows) == num_prompts
+    eager = LLM(path, block_size=block_size, enforce_eager=True)
+    assert fast == [o.outputs[0].token_ids
+                    for o in eager.generate(prompts, params, use_tqdm=False)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("tweak", ["zero", "nan", "nan_late", "tie_late"])
+def test_greedy_argmax_follows_torch_argmax(tmp_path, tweak: str) -> None:
+    """Ties and NaN logits: the native argmax keeps torch.argmax's rule (the first maximum,
+    a NaN the largest), also where the candidates lie in different threads' shares of the
+    vocabulary. The LM head's rows are edited in place, where both paths' fused step reads
+    them (the prefill's forward uses a reordered oneDNN copy: first tokens left out)."""
+    path = make_tiny_model(tmp_path, num_heads=4, num_kv_heads=2, vocab_size=512)
+    llm = LLM(path)
+    weight = _runner(llm).model.lm_head.weight
+    vocab = weight.shape[0]
+    with torch.no_grad():
+        if tweak == "zero":  # every logit 0: token 0
+            weight.zero_()
+        elif tweak == "nan":  # the first NaN wins
+            weight[[7, vocab - 3]] = float("nan")
+        elif tweak == "nan_late":  # a NaN in the last thread's share only
+            weight[vocab - 3] = float("nan")
+        else:  # the same largest logit in the first and the last share
+            weight[vocab - 2] = weight[2] = weight[2] * 100.0
+    prompts = [[3, 5, 8, 13], [21, 34], [55]]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    fast, general, rows = _generate_both_ways(llm, prompts, params)
+    assert rows and fast == general
+    if tweak == "zero":
+        assert all(t == 0 for ids in fast for t in ids[1:])
+    elif tweak.startswith("nan"):
+        assert all(t == (7 if tweak == "nan" else vocab - 3) for ids in fast for t in ids[1:])
+
+
+@needs_kernel
+def test_greedy_shortcut_only_for_plain_greedy_rows(tmp_path) -> None:
+    """Rows that need more than an argmax (logprobs, a penalty, sampling, a min_tokens ban
+    on EOS) send their whole step through the general path; the tokens stay the same."""
+    path = make_tiny_model(tmp_path, num_heads=4, num_kv_heads=2)
+    llm = LLM(path)
+    prompts = [[3, 5, 8, 13], [21, 34, 55]]
+    plain = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    for other, shortcut in [
+            (SamplingParams(temperature=0.0, max_tokens=10, logprobs=2), False),
+            (SamplingParams(temperature=0.0, max_tokens=10, repetition_penalty=1.2), False),
+            (SamplingParams(temperature=0.8, max_tokens=10, seed=1), False),
+            (SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10), False),
+            (SamplingParams(temperature=0.0, max_tokens=10, min_tokens=3), True)]:
+        fast, general, rows = _generate_both_ways(llm, prompts, [plain, other])
+        assert fast == general
+        # min_tokens=3: the steps sampling output tokens 2 and 3 are banned from EOS
+        assert bool(rows) == shortcut and all(r == 1 for r in rows) != shortcut
 
 
 def test_can_run_only_plain_decode_rows() -> None:

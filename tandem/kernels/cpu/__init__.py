@@ -87,7 +87,7 @@ def load_library() -> ctypes.CDLL | None:
                    ctypes.c_float, ptr, i64]
     fn.restype = None
     step = lib.tandem_llama_decode_f32
-    step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64, ptr]
     step.restype = ctypes.c_int
     return lib
 

@@ -206,34 +206,64 @@ static void attend_item(const tandem_llama_f32 *m, int64_t layer, const float *q
 
 static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
 
+/* The first index of the largest of x[lo, hi), NaN counting as the largest (torch.argmax's
+ * rule); -1 when the range is empty. */
+static int64_t first_max(const float *x, int64_t lo, int64_t hi)
+{
+    if (lo >= hi) return -1;
+    int64_t best = lo;
+    float best_v = x[lo];
+    if (best_v != best_v) return lo;
+    for (int64_t i = lo + 1; i < hi; ++i) {
+        const float v = x[i];
+        if (v > best_v) {
+            best_v = v;
+            best = i;
+        } else if (v != v) {
+            return i;
+        }
+    }
+    return best;
+}
+
 /* The step for `rows` sequences (one new token each): input_ids, positions, slots (rows,)
  * int64; block_tables (rows, bt_stride) int32; seq_lens (rows,) int32, the context length
  * after this token. Writes the token's K/V into every layer's cache and the logits
- * (rows, vocab) into `logits`. Returns 0, or -1 if it refused the shapes (nothing done). */
+ * (rows, vocab) into `logits`. With `argmax_ids` (else NULL), also each row's greedy token:
+ * the first maximum of its first `argmax_cols` logits, NaN the largest (torch.argmax), each
+ * thread over its share of the vocabulary, then the shares in order. Returns 0, or -1 if
+ * it refused the shapes (nothing done). */
 int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64_t *input_ids,
                             const int64_t *positions, const int64_t *slots,
                             const int32_t *block_tables, int64_t bt_stride,
-                            const int32_t *seq_lens, float *logits, int num_threads)
+                            const int32_t *seq_lens, float *logits, int num_threads,
+                            int64_t argmax_cols, int64_t *argmax_ids)
 {
     const int64_t dim = m->hidden_size, d = m->head_dim, inter = m->intermediate_size;
     const int64_t q_size = m->num_heads * d, qkv_size = q_size + 2 * m->num_kv_heads * d;
     if (rows < 1 || rows > TANDEM_DECODE_MAX_ROWS || d > TANDEM_DECODE_MAX_HEAD_DIM
         || d % 2 || m->num_heads % m->num_kv_heads
         || m->num_heads / m->num_kv_heads > TANDEM_DECODE_MAX_GROUP
-        || m->block_size > TANDEM_DECODE_MAX_BLOCK || num_threads < 1)
+        || m->block_size > TANDEM_DECODE_MAX_BLOCK || num_threads < 1
+        || (argmax_ids != NULL && (argmax_cols < 1 || argmax_cols > m->vocab_size)))
         return -1;
     /* shared: qkv (rows, qkv_size) | attn (rows, q_size) | act (rows, inter) |
      * delta (rows, dim); then per thread: res, h (rows, dim) each */
     const size_t shared[4] = {round64(rows * qkv_size * 4), round64(rows * q_size * 4),
                               round64(rows * inter * 4), round64(rows * dim * 4)};
     const size_t own = 2 * round64(rows * dim * 4);
+    /* and each thread's argmax candidates (num_threads, rows) */
+    const size_t cand = round64(num_threads * rows * 8);
     char *work = aligned_alloc(64, shared[0] + shared[1] + shared[2] + shared[3]
-                                       + own * num_threads);
+                                       + own * num_threads + cand);
     if (work == NULL) return -1;
     float *qkv = (float *)work, *attn = (float *)(work + shared[0]);
     float *act = (float *)(work + shared[0] + shared[1]);
     float *delta = (float *)(work + shared[0] + shared[1] + shared[2]);
     char *own_base = work + shared[0] + shared[1] + shared[2] + shared[3];
+    int64_t *candidates = (int64_t *)(own_base + own * num_threads);
+    for (int64_t i = 0; i < num_threads * rows; ++i)
+        candidates[i] = -1;  /* a team smaller than asked leaves some unset */
 
 #pragma omp parallel num_threads(num_threads)
     {
@@ -290,7 +320,23 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
         }
         split_rows(m->vocab_size, nt, t, &lo, &hi);
         gemv(m->lm_head, dim, h, rows, logits, m->vocab_size, lo, hi);
+        if (argmax_ids != NULL)
+            for (int64_t r = 0; r < rows; ++r)
+                candidates[t * rows + r] = first_max(logits + r * m->vocab_size, lo,
+                                                     hi < argmax_cols ? hi : argmax_cols);
     }
+    if (argmax_ids != NULL)  /* the threads' shares ascend with t: keep the first maximum */
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *row = logits + r * m->vocab_size;
+            int64_t best = -1;
+            for (int t = 0; t < num_threads; ++t) {
+                const int64_t i = candidates[t * rows + r];
+                const int nan_best = best >= 0 && row[best] != row[best];
+                if (i >= 0 && !nan_best && (best < 0 || row[i] != row[i] || row[i] > row[best]))
+                    best = i;
+            }
+            argmax_ids[r] = best;
+        }
     free(work);
     return 0;
 }
