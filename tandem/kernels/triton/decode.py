@@ -60,9 +60,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
-    # Ahead of the wait (pdl.py): the step's lengths, rows and block tables (no kernel of
-    # the step writes them) and the first tile's cache blocks; the query and this step's
-    # K/V rows come from the kernel before, so every K/V load waits.
+        gdc_wait()
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     p = tl.program_id(2)
@@ -77,11 +75,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         return
     end = tl.minimum(start + part_len, seq_len)
     row = tl.load(query_start_loc_ptr + seq).to(tl.int64)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    offs = start + tl.arange(0, BLOCK_N)
-    blk = tl.load(table + offs // BLOCK_SIZE, mask=offs < end, other=0)
-    if PDL:
-        gdc_wait()
 
     g = tl.arange(0, GROUP_PAD)  # query heads of this KV head, padded for the dot
     d = tl.arange(0, HEAD_DIM)
@@ -97,13 +90,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         valid = offs < end
+        blk = tl.load(table + offs // BLOCK_SIZE, mask=valid, other=0)
         slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE  # (BLOCK_N,)
-        # the next tile's blocks, a tile ahead (past `end` on the last tile: masked off)
-        blk = tl.load(table + (offs + BLOCK_N) // BLOCK_SIZE, mask=offs + BLOCK_N < end,
-                      other=0)
         kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
         if FP8:  # the scales apply to the scores (k_scale, in scale_log2) and the output
             k = tl.load(k_ptr + kv_off, mask=valid[:, None]).to(tl.float16)

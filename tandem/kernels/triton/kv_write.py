@@ -88,21 +88,18 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_p
                             PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0)
     row = t.to(tl.int64)
-    # the step's positions and slots and the cos/sin tables: no kernel of the step writes
-    # them, so they load ahead of the wait (pdl.py); q, k, v come from the kernel before
     pos = tl.load(pos_ptr + t)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_c + d)[None, :]  # first half; the halves are equal
     sin = tl.load(sin_ptr + pos * stride_c + d)[None, :]
-    if PDL:
-        gdc_wait()
     norm_rotate_heads(q_ptr + row * stride_qt, stride_qh, n_q_heads, qw_ptr, eps, cos, sin, d,
                       BLOCK_QH, HALF, NORM)
     k1, k2 = norm_rotate_heads(k_ptr + row * stride_kt, stride_kh, NUM_KV_HEADS, kw_ptr, eps,
                                cos, sin, d, BLOCK_KH, HALF, NORM)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # a padding row of a CUDA-graph batch
         return
     h = tl.arange(0, BLOCK_KH)[:, None]
