@@ -28,6 +28,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # Rows past the last sequence's device query_start_loc are padding (a CUDA graph of a
+    # larger token count): attention leaves zeros there, so every later op sees finite rows
+    pad_rows: bool = False
 
     @property
     def num_seqs(self) -> int:

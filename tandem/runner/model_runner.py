@@ -189,9 +189,11 @@ class ModelRunner:
             sched = self.config.scheduler
             rows = sched.max_num_seqs * (1 + self.num_spec_tokens)  # verify rows count too
             self.graphs = CudaGraphRunner(m, min(rows, 512), sched.max_model_len,
-                                          self.block_size, self.num_blocks, self.device)
+                                          self.block_size, self.num_blocks, self.device,
+                                          max_prefill_tokens=sched.max_num_batched_tokens)
             self.graphs.capture()
-            logger.info("captured CUDA graphs for decode batch sizes %s", self.graphs.sizes)
+            logger.info("captured CUDA graphs for decode batch sizes %s and one-sequence "
+                        "prefill sizes %s", self.graphs.sizes, self.graphs.prefill_sizes)
         elif self.device.type == "cpu" and not self.config.model.enforce_eager:
             self.cpu_decode = CpuDecodeRunner.create(m)
 

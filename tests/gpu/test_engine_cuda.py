@@ -63,3 +63,46 @@ def test_async_decode_steps_never_wait_on_the_device(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     while engine.has_unfinished_requests():
         engine.step()
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("LlamaForCausalLM", {}),
+    ("Qwen3MoeForCausalLM", {"hidden_size": 128, "intermediate_size": 256, "num_layers": 3,
+                             "moe": {"num_experts": 16, "num_experts_per_tok": 4}})])
+def test_one_sequence_prefill_graphs_match_eager(tmp_path, arch, kw):
+    """A prefill step of one sequence replays the captured graph of the next prefill size
+    (padded rows, chunks after a cached prefix, chunked prompts): the same tokens and prompt
+    logprobs as the eager engine, float32."""
+    import gc
+    path = make_tiny_model(tmp_path, arch, **kw)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(3, 500, (150,), generator=g).tolist()
+    prompts = [base[:5], base[:40], base[:32] + [7] * 20, base]
+    with_lp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    results, calls = {}, []
+    for eager in (False, True):
+        llm = LLM(path, device="cuda", dtype="float32", max_model_len=256,
+                  max_num_batched_tokens=64, enforce_eager=eager, gpu_memory_utilization=0.3)
+        graphs = llm.engine.executor.runner.graphs
+        if eager:
+            assert graphs is None
+        else:
+            assert graphs.prefill_sizes == [16, 32, 64]
+            run = graphs._run_prefill
+            graphs._run_prefill = lambda inputs: (
+                calls.append(inputs.attn_metadata.num_tokens), run(inputs))[1]
+        # one at a time, so each prefill step holds one sequence; then again, when their
+        # prefixes are cached and the chunks start past them
+        results[eager] = ([llm.generate([p], with_lp, use_tqdm=False)[0] for p in prompts]
+                          + [llm.generate([p], plain, use_tqdm=False)[0] for p in prompts])
+        del llm, graphs
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert 5 in calls and 64 in calls and len(calls) >= 8, calls  # padded, full, chunked
+    for a, b in zip(results[False], results[True]):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        if a.prompt_logprobs is not None:
+            for tok, ea, eb in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:],
+                                   b.prompt_logprobs[1:]):
+                assert abs(ea[tok] - eb[tok]) < 1e-4

@@ -69,7 +69,8 @@ class TritonAttentionBackend:
                                              kv_scale=kv_scale)
         if query.stride(-1) != 1:
             query = query.contiguous()
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        out = (torch.zeros if meta.pad_rows else torch.empty)(query.shape, dtype=query.dtype,
+                                                              device=query.device)
         common = (query, kv_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                   scale)
         if meta.max_query_len <= 1:  # decode-only: the CUDA-graph path
