@@ -27,6 +27,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special = params.skip_special_tokens
         self.stop = list(params.stop or [])
+        self._max_stop = max((len(s) for s in self.stop), default=0)
         self.include_stop = params.include_stop_str_in_output
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -56,8 +57,10 @@ class IncrementalDetokenizer:
         return self.stop_reason is not None
 
     def _append(self, delta: str) -> None:
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
         self.text += delta
+        if not self.stop:
+            return
+        start = max(0, len(self.text) - len(delta) - self._max_stop + 1)
         for s in self.stop:
             idx = self.text.find(s, start)
             if idx != -1:
@@ -69,7 +72,7 @@ class IncrementalDetokenizer:
         """Text not yet streamed, withholding what could still become a stop string."""
         end = len(self.text)
         if not finished and self.stop and self.stop_reason is None:
-            end = max(self.num_streamed, end - max(len(s) for s in self.stop) + 1)
+            end = max(self.num_streamed, end - self._max_stop + 1)
         delta = self.text[self.num_streamed:end]
         self.num_streamed = end
         return delta

@@ -271,12 +271,12 @@ class Engine:
         """Count a step before its update (requests: the plan's, aligned with its seqs)."""
         self._step += 1
         self._last_split = split_step_tokens(plan, requests)
-        # A request's first token happens once (a recompute after preemption samples later
-        # tokens), so this counts each prompt once.
-        self._prompt_tokens += sum(r.num_prompt_tokens for s, r in zip(plan.seqs, requests)
-                                   if s.sample and not r.is_finished and not r.output_token_ids)
-        self._generation_tokens += sum(len(t) for t in result.sampled_token_ids)
-        for seq, tokens in zip(plan.seqs, result.sampled_token_ids):
+        for seq, r, tokens in zip(plan.seqs, requests, result.sampled_token_ids):
+            self._generation_tokens += len(tokens)
+            # A request's first token happens once (a recompute after preemption samples
+            # later tokens), so this counts each prompt once.
+            if seq.sample and not r.is_finished and not r.output_token_ids:
+                self._prompt_tokens += r.num_prompt_tokens
             if seq.spec_token_ids and tokens:
                 accepted = len(tokens) - 1
                 self._spec_drafted += len(seq.spec_token_ids)

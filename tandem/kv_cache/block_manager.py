@@ -141,6 +141,8 @@ class KVCacheManager:
         num_tokens = (request.num_computed_tokens + len(computed_blocks) * self.block_size
                       + num_new_tokens)
         num_needed = -(-num_tokens // self.block_size) - len(blocks) - len(computed_blocks)
+        if num_needed <= 0 and not computed_blocks and rid in self._blocks:
+            return True  # most decode steps: the last block has room
         # A hit block sitting in the free list is about to leave it via touch().
         num_revived = sum(1 for b in computed_blocks if self.pool.is_free(b))
         if num_needed > self.pool.num_free_blocks - num_revived:

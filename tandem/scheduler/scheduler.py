@@ -294,7 +294,7 @@ class Scheduler:
             sample=sample,
             inflight_input=end - len(spec) > request.num_tokens,
             tokens_from=request.num_sent_tokens,
-            new_token_ids=request.all_token_ids[request.num_sent_tokens:],
+            new_token_ids=_tokens_from(request, request.num_sent_tokens),
             blocks_from=request.num_sent_blocks,
             new_block_ids=list(table[request.num_sent_blocks:]),
             spec_token_ids=list(spec),
@@ -468,3 +468,11 @@ class Scheduler:
             prefix_cache_hits=self.kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
         )
+
+
+def _tokens_from(request: Request, start: int) -> list[int]:
+    """request.all_token_ids[start:] without building all of it (a decode sends one)."""
+    n = request.num_prompt_tokens
+    if start >= n:
+        return request.output_token_ids[start - n:]
+    return request.prompt_token_ids[start:] + request.output_token_ids
