@@ -83,7 +83,7 @@ def test_one_sequence_prefill_graphs_match_eager(tmp_path, arch, kw):
     results, calls = {}, []
     for eager in (False, True):
         llm = LLM(path, device="cuda", dtype="float32", max_model_len=256,
-                  max_num_batched_tokens=64, enforce_eager=eager, gpu_memory_utilization=0.3)
+                  max_num_batched_tokens=64, enforce_eager=eager, num_kv_blocks=64)
         graphs = llm.engine.executor.runner.graphs
         if eager:
             assert graphs is None
