@@ -153,17 +153,6 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
     return moe_reference.select_experts(router_logits, top_k, renormalize)
 
 
-def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """select_experts(linear(x, gate_weight), ...): the router and the routing; one launch
-    for one half-precision CUDA token (decode), else the two ops."""
-    if (moe_triton is not None and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
-            and x.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == x.dtype
-            and gate_weight.is_contiguous()):
-        return moe_triton.route_one(x, gate_weight, top_k, renormalize)
-    return select_experts(linear(x, gate_weight), top_k, renormalize)
-
-
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """The experts' MLP of a mixture-of-experts layer: x (T, H), w13 (E, 2I, H) gate then up,

@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from tandem.distributed.parallel import ParallelContext
-from tandem.kernels import AttentionBackend, ops
+from tandem.kernels import AttentionBackend
 from tandem.layers.linear import ReplicatedLinear
-from tandem.layers.linear_method import UnquantizedLinearMethod
 from tandem.layers.moe import FusedMoE, select_experts
 from tandem.layers.norm import PartialSums, RMSNorm
 from tandem.models.llama import (LlamaArgs, LlamaAttention, LlamaDecoderLayer,
@@ -85,17 +84,11 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSums:
         """(T, H), or without a shared expert possibly PartialSums: the experts' K outputs,
         which the next layer's input RMSNorm (or the final norm) sums with its residual add."""
-        weights, ids = self._route(x)  # (T, K)
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # (T, K)
         if self.shared_expert is None:
             return self.experts(x, weights, ids, reduce=False)
         out = self.experts(x, weights, ids)  # (T, H)
         return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-
-
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self.gate.method, UnquantizedLinearMethod) and self.gate.bias is None:
-            return ops.route(x, self.gate.weight, self.top_k, self.renormalize)
-        return select_experts(self.gate(x), self.top_k, self.renormalize)
 
 
 class MoEDecoderLayer(LlamaDecoderLayer):

@@ -194,27 +194,3 @@ def test_one_launch_align_equals_the_three_launch_one(monkeypatch, t, k, e, bloc
     for b in range(small[1].numel()):
         rows = slice(b * block_m, (b + 1) * block_m)
         assert sorted(small[0][rows].tolist()) == sorted(big[0][rows].tolist())
-
-
-@pytest.mark.parametrize("e,k,h,renorm", [(128, 8, 2048, True), (8, 2, 4096, True),
-                                          (60, 4, 2048, False)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_route_one_equals_router_gemv_then_topk(e, k, h, renorm, dtype):
-    """One token's router GEMV and routing in one launch (the last program to arrive picks
-    the top-k) equal the GEMV followed by the routing kernel, eagerly and replayed in a CUDA
-    graph (the arrival counter is back at zero after every launch)."""
-    from tandem.kernels.triton import fused_moe as fm
-    from tandem.kernels.triton.gemv import gemv
-    g = torch.Generator(device="cuda").manual_seed(e + k)
-    x = torch.randn(1, h, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(e, h, device="cuda", generator=g) / h**0.5).to(dtype)
-    want_w, want_ids = fm.select_experts(gemv(x, w), k, renorm)
-    got_w, got_ids = fm.route_one(x, w, k, renorm)
-    assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_w, out_ids = fm.route_one(x, w, k, renorm)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out_ids, want_ids) and torch.equal(out_w, want_w)

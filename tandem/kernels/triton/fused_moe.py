@@ -223,11 +223,17 @@ def _align_small_kernel(ids_ptr, sorted_ptr, expert_ptr, num_rows_ptr, num_pairs
 
 
 @triton.jit
-def _topk_softmax(x, e, w_ptr, ids_ptr, K: tl.constexpr, K_PAD: tl.constexpr,
-                  E_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """One token's routing from its logits x (E_PAD,) float32, -inf past E: softmax, the K
-    largest (first index on ties), renormalized to sum to 1 if RENORM; stored at w_ptr and
-    ids_ptr (K each)."""
+def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride, K: tl.constexpr,
+                         K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
+                         PDL: tl.constexpr):
+    """One token's routing: softmax over its E logits (float32), the K largest (first index
+    on ties), renormalized to sum to 1 if RENORM. One program a token."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    t = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + t * stride + e, mask=e < E, other=-float("inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
     p = p / tl.sum(p, 0)
     kk = tl.arange(0, K_PAD)
@@ -241,88 +247,8 @@ def _topk_softmax(x, e, w_ptr, ids_ptr, K: tl.constexpr, K_PAD: tl.constexpr,
         p = tl.where(e == idx, -1.0, p)
     if RENORM:
         weights = weights / tl.sum(weights, 0)
-    tl.store(w_ptr + kk, weights, mask=kk < K)
-    tl.store(ids_ptr + kk, ids, mask=kk < K)
-
-
-@triton.jit
-def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride, K: tl.constexpr,
-                         K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORM: tl.constexpr,
-                         PDL: tl.constexpr):
-    """_topk_softmax of each token's row of logits. One program a token."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    t = tl.program_id(0)
-    e = tl.arange(0, E_PAD)
-    x = tl.load(logits_ptr + t * stride + e, mask=e < E, other=-float("inf")).to(tl.float32)
-    _topk_softmax(x, e, w_ptr + t * K, ids_ptr + t * K, K, K_PAD, E_PAD, RENORM)
-
-
-@triton.jit
-def _route_one_kernel(x_ptr, g_ptr, logits_ptr, cnt_ptr, w_ptr, ids_ptr, E, H,
-                      K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                      RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                      PDL: tl.constexpr):
-    """One token's routing in one launch (decode): program j computes the router logits of
-    experts [j BLOCK_E, (j + 1) BLOCK_E) as the GEMV does (gemv.py: fp32 products over H
-    tiles, rounded to the model dtype like the router linear's output) into an fp32 scratch;
-    the last program to arrive (an arrival counter, acq_rel) runs _topk_softmax over all E
-    and zeroes the counter for the next launch."""
-    if PDL:
-        gdc_launch_dependents()
-    j = tl.program_id(0)
-    e = j * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    h = tl.arange(0, BLOCK_H)
-    rows = g_ptr + e.to(tl.int64)[:, None] * H
-    w = tl.load(rows + h[None, :], mask=e_ok[:, None] & (h < H)[None, :], other=0.0)
-    if PDL:
-        gdc_wait()  # x comes from the previous kernel (pdl.py); the weights did not
-    x = tl.load(x_ptr + h, mask=h < H, other=0.0)
-    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
-    for h0 in range(BLOCK_H, H, BLOCK_H):
-        ok = h0 + h < H
-        w = tl.load(rows + h0 + h[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0)
-        x = tl.load(x_ptr + h0 + h, mask=ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    logit = tl.sum(acc, 1).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(logits_ptr + e, logit, mask=e_ok)
-    tl.debug_barrier()  # every thread's logits are written before the release below
-    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-        ee = tl.arange(0, E_PAD)
-        # .cg: from L2, never a stale L1 line of another program's logits
-        xl = tl.load(logits_ptr + ee, mask=ee < E, other=-float("inf"), cache_modifier=".cg")
-        _topk_softmax(xl, ee, w_ptr, ids_ptr, K, K_PAD, E_PAD, RENORM)
-        tl.store(cnt_ptr, 0)
-
-
-_ROUTE_SCRATCH: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-
-def route_one(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """select_experts(x @ gate_weight^T) for one token x (1, H), in one launch: (1, K) float32
-    weights and (1, K) int32 ids. gate_weight (E, H), contiguous, x's dtype."""
-    num_experts, hidden = gate_weight.shape
-    assert x.shape == (1, hidden) and gate_weight.is_contiguous()
-    held = _ROUTE_SCRATCH.setdefault(x.device, [])
-    if not held or held[-1][0].numel() < num_experts:
-        # The logits scratch and the arrival counter (left zeroed by every launch), shared by
-        # the layers in stream order. First use is in the eager warm-up ahead of graph
-        # capture; a larger pair is added, never swapped, since captured graphs keep theirs.
-        held.append((torch.empty(max(num_experts, 256), dtype=torch.float32, device=x.device),
-                     torch.zeros(1, dtype=torch.int32, device=x.device)))
-    logits, count = held[-1]
-    weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device)
-    block_e = 2  # gemv.default_config for a router: 2 rows a program, H in one tile
-    _route_one_kernel[(triton.cdiv(num_experts, block_e),)](
-        x.contiguous(), gate_weight, logits, count, weights, ids, num_experts, hidden,
-        K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=triton.next_power_of_2(num_experts),
-        RENORM=renormalize, BLOCK_E=block_e, BLOCK_H=min(2048, triton.next_power_of_2(hidden)),
-        num_warps=8, num_stages=2, **launch_options(x))
-    return weights, ids
+    tl.store(w_ptr + t * K + kk, weights, mask=kk < K)
+    tl.store(ids_ptr + t * K + kk, ids, mask=kk < K)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
