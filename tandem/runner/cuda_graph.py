@@ -124,14 +124,8 @@ class CudaGraphRunner:
             return self._run_prefill(inputs)
         b = meta.num_seqs
         padded = next(s for s in self.sizes if s >= b)
-        width = meta.block_tables.shape[1]
-        self.input_ids[:b].copy_(inputs.input_ids)
-        self.positions[:b].copy_(inputs.positions)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.seq_lens[:b].copy_(meta.seq_lens)
-        self.block_tables[:b, :width].copy_(meta.block_tables)
+        self._load(inputs, b, padded)
         if padded > b:  # padding rows: one dummy position each
-            self.slot_mapping[b:padded].fill_(self.dummy_block * self.block_size)
             self.seq_lens[b:padded].fill_(1)
             self.block_tables[b:padded, 0].fill_(self.dummy_block)
         self.graphs[padded].replay()
@@ -141,16 +135,23 @@ class CudaGraphRunner:
         meta = inputs.attn_metadata
         q = meta.num_tokens
         padded = next(s for s in self.prefill_sizes if s >= q)
-        width = meta.block_tables.shape[1]
-        self.input_ids[:q].copy_(inputs.input_ids)
-        self.positions[:q].copy_(inputs.positions)
-        self.slot_mapping[:q].copy_(meta.slot_mapping)
-        if padded > q:  # padding rows: token 0 at position 0, K/V into the dummy block
+        self._load(inputs, q, padded)
+        if padded > q:  # padding rows: token 0 at position 0 (their K/V: the dummy block)
             self.input_ids[q:padded].zero_()
             self.positions[q:padded].zero_()
-            self.slot_mapping[q:padded].fill_(self.dummy_block * self.block_size)
         self.chunk_start_loc.copy_(meta.query_start_loc)
-        self.seq_lens[:1].copy_(meta.seq_lens)
-        self.block_tables[:1, :width].copy_(meta.block_tables)
         self.prefill_graphs[padded].replay()
         return self.prefill_outputs[padded][:q]
+
+    def _load(self, inputs: ModelInputs, rows: int, padded: int) -> None:
+        """The step's tokens (rows of them) and its sequences' lengths and block tables into
+        the static buffers; padding rows' K/V go to the dummy block."""
+        meta = inputs.attn_metadata
+        seqs, width = meta.block_tables.shape
+        self.input_ids[:rows].copy_(inputs.input_ids)
+        self.positions[:rows].copy_(inputs.positions)
+        self.slot_mapping[:rows].copy_(meta.slot_mapping)
+        self.seq_lens[:seqs].copy_(meta.seq_lens)
+        self.block_tables[:seqs, :width].copy_(meta.block_tables)
+        if padded > rows:
+            self.slot_mapping[rows:padded].fill_(self.dummy_block * self.block_size)
