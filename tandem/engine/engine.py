@@ -240,7 +240,7 @@ class Engine:
         for request in failing:
             if not request.is_finished:
                 self.scheduler.finish_request(request.request_id, FinishReason.ERROR)
-        return outputs + self.outputs.outputs_of(failing)
+        return outputs + self.outputs.outputs_of(failing, arrived=False)
 
     def _collect(self) -> list[RequestOutput]:
         (plan, launched), self._inflight = self._inflight, None

@@ -3,6 +3,11 @@
 A user request with n samples is n scheduler requests ("0_id", "1_id", ...) under one
 `ParentState`; its `RequestOutput` reports all n. Text in an unfinished output is only what
 is final (see detokenizer.py), so a streaming client may send `text[len(sent):]`.
+
+A FINAL_ONLY request without stop strings (offline `LLM.generate`) shows no text before it
+finishes, so its tokens wait and go through the detokenizer when it does (or is aborted):
+the same calls in the same order, made back to back while the code is in cache, instead of
+one between every two steps of a decode that has just streamed the weights through it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class ChildState:
     logprobs: list[Logprobs] | None
     num_seen: int = 0  # output tokens already passed to the detokenizer
     num_sent: int = 0  # output tokens already handed out (DELTA outputs)
+    deferred: bool = False  # detokenized when it finishes (see the module docstring)
 
 
 @dataclass(slots=True)
@@ -62,6 +68,8 @@ class OutputProcessor:
         self.parents[request_id] = parent
         for c in parent.children:
             self.child_to_parent[c.request.request_id] = (parent, c)
+            c.deferred = (c.detok is not None and not c.detok.stop
+                          and p.output_kind is RequestOutputKind.FINAL_ONLY)
         return parent
 
     def remove(self, request_id: str) -> None:
@@ -86,26 +94,31 @@ class OutputProcessor:
                 parent.prompt_logprobs[first:first + len(entries)] = entries
         return self.outputs_of(updated)
 
-    def outputs_of(self, requests: list[Request]) -> list[RequestOutput]:
+    def outputs_of(self, requests: list[Request], arrived: bool = True
+                   ) -> list[RequestOutput]:
         """The outputs of the user requests of `requests` (which got tokens or finished),
-        each once; FINAL_ONLY ones only once every sample is finished."""
+        each once; FINAL_ONLY ones only once every sample is finished. arrived: whether
+        their newest tokens came in this step (False: they finished without any)."""
         touched: dict[str, ParentState] = {}
         for req in requests:
             entry = self.child_to_parent.get(req.request_id)
             if entry is None:
                 continue
             parent, child = entry
-            self._advance(child)
+            if req.is_finished or not child.deferred:
+                self._advance(child, arrived)
             touched[parent.request_id] = parent
         return [self._output(p) for p in touched.values()
                 if p.output_kind is not RequestOutputKind.FINAL_ONLY
                 or all(c.request.is_finished for c in p.children)]
 
-    def _advance(self, child: ChildState) -> None:
+    def _advance(self, child: ChildState, arrived: bool = True) -> None:
         """Feed new tokens to the detokenizer, one at a time; a matched stop string
         finishes the request. A step may bring several tokens (speculative decoding): the
         ones after the token that completed the stop string are dropped, so the output
-        ends exactly where one-token steps would have ended it."""
+        ends exactly where one-token steps would have ended it. Only the last token of
+        a request that finished as it `arrived` flushes the detokenizer's held-back tail,
+        as when every token is fed in its own step."""
         req = child.request
         new = req.output_token_ids[child.num_seen:]
         if child.detok is None:
@@ -114,7 +127,8 @@ class OutputProcessor:
         for j, token in enumerate(new):
             child.num_seen += 1
             last = j == len(new) - 1
-            if not child.detok.add_tokens([token], finished=req.is_finished and last):
+            if not child.detok.add_tokens([token], finished=arrived and req.is_finished
+                                          and last):
                 continue
             if not last:  # tokens past the stop string: never generated, as far as anyone sees
                 del req.output_token_ids[child.num_seen:]
@@ -129,7 +143,11 @@ class OutputProcessor:
     def aborted_output(self, request_id: str) -> RequestOutput | None:
         """The final output of a user request after `Engine.abort_request`."""
         parent = self.parents.get(request_id)
-        return self._output(parent) if parent is not None else None
+        if parent is None:
+            return None
+        for c in parent.children:  # the tokens a deferred child holds back, as they came
+            self._advance(c, arrived=False)
+        return self._output(parent)
 
     def _output(self, parent: ParentState) -> RequestOutput:
         delta = parent.output_kind is RequestOutputKind.DELTA
