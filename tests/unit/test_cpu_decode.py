@@ -104,6 +104,23 @@ def test_not_built_for_what_it_does_not_cover(tmp_path, kwargs: dict) -> None:
     assert _runner(llm).cpu_decode is None
 
 
+@needs_kernel
+def test_parameters_move_into_one_mapping(tmp_path) -> None:
+    """The fused step's runner moves the model's parameters into its huge-page mapping,
+    values unchanged (the eager model loads the same checkpoint and keeps them)."""
+    import ctypes
+    path = make_tiny_model(tmp_path, tie_word_embeddings=True)
+    runner, eager = _runner(LLM(path)), _runner(LLM(path, enforce_eager=True))
+    arena = runner.cpu_decode._arena
+    assert arena is not None
+    start = ctypes.addressof(ctypes.c_char.from_buffer(arena))
+    want = dict(eager.model.named_parameters())
+    for name, param in runner.model.named_parameters():
+        assert start <= param.data_ptr() < start + len(arena), name
+        assert torch.equal(param, want[name]), name
+    assert runner.model.lm_head.weight is runner.model.model.embed_tokens.weight
+
+
 def test_off_without_cpu_kernels(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TANDEM_CPU_KERNELS", "0")
     assert _runner(LLM(make_tiny_model(tmp_path))).cpu_decode is None
