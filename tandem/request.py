@@ -162,6 +162,18 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, end: int | None = None) -> list[int]:
+        """all_token_ids[start:end] (0 <= start), without building all of it: a decode
+        step reads one token, a prefix-cache block block_size."""
+        n = self.num_prompt_tokens
+        if end is None:
+            end = n + len(self.output_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

@@ -50,12 +50,8 @@ def hash_block_tokens(parent_hash: int | None, tokens: Sequence[int]) -> int:
 
 
 def _block_tokens(request: Request, index: int, block_size: int) -> tuple[int, ...]:
-    """Token ids of block `index`, without building `all_token_ids` (O(block_size))."""
-    start, end = index * block_size, (index + 1) * block_size
-    prompt, n = request.prompt_token_ids, request.num_prompt_tokens
-    if end <= n:
-        return tuple(prompt[start:end])
-    return tuple(prompt[start:end]) + tuple(request.output_token_ids[max(start - n, 0):end - n])
+    """Token ids of block `index` (O(block_size))."""
+    return tuple(request.token_ids(index * block_size, (index + 1) * block_size))
 
 
 class KVCacheManager:

@@ -237,7 +237,7 @@ class Scheduler:
             if request.is_finished:
                 continue
             # Everything from the seq's diff on, now that the in-flight token is known.
-            tokens = request.all_token_ids[seq.tokens_from:seq.end_pos]
+            tokens = request.token_ids(seq.tokens_from, seq.end_pos)
             seqs.append(dataclasses.replace(seq, inflight_input=False, new_token_ids=tokens))
             live.append(request)
             if seq.request_id in by_id:
@@ -294,7 +294,7 @@ class Scheduler:
             sample=sample,
             inflight_input=end - len(spec) > request.num_tokens,
             tokens_from=request.num_sent_tokens,
-            new_token_ids=_tokens_from(request, request.num_sent_tokens),
+            new_token_ids=request.token_ids(request.num_sent_tokens),
             blocks_from=request.num_sent_blocks,
             new_block_ids=list(table[request.num_sent_blocks:]),
             spec_token_ids=list(spec),
@@ -469,10 +469,3 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
         )
 
-
-def _tokens_from(request: Request, start: int) -> list[int]:
-    """request.all_token_ids[start:] without building all of it (a decode sends one)."""
-    n = request.num_prompt_tokens
-    if start >= n:
-        return request.output_token_ids[start - n:]
-    return request.prompt_token_ids[start:] + request.output_token_ids

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
@@ -331,3 +331,13 @@ class SchedulerMachine(RuleBasedStateMachine):
 SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50,
                                               deadline=None)
 TestScheduler = SchedulerMachine.TestCase
+
+
+@given(st.lists(st.integers(0, 99), min_size=1, max_size=40),
+       st.lists(st.integers(0, 99), max_size=40), st.data())
+def test_token_ids_slices_like_all_token_ids(prompt, output, data):
+    request = Request("r", prompt, SamplingParams(), output_token_ids=list(output))
+    total = len(prompt) + len(output)
+    start = data.draw(st.integers(0, total))
+    end = data.draw(st.none() | st.integers(start, total + 3))
+    assert request.token_ids(start, end) == request.all_token_ids[start:end]
