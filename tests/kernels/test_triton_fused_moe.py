@@ -194,3 +194,45 @@ def test_one_launch_align_equals_the_three_launch_one(monkeypatch, t, k, e, bloc
     for b in range(small[1].numel()):
         rows = slice(b * block_m, (b + 1) * block_m)
         assert sorted(small[0][rows].tolist()) == sorted(big[0][rows].tolist())
+
+
+@pytest.mark.parametrize("e,k,renorm", [(128, 8, True), (60, 4, False), (8, 2, True),
+                                        (16, 1, False), (4, 4, True)])
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
+def test_routed_one_token_equals_select_then_fused(e, k, renorm, logits_dtype):
+    """One token routed inside the gate/up launch: the same experts, in select_experts'
+    order, and weights to float32 rounding (the renormalizing sum adds in another order), so
+    the output matches the two-step path; bf16 logits tie often, and ties go to the lower
+    index in both."""
+    from tandem.kernels.triton import fused_moe as fm
+    for seed in range(3):
+        x, w13, w2, _, _ = make(1, 256, 64, e, k, seed=seed)
+        g = torch.Generator(device="cuda").manual_seed(100 + seed)
+        logits = torch.randn(1, e, device="cuda", generator=g).to(logits_dtype)
+        if seed == 2 and e >= 8:
+            logits[0, 3] = logits[0, 5] = logits.max()  # an exact tie at the top
+        w, ids = fm.select_experts(logits, k, renorm)
+        want = fm.fused_moe(x, w13, w2, w, ids, reduce=False)
+        got = fm.fused_moe_routed(x, w13, w2, logits, k, renorm, reduce=False)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-3)
+        assert got.shape == want.shape
+        # the routed launch stores the experts and weights it used
+        route_w = torch.empty(1, k, dtype=torch.float32, device="cuda")
+        route_ids = torch.empty(1, k, dtype=torch.int32, device="cuda")
+        fm._experts(x, w13, w2, route_w, route_ids, True, None, True, route=(logits, renorm))
+        assert torch.equal(route_ids, ids)
+        torch.testing.assert_close(route_w, w, rtol=1e-6, atol=1e-7)
+    ref = reference(x.float(), w13.float(), w2.float(), w, ids)
+    torch.testing.assert_close(fm.fused_moe_routed(x, w13, w2, logits, k, renorm).float(), ref,
+                               rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_routed_many_tokens_and_many_experts_take_the_two_step_path():
+    from tandem.kernels.triton import fused_moe as fm
+    for t, e in [(5, 16), (1, 256)]:
+        x, w13, w2, _, _ = make(t, 128, 32, e, 4, seed=t)
+        logits = torch.randn(t, e, device="cuda")
+        want = fm.fused_moe(x, w13, w2, *fm.select_experts(logits, 4, True))
+        assert torch.equal(fm.fused_moe_routed(x, w13, w2, logits, 4, True), want)
+    with pytest.raises(ValueError, match="router logits over 8 experts"):
+        fm.fused_moe_routed(x, w13, w2, torch.randn(t, 8, device="cuda"), 4, True)
