@@ -12,9 +12,6 @@
                           rotary and the KV write or SiLU-and-mul in its epilogue
                           (models/fused_decode.py); off by default, as it measured slower on
                           the H200 (docs/decode.md)
-    TANDEM_MOE_FUSED_ROUTING "0": one token's MoE routing in its own launch
-                          (select_experts) instead of inside the experts' gate/up launch
-                          (kernels/triton/fused_moe.py), for A/B runs
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -56,10 +53,6 @@ def pdl_enabled() -> bool:
 
 def decode_fusion_enabled() -> bool:
     return os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
-
-
-def moe_fused_routing() -> bool:
-    return os.environ.get("TANDEM_MOE_FUSED_ROUTING", "1") != "0"
 
 
 def git_commit() -> str | None:

@@ -153,30 +153,14 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
     return moe_reference.select_experts(router_logits, top_k, renormalize)
 
 
-def fused_moe_routed(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                     reduce: bool = True) -> torch.Tensor:
-    """select_experts then fused_moe (ids over all E = w13.shape[0] experts). On CUDA one
-    token's routing runs inside the experts' first launch (kernels/triton/fused_moe.py)."""
-    if _triton_moe(x, w13, w2):
-        return moe_triton.fused_moe_routed(x, w13, w2, router_logits, top_k, renormalize,
-                                           reduce=reduce)
-    weights, ids = select_experts(router_logits, top_k, renormalize)
-    return fused_moe(x, w13, w2, weights, ids, reduce=reduce)
-
-
-def _triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    return (moe_triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and w13.dtype == x.dtype and w2.dtype == x.dtype)
-
-
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     """The experts' MLP of a mixture-of-experts layer: x (T, H), w13 (E, 2I, H) gate then up,
     w2 (E, H, I), routing (T, K) weights and ids (-1: expert on another rank) -> (T, H).
     reduce=False: the K weighted expert outputs (T, K, H), unsummed (the caller sums them:
     layers/norm.PartialSums), except on the graph-capturable dense reference (T, H)."""
-    if _triton_moe(x, w13, w2):
+    if (moe_triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and w13.dtype == x.dtype and w2.dtype == x.dtype):
         return moe_triton.fused_moe(x, w13, w2, topk_weights, topk_ids, reduce=reduce)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():  # no host syncs in a graph
         return moe_reference.fused_moe_dense(x, w13, w2, topk_weights, topk_ids)

@@ -6,9 +6,6 @@ mixes their outputs by the router's weights (vLLM's `FusedMoE`, same parameter n
     out = ops.fused_moe(x, w13, w2, topk_weights, topk_ids)   (T, H)
         out[t] = sum_k w[t,k] * W2[e] (silu(W1[e] x[t]) * (W3[e] x[t])),  e = ids[t,k]
 
-`FusedMoE.route(x, router_logits, renormalize)` is the two steps in one call; on CUDA a
-single token's routing then runs inside the experts' first launch (batch-1 decode).
-
 Weights, stacked per expert (checkpoints store each expert's w1/w3/w2, or gate_proj/up_proj/
 down_proj, as separate tensors; `weight_loader(param, loaded, shard_id, expert_id)` puts
 each in place):
@@ -69,13 +66,6 @@ class UnquantizedFusedMoEMethod:
               topk_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         return ops.fused_moe(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
                              reduce=reduce)
-
-    def apply_routed(self, layer: FusedMoE, x: torch.Tensor, router_logits: torch.Tensor,
-                     renormalize: bool, reduce: bool = True) -> torch.Tensor:
-        """apply after select_experts, over every expert (no expert parallelism); the
-        kernel may fuse the two (one token on CUDA)."""
-        return ops.fused_moe_routed(x, layer.w13_weight, layer.w2_weight, router_logits,
-                                    layer.top_k, renormalize, reduce=reduce)
 
 
 class FusedMoE(nn.Module):
@@ -168,20 +158,6 @@ class FusedMoE(nn.Module):
                 else p.expert_dispatch)
         return dispatch(name)(p, self._local_experts, x, topk_weights, topk_ids,
                               self.expert_start, self.num_local_experts)
-
-    def route(self, x: torch.Tensor, router_logits: torch.Tensor, renormalize: bool,
-              reduce: bool = True) -> torch.Tensor | PartialSums:
-        """forward(x, *select_experts(router_logits, top_k, renormalize), reduce). Where
-        every rank holds every expert (one rank, or tensor parallelism) the routing goes to
-        the method, whose kernel may run it inside its first launch."""
-        p = self.parallel
-        if p.tp_size == 1:
-            out = self.method.apply_routed(self, x, router_logits, renormalize, reduce=reduce)
-            return PartialSums(out) if out.dim() == 3 else out
-        if not p.expert_parallel:
-            return p.all_reduce(self.method.apply_routed(self, x, router_logits, renormalize))
-        return self.forward(x, *select_experts(router_logits, self.top_k, renormalize),
-                            reduce=reduce)
 
     def _local_experts(self, x: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 from tandem.distributed.parallel import ParallelContext
 from tandem.kernels import AttentionBackend
 from tandem.layers.linear import ReplicatedLinear
-from tandem.layers.moe import FusedMoE
+from tandem.layers.moe import FusedMoE, select_experts
 from tandem.layers.norm import PartialSums, RMSNorm
 from tandem.models.llama import (LlamaArgs, LlamaAttention, LlamaDecoderLayer,
                                  LlamaForCausalLM, LlamaMLP)
@@ -84,10 +84,10 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSums:
         """(T, H), or without a shared expert possibly PartialSums: the experts' K outputs,
         which the next layer's input RMSNorm (or the final norm) sums with its residual add."""
-        logits = self.gate(x)  # (T, E); routed by select_experts (top_k of the softmax)
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # (T, K)
         if self.shared_expert is None:
-            return self.experts.route(x, logits, self.renormalize, reduce=False)
-        out = self.experts.route(x, logits, self.renormalize)  # (T, H)
+            return self.experts(x, weights, ids, reduce=False)
+        out = self.experts(x, weights, ids)  # (T, H)
         return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 

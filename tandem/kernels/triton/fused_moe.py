@@ -38,11 +38,7 @@ Then the two GEMMs, each one launch, grid (block, tile of N):
              float32 buffer and a zeroing pass anyway.
 
 One token (batch-1 decode) skips the layout: its K experts are distinct, so block p is
-pair p alone with expert topk_ids[p] (DIRECT). `fused_moe_routed` goes one step further and
-routes that token inside the gate/up launch (ROUTE): every program ranks the E softmax
-probabilities (an (E, E) comparison, no loop) and takes the expert of its slot's rank; the
-first program of each slot stores the expert and its weight for the down launch. That
-saves the routing launch of select_experts. The K slots are summed by `sum_slots`, a
+pair p alone with expert topk_ids[p] (DIRECT). The K slots are summed by `sum_slots`, a
 Triton reduction, so that the whole chain runs under PDL (pdl.py). (Summing inside the
 down launch, the last of a tile's K programs adding them after an arrival counter, measured
 slower on the H200: 34.1 against ~25 us a Qwen3-30B-A3B layer at T = 1.)
@@ -59,7 +55,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem import envs
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -113,44 +108,16 @@ def _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr, DIRECT: tl.
 
 
 @triton.jit
-def _route_slot(logits_ptr, slot, E, top_k, E_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """One token's expert and weight in slot `slot` of select_experts (softmax in float32,
-    the top_k largest in order, first index on ties, renormalized if RENORM): each expert's
-    rank is the number of experts ahead of it, and the slot's expert is the one of that
-    rank. Branch-free, so every program of the routed gate/up launch computes it at once."""
-    e = tl.arange(0, E_PAD)
-    x = tl.load(logits_ptr + e, mask=e < E, other=-float("inf")).to(tl.float32)
-    p = tl.exp(x - tl.max(x, 0))
-    p = p / tl.sum(p, 0)
-    ahead = (p[None, :] > p[:, None]) | ((p[None, :] == p[:, None]) & (e[None, :] < e[:, None]))
-    rank = tl.sum(ahead.to(tl.int32), 1)  # (E_PAD,): padding (p = 0) ranks after real ties
-    mine = rank == slot
-    expert = tl.sum(tl.where(mine, e, 0), 0)
-    weight = tl.sum(tl.where(mine, p, 0.0), 0)
-    if RENORM:
-        weight = weight / tl.sum(tl.where(rank < top_k, p, 0.0), 0)
-    return expert, weight
-
-
-@triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, logits_ptr, topk_w_ptr,
-                    num_pairs, top_k, E, H, I,
+def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_k, E, H, I,
                     stride_xt, stride_we, stride_hm, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    DIRECT: tl.constexpr, ROUTE: tl.constexpr, E_PAD: tl.constexpr,
-                    RENORM: tl.constexpr, PDL: tl.constexpr):
+                    DIRECT: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()  # the expert of every block comes from the routing
     pid_m = tl.program_id(0)  # blocks fastest: an expert's blocks share its weight tiles (L2)
     pid_n = tl.program_id(1)
-    if ROUTE:  # one token (DIRECT), routed here: slot pid_m's expert, kept for the down launch
-        e, weight = _route_slot(logits_ptr, pid_m, E, top_k, E_PAD, RENORM)
-        if pid_n == 0:
-            tl.store(expert_ptr + pid_m, e)
-            tl.store(topk_w_ptr + pid_m, weight)
-    else:
-        e = tl.load(expert_ptr + pid_m)
+    e = tl.load(expert_ptr + pid_m)
     if e >= E or e < 0:  # -1 pairs (down writes their zeros) or past the last block
         return
     rows, pair = _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M, DIRECT)
@@ -412,54 +379,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     """x (T, H) bf16/fp16; w13 (E, 2I, H); w2 (E, H, I); topk_weights (T, K) float;
     topk_ids (T, K) int32/int64 in [-1, E) -> (T, H) in x.dtype (reference/moe.py), or with
     reduce=False and K > 1 the K weighted expert outputs (T, K, H), for the caller to sum."""
-    num_tokens = x.shape[0]
-    top_k = topk_ids.shape[1]
-    if num_tokens * top_k == 0:
-        return torch.zeros_like(x)
-    ids = topk_ids.contiguous()
-    # One token: its K experts are distinct, so block p can simply be pair p (expert ids[p])
-    # and no layout is built; more tokens may share experts, which the sort groups.
-    return _experts(x, w13, w2, topk_weights.contiguous(), ids, num_tokens == 1, config,
-                    reduce)
-
-
-ROUTE_MAX_EXPERTS = 128  # the routed launch ranks experts in an (E_PAD, E_PAD) tile
-
-
-def fused_moe_routed(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                     router_logits: torch.Tensor, top_k: int, renormalize: bool,
-                     reduce: bool = True) -> torch.Tensor:
-    """fused_moe(x, w13, w2, *select_experts(router_logits, top_k, renormalize)), for the
-    experts of every rank (router_logits (T, E), E = w13.shape[0]). For one token (batch-1
-    decode) the routing runs inside the gate/up launch: each of its programs ranks the E
-    softmax probabilities and takes its slot's expert, and the first of a slot's programs
-    stores the expert and weight for the down launch; one launch (and one boundary in the
-    PDL chain) fewer a layer."""
-    num_tokens, num_experts = router_logits.shape
-    if num_experts != w13.shape[0]:
-        raise ValueError(f"router logits over {num_experts} experts, weights of {w13.shape[0]}")
-    if (num_tokens != 1 or num_experts > ROUTE_MAX_EXPERTS or top_k > num_experts
-            or router_logits.stride(1) != 1 or not envs.moe_fused_routing()):
-        weights, ids = select_experts(router_logits, top_k, renormalize)
-        return fused_moe(x, w13, w2, weights, ids, reduce=reduce)
-    weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(1, top_k, dtype=torch.int32, device=x.device)
-    return _experts(x, w13, w2, weights, ids, True, None, reduce,
-                    route=(router_logits, renormalize))
-
-
-def _experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-             ids: torch.Tensor, direct: bool, config: MoEConfig | None, reduce: bool,
-             route: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:
-    """The two launches (and the layout, unless direct). route: (router logits, renormalize)
-    for the gate/up launch to route one token itself, filling topk_weights and ids."""
     num_tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
-    top_k = ids.shape[1]
+    top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
     if x.stride(1) != 1:
         x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()  # no-ops for loaded weights
+    ids = topk_ids.contiguous()
+    # One token: its K experts are distinct, so block p can simply be pair p (expert ids[p])
+    # and no layout is built; more tokens may share experts, which the sort groups.
+    direct = num_tokens == 1
     cfg = config or moe_config(num_pairs, num_experts, hidden, inter, direct)
     if direct:
         sorted_ids, block_expert = ids, ids.view(-1)  # sorted_ids unused
@@ -469,18 +401,15 @@ def _experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights:
     pdl = launch_options(x)
     h = torch.empty(num_pairs if direct else sorted_ids.numel(), inter, dtype=x.dtype,
                     device=x.device)
-    logits, renorm = route if route is not None else (x, False)  # x: an unused pointer
     bn, bk, warps, stages = cfg.gate_up
     _gate_up_kernel[(max_blocks, triton.cdiv(inter, bn))](
-        x, w13, h, sorted_ids, block_expert, logits, topk_weights, num_pairs, top_k,
-        num_experts, hidden, inter, x.stride(0), w13.stride(0), h.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0, DIRECT=direct,
-        ROUTE=route is not None, E_PAD=triton.next_power_of_2(num_experts), RENORM=renorm,
-        num_warps=warps, num_stages=stages, **pdl)
+        x, w13, h, sorted_ids, block_expert, num_pairs, top_k, num_experts, hidden, inter,
+        x.stride(0), w13.stride(0), h.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=hidden % bk == 0, DIRECT=direct, num_warps=warps, num_stages=stages, **pdl)
     buf = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # (T*K, H)
     bn, bk, warps, stages = cfg.down
     _down_kernel[(max_blocks, triton.cdiv(hidden, bn))](
-        h, w2, buf, sorted_ids, block_expert, topk_weights, num_pairs,
+        h, w2, buf, sorted_ids, block_expert, topk_weights.contiguous(), num_pairs,
         num_experts, hidden, inter, w2.stride(0), h.stride(0), buf.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, DIRECT=direct,
         num_warps=warps, num_stages=stages, **pdl)
