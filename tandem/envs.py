@@ -12,6 +12,8 @@
                           rotary and the KV write or SiLU-and-mul in its epilogue
                           (models/fused_decode.py); off by default, as it measured slower on
                           the H200 (docs/decode.md)
+    TANDEM_WEIGHT_PREFETCH "1": at batch-1 decode a side stream reads o_proj's weights into
+                          L2 during attention (layers/prefetch.py)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -53,6 +55,10 @@ def pdl_enabled() -> bool:
 
 def decode_fusion_enabled() -> bool:
     return os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
+
+
+def weight_prefetch_enabled() -> bool:
+    return os.environ.get("TANDEM_WEIGHT_PREFETCH", "0") == "1"
 
 
 def git_commit() -> str | None:

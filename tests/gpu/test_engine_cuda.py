@@ -106,3 +106,33 @@ def test_one_sequence_prefill_graphs_match_eager(tmp_path, arch, kw):
             for tok, ea, eb in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:],
                                    b.prompt_logprobs[1:]):
                 assert abs(ea[tok] - eb[tok]) < 1e-4
+
+
+def test_weight_prefetch_keeps_outputs_and_runs_in_the_graphs(tmp_path, monkeypatch):
+    """TANDEM_WEIGHT_PREFETCH=1 (layers/prefetch.py): the side stream's L2 prefetch of
+    o_proj is forked and joined inside the captured decode graphs (capture would fail on an
+    unjoined stream) and changes nothing in the results: greedy tokens and logprobs equal to
+    the run without it."""
+    from tandem.kernels.triton import l2_prefetch
+    path = make_tiny_model(tmp_path, "LlamaForCausalLM", hidden_size=512, num_heads=8,
+                           intermediate_size=1024)  # o_proj 1 MB in float32: prefetched
+    prompts = [list(range(3, 40)), [7, 8, 9]]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    runs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("TANDEM_WEIGHT_PREFETCH", on)
+        calls = []
+        real = l2_prefetch.l2_prefetch
+        monkeypatch.setattr(l2_prefetch, "l2_prefetch", lambda t: (calls.append(t.shape),
+                                                                   real(t)))
+        llm = LLM(path, device="cuda", dtype="float32", num_kv_blocks=64, max_model_len=128)
+        assert llm.engine.runner.graphs is not None
+        outs = [llm.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
+        runs[on] = ([o.token_ids for o in outs],
+                    [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in outs])
+        assert bool(calls) == (on == "1")  # the prefetch ran (at capture: 2 layers per size)
+        del llm
+        torch.cuda.empty_cache()
+    assert runs["0"][0] == runs["1"][0]
+    for a, b in zip(runs["0"][1], runs["1"][1]):
+        assert a == pytest.approx(b, abs=1e-5)
