@@ -14,6 +14,8 @@
                           the H200 (docs/decode.md)
     TANDEM_WEIGHT_PREFETCH "1": at batch-1 decode a side stream reads o_proj's weights into
                           L2 during attention (layers/prefetch.py)
+    TANDEM_MOE_NORM_ROUTER "0": a MoE layer's post-attention norm and router GEMV as two
+                          launches at batch 1 instead of one (kernels/triton/norm_router.py)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -59,6 +61,10 @@ def decode_fusion_enabled() -> bool:
 
 def weight_prefetch_enabled() -> bool:
     return os.environ.get("TANDEM_WEIGHT_PREFETCH", "0") == "1"
+
+
+def moe_norm_router_enabled() -> bool:
+    return os.environ.get("TANDEM_MOE_NORM_ROUTER", "1") != "0"
 
 
 def git_commit() -> str | None:
