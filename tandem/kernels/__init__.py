@@ -51,15 +51,11 @@ class AttentionBackend(Protocol):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None,
-                kv_scale: tuple[float, float] = (1.0, 1.0),
-                prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
         key, value: this step's new K/V, already in the cache; a backend may read them
         directly instead of the cache (chunks with no cached prefix), unless the cache is
-        FP8 (then every read dequantizes with kv_scale). prefetch: a tensor the layer reads
-        next (o_proj's weight at batch-1 decode); a GPU backend may start reading it into
-        L2 (kernels/triton/l2_prefetch.py). A hint only: results never depend on it, and
-        backends without a cache to warm (the reference, CPU) pass over it."""
+        FP8 (then every read dequantizes with kv_scale)."""
         ...
 
 
@@ -87,8 +83,7 @@ class TorchReferenceBackend:
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None,
-                kv_scale: tuple[float, float] = (1.0, 1.0),
-                prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         return reference.paged_attention(query, kv_cache, meta, scale, key, value,
                                          kv_scale=kv_scale)
 

@@ -62,12 +62,10 @@ class Attention(nn.Module):
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def attend(self, q: torch.Tensor, meta: AttentionMetadata, k: torch.Tensor | None = None,
-               v: torch.Tensor | None = None, prefetch: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               v: torch.Tensor | None = None) -> torch.Tensor:
         """q: (T, H*D) -> (T, H*D), over a cache that already holds this step's K/V
         (rotary_write_kv below wrote them, or kernels/triton/norm_gemv.py); k, v (T, Hkv,
-        D), if given, are those K/V (a fresh prompt may read them directly). prefetch: a
-        tensor read next (layers/l2_prefetch.py), for the backend to warm L2 with."""
+        D), if given, are those K/V (a fresh prompt may read them directly)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         if self.fp8_attention:  # only the reference emulates it (no C or Triton kernel)
@@ -75,7 +73,7 @@ class Attention(nn.Module):
                                             kv_scale=self.kv_scale, fp8_attention=True)
         else:
             out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v,
-                                       self.kv_scale, prefetch=prefetch)
+                                       self.kv_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tandem.kernels import AttentionBackend
-from tandem.layers import cpu_gemm, l2_prefetch
+from tandem.layers import cpu_gemm
 from tandem.layers.activation import SiluAndMul
 from tandem.layers.attention import Attention
 from tandem.layers.attention_metadata import AttentionMetadata
@@ -125,10 +125,7 @@ class LlamaAttention(nn.Module):
         norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
         q, k = self.attn.rotary_write_kv(positions, q, k, v, self.rotary_emb.cos_cache,
                                          self.rotary_emb.sin_cache, norms, meta)
-        # batch-1 decode: the attention kernel warms L2 with o_proj's weights meanwhile
-        ahead = l2_prefetch.weight_of(self.o_proj, num_tokens, hidden.device)
-        return self.o_proj(self.attn.attend(q.reshape(num_tokens, -1), meta, k, v,
-                                            prefetch=ahead))
+        return self.o_proj(self.attn.attend(q.reshape(num_tokens, -1), meta, k, v))
 
 
 class LlamaMLP(nn.Module):

@@ -143,28 +143,6 @@ def test_decode_partition_counts_and_padding_rows() -> None:
         assert (out[1] == 0).all() and torch.isfinite(out[0]).all()
 
 
-@pytest.mark.parametrize("nbytes", [16, 4096 + 16, 3 << 20])
-def test_decode_with_l2_prefetch_is_unchanged(nbytes) -> None:
-    """A decode launch that warms L2 with another tensor (kernels/triton/l2_prefetch.py):
-    bit-identical outputs for any partition count, the prefetched tensor untouched (sizes
-    smaller than one thread's chunk, and than the launch's programs, included)."""
-    rng = random.Random(4)
-    meta, cache, query, _, _ = make_batch(rng, [(1, 300), (1, 17)], 16, 8, 2, 128,
-                                          torch.bfloat16)
-    weight = torch.randn(nbytes // 2, device=DEVICE).to(torch.bfloat16)
-    before = weight.clone()
-    for num_parts in (1, 4, 33):
-        outs = []
-        for prefetch in (None, weight):
-            out = torch.empty_like(query)
-            decode_attention(query, cache, out, meta.query_start_loc, meta.seq_lens,
-                             meta.block_tables, 0.1, max_seq_len=300, num_parts=num_parts,
-                             prefetch=prefetch)
-            outs.append(out)
-        assert torch.equal(outs[0], outs[1])
-    assert torch.equal(weight, before)
-
-
 @pytest.mark.parametrize("config,prefetch", [((64, 64, 4, 2), True), ((64, 32, 4, 2), False),
                                              ((32, 128, 4, 2), True)])
 def test_prefill_tiles_and_table_prefetch(config, prefetch) -> None:

@@ -136,7 +136,6 @@ class CpuAttentionBackend(TorchReferenceBackend):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None,
-                kv_scale: tuple[float, float] = (1.0, 1.0),
-                prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         return reference.paged_attention(query, kv_cache, meta, scale, key, value,
                                          decode=paged_decode, kv_scale=kv_scale)

@@ -61,11 +61,9 @@ class TritonAttentionBackend:
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None,
-                kv_scale: tuple[float, float] = (1.0, 1.0),
-                prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim).
-        An FP8 cache (float8_e4m3fn) is dequantized with kv_scale as it is read. prefetch:
-        warmed into L2 by a decode-only step's attention launch (decode.py)."""
+        An FP8 cache (float8_e4m3fn) is dequantized with kv_scale as it is read."""
         if not _supported(query.shape[-1]) or query.shape[0] == 0:
             return reference.paged_attention(query, kv_cache, meta, scale, key, value,
                                              kv_scale=kv_scale)
@@ -77,8 +75,7 @@ class TritonAttentionBackend:
                   scale)
         if meta.max_query_len <= 1:  # decode-only: the CUDA-graph path
             decode_attention(*common, max_seq_len=meta.max_seq_len,
-                             num_decodes=meta.seq_lens.shape[0], kv_scale=kv_scale,
-                             prefetch=prefetch)
+                             num_decodes=meta.seq_lens.shape[0], kv_scale=kv_scale)
             return out
 
         q_lens, s_lens = meta.query_lens_cpu, meta.seq_lens_cpu

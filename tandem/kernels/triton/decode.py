@@ -37,8 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.triton import l2_prefetch
-from tandem.kernels.triton.l2_prefetch import prefetch_share
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -50,27 +48,22 @@ def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr)
 
 # Per-step integers are not specialized on (==1, %16): one compiled variant serves every
 # step, instead of new compilations appearing mid-run as batch shapes change.
-@triton.jit(do_not_specialize=["stride_bt", "num_parts", "pf_bytes"])
+@triton.jit(do_not_specialize=["stride_bt", "num_parts"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
                    counter_ptr, seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr,
                    block_tables_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    num_parts, k_scale, v_scale,
-                   pf_ptr, pf_bytes,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
-                   PRECISION: tl.constexpr, FP8: tl.constexpr, PREFETCH: tl.constexpr,
-                   THREADS: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     p = tl.program_id(2)
-    if PREFETCH:  # the next GEMV's weights into L2 while this latency-bound launch runs
-        prefetch_share(pf_ptr, pf_bytes, (i * NUM_KV_HEADS + kvh) * num_parts + p,
-                       tl.num_programs(0) * NUM_KV_HEADS * num_parts, THREADS)
     if HAS_SEQ_IDS:
         seq = tl.load(seq_ids_ptr + i)
     else:
@@ -189,8 +182,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      num_parts: int | None = None,
                      config: tuple[int, int, int] | None = None,
                      kv_scale: tuple[float, float] = (1.0, 1.0),
-                     min_part: int | None = None,
-                     prefetch: torch.Tensor | None = None) -> None:
+                     min_part: int | None = None) -> None:
     """out[row] = attention of query[row] over its sequence's paged context, for each
     decode sequence (all sequences, or those listed in seq_ids: (num_decodes,) int32).
 
@@ -200,9 +192,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
     config: (BLOCK_N, num_warps, num_stages), for tuning; min_part: the shortest partition
     in tokens (default _MIN_PART), for tuning.
-    prefetch: a tensor read into L2 by the launch's programs, each its share
-    (l2_prefetch.py), right after the wait on the previous kernel: at batch 1 this launch
-    is latency-bound and HBM idles, so the next GEMV's weights can arrive meanwhile.
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -230,7 +219,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                device=query.device)
         part_sum = torch.empty_like(part_max)
     ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
-    pf = l2_prefetch.as_bytes(prefetch) if prefetch is not None else None
     _decode_kernel[(num_decodes, num_kv_heads, num_parts)](
         query, kv_cache[0], kv_cache[1], out, part_out, part_max, part_sum, counters,
         ids, query_start_loc, seq_lens, block_tables,
@@ -238,14 +226,12 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         scale * 1.4426950408889634 * (float(kv_scale[0]) if fp8 else 1.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         num_parts, float(kv_scale[0]), float(kv_scale[1]),
-        pf if pf is not None else seq_lens, pf.numel() if pf is not None else 0,
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        FP8=fp8, PREFETCH=pf is not None, THREADS=num_warps * 32, num_warps=num_warps,
-        num_stages=num_stages, **launch_options(query))
+        FP8=fp8, num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
