@@ -12,8 +12,6 @@
                           rotary and the KV write or SiLU-and-mul in its epilogue
                           (models/fused_decode.py); off by default, as it measured slower on
                           the H200 (docs/decode.md)
-    TANDEM_MOE_NORM_ROUTER "0": a MoE layer's post-attention norm and router GEMV as two
-                          launches at batch 1 instead of one (kernels/triton/norm_router.py)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -55,10 +53,6 @@ def pdl_enabled() -> bool:
 
 def decode_fusion_enabled() -> bool:
     return os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
-
-
-def moe_norm_router_enabled() -> bool:
-    return os.environ.get("TANDEM_MOE_NORM_ROUTER", "1") != "0"
 
 
 def git_commit() -> str | None:

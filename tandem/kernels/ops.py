@@ -20,12 +20,12 @@ from tandem.kernels.reference import quant as quant_reference
 try:
     from tandem.kernels.triton import elementwise as fused
     from tandem.kernels.triton import fused_moe as moe_triton
-    from tandem.kernels.triton import norm_gemv, norm_router
+    from tandem.kernels.triton import norm_gemv
     from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.gemv import gemv
     from tandem.kernels.triton.sampling import argmax_rows
 except ImportError:  # no triton: CPU-only installs
-    fused = gemv = quant_gemm = argmax_rows = moe_triton = norm_gemv = norm_router = None
+    fused = gemv = quant_gemm = argmax_rows = moe_triton = norm_gemv = None
 
 
 def _impl(x: torch.Tensor):
@@ -142,25 +142,6 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], wq.shape[0])
-
-
-def norm_router_supported(x: torch.Tensor, residual: torch.Tensor,
-                          gate_weight: torch.Tensor) -> bool:
-    """Whether add_rms_norm_router runs as one launch for these inputs."""
-    return norm_router is not None and norm_router.supported(x, residual, gate_weight)
-
-
-def add_rms_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                        eps: float, gate_weight: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A MoE layer's post-attention norm and router: (normed, residual) =
-    fused_add_rms_norm(x, residual, norm_weight, eps), logits = linear(normed, gate_weight)
-    -> (normed, residual, logits). One launch for one half-precision CUDA row
-    (kernels/triton/norm_router.py), else the two ops."""
-    if norm_router_supported(x, residual, gate_weight):
-        return norm_router.add_rms_norm_router(x, residual, norm_weight, eps, gate_weight)
-    normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
-    return normed, residual, linear(normed, gate_weight)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool

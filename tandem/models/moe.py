@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tandem import envs
 from tandem.distributed.parallel import ParallelContext
-from tandem.kernels import AttentionBackend, ops
+from tandem.kernels import AttentionBackend
 from tandem.layers.linear import ReplicatedLinear
 from tandem.layers.moe import FusedMoE, select_experts
 from tandem.layers.norm import PartialSums, RMSNorm
@@ -85,25 +84,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSums:
         """(T, H), or without a shared expert possibly PartialSums: the experts' K outputs,
         which the next layer's input RMSNorm (or the final norm) sums with its residual add."""
-        return self.experts_of(x, self.gate(x))
-
-    def after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-                   ) -> tuple[torch.Tensor | PartialSums, torch.Tensor]:
-        """norm(x, residual), then forward -> (out, residual). One token on CUDA: the norm
-        and the router GEMV in one launch (kernels/triton/norm_router.py), unless
-        TANDEM_MOE_NORM_ROUTER=0."""
-        gate = self.gate.weight
-        if envs.moe_norm_router_enabled() and ops.norm_router_supported(x, residual, gate):
-            normed, residual, logits = ops.add_rms_norm_router(x, residual, norm.weight,
-                                                               norm.eps, gate)
-            return self.experts_of(normed, logits), residual
-        normed, residual = norm(x, residual)
-        return self(normed), residual
-
-    def experts_of(self, x: torch.Tensor, router_logits: torch.Tensor
-                   ) -> torch.Tensor | PartialSums:
-        """The routed experts (and the shared expert) of x, given the router's logits."""
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)  # (T, K)
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # (T, K)
         if self.shared_expert is None:
             return self.experts(x, weights, ids, reduce=False)
         out = self.experts(x, weights, ids)  # (T, H)
@@ -122,12 +103,6 @@ class MoEDecoderLayer(LlamaDecoderLayer):
                     if moe.is_sparse(index) else LlamaMLP(args, f"{prefix}.mlp", parallel, quant))
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-    def post_attention(self, hidden: torch.Tensor, residual: torch.Tensor
-                       ) -> tuple[torch.Tensor | PartialSums, torch.Tensor]:
-        if isinstance(self.mlp, SparseMoeBlock):
-            return self.mlp.after_norm(hidden, residual, self.post_attention_layernorm)
-        return super().post_attention(hidden, residual)
 
 
 class Qwen2MoeForCausalLM(LlamaForCausalLM):

@@ -89,27 +89,3 @@ def test_rotary_in_place_on_qkv_views(dtype, t, h, hkv, d):
 def test_silu_and_mul(dtype, rows, d):
     x = torch.randn(rows, 2 * d, device="cuda").to(dtype) * 4
     torch.testing.assert_close(fused.silu_and_mul(x), ref.silu_and_mul(x), **_tol(dtype))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d,experts", [(2048, 128), (4096, 8), (96, 7), (896, 60)])
-def test_norm_and_router_in_one_launch(dtype, d, experts):
-    """kernels/triton/norm_router.py against the two launches it replaces: the normalized
-    row and the residual bit-equal to fused_add_rms_norm's, the logits to the GEMV's within
-    a float32 summation order (then rounding); the routing the same on random inputs."""
-    from tandem.kernels import ops
-    from tandem.kernels.triton import norm_router
-    g = torch.Generator(device="cuda").manual_seed(d + experts)
-    for _ in range(3):
-        x = torch.randn(1, d, device="cuda", generator=g).to(dtype) * 3
-        r = torch.randn(1, d, device="cuda", generator=g).to(dtype)
-        w = (1 + 0.1 * torch.randn(d, device="cuda", generator=g)).to(dtype)
-        gate = (torch.randn(experts, d, device="cuda", generator=g) / d**0.5).to(dtype)
-        assert norm_router.supported(x, r, gate)
-        normed, res, logits = norm_router.add_rms_norm_router(x, r, w, 1e-6, gate)
-        want_normed, want_res = fused.fused_add_rms_norm(x, r, w, 1e-6)
-        assert torch.equal(res, want_res) and torch.equal(normed, want_normed)
-        want = ops.linear(want_normed, gate)
-        torch.testing.assert_close(logits.float(), want.float(), atol=1e-2, rtol=1e-2)
-    assert not norm_router.supported(x.expand(2, d).contiguous(), r.expand(2, d).contiguous(),
-                                     gate)  # one row only
