@@ -75,7 +75,7 @@ def step():
     steps += 1
     t = time.perf_counter()
     out = orig_step()
-    plan = eng._inflight.plan if eng._inflight is not None else None
+    plan = eng._inflight[0] if eng._inflight is not None else None
     kind = "empty" if plan is None or plan.is_empty else (
         "decode" if plan.num_batched_tokens == len(plan.seqs) else "mixed")
     kinds[kind] += 1
