@@ -212,13 +212,8 @@ class CpuDecodeRunner:
             if (seq.num_new_tokens != 1 or not seq.sample or seq.inflight_input
                     or seq.spec_token_ids):
                 return None
-            if greedy:
-                st = states[seq.request_id]
-                min_tokens = st.params.min_tokens
-                # the token sampled lands at end_pos; min_tokens bans EOS before then
-                if not st.plain_greedy or (min_tokens and seq.start_pos + 1
-                                           - st.num_prompt_tokens < min_tokens):
-                    return None
+            if greedy and not states[seq.request_id].greedy_at(seq.end_pos):
+                return None
         bs = self._block_size
         longs, lens, row_tables = self._longs_c, self._lens_c, self._row_tables
         seq_lens: list[int] = []

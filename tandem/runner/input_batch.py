@@ -185,15 +185,9 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
     pending): the sampler then needs only an argmax, and the step no copy or kernel for
     parameters it would not read."""
     counts = sample_counts or [1] * len(sample_rows)
-    for i, c in zip(sample_rows, counts):
-        seq = plan.seqs[i]
-        st = states[seq.request_id]
-        # a min_tokens ban covers rows sampling output tokens before min_tokens; the
-        # seq's earliest row samples position end_pos - c + 1
-        if not st.plain_greedy or (st.params.min_tokens and seq.end_pos - c + 1
-                                   - st.num_prompt_tokens < st.params.min_tokens):
-            break
-    else:
+    # a seq's earliest sampled row is at end_pos - c + 1
+    if all(states[plan.seqs[i].request_id].greedy_at(plan.seqs[i].end_pos - c + 1)
+           for i, c in zip(sample_rows, counts)):
         return None
     seqs = [plan.seqs[i] for i, c in zip(sample_rows, counts) for _ in range(c)]
     positions = [plan.seqs[i].end_pos - c + 1 + j for i, c in zip(sample_rows, counts)

@@ -38,12 +38,13 @@ class RequestState:
     # CPU step's standing block-table rows) is current while the two agree.
     blocks_version: int = 0
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Whether its rows sample by argmax alone: greedy, no logprobs, no penalties (a
-        min_tokens ban depends on the position: checked per row)."""
+    def greedy_at(self, pos: int) -> bool:
+        """Whether a row sampling the token at position `pos` (or later) takes the argmax
+        alone: greedy, no logprobs, no penalties, and no min_tokens ban of EOS / stop
+        tokens left (a ban covers output tokens before min_tokens)."""
         p = self.params
-        return p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
+        return (p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
+                and (not p.min_tokens or pos - self.num_prompt_tokens >= p.min_tokens))
 
     @property
     def prompt_token_ids(self) -> list[int]:
