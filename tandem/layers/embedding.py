@@ -19,7 +19,7 @@ from torch import nn
 
 from tandem.distributed.parallel import ParallelContext
 from tandem.layers.linear import copy_checked
-from tandem.layers.linear_method import linear_method_for
+from tandem.layers.linear_method import LinearMethod, linear_method_for
 from tandem.quantization.policy import QuantPolicy
 
 
@@ -61,6 +61,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     Tied (`tie_to(embedding)`): the head holds the embedding's Parameter itself, so it is
     loaded once and `named_parameters()` lists it once, under the embedding's name.
+    A method that names its own checkpoint tensors (a compressed-tensors head:
+    lm_head.weight_packed, .weight_scale, ...) creates them instead of `weight`; each is
+    cut by vocabulary rows like the weight, and such a head cannot be tied.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, prefix: str = "",
@@ -68,8 +71,30 @@ class ParallelLMHead(VocabParallelEmbedding):
                  quant: QuantPolicy | None = None) -> None:
         super().__init__(num_embeddings, embedding_dim, prefix, parallel)
         self.method = linear_method_for(prefix, quant)
+        self.checkpoint_tensors = (type(self.method).create_weights
+                                   is not LinearMethod.create_weights)
+        if self.checkpoint_tensors:
+            del self.weight
+            self.method.create_weights(self, self.num_per_rank, embedding_dim)
+            for param in self.parameters(recurse=False):
+                param.weight_loader = self.rows_loader
+
+    def rows_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        """A checkpoint tensor with a row per vocabulary entry: this rank's rows, the
+        padding rows past the vocabulary zero."""
+        if loaded.shape[0] != self.num_embeddings or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(f"shape mismatch: expected ({self.num_embeddings}, "
+                             f"{', '.join(map(str, param.shape[1:]))}), got "
+                             f"{tuple(loaded.shape)}")
+        n = self.vocab_end - self.vocab_start
+        copy_checked(param.data[:n], loaded[self.vocab_start:self.vocab_end])
+        param.data[n:].zero_()
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        if self.checkpoint_tensors:
+            raise ValueError(f"{self.prefix}: a quantized LM head ({self.method.name}) "
+                             f"cannot share the embedding's weight; the checkpoint's "
+                             f"config must set tie_word_embeddings false")
         self.weight = embedding.weight
 
     def process_weights_after_loading(self) -> None:

@@ -1,4 +1,5 @@
-"""`tandem quant sensitivity --model DIR FILES...`: the sensitivity map and a policy.
+"""`tandem quant sensitivity --model DIR FILES...`: the sensitivity map and a policy;
+`tandem quant gptq --out DIR FILES...`: a GPTQ-calibrated INT4 checkpoint (calibrate.py).
 
 Prints a table (one row per part, one column group per method), the per-layer KV-cache
 and attention-computation probes, a per-layer table of everything at 8 bits, writes a
@@ -184,6 +185,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_gptq(args: argparse.Namespace) -> int:
+    from tandem.assets import default_model_dir
+    from tandem.eval import expand_paths
+    from tandem.quantization import calibrate as cal
+
+    model_dir = args.model or default_model_dir()
+    files = expand_paths(args.files, args.suffix)
+    if not files:
+        raise SystemExit(f"no {args.suffix} files in {args.files}")
+    t0 = time.time()
+    windows = cal.calibration_windows(model_dir, files, args.window, args.max_tokens)
+    scale_dtype = cal.checkpoint_scale_dtype(model_dir)
+    say = (lambda *a: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
+    results = cal.calibrate(model_dir, windows, args.group_size, not args.asymmetric,
+                            args.lm_head, args.damp, args.device, scale_dtype, log=say)
+    cal.write_checkpoint(model_dir, args.out, results, args.group_size, not args.asymmetric,
+                         scale_dtype)
+    print(json.dumps({
+        "benchmark": "quant_gptq", "model": model_dir, "out": args.out,
+        "scheme": f"int4{'' if not args.asymmetric else '_asym'}_g{args.group_size}",
+        "lm_head": args.lm_head, "files": len(files), "windows": len(windows),
+        "tokens": sum(len(w) for w in windows), "linears": len(results),
+        "elapsed_s": time.time() - t0, "command": " ".join(["tandem"] + sys.argv[1:])}))
+    return 0
+
+
 def add_quant_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quant", help="quantization tools (sensitivity map, policies)")
     qsub = p.add_subparsers(dest="quant_command", required=True)
@@ -209,3 +236,21 @@ def add_quant_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--heatmap", default=None, help="write the heatmap PNG here")
     add_progress_flag(s)
     s.set_defaults(func=_run)
+    g = qsub.add_parser("gptq", help="INT4 weights calibrated with GPTQ, written as a "
+                        "compressed-tensors checkpoint (loads without flags)")
+    g.add_argument("files", nargs="+", help="calibration text files or directories (keep "
+                   "them apart from the files you evaluate on)")
+    g.add_argument("--model", default=None, help="model directory (default: embedded)")
+    g.add_argument("--out", required=True, help="directory for the quantized checkpoint")
+    g.add_argument("--suffix", default=".py", help="file suffix to take from directories")
+    g.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256))
+    g.add_argument("--asymmetric", action="store_true", help="zero points (int4_asym)")
+    g.add_argument("--lm-head", action="store_true",
+                   help="quantize the LM head too (a tied one gets its own tensors)")
+    g.add_argument("--window", type=int, default=512, help="tokens per calibration window")
+    g.add_argument("--max-tokens", type=int, default=32768, help="calibration tokens")
+    g.add_argument("--damp", type=float, default=0.01,
+                   help="added to the Hessian's diagonal, times its mean")
+    g.add_argument("--device", default="cpu")
+    add_progress_flag(g)
+    g.set_defaults(func=_run_gptq)

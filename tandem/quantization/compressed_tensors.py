@@ -224,10 +224,9 @@ def policy_from_config(hf_config: dict[str, Any]) -> QuantPolicy | None:
                             f"quantization_config.config_groups.{name}")
         for target in group.get("targets") or []:
             if target == "Linear":
-                if not any(_pattern(t) in ("lm_head", "re:.*lm_head") for t in ignored):
-                    raise ValueError("a quantized lm_head is not supported yet (the "
-                                     "checkpoint's 'ignore' does not list lm_head)")
                 default = method
+                if not any(_pattern(t) in ("lm_head", "re:.*lm_head") for t in ignored):
+                    rules.append(("lm_head", method))  # the head is a Linear too
             else:
                 rules.append((_pattern(target), method))
     return QuantPolicy(default, tuple(rules), source="compressed-tensors")

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tandem import LLM, SamplingParams
+from tandem.kernels.reference import quant
 from tests.model_factory import make_tiny_model
 
 ct = pytest.importorskip("compressed_tensors")
@@ -47,7 +48,7 @@ def _write_checkpoint(src: str, out: str, fmt: str) -> None:
         if fmt == "float-quantized":
             scale = w.abs().amax(1, keepdim=True) / 448.0
         else:
-            scale = w.reshape(w.shape[0], -1, 128).abs().amax(2) / 7.0
+            scale = quant.quantize_int4(w, 128)[1]  # with its clip search
         module.weight_scale.data = scale.to(module.weight_scale.dtype)
         module.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
@@ -112,8 +113,8 @@ def test_unsupported_checkpoint_schemes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not supported"):
         policy_from_config({"quantization_config": base})
     base["config_groups"]["group_0"]["weights"].update(num_bits=4)
-    base["ignore"] = []
-    with pytest.raises(ValueError, match="lm_head"):
-        policy_from_config({"quantization_config": base})
+    base["ignore"] = []  # the LM head is quantized too (test_gptq.py loads one)
+    policy = policy_from_config({"quantization_config": base})
+    assert policy.method_for("lm_head") == "ct_int4_g128"
     with pytest.raises(ValueError, match="'gptq' is not supported"):
         policy_from_config({"quantization_config": {"quant_method": "gptq"}})
