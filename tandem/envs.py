@@ -51,12 +51,6 @@ def pdl_enabled() -> bool:
     return os.environ.get("TANDEM_PDL", "1") != "0"
 
 
-def moe_down_ahead() -> bool:
-    """One-token MoE: the down launch loads its expert's first weight tile before waiting
-    on the gate/up launch (kernels/triton/fused_moe.py). TANDEM_MOE_DOWN_AHEAD=0: off."""
-    return os.environ.get("TANDEM_MOE_DOWN_AHEAD", "1") != "0"
-
-
 def decode_fusion_enabled() -> bool:
     return os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
 

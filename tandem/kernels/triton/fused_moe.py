@@ -38,10 +38,7 @@ Then the two GEMMs, each one launch, grid (block, tile of N):
              float32 buffer and a zeroing pass anyway.
 
 One token (batch-1 decode) skips the layout: its K experts are distinct, so block p is
-pair p alone with expert topk_ids[p] (DIRECT). There the down launch also loads its first
-weight tile before it waits for h (AHEAD, TANDEM_MOE_DOWN_AHEAD; pdl.py says why the ids
-are safe to read then): the only weights of the chain that could not stream ahead of a
-wait, since which expert's rows to read is known only from the routing. The K slots are summed by `sum_slots`, a
+pair p alone with expert topk_ids[p] (DIRECT). The K slots are summed by `sum_slots`, a
 Triton reduction, so that the whole chain runs under PDL (pdl.py). (Summing inside the
 down launch, the last of a tile's K programs adding them after an arrival counter, measured
 slower on the H200: 34.1 against ~25 us a Qwen3-30B-A3B layer at T = 1.)
@@ -58,7 +55,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem import envs
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -115,14 +111,10 @@ def _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr, DIRECT: tl.
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_k, E, H, I,
                     stride_xt, stride_we, stride_hm, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    DIRECT: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+                    DIRECT: tl.constexpr, PDL: tl.constexpr):
     if PDL:
-        if AHEAD:  # the down launch reads the routing before its wait: let it start only
-            gdc_wait()  # once the routing (this launch's predecessor) has finished
-            gdc_launch_dependents()
-        else:
-            gdc_launch_dependents()
-            gdc_wait()  # the expert of every block comes from the routing
+        gdc_launch_dependents()
+        gdc_wait()  # the expert of every block comes from the routing
     pid_m = tl.program_id(0)  # blocks fastest: an expert's blocks share its weight tiles (L2)
     pid_n = tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
@@ -159,17 +151,13 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_
 def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_pairs, E, H,
                  I, stride_we, stride_hm, stride_om, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 DIRECT: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+                 DIRECT: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
-        if not AHEAD:
-            gdc_wait()  # h from the gate/up launch
+        gdc_wait()  # h from the gate/up launch
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # AHEAD: the routing finished before the gate/up launch let this one start (it calls
-    # gdc_launch_dependents after its own wait), so the expert ids are final here; read at
-    # L2 (.cg), where the routing's stores are.
-    e = tl.load(expert_ptr + pid_m, cache_modifier=".cg")
+    e = tl.load(expert_ptr + pid_m)
     if e > E:  # past the last block
         return
     if DIRECT and e < 0:  # the -1 pairs of the direct layout
@@ -181,8 +169,6 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + n[None, :]
     out_ok = row_ok[:, None] & n_ok[None, :]
     if e == E:  # pairs of experts on other ranks contribute zeros, without reading weights
-        if PDL and AHEAD:
-            gdc_wait()  # every store after the wait (pdl.py)
         tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty),
                  mask=out_ok)
         return
@@ -190,18 +176,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + k[None, :]  # (BM, BK)
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * I + k[:, None]  # (BK, BN)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    start = 0
-    if AHEAD:  # the first weight tile streams in while the gate/up launch finishes
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=(k < I)[:, None] & n_ok[None, :], other=0.0)
-        if PDL:
-            gdc_wait()  # h from the gate/up launch
-        a = tl.load(h_ptrs, mask=row_ok[:, None] & (k < I)[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-        start = BLOCK_K
-    for k0 in range(start, I, BLOCK_K):
+    for k0 in range(0, I, BLOCK_K):
         if EVEN_K:
             a = tl.load(h_ptrs + k0, mask=row_ok[:, None], other=0.0)
             w = tl.load(w_ptrs + k0, mask=n_ok[None, :], other=0.0)
@@ -424,22 +399,20 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         sorted_ids, block_expert, _ = moe_align(ids, num_experts, cfg.block_m)
     max_blocks = block_expert.numel()
     pdl = launch_options(x)
-    ahead = direct and envs.moe_down_ahead()  # (the down launch's first tile, above)
     h = torch.empty(num_pairs if direct else sorted_ids.numel(), inter, dtype=x.dtype,
                     device=x.device)
     bn, bk, warps, stages = cfg.gate_up
     _gate_up_kernel[(max_blocks, triton.cdiv(inter, bn))](
         x, w13, h, sorted_ids, block_expert, num_pairs, top_k, num_experts, hidden, inter,
         x.stride(0), w13.stride(0), h.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=hidden % bk == 0, DIRECT=direct, AHEAD=ahead, num_warps=warps,
-        num_stages=stages, **pdl)
+        EVEN_K=hidden % bk == 0, DIRECT=direct, num_warps=warps, num_stages=stages, **pdl)
     buf = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # (T*K, H)
     bn, bk, warps, stages = cfg.down
     _down_kernel[(max_blocks, triton.cdiv(hidden, bn))](
         h, w2, buf, sorted_ids, block_expert, topk_weights.contiguous(), num_pairs,
         num_experts, hidden, inter, w2.stride(0), h.stride(0), buf.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, DIRECT=direct,
-        AHEAD=ahead, num_warps=warps, num_stages=stages, **pdl)
+        num_warps=warps, num_stages=stages, **pdl)
     if top_k == 1:
         return buf
     if not reduce:

@@ -13,10 +13,6 @@ GEMV itself). With PDL a kernel may start while the one before it is still runni
     scales, norm weights); every load of activations and EVERY store comes after it (the
     wait returns once the previous grid has finished and its writes are visible, so
     neither a read-after-write nor a write-after-read can race).
-  - one exception, the one-token MoE (fused_moe.py, TANDEM_MOE_DOWN_AHEAD): its gate/up
-    launch calls `gdc_launch_dependents()` only after its own wait, so the down launch
-    starts after the routing two launches back has finished, and reads the expert ids
-    (and so its first weight tile) before its own wait, which is for h alone.
 
 Kernels take a `PDL` constexpr and launch with `launch_pdl` (Triton's knob that sets the
 programmatic-stream-serialization attribute; CUDA graphs keep it as a programmatic edge)
