@@ -61,9 +61,39 @@ def calibration_windows(model_dir: str, files: list[str], window: int, max_token
     return [stream[i:i + window] for i in range(0, len(stream), window)]
 
 
-def _input_hessian(model, module, windows: list[list[int]]) -> torch.Tensor:
+def _forward(model, windows: list[list[int]], block_size: int = 16) -> None:
+    """One prefill of several windows as separate sequences, through the model's own paged
+    attention on a scratch KV cache (float32); a hook ends it early (_Stop)."""
+    from tandem.layers.attention_metadata import AttentionMetadata
+    from tandem.runner.kv_memory import LayerKVSpec, allocate_kv_caches
+    device = next(model.parameters()).device
+    lens = [len(w) for w in windows]
+    blocks = [-(-t // block_size) for t in lens]
+    starts = [sum(blocks[:i]) for i in range(len(blocks))]
+    caches = allocate_kv_caches(model.num_layers, sum(blocks), block_size, model.num_kv_heads,
+                                model.head_dim, [LayerKVSpec(torch.float32)] * model.num_layers,
+                                device)
+    for layer, cache in zip(model.attention_layers(), caches):
+        layer.kv_cache, layer.kv_scale = cache, (1.0, 1.0)
+    table = torch.zeros(len(windows), max(blocks), dtype=torch.int32)
+    for i, (b, n) in enumerate(zip(starts, blocks)):
+        table[i, :n] = torch.arange(b, b + n)
+    cat = lambda parts: torch.cat(parts).to(device)  # noqa: E731
+    meta = AttentionMetadata(
+        slot_mapping=cat([b * block_size + torch.arange(t) for b, t in zip(starts, lens)]),
+        query_start_loc=torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))],
+                                     dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=table.to(device), query_lens_cpu=lens, seq_lens_cpu=lens,
+        max_query_len=max(lens), max_seq_len=max(lens), block_size=block_size)
+    ids = cat([torch.tensor(w) for w in windows])
+    with torch.inference_mode():
+        hidden = model(ids, cat([torch.arange(t) for t in lens]), meta)
+        model.compute_logits(hidden)
+
+
+def _input_hessian(model, module, windows: list[list[int]], batch: int) -> torch.Tensor:
     """sum over the windows' tokens of x x^T, x the input of `module` (float32)."""
-    from tandem.quantization.sensitivity import sequence_logprobs
     acc: list[torch.Tensor] = []
 
     def hook(_mod, args):
@@ -75,9 +105,9 @@ def _input_hessian(model, module, windows: list[list[int]]) -> torch.Tensor:
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        for ids in windows:
+        for i in range(0, len(windows), batch):
             try:
-                sequence_logprobs(model, ids)
+                _forward(model, windows[i:i + batch])
             except _Stop:
                 pass
     finally:
@@ -97,9 +127,10 @@ def _set_weight(module, w: torch.Tensor) -> None:
 def calibrate(model_dir: str, windows: list[list[int]], group_size: int = 128,
               symmetric: bool = True, lm_head: bool = False, damp: float = 0.01,
               device: str = "cpu", scale_dtype: torch.dtype | None = None,
-              log=print) -> dict[str, tuple]:
+              batch: int = 8, log=print) -> dict[str, tuple]:
     """GPTQ over the model's decoder linears (and the LM head): {module name: (packed,
-    scales, zeros)} in quantize_int4's layout, rows in the fused module's order."""
+    scales, zeros)} in quantize_int4's layout, rows in the fused module's order. Windows
+    go through the model `batch` at a time (separate sequences of one prefill)."""
     from tandem.models.loader import load_model
     model = load_model(model_dir, torch.float32, torch.device(device))
     if any(type(m).__name__ == "FusedMoE" for m in model.modules()):
@@ -113,7 +144,7 @@ def calibrate(model_dir: str, windows: list[list[int]], group_size: int = 128,
         module = modules.get(name)
         if module is None or not hasattr(module, "weight"):
             raise ValueError(f"{name}: not a linear layer of this model")
-        hessian = _input_hessian(model, module, windows)
+        hessian = _input_hessian(model, module, windows, batch)
         w = module.weight.data
         result = gptq_int4(w, hessian, group_size, symmetric, damp, scale_dtype)
         if name != "lm_head":  # a tied head is the embedding: leave it; nothing runs after

@@ -194,3 +194,19 @@ def test_gptq_refuses_a_mixture_of_experts(tmp_path):
                           intermediate_size=256, moe={})
     assert main(["quant", "gptq", "--model", src, "--out", str(tmp_path / "o"),
                  "--max-tokens", "256", "--no-progress", _calibration_files(tmp_path)]) == 2
+
+
+def test_calibration_batches_windows_without_changing_the_inputs(tmp_path):
+    """Several windows in one prefill (separate sequences) give the same H as one at a
+    time, for a layer deep enough that attention has mixed positions."""
+    from tandem.models.loader import load_model
+    from tandem.quantization.calibrate import _input_hessian, calibration_windows
+    src = make_tiny_model(tmp_path / "src", hidden_size=128, intermediate_size=256)
+    calib = _calibration_files(tmp_path)
+    windows = calibration_windows(src, [f"{calib}/f{i}.py" for i in range(3)], 100, 700)
+    assert [len(w) for w in windows] == [100] * 7  # cut at 100, 700 tokens in all
+    model = load_model(src, torch.float32, torch.device("cpu"))
+    module = dict(model.named_modules())["model.layers.1.mlp.down_proj"]
+    one = _input_hessian(model, module, windows, batch=1)
+    many = _input_hessian(model, module, windows, batch=4)
+    torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-4 * one.abs().max().item())
