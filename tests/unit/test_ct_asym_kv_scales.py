@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from tandem import LLM, SamplingParams
 from tandem.kernels.reference.quant import dequantize_int4
+from tests.ct_library import library_weights
 from tests.model_factory import make_tiny_model
 
 ct = pytest.importorskip("compressed_tensors")
@@ -125,20 +126,7 @@ def _outputs(llm: LLM) -> list[tuple[list[int], list]]:
 
 def _library_weights(out: str, args=None) -> dict[str, torch.Tensor]:
     """module name -> the float weight the library's own decompressor gives back."""
-    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-    from safetensors.torch import load_file
-    stored = load_file(f"{out}/model.safetensors")
-    scheme = QuantizationScheme(targets=["Linear"], weights=args or _int4_asym())
-    weights = {}
-    for key in stored:
-        if key.endswith(".weight_packed"):
-            name = key[: -len(".weight_packed")]
-            parts = {p: stored[f"{name}.{p}"] for p in (
-                "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-                if f"{name}.{p}" in stored}
-            weights[name] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
-    return weights
+    return library_weights(out, args or _int4_asym())
 
 
 def _assert_generates_like_transformers(llm: LLM, src: str,

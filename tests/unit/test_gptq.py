@@ -17,6 +17,7 @@ from tandem import LLM, SamplingParams
 from tandem.cli import main
 from tandem.kernels.reference import quant
 from tandem.quantization.gptq import gptq_int4
+from tests.ct_library import library_weights
 from tests.model_factory import make_tiny_model
 
 SIZES = dict(max_model_len=128, num_kv_blocks=64, block_size=4)
@@ -103,25 +104,6 @@ def _calibration_files(tmp_path) -> str:
     return str(d)
 
 
-def _library_weights(out: str, symmetric: bool) -> dict[str, torch.Tensor]:
-    """module name -> the float weight compressed-tensors' own decompressor gives back."""
-    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from safetensors.torch import load_file
-    stored = load_file(f"{out}/model.safetensors")
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", strategy="group", group_size=128, symmetric=symmetric))
-    weights = {}
-    for key in stored:
-        if key.endswith(".weight_packed"):
-            name = key[: -len(".weight_packed")]
-            parts = {p: stored[f"{name}.{p}"] for p in (
-                "weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-                if f"{name}.{p}" in stored}
-            weights[name] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
-    return weights
-
-
 @pytest.mark.parametrize("symmetric,lm_head", [(True, True), (False, False)],
                          ids=["sym-with-head", "asym"])
 def test_gptq_checkpoint_loads_in_tandem_the_library_and_transformers(tmp_path, symmetric,
@@ -141,7 +123,9 @@ def test_gptq_checkpoint_loads_in_tandem_the_library_and_transformers(tmp_path, 
     assert qc["ignore"] == ([] if lm_head else ["lm_head"])
     assert config["tie_word_embeddings"] is (not lm_head)  # a quantized head is its own
 
-    lib = _library_weights(out, symmetric)
+    from compressed_tensors.quantization import QuantizationArgs
+    lib = library_weights(out, QuantizationArgs(num_bits=4, type="int", strategy="group",
+                                                group_size=128, symmetric=symmetric))
     assert len(lib) == 2 * 7 + lm_head  # q k v o gate up down a layer (+ the head)
     llm = LLM(out, **SIZES)  # no flag: the checkpoint says how
     model = llm.engine.runner.model
