@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -191,11 +192,16 @@ def _run_gptq(args: argparse.Namespace) -> int:
     from tandem.quantization import calibrate as cal
 
     model_dir = args.model or default_model_dir()
-    files = expand_paths(args.files, args.suffix)
-    if not files:
-        raise SystemExit(f"no {args.suffix} files in {args.files}")
+    files = expand_paths(args.files, args.suffix)  # ValueError when there are none
+    if os.path.realpath(args.out) == os.path.realpath(model_dir):
+        raise ValueError(f"--out {args.out} is the model directory; write the quantized "
+                         f"checkpoint elsewhere")
     t0 = time.time()
     windows = cal.calibration_windows(model_dir, files, args.window, args.max_tokens)
+    need = min(args.max_tokens, 2 * args.window)
+    if sum(len(w) for w in windows) < need:
+        raise ValueError(f"the calibration files hold {sum(len(w) for w in windows)} tokens;"
+                         f" GPTQ wants at least {need} (two windows, or --max-tokens)")
     scale_dtype = cal.checkpoint_scale_dtype(model_dir)
     say = (lambda *a: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
     results = cal.calibrate(model_dir, windows, args.group_size, not args.asymmetric,

@@ -173,11 +173,23 @@ def test_gptq_checkpoint_loads_in_tandem_the_library_and_transformers(tmp_path, 
             LLM(out, **SIZES)
 
 
-def test_gptq_refuses_a_mixture_of_experts(tmp_path):
-    src = make_tiny_model(tmp_path / "moe", "MixtralForCausalLM", hidden_size=128,
+def test_gptq_refuses_what_it_cannot_do(tmp_path, capsys):
+    calib = _calibration_files(tmp_path)
+    moe = make_tiny_model(tmp_path / "moe", "MixtralForCausalLM", hidden_size=128,
                           intermediate_size=256, moe={})
-    assert main(["quant", "gptq", "--model", src, "--out", str(tmp_path / "o"),
-                 "--max-tokens", "256", "--no-progress", _calibration_files(tmp_path)]) == 2
+    src = make_tiny_model(tmp_path / "src", hidden_size=128, intermediate_size=256)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.py").write_text("x")
+    for model, out, files, message in (
+            (moe, tmp_path / "o", calib, "dense models"),
+            (src, src, calib, "is the model directory"),
+            (src, tmp_path / "o", str(empty), "at least 256"),
+            (src, tmp_path / "o", str(tmp_path / "nowhere"), "no files")):
+        assert main(["quant", "gptq", "--model", model, "--out", str(out), "--window",
+                     "128", "--max-tokens", "1024", "--no-progress", files]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a refused run
 
 
 def test_calibration_batches_windows_without_changing_the_inputs(tmp_path):
