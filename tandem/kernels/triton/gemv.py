@@ -81,8 +81,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def default_config(n_out: int, k_in: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of a sweep on the H100 shapes
-    (Llama-3.1-8B); long rows (down_proj) want more rows per program. Shapes with a hidden
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of sweeps on the H200 (Llama-3.1-8B
+    below; the H100's first sweep picked 4 x 1024, 8 warps for all but down). Shapes with a hidden
     size of 2048 from the H200 sweep of `bench_gemv.py --qwen3` (Qwen3-30B-A3B,
     bench/results/2026-12-01-h200-qwen3-88b4679/gemv-qwen3.log, default -> best): qkv
     5120 x 2048 6.16 -> 5.78 us, o 2048 x 4096 5.19 -> 4.50, router 128 x 2048 1.26 -> 0.97,
@@ -93,4 +93,14 @@ def default_config(n_out: int, k_in: int) -> tuple[int, int, int, int]:
         return (4, 1024, 4, 2) if n_out >= 65536 else (4, 512, 4, 4)
     if n_out <= 2048 and k_in <= 4096:
         return 4, 2048, 8, 4
-    return (16 if k_in > 8192 else 4, 1024, 8, 4)
+    # Llama-3.1-8B's shapes from the H200 sweep of `bench_gemv.py` (bench/results/
+    # 2026-12-01-h200-gemv-tiles/, default -> best): qkv 6144 x 4096 14.52 -> 12.75 us,
+    # o 4096 x 4096 9.90 -> 7.98, gate_up 28672 x 4096 56.05 -> 53.91, LM head 128256 x
+    # 4096 240.0 -> 233.5, down 4096 x 14336 27.55 -> 27.51.
+    if k_in > 8192:
+        return 16, 1024, 8, 3
+    if n_out <= 4096:
+        return 4, 1024, 4, 2
+    if n_out <= 8192:
+        return 16, 512, 8, 4
+    return (16, 256, 4, 3) if n_out < 65536 else (16, 256, 4, 2)
