@@ -253,3 +253,34 @@ def test_quantized_model_on_cuda_matches_reference_kernels(tmp_path, method, mon
     outs = fast_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16,
                                                      ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "int4_asym", "fp8_weight_only"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_many_rows_dequantize_then_cublas_exactly_as_the_reference(method, dtype):
+    """From DEQUANT_MIN_ROWS rows the weight is dequantized into x's dtype and cuBLAS does
+    the matmul: the reference's own computation, so equal to the bit; the dequantized
+    weight equals the reference's, N and K off the kernel's tiles included."""
+    from tandem.kernels.triton import quant_gemm
+    g = torch.Generator(device="cuda").manual_seed(7)
+    n, k = 1000, 1536  # 1000 rows: not a multiple of the 16-row tiles
+    w = torch.randn(n, k, device="cuda", generator=g)
+    if method == "int8":
+        q, s, z, bits = *quant.quantize_int8(w), None, 8
+        ref_w = quant.dequantize_int8(q, s)
+    elif method == "fp8_weight_only":
+        q, s, z, bits = *quant.quantize_fp8(w), None, 8
+        ref_w = q.float() * s[:, None]
+    else:
+        q, s, z = quant.quantize_int4(w, 128, method == "int4")
+        bits, ref_w = 4, quant.dequantize_int4(q, s, z, 128)
+    assert torch.equal(quant_gemm.dequantize(q, s, z, bits, 128, dtype), ref_w.to(dtype))
+    bias = torch.randn(n, device="cuda", dtype=dtype, generator=g)
+    for m in (quant_gemm.DEQUANT_MIN_ROWS, 700):
+        x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+        out = quant_gemm.quant_linear(x, q, s, z, bits, 128, bias)
+        assert torch.equal(out, torch.nn.functional.linear(x, ref_w.to(dtype), bias))
+    x = torch.randn(quant_gemm.DEQUANT_MIN_ROWS - 1, k, device="cuda", dtype=dtype, generator=g)
+    fused = quant_gemm.quant_linear(x, q, s, z, bits, 128, bias)  # one row fewer: the GEMM
+    ref = torch.nn.functional.linear(x.float(), ref_w, bias.float())
+    torch.testing.assert_close(fused.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

@@ -278,6 +278,55 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
 
 
 GEMV_MAX_ROWS = 8
+# From this many rows (prefill chunks, large decode batches) a weight is dequantized into a
+# scratch bf16/fp16 copy and cuBLAS does the matmul: writing and reading the copy costs
+# about what streaming 2-4x the quantized bytes does, while the fused GEMM's dequantizing
+# tiles stop it at ~230 TFLOP/s (int4, H200) against cuBLAS's ~650.
+DEQUANT_MIN_ROWS = 256
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, BITS: tl.constexpr, G: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (N, K) = dequantized weight in out's dtype, rounded once from float32 exactly as
+    kernels/reference/quant.py computes it. BITS 4: q packed uint8 (N, K/2), scales
+    (N, K/G), zeros (N, K/G) or 8; BITS 8: q int8 or e4m3 (N, K), scales (N,)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = n < N, k < K
+    ok = n_ok[:, None] & k_ok[None, :]
+    rows = n.to(tl.int64)[:, None]
+    if BITS == 4:
+        j = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(q_ptr + rows * (K // 2) + j[None, :],
+                    mask=n_ok[:, None] & (j < K // 2)[None, :], other=0).to(tl.int32)
+        c = tl.reshape(tl.join(b & 0xF, b >> 4), [BLOCK_N, BLOCK_K]).to(tl.float32)
+        g = rows * (K // G) + (k // G)[None, :]
+        s = tl.load(s_ptr + g, mask=ok, other=0.0)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g, mask=ok, other=0).to(tl.float32)
+        else:
+            z = 8.0
+        w = (c - z) * s
+    else:
+        w = tl.load(q_ptr + rows * K + k[None, :], mask=ok).to(tl.float32)  # (no `other`:
+        w = w * tl.load(s_ptr + n, mask=n_ok, other=0.0)[:, None]  # e4m3 has no 0 cast)
+    tl.store(out_ptr + rows * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               bits: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight in `dtype` (reference: quant.dequantize_int4 / dequantize_int8,
+    then .to(dtype)). qweight: packed uint8 (N, K/2) for int4, int8 or e4m3 (N, K)."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    block_n, block_k = 16, 256
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        qweight.contiguous(), scales, zeros if zeros is not None else scales, out, n, k,
+        BITS=bits, G=group_size if bits == 4 else k, HAS_ZERO=zeros is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
 
 
 def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
@@ -355,6 +404,9 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         else:
             y = fp8_gemv(x2, None, qweight, scales, bias, x.dtype)
         return y.reshape(*shape[:-1], n)
+    if m >= DEQUANT_MIN_ROWS:  # the weight in x's dtype, then cuBLAS (DEQUANT_MIN_ROWS)
+        w = dequantize(qweight, scales, zeros, bits, group_size, x.dtype)
+        return torch.nn.functional.linear(x2, w, bias).reshape(*shape[:-1], n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
     # int4 tiles of 128 x 128 (or 128 x 256, G = 256) dequantized at once spill registers
