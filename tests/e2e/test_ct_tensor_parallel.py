@@ -34,3 +34,18 @@ def test_tp2_per_channel_int4_matches_tp1(tmp_path):
     src, out = _src(tmp_path, hidden_size=256), str(tmp_path / "ckpt")
     _write(src, out, int4_asym=False, kv=False, args=_int4_asym(channel=True))
     _tp2_matches_tp1(out)
+
+
+def test_tp2_gptq_checkpoint_with_a_quantized_head_matches_tp1(tmp_path):
+    """`tandem quant gptq --lm-head`: the head's packed codes and scales are cut by
+    vocabulary rows on each rank like the weight they replace."""
+    from tandem.cli import main
+    from tests.model_factory import make_tiny_model
+    from tests.unit.test_gptq import _calibration_files
+    src = make_tiny_model(tmp_path / "src", hidden_size=256, intermediate_size=512,
+                          num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
+    out = str(tmp_path / "gptq")
+    assert main(["quant", "gptq", "--model", src, "--out", out, "--lm-head", "--window",
+                 "128", "--max-tokens", "1024", "--no-progress",
+                 _calibration_files(tmp_path)]) == 0
+    _tp2_matches_tp1(out)
