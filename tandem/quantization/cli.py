@@ -203,7 +203,7 @@ def _run_gptq(args: argparse.Namespace) -> int:
         raise ValueError(f"the calibration files hold {sum(len(w) for w in windows)} tokens;"
                          f" GPTQ wants at least {need} (two windows, or --max-tokens)")
     scale_dtype = cal.checkpoint_scale_dtype(model_dir)
-    say = (lambda *a: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
+    say = (lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
     results = cal.calibrate(model_dir, windows, args.group_size, not args.asymmetric,
                             args.lm_head, args.damp, args.device, scale_dtype, log=say)
     cal.write_checkpoint(model_dir, args.out, results, args.group_size, not args.asymmetric,
@@ -249,7 +249,8 @@ def add_quant_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model", default=None, help="model directory (default: embedded)")
     g.add_argument("--out", required=True, help="directory for the quantized checkpoint")
     g.add_argument("--suffix", default=".py", help="file suffix to take from directories")
-    g.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256))
+    g.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256),
+                   help="inputs per scale (the int4 kernels take 32-256)")
     g.add_argument("--asymmetric", action="store_true", help="zero points (int4_asym)")
     g.add_argument("--lm-head", action="store_true",
                    help="quantize the LM head too (a tied one gets its own tensors)")
@@ -257,6 +258,7 @@ def add_quant_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-tokens", type=int, default=32768, help="calibration tokens")
     g.add_argument("--damp", type=float, default=0.01,
                    help="added to the Hessian's diagonal, times its mean")
-    g.add_argument("--device", default="cpu")
-    add_progress_flag(g)
+    g.add_argument("--device", default="cpu", help="where calibration runs (cpu, cuda)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no per-layer lines on stderr (the JSON line still comes last)")
     g.set_defaults(func=_run_gptq)
