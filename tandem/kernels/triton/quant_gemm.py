@@ -340,12 +340,10 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
         cfg = (8, 128, 1) if n >= 16384 else (8, 256, 2)
     elif n >= 16384:
         cfg = (4, 256, 1)
-    elif n > k and kw < 2048:  # qkv: 9.46 -> 7.54 us (bench_quant_head.py, 2026-12-01)
-        cfg = (8, 512, 2)
-    elif k > n:  # down
+    elif n > k and kw < 2048:
+        cfg = (4, 256, 2)
+    else:
         cfg = (4, 512, 4)
-    else:  # o: 6.31 -> 5.79 us
-        cfg = (8, 512, 4)
     block_n, block_kw, warps = cfg
     while block_kw > 16 and block_kw > triton.next_power_of_2(kw):  # short rows
         block_kw //= 2
