@@ -1,8 +1,9 @@
-"""The int4 / int8 weight-only GEMV on the LM head at batch 1 (Llama-3.1-8B: 128256 x 4096),
-the one linear `bench_quant_gemv.py` sweeps for FP8 only: microseconds per call at each
-(BLOCK_N, BLOCK_KW, num_warps) of a grid, in a CUDA graph of calls cycling through weight
-copies past L2, after a parity check against the reference. Prints one line per point and
-the best per method. Usage (an H200): python scripts/bench_quant_head.py [N K]"""
+"""The int4 / int8 weight-only GEMV at batch 1 over a wider tile grid than
+`bench_quant_gemv.py`'s, by default on the LM head (Llama-3.1-8B: 128256 x 4096, which that
+script sweeps for FP8 only): microseconds per call at each (BLOCK_N, BLOCK_KW, num_warps),
+in a CUDA graph of calls cycling through weight copies past L2, after a parity check
+against the reference. Prints one line per point and the best per method.
+Usage (an H200): python scripts/bench_quant_head.py [N K [BITS,...]]"""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from tandem.kernels.reference import quant
 from tandem.kernels.triton import quant_gemm
 
 N, K = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (128256, 4096)
+BITS = [int(b) for b in sys.argv[3].split(",")] if len(sys.argv) > 3 else [4, 8]
 x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-for bits in (4, 8):
+for bits in BITS:
     copies = []
-    for i in range(2):  # 2 x 263 MB (int4) or 525 MB (int8): past the 50 MB L2
+    for i in range(max(2, -(-256 * 2**20 // (N * K * bits // 8)))):  # >= 256 MB: past L2
         w = torch.randn(N, K, device="cuda") * 0.02
         q = quant.quantize_int4(w, 128, search=False) if bits == 4 else (
             *quant.quantize_int8(w), None)
@@ -30,7 +32,8 @@ for bits in (4, 8):
                        else quant.dequantize_int8(q, s)).t()
     default = quant_gemm.gemv_config(bits, N, K)
     rows = []
-    for cfg in [default] + list(itertools.product((4, 8, 16), (64, 128, 256, 512), (1, 2, 4))):
+    grid = itertools.product((4, 8, 16), (64, 128, 256, 512, 1024), (1, 2, 4, 8))
+    for cfg in [default] + [c for c in grid if c[0] * c[1] <= 8192 and c[1] * 32 // bits <= K]:
         try:
             run = lambda c=copies[0]: quant_gemm.int_gemv(x, c[0], c[1], c[2], bits, 128,  # noqa: E731
                                                           config=cfg)
