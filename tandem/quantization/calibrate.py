@@ -61,35 +61,16 @@ def calibration_windows(model_dir: str, files: list[str], window: int, max_token
     return [stream[i:i + window] for i in range(0, len(stream), window)]
 
 
-def _forward(model, windows: list[list[int]], block_size: int = 16) -> None:
+def _forward(model, windows: list[list[int]]) -> None:
     """One prefill of several windows as separate sequences, through the model's own paged
     attention on a scratch KV cache (float32); a hook ends it early (_Stop)."""
-    from tandem.layers.attention_metadata import AttentionMetadata
-    from tandem.runner.kv_memory import LayerKVSpec, allocate_kv_caches
-    device = next(model.parameters()).device
-    lens = [len(w) for w in windows]
-    blocks = [-(-t // block_size) for t in lens]
-    starts = [sum(blocks[:i]) for i in range(len(blocks))]
-    caches = allocate_kv_caches(model.num_layers, sum(blocks), block_size, model.num_kv_heads,
-                                model.head_dim, [LayerKVSpec(torch.float32)] * model.num_layers,
-                                device)
-    for layer, cache in zip(model.attention_layers(), caches):
-        layer.kv_cache, layer.kv_scale = cache, (1.0, 1.0)
-    table = torch.zeros(len(windows), max(blocks), dtype=torch.int32)
-    for i, (b, n) in enumerate(zip(starts, blocks)):
-        table[i, :n] = torch.arange(b, b + n)
-    cat = lambda parts: torch.cat(parts).to(device)  # noqa: E731
-    meta = AttentionMetadata(
-        slot_mapping=cat([b * block_size + torch.arange(t) for b, t in zip(starts, lens)]),
-        query_start_loc=torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))],
-                                     dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-        block_tables=table.to(device), query_lens_cpu=lens, seq_lens_cpu=lens,
-        max_query_len=max(lens), max_seq_len=max(lens), block_size=block_size)
-    ids = cat([torch.tensor(w) for w in windows])
+    from tandem.quantization.sensitivity import scratch_prefill
+    meta = scratch_prefill(model, [len(w) for w in windows])
+    device = meta.seq_lens.device
+    ids = torch.cat([torch.tensor(w) for w in windows]).to(device)
+    positions = torch.cat([torch.arange(len(w)) for w in windows]).to(device)
     with torch.inference_mode():
-        hidden = model(ids, cat([torch.arange(t) for t in lens]), meta)
-        model.compute_logits(hidden)
+        model.compute_logits(model(ids, positions, meta))
 
 
 def _input_hessian(model, module, windows: list[list[int]], batch: int) -> torch.Tensor:

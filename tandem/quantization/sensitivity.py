@@ -78,29 +78,45 @@ def model_parts(hf: dict) -> list[Part]:
     return parts
 
 
-def sequence_logprobs(model: torch.nn.Module, ids: list[int], block_size: int = 16,
-                      fp8_kv_layers: frozenset[int] = frozenset(),
-                      fp8_attn_layers: frozenset[int] = frozenset()) -> torch.Tensor:
-    """log-softmax of the next-token logits at every position of one sequence, (T, vocab)
-    float32, through the model's own paged attention on a scratch KV cache (FP8, scale
-    1.0, for the layers in fp8_kv_layers; emulated FP8 attention math in fp8_attn_layers)."""
-    t = len(ids)
+def scratch_prefill(model: torch.nn.Module, lens: list[int], block_size: int = 16,
+                    fp8_kv_layers: frozenset[int] = frozenset(),
+                    fp8_attn_layers: frozenset[int] = frozenset()) -> AttentionMetadata:
+    """Give the model's attention layers a fresh KV cache (float32; FP8 with scale 1.0 in
+    fp8_kv_layers; emulated FP8 attention math in fp8_attn_layers) and return the metadata
+    of one prefill of sequences of these lengths, each in its own blocks: for running the
+    model outside the engine (the sensitivity probes, GPTQ calibration)."""
     device = next(model.buffers(), next(model.parameters())).device
-    nb = -(-t // block_size)
+    blocks = [-(-t // block_size) for t in lens]
+    starts = [sum(blocks[:i]) for i in range(len(blocks))]
     spec = [LayerKVSpec(torch.float8_e4m3fn if i in fp8_kv_layers else torch.float32)
             for i in range(model.num_layers)]
-    caches = allocate_kv_caches(model.num_layers, nb, block_size, model.num_kv_heads,
+    caches = allocate_kv_caches(model.num_layers, sum(blocks), block_size, model.num_kv_heads,
                                 model.head_dim, spec, device)
     for i, (layer, cache) in enumerate(zip(model.attention_layers(), caches)):
         layer.kv_cache, layer.kv_scale = cache, (1.0, 1.0)
         layer.fp8_attention = i in fp8_attn_layers
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(t, device=device),
-        query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([t], dtype=torch.int32, device=device),
-        block_tables=torch.arange(nb, dtype=torch.int32, device=device).view(1, nb),
-        query_lens_cpu=[t], seq_lens_cpu=[t], max_query_len=t, max_seq_len=t,
-        block_size=block_size)
+    table = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    for i, (b, n) in enumerate(zip(starts, blocks)):
+        table[i, :n] = torch.arange(b, b + n)
+    return AttentionMetadata(
+        slot_mapping=torch.cat([b * block_size + torch.arange(t)
+                                for b, t in zip(starts, lens)]).to(device),
+        query_start_loc=torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))],
+                                     dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=table.to(device), query_lens_cpu=list(lens), seq_lens_cpu=list(lens),
+        max_query_len=max(lens), max_seq_len=max(lens), block_size=block_size)
+
+
+def sequence_logprobs(model: torch.nn.Module, ids: list[int], block_size: int = 16,
+                      fp8_kv_layers: frozenset[int] = frozenset(),
+                      fp8_attn_layers: frozenset[int] = frozenset()) -> torch.Tensor:
+    """log-softmax of the next-token logits at every position of one sequence, (T, vocab)
+    float32, through the model's own paged attention on a scratch KV cache
+    (scratch_prefill)."""
+    t = len(ids)
+    meta = scratch_prefill(model, [t], block_size, fp8_kv_layers, fp8_attn_layers)
+    device = meta.seq_lens.device
     with torch.inference_mode():
         hidden = model(torch.tensor(ids, device=device), torch.arange(t, device=device), meta)
         return model.compute_logits(hidden).float().log_softmax(-1)
