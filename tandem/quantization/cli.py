@@ -198,10 +198,10 @@ def _run_gptq(args: argparse.Namespace) -> int:
                          f"checkpoint elsewhere")
     t0 = time.time()
     windows = cal.calibration_windows(model_dir, files, args.window, args.max_tokens)
-    need = min(args.max_tokens, 2 * args.window)
-    if sum(len(w) for w in windows) < need:
-        raise ValueError(f"the calibration files hold {sum(len(w) for w in windows)} tokens;"
-                         f" GPTQ wants at least {need} (two windows, or --max-tokens)")
+    tokens, need = sum(len(w) for w in windows), min(args.max_tokens, 2 * args.window)
+    if tokens < need:
+        raise ValueError(f"the calibration files hold {tokens} tokens; GPTQ wants at least "
+                         f"{need} (two windows, or --max-tokens)")
     scale_dtype = cal.checkpoint_scale_dtype(model_dir)
     say = (lambda m: None) if args.no_progress else (lambda m: print(m, file=sys.stderr))
     results = cal.calibrate(model_dir, windows, args.group_size, not args.asymmetric,
@@ -212,7 +212,7 @@ def _run_gptq(args: argparse.Namespace) -> int:
         "benchmark": "quant_gptq", "model": model_dir, "out": args.out,
         "scheme": f"int4{'' if not args.asymmetric else '_asym'}_g{args.group_size}",
         "lm_head": args.lm_head, "files": len(files), "windows": len(windows),
-        "tokens": sum(len(w) for w in windows), "linears": len(results),
+        "tokens": tokens, "linears": len(results),
         "elapsed_s": time.time() - t0, "command": " ".join(["tandem"] + sys.argv[1:])}))
     return 0
 

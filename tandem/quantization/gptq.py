@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from tandem.kernels.reference.quant import int4_group_params, pack_int4
+from tandem.kernels.reference.quant import check_int4_groups, int4_group_params, pack_int4
 
 
 def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int = 128,
@@ -36,9 +36,7 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int = 128,
     scale_dtype: scales rounded to it before rounding the codes (bf16 for a bf16
     checkpoint), so a checkpoint storing them in it dequantizes exactly."""
     n, k = w.shape
-    if k % group_size or group_size % 2:
-        raise ValueError(f"int4: in_features {k} must be a multiple of the group size "
-                         f"{group_size} (even)")
+    check_int4_groups(k, group_size)
     if hessian.shape != (k, k):
         raise ValueError(f"hessian {tuple(hessian.shape)} does not match in_features {k}")
     W = w.detach().float().clone()
@@ -61,7 +59,7 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int = 128,
         U1 = U[g0:g1, g0:g1]
         for j in range(group_size):
             col = W1[:, j]
-            q = torch.round(col / scale + (8.0 if z is None else z)).clamp(0, 15)
+            q = torch.round(col / scale + offset).clamp(0, 15)
             e = (col - (q - offset) * scale) / U1[j, j]
             W1[:, j + 1:] -= e[:, None] * U1[j, j + 1:][None, :]
             err[:, j] = e

@@ -96,11 +96,11 @@ def int4_group_params(g: torch.Tensor, symmetric: bool, search: bool = True,
     the least squared error, sum_k importance[k] (w_k - w'_k)^2 (importance (G,): e.g. the
     inputs' mean squares, for activation-aware clipping; default all ones). The min-max
     range (ratio 1) is the first candidate, so no group gets worse than without."""
+    if not search:
+        return _int4_codes(g, 1.0, symmetric, scale_dtype)
     best = None
-    for r in _CLIP_RATIOS if search else (1.0,):
+    for r in _CLIP_RATIOS:
         q, scale, z = _int4_codes(g, r, symmetric, scale_dtype)
-        if not search:
-            return q, scale, z
         err = ((q - (8.0 if z is None else z[..., None])) * scale[..., None] - g).square()
         err = (err if importance is None else err * importance).sum(dim=-1)
         if best is None:
@@ -111,6 +111,13 @@ def int4_group_params(g: torch.Tensor, symmetric: bool, search: bool = True,
                 None if z is None else torch.where(better, z, best[2]),
                 torch.minimum(err, best[3])]
     return best[0], best[1], best[2]
+
+
+def check_int4_groups(k: int, group_size: int) -> None:
+    """ValueError unless K splits into whole groups of an even size."""
+    if k % group_size or group_size % 2:
+        raise ValueError(f"int4: in_features {k} must be a multiple of the group size "
+                         f"{group_size} (even)")
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -130,9 +137,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True
     squared error goes 0.0141 -> 0.0104 (symmetric) and 0.0103 -> 0.0092 (asymmetric).
     Rows are done rows_per_chunk at a time (memory)."""
     n, k = w.shape
-    if k % group_size or group_size % 2:
-        raise ValueError(f"int4: in_features {k} must be a multiple of the group size "
-                         f"{group_size} (even)")
+    check_int4_groups(k, group_size)
     codes, scales, zeros = [], [], []
     for r0 in range(0, n, rows_per_chunk):
         g = w[r0:r0 + rows_per_chunk].detach().float().reshape(-1, k // group_size,
