@@ -12,6 +12,9 @@
                           rotary and the KV write or SiLU-and-mul in its epilogue
                           (models/fused_decode.py); off by default, as it measured slower on
                           the H200 (docs/decode.md)
+    TANDEM_NORM_CHAIN     whether batch-1 decode carries its RMSNorms in the matmuls around
+                          them instead of launching them (models/norm_chain.py): "quantized"
+                          (the default: int8/int4 weights only), "all", or "0" (never)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -53,6 +56,16 @@ def pdl_enabled() -> bool:
 
 def decode_fusion_enabled() -> bool:
     return os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
+
+
+def norm_chain_mode() -> str:
+    """"off", "quantized" or "all" (TANDEM_NORM_CHAIN; "0" means off, "1" all)."""
+    value = os.environ.get("TANDEM_NORM_CHAIN", "quantized").strip().lower()
+    mode = {"0": "off", "off": "off", "1": "all", "all": "all",
+            "quantized": "quantized"}.get(value)
+    if mode is None:
+        raise ValueError(f"TANDEM_NORM_CHAIN={value!r}: use quantized, all or 0")
+    return mode
 
 
 def git_commit() -> str | None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels.reference import carried_norm as carried_reference
 from tandem.kernels.reference import elementwise as reference
 from tandem.kernels.reference import moe as moe_reference
 from tandem.kernels.reference import norm_gemv as norm_gemv_reference
 
 from tandem.kernels.reference import quant as quant_reference
+from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
 
 try:
     from tandem.kernels.triton import elementwise as fused
@@ -72,6 +74,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
             and weight.stride(-1) == 1):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _row(x: torch.Tensor | NormedRow) -> torch.Tensor:
+    return x.x if isinstance(x, NormedRow) else x
+
+
+def carried_linear(x: torch.Tensor | NormedRow, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, add: AddNorm | None = None
+                   ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+    """`linear` for one row with an RMSNorm carried (kernels/reference/carried_norm.py): x a
+    NormedRow and/or `add` -> (NormedRow, new residual). The Triton GEMV on CUDA, else the
+    reference."""
+    row = _row(x)
+    if (gemv is not None and row.is_cuda and row.numel() == row.shape[-1]
+            and row.dtype in (torch.bfloat16, torch.float16) and weight.dtype == row.dtype
+            and weight.stride(-1) == 1):
+        return gemv(x, weight, bias, add=add)
+    return carried_reference.linear(x, weight, bias, row.dtype, add)
+
+
+def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
+                       scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                       group_size: int, bias: torch.Tensor | None = None,
+                       add: AddNorm | None = None
+                       ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+    """`carried_linear` for int8 (bits 8: qweight int8 (N, K), per-channel scales) or int4
+    weights (packed as kernels/reference/quant.py)."""
+    row = _row(x)
+    k = qweight.shape[1] * (8 // bits)
+    if (quant_gemm is not None and row.shape[0] == 1
+            and quant_gemm.supported(row, k, bits, group_size)):
+        return quant_gemm.int_gemv(x, qweight, scales, zeros, bits, group_size, bias, add=add)
+    dense = (quant_reference.dequantize_int8(qweight, scales) if bits == 8 else
+             quant_reference.dequantize_int4(qweight, scales, zeros, group_size))
+    return carried_reference.linear(x, dense, bias, row.dtype, add)
 
 
 def norm_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tandem.kernels import ops
+from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
 from tandem.layers import cpu_gemm
 from tandem.quantization.policy import QuantPolicy
 
@@ -37,11 +38,30 @@ class LinearMethod:
               bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def carries_norm(self, layer: nn.Module) -> bool:
+        """Whether `apply_carried` works for this layer (models/norm_chain.py)."""
+        return False
+
+    def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+        """`apply` for one row with an RMSNorm carried through (kernels/reference/
+        carried_norm.py): x a NormedRow and/or `add` -> (NormedRow, new residual)."""
+        raise NotImplementedError
+
 
 class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.linear(x, layer.weight, bias)
+
+    def carries_norm(self, layer: nn.Module) -> bool:
+        return True
+
+    def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+        return ops.carried_linear(x, layer.weight, bias, add)
 
 
 class OneDNNLinearMethod(LinearMethod):

@@ -36,7 +36,7 @@ from tandem.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear)
 from tandem.layers.norm import RMSNorm
 from tandem.layers.rotary import RotaryEmbedding, rope_parameters
-from tandem.models import fused_decode
+from tandem.models import fused_decode, norm_chain
 from tandem.quantization.policy import QuantPolicy
 
 logger = logging.getLogger(__name__)
@@ -115,8 +115,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        return self.o_proj(self.attend_qkv(positions, self.qkv_proj(hidden), meta))
+
+    def attend_qkv(self, positions: torch.Tensor, qkv: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor:
+        """qkv_proj's output (T, (H + 2 Hkv) D) -> attention's (T, H D), before o_proj."""
+        num_tokens = qkv.shape[0]
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -125,7 +130,7 @@ class LlamaAttention(nn.Module):
         norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
         q, k = self.attn.rotary_write_kv(positions, q, k, v, self.rotary_emb.cos_cache,
                                          self.rotary_emb.sin_cache, norms, meta)
-        return self.o_proj(self.attn.attend(q.reshape(num_tokens, -1), meta, k, v))
+        return self.attn.attend(q.reshape(num_tokens, -1), meta, k, v)
 
 
 class LlamaMLP(nn.Module):
@@ -186,6 +191,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        if norm_chain.applies(self, input_ids):  # one token on CUDA: no norm kernels
+            return norm_chain.forward(self, input_ids, positions, meta)
         hidden, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)

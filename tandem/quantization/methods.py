@@ -20,6 +20,7 @@ from torch import nn
 
 from tandem.kernels import ops
 from tandem.kernels.reference import quant
+from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
 from tandem.layers.linear_method import LinearMethod
 
 
@@ -61,6 +62,14 @@ class Int8WeightOnlyMethod(LinearMethod):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.int8_linear(x, layer.qweight, layer.scales, bias)
 
+    def carries_norm(self, layer: nn.Module) -> bool:
+        return layer.qweight.dtype == torch.int8  # not fp8 weight-only's e4m3
+
+    def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+        return ops.carried_int_linear(x, layer.qweight, layer.scales, None, 8, 0, bias, add)
+
 
 class Int4WeightOnlyMethod(LinearMethod):
     """W4A16, group-wise along the input dimension (group_size 128), symmetric or with
@@ -83,6 +92,15 @@ class Int4WeightOnlyMethod(LinearMethod):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size,
                                bias)
+
+    def carries_norm(self, layer: nn.Module) -> bool:
+        return True
+
+    def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+        return ops.carried_int_linear(x, layer.qweight, layer.scales, layer.zeros, 4,
+                                      self.group_size, bias, add)
 
 
 class Fp8WeightOnlyMethod(Int8WeightOnlyMethod):

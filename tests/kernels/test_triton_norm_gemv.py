@@ -128,6 +128,7 @@ def _decode_logits(model, monkeypatch, fusion: str, block_size: int = 16):
     """A 9-token prompt, then 6 one-token decodes; (decode logits, KV caches)."""
     from tests.model_factory import make_attn_metadata
     monkeypatch.setenv("TANDEM_DECODE_FUSION", fusion)
+    monkeypatch.setenv("TANDEM_NORM_CHAIN", "0")  # plain: the norms as kernels
     dtype = next(model.parameters()).dtype
     for layer in model.attention_layers():
         layer.kv_cache = torch.zeros(layer.kv_cache_shape(8, block_size), dtype=dtype,

@@ -10,7 +10,9 @@ token. Each program owns BLOCK_N output features and walks K in BLOCK_K tiles:
     acc[BLOCK_N] += sum_k W[n, k] * x[k]          (fp32), then y[n] = acc (+ bias)
 
 `kernels/ops.linear` sends every single-row half-precision CUDA matmul here; parity with
-F.linear is tested in tests/kernels.
+F.linear is tested in tests/kernels. Batch-1 decode also carries its RMSNorms through here
+(carried_norm.py): x may be a NormedRow (the scale multiplies the finished dot) and `add`
+gives the output the next norm's epilogue.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
+from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -42,9 +46,11 @@ def _load_w(rows, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, eps,
+                 r_ptr, nw_ptr, s_ptr, ss_ptr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
+                 ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -59,25 +65,36 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
         acc += _gemv_tile(x_ptr, rows, _load_w(rows, n_ok, k0, K, BLOCK_K, EVEN_K), k0, K,
                           BLOCK_K, EVEN_K)
     y = tl.sum(acc, 1)
+    if NORM_IN:
+        y *= norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if ADD_NORM:
+        add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, y_ptr, ss_ptr)
+    else:
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor | NormedRow, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: tuple[int, int, int, int] | None = None, add: AddNorm | None = None
+         ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """x (1, K) or (K,) -> (1, N) / (N,): x @ weight.T (+ bias). weight (N, K), last dim
-    contiguous. config: (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    contiguous. config: (BLOCK_N, BLOCK_K, num_warps, num_stages). x a NormedRow: its scale
+    applies; `add`: returns (NormedRow of the next norm, the new residual) instead."""
+    x, norm_in, norm_flags = norm_args(x)
     n_out, k_in = weight.shape
     assert x.shape[-1] == k_in and x.numel() == k_in and weight.stride(1) == 1
     block_n, block_k, warps, stages = config or default_config(n_out, k_in)
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
+    programs = triton.cdiv(n_out, block_n)
+    add_in, s, sumsq = add_args(add, y, programs)
+    _gemv_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, y, n_out, k_in, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k_in % block_k == 0, num_warps=warps, num_stages=stages, **launch_options(x))
-    return y
+        *norm_in, *add_in, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k_in % block_k == 0, ADD_NORM=add is not None, **norm_flags, num_warps=warps,
+        num_stages=stages, **launch_options(x))
+    return y if add is None else (NormedRow(y, sumsq, add.eps), s)
 
 
 def default_config(n_out: int, k_in: int) -> tuple[int, int, int, int]:

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
+from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
 from tandem.kernels.triton.fp8_gemv import e4m3_scale, fp8_dot_gemv, to_e4m3
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
@@ -127,9 +129,11 @@ def _load_x(x_ptrs, word, kw0, KW, PER: tl.constexpr, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, stride_ym,
+                 ss_in_ptr, P_in, eps, r_ptr, nw_ptr, sres_ptr, ss_ptr,
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM_IN: tl.constexpr,
+                 P_BLOCK: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     PER: tl.constexpr = 32 // BITS
@@ -154,9 +158,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     y = tl.sum(acc, 0) * (2.0 ** 49)  # (BLOCK_N,)
     if BITS == 8:
         y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
+    if NORM_IN:  # one row (carried_norm.py)
+        y *= norm_scale(ss_in_ptr, P_in, KW * PER, eps, P_BLOCK)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if ADD_NORM:  # one row
+        add_norm_store(y, n, n_ok, tl.program_id(1), r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr)
+    else:
+        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -366,25 +375,33 @@ def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
     return 8, 1024, 4
 
 
-def int_gemv(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+def int_gemv(x2: torch.Tensor | NormedRow, qweight: torch.Tensor, scales: torch.Tensor,
              zeros: torch.Tensor | None, bits: int, group_size: int,
              bias: torch.Tensor | None = None,
-             config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x2 (M, K), last dim contiguous; qweight int8 (N, K) or packed uint8 (N, K/2) -> (M, N)."""
+             config: tuple[int, int, int] | None = None, add: AddNorm | None = None
+             ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+    """x2 (M, K), last dim contiguous; qweight int8 (N, K) or packed uint8 (N, K/2) -> (M, N).
+    One row may carry an RMSNorm (carried_norm.py): x2 a NormedRow, and/or `add` (then the
+    result is (NormedRow of the next norm, the new residual))."""
+    x2, norm_in, norm_flags = norm_args(x2)
     m, k = x2.shape
+    assert m == 1 or (add is None and not norm_flags["NORM_IN"]), "a carried norm is one row"
     n = qweight.shape[0]
     words = qweight.contiguous().view(torch.int32)  # (N, K * bits / 32), the same bytes
     kw = words.shape[1]
     block_n, block_kw, warps = config or gemv_config(bits, n, k)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    _gemv_kernel[(m, triton.cdiv(n, block_n))](
+    programs = triton.cdiv(n, block_n)
+    add_in, s, sumsq = add_args(add, y, programs)
+    _gemv_kernel[(m, programs)](
         x2, words, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, n, kw, x2.stride(0), y.stride(0),
-        BITS=bits, G=group_size if bits == 4 else 32, HAS_ZERO=zeros is not None,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw,
-        EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0, num_warps=warps, num_stages=1,
+        *norm_in, *add_in, BITS=bits, G=group_size if bits == 4 else 32,
+        HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_KW=block_kw, EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0,
+        ADD_NORM=add is not None, **norm_flags, num_warps=warps, num_stages=1,
         **launch_options(x2))
-    return y
+    return y if add is None else (NormedRow(y, sumsq, add.eps), s)
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -1,0 +1,115 @@
+"""The carried RMSNorm on the CPU (kernels/reference/carried_norm.py, models/norm_chain.py):
+the chain's one-token decode against the plain decoder layers, through the references (the
+GPU's kernels: tests/kernels/test_triton_carried_norm.py), and when the chain applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.kernels.reference import carried_norm as ref
+from tandem.kernels.reference.elementwise import rms_norm
+from tandem.models import norm_chain
+from tandem.models.loader import load_model
+from tandem.quantization.policy import QuantPolicy
+from tests.model_factory import make_attn_metadata, make_tiny_model
+
+TINY = dict(hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256,
+            num_layers=3)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _decode(model, chain: bool, block_size: int = 16):
+    """A 9-token prompt (plain), then 6 one-token decodes, through the chain or the plain
+    layers: (logits (6, V), KV caches)."""
+    dtype = model.model.embed_tokens.weight.dtype
+    for layer in model.attention_layers():
+        layer.kv_cache = torch.zeros(layer.kv_cache_shape(8, block_size), dtype=dtype)
+    table = [6, 2, 5]
+    out = []
+    with torch.no_grad():
+        meta = make_attn_metadata([9], [9], [table], block_size)
+        model(torch.tensor([3, 17, 99, 4, 250, 8, 61, 12, 140]), torch.arange(9), meta)
+        for step, tok in enumerate([11, 42, 7, 300, 5, 19]):
+            n = 10 + step
+            meta = make_attn_metadata([1], [n], [table], block_size)
+            ids, pos = torch.tensor([tok]), torch.tensor([n - 1])
+            hidden = (norm_chain.forward(model.model, ids, pos, meta) if chain
+                      else model.model(ids, pos, meta))
+            out.append(model.compute_logits(hidden))
+    return torch.cat(out).float(), [a.kv_cache.clone() for a in model.attention_layers()]
+
+
+@pytest.mark.parametrize("arch,kw", [("LlamaForCausalLM", {}),
+                                     ("Qwen2ForCausalLM", {}),  # q/k/v biases
+                                     ("Qwen3ForCausalLM", dict(head_dim=32))])  # q/k norms
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "int4_asym"])
+def test_the_chain_decodes_like_the_plain_layers(tmp_path, arch, kw, quant):
+    model = load_model(make_tiny_model(tmp_path, arch, **TINY, **kw), torch.bfloat16, "cpu",
+                       quant=QuantPolicy.parse(quant))
+    assert norm_chain.chainable(model.model)
+    plain, plain_kv = _decode(model, chain=False)
+    got, got_kv = _decode(model, chain=True)
+    assert _rel(got, plain) < 2e-2
+    assert (got.argmax(-1) == plain.argmax(-1)).float().mean() >= 5 / 6
+    assert max(_rel(a, b) for a, b in zip(got_kv, plain_kv)) < 2e-2
+    assert not torch.equal(got, plain)  # a different computation, not the plain one again
+
+
+def test_the_producer_and_consumer_compose_to_add_norm_matmul():
+    g = torch.Generator().manual_seed(0)
+    y, res = (torch.randn(1, 256, generator=g).to(torch.bfloat16) for _ in range(2))
+    nw = (1 + 0.1 * torch.randn(256, generator=g)).to(torch.bfloat16)
+    w = torch.randn(96, 256, generator=g) / 16
+    row, s = ref.add_norm(y, ref.AddNorm(res, nw, 1e-5))
+    assert torch.equal(s, y + res)  # the residual stream rounds as the plain add
+    want = torch.nn.functional.linear(rms_norm(s, nw, 1e-5).float(), w)
+    got = ref.linear(row, w, None, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and _rel(got, want) < 1e-2
+    # the scale is the norm's: a row scaled by 3 gives the same output
+    row3, _ = ref.add_norm(3 * y, ref.AddNorm(3 * res, nw, 0.0))
+    row1, _ = ref.add_norm(y, ref.AddNorm(res, nw, 0.0))
+    assert _rel(ref.linear(row3, w, None, torch.float32),
+                ref.linear(row1, w, None, torch.float32)) < 1e-2
+    # the producer end: (NormedRow, s) after its own rounded output and bias
+    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    r96 = torch.randn(1, 96, generator=g).to(torch.bfloat16)
+    nxt, s2 = ref.linear(row, w, b, torch.bfloat16, ref.AddNorm(r96, nw[:96], 1e-5))
+    assert torch.equal(s2, ref.linear(row, w, b, torch.bfloat16) + r96)
+    assert torch.equal(nxt.x, (s2.float() * nw[:96].float()).to(torch.bfloat16))
+
+
+def test_when_the_chain_applies(tmp_path):
+    path = make_tiny_model(tmp_path, "LlamaForCausalLM", **TINY)
+    one = torch.tensor([5])
+    bf16 = load_model(path, torch.bfloat16, "cpu")
+    assert norm_chain.chainable(bf16.model)
+    assert not norm_chain.applies(bf16.model, one)  # CPU: the plain layers
+    assert norm_chain._survey(bf16.model) == (True, False)  # by default: quantized only
+    int8 = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("int8"))
+    assert norm_chain._survey(int8.model) == (True, True)
+    # float32 on the CPU (oneDNN), FP8 W8A8 and fp8 weight-only: not carried
+    assert not norm_chain.chainable(load_model(path, torch.float32, "cpu").model)
+    for method in ("fp8", "fp8_weight_only"):
+        m = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse(method))
+        assert not norm_chain.chainable(m.model)
+    moe = load_model(make_tiny_model(tmp_path / "moe", "MixtralForCausalLM"), torch.bfloat16,
+                     "cpu")
+    assert not norm_chain.chainable(moe.model)
+
+
+def test_the_switch(monkeypatch):
+    from tandem import envs
+    for value, mode in [(None, "quantized"), ("0", "off"), ("all", "all"), ("1", "all"),
+                        ("Quantized", "quantized")]:
+        if value is None:
+            monkeypatch.delenv("TANDEM_NORM_CHAIN", raising=False)
+        else:
+            monkeypatch.setenv("TANDEM_NORM_CHAIN", value)
+        assert envs.norm_chain_mode() == mode
+    monkeypatch.setenv("TANDEM_NORM_CHAIN", "yes")
+    with pytest.raises(ValueError, match="TANDEM_NORM_CHAIN"):
+        envs.norm_chain_mode()
