@@ -26,17 +26,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _weights(kind: str, n: int, k: int, g: torch.Generator, dtype: torch.dtype):
-    """(run(x, bias, add) on the kernel, the dense weight the reference multiplies)."""
+    """(run(x, bias, add, silu=False) on the kernel, the dense weight the reference
+    multiplies)."""
     w = torch.randn(n, k, device="cuda", generator=g) / k**0.5
     if kind == "dense":
         wd = w.to(dtype)
-        return (lambda x, b, add: gemv(x, wd, b, add=add)), wd
+        return (lambda x, b, add, silu=False: gemv(x, wd, b, add=add, silu=silu)), wd
     if kind == "int8":
         q, s = quant.quantize_int8(w)
-        return ((lambda x, b, add: quant_gemm.int_gemv(x, q, s, None, 8, 0, b, add=add)),
+        return ((lambda x, b, add, silu=False:
+                 quant_gemm.int_gemv(x, q, s, None, 8, 0, b, add=add, silu=silu)),
                 quant.dequantize_int8(q, s))
     q, s, z = quant.quantize_int4(w, 128, kind == "int4")
-    return ((lambda x, b, add: quant_gemm.int_gemv(x, q, s, z, 4, 128, b, add=add)),
+    return ((lambda x, b, add, silu=False:
+             quant_gemm.int_gemv(x, q, s, z, 4, 128, b, add=add, silu=silu)),
             quant.dequantize_int4(q, s, z, 128))
 
 
@@ -82,6 +85,24 @@ def test_consumer_scale_matches_the_reference_and_the_plain_norm(kind, n, k, dty
     assert got.dtype == dtype and _rel(got, want) < 2e-3
     plain = ref.linear(rms_norm(s, nw, 1e-5), dense, b, dtype)  # the norm as a kernel would
     assert _rel(got, plain) < 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n,k", [(28672, 4096), (1536, 2048), (200, 512)])  # N = 2 I
+@pytest.mark.parametrize("bias", [False, True])
+def test_silu_epilogue_equals_the_gemv_then_silu_and_mul(kind, n, k, bias):
+    g = torch.Generator(device="cuda").manual_seed(5 * n + k)
+    run, dense = _weights(kind, n, k, g, torch.bfloat16)
+    s = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+    for x in (s, ref.NormedRow((s.float() * nw.float()).to(torch.bfloat16),
+                               s.float().pow(2).sum().reshape(1), 1e-5)):
+        got = run(x, b, None, silu=True)
+        assert got.shape == (1, n // 2)
+        # the same rows summed the same way, then the op the epilogue replaces
+        assert torch.equal(got, ops.silu_and_mul(run(x, b, None)))
+        assert _rel(got, ref.linear(x, dense, b, torch.bfloat16, silu=True)) < 1e-2
 
 
 def test_ops_route_one_cuda_row_to_the_kernels_and_the_rest_to_the_reference():
@@ -158,7 +179,9 @@ def test_engine_graph_replays_the_chain_exactly(tmp_path, monkeypatch, method):
     monkeypatch.setenv("TANDEM_NORM_CHAIN", "all")
     path = make_tiny_model(tmp_path, "LlamaForCausalLM", hidden_size=256, num_heads=4,
                            num_kv_heads=2, intermediate_size=512, num_layers=3)
-    prompts = [[3, 17, 99, 4, 250, 8, 61], [9, 8, 7, 6, 5]]
+    # 16 and 32 tokens: the sizes of two prefill graphs, so that the prompts run the same
+    # kernels eagerly (a padded prefill can take another int4 kernel: 7 rows a GEMV, 16 a GEMM)
+    prompts = [[(7 * i + 3) % 500 for i in range(16)], [(11 * i + 5) % 500 for i in range(32)]]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
     outs = {}
     for eager in (True, False):
