@@ -15,8 +15,6 @@
     TANDEM_NORM_CHAIN     whether batch-1 decode carries its RMSNorms in the matmuls around
                           them instead of launching them (models/norm_chain.py): "quantized"
                           (the default: int8/int4 weights only), "all", or "0" (never)
-    TANDEM_CHAIN_SILU     "0": that chain launches SiLU-and-mul on its own instead of in
-                          gate_up's epilogue (A/B runs)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -68,10 +66,6 @@ def norm_chain_mode() -> str:
     if mode is None:
         raise ValueError(f"TANDEM_NORM_CHAIN={value!r}: use quantized, all or 0")
     return mode
-
-
-def chain_silu_enabled() -> bool:
-    return os.environ.get("TANDEM_CHAIN_SILU", "1") != "0"
 
 
 def git_commit() -> str | None:

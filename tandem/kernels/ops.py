@@ -81,23 +81,23 @@ def _row(x: torch.Tensor | NormedRow) -> torch.Tensor:
 
 
 def carried_linear(x: torch.Tensor | NormedRow, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None, add: AddNorm | None = None,
-                   silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+                   bias: torch.Tensor | None = None, add: AddNorm | None = None
+                   ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """`linear` for one row with an RMSNorm carried (kernels/reference/carried_norm.py): x a
-    NormedRow and/or `add` -> (NormedRow, new residual); silu: gate_up's SiLU-and-mul too.
-    The Triton GEMV on CUDA, else the reference."""
+    NormedRow and/or `add` -> (NormedRow, new residual). The Triton GEMV on CUDA, else the
+    reference."""
     row = _row(x)
     if (gemv is not None and row.is_cuda and row.numel() == row.shape[-1]
             and row.dtype in (torch.bfloat16, torch.float16) and weight.dtype == row.dtype
             and weight.stride(-1) == 1):
-        return gemv(x, weight, bias, add=add, silu=silu)
-    return carried_reference.linear(x, weight, bias, row.dtype, add, silu)
+        return gemv(x, weight, bias, add=add)
+    return carried_reference.linear(x, weight, bias, row.dtype, add)
 
 
 def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
                        scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                        group_size: int, bias: torch.Tensor | None = None,
-                       add: AddNorm | None = None, silu: bool = False
+                       add: AddNorm | None = None
                        ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """`carried_linear` for int8 (bits 8: qweight int8 (N, K), per-channel scales) or int4
     weights (packed as kernels/reference/quant.py)."""
@@ -105,11 +105,10 @@ def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
     k = qweight.shape[1] * (8 // bits)
     if (quant_gemm is not None and row.shape[0] == 1
             and quant_gemm.supported(row, k, bits, group_size)):
-        return quant_gemm.int_gemv(x, qweight, scales, zeros, bits, group_size, bias, add=add,
-                                   silu=silu)
+        return quant_gemm.int_gemv(x, qweight, scales, zeros, bits, group_size, bias, add=add)
     dense = (quant_reference.dequantize_int8(qweight, scales) if bits == 8 else
              quant_reference.dequantize_int4(qweight, scales, zeros, group_size))
-    return carried_reference.linear(x, dense, bias, row.dtype, add, silu)
+    return carried_reference.linear(x, dense, bias, row.dtype, add)
 
 
 def norm_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -43,11 +43,10 @@ class LinearMethod:
         return False
 
     def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
-                      bias: torch.Tensor | None = None, add: AddNorm | None = None,
-                      silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
         """`apply` for one row with an RMSNorm carried through (kernels/reference/
-        carried_norm.py): x a NormedRow and/or `add` -> (NormedRow, new residual); silu: the
-        layer is a merged | gate | up | and the result silu(gate) * up."""
+        carried_norm.py): x a NormedRow and/or `add` -> (NormedRow, new residual)."""
         raise NotImplementedError
 
 
@@ -60,9 +59,9 @@ class UnquantizedLinearMethod(LinearMethod):
         return True
 
     def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
-                      bias: torch.Tensor | None = None, add: AddNorm | None = None,
-                      silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
-        return ops.carried_linear(x, layer.weight, bias, add, silu)
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+        return ops.carried_linear(x, layer.weight, bias, add)
 
 
 class OneDNNLinearMethod(LinearMethod):

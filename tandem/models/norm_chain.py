@@ -5,11 +5,12 @@ and its programs' sums of s^2; the matmul after it (qkv_proj, gate_up_proj) read
 input and multiplies its finished dot by rsqrt(mean(s^2) + eps):
 
     plain  [add+norm] [qkv] [rotary+kv] [attention] [o] [add+norm] [gate_up] [silu] [down]
-    chain             [qkv] [rotary+kv] [attention] [o+add+norm]   [gate_up+silu] [down+add+norm]
+    chain             [qkv] [rotary+kv] [attention] [o+add+norm]   [gate_up] [silu] [down+add+norm]
 
-Three launches fewer a layer: gate_up also ends in SiLU-and-mul (a program owns gate row j
-and up row I + j; TANDEM_CHAIN_SILU=0 launches it separately, for A/B runs). Layer 0's input norm stays a kernel (no matmul comes before it),
-and the last layer's down_proj hands its plain output to the final norm. Same function as
+Two launches fewer a layer. (SiLU-and-mul in gate_up's epilogue as well, a program owning
+gate row j and up row I + j, measured slower: int4 replay 1.924 against 1.900 ms; removed.)
+Layer 0's input norm stays a kernel (no matmul comes before it), and the last layer's
+down_proj hands its plain output to the final norm. Same function as
 LlamaDecoderLayer, the same rounding of the residual stream; the normalized rows agree to the
 dtype's rounding (carried_norm.py says why not to the bit).
 
@@ -72,9 +73,9 @@ def applies(model: nn.Module, input_ids: torch.Tensor) -> bool:
             and (mode == "all" or _survey(model)[1]))
 
 
-def _apply(linear: nn.Module, x: torch.Tensor | NormedRow, add: AddNorm | None = None,
-           silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
-    return linear.method.apply_carried(linear, x, linear.bias, add, silu)
+def _apply(linear: nn.Module, x: torch.Tensor | NormedRow, add: AddNorm | None = None
+           ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+    return linear.method.apply_carried(linear, x, linear.bias, add)
 
 
 def _add_norm(residual: torch.Tensor, norm: nn.Module) -> AddNorm:
@@ -91,10 +92,7 @@ def decoder_layer(layer: nn.Module, positions: torch.Tensor, x: torch.Tensor | N
     qkv = _apply(attn.qkv_proj, x)
     x, residual = _apply(attn.o_proj, attn.attend_qkv(positions, qkv, meta),
                          _add_norm(residual, layer.post_attention_layernorm))
-    if envs.chain_silu_enabled():  # SiLU-and-mul in gate_up's epilogue
-        act = _apply(mlp.gate_up_proj, x, silu=True)
-    else:
-        act = mlp.act_fn(_apply(mlp.gate_up_proj, x))
+    act = mlp.act_fn(_apply(mlp.gate_up_proj, x))
     if next_norm is None:
         return _apply(mlp.down_proj, act), residual
     return _apply(mlp.down_proj, act, _add_norm(residual, next_norm))

@@ -66,10 +66,9 @@ class Int8WeightOnlyMethod(LinearMethod):
         return layer.qweight.dtype == torch.int8  # not fp8 weight-only's e4m3
 
     def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
-                      bias: torch.Tensor | None = None, add: AddNorm | None = None,
-                      silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
-        return ops.carried_int_linear(x, layer.qweight, layer.scales, None, 8, 0, bias, add,
-                                      silu)
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+        return ops.carried_int_linear(x, layer.qweight, layer.scales, None, 8, 0, bias, add)
 
 
 class Int4WeightOnlyMethod(LinearMethod):
@@ -98,10 +97,10 @@ class Int4WeightOnlyMethod(LinearMethod):
         return True
 
     def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
-                      bias: torch.Tensor | None = None, add: AddNorm | None = None,
-                      silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
         return ops.carried_int_linear(x, layer.qweight, layer.scales, layer.zeros, 4,
-                                      self.group_size, bias, add, silu)
+                                      self.group_size, bias, add)
 
 
 class Fp8WeightOnlyMethod(Int8WeightOnlyMethod):

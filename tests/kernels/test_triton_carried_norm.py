@@ -26,20 +26,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _weights(kind: str, n: int, k: int, g: torch.Generator, dtype: torch.dtype):
-    """(run(x, bias, add, silu=False) on the kernel, the dense weight the reference
-    multiplies)."""
+    """(run(x, bias, add) on the kernel, the dense weight the reference multiplies)."""
     w = torch.randn(n, k, device="cuda", generator=g) / k**0.5
     if kind == "dense":
         wd = w.to(dtype)
-        return (lambda x, b, add, silu=False: gemv(x, wd, b, add=add, silu=silu)), wd
+        return (lambda x, b, add: gemv(x, wd, b, add=add)), wd
     if kind == "int8":
         q, s = quant.quantize_int8(w)
-        return ((lambda x, b, add, silu=False:
-                 quant_gemm.int_gemv(x, q, s, None, 8, 0, b, add=add, silu=silu)),
+        return ((lambda x, b, add: quant_gemm.int_gemv(x, q, s, None, 8, 0, b, add=add)),
                 quant.dequantize_int8(q, s))
     q, s, z = quant.quantize_int4(w, 128, kind == "int4")
-    return ((lambda x, b, add, silu=False:
-             quant_gemm.int_gemv(x, q, s, z, 4, 128, b, add=add, silu=silu)),
+    return ((lambda x, b, add: quant_gemm.int_gemv(x, q, s, z, 4, 128, b, add=add)),
             quant.dequantize_int4(q, s, z, 128))
 
 
@@ -85,24 +82,6 @@ def test_consumer_scale_matches_the_reference_and_the_plain_norm(kind, n, k, dty
     assert got.dtype == dtype and _rel(got, want) < 2e-3
     plain = ref.linear(rms_norm(s, nw, 1e-5), dense, b, dtype)  # the norm as a kernel would
     assert _rel(got, plain) < 1e-2
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n,k", [(28672, 4096), (1536, 2048), (200, 512)])  # N = 2 I
-@pytest.mark.parametrize("bias", [False, True])
-def test_silu_epilogue_equals_the_gemv_then_silu_and_mul(kind, n, k, bias):
-    g = torch.Generator(device="cuda").manual_seed(5 * n + k)
-    run, dense = _weights(kind, n, k, g, torch.bfloat16)
-    s = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
-    nw = (1 + 0.1 * torch.randn(k, device="cuda", generator=g)).to(torch.bfloat16)
-    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) if bias else None
-    for x in (s, ref.NormedRow((s.float() * nw.float()).to(torch.bfloat16),
-                               s.float().pow(2).sum().reshape(1), 1e-5)):
-        got = run(x, b, None, silu=True)
-        assert got.shape == (1, n // 2)
-        # the same rows summed the same way, then the op the epilogue replaces
-        assert torch.equal(got, ops.silu_and_mul(run(x, b, None)))
-        assert _rel(got, ref.linear(x, dense, b, torch.bfloat16, silu=True)) < 1e-2
 
 
 def test_ops_route_one_cuda_row_to_the_kernels_and_the_rest_to_the_reference():

@@ -47,10 +47,7 @@ def _decode(model, chain: bool, block_size: int = 16):
                                      ("Qwen2ForCausalLM", {}),  # q/k/v biases
                                      ("Qwen3ForCausalLM", dict(head_dim=32))])  # q/k norms
 @pytest.mark.parametrize("quant", [None, "int8", "int4", "int4_asym"])
-@pytest.mark.parametrize("silu", ["1", "0"])  # SiLU-and-mul in gate_up's epilogue or not
-def test_the_chain_decodes_like_the_plain_layers(tmp_path, monkeypatch, arch, kw, quant,
-                                                 silu):
-    monkeypatch.setenv("TANDEM_CHAIN_SILU", silu)
+def test_the_chain_decodes_like_the_plain_layers(tmp_path, arch, kw, quant):
     model = load_model(make_tiny_model(tmp_path, arch, **TINY, **kw), torch.bfloat16, "cpu",
                        quant=QuantPolicy.parse(quant))
     assert norm_chain.chainable(model.model)

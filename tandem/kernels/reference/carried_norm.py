@@ -5,8 +5,7 @@ models/norm_chain.py chains so that a Llama layer launches no norm kernel:
     producer (o_proj, down_proj)   y = round(x W^T (+ b));  s = round(y + residual)  (the
                                    new residual);  xn = round(s * w_norm);  sumsq = sum s^2
     consumer (qkv, gate_up)        y = round((xn W^T) * rsqrt(sumsq / K + eps) (+ b)), the
-                                   product and the scale in float32; gate_up may also end in
-                                   silu_and_mul(y) (silu=True: a program owns gate/up pairs)
+                                   product and the scale in float32
 
 The Triton producer leaves sumsq as partial sums, one per program, which the consumer adds
 up; here it is one value. The plain path computes W rmsnorm(s) with rmsnorm(s) =
@@ -21,8 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from tandem.kernels.reference.elementwise import silu_and_mul
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +54,11 @@ def add_norm(y: torch.Tensor, add: AddNorm) -> tuple[NormedRow, torch.Tensor]:
 
 
 def linear(x: torch.Tensor | NormedRow, weight: torch.Tensor, bias: torch.Tensor | None,
-           dtype: torch.dtype, add: AddNorm | None = None, silu: bool = False
+           dtype: torch.dtype, add: AddNorm | None = None
            ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """x W^T (+ b) with either end carried: x a NormedRow (the consumer), `add` (the
     producer: returns (NormedRow, s)). weight: dense (a quantized method's dequantized
-    weight), any float dtype; the product is float32, rounded to `dtype` once. silu: the
-    weight is | gate | up | and the result silu_and_mul of the rounded product (gate_up with
-    SiLU-and-mul in its epilogue)."""
+    weight), any float dtype; the product is float32, rounded to `dtype` once."""
     xin = x.x if isinstance(x, NormedRow) else x
     y = F.linear(xin.float(), weight.float())
     if isinstance(x, NormedRow):
@@ -71,6 +66,4 @@ def linear(x: torch.Tensor | NormedRow, weight: torch.Tensor, bias: torch.Tensor
     if bias is not None:
         y = y + bias.float()
     y = y.to(dtype)
-    if silu:
-        return silu_and_mul(y)
     return y if add is None else add_norm(y, add)

@@ -12,9 +12,6 @@ Loading the partial sums, the residual and w_norm ahead of the loop instead (the
 under the weight stream) measured slower on the H200: +140 us a step in bf16, +90 in int8
 (the values held in registers through the loop; bench/results/2026-12-01-h200-norm-chain/).
 
-    pair_rows,       gate_up's SiLU-and-mul in its epilogue (batch 1): a program owns
-    silu_mul_store   gate rows j and up rows I + j, and stores silu(gate) * up
-
 Partial sums rather than one atomic float: the consumer adds them in one order every replay,
 so a graph gives the same logits each time.
 """
@@ -46,26 +43,6 @@ def add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, xn_ptr, ss_ptr):
     nw = tl.load(nw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(xn_ptr + n, (s32 * nw).to(xn_ptr.dtype.element_ty), mask=n_ok)
     tl.store(ss_ptr + pid, tl.sum(tl.where(n_ok, s32 * s32, 0.0), 0))
-
-
-@triton.jit
-def pair_rows(pid, I, HB: tl.constexpr):
-    """The rows of a gate/up program with SiLU-and-mul in its epilogue: gate row j and up
-    row I + j interleaved, for its HB pairs j. (rows, pair in range)."""
-    r = tl.arange(0, 2 * HB)
-    j = pid * HB + r // 2
-    return j + (r % 2) * I, j < I
-
-
-@triton.jit
-def silu_mul_store(y, pid, I, out_ptr, HB: tl.constexpr):
-    """out[j] = silu(gate_j) * up_j from y over pair_rows' rows, rounded as silu_and_mul
-    (kernels/triton/elementwise.py) rounds: the rows, silu, then the product."""
-    dt = out_ptr.dtype.element_ty
-    g, u = tl.split(tl.reshape(y.to(dt).to(tl.float32), [HB, 2]))
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
-    j = pid * HB + tl.arange(0, HB)
-    tl.store(out_ptr + j, act.to(dt), mask=j < I)
 
 
 def norm_args(x: torch.Tensor | NormedRow) -> tuple[torch.Tensor, tuple, dict]:

@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
-from tandem.kernels.triton.carried_norm import (add_args, add_norm_store, norm_args, norm_scale,
-                                                pair_rows, silu_mul_store)
+from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -51,15 +50,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, ep
                  r_ptr, nw_ptr, s_ptr, ss_ptr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
-                 ADD_NORM: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+                 ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    if SILU:  # gate/up row pairs, N = 2 I (carried_norm.py)
-        n, n_ok = pair_rows(pid, N // 2, BLOCK_N // 2)
-    else:
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
     rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
     w = _load_w(rows, n_ok, 0, K, BLOCK_K, EVEN_K)  # the first tile, ahead of the wait
     if PDL:
@@ -75,34 +71,29 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, ep
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:
         add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, y_ptr, ss_ptr)
-    elif SILU:
-        silu_mul_store(y, pid, N // 2, y_ptr, BLOCK_N // 2)
     else:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def gemv(x: torch.Tensor | NormedRow, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int, int] | None = None, add: AddNorm | None = None,
-         silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+         config: tuple[int, int, int, int] | None = None, add: AddNorm | None = None
+         ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """x (1, K) or (K,) -> (1, N) / (N,): x @ weight.T (+ bias). weight (N, K), last dim
     contiguous. config: (BLOCK_N, BLOCK_K, num_warps, num_stages). x a NormedRow: its scale
-    applies; `add`: returns (NormedRow of the next norm, the new residual) instead; silu:
-    weight is | gate | up | and the result silu(gate) * up, (1, N / 2)."""
+    applies; `add`: returns (NormedRow of the next norm, the new residual) instead."""
     x, norm_in, norm_flags = norm_args(x)
     n_out, k_in = weight.shape
     assert x.shape[-1] == k_in and x.numel() == k_in and weight.stride(1) == 1
-    assert not (silu and add is not None) and (not silu or n_out % 2 == 0)
     block_n, block_k, warps, stages = config or default_config(n_out, k_in)
     x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], n_out // 2 if silu else n_out, dtype=x.dtype,
-                    device=x.device)
-    programs = triton.cdiv(n_out // 2, block_n // 2) if silu else triton.cdiv(n_out, block_n)
+    y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+    programs = triton.cdiv(n_out, block_n)
     add_in, s, sumsq = add_args(add, y, programs)
     _gemv_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, y, n_out, k_in, weight.stride(0),
         *norm_in, *add_in, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k_in % block_k == 0, ADD_NORM=add is not None, SILU=silu, **norm_flags,
-        num_warps=warps, num_stages=stages, **launch_options(x))
+        EVEN_K=k_in % block_k == 0, ADD_NORM=add is not None, **norm_flags, num_warps=warps,
+        num_stages=stages, **launch_options(x))
     return y if add is None else (NormedRow(y, sumsq, add.eps), s)
 
 

@@ -48,8 +48,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
-from tandem.kernels.triton.carried_norm import (add_args, add_norm_store, norm_args, norm_scale,
-                                                pair_rows, silu_mul_store)
+from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
 from tandem.kernels.triton.fp8_gemv import e4m3_scale, fp8_dot_gemv, to_e4m3
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
@@ -134,18 +133,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM_IN: tl.constexpr,
-                 P_BLOCK: tl.constexpr, ADD_NORM: tl.constexpr, SILU: tl.constexpr,
-                 PDL: tl.constexpr):
+                 P_BLOCK: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     PER: tl.constexpr = 32 // BITS
     Q: tl.constexpr = BLOCK_KW // 4
     m = tl.program_id(0)  # rows of x fastest: they share the weight block (L2)
-    if SILU:  # one row; gate/up row pairs, N = 2 I (carried_norm.py)
-        n, n_ok = pair_rows(tl.program_id(1), N // 2, BLOCK_N // 2)
-    else:
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
     quad = tl.arange(0, Q)
     word = quad[:, None] * 4 + tl.arange(0, 4)[None, :]  # (Q, 4)
     w_ptrs = w_ptr + n.to(tl.int64)[None, :, None] * KW + word[:, None, :]  # (Q, BLOCK_N, 4)
@@ -169,8 +164,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:  # one row
         add_norm_store(y, n, n_ok, tl.program_id(1), r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr)
-    elif SILU:
-        silu_mul_store(y, tl.program_id(1), N // 2, y_ptr, BLOCK_N // 2)
     else:
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -385,32 +378,29 @@ def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
 def int_gemv(x2: torch.Tensor | NormedRow, qweight: torch.Tensor, scales: torch.Tensor,
              zeros: torch.Tensor | None, bits: int, group_size: int,
              bias: torch.Tensor | None = None,
-             config: tuple[int, int, int] | None = None, add: AddNorm | None = None,
-             silu: bool = False) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+             config: tuple[int, int, int] | None = None, add: AddNorm | None = None
+             ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """x2 (M, K), last dim contiguous; qweight int8 (N, K) or packed uint8 (N, K/2) -> (M, N).
     One row may carry an RMSNorm (carried_norm.py): x2 a NormedRow, and/or `add` (then the
-    result is (NormedRow of the next norm, the new residual)); and silu: qweight is
-    | gate | up | and the result silu(gate) * up, (1, N / 2)."""
+    result is (NormedRow of the next norm, the new residual))."""
     x2, norm_in, norm_flags = norm_args(x2)
     m, k = x2.shape
-    assert m == 1 or (add is None and not silu and not norm_flags["NORM_IN"]), \
-        "a carried norm or a fused SiLU is one row"
+    assert m == 1 or (add is None and not norm_flags["NORM_IN"]), "a carried norm is one row"
     n = qweight.shape[0]
-    assert not (silu and add is not None) and (not silu or n % 2 == 0)
     words = qweight.contiguous().view(torch.int32)  # (N, K * bits / 32), the same bytes
     kw = words.shape[1]
     block_n, block_kw, warps = config or gemv_config(bits, n, k)
-    y = torch.empty(m, n // 2 if silu else n, dtype=x2.dtype, device=x2.device)
-    programs = triton.cdiv(n // 2, block_n // 2) if silu else triton.cdiv(n, block_n)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    programs = triton.cdiv(n, block_n)
     add_in, s, sumsq = add_args(add, y, programs)
     _gemv_kernel[(m, programs)](
         x2, words, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, n, kw, x2.stride(0), y.stride(0),
         *norm_in, *add_in, BITS=bits, G=group_size if bits == 4 else 32,
         HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_KW=block_kw, EVEN_N=(n // 2 % (block_n // 2) if silu else n % block_n) == 0,
-        EVEN_K=kw % block_kw == 0, ADD_NORM=add is not None, SILU=silu, **norm_flags,
-        num_warps=warps, num_stages=1, **launch_options(x2))
+        BLOCK_KW=block_kw, EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0,
+        ADD_NORM=add is not None, **norm_flags, num_warps=warps, num_stages=1,
+        **launch_options(x2))
     return y if add is None else (NormedRow(y, sumsq, add.eps), s)
 
 
