@@ -3,7 +3,7 @@ kernels (per step: launches, mean and total microseconds) and the engine's whole
 
     python scripts/diag_decode.py [MODEL_DIR [TRACE_JSON [QUANTIZATION]]] [--ab] [--json F]
 
---ab captures the graph again under each of TANDEM_DECODE_FUSION=0/1 x TANDEM_PDL=1/0 in one
+--ab captures the graph again under each of TANDEM_NORM_CHAIN=0/all x TANDEM_PDL=1/0 in one
 process (--pdl-ab: PDL on and off only; --env-ab NAME=A,B: each value of one environment
 variable, e.g. TANDEM_L2_PREFETCH=1,0) (same weights, same machine state), so the variants
 compare directly. With PDL on,
@@ -35,10 +35,10 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("model", nargs="?", default="bench/configs/llama-3.1-8b")
 ap.add_argument("trace", nargs="?", default="/tmp/decode_trace.json")
 ap.add_argument("quantization", nargs="?", default=None)
-ap.add_argument("--ab", action="store_true", help="fusion on/off x PDL on/off")
-ap.add_argument("--pdl-ab", action="store_true", help="PDL on, then off (fusion as set)")
+ap.add_argument("--ab", action="store_true", help="norm chain off/all x PDL on/off")
+ap.add_argument("--pdl-ab", action="store_true", help="PDL on, then off (chain as set)")
 ap.add_argument("--env-ab", metavar="NAME=A,B,...",
-                help="each value of one environment variable (PDL and fusion as set)")
+                help="each value of one environment variable (PDL and chain as set)")
 ap.add_argument("--rounds", type=int, default=1,
                 help="--env-ab: cycle through the values this many times")
 ap.add_argument("--json", help="write the numbers here")
@@ -80,31 +80,31 @@ def step_ms() -> float:
     return (time.perf_counter() - t0) / 257 * 1e3
 
 
-fusion_env = os.environ.get("TANDEM_DECODE_FUSION", "0")
+chain_env = os.environ.get("TANDEM_NORM_CHAIN", "quantized")
 pdl_env = os.environ.get("TANDEM_PDL", "1")
 extra_name, extra_values = None, [None]
 if args.env_ab:
     extra_name, _, values = args.env_ab.partition("=")
     extra_values = values.split(",") * args.rounds
-variants = ([(f, p, None) for f in ("0", "1") for p in ("1", "0")] if args.ab
-            else [(fusion_env, "1", None), (fusion_env, "0", None)] if args.pdl_ab
-            else [(fusion_env, pdl_env, v) for v in extra_values])
+variants = ([(c, p, None) for c in ("0", "all") for p in ("1", "0")] if args.ab
+            else [(chain_env, "1", None), (chain_env, "0", None)] if args.pdl_ab
+            else [(chain_env, pdl_env, v) for v in extra_values])
 results = []
-for fusion, pdl, extra in variants:
-    os.environ["TANDEM_DECODE_FUSION"], os.environ["TANDEM_PDL"] = fusion, pdl
+for chain, pdl, extra in variants:
+    os.environ["TANDEM_NORM_CHAIN"], os.environ["TANDEM_PDL"] = chain, pdl
     if extra is not None:
         os.environ[extra_name] = extra
     graphs.capture()  # again, under this variant's switches
     g = graphs.graphs[1]
     generate = step_ms()  # also leaves the static inputs at a real context (docstring)
     rows = kernels_per_step(g)
-    res = {"decode_fusion": fusion, "pdl": pdl, extra_name or "extra": extra,
+    res = {"norm_chain": chain, "pdl": pdl, extra_name or "extra": extra,
            "graph_replay_ms": replay_ms(g),
            "kernels_per_step": sum(r["per_step"] for r in rows),
            "busy_ms": sum(r["total_us"] for r in rows) / 1e3,
            "generate_ms_per_token": generate, "kernels": rows}
     results.append(res)
-    print(f"\n== TANDEM_DECODE_FUSION={fusion} TANDEM_PDL={pdl}"
+    print(f"\n== TANDEM_NORM_CHAIN={chain} TANDEM_PDL={pdl}"
           f"{f' {extra_name}={extra}' if extra is not None else ''}: graph replay "
           f"{res['graph_replay_ms']:.3f} ms, {res['kernels_per_step']:.0f} kernels, busy "
           f"{res['busy_ms']:.3f} ms; generate 128 in / 257 out "

@@ -8,7 +8,7 @@ import json
 import sys
 
 LAYER = {"_gemv_kernel", "_decode_kernel", "_rms_norm_kernel", "_rotary_kernel",
-         "_silu_and_mul_kernel", "_write_kv_kernel", "_norm_gemv_kernel"}
+         "_silu_and_mul_kernel", "_write_kv_kernel"}
 trace = json.load(open(sys.argv[1]))
 gap_us = float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
 kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy",

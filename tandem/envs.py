@@ -8,10 +8,6 @@
     TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
     TANDEM_PDL            "0": launch the Triton kernels without programmatic dependent
                           launch (kernels/triton/pdl.py), for A/B runs and bisecting
-    TANDEM_DECODE_FUSION  "1": batch-1 decode runs each norm inside the next matmul, with
-                          rotary and the KV write or SiLU-and-mul in its epilogue
-                          (models/fused_decode.py); off by default, as it measured slower on
-                          the H200 (docs/decode.md)
     TANDEM_NORM_CHAIN     whether batch-1 decode carries its RMSNorms in the matmuls around
                           them instead of launching them (models/norm_chain.py): "quantized"
                           (the default: int8/int4 weights only), "all", or "0" (never)
@@ -52,10 +48,6 @@ def cache_dir() -> str:
 
 def pdl_enabled() -> bool:
     return os.environ.get("TANDEM_PDL", "1") != "0"
-
-
-def decode_fusion_enabled() -> bool:
-    return os.environ.get("TANDEM_DECODE_FUSION", "0") == "1"
 
 
 def norm_chain_mode() -> str:

@@ -2,9 +2,9 @@
 imports, else the PyTorch reference with the same signature (CPU, and the spec). `linear`
 sends single-row half-precision CUDA matmuls (batch-1 decode) to the Triton GEMV; the
 quantized linears go to Triton (int8/int4 weight-only) or `torch._scaled_mm` (FP8 W8A8)
-on CUDA, to kernels/reference/quant.py elsewhere. `norm_qkv_rotary_kv` and
-`norm_gate_up_silu` (batch-1 decode) run a norm, a matmul and what follows it as one kernel
-(kernels/triton/norm_gemv.py) for one half-precision CUDA row, else the ops composed."""
+on CUDA, to kernels/reference/quant.py elsewhere. `carried_linear` and `carried_int_linear`
+(batch-1 decode, models/norm_chain.py) carry an RMSNorm through a GEMV's input or epilogue
+(kernels/reference/carried_norm.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from tandem.kernels.reference import carried_norm as carried_reference
 from tandem.kernels.reference import elementwise as reference
 from tandem.kernels.reference import moe as moe_reference
-from tandem.kernels.reference import norm_gemv as norm_gemv_reference
 
 from tandem.kernels.reference import quant as quant_reference
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
@@ -22,12 +21,11 @@ from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
 try:
     from tandem.kernels.triton import elementwise as fused
     from tandem.kernels.triton import fused_moe as moe_triton
-    from tandem.kernels.triton import norm_gemv
     from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.gemv import gemv
     from tandem.kernels.triton.sampling import argmax_rows
 except ImportError:  # no triton: CPU-only installs
-    fused = gemv = quant_gemm = argmax_rows = moe_triton = norm_gemv = None
+    fused = gemv = quant_gemm = argmax_rows = moe_triton = None
 
 
 def _impl(x: torch.Tensor):
@@ -109,36 +107,6 @@ def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
     dense = (quant_reference.dequantize_int8(qweight, scales) if bits == 8 else
              quant_reference.dequantize_int4(qweight, scales, zeros, group_size))
     return carried_reference.linear(x, dense, bias, row.dtype, add)
-
-
-def norm_gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the two ops below run one fused kernel for x against weight (one row on CUDA
-    in half precision), rather than the ops they fuse."""
-    return norm_gemv is not None and norm_gemv.supported(x, weight)
-
-
-def norm_qkv_rotary_kv(x: torch.Tensor, residual: torch.Tensor | None,
-                       norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                       bias: torch.Tensor | None, positions: torch.Tensor,
-                       cos_cache: torch.Tensor, sin_cache: torch.Tensor,
-                       kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       kv_scale: tuple[float, float], num_heads: int, num_kv_heads: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[residual add +] RMSNorm -> QKV matmul -> rotary on q, k -> K, V into the cache:
-    (qkv (T, (H + 2 Hkv) D), the new residual; x itself when residual is None)."""
-    impl = norm_gemv if norm_gemv_supported(x, weight) else norm_gemv_reference
-    return impl.norm_qkv_rotary_kv(x, residual, norm_weight, eps, weight, bias, positions,
-                                   cos_cache, sin_cache, kv_cache, slot_mapping, kv_scale,
-                                   num_heads, num_kv_heads)
-
-
-def norm_gate_up_silu(x: torch.Tensor, residual: torch.Tensor | None,
-                      norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[residual add +] RMSNorm -> gate/up matmul -> silu(gate) * up: (act (T, I), the new
-    residual; x itself when residual is None)."""
-    impl = norm_gemv if norm_gemv_supported(x, weight) else norm_gemv_reference
-    return impl.norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -64,7 +64,7 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, meta: AttentionMetadata, k: torch.Tensor | None = None,
                v: torch.Tensor | None = None) -> torch.Tensor:
         """q: (T, H*D) -> (T, H*D), over a cache that already holds this step's K/V
-        (rotary_write_kv below wrote them, or kernels/triton/norm_gemv.py); k, v (T, Hkv,
+        (rotary_write_kv below wrote them); k, v (T, Hkv,
         D), if given, are those K/V (a fresh prompt may read them directly)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)

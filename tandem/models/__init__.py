@@ -7,7 +7,7 @@
             model.compute_logits(hidden[rows]) -> logits (N, vocab)
 
     llama.py     LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
-    fused_decode.py  a decoder layer at batch-1 decode on CUDA, norms inside the matmuls (opt-in)
+    norm_chain.py  batch-1 decode on CUDA with each RMSNorm carried by the matmuls around it
     registry.py  ARCHITECTURES, model_class_for
     loader.py    load_model, read_hf_config
 

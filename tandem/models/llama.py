@@ -10,9 +10,8 @@ grouped-query attention with rotary positions and a SwiGLU MLP.
 The relatives differ only in flags (`arch_flags`): Mistral has no biases; Qwen2 always
 biases q/k/v; Qwen3 adds a per-head RMSNorm on q and k before rotary and usually sets
 `head_dim` explicitly. The residual add is fused into the next RMSNorm, so a layer takes and
-returns (hidden, residual). With TANDEM_DECODE_FUSION=1, batch-1 decode on CUDA runs each
-norm inside the matmul after it, with rotary and the KV write, or SiLU-and-mul, in that
-matmul's epilogue (fused_decode.py; off by default: slower so far).
+returns (hidden, residual). One token on CUDA with int8/int4 weights runs norm_chain.py
+instead: each RMSNorm carried by the matmuls around it, two launches fewer a layer.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from tandem.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
                                   RowParallelLinear)
 from tandem.layers.norm import RMSNorm
 from tandem.layers.rotary import RotaryEmbedding, rope_parameters
-from tandem.models import fused_decode, norm_chain
+from tandem.models import norm_chain
 from tandem.quantization.policy import QuantPolicy
 
 logger = logging.getLogger(__name__)
@@ -163,8 +162,6 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, meta: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if fused_decode.applies(self, hidden):  # opt-in: one token, norms inside the matmuls
-            return fused_decode.decoder_layer(self, positions, hidden, residual, meta)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:

@@ -69,7 +69,7 @@ def applies(model: nn.Module, input_ids: torch.Tensor) -> bool:
     default for quantized weights only, where it measured faster) and possible."""
     mode = envs.norm_chain_mode()
     return (input_ids.shape[0] == 1 and input_ids.is_cuda and mode != "off"
-            and not envs.decode_fusion_enabled() and chainable(model)
+            and chainable(model)
             and (mode == "all" or _survey(model)[1]))
 
 
