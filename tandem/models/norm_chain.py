@@ -67,10 +67,10 @@ def chainable(model: nn.Module) -> bool:
 def applies(model: nn.Module, input_ids: torch.Tensor) -> bool:
     """One token on CUDA, the chain switched on for this model (TANDEM_NORM_CHAIN: by
     default for quantized weights only, where it measured faster) and possible."""
+    if input_ids.shape[0] != 1 or not input_ids.is_cuda:
+        return False
     mode = envs.norm_chain_mode()
-    return (input_ids.shape[0] == 1 and input_ids.is_cuda and mode != "off"
-            and chainable(model)
-            and (mode == "all" or _survey(model)[1]))
+    return mode != "off" and chainable(model) and (mode == "all" or _survey(model)[1])
 
 
 def _apply(linear: nn.Module, x: torch.Tensor | NormedRow, add: AddNorm | None = None
