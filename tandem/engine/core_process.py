@@ -9,7 +9,8 @@ travel as plain tuples, without the prompt, which the server side keeps per requ
 engine process builds the `Engine` (model, KV cache, CUDA graphs) and reports "ready" with
 what it is, or the error that stopped it, which the server raises as ValueError. Only the
 engine process touches the GPU; the server process keeps an `InputProcessor` of its own.
-If the engine process dies, the rx thread fails every live request and `alive` turns False.
+If the engine process dies, the rx thread fails every live request and `alive` turns False;
+if the server process dies, the engine process ends too (`end_with_parent`).
 A disaggregation worker (given a `disagg.worker.WorkerRole`) also sends ("control", [...])
 messages after an iteration: its decisions and transfers, for the front end.
 """
@@ -33,10 +34,28 @@ logger = logging.getLogger(__name__)
 _START_TIMEOUT_S = 1800.0  # model load + KV sizing + CUDA graph capture
 
 
+def end_with_parent() -> None:
+    """End this process as soon as the process that spawned it is gone, whatever it is doing
+    then (loading the model, stepping, or waiting at exit on a thread): an engine process
+    never outlives its server, nor keeps the server's stdout and stderr open after it. (A
+    server that fails to start may exit while a worker's engine process is still loading; a
+    caller waiting for the server's output then waited for that orphan too.)"""
+    parent = mp.parent_process()
+    if parent is None:  # not spawned by multiprocessing
+        return
+
+    def watch() -> None:
+        parent.join()  # its sentinel closes when it ends
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tandem-parent-watch", daemon=True).start()
+
+
 def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int,
               role: Any = None) -> None:
     """The engine process: build the engine, then apply commands and step until Exit.
     role: a disagg.worker.WorkerRole for a prefill or decode worker, else None."""
+    end_with_parent()
     name = "engine" if role is None else f"{role.role}{role.index}"
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s %(name)s[{name}]: %(message)s")
