@@ -64,12 +64,17 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
+def _gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Triton GEMV computes x W^T: one half-precision CUDA row, W alike."""
+    return (gemv is not None and x.is_cuda and x.numel() == x.shape[-1]
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.stride(-1) == 1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., in) -> (..., out) = x W^T (+ b)."""
-    if (gemv is not None and x.is_cuda and x.numel() == x.shape[-1]
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.stride(-1) == 1):
+    if _gemv_takes(x, weight):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -85,9 +90,7 @@ def carried_linear(x: torch.Tensor | NormedRow, weight: torch.Tensor,
     NormedRow and/or `add` -> (NormedRow, new residual). The Triton GEMV on CUDA, else the
     reference."""
     row = _row(x)
-    if (gemv is not None and row.is_cuda and row.numel() == row.shape[-1]
-            and row.dtype in (torch.bfloat16, torch.float16) and weight.dtype == row.dtype
-            and weight.stride(-1) == 1):
+    if _gemv_takes(row, weight):
         return gemv(x, weight, bias, add=add)
     return carried_reference.linear(x, weight, bias, row.dtype, add)
 
