@@ -11,6 +11,8 @@
     TANDEM_NORM_CHAIN     whether batch-1 decode carries its RMSNorms in the matmuls around
                           them instead of launching them (models/norm_chain.py): "quantized"
                           (the default: int8/int4 weights only), "all", or "0" (never)
+    TANDEM_DECODE_ROTARY  "0": decode steps launch rotary + K/V write apart from attention
+                          (the default "1" does all three in the decode kernel on Triton)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -58,6 +60,10 @@ def norm_chain_mode() -> str:
     if mode is None:
         raise ValueError(f"TANDEM_NORM_CHAIN={value!r}: use quantized, all or 0")
     return mode
+
+
+def decode_rotary_fused() -> bool:
+    return os.environ.get("TANDEM_DECODE_ROTARY", "1") != "0"
 
 
 def git_commit() -> str | None:

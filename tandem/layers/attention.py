@@ -6,8 +6,9 @@ Holds no weights. The model runner allocates one KV cache tensor per layer and b
         layer.kv_cache = cache   # (2, num_blocks, block_size, num_kv_heads, head_dim)
 
 The arithmetic is the backend's (`tandem.kernels`); this layer only reshapes. Llama-family
-models call `rotary_write_kv` (their q/k norms and rotary with the K/V write, one kernel on
-CUDA) and then `attend`; `forward` writes and attends for callers that rotate themselves.
+models call `rotary_attend`: `rotary_write_kv` (their q/k norms and rotary with the K/V
+write, one kernel on CUDA) and then `attend`, or at decode on Triton all of it in the decode
+launch; `forward` writes and attends for callers that rotate themselves.
 One knob bypasses the backend: `fp8_attention = True` runs the layer's attention through the
 reference's FP8 emulation (`reference.attention.fp8_sdpa`), whatever the backend, so the
 sensitivity map can measure reduced-precision attention one layer at a time. Off (the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tandem import envs
 from tandem.kernels import AttentionBackend, get_attention_backend, kv_cache_shape, reference
 from tandem.layers.attention_metadata import AttentionMetadata
 
@@ -75,6 +77,29 @@ class Attention(nn.Module):
             out = self.backend.forward(q, self.kv_cache, meta, self.scale, k, v,
                                        self.kv_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def rotary_attend(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                      norms: tuple[nn.Module, nn.Module] | None, meta: AttentionMetadata
+                      ) -> torch.Tensor:
+        """rotary_write_kv, then attend: q (T, H, D), k, v (T, Hkv, D) -> (T, H*D). A
+        decode-only step whose rows are distinct sequences runs both in the backend's
+        decode launch where it has one (`rotary_decode`: Triton), one launch a layer
+        fewer (TANDEM_DECODE_ROTARY=0 keeps them apart)."""
+        fused = getattr(self.backend, "rotary_decode", None)
+        if (fused is not None and meta is not None and meta.decode_rows_distinct
+                and meta.max_query_len <= 1 and not self.fp8_attention
+                and self.kv_cache.numel() and envs.decode_rotary_fused()):
+            q_w = k_w = None
+            eps = 1e-6
+            if norms is not None:
+                q_w, k_w, eps = norms[0].weight, norms[1].weight, norms[0].eps
+            out = fused(positions, q, k, v, cos_cache, sin_cache, self.kv_cache, meta,
+                        self.scale, self.kv_scale, q_w, k_w, eps)
+            if out is not None:
+                return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        q, k = self.rotary_write_kv(positions, q, k, v, cos_cache, sin_cache, norms, meta)
+        return self.attend(q.reshape(q.shape[0], -1), meta, k, v)
 
     def rotary_write_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,

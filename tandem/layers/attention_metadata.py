@@ -31,6 +31,10 @@ class AttentionMetadata:
     # Rows past the last sequence's device query_start_loc are padding (a CUDA graph of a
     # larger token count): attention leaves zeros there, so every later op sees finite rows
     pad_rows: bool = False
+    # Every row is a sequence of its own (not a speculative verify step's rows of one
+    # sequence): a decode-only step may then write each row's K/V inside its attention
+    # launch (backend.rotary_decode), since no row reads another's new K/V
+    decode_rows_distinct: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -4,7 +4,8 @@ grouped-query attention with rotary positions and a SwiGLU MLP.
     input_ids (T,) -> embed_tokens -> [LlamaDecoderLayer] x L -> norm -> hidden (T, hidden)
     LlamaDecoderLayer:  h = h + attn(rmsnorm(h));  h = h + mlp(rmsnorm(h))
     attn:  qkv_proj -> (q_norm, k_norm: Qwen3) -> rotary -> paged attention -> o_proj
-           (on CUDA the norms, rotary and the K/V write are one kernel: rotary_write_kv)
+           (on CUDA the norms, rotary and the K/V write are one kernel: rotary_write_kv;
+           at decode they run inside the attention launch: Attention.rotary_attend)
     mlp:   down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up fused as gate_up_proj
 
 The relatives differ only in flags (`arch_flags`): Mistral has no biases; Qwen2 always
@@ -124,12 +125,11 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        # Qwen3: RMSNorm over each head's D before rotary; then the K/V write (one kernel
-        # on CUDA)
+        # Qwen3: RMSNorm over each head's D before rotary; then the K/V write and attention
+        # (one kernel for the three at decode on CUDA, two otherwise)
         norms = (self.q_norm, self.k_norm) if hasattr(self, "q_norm") else None
-        q, k = self.attn.rotary_write_kv(positions, q, k, v, self.rotary_emb.cos_cache,
-                                         self.rotary_emb.sin_cache, norms, meta)
-        return self.attn.attend(q.reshape(num_tokens, -1), meta, k, v)
+        return self.attn.rotary_attend(positions, q, k, v, self.rotary_emb.cos_cache,
+                                       self.rotary_emb.sin_cache, norms, meta)
 
 
 class LlamaMLP(nn.Module):

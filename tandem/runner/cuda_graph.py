@@ -42,10 +42,14 @@ PREFILL_SIZES = [16, 32, 64, 128, 256, 512]
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_model_len: int,
                  block_size: int, dummy_block: int, device: torch.device,
-                 max_prefill_tokens: int = 0) -> None:
+                 max_prefill_tokens: int = 0, verify_rows: bool = False) -> None:
         """max_prefill_tokens: the longest one-sequence prefill chunk to capture (0: none);
-        sizes up to it from PREFILL_SIZES, the last one at least its size."""
+        sizes up to it from PREFILL_SIZES, the last one at least its size. verify_rows: the
+        decode graphs also replay speculative verify steps (rows of one sequence), so
+        attention must not write a row's K/V inside its own launch
+        (AttentionMetadata.decode_rows_distinct)."""
         self.model = model
+        self.verify_rows = verify_rows
         # up to max_batch itself (a batch-1 speculative step is k + 1 rows exactly)
         self.sizes = [s for s in _SIZES if s < max_batch] + [min(max_batch, _SIZES[-1])]
         cap = min(max_prefill_tokens, max_model_len, PREFILL_SIZES[-1])
@@ -75,7 +79,8 @@ class CudaGraphRunner:
             slot_mapping=self.slot_mapping[:b], query_start_loc=self.query_start_loc[:b + 1],
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b],
             query_lens_cpu=[1] * b, seq_lens_cpu=[self.max_model_len] * b, max_query_len=1,
-            max_seq_len=self.max_model_len, block_size=self.block_size)
+            max_seq_len=self.max_model_len, block_size=self.block_size,
+            decode_rows_distinct=not self.verify_rows)
 
     def _prefill_meta(self, q: int) -> AttentionMetadata:
         # One chunk of up to q rows; a seq_len unlike q keeps the kernel on the paged path

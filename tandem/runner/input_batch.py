@@ -164,7 +164,7 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
         block_tables=block_tables,
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
         max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),
-        block_size=block_size)
+        block_size=block_size, decode_rows_distinct=num_seqs == len(plan.seqs))
     return ModelInputs(longs[:t], positions, meta, sample_rows, longs[t + num_seqs:tail], spans,
                        longs[tail:tail + len(dst)] if dst else None,
                        longs[tail + len(dst):tail + 2 * len(dst)] if dst else None,

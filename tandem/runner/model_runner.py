@@ -190,7 +190,8 @@ class ModelRunner:
             rows = sched.max_num_seqs * (1 + self.num_spec_tokens)  # verify rows count too
             self.graphs = CudaGraphRunner(m, min(rows, 512), sched.max_model_len,
                                           self.block_size, self.num_blocks, self.device,
-                                          max_prefill_tokens=sched.max_num_batched_tokens)
+                                          max_prefill_tokens=sched.max_num_batched_tokens,
+                                          verify_rows=self.num_spec_tokens > 0)
             self.graphs.capture()
             logger.info("captured CUDA graphs for decode batch sizes %s and one-sequence "
                         "prefill sizes %s", self.graphs.sizes, self.graphs.prefill_sizes)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from tandem.kernels import reference
-from tandem.kernels.triton.decode import decode_attention
+from tandem.kernels.triton.decode import NewTokens, decode_attention
 from tandem.kernels.triton.kv_write import rotary_write_kv, write_kv
 from tandem.kernels.triton.prefill import prefill_attention
 from tandem.layers.attention_metadata import AttentionMetadata
@@ -57,6 +57,27 @@ class TritonAttentionBackend:
         (kv_write.rotary_write_kv) instead of up to four."""
         return rotary_write_kv(positions, q, k, v, cos_cache, sin_cache, kv_cache,
                                slot_mapping, kv_scale, q_norm, k_norm, eps)
+
+    def rotary_decode(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                      kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      kv_scale: tuple[float, float], q_norm: torch.Tensor | None,
+                      k_norm: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+        """rotary_write_kv then forward, in the decode launch (decode.NewTokens), for a
+        decode-only step whose rows are distinct sequences; None when this backend cannot
+        (the caller composes the two)."""
+        d = q.shape[-1]
+        if (meta.max_query_len > 1 or not meta.decode_rows_distinct or not _supported(d)
+                or d < 32 or q.shape[0] == 0 or q.stride(-1) != 1 or k.stride(-1) != 1
+                or v.stride(-1) != 1):
+            return None
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        decode_attention(q, kv_cache, out, meta.query_start_loc, meta.seq_lens,
+                         meta.block_tables, scale, max_seq_len=meta.max_seq_len,
+                         num_decodes=meta.seq_lens.shape[0], kv_scale=kv_scale,
+                         new=NewTokens(positions, k, v, meta.slot_mapping, cos_cache,
+                                       sin_cache, q_norm, k_norm, eps))
+        return out
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, key: torch.Tensor | None = None,

@@ -23,6 +23,13 @@ log-sum-exp and resets the counter to 0 for the next launch (so CUDA graphs repl
 
 One kernel per layer, no separate merge launch (which cost ~3 us per layer at batch 1).
 
+With `new` (NewTokens: a decode step whose q and k are not rotated yet and whose K/V are
+not in the cache), the launch also does rotary_write_kv's work: every program [norms and]
+rotates its group's query, and the program whose partition holds the last position writes
+the new token's rotated K and its V to their slot before it reads its tiles (a barrier
+orders the block's stores before its loads; no other program reads that position). One
+launch a layer fewer; rows of one sequence (a speculative verify step) must not use it.
+
 Lengths come from device tensors (seq_lens, query_start_loc, block_tables); the host sizes
 the grid from the batch size (num_parts: enough programs to fill the SMs at batch 1),
 capped by max_seq_len / MIN_PART, so the launch can be captured in a CUDA graph. Programs
@@ -32,11 +39,14 @@ past a sequence's last partition exit at once.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.triton.elementwise import norm_rotate
+from tandem.kernels.triton.kv_write import cached
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -44,6 +54,43 @@ from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_op
 def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr):
     """Context tokens per partition: the sequence split num_parts ways, whole key tiles."""
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_parts), BLOCK_N) * BLOCK_N, MIN_PART)
+
+
+@triton.jit
+def _new_token(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
+               qw_ptr, kw_ptr, row, heads, head_ok, kvh, holds_last, stride_qt, stride_qh,
+               stride_kt, stride_kh, stride_vt, stride_vh, stride_c, eps, k_scale, v_scale,
+               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NORM: tl.constexpr,
+               FP8: tl.constexpr):
+    """ROPE: what rotary_write_kv does for this program's heads, inside the decode launch.
+    Returns the group's query (GROUP_PAD, D), [normed and] rotated exactly as
+    rotary_write_kv rounds it (the same norm_rotate); the program whose partition holds the
+    sequence's last position (holds_last) first writes that token's rotated K and its V to
+    their slot, and a barrier makes the stores visible to its own reads of the tile."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dh = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + row)
+    cos = tl.load(cos_ptr + pos * stride_c + dh)[None, :]  # first half; the halves are equal
+    sin = tl.load(sin_ptr + pos * stride_c + dh)[None, :]
+    pq = q_ptr + row * stride_qt + heads[:, None] * stride_qh + dh[None, :]
+    q1 = tl.load(pq, mask=head_ok[:, None], other=0.0)
+    q2 = tl.load(pq + HALF, mask=head_ok[:, None], other=0.0)
+    q1, q2 = norm_rotate(q1, q2, qw_ptr, eps, cos, sin, dh, HALF, NORM)
+    if holds_last:
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        if slot >= 0:  # (negative: a padding row that writes nothing)
+            pk = kn_ptr + row * stride_kt + kvh * stride_kh + dh[None, :]
+            k1, k2 = norm_rotate(tl.load(pk), tl.load(pk + HALF), kw_ptr, eps, cos, sin, dh,
+                                 HALF, NORM)
+            pv = vn_ptr + row * stride_vt + kvh * stride_vh + dh[None, :]
+            dst = slot * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + dh[None, :]
+            tl.store(k_ptr + dst, cached(k1, k_scale, k_ptr, FP8))
+            tl.store(k_ptr + dst + HALF, cached(k2, k_scale, k_ptr, FP8))
+            tl.store(v_ptr + dst, cached(tl.load(pv), v_scale, v_ptr, FP8))
+            tl.store(v_ptr + dst + HALF, cached(tl.load(pv + HALF), v_scale, v_ptr, FP8))
+    tl.debug_barrier()  # the block's stores above, visible to its loads below
+    # (GROUP_PAD, HALF) x 2 -> (GROUP_PAD, D): | q1 | q2 |
+    return tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (q1.shape[0], HEAD_DIM))
 
 
 # Per-step integers are not specialized on (==1, %16): one compiled variant serves every
@@ -54,10 +101,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    block_tables_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    num_parts, k_scale, v_scale,
+                   pos_ptr, kn_ptr, vn_ptr, slot_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
+                   stride_kt, stride_kh, stride_vt, stride_vh, stride_c, eps,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
-                   PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr,
+                   NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -80,8 +130,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
     head_ok = g < GROUP
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=head_ok[:, None], other=0.0)  # (GROUP_PAD, D)
+    if ROPE:  # q as qkv_proj left it; this step's K/V not in the cache yet
+        q = _new_token(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr,
+                       sin_ptr, qw_ptr, kw_ptr, row, heads, head_ok, kvh, end == seq_len,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_c, eps, k_scale, v_scale, NUM_KV_HEADS, HEAD_DIM, NORM, FP8)
+    else:
+        q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=head_ok[:, None], other=0.0)  # (GROUP_PAD, D)
     if FP8:  # e4m3 -> fp16 is one packed conversion per two values (fp32 was three each);
         q = q.to(tl.float16)  # (a query past fp16's range, 65504, would overflow)
     else:
@@ -154,6 +210,22 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
             tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
+@dataclass(frozen=True, slots=True)
+class NewTokens:
+    """A decode step's new tokens before rotary and the K/V write (decode_attention's `new`):
+    what kv_write.rotary_write_kv takes, for the decode kernel to do its work."""
+
+    positions: torch.Tensor  # (T,) int64
+    key: torch.Tensor  # (T, Hkv, D), unit stride along D (a view of the fused QKV output)
+    value: torch.Tensor  # (T, Hkv, D), likewise
+    slot_mapping: torch.Tensor  # (T,) int64, negative: write nothing
+    cos_cache: torch.Tensor  # (max_pos, D) float32
+    sin_cache: torch.Tensor
+    q_norm: torch.Tensor | None = None  # (D,) per-head RMSNorm weights (Qwen3), both or none
+    k_norm: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
 _MIN_PART = 128  # shortest partition, in tokens: two key tiles at BLOCK_N 64
 
 
@@ -182,7 +254,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      num_parts: int | None = None,
                      config: tuple[int, int, int] | None = None,
                      kv_scale: tuple[float, float] = (1.0, 1.0),
-                     min_part: int | None = None) -> None:
+                     min_part: int | None = None, new: NewTokens | None = None) -> None:
     """out[row] = attention of query[row] over its sequence's paged context, for each
     decode sequence (all sequences, or those listed in seq_ids: (num_decodes,) int32).
 
@@ -192,6 +264,9 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
     config: (BLOCK_N, num_warps, num_stages), for tuning; min_part: the shortest partition
     in tokens (default _MIN_PART), for tuning.
+    new: this step's tokens are not rotated or cached yet (NewTokens): query is q as
+    qkv_proj left it, and the launch does rotary_write_kv's work too. Every row must be its
+    own sequence (no two rows of one sequence: they would race on each other's K/V).
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -219,19 +294,32 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                device=query.device)
         part_sum = torch.empty_like(part_max)
     ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
+    if new is not None:
+        assert seq_ids is None and head_dim >= 2, "NewTokens: a decode-only step"
+        k_new, v_new = new.key, new.value
+        assert k_new.stride(-1) == 1 and v_new.stride(-1) == 1 and query.stride(-1) == 1
+        rope = (new.positions, k_new, v_new, new.slot_mapping, new.cos_cache, new.sin_cache,
+                new.q_norm if new.q_norm is not None else new.cos_cache,
+                new.k_norm if new.k_norm is not None else new.cos_cache,
+                k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+                new.cos_cache.stride(0), new.eps)
+    else:  # placeholders of the types the kernel expects
+        rope = (seq_lens, query, query, seq_lens, query, query, query, query, 0, 0, 0, 0, 0,
+                1e-6)
     _decode_kernel[(num_decodes, num_kv_heads, num_parts)](
         query, kv_cache[0], kv_cache[1], out, part_out, part_max, part_sum, counters,
         ids, query_start_loc, seq_lens, block_tables,
         # log2(e): the kernel works in base 2; an FP8 cache's k_scale scales the scores
         scale * 1.4426950408889634 * (float(kv_scale[0]) if fp8 else 1.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        num_parts, float(kv_scale[0]), float(kv_scale[1]),
+        num_parts, float(kv_scale[0]), float(kv_scale[1]), *rope,
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        FP8=fp8, num_warps=num_warps, num_stages=num_stages, **launch_options(query))
+        FP8=fp8, ROPE=new is not None, NORM=new is not None and new.q_norm is not None,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}

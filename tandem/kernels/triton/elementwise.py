@@ -91,26 +91,33 @@ def sum_add_rms_norm(terms: torch.Tensor, residual: torch.Tensor, weight: torch.
 
 
 @triton.jit
-def norm_rotate_heads(base, stride_h, n_heads, w_ptr, eps, cos, sin, d,
-                      BLOCK_H: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
-    """Heads (n_heads, 2 HALF) at base: [RMSNorm over each head with weight w, rounded to
-    the dtype as _rms_norm_kernel rounds it,] then rotary, stored in place. Returns the
-    rotated halves (BLOCK_H, HALF) in the dtype (kv_write.rotary_write_kv writes them)."""
-    h = tl.arange(0, BLOCK_H)[:, None]
-    mask = h < n_heads
-    p1 = base + h * stride_h + d[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
+def norm_rotate(x1, x2, w_ptr, eps, cos, sin, d, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Heads given as their halves x1, x2 (rows, HALF): [RMSNorm over each head with weight
+    w, rounded to the dtype as _rms_norm_kernel rounds it,] then rotary. Returns the rotated
+    halves in the dtype. Shared by rotary_write_kv and the decode kernel that rotates its
+    own query (decode.py), so both round alike."""
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     if NORM:
-        ss = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)  # (BLOCK_H,)
+        ss = tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)  # (rows,)
         rstd = (1.0 / tl.sqrt(ss / (2 * HALF) + eps))[:, None]
         w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
         w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
         a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
         b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
-    r1 = (a * cos - b * sin).to(x1.dtype)
-    r2 = (b * cos + a * sin).to(x1.dtype)
+    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+
+
+@triton.jit
+def norm_rotate_heads(base, stride_h, n_heads, w_ptr, eps, cos, sin, d,
+                      BLOCK_H: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Heads (n_heads, 2 HALF) at base: norm_rotate, stored in place. Returns the rotated
+    halves (BLOCK_H, HALF) in the dtype (kv_write.rotary_write_kv writes them)."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    mask = h < n_heads
+    p1 = base + h * stride_h + d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
+    r1, r2 = norm_rotate(x1, x2, w_ptr, eps, cos, sin, d, HALF, NORM)
     tl.store(p1, r1, mask=mask)
     tl.store(p1 + HALF, r2, mask=mask)
     return r1, r2

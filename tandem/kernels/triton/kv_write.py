@@ -44,12 +44,12 @@ def _write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
     k = tl.load(key_ptr + row * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(value_ptr + row * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + d
-    tl.store(dst, _cached(k, k_scale, cache_ptr, FP8), mask=mask)
-    tl.store(dst + kv_stride, _cached(v, v_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst, cached(k, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + kv_stride, cached(v, v_scale, cache_ptr, FP8), mask=mask)
 
 
 @triton.jit
-def _cached(x, scale, cache_ptr, FP8: tl.constexpr):
+def cached(x, scale, cache_ptr, FP8: tl.constexpr):
     """x as the cache stores it: e4m3 of x / scale saturated to its range (FP8), or cast."""
     if FP8:
         x = tl.clamp(x.to(tl.float32) / scale, -448.0, 448.0)
@@ -108,10 +108,10 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_p
     v1 = tl.load(pv, mask=mask, other=0.0)
     v2 = tl.load(pv + HALF, mask=mask, other=0.0)
     dst = cache_ptr + slot * (NUM_KV_HEADS * 2 * HALF) + h * (2 * HALF) + d[None, :]
-    tl.store(dst, _cached(k1, k_scale, cache_ptr, FP8), mask=mask)
-    tl.store(dst + HALF, _cached(k2, k_scale, cache_ptr, FP8), mask=mask)
-    tl.store(dst + kv_stride, _cached(v1, v_scale, cache_ptr, FP8), mask=mask)
-    tl.store(dst + kv_stride + HALF, _cached(v2, v_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst, cached(k1, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + HALF, cached(k2, k_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + kv_stride, cached(v1, v_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + kv_stride + HALF, cached(v2, v_scale, cache_ptr, FP8), mask=mask)
 
 
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
