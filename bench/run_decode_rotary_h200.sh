@@ -26,10 +26,11 @@ HEAD=bench/configs/quant-policies
 [ $# -gt 0 ] || set -- tests diag latency
 for what in "$@"; do
   case $what in
-    tests) step gpu-tests 170 python3 -m pytest -q -m gpu tests/kernels/test_triton_decode_rotary.py \
-             tests/kernels/test_triton_attention.py tests/kernels/test_triton_rotary_write_kv.py \
+    tests) step gpu-tests ${TESTS_S:-300} python3 -m pytest -q -rf --tb=short -m gpu \
+             tests/kernels/test_triton_decode_rotary.py tests/kernels/test_triton_rotary_write_kv.py \
              tests/gpu/test_spec_decode_cuda.py tests/gpu/test_engine_cuda.py \
-             tests/kernels/test_triton_carried_norm.py -k "not long and not chain_decode"
+             tests/kernels/test_triton_carried_norm.py tests/kernels/test_triton_attention.py \
+             -k "not long and not chain_decode and not prefill and not mixed"
            tail -2 "$OUT/gpu-tests.log"; grep -E "^FAILED" "$OUT/gpu-tests.log" | head -8 | cut -c1-200 ;;
     diag) for p in ${DIAG:-int4-with-head}; do
             q=$HEAD/$p.json; [ "$p" = bf16 ] && q=

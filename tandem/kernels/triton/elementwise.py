@@ -104,7 +104,9 @@ def norm_rotate(x1, x2, w_ptr, eps, cos, sin, d, HALF: tl.constexpr, NORM: tl.co
         w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
         a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
         b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
-    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+    # explicit FMAs: the compiler may not contract these products its own way in one kernel
+    # and another, so every kernel that rotates rounds alike
+    return (tl.fma(a, cos, -(b * sin)).to(x1.dtype), tl.fma(b, cos, a * sin).to(x1.dtype))
 
 
 @triton.jit
