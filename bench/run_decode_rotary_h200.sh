@@ -38,7 +38,7 @@ for what in "$@"; do
               /tmp/trace.json $q --env-ab TANDEM_DECODE_ROTARY=1,0 --json "$OUT/diag-$p.json"
             grep "^== " "$OUT/diag-$p.log" | cut -c1-150
           done ;;
-    latency) for p in ${LATENCY:-bf16-128 bf16 int4-with-head qwen3}; do
+    latency) for p in ${LATENCY:-bf16-128 bf16 int4-with-head int8-with-head qwen3}; do
                case $p in
                  bf16-128) bench latency-bf16-128 70 latency $M --input-len 128 $B1 ;;
                  bf16) bench latency-bf16 70 latency $M --input-len 512 $B1 ;;

@@ -57,14 +57,13 @@ def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr)
 
 
 @triton.jit
-def _new_token(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
-               qw_ptr, kw_ptr, row, heads, head_ok, kvh, holds_last, stride_qt, stride_qh,
-               stride_kt, stride_kh, stride_vt, stride_vh, stride_c, eps, k_scale, v_scale,
-               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NORM: tl.constexpr,
-               FP8: tl.constexpr):
+def _new_token(q1, q2, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
+               qw_ptr, kw_ptr, row, kvh, holds_last, stride_kt, stride_kh, stride_vt,
+               stride_vh, stride_c, eps, k_scale, v_scale, NUM_KV_HEADS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr):
     """ROPE: what rotary_write_kv does for this program's heads, inside the decode launch.
-    Returns the group's query (GROUP_PAD, D), [normed and] rotated exactly as
-    rotary_write_kv rounds it (the same norm_rotate); the program whose partition holds the
+    Returns the group's query halves q1, q2 (GROUP_PAD, D / 2) [normed and] rotated as
+    rotary_write_kv rounds them (the same norm_rotate); the program whose partition holds the
     sequence's last position (holds_last) first writes that token's rotated K and its V to
     their slot, and a barrier makes the stores visible to its own reads of the tile."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -72,9 +71,6 @@ def _new_token(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, 
     pos = tl.load(pos_ptr + row)
     cos = tl.load(cos_ptr + pos * stride_c + dh)[None, :]  # first half; the halves are equal
     sin = tl.load(sin_ptr + pos * stride_c + dh)[None, :]
-    pq = q_ptr + row * stride_qt + heads[:, None] * stride_qh + dh[None, :]
-    q1 = tl.load(pq, mask=head_ok[:, None], other=0.0)
-    q2 = tl.load(pq + HALF, mask=head_ok[:, None], other=0.0)
     q1, q2 = norm_rotate(q1, q2, qw_ptr, eps, cos, sin, dh, HALF, NORM)
     if holds_last:
         slot = tl.load(slot_ptr + row).to(tl.int64)
@@ -89,8 +85,7 @@ def _new_token(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, 
             tl.store(v_ptr + dst, cached(tl.load(pv), v_scale, v_ptr, FP8))
             tl.store(v_ptr + dst + HALF, cached(tl.load(pv + HALF), v_scale, v_ptr, FP8))
     tl.debug_barrier()  # the block's stores above, visible to its loads below
-    # (GROUP_PAD, HALF) x 2 -> (GROUP_PAD, D): | q1 | q2 |
-    return tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (q1.shape[0], HEAD_DIM))
+    return q1, q2
 
 
 # Per-step integers are not specialized on (==1, %16): one compiled variant serves every
@@ -130,14 +125,20 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * GROUP + g
     head_ok = g < GROUP
+    # q in halves (GROUP_PAD, D / 2) x 2, joined in registers either way, so that the first
+    # dot is lowered alike with and without ROPE (from a plain load it may take another
+    # MMA path, which rounds otherwise)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dh = tl.arange(0, HALF)
+    pq = q_ptr + row * stride_qt + heads[:, None] * stride_qh + dh[None, :]
+    q1 = tl.load(pq, mask=head_ok[:, None], other=0.0)
+    q2 = tl.load(pq + HALF, mask=head_ok[:, None], other=0.0)
     if ROPE:  # q as qkv_proj left it; this step's K/V not in the cache yet
-        q = _new_token(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr,
-                       sin_ptr, qw_ptr, kw_ptr, row, heads, head_ok, kvh, end == seq_len,
-                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       stride_c, eps, k_scale, v_scale, NUM_KV_HEADS, HEAD_DIM, NORM, FP8)
-    else:
-        q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=head_ok[:, None], other=0.0)  # (GROUP_PAD, D)
+        q1, q2 = _new_token(q1, q2, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr,
+                            sin_ptr, qw_ptr, kw_ptr, row, kvh, end == seq_len, stride_kt,
+                            stride_kh, stride_vt, stride_vh, stride_c, eps, k_scale, v_scale,
+                            NUM_KV_HEADS, HEAD_DIM, NORM, FP8)
+    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))  # | q1 | q2 |
     if FP8:  # e4m3 -> fp16 is one packed conversion per two values (fp32 was three each);
         q = q.to(tl.float16)  # (a query past fp16's range, 65504, would overflow)
     else:
