@@ -3,7 +3,7 @@ over tile configs and the shortest partition (min_part), at batch 1 and short co
 batch-1 decode step is latency-bound there) and at batch 256 x 4096 (bandwidth-bound, bf16
 against an FP8 cache). Each point is checked against the PyTorch reference first.
 
-    python scripts/bench_decode_attention.py [--json F]
+    python scripts/bench_decode_attention.py [--quick] [--json F]
 
 Prints a table per case and one JSON line."""
 
@@ -22,6 +22,8 @@ from tandem.layers.attention_metadata import AttentionMetadata
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--json", help="also write the JSON record here")
+ap.add_argument("--quick", action="store_true",
+                help="batch-1 cases only, the default against a serial merge (merge 1)")
 args = ap.parse_args()
 DEV = "cuda"
 BLOCK = 16
@@ -56,18 +58,26 @@ CASES = [  # name, seqs, ctx, kv heads, q heads, cache dtype, graph max_seq_len
     ("llama8b-b1-ctx512", 1, 512, 8, 32, torch.bfloat16, 1024),
     ("llama8b-b1-ctx1024", 1, 1024, 8, 32, torch.bfloat16, 4096),
     ("llama8b-b1-ctx2048", 1, 2048, 8, 32, torch.bfloat16, 4096),
+    ("llama8b-b1-ctx8192", 1, 8192, 8, 32, torch.bfloat16, 8192),
     ("qwen3moe-b1-ctx256", 1, 256, 4, 32, torch.bfloat16, 1024),
     ("qwen3moe-b1-ctx512", 1, 512, 4, 32, torch.bfloat16, 1024),
+    ("qwen3moe-b1-ctx4096", 1, 4096, 4, 32, torch.bfloat16, 4096),
     ("llama8b-b8-ctx1024", 8, 1024, 8, 32, torch.bfloat16, 4096),
     ("llama8b-b256-ctx4096-bf16", 256, 4096, 8, 32, torch.bfloat16, 4352),
     ("llama8b-b256-ctx4096-fp8", 256, 4096, 8, 32, torch.float8_e4m3fn, 4352),
 ]
-CONFIGS = [None, (64, 4, 3, 64), (32, 4, 2, 64), (128, 8, 2, 128), (64, 4, 3, 256),
-           (64, 4, 3, 512), (64, 4, 3, 1024), (64, 8, 3, 512), (128, 8, 2, 512),
-           (128, 8, 3, 512), (32, 4, 4, 512), (64, 4, 4, 512), (128, 4, 2, 512)]
+CONFIGS = [None, (64, 4, 3, 128, 1), (64, 4, 3, 64), (64, 4, 3, 64, 1), (32, 4, 2, 64),
+           (128, 8, 2, 128), (64, 4, 3, 256), (64, 4, 3, 512), (64, 4, 3, 1024),
+           (64, 8, 3, 512), (128, 8, 2, 512), (128, 8, 3, 512), (32, 4, 4, 512),
+           (64, 4, 4, 512), (128, 4, 2, 512)]
 BIG = (None, (64, 4, 3, 64), (128, 8, 2, 128), (64, 8, 3, 512), (128, 8, 2, 512),
        (64, 4, 4, 512), (32, 4, 3, 32))
-# (BLOCK_N, warps, stages, min_part); big batches only try BIG
+# (BLOCK_N, warps, stages, min_part[, merge]); merge 1: the last partition merges one
+# partition a round (the kernel before 2026-12-02), else merge_width's rounds; big batches
+# only try BIG
+if args.quick:
+    CASES = [c for c in CASES if c[1] == 1]
+    CONFIGS = [None, (64, 4, 3, 128, 1), (64, 4, 3, 64), (64, 4, 3, 64, 1)]
 rows = []
 for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
     q, cache, meta, scale = batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
@@ -81,7 +91,7 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
         out = torch.empty_like(q)
         kw = dict(max_seq_len=max_len, kv_scale=scale)
         if cfg is not None:
-            kw.update(config=cfg[:3], min_part=cfg[3])
+            kw.update(config=cfg[:3], min_part=cfg[3], merge=cfg[4] if len(cfg) > 4 else None)
 
         def call(out=out, kw=kw):
             decode_attention(q, cache, out, meta.query_start_loc, meta.seq_lens,

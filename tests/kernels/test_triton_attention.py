@@ -143,6 +143,22 @@ def test_decode_partition_counts_and_padding_rows() -> None:
         assert (out[1] == 0).all() and torch.isfinite(out[0]).all()
 
 
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_merge_rounds(group) -> None:
+    """The last partition merges in rounds of `merge` partitions (loads issued together):
+    one partition a round, two, and the default width, over 1-16 partitions of 64 tokens,
+    give the reference's result."""
+    rng = random.Random(11 + group)
+    meta, cache, query, _, _ = make_batch(rng, [(1, 1000), (1, 130), (1, 64), (1, 700)], 16,
+                                          2 * group, 2, 64, torch.float16)
+    for merge in (1, 2, None):
+        out = torch.full_like(query, float("nan"))
+        decode_attention(query, cache, out, meta.query_start_loc, meta.seq_lens,
+                         meta.block_tables, 0.125, max_seq_len=1000, num_parts=16,
+                         min_part=64, merge=merge)
+        check(out, query, cache, meta, 0.125, torch.float16)
+
+
 @pytest.mark.parametrize("config,prefetch", [((64, 64, 4, 2), True), ((64, 32, 4, 2), False),
                                              ((32, 128, 4, 2), True)])
 def test_prefill_tiles_and_table_prefetch(config, prefetch) -> None:

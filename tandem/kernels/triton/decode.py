@@ -17,7 +17,10 @@ on the device from the sequence's own length, so one grid serves any context:
 With one partition the program writes the normalized output directly. Otherwise each
 writes (acc / l, max m, sum l) per head into fp32 scratch, then bumps an arrival counter
 of its (sequence, KV head); the program that arrives last merges the partitions by
-log-sum-exp and resets the counter to 0 for the next launch (so CUDA graphs replay it):
+log-sum-exp and resets the counter to 0 for the next launch (so CUDA graphs replay it). It
+merges `merge_width` partitions a round with their loads issued together: the merge is on
+the launch's critical path, and one partition a round cost one L2 round trip each (33 at a
+long context):
 
     M = max_p m_p,   w_p = l_p * 2^(m_p - M),   out = sum_p w_p * o_p / sum_p w_p
 
@@ -88,6 +91,44 @@ def _new_token(q1, q2, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr,
     return q1, q2
 
 
+@triton.jit
+def _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_parts, num_parts,
+           stride_ot, stride_oh, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+           GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE: tl.constexpr):
+    """The last partition to arrive: the n_parts partial results of the group's heads,
+    merged by log-sum-exp and stored. MERGE partitions a round, each round's loads issued
+    together (one L2 round trip a round, not one a partition: the merge is on the launch's
+    critical path)."""
+    g = tl.arange(0, GROUP_P2)  # the group's real heads (the dot's padding is not stored)
+    heads = kvh * GROUP + g
+    ok_h = g < GROUP
+    base = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_parts  # (G,)
+    d = tl.arange(0, HEAD_DIM)
+    pp = tl.arange(0, MERGE)
+    big = tl.zeros([GROUP_P2], dtype=tl.float32) - float("inf")
+    acc = tl.zeros([GROUP_P2, HEAD_DIM], dtype=tl.float32)
+    den = tl.zeros([GROUP_P2], dtype=tl.float32)
+    for c0 in range(0, n_parts, MERGE):
+        part = c0 + pp
+        ok = ok_h[:, None] & (part < n_parts)[None, :]  # (G, MERGE)
+        off = base[:, None] + part[None, :]
+        m = tl.load(part_max_ptr + off, mask=ok, other=0.0, cache_modifier=".cg")
+        l = tl.load(part_sum_ptr + off, mask=ok, other=0.0, cache_modifier=".cg")
+        o_p = tl.load(part_out_ptr + off[:, :, None] * HEAD_DIM + d[None, None, :],
+                      mask=ok[:, :, None], other=0.0, cache_modifier=".cg")  # (G, MERGE, D)
+        m = tl.where(l > 0, m, float("-inf"))
+        m_new = tl.maximum(big, tl.max(m, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp2(big - m_safe)
+        w = tl.where(l > 0, l * tl.exp2(m - m_safe[:, None]), 0.0)  # (G, MERGE)
+        acc = acc * a[:, None] + tl.sum(w[:, :, None] * o_p, 1)
+        den = den * a + tl.sum(w, 1)
+        big = m_new
+    o = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=ok_h[:, None])
+
+
 # Per-step integers are not specialized on (==1, %16): one compiled variant serves every
 # step, instead of new compilations appearing mid-run as batch shapes change.
 @triton.jit(do_not_specialize=["stride_bt", "num_parts"])
@@ -99,6 +140,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    pos_ptr, kn_ptr, vn_ptr, slot_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
                    stride_kt, stride_kh, stride_vt, stride_vh, stride_c, eps,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                   GROUP_P2: tl.constexpr, MERGE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
                    PRECISION: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr,
@@ -190,25 +232,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == n_parts - 1:  # the last partition merges them all
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-            big = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
-            acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-            den = tl.zeros([GROUP_PAD], dtype=tl.float32)
-            for q_part in range(0, n_parts):
-                m = tl.load(part_max_ptr + base0 + q_part, mask=head_ok, other=0.0,
-                            cache_modifier=".cg")
-                l = tl.load(part_sum_ptr + base0 + q_part, mask=head_ok, other=0.0,
-                            cache_modifier=".cg")
-                o_p = tl.load(part_out_ptr + (base0 + q_part)[:, None] * HEAD_DIM + d[None, :],
-                              mask=head_ok[:, None], other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(big, tl.where(l > 0, m, float("-inf")))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                a = tl.exp2(big - m_safe)
-                w = tl.where(l > 0, l * tl.exp2(m - m_safe), 0.0)
-                acc = acc * a[:, None] + w[:, None] * o_p
-                den = den * a + w
-                big = m_new
-            o = acc / tl.where(den > 0, den, 1.0)[:, None]
-            tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+            _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_parts,
+                   num_parts, stride_ot, stride_oh, NUM_KV_HEADS, GROUP, GROUP_P2, HEAD_DIM,
+                   MERGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +274,16 @@ def decode_num_partitions(max_seq_len: int, num_seqs: int, num_kv_heads: int,
     return max(1, min(fill, triton.cdiv(max_seq_len, min_part)))
 
 
+def merge_width(group: int, head_dim: int) -> int:
+    """Partitions the last program merges a round: up to 8, while the round's (group, width,
+    head_dim) float32 tile stays within 16 registers a thread (4 warps): at 32 ptxas issued
+    the tile's loads in waves, each waiting on the last (sm_90 SASS), at 16 all at once.
+    Fixed per model, so no batch shape compiles another variant (rounds past a sequence's
+    partitions are masked)."""
+    fit = max(1, 2048 // (group * head_dim))
+    return min(8, 1 << (fit.bit_length() - 1))
+
+
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, max_seq_len: int,
@@ -255,7 +291,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      num_parts: int | None = None,
                      config: tuple[int, int, int] | None = None,
                      kv_scale: tuple[float, float] = (1.0, 1.0),
-                     min_part: int | None = None, new: NewTokens | None = None) -> None:
+                     min_part: int | None = None, new: NewTokens | None = None,
+                     merge: int | None = None) -> None:
     """out[row] = attention of query[row] over its sequence's paged context, for each
     decode sequence (all sequences, or those listed in seq_ids: (num_decodes,) int32).
 
@@ -264,7 +301,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     max_seq_len: a host bound on the decode sequences' seq_lens; it only caps num_parts.
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
     config: (BLOCK_N, num_warps, num_stages), for tuning; min_part: the shortest partition
-    in tokens (default _MIN_PART), for tuning.
+    in tokens (default _MIN_PART), for tuning; merge: partitions merged a round (a power of
+    two; default merge_width), for tuning.
     new: this step's tokens are not rotated or cached yet (NewTokens): query is q as
     qkv_proj left it, and the launch does rotary_write_kv's work too. Every row must be its
     own sequence (no two rows of one sequence: they would race on each other's K/V).
@@ -295,6 +333,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                device=query.device)
         part_sum = torch.empty_like(part_max)
     ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
+    group_p2 = triton.next_power_of_2(group)
     if new is not None:
         assert seq_ids is None and head_dim >= 2, "NewTokens: a decode-only step"
         k_new, v_new = new.key, new.value
@@ -315,7 +354,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         num_parts, float(kv_scale[0]), float(kv_scale[1]), *rope,
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), GROUP_P2=group_p2,
+        MERGE=merge or merge_width(group_p2, head_dim), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
