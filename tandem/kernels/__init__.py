@@ -5,10 +5,12 @@ An `AttentionBackend` owns the operations an attention layer needs per step:
     Attention.forward(q, k, v, meta)
         -> backend.write_kv(k, v, kv_cache, meta.slot_mapping)     new K/V into cache slots
         -> backend.forward(q, kv_cache, meta, scale, k, v)          paged causal attention
-    Attention.rotary_write_kv(positions, q, k, v, ...) + attend(q, meta, k, v)   (Llama)
+    Attention.rotary_attend(positions, q, k, v, ...)   (Llama): rotary_write_kv + attend
         -> backend.rotary_write_kv(...)   [q/k RMSNorm,] rotary and write_kv: one launch on
                                           Triton, the reference ops composed elsewhere
         -> backend.forward(q, kv_cache, meta, scale, k, v)
+      (a decode-only step whose rows are distinct sequences, on a backend that has it:
+        -> backend.rotary_decode(...)   all of the above in the decode launch: Triton)
 
 Every backend uses the same KV cache layout, `kv_cache_shape(...)`:
 (2, num_blocks, block_size, num_kv_heads, head_dim), index 0 = K, 1 = V. The pure-PyTorch

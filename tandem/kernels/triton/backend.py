@@ -66,7 +66,7 @@ class TritonAttentionBackend:
         """rotary_write_kv then forward, in the decode launch (decode.NewTokens), for a
         decode-only step whose rows are distinct sequences; None when this backend cannot
         (the caller composes the two)."""
-        d = q.shape[-1]
+        d = q.shape[-1]  # (head_dim 16 is left to the two launches: not measured)
         if (meta.max_query_len > 1 or not meta.decode_rows_distinct or not _supported(d)
                 or d < 32 or q.shape[0] == 0 or q.stride(-1) != 1 or k.stride(-1) != 1
                 or v.stride(-1) != 1):
