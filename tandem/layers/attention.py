@@ -90,12 +90,8 @@ class Attention(nn.Module):
         if (fused is not None and meta is not None and meta.decode_rows_distinct
                 and meta.max_query_len <= 1 and not self.fp8_attention
                 and self.kv_cache.numel() and envs.decode_rotary_fused()):
-            q_w = k_w = None
-            eps = 1e-6
-            if norms is not None:
-                q_w, k_w, eps = norms[0].weight, norms[1].weight, norms[0].eps
             out = fused(positions, q, k, v, cos_cache, sin_cache, self.kv_cache, meta,
-                        self.scale, self.kv_scale, q_w, k_w, eps)
+                        self.scale, self.kv_scale, *_norm_args(norms))
             if out is not None:
                 return out.reshape(q.shape[0], self.num_heads * self.head_dim)
         q, k = self.rotary_write_kv(positions, q, k, v, cos_cache, sin_cache, norms, meta)
@@ -114,10 +110,14 @@ class Attention(nn.Module):
                              "(built by the model runner)")
         if self.kv_cache.numel() == 0:
             raise RuntimeError("Attention.kv_cache is not bound; the model runner allocates it")
-        q_w = k_w = None
-        eps = 1e-6
-        if norms is not None:
-            q_w, k_w, eps = norms[0].weight, norms[1].weight, norms[0].eps
         return self.backend.rotary_write_kv(positions, q, k, v, cos_cache, sin_cache,
                                             self.kv_cache, meta.slot_mapping, self.kv_scale,
-                                            q_w, k_w, eps)
+                                            *_norm_args(norms))
+
+
+def _norm_args(norms: tuple[nn.Module, nn.Module] | None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """(q_norm weight, k_norm weight, eps) for the backends' q/k norm arguments."""
+    if norms is None:
+        return None, None, 1e-6
+    return norms[0].weight, norms[1].weight, norms[0].eps
