@@ -6,21 +6,6 @@
 # DEADLINE seconds (each step gets what is left). Outputs under $OUT.
 # Usage: OUT=dir DEADLINE=560 bash bench/run_decode_rotary_h200.sh [tests diag latency]
 . "$(dirname "$0")/common.sh"
-start=$(date +%s)
-left() { echo $(( ${DEADLINE:-560} - ($(date +%s) - start) )); }
-step() {  # name, most seconds, command...
-  local name=$1 most=$2; shift 2
-  local t; t=$(left); [ "$t" -gt "$most" ] && t=$most
-  [ "$t" -le 5 ] && { echo "== $name skipped (no time left)"; return; }
-  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$? at $(( $(date +%s) - start ))s"
-}
-bench() {  # name, most seconds, tandem bench args...
-  local name=$1; shift
-  step "$name" "$1" python3 -m tandem bench "${@:2}"
-  tail -8 "$OUT/$name.log" | grep -v '^{'
-  tail -1 "$OUT/$name.log" | grep '^{' > "$OUT/$name.json" || rm -f "$OUT/$name.json"
-}
 B1="--batch-size 1 --output-len 256 --max-model-len 1024 --max-num-seqs 1 --iters 3 --no-progress"
 HEAD=bench/configs/quant-policies
 [ $# -gt 0 ] || set -- tests diag latency

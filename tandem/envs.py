@@ -13,6 +13,8 @@
                           (the default: int8/int4 weights only), "all", or "0" (never)
     TANDEM_DECODE_ROTARY  "0": decode steps launch rotary + K/V write apart from attention
                           (the default "1" does all three in the decode kernel on Triton)
+    TANDEM_MOE_ONE_LAUNCH "0": one token's MoE runs gate/up and down as two launches (the
+                          default "1": one launch, kernels/triton/moe_one.py)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -64,6 +66,10 @@ def norm_chain_mode() -> str:
 
 def decode_rotary_fused() -> bool:
     return os.environ.get("TANDEM_DECODE_ROTARY", "1") != "0"
+
+
+def moe_one_launch() -> bool:
+    return os.environ.get("TANDEM_MOE_ONE_LAUNCH", "1") != "0"
 
 
 def git_commit() -> str | None:

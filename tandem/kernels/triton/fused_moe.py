@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem import envs
+from tandem.kernels.triton.moe_one import moe_one
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -392,6 +394,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # One token: its K experts are distinct, so block p can simply be pair p (expert ids[p])
     # and no layout is built; more tokens may share experts, which the sort groups.
     direct = num_tokens == 1
+    if direct and config is None and envs.moe_one_launch():  # gate/up and down in one launch
+        return _slots(moe_one(x, w13, w2, topk_weights, ids), num_tokens, top_k, reduce)
     cfg = config or moe_config(num_pairs, num_experts, hidden, inter, direct)
     if direct:
         sorted_ids, block_expert = ids, ids.view(-1)  # sorted_ids unused
@@ -413,8 +417,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         num_experts, hidden, inter, w2.stride(0), h.stride(0), buf.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, DIRECT=direct,
         num_warps=warps, num_stages=stages, **pdl)
+    return _slots(buf, num_tokens, top_k, reduce)
+
+
+def _slots(buf: torch.Tensor, num_tokens: int, top_k: int, reduce: bool) -> torch.Tensor:
+    """The (T*K, H) weighted expert outputs -> (T, H) summed, or (T, K, H) unsummed."""
     if top_k == 1:
         return buf
     if not reduce:
-        return buf.view(num_tokens, top_k, hidden)
+        return buf.view(num_tokens, top_k, buf.shape[-1])
     return sum_slots(buf, num_tokens, top_k)

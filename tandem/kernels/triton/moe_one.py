@@ -1,0 +1,154 @@
+"""One token's mixture-of-experts MLP in one launch (batch-1 decode): gate/up and down.
+
+fused_moe's one-token path runs two launches, gate/up then down. Each streams its weights
+(Qwen3-30B-A3B: 50 MB, then 25 MB a layer), and between them the chip drains the first
+launch's last wave, then ramps the second up from nothing. Here both are tiles of one grid,
+and a down tile of pair p starts as soon as p's h is complete, while other pairs' gate/up
+tiles still stream:
+
+    tickets 0 .. K*T1-1          gate/up tile (pair p, BN1 columns of h):
+                                 h[p, n] = silu(x . gate_e[n]) * (x . up_e[n]);
+                                 then ready[p] += 1 (release)
+    tickets K*T1 .. K*(T1+T2)-1  down tile (pair p, BN2 rows of out): its first weight
+                                 block loaded, then wait until ready[p] == T1 (acquire),
+                                 out[p, n] = topk_weight[p] * (w2_e[n] . h[p])
+
+Why tickets, not program ids. A waiting down tile holds its SM slot, so it must never wait
+for a gate/up tile that has not started. Each program takes its tile from an atomic ticket
+counter when it starts: every gate/up ticket went to a program that was already running,
+and gate/up tiles never wait, so every wait ends (the same argument as a decoupled
+look-back scan's). The last program to finish resets the counters, so every launch finds
+them zeroed (CUDA graphs replay it as is).
+
+Both phases are matrix-vector products (one row of x or h; no tensor cores, the weights
+are read once) in float32, h rounded to x.dtype between them as the two-launch path does,
+and the K weighted outputs left unsummed in (K, H) like it. Experts outside [0, E) (other
+ranks' under expert parallelism) contribute zeros without reading weights.
+`TANDEM_MOE_ONE_LAUNCH=0` keeps the two launches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
+
+
+@triton.jit
+def _rows_dot(rows, vec_ptr, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              CG: tl.constexpr):
+    """(BN, BLOCK_K) float32 products of weight rows and vec[k0 : k0 + BLOCK_K]."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    k_ok = kk < K
+    if EVEN_K:
+        w = tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0)
+    else:
+        w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if CG:  # written by other programs of this launch: from L2, never a stale L1 line
+        v = tl.load(vec_ptr + kk, mask=k_ok, other=0.0, cache_modifier=".cg")
+    else:
+        v = tl.load(vec_ptr + kk, mask=k_ok, other=0.0)
+    return w.to(tl.float32) * v.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _moe_one_kernel(x_ptr, w13_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, topk_w_ptr, sync_ptr,
+                    E, H, I, top_k, T1, T2, stride_w13, stride_w2,
+                    BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr,
+                    BK2: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # x, the routing, and the counters' last reset come before
+    # sync: [ticket, finished, ready[0 .. top_k)]
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+    num_up = top_k * T1
+    if ticket < num_up:  # gate/up
+        pair = ticket // T1
+        e = tl.load(ids_ptr + pair)
+        if (e >= 0) & (e < E):
+            n = (ticket % T1) * BN1 + tl.arange(0, BN1)
+            n_ok = n < I
+            g_rows = w13_ptr + e.to(tl.int64) * stride_w13 + n.to(tl.int64)[:, None] * H
+            u_rows = g_rows + I * H
+            acc_g = tl.zeros([BN1, BK1], dtype=tl.float32)
+            acc_u = tl.zeros([BN1, BK1], dtype=tl.float32)
+            for k0 in range(0, H, BK1):
+                acc_g += _rows_dot(g_rows, x_ptr, n_ok, k0, H, BK1, H % BK1 == 0, False)
+                acc_u += _rows_dot(u_rows, x_ptr, n_ok, k0, H, BK1, H % BK1 == 0, False)
+            g = tl.sum(acc_g, 1)
+            h = g * tl.sigmoid(g) * tl.sum(acc_u, 1)
+            tl.store(h_ptr + pair * I + n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+        tl.debug_barrier()  # every thread's stores issued before the release below
+        tl.atomic_add(sync_ptr + 2 + pair, 1, sem="release", scope="gpu")
+    else:  # down
+        tile = ticket - num_up
+        pair = tile // T2
+        e = tl.load(ids_ptr + pair)
+        n = (tile % T2) * BN2 + tl.arange(0, BN2)
+        n_ok = n < H
+        y = tl.zeros([BN2], dtype=tl.float32)
+        if (e >= 0) & (e < E):
+            rows = w2_ptr + e.to(tl.int64) * stride_w2 + n.to(tl.int64)[:, None] * I
+            kk = tl.arange(0, BK2)
+            w_first = tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :],
+                              other=0.0)  # ahead of the wait: weights only
+            ready = tl.atomic_add(sync_ptr + 2 + pair, 0, sem="acquire", scope="gpu")
+            while ready < T1:
+                ready = tl.atomic_add(sync_ptr + 2 + pair, 0, sem="acquire", scope="gpu")
+            h_row = h_ptr + pair * I
+            hv = tl.load(h_row + kk, mask=kk < I, other=0.0, cache_modifier=".cg")
+            acc = w_first.to(tl.float32) * hv.to(tl.float32)[None, :]
+            for k0 in range(BK2, I, BK2):
+                acc += _rows_dot(rows, h_row, n_ok, k0, I, BK2, I % BK2 == 0, True)
+            y = tl.sum(acc, 1) * tl.load(topk_w_ptr + pair).to(tl.float32)
+        tl.store(out_ptr + pair * H + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+    done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if done == num_up + top_k * T2 - 1:  # the last program: every wait has ended
+        slots = tl.arange(0, 16)
+        for s0 in range(0, top_k + 2, 16):
+            tl.atomic_xchg(sync_ptr + s0 + slots, 0, mask=s0 + slots < top_k + 2,
+                           sem="relaxed", scope="gpu")
+
+
+# (BN1, BK1, BN2, BK2, num_warps): untuned first guesses, swept by scripts/bench_moe_decode.py
+DEFAULT_CONFIG = (4, 512, 8, 256, 4)
+
+
+def moe_one(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, config: tuple[int, int, int, int, int] | None = None
+            ) -> torch.Tensor:
+    """x (1, H); w13 (E, 2I, H), w2 (E, H, I) contiguous; topk_weights (1, K) float;
+    topk_ids (1, K) int32 in [-1, E), distinct where >= 0 -> (K, H) in x.dtype: the K
+    weighted expert outputs, unsummed (fused_moe sums them or hands them on)."""
+    num_experts, inter, hidden = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
+    top_k = topk_ids.shape[-1]
+    assert x.shape == (1, hidden) and w2.shape == (num_experts, hidden, inter)
+    bn1, bk1, bn2, bk2, warps = config or DEFAULT_CONFIG
+    bk1 = min(bk1, triton.next_power_of_2(hidden))
+    bk2 = min(bk2, triton.next_power_of_2(inter))
+    t1, t2 = triton.cdiv(inter, bn1), triton.cdiv(hidden, bn2)
+    h = torch.empty(top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(top_k, hidden, dtype=x.dtype, device=x.device)
+    _moe_one_kernel[(top_k * (t1 + t2),)](
+        x.contiguous(), w13, w2, h, out, topk_ids.contiguous(),
+        topk_weights.contiguous(), _sync(x.device, top_k), num_experts, hidden, inter, top_k,
+        t1, t2, w13.stride(0), w2.stride(0), BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2,
+        num_warps=warps, **launch_options(x))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sync_buffer(device: torch.device) -> torch.Tensor:
+    return torch.zeros(2 + 64, dtype=torch.int32, device=device)
+
+
+def _sync(device: torch.device, top_k: int) -> torch.Tensor:
+    """The zeroed counters [ticket, finished, ready per pair], shared by every layer's call
+    (calls on one stream never overlap: each launch's wait covers the one before)."""
+    if top_k > 64:
+        raise ValueError(f"moe_one: top_k {top_k} > 64")
+    return _sync_buffer(device)
