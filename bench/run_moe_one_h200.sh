@@ -15,7 +15,11 @@ for what in "$@"; do
              tests/kernels/test_triton_fused_moe.py tests/gpu/test_moe_cuda.py
            tail -2 "$OUT/gpu-tests.log"; grep -E "^FAILED" "$OUT/gpu-tests.log" | head -8 | cut -c1-200 ;;
     sweep) step moe-decode ${SWEEP_S:-200} python3 scripts/bench_moe_decode.py ${SWEEP_ARGS:-}
-           grep -E "two launches|BEST|default" "$OUT/moe-decode.log" ;;
+           grep -E "two launches|BEST|default" "$OUT/moe-decode.log"
+           # the Qwen3 sweep's best tiles for the steps after it (TANDEM_MOE_ONE_CONFIG)
+           best=$(tail -1 "$OUT/moe-decode.log" | python3 -c 'import json,sys
+r=json.loads(sys.stdin.read())["rows"]; print(",".join(map(str, r[0]["best_config"])))' 2>/dev/null)
+           [ -n "$best" ] && export TANDEM_MOE_ONE_CONFIG=$best && echo "== tiles $best" ;;
     diag) step diag-qwen3 120 python3 scripts/diag_decode.py bench/configs/qwen3-30b-a3b \
             /tmp/trace.json --env-ab TANDEM_MOE_ONE_LAUNCH=1,0 --json "$OUT/diag-qwen3.json"
           grep "^== " "$OUT/diag-qwen3.log" | cut -c1-150 ;;

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem import envs
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -127,7 +128,7 @@ def moe_one(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
     num_experts, inter, hidden = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
     top_k = topk_ids.shape[-1]
     assert x.shape == (1, hidden) and w2.shape == (num_experts, hidden, inter)
-    bn1, bk1, bn2, bk2, warps = config or DEFAULT_CONFIG
+    bn1, bk1, bn2, bk2, warps = config or envs.moe_one_config() or DEFAULT_CONFIG
     bk1 = min(bk1, triton.next_power_of_2(hidden))
     bk2 = min(bk2, triton.next_power_of_2(inter))
     t1, t2 = triton.cdiv(inter, bn1), triton.cdiv(hidden, bn2)
