@@ -24,12 +24,10 @@ from tandem.kernels.triton import moe_one
 
 QUICK = "--quick" in sys.argv
 WORKLOADS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
-# one launch: (BN1, BK1) gate/up tiles, (BN2, BK2) down tiles, num_warps
-ONE_GATE_UP = [(2, 1024), (4, 512), (4, 1024), (8, 256), (8, 512), (16, 256), (16, 512),
-               (32, 256), (1, 2048)]
-ONE_DOWN = [(4, 256), (8, 256), (16, 256), (32, 256), (8, 512), (16, 128), (32, 128),
-            (64, 128), (4, 1024)]
-ONE_WARPS = [2, 4, 8]
+# one launch: (BN1, BK1) gate/up tiles, (BN2, BK2) down tiles, (num_warps, num_stages)
+ONE_GATE_UP = [(16, 256), (32, 128), (32, 512), (64, 128), (64, 256), (16, 512)]
+ONE_DOWN = [(16, 256), (32, 128), (64, 128), (64, 256), (128, 64), (32, 512), (128, 128)]
+ONE_WARPS = [(4, 4), (8, 3), (4, 2), (2, 4), (8, 4)]
 
 
 def point(fn, x, w13, w2, routings, ref) -> float | None:
@@ -50,7 +48,7 @@ def descend(label, make_fn, default, args) -> tuple[float, tuple]:
     print(f"  {label} default {default}: {best_us} us")
     if QUICK or best_us is None:
         return best_us, best
-    for axis, values in ((0, ONE_GATE_UP), (1, ONE_DOWN), (2, [(w,) for w in ONE_WARPS])):
+    for axis, values in ((0, ONE_GATE_UP), (1, ONE_DOWN), (2, ONE_WARPS)):
         for v in values:
             cand = best[:2 * axis] + v + best[2 * axis + len(v):]
             if cand == best:
@@ -89,5 +87,6 @@ for name, (E, K, H, I) in WORKLOADS.items():
         print(f"  BEST one launch: {us:.2f} us {bytes_ / us / 1e3:.0f} GB/s {best}; "
               f"two launches {two} us")
 print(json.dumps({"bench": "moe_decode", "device": torch.cuda.get_device_name(),
-                  "config": "(BN1, BK1, BN2, BK2, num_warps) of kernels/triton/moe_one.py",
+                  "config": "(BN1, BK1, BN2, BK2, num_warps, num_stages) of "
+                            "kernels/triton/moe_one.py",
                   "rows": rows}))

@@ -15,8 +15,8 @@
                           (the default "1" does all three in the decode kernel on Triton)
     TANDEM_MOE_ONE_LAUNCH "0": one token's MoE runs gate/up and down as two launches (the
                           default "1": one launch, kernels/triton/moe_one.py)
-    TANDEM_MOE_ONE_CONFIG for tuning runs: that launch's tiles "BN1,BK1,BN2,BK2,num_warps"
-                          (powers of two) instead of its defaults
+    TANDEM_MOE_ONE_CONFIG for tuning runs: that launch's tiles
+                          "BN1,BK1,BN2,BK2,num_warps,num_stages" instead of its defaults
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -74,7 +74,7 @@ def moe_one_launch() -> bool:
     return os.environ.get("TANDEM_MOE_ONE_LAUNCH", "1") != "0"
 
 
-def moe_one_config() -> tuple[int, int, int, int, int] | None:
+def moe_one_config() -> tuple[int, int, int, int, int, int] | None:
     value = os.environ.get("TANDEM_MOE_ONE_CONFIG")
     if not value:
         return None
@@ -82,9 +82,9 @@ def moe_one_config() -> tuple[int, int, int, int, int] | None:
         cfg = tuple(int(v) for v in value.split(","))
     except ValueError:
         cfg = ()
-    if len(cfg) != 5 or any(v <= 0 or v & (v - 1) for v in cfg):
-        raise ValueError(f"TANDEM_MOE_ONE_CONFIG={value!r}: five powers of two, "
-                         "BN1,BK1,BN2,BK2,num_warps")
+    if len(cfg) != 6 or any(v <= 0 for v in cfg) or any(v & (v - 1) for v in cfg[:5]):
+        raise ValueError(f"TANDEM_MOE_ONE_CONFIG={value!r}: BN1,BK1,BN2,BK2,num_warps "
+                         "(powers of two),num_stages")
     return cfg  # type: ignore[return-value]
 
 

@@ -200,9 +200,9 @@ def test_one_launch_align_equals_the_three_launch_one(monkeypatch, t, k, e, bloc
 
 
 @pytest.mark.parametrize("num_experts,top_k,hidden,inter,config", [
-    (1, 1, 96, 40, None), (16, 4, 96, 40, None), (16, 4, 96, 40, (2, 32, 4, 16, 4)),
-    (128, 8, 2048, 768, None), (128, 8, 2048, 768, (16, 256, 32, 256, 8)),
-    (8, 2, 4096, 1408, None), (8, 2, 4096, 1408, (1, 1024, 64, 128, 4))])
+    (1, 1, 96, 40, None), (16, 4, 96, 40, None), (16, 4, 96, 40, (16, 32, 16, 16, 4, 2)),
+    (128, 8, 2048, 768, None), (128, 8, 2048, 768, (16, 256, 64, 128, 8, 3)),
+    (8, 2, 4096, 1408, None), (8, 2, 4096, 1408, (64, 128, 128, 64, 4, 4))])
 def test_one_launch_matches_reference(num_experts, top_k, hidden, inter, config):
     """moe_one (gate/up and down in one launch, kernels/triton/moe_one.py): each of K
     slots against the reference, shapes off the tiles and many tiny tiles (many tickets),

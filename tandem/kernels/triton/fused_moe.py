@@ -57,6 +57,7 @@ import triton.language as tl
 
 from tandem import envs
 from tandem.kernels.triton.moe_one import moe_one
+from tandem.kernels.triton.moe_tiles import _block_rows, _down_tile, _gate_up_tile
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -99,17 +100,6 @@ def _place_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, expert_ptr, num_row
 
 
 @triton.jit
-def _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr):
-    """(rows of h, the pair of each row) of block pid_m: sorted rows, or DIRECT (one token):
-    block p is pair p alone, at row p of h (its other BLOCK_M - 1 rows are padding)."""
-    r = tl.arange(0, BLOCK_M)
-    if DIRECT:
-        return pid_m + 0 * r, tl.where(r == 0, pid_m, num_pairs)
-    rows = pid_m * BLOCK_M + r
-    return rows, tl.load(sorted_ptr + rows)
-
-
-@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_k, E, H, I,
                     stride_xt, stride_we, stride_hm, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -118,35 +108,12 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_
         gdc_launch_dependents()
         gdc_wait()  # the expert of every block comes from the routing
     pid_m = tl.program_id(0)  # blocks fastest: an expert's blocks share its weight tiles (L2)
-    pid_n = tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
     if e >= E or e < 0:  # -1 pairs (down writes their zeros) or past the last block
         return
     rows, pair = _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M, DIRECT)
-    row_ok = pair < num_pairs
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of h: gate row n, up row I + n
-    n_ok = n < I
-    k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + (pair // top_k).to(tl.int64)[:, None] * stride_xt + k[None, :]
-    g_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * H + k[:, None]  # (BK, BN)
-    u_ptrs = g_ptrs + I * H
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None], other=0.0)
-            wg = tl.load(g_ptrs + k0, mask=n_ok[None, :], other=0.0)
-            wu = tl.load(u_ptrs + k0, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = k0 + k < H
-            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(g_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            wu = tl.load(u_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(xt, wg, acc_g)
-        acc_u = tl.dot(xt, wu, acc_u)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :],
-             h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    _gate_up_tile(x_ptr, w_ptr, h_ptr, rows, pair, e, tl.program_id(1), num_pairs, top_k, H, I,
+                  stride_xt, stride_we, stride_hm, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
 
 @triton.jit
@@ -158,37 +125,15 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, sorted_ptr, expert_ptr, topk_w_ptr, num_
         gdc_launch_dependents()
         gdc_wait()  # h from the gate/up launch
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     e = tl.load(expert_ptr + pid_m)
     if e > E:  # past the last block
         return
     if DIRECT and e < 0:  # the -1 pairs of the direct layout
         e = E
     rows, pair = _block_rows(sorted_ptr, pid_m, num_pairs, BLOCK_M, DIRECT)
-    row_ok = pair < num_pairs
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of out: rows of w2_e
-    n_ok = n < H
-    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + n[None, :]
-    out_ok = row_ok[:, None] & n_ok[None, :]
-    if e == E:  # pairs of experts on other ranks contribute zeros, without reading weights
-        tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty),
-                 mask=out_ok)
-        return
-    k = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + k[None, :]  # (BM, BK)
-    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * I + k[:, None]  # (BK, BN)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(h_ptrs + k0, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs + k0, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = k0 + k < I
-            a = tl.load(h_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-    acc *= tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    _down_tile(h_ptr, w_ptr, out_ptr, topk_w_ptr, rows, pair, e, tl.program_id(1), num_pairs,
+               E, H, I, stride_we, stride_hm, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+               False)
 
 
 @triton.jit

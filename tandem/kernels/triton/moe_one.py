@@ -36,31 +36,16 @@ import triton
 import triton.language as tl
 
 from tandem import envs
+from tandem.kernels.triton.moe_tiles import _block_rows, _down_tile, _gate_up_tile
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
-
-
-@triton.jit
-def _rows_dot(rows, vec_ptr, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-              CG: tl.constexpr):
-    """(BN, BLOCK_K) float32 products of weight rows and vec[k0 : k0 + BLOCK_K]."""
-    kk = k0 + tl.arange(0, BLOCK_K)
-    k_ok = kk < K
-    if EVEN_K:
-        w = tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0)
-    else:
-        w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    if CG:  # written by other programs of this launch: from L2, never a stale L1 line
-        v = tl.load(vec_ptr + kk, mask=k_ok, other=0.0, cache_modifier=".cg")
-    else:
-        v = tl.load(vec_ptr + kk, mask=k_ok, other=0.0)
-    return w.to(tl.float32) * v.to(tl.float32)[None, :]
 
 
 @triton.jit
 def _moe_one_kernel(x_ptr, w13_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, topk_w_ptr, sync_ptr,
                     E, H, I, top_k, T1, T2, stride_w13, stride_w2,
                     BN1: tl.constexpr, BK1: tl.constexpr, BN2: tl.constexpr,
-                    BK2: tl.constexpr, PDL: tl.constexpr):
+                    BK2: tl.constexpr, EVEN_H: tl.constexpr, EVEN_I: tl.constexpr,
+                    PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()  # x, the routing, and the counters' last reset come before
@@ -68,45 +53,27 @@ def _moe_one_kernel(x_ptr, w13_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, topk_w_ptr,
     ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
     num_up = top_k * T1
     if ticket < num_up:  # gate/up
-        pair = ticket // T1
-        e = tl.load(ids_ptr + pair)
+        p = ticket // T1
+        e = tl.load(ids_ptr + p)
+        rows, pair = _block_rows(ids_ptr, p, top_k, 16, True)
         if (e >= 0) & (e < E):
-            n = (ticket % T1) * BN1 + tl.arange(0, BN1)
-            n_ok = n < I
-            g_rows = w13_ptr + e.to(tl.int64) * stride_w13 + n.to(tl.int64)[:, None] * H
-            u_rows = g_rows + I * H
-            acc_g = tl.zeros([BN1, BK1], dtype=tl.float32)
-            acc_u = tl.zeros([BN1, BK1], dtype=tl.float32)
-            for k0 in range(0, H, BK1):
-                acc_g += _rows_dot(g_rows, x_ptr, n_ok, k0, H, BK1, H % BK1 == 0, False)
-                acc_u += _rows_dot(u_rows, x_ptr, n_ok, k0, H, BK1, H % BK1 == 0, False)
-            g = tl.sum(acc_g, 1)
-            h = g * tl.sigmoid(g) * tl.sum(acc_u, 1)
-            tl.store(h_ptr + pair * I + n, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+            _gate_up_tile(x_ptr, w13_ptr, h_ptr, rows, pair, e, ticket % T1, top_k, top_k,
+                          H, I, H, stride_w13, I, 16, BN1, BK1, EVEN_H)
         tl.debug_barrier()  # every thread's stores issued before the release below
-        tl.atomic_add(sync_ptr + 2 + pair, 1, sem="release", scope="gpu")
+        tl.atomic_add(sync_ptr + 2 + p, 1, sem="release", scope="gpu")
     else:  # down
         tile = ticket - num_up
-        pair = tile // T2
-        e = tl.load(ids_ptr + pair)
-        n = (tile % T2) * BN2 + tl.arange(0, BN2)
-        n_ok = n < H
-        y = tl.zeros([BN2], dtype=tl.float32)
-        if (e >= 0) & (e < E):
-            rows = w2_ptr + e.to(tl.int64) * stride_w2 + n.to(tl.int64)[:, None] * I
-            kk = tl.arange(0, BK2)
-            w_first = tl.load(rows + kk[None, :], mask=n_ok[:, None] & (kk < I)[None, :],
-                              other=0.0)  # ahead of the wait: weights only
-            ready = tl.atomic_add(sync_ptr + 2 + pair, 0, sem="acquire", scope="gpu")
+        p = tile // T2
+        e = tl.load(ids_ptr + p)
+        if (e < 0) | (e >= E):
+            e = E  # zeros, without waiting or reading weights
+        else:
+            ready = tl.atomic_add(sync_ptr + 2 + p, 0, sem="acquire", scope="gpu")
             while ready < T1:
-                ready = tl.atomic_add(sync_ptr + 2 + pair, 0, sem="acquire", scope="gpu")
-            h_row = h_ptr + pair * I
-            hv = tl.load(h_row + kk, mask=kk < I, other=0.0, cache_modifier=".cg")
-            acc = w_first.to(tl.float32) * hv.to(tl.float32)[None, :]
-            for k0 in range(BK2, I, BK2):
-                acc += _rows_dot(rows, h_row, n_ok, k0, I, BK2, I % BK2 == 0, True)
-            y = tl.sum(acc, 1) * tl.load(topk_w_ptr + pair).to(tl.float32)
-        tl.store(out_ptr + pair * H + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+                ready = tl.atomic_add(sync_ptr + 2 + p, 0, sem="acquire", scope="gpu")
+        rows, pair = _block_rows(ids_ptr, p, top_k, 16, True)
+        _down_tile(h_ptr, w2_ptr, out_ptr, topk_w_ptr, rows, pair, e, tile % T2, top_k, E, H,
+                   I, stride_w2, I, H, 16, BN2, BK2, EVEN_I, True)
     done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
     if done == num_up + top_k * T2 - 1:  # the last program: every wait has ended
         slots = tl.arange(0, 16)
@@ -115,12 +82,13 @@ def _moe_one_kernel(x_ptr, w13_ptr, w2_ptr, h_ptr, out_ptr, ids_ptr, topk_w_ptr,
                            sem="relaxed", scope="gpu")
 
 
-# (BN1, BK1, BN2, BK2, num_warps): untuned first guesses, swept by scripts/bench_moe_decode.py
-DEFAULT_CONFIG = (4, 512, 8, 256, 4)
+# (BN1, BK1, BN2, BK2, num_warps, num_stages): the two-launch path's one-token tiles to start
+# with (fused_moe.moe_config, direct), swept by scripts/bench_moe_decode.py
+DEFAULT_CONFIG = (32, 256, 32, 256, 4, 3)
 
 
 def moe_one(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, config: tuple[int, int, int, int, int] | None = None
+            topk_ids: torch.Tensor, config: tuple[int, int, int, int, int, int] | None = None
             ) -> torch.Tensor:
     """x (1, H); w13 (E, 2I, H), w2 (E, H, I) contiguous; topk_weights (1, K) float;
     topk_ids (1, K) int32 in [-1, E), distinct where >= 0 -> (K, H) in x.dtype: the K
@@ -128,9 +96,9 @@ def moe_one(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
     num_experts, inter, hidden = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
     top_k = topk_ids.shape[-1]
     assert x.shape == (1, hidden) and w2.shape == (num_experts, hidden, inter)
-    bn1, bk1, bn2, bk2, warps = config or envs.moe_one_config() or DEFAULT_CONFIG
-    bk1 = min(bk1, triton.next_power_of_2(hidden))
-    bk2 = min(bk2, triton.next_power_of_2(inter))
+    bn1, bk1, bn2, bk2, warps, stages = config or envs.moe_one_config() or DEFAULT_CONFIG
+    cap = lambda b, d: max(16, min(b, triton.next_power_of_2(d)))  # noqa: E731 (tl.dot >= 16)
+    bn1, bk1, bn2, bk2 = cap(bn1, inter), cap(bk1, hidden), cap(bn2, hidden), cap(bk2, inter)
     t1, t2 = triton.cdiv(inter, bn1), triton.cdiv(hidden, bn2)
     h = torch.empty(top_k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(top_k, hidden, dtype=x.dtype, device=x.device)
@@ -138,7 +106,8 @@ def moe_one(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
         x.contiguous(), w13, w2, h, out, topk_ids.contiguous(),
         topk_weights.contiguous(), _sync(x.device, top_k), num_experts, hidden, inter, top_k,
         t1, t2, w13.stride(0), w2.stride(0), BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2,
-        num_warps=warps, **launch_options(x))
+        EVEN_H=hidden % bk1 == 0, EVEN_I=inter % bk2 == 0,
+        num_warps=warps, num_stages=stages, **launch_options(x))
     return out
 
 
