@@ -13,8 +13,11 @@
                           (the default: int8/int4 weights only), "all", or "0" (never)
     TANDEM_DECODE_ROTARY  "0": decode steps launch rotary + K/V write apart from attention
                           (the default "1" does all three in the decode kernel on Triton)
-    TANDEM_MOE_ONE_LAUNCH "0": one token's MoE runs gate/up and down as two launches (the
-                          default "1": one launch, kernels/triton/moe_one.py)
+    TANDEM_DECODE_MIN_PART for tuning runs: the shortest split-K partition of the decode
+                          attention kernel, in tokens (a power of two >= 16)
+    TANDEM_MOE_ONE_LAUNCH how one token's MoE runs gate/up and down: "auto" (the default:
+                          one launch where moe_one.one_launch_pays says so), "1" always one
+                          launch (kernels/triton/moe_one.py), "0" always two
     TANDEM_MOE_ONE_CONFIG for tuning runs: that launch's tiles
                           "BN1,BK1,BN2,BK2,num_warps,num_stages" instead of its defaults
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
@@ -70,8 +73,22 @@ def decode_rotary_fused() -> bool:
     return os.environ.get("TANDEM_DECODE_ROTARY", "1") != "0"
 
 
-def moe_one_launch() -> bool:
-    return os.environ.get("TANDEM_MOE_ONE_LAUNCH", "1") != "0"
+def decode_min_part() -> int | None:
+    value = os.environ.get("TANDEM_DECODE_MIN_PART")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
+        raise ValueError(f"TANDEM_DECODE_MIN_PART={value!r}: a power of two >= 16")
+    return int(value)
+
+
+def moe_one_launch() -> str:
+    """"auto", "always" or "never" (TANDEM_MOE_ONE_LAUNCH: auto, 1 or 0)."""
+    value = os.environ.get("TANDEM_MOE_ONE_LAUNCH", "auto").strip().lower()
+    mode = {"auto": "auto", "1": "always", "0": "never"}.get(value)
+    if mode is None:
+        raise ValueError(f"TANDEM_MOE_ONE_LAUNCH={value!r}: use auto, 1 or 0")
+    return mode
 
 
 def moe_one_config() -> tuple[int, int, int, int, int, int] | None:

@@ -135,10 +135,11 @@ def test_align_layout(block_m):
     assert 3 not in be.tolist() and 9 not in be.tolist()
 
 
-@pytest.mark.parametrize("num_tokens", [8, 1])
-def test_cuda_graph_replay_with_new_inputs(num_tokens):
+@pytest.mark.parametrize("num_tokens,one_launch", [(8, "auto"), (1, "0"), (1, "1")])
+def test_cuda_graph_replay_with_new_inputs(monkeypatch, num_tokens, one_launch):
     """Decode runs in CUDA graphs: capture once, copy new tokens and routing in, replay
-    (one token: the one-launch kernel, whose counters must be zeroed again every time)."""
+    (one token in one launch: its counters must be zeroed again by every replay)."""
+    monkeypatch.setenv("TANDEM_MOE_ONE_LAUNCH", one_launch)
     x, w13, w2, w, ids = make(num_tokens, 256, 128, 16, 4, seed=11, drop=0.25)
     static = [x.clone(), w.clone(), ids.clone()]
     ops.fused_moe(static[0], w13, w2, static[1], static[2])  # compile outside the capture
@@ -221,16 +222,24 @@ def test_one_launch_matches_reference(num_experts, top_k, hidden, inter, config)
         assert torch.count_nonzero(_sync_buffer(x.device)).item() == 0
 
 
-def test_one_launch_against_two_launches(monkeypatch):
-    """ops.fused_moe for one token: one launch by default, the two launches with
-    TANDEM_MOE_ONE_LAUNCH=0; both within bf16 rounding of each other, summed or not."""
-    x, w13, w2, w, ids = make(1, 2048, 768, 128, 8, seed=31, drop=0.25)
+@pytest.mark.parametrize("shape", [(2048, 768, 128, 8), (1024, 14336, 8, 2)])
+def test_one_launch_against_two_launches(monkeypatch, shape):
+    """ops.fused_moe for one token in one launch (TANDEM_MOE_ONE_LAUNCH=1) and in two (=0):
+    within bf16 rounding of each other, summed or not. On a 132-SM H200 auto takes one
+    launch for the second shape (Mixtral's 896 gate/up tiles) and two for the first
+    (Qwen3-30B-A3B's 192)."""
+    from tandem.kernels.triton.moe_one import one_launch_pays
+    hidden, inter, num_experts, top_k = shape
+    x, w13, w2, w, ids = make(1, hidden, inter, num_experts, top_k, seed=31, drop=0.25)
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert one_launch_pays(top_k, inter, x.device) == (inter > 768)
+    monkeypatch.setenv("TANDEM_MOE_ONE_LAUNCH", "1")
     one = ops.fused_moe(x, w13, w2, w, ids)
     one_slots = ops.fused_moe(x, w13, w2, w, ids, reduce=False)
     monkeypatch.setenv("TANDEM_MOE_ONE_LAUNCH", "0")
     two = ops.fused_moe(x, w13, w2, w, ids)
     two_slots = ops.fused_moe(x, w13, w2, w, ids, reduce=False)
-    assert one_slots.shape == two_slots.shape == (1, 8, 2048)
+    assert one_slots.shape == two_slots.shape == (1, top_k, hidden)
     for a, b in ((one, two), (one_slots, two_slots)):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
                                    atol=1e-2 * b.abs().max().item())

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem import envs
 from tandem.kernels.triton.elementwise import norm_rotate
 from tandem.kernels.triton.kv_write import cached
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
@@ -253,7 +254,8 @@ class NewTokens:
     eps: float = 1e-6
 
 
-_MIN_PART = 128  # shortest partition, in tokens: two key tiles at BLOCK_N 64
+_MIN_PART = 64  # shortest partition, in tokens: one key tile at BLOCK_N 64
+MAX_ROUNDS = 8  # merge rounds at most: partitions are capped at MAX_ROUNDS * merge width
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,13 +267,15 @@ def _num_sms(device: torch.device) -> int:
 
 def decode_num_partitions(max_seq_len: int, num_seqs: int, num_kv_heads: int,
                           num_sms: int = 132, programs_per_sm: int = 2,
-                          min_part: int = 128) -> int:
+                          min_part: int = 128, merge: int | None = None) -> int:
     """Partitions per (sequence, KV head): enough programs for ~programs_per_sm per SM
-    (batch 1 still fills the chip), never partitions shorter than min_part tokens; 1 when
-    the batch alone fills the chip (no merge kernel then). H100, batch 1, 32k context:
-    33 partitions read 2244-2296 GB/s, 66 read 2197-2259, 16 read 1848-1883."""
+    (batch 1 still fills the chip), never partitions shorter than min_part tokens, and with
+    `merge` (the merge width) no more than MAX_ROUNDS merge rounds; 1 when the batch alone
+    fills the chip (no merge kernel then). H100, batch 1, 32k context: 33 partitions read
+    2244-2296 GB/s, 66 read 2197-2259, 16 read 1848-1883."""
     fill = max(1, programs_per_sm * num_sms // max(1, num_seqs * num_kv_heads))
-    return max(1, min(fill, triton.cdiv(max_seq_len, min_part)))
+    cap = MAX_ROUNDS * merge if merge else fill
+    return max(1, min(fill, cap, triton.cdiv(max_seq_len, min_part)))
 
 
 def merge_width(group: int, head_dim: int) -> int:
@@ -314,10 +318,13 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_decodes = seq_ids.shape[0] if seq_ids is not None else seq_lens.shape[0]
     if num_decodes == 0:
         return
-    min_part = min_part or _MIN_PART
+    min_part = min_part or envs.decode_min_part() or _MIN_PART
+    group_p2 = triton.next_power_of_2(group)
+    merge = merge or merge_width(group_p2, head_dim)
     if num_parts is None:
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
-                                          _num_sms(query.device), min_part=min_part)
+                                          _num_sms(query.device), min_part=min_part,
+                                          merge=merge)
     fp32 = kv_cache.dtype == torch.float32
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
@@ -333,7 +340,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                device=query.device)
         part_sum = torch.empty_like(part_max)
     ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
-    group_p2 = triton.next_power_of_2(group)
     if new is not None:
         assert seq_ids is None and head_dim >= 2, "NewTokens: a decode-only step"
         k_new, v_new = new.key, new.value
@@ -355,7 +361,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_parts, float(kv_scale[0]), float(kv_scale[1]), *rope,
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), GROUP_P2=group_p2,
-        MERGE=merge or merge_width(group_p2, head_dim), HEAD_DIM=head_dim,
+        MERGE=merge, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",

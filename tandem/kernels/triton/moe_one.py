@@ -24,7 +24,12 @@ Both phases are matrix-vector products (one row of x or h; no tensor cores, the 
 are read once) in float32, h rounded to x.dtype between them as the two-launch path does,
 and the K weighted outputs left unsummed in (K, H) like it. Experts outside [0, E) (other
 ranks' under expert parallelism) contribute zeros without reading weights.
-`TANDEM_MOE_ONE_LAUNCH=0` keeps the two launches.
+Where it pays (one H200, scripts/bench_moe_decode.py and `tandem bench latency`, e023f66):
+Mixtral-8x7B, whose gate/up alone is 896 tiles (6.8 a SM), 168.5 against 177.2 us a call and
+6.71 against 7.34 ms a token; Qwen3-30B-A3B, 192 tiles (1.5 a SM), 25.4 against 24.8 us and
+2.68 against 2.59 ms a token: each program's ticket is an L2 round trip before its first
+load, and with few tiles a SM there is little tail to save. `one_launch_pays` picks by
+that count; TANDEM_MOE_ONE_LAUNCH=1 / 0 forces one launch / two.
 """
 
 from __future__ import annotations
@@ -109,6 +114,20 @@ def moe_one(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: 
         EVEN_H=hidden % bk1 == 0, EVEN_I=inter % bk2 == 0,
         num_warps=warps, num_stages=stages, **launch_options(x))
     return out
+
+
+def one_launch_pays(top_k: int, inter: int, device: torch.device) -> bool:
+    """One launch where gate/up's tiles fill the SMs at least 4 times (measured: 6.8 won,
+    1.5 lost; the threshold between them is not measured finer)."""
+    bn1 = (envs.moe_one_config() or DEFAULT_CONFIG)[0]
+    return top_k * triton.cdiv(inter, bn1) >= 4 * _num_sms(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the Triton interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
