@@ -19,8 +19,8 @@ config() { case $1 in qwen3) echo qwen3-30b-a3b ;; mixtral) echo mixtral-8x7b ;;
 for what in "$@"; do
   case $what in
     tests) step gpu-tests ${TESTS_S:-200} python3 -m pytest -q -rf --tb=short -m gpu \
-             tests/kernels/test_triton_fused_moe.py tests/gpu/test_moe_cuda.py \
-             tests/kernels/test_triton_attention.py tests/kernels/test_triton_decode_rotary.py \
+             ${TEST_FILES:-tests/kernels/test_triton_fused_moe.py tests/gpu/test_moe_cuda.py \
+             tests/kernels/test_triton_attention.py tests/kernels/test_triton_decode_rotary.py} \
              -k "not long"
            tail -2 "$OUT/gpu-tests.log"; grep -E "^FAILED" "$OUT/gpu-tests.log" | head -8 | cut -c1-200 ;;
     moe) step moe-decode 120 python3 scripts/bench_moe_decode.py ${MOE_ARGS:---quick}
