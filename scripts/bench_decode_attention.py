@@ -73,15 +73,14 @@ CONFIGS = [None, (64, 4, 3, 128, 1), (64, 4, 3, 64), (64, 4, 3, 64, 1), (32, 4, 
            (64, 4, 4, 512), (128, 4, 2, 512)]
 BIG = (None, (64, 4, 3, 64), (128, 8, 2, 128), (64, 8, 3, 512), (128, 8, 2, 512),
        (64, 4, 4, 512), (32, 4, 3, 32))
-# (BLOCK_N, warps, stages, min_part[, merge[, rounds[, pad]]]); merge 1: the last
-# partition merges one partition a round (the kernel before 2026-12-02), else merge_width's
-# rounds; rounds: decode.MAX_ROUNDS for that point (64: in effect no cap); pad:
-# decode.PAD_STRIDE (False: the scratch stride is the partition count). (64, 4, 3, 128,
-# None, 64, False) is the kernel before the tenth session. Big batches only try BIG.
+# (BLOCK_N, warps, stages, min_part[, merge[, rounds]]); merge 1: the last partition merges
+# one partition a round (the kernel before 2026-12-02), else merge_width's rounds; rounds:
+# decode.MAX_ROUNDS for that point (64: in effect no cap; (64, 4, 3, 128, None, 64) is the
+# kernel before the tenth session). Big batches only try BIG.
 if args.quick:
     CASES = [c for c in CASES if c[1] == 1]
-    CONFIGS = [None, (64, 4, 3, 64, None, 8, False), (64, 4, 3, 128, None, 64, False),
-               (64, 4, 3, 64, None, 16)]
+    CONFIGS = [None, (64, 4, 3, 128, None, 64), (64, 4, 3, 64, None, 64),
+               (64, 4, 3, 128, 1, 64)]
 rows = []
 for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
     q, cache, meta, scale = batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
@@ -94,19 +93,18 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
             continue
         out = torch.empty_like(q)
         kw = dict(max_seq_len=max_len, kv_scale=scale)
-        knobs = (decode.MAX_ROUNDS, decode.PAD_STRIDE)
+        rounds = decode.MAX_ROUNDS
         if cfg is not None:
             kw.update(config=cfg[:3], min_part=cfg[3], merge=cfg[4] if len(cfg) > 4 else None)
-            knobs = (cfg[5] if len(cfg) > 5 else knobs[0], cfg[6] if len(cfg) > 6 else knobs[1])
+            rounds = cfg[5] if len(cfg) > 5 else rounds
 
-        def call(out=out, kw=kw, knobs=knobs):
-            saved = decode.MAX_ROUNDS, decode.PAD_STRIDE
-            decode.MAX_ROUNDS, decode.PAD_STRIDE = knobs
+        def call(out=out, kw=kw, rounds=rounds):
+            saved, decode.MAX_ROUNDS = decode.MAX_ROUNDS, rounds
             try:
                 decode_attention(q, cache, out, meta.query_start_loc, meta.seq_lens,
                                  meta.block_tables, 128 ** -0.5, **kw)
             finally:
-                decode.MAX_ROUNDS, decode.PAD_STRIDE = saved
+                decode.MAX_ROUNDS = saved
         try:
             call()
             err = (out.float() - ref.float()).abs().max().item()
@@ -121,8 +119,8 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
                      "GBps": kv_bytes / us / 1e3})
         print(f"  {str(cfg):<22} {us:8.2f} us  {kv_bytes / us / 1e3:8.0f} GB/s")
 rec = {"bench": "decode_attention", "device": torch.cuda.get_device_name(),
-       "config_fields": "(BLOCK_N, num_warps, num_stages, min_part[, merge[, max rounds"
-                        "[, padded stride]]]); null: the default",
+       "config_fields": "(BLOCK_N, num_warps, num_stages, min_part[, merge[, max rounds]]); "
+                        "null: the default",
        "rows": rows}
 print(json.dumps(rec))
 if args.json:

@@ -93,8 +93,8 @@ def _new_token(q1, q2, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr,
 
 
 @triton.jit
-def _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_parts,
-           part_stride, stride_ot, stride_oh, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+def _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_parts, num_parts,
+           stride_ot, stride_oh, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
            GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE: tl.constexpr):
     """The last partition to arrive: the n_parts partial results of the group's heads,
     merged by log-sum-exp and stored. MERGE partitions a round, each round's loads issued
@@ -103,7 +103,7 @@ def _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_par
     g = tl.arange(0, GROUP_P2)  # the group's real heads (the dot's padding is not stored)
     heads = kvh * GROUP + g
     ok_h = g < GROUP
-    base = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * part_stride  # (G,)
+    base = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_parts  # (G,)
     d = tl.arange(0, HEAD_DIM)
     pp = tl.arange(0, MERGE)
     big = tl.zeros([GROUP_P2], dtype=tl.float32) - float("inf")
@@ -132,12 +132,12 @@ def _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_par
 
 # Per-step integers are not specialized on (==1, %16): one compiled variant serves every
 # step, instead of new compilations appearing mid-run as batch shapes change.
-@triton.jit(do_not_specialize=["stride_bt", "num_parts", "part_stride"])
+@triton.jit(do_not_specialize=["stride_bt", "num_parts"])
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
                    counter_ptr, seq_ids_ptr, query_start_loc_ptr, seq_lens_ptr,
                    block_tables_ptr,
                    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-                   num_parts, part_stride, k_scale, v_scale,
+                   num_parts, k_scale, v_scale,
                    pos_ptr, kn_ptr, vn_ptr, slot_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
                    stride_kt, stride_kh, stride_vt, stride_vh, stride_c, eps,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -222,8 +222,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     if n_parts == 1:  # always so with one partition per launch: nothing to merge
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
     else:
-        # scratch (num_decodes, num_heads, part_stride[, D]), fp32
-        base0 = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * part_stride
+        # scratch (num_decodes, num_heads, num_parts[, D]), fp32
+        base0 = (i * (NUM_KV_HEADS * GROUP) + heads).to(tl.int64) * num_parts
         tl.store(part_max_ptr + base0 + p, m_i, mask=head_ok)
         tl.store(part_sum_ptr + base0 + p, l_i, mask=head_ok)
         tl.store(part_out_ptr + (base0 + p)[:, None] * HEAD_DIM + d[None, :], o,
@@ -234,7 +234,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         if arrived == n_parts - 1:  # the last partition merges them all
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
             _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_parts,
-                   part_stride, stride_ot, stride_oh, NUM_KV_HEADS, GROUP, GROUP_P2, HEAD_DIM,
+                   num_parts, stride_ot, stride_oh, NUM_KV_HEADS, GROUP, GROUP_P2, HEAD_DIM,
                    MERGE)
 
 
@@ -255,12 +255,7 @@ class NewTokens:
 
 
 _MIN_PART = 64  # shortest partition, in tokens: one key tile at BLOCK_N 64
-MAX_ROUNDS = 8  # merge rounds at most: partitions are capped at MAX_ROUNDS * merge width
-# The scratch holds each head's partitions at an odd stride: at a stride of 32 partitions
-# (16 KB of partial outputs a head) the same split ran 0.6-1.6 us slower on the H200 than at
-# 33 (scripts/bench_decode_attention.py, 2437914: Llama 1024 tokens 8.41 against 7.33 us,
-# 8192 18.33 against 16.85).
-PAD_STRIDE = True
+MAX_ROUNDS = 8  # merge rounds at most, where that cap at least halves the partitions
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,14 +267,22 @@ def _num_sms(device: torch.device) -> int:
 
 def decode_num_partitions(max_seq_len: int, num_seqs: int, num_kv_heads: int,
                           num_sms: int = 132, programs_per_sm: int = 2,
-                          min_part: int = 128, merge: int | None = None) -> int:
+                          min_part: int = _MIN_PART, merge: int | None = None) -> int:
     """Partitions per (sequence, KV head): enough programs for ~programs_per_sm per SM
-    (batch 1 still fills the chip), never partitions shorter than min_part tokens, and with
-    `merge` (the merge width) no more than MAX_ROUNDS merge rounds; 1 when the batch alone
-    fills the chip (no merge kernel then). H100, batch 1, 32k context: 33 partitions read
-    2244-2296 GB/s, 66 read 2197-2259, 16 read 1848-1883."""
+    (batch 1 still fills the chip), never partitions shorter than min_part tokens; 1 when
+    the batch alone fills the chip (no merge kernel then). H100, batch 1, 32k context:
+    33 partitions read 2244-2296 GB/s, 66 read 2197-2259, 16 read 1848-1883.
+
+    With `merge` (the merge width), no more than MAX_ROUNDS merge rounds where that cap at
+    least halves the count. H200, batch 1 (scripts/bench_decode_attention.py, tenth session,
+    two calls): Qwen3-30B-A3B (merge 2) at 4096 tokens took 13.1-13.9 us in 16 partitions
+    against 15.0-17.0 in 32 (20.7 in 64, ninth session); Llama-3.1-8B (merge 4) was slower
+    capped at 32 than at its 33 (1024 tokens 8.4 against 7.3 us, 8192 18.3 against 16.7-16.9)
+    although both split the context alike, so a cap that trims a few is left off."""
     fill = max(1, programs_per_sm * num_sms // max(1, num_seqs * num_kv_heads))
     cap = MAX_ROUNDS * merge if merge else fill
+    if 2 * cap > fill:
+        cap = fill
     return max(1, min(fill, cap, triton.cdiv(max_seq_len, min_part)))
 
 
@@ -339,10 +342,9 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         counters = seq_lens
     else:
         counters = _arrival_counters(query.device, num_decodes * num_kv_heads)
-        stride = num_parts | 1 if PAD_STRIDE else num_parts
-        part_out = torch.empty(num_decodes, num_heads, stride, head_dim,
+        part_out = torch.empty(num_decodes, num_heads, num_parts, head_dim,
                                dtype=torch.float32, device=query.device)
-        part_max = torch.empty(num_decodes, num_heads, stride, dtype=torch.float32,
+        part_max = torch.empty(num_decodes, num_heads, num_parts, dtype=torch.float32,
                                device=query.device)
         part_sum = torch.empty_like(part_max)
     ids = seq_ids if seq_ids is not None else seq_lens  # placeholder pointer when unused
@@ -364,8 +366,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         # log2(e): the kernel works in base 2; an FP8 cache's k_scale scales the scores
         scale * 1.4426950408889634 * (float(kv_scale[0]) if fp8 else 1.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        num_parts, part_max.shape[-1] if num_parts > 1 else 1, float(kv_scale[0]),
-        float(kv_scale[1]), *rope,
+        num_parts, float(kv_scale[0]), float(kv_scale[1]), *rope,
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), GROUP_P2=group_p2,
         MERGE=merge, HEAD_DIM=head_dim,
