@@ -1,0 +1,41 @@
+"""The environment switches with values to parse (tandem/envs.py): each value the docstring
+names maps as documented, the default included, and anything else raises ValueError
+naming the variable (a typo never silently selects a default)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem import envs
+
+
+def _check(monkeypatch, name, read, cases, bad):
+    for value, expected in cases:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert read() == expected, (name, value)
+    for value in bad:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            read()
+
+
+def test_moe_one_launch(monkeypatch):
+    _check(monkeypatch, "TANDEM_MOE_ONE_LAUNCH", envs.moe_one_launch,
+           [(None, "auto"), ("auto", "auto"), ("AUTO", "auto"), ("1", "always"),
+            ("0", "never")], ["yes", "2", "on"])
+
+
+def test_moe_one_config(monkeypatch):
+    _check(monkeypatch, "TANDEM_MOE_ONE_CONFIG", envs.moe_one_config,
+           [(None, None), ("", None), ("32,256,64,128,4,3", (32, 256, 64, 128, 4, 3))],
+           ["32,256,64,128,4", "32,256,64,128,4,3,1", "24,256,64,128,4,3", "a,b,c,d,e,f",
+            "32,256,64,128,4,0"])
+
+
+def test_decode_min_part(monkeypatch):
+    _check(monkeypatch, "TANDEM_DECODE_MIN_PART", envs.decode_min_part,
+           [(None, None), ("", None), ("64", 64), ("128", 128), ("16", 16)],
+           ["8", "96", "-64", "64.0", "x"])
