@@ -9,8 +9,8 @@ tiles still stream:
     tickets 0 .. K*T1-1          gate/up tile (pair p, BN1 columns of h):
                                  h[p, n] = silu(x . gate_e[n]) * (x . up_e[n]);
                                  then ready[p] += 1 (release)
-    tickets K*T1 .. K*(T1+T2)-1  down tile (pair p, BN2 rows of out): its first weight
-                                 block loaded, then wait until ready[p] == T1 (acquire),
+    tickets K*T1 .. K*(T1+T2)-1  down tile (pair p, BN2 rows of out): wait until
+                                 ready[p] == T1 (acquire), then
                                  out[p, n] = topk_weight[p] * (w2_e[n] . h[p])
 
 Why tickets, not program ids. A waiting down tile holds its SM slot, so it must never wait
@@ -20,10 +20,12 @@ and gate/up tiles never wait, so every wait ends (the same argument as a decoupl
 look-back scan's). The last program to finish resets the counters, so every launch finds
 them zeroed (CUDA graphs replay it as is).
 
-Both phases are matrix-vector products (one row of x or h; no tensor cores, the weights
-are read once) in float32, h rounded to x.dtype between them as the two-launch path does,
-and the K weighted outputs left unsummed in (K, H) like it. Experts outside [0, E) (other
-ranks' under expert parallelism) contribute zeros without reading weights.
+The tiles are the two-launch path's own (moe_tiles.py: one token padded to a 16-row
+tensor-core block, float32 accumulation), h rounded to x.dtype between the phases as
+there, and the K weighted outputs left unsummed in (K, H) like there. Experts outside
+[0, E) (other ranks' under expert parallelism) contribute zeros without reading weights.
+(Matrix-vector tiles without tensor cores streamed slower: Mixtral 192.9 against 168.5 us.)
+
 Where it pays (one H200, scripts/bench_moe_decode.py and `tandem bench latency`, e023f66):
 Mixtral-8x7B, whose gate/up alone is 896 tiles (6.8 a SM), 168.5 against 177.2 us a call and
 6.71 against 7.34 ms a token; Qwen3-30B-A3B, 192 tiles (1.5 a SM), 25.4 against 24.8 us and
@@ -41,6 +43,7 @@ import triton
 import triton.language as tl
 
 from tandem import envs
+from tandem.kernels.triton.decode import _num_sms
 from tandem.kernels.triton.moe_tiles import _block_rows, _down_tile, _gate_up_tile
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
@@ -121,13 +124,6 @@ def one_launch_pays(top_k: int, inter: int, device: torch.device) -> bool:
     1.5 lost; the threshold between them is not measured finer)."""
     bn1 = (envs.moe_one_config() or DEFAULT_CONFIG)[0]
     return top_k * triton.cdiv(inter, bn1) >= 4 * _num_sms(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the Triton interpreter
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
