@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from tandem import envs
-from tandem.kernels.triton.moe_one import moe_one, one_launch_pays
+from tandem.kernels.triton.moe_one import MAX_TOP_K, moe_one, one_launch_pays
 from tandem.kernels.triton.moe_tiles import _block_rows, _down_tile, _gate_up_tile
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
@@ -342,7 +342,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     direct = num_tokens == 1
     if direct and config is None:  # gate/up and down in one launch, where that pays
         mode = envs.moe_one_launch()
-        if mode == "always" or (mode == "auto" and one_launch_pays(top_k, inter, x.device)):
+        if top_k <= MAX_TOP_K and (mode == "always" or (
+                mode == "auto" and one_launch_pays(top_k, inter, x.device))):
             return _slots(moe_one(x, w13, w2, topk_weights, ids), num_tokens, top_k, reduce)
     cfg = config or moe_config(num_pairs, num_experts, hidden, inter, direct)
     if direct:

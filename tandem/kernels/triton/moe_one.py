@@ -126,14 +126,17 @@ def one_launch_pays(top_k: int, inter: int, device: torch.device) -> bool:
     return top_k * triton.cdiv(inter, bn1) >= 4 * _num_sms(device)
 
 
+MAX_TOP_K = 64  # ready counters in the sync buffer (fused_moe keeps two launches above it)
+
+
 @functools.lru_cache(maxsize=None)
 def _sync_buffer(device: torch.device) -> torch.Tensor:
-    return torch.zeros(2 + 64, dtype=torch.int32, device=device)
+    return torch.zeros(2 + MAX_TOP_K, dtype=torch.int32, device=device)
 
 
 def _sync(device: torch.device, top_k: int) -> torch.Tensor:
     """The zeroed counters [ticket, finished, ready per pair], shared by every layer's call
     (calls on one stream never overlap: each launch's wait covers the one before)."""
-    if top_k > 64:
-        raise ValueError(f"moe_one: top_k {top_k} > 64")
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"moe_one: top_k {top_k} > {MAX_TOP_K}")
     return _sync_buffer(device)
