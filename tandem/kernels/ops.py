@@ -112,29 +112,6 @@ def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
     return carried_reference.linear(x, dense, bias, row.dtype, add)
 
 
-def carried_fp8_linear(x: torch.Tensor | NormedRow, wq: torch.Tensor, w_scale: torch.Tensor,
-                       bias: torch.Tensor | None = None, add: AddNorm | None = None,
-                       quantize_x: bool = True
-                       ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
-    """`carried_linear` for e4m3 weights wq (N, K) with per-channel scales: FP8 W8A8
-    (quantize_x: the row quantized per token, as `fp8_linear`; for a NormedRow that is its x,
-    whose per-token scale the norm's scalar leaves unchanged) or fp8 weight-only."""
-    row = _row(x)
-    ok = (_scaled_mm_ok(row, wq) if quantize_x else
-          quant_gemm is not None and quant_gemm.supported(row, wq.shape[1], 8, 0))
-    if ok and row.shape[0] == 1 and wq.shape[1] % 512 == 0:
-        return quant_gemm.fp8_cast_gemv(x, None, wq, w_scale, bias, row.dtype,
-                                        quantize_x=quantize_x, add=add)
-    xin = row
-    if quantize_x:
-        xq, x_scale = quant_reference.quantize_fp8(row)
-        xin = xq.float() * x_scale[:, None]
-    if isinstance(x, NormedRow):
-        xin = NormedRow(xin, x.sumsq, x.eps)
-    return carried_reference.linear(xin, quant_reference.dequantize_int8(wq, w_scale), bias,
-                                    row.dtype, add)
-
-
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     if quant_gemm is not None and quant_gemm.supported(x, qweight.shape[1], 8, 0):

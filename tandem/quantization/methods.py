@@ -46,14 +46,6 @@ class Fp8LinearMethod(LinearMethod):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.fp8_linear(x, layer.weight_q, layer.weight_scale, bias)
 
-    def carries_norm(self, layer: nn.Module) -> bool:
-        return True
-
-    def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
-                      bias: torch.Tensor | None = None, add: AddNorm | None = None
-                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
-        return ops.carried_fp8_linear(x, layer.weight_q, layer.weight_scale, bias, add)
-
 
 class Int8WeightOnlyMethod(LinearMethod):
     """W8A16: int8 weights, per-output-channel scales; the matmul runs in the activation
@@ -71,7 +63,7 @@ class Int8WeightOnlyMethod(LinearMethod):
         return ops.int8_linear(x, layer.qweight, layer.scales, bias)
 
     def carries_norm(self, layer: nn.Module) -> bool:
-        return True
+        return layer.qweight.dtype == torch.int8  # not fp8 weight-only's e4m3
 
     def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
                       bias: torch.Tensor | None = None, add: AddNorm | None = None
@@ -121,12 +113,6 @@ class Fp8WeightOnlyMethod(Int8WeightOnlyMethod):
         q, scale = quant.quantize_fp8(_take_weight(layer))
         layer.register_buffer("qweight", q, persistent=False)
         layer.register_buffer("scales", scale, persistent=False)
-
-    def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
-                      bias: torch.Tensor | None = None, add: AddNorm | None = None
-                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
-        return ops.carried_fp8_linear(x, layer.qweight, layer.scales, bias, add,
-                                      quantize_x=False)
 
 
 def make_method(name: str) -> LinearMethod:

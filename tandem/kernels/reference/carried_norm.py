@@ -26,13 +26,10 @@ import torch.nn.functional as F
 class NormedRow:
     """rmsnorm(s) for one row, its scale not yet applied: value = x * rsqrt(sum(sumsq) / K
     + eps). x (1, K) in the model dtype = round(s * w_norm); sumsq (P,) float32, partial sums
-    of s^2 over the row; amax (P,) float32 or None, partial maxima of |x| (an FP8 producer
-    leaves them, so that an FP8 W8A8 consumer has x's per-token scale without a pass over x:
-    max |x| is what it would compute)."""
+    of s^2 over the row."""
     x: torch.Tensor
     sumsq: torch.Tensor
     eps: float
-    amax: torch.Tensor | None = None
 
     def scale(self) -> torch.Tensor:
         """rsqrt(mean(s^2) + eps), float32 (a 0-d tensor)."""

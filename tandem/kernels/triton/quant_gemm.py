@@ -178,18 +178,13 @@ def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_K: tl.constexp
 
 @triton.jit
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
-                       ss_in_ptr, P_in, eps, am_in_ptr, r_ptr, nw_ptr, sres_ptr, ss_ptr, am_ptr,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
-                       NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr, AMAX_IN: tl.constexpr,
-                       ADD_NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
     (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep. QUANT_X: x is half
     precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
-    _fp8_rows_kernel: its amax from the producer's partial maxima (AMAX_IN, P_in of them at
-    am_in_ptr: a NormedRow from an FP8 producer), else from a pass over the row (~8 KB from
-    L2), instead of a separate kernel per linear. One row may carry an RMSNorm as the int GEMV
-    (NORM_IN, ADD_NORM: carried_norm.py); ADD_NORM also stores the program's max |xn|."""
+    _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2), instead of a separate
+    kernel per linear."""
     if PDL:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -206,15 +201,10 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
     x_scale = 1.0
     x_inv = 1.0
     if QUANT_X:
-        if AMAX_IN:
-            p = tl.arange(0, P_BLOCK)
-            x_scale, x_inv = e4m3_scale(tl.max(tl.load(am_in_ptr + p, mask=p < P_in,
-                                                       other=0.0), 0))
-        else:
-            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
-            x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
+        x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
     acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
@@ -224,15 +214,9 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         y *= tl.load(xs_ptr + m)
     if QUANT_X:
         y *= x_scale
-    if NORM_IN:  # one row (carried_norm.py); W8A8 quantized xn, which the scale leaves as is
-        y *= norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    if ADD_NORM:  # one row
-        xn = add_norm_store(y, n, n_ok, pid_n, r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr)
-        tl.store(am_ptr + pid_n, tl.max(tl.where(n_ok, tl.abs(xn), 0.0), 0))
-    else:
-        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -493,36 +477,23 @@ def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
     return fp8_cast_gemv(xq, x_scale, wq, w_scale, bias, out_dtype, config, quantize_x)
 
 
-def fp8_cast_gemv(xq: torch.Tensor | NormedRow, x_scale: torch.Tensor | None,
-                  wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype, config: tuple[int, int, int] | None = None,
-                  quantize_x: bool = False, add: AddNorm | None = None
-                  ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
+                  w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  config: tuple[int, int, int] | None = None,
+                  quantize_x: bool = False) -> torch.Tensor:
     """fp8_gemv on CUDA cores, each weight cast to float32 (K a multiple of BLOCK_K). config
-    (BLOCK_N, BLOCK_K, num_warps): fp8_gemv_config by default. One row may carry an RMSNorm
-    (carried_norm.py): xq a NormedRow, and/or `add` (then the result is (NormedRow of the next
-    norm, with its partial maxima, the new residual))."""
-    amax_in = xq.amax if isinstance(xq, NormedRow) else None
-    xq, norm_in, norm_flags = norm_args(xq)
+    (BLOCK_N, BLOCK_K, num_warps): fp8_gemv_config by default."""
     m, k = xq.shape
-    assert m == 1 or (add is None and not norm_flags["NORM_IN"]), "a carried norm is one row"
     n = wq.shape[0]
     block_n, block_k, warps = config or fp8_gemv_config(n, k)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    programs = triton.cdiv(n, block_n)
-    add_in, s, sumsq = add_args(add, y, programs)
-    amax = (torch.empty(programs, dtype=torch.float32, device=y.device) if add is not None
-            else y)
-    assert amax_in is None or amax_in.shape == norm_in[0].shape, "one maximum a sum"
-    _gemv_float_kernel[(programs, m)](
+    _gemv_float_kernel[(triton.cdiv(n, block_n), m)](
         xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
-        *norm_in, amax_in if amax_in is not None else w_scale, *add_in, amax,
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
-        AMAX_IN=quantize_x and amax_in is not None, ADD_NORM=add is not None, **norm_flags,
         **launch_options(xq), BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=1)
-    return y if add is None else (NormedRow(y, sumsq, add.eps, amax), s)
+    return y
 
 
 def supported(x: torch.Tensor, k: int, bits: int, group_size: int) -> bool:
