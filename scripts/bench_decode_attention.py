@@ -3,7 +3,7 @@ over tile configs and the shortest partition (min_part), at batch 1 and short co
 batch-1 decode step is latency-bound there) and at batch 256 x 4096 (bandwidth-bound, bf16
 against an FP8 cache). Each point is checked against the PyTorch reference first.
 
-    python scripts/bench_decode_attention.py [--quick] [--json F]
+    python scripts/bench_decode_attention.py [--quick] [--case SUBSTR] [--json F]
 
 Prints a table per case and one JSON line."""
 
@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from tandem import envs
 from tandem.bench.timing import graph_us
 from tandem.kernels import kv_cache_shape, reference
 from tandem.kernels.triton import decode
@@ -25,6 +26,7 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--json", help="also write the JSON record here")
 ap.add_argument("--quick", action="store_true",
                 help="batch-1 cases only, the default against a serial merge (merge 1)")
+ap.add_argument("--case", default="", help="only the cases whose name contains this")
 args = ap.parse_args()
 DEV = "cuda"
 BLOCK = 16
@@ -81,6 +83,7 @@ if args.quick:
     CASES = [c for c in CASES if c[1] == 1]
     CONFIGS = [None, (64, 4, 3, 128, None, 64), (64, 4, 3, 64, None, 64),
                (64, 4, 3, 128, 1, 64)]
+CASES = [c for c in CASES if args.case in c[0]]
 rows = []
 for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
     q, cache, meta, scale = batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
@@ -119,6 +122,7 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
                      "GBps": kv_bytes / us / 1e3})
         print(f"  {str(cfg):<22} {us:8.2f} us  {kv_bytes / us / 1e3:8.0f} GB/s")
 rec = {"bench": "decode_attention", "device": torch.cuda.get_device_name(),
+       "fp8_kv_load": envs.fp8_kv_load(),
        "config_fields": "(BLOCK_N, num_warps, num_stages, min_part[, merge[, max rounds]]); "
                         "null: the default",
        "rows": rows}
