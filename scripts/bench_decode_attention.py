@@ -15,7 +15,6 @@ import random
 
 import torch
 
-from tandem import envs
 from tandem.bench.timing import graph_us
 from tandem.kernels import kv_cache_shape, reference
 from tandem.kernels.triton import decode
@@ -122,7 +121,6 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
                      "GBps": kv_bytes / us / 1e3})
         print(f"  {str(cfg):<22} {us:8.2f} us  {kv_bytes / us / 1e3:8.0f} GB/s")
 rec = {"bench": "decode_attention", "device": torch.cuda.get_device_name(),
-       "fp8_kv_load": envs.fp8_kv_load(),
        "config_fields": "(BLOCK_N, num_warps, num_stages, min_part[, merge[, max rounds]]); "
                         "null: the default",
        "rows": rows}

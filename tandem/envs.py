@@ -15,10 +15,6 @@
                           (the default "1" does all three in the decode kernel on Triton)
     TANDEM_DECODE_MIN_PART for tuning runs: the shortest split-K partition of the decode
                           attention kernel, in tokens (a power of two >= 16)
-    TANDEM_FP8_KV_LOAD    how attention reads an FP8 KV cache, for A/B runs: "0" e4m3
-                          loads converted by Triton, "1" the bytes then the hardware
-                          conversion, "2" the bytes moved into fp16 with integer ops
-                          (kernels/triton/kv_write.e4m3_to_f16)
     TANDEM_MOE_ONE_LAUNCH how one token's MoE runs gate/up and down: "auto" (the default:
                           one launch where moe_one.one_launch_pays says so), "1" always one
                           launch (kernels/triton/moe_one.py), "0" always two
@@ -116,10 +112,3 @@ def git_commit() -> str | None:
 def fault_token_id() -> int | None:
     value = os.environ.get("TANDEM_FAULT_TOKEN_ID")
     return int(value) if value else None
-
-
-def fp8_kv_load() -> int:
-    value = os.environ.get("TANDEM_FP8_KV_LOAD", "0")
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"TANDEM_FP8_KV_LOAD={value!r}: use 0, 1 or 2")
-    return int(value)

@@ -39,8 +39,3 @@ def test_decode_min_part(monkeypatch):
     _check(monkeypatch, "TANDEM_DECODE_MIN_PART", envs.decode_min_part,
            [(None, None), ("", None), ("64", 64), ("128", 128), ("16", 16)],
            ["8", "96", "-64", "64.0", "x"])
-
-
-def test_fp8_kv_load(monkeypatch):
-    _check(monkeypatch, "TANDEM_FP8_KV_LOAD", envs.fp8_kv_load,
-           [(None, 0), ("0", 0), ("1", 1), ("2", 2)], ["3", "bytes", ""])

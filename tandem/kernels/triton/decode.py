@@ -50,7 +50,7 @@ import triton.language as tl
 
 from tandem import envs
 from tandem.kernels.triton.elementwise import norm_rotate
-from tandem.kernels.triton.kv_write import FP8_F16_SCALE, cached, e4m3_bytes, e4m3_to_f16
+from tandem.kernels.triton.kv_write import cached, load_e4m3
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -144,8 +144,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    GROUP_P2: tl.constexpr, MERGE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
-                   PRECISION: tl.constexpr, FP8: tl.constexpr, FP8_LOAD: tl.constexpr,
-                   ROPE: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr,
+                   NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -197,16 +197,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         blk = tl.load(table + offs // BLOCK_SIZE, mask=valid, other=0)
         slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE  # (BLOCK_N,)
         kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-        if FP8 and FP8_LOAD > 0:  # bytes, masked rows 0 (kv_write.e4m3_to_f16)
-            k = e4m3_to_f16(tl.load(e4m3_bytes(k_ptr) + kv_off, mask=valid[:, None], other=0),
-                            FP8_LOAD)
-            v = e4m3_to_f16(tl.load(e4m3_bytes(v_ptr) + kv_off, mask=valid[:, None], other=0),
-                            FP8_LOAD)
-        elif FP8:  # the scales apply to the scores (k_scale, in scale_log2) and the output
-            k = tl.load(k_ptr + kv_off, mask=valid[:, None]).to(tl.float16)
-            v = tl.load(v_ptr + kv_off, mask=valid[:, None]).to(tl.float16)
-            k = tl.where(valid[:, None], k, 0.0)  # masked rows: no NaN from stale bytes
-            v = tl.where(valid[:, None], v, 0.0)
+        if FP8:  # the scales apply to the scores (k_scale, in scale_log2) and the output
+            k = load_e4m3(k_ptr + kv_off, valid[:, None])
+            v = load_e4m3(v_ptr + kv_off, valid[:, None])
         else:
             k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
             v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
@@ -221,7 +214,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if FP8:
-        o *= v_scale * (256.0 if FP8_LOAD == 2 else 1.0)
+        o *= v_scale
     dst = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
     n_parts = tl.cdiv(tl.maximum(seq_len, 1), part_len)  # partitions that run for this seq
     if n_parts == 1:  # always so with one partition per launch: nothing to merge
@@ -340,7 +333,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                           merge=merge)
     fp32 = kv_cache.dtype == torch.float32
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    fp8_load = envs.fp8_kv_load() if fp8 else 0
     block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
                                                 2 if fp32 else 3)
     if num_parts == 1:  # the scratch is unused; placeholders of the types the kernel expects
@@ -370,8 +362,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         query, kv_cache[0], kv_cache[1], out, part_out, part_max, part_sum, counters,
         ids, query_start_loc, seq_lens, block_tables,
         # log2(e): the kernel works in base 2; an FP8 cache's k_scale scales the scores
-        scale * 1.4426950408889634 * (float(kv_scale[0]) * FP8_F16_SCALE[fp8_load]
-                                      if fp8 else 1.0),
+        scale * 1.4426950408889634 * (float(kv_scale[0]) if fp8 else 1.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         num_parts, float(kv_scale[0]), float(kv_scale[1]), *rope,
         NUM_KV_HEADS=num_kv_heads, GROUP=group,
@@ -380,8 +371,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        FP8=fp8, FP8_LOAD=fp8_load, ROPE=new is not None,
-        NORM=new is not None and new.q_norm is not None,
+        FP8=fp8, ROPE=new is not None, NORM=new is not None and new.q_norm is not None,
         num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 

@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem import envs
-from tandem.kernels.triton.kv_write import FP8_F16_SCALE, e4m3_bytes, e4m3_to_f16
+from tandem.kernels.triton.kv_write import load_e4m3
 
 
 @triton.jit
@@ -53,7 +52,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_SEQ_IDS: tl.constexpr, FRESH: tl.constexpr, PRECISION: tl.constexpr,
-                    PREFETCH: tl.constexpr, FP8: tl.constexpr, FP8_LOAD: tl.constexpr):
+                    PREFETCH: tl.constexpr, FP8: tl.constexpr):
     h = tl.program_id(0)
     tile = tl.program_id(1)
     c = tl.program_id(2)
@@ -104,15 +103,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                             BLOCK_SIZE, FRESH, True)
         else:
             idx = _key_rows(offs, q_start, table, offs < n_full, BLOCK_SIZE, FRESH, False)
-        if FP8 and FP8_LOAD > 0:  # bytes (kv_write.e4m3_to_f16)
-            k = e4m3_to_f16(tl.load(e4m3_bytes(k_base) + idx[:, None] * stride_kt), FP8_LOAD)
-            v = e4m3_to_f16(tl.load(e4m3_bytes(v_base) + idx[:, None] * stride_vt), FP8_LOAD)
+        if FP8:
+            k = load_e4m3(k_base + idx[:, None] * stride_kt)
+            v = load_e4m3(v_base + idx[:, None] * stride_vt)
         else:
             k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
             v = tl.load(v_base + idx[:, None] * stride_vt)
-            if FP8:
-                k = k.to(tl.float16)
-                v = v.to(tl.float16)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         pr = tl.exp2(s - m_new[:, None])
@@ -125,16 +121,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         offs = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs < seq_len
         idx = _key_rows(offs, q_start, table, key_ok, BLOCK_SIZE, FRESH, True)
-        if FP8 and FP8_LOAD > 0:  # bytes, masked rows 0
-            k = e4m3_to_f16(tl.load(e4m3_bytes(k_base) + idx[:, None] * stride_kt,
-                                    mask=key_ok[:, None], other=0), FP8_LOAD)
-            v = e4m3_to_f16(tl.load(e4m3_bytes(v_base) + idx[:, None] * stride_vt,
-                                    mask=key_ok[:, None], other=0), FP8_LOAD)
-        elif FP8:
-            k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None])
-            v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None])
-            k = tl.where(key_ok[:, None], k.to(tl.float16), 0.0)  # no NaN from stale bytes
-            v = tl.where(key_ok[:, None], v.to(tl.float16), 0.0)
+        if FP8:  # masked rows read as 0: no NaN from stale bytes
+            k = load_e4m3(k_base + idx[:, None] * stride_kt, key_ok[:, None])
+            v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
         else:
             k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None], other=0.0)
             v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None], other=0.0)
@@ -150,7 +139,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
 
     o = acc / l_i[:, None]
     if FP8:
-        o *= v_scale * (256.0 if FP8_LOAD == 2 else 1.0)
+        o *= v_scale
     dst = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -207,18 +196,16 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                                                                        fresh)
     grid = (num_heads, triton.cdiv(max_query_len, block_m), num_chunks)
     fp8 = k_src.dtype == torch.float8_e4m3fn
-    fp8_load = envs.fp8_kv_load() if fp8 else 0
     _prefill_kernel[grid](
         query, k_src, v_src, out, seq_ids if seq_ids is not None else seq_lens,
         query_start_loc, seq_lens, block_tables,
         # log2(e): base 2 inside; an FP8 cache's k_scale scales the scores
-        scale * 1.4426950408889634 * (float(kv_scale[0]) * FP8_F16_SCALE[fp8_load]
-                                      if fp8 else 1.0),
+        scale * 1.4426950408889634 * (float(kv_scale[0]) if fp8 else 1.0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *k_strides, *v_strides, block_tables.stride(0), float(kv_scale[0]),
         float(kv_scale[1]),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SEQ_IDS=seq_ids is not None, FRESH=fresh,
         PRECISION="ieee" if k_src.dtype == torch.float32 else "tf32",
-        PREFETCH=prefetch_table and not fresh, FP8=fp8, FP8_LOAD=fp8_load,
+        PREFETCH=prefetch_table and not fresh, FP8=fp8,
         num_warps=num_warps, num_stages=num_stages)
