@@ -40,9 +40,10 @@ Then the two GEMMs, each one launch, grid (block, tile of N):
 One token (batch-1 decode) skips the layout: its K experts are distinct, so block p is
 pair p alone with expert topk_ids[p] (DIRECT). Where gate/up has many tiles a SM
 (Mixtral), gate/up and down run as one launch instead (moe_one.py). The K slots are
-summed by `sum_slots`, a Triton reduction, so that the whole chain runs under PDL (pdl.py). (Summing inside the
-down launch, the last of a tile's K programs adding them after an arrival counter, measured
-slower on the H200: 34.1 against ~25 us a Qwen3-30B-A3B layer at T = 1.)
+summed by `sum_slots`, a Triton reduction, so that the whole chain runs under PDL
+(pdl.py). (Summing inside the down launch, the last of a tile's K programs adding them
+after an arrival counter, measured slower on the H200: 34.1 against ~25 us a Qwen3-30B-A3B
+layer at T = 1.)
 
 h is rounded to x.dtype between the launches, as an unfused bf16 MLP rounds it; the
 reference keeps it in float32 (the parity tests allow for that).
