@@ -26,6 +26,8 @@ ap.add_argument("--json", help="also write the JSON record here")
 ap.add_argument("--quick", action="store_true",
                 help="batch-1 cases only, the default against a serial merge (merge 1)")
 ap.add_argument("--case", default="", help="only the cases whose name contains this")
+ap.add_argument("--configs", help="the configs to try at every batch size, as a Python list "
+                "of tuples (BLOCK_N, warps, stages, min_part[, merge[, rounds[, prefetch]]])")
 args = ap.parse_args()
 DEV = "cuda"
 BLOCK = 16
@@ -74,7 +76,7 @@ CONFIGS = [None, (64, 4, 3, 128, 1), (64, 4, 3, 64), (64, 4, 3, 64, 1), (32, 4, 
            (64, 4, 4, 512), (128, 4, 2, 512)]
 BIG = (None, (64, 4, 3, 64), (128, 8, 2, 128), (64, 8, 3, 512), (128, 8, 2, 512),
        (64, 4, 4, 512), (32, 4, 3, 32))
-# (BLOCK_N, warps, stages, min_part[, merge[, rounds]]); merge 1: the last partition merges
+# (BLOCK_N, warps, stages, min_part[, merge[, rounds[, prefetch]]]); merge 1: the last partition merges
 # one partition a round (the kernel before 2026-12-02), else merge_width's rounds; rounds:
 # decode.MAX_ROUNDS for that point (64: in effect no cap; (64, 4, 3, 128, None, 64) is the
 # kernel before the tenth session). Big batches only try BIG.
@@ -83,6 +85,8 @@ if args.quick:
     CONFIGS = [None, (64, 4, 3, 128, None, 64), (64, 4, 3, 64, None, 64),
                (64, 4, 3, 128, 1, 64)]
 CASES = [c for c in CASES if args.case in c[0]]
+if args.configs:
+    CONFIGS = BIG = [None if c is None else tuple(c) for c in eval(args.configs)]
 rows = []
 for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
     q, cache, meta, scale = batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
@@ -97,8 +101,9 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
         kw = dict(max_seq_len=max_len, kv_scale=scale)
         rounds = decode.MAX_ROUNDS
         if cfg is not None:
-            kw.update(config=cfg[:3], min_part=cfg[3], merge=cfg[4] if len(cfg) > 4 else None)
-            rounds = cfg[5] if len(cfg) > 5 else rounds
+            kw.update(config=cfg[:3] + cfg[6:7], min_part=cfg[3],
+                      merge=cfg[4] if len(cfg) > 4 else None)
+            rounds = cfg[5] if len(cfg) > 5 and cfg[5] else rounds
 
         def call(out=out, kw=kw, rounds=rounds):
             saved, decode.MAX_ROUNDS = decode.MAX_ROUNDS, rounds

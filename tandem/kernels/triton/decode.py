@@ -130,6 +130,44 @@ def _merge(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, i, kvh, row, n_par
              o.to(out_ptr.dtype.element_ty), mask=ok_h[:, None])
 
 
+@triton.jit
+def _slots(table, offs, valid, BLOCK_SIZE: tl.constexpr):
+    """Cache slots of context positions offs (invalid ones: slot of block 0, not read)."""
+    blk = tl.load(table + offs // BLOCK_SIZE, mask=valid, other=0)
+    return blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE
+
+
+@triton.jit
+def _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS: tl.constexpr,
+             HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+    """The (BLOCK_N, D) K and V rows at slots, invalid rows 0: as stored (an FP8 cache's
+    bytes as uint8, converted by _attend where they are used)."""
+    off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
+    if FP8:
+        k = load_e4m3(k_ptr + off, valid[:, None])
+        v = load_e4m3(v_ptr + off, valid[:, None])
+    else:
+        k = tl.load(k_ptr + off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + off, mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
+            FP8: tl.constexpr):
+    """One key tile into the online softmax: scores of the group's queries against k,
+    running max m_i and sum l_i, acc += p @ v (the scales apply to the scores, k_scale in
+    scale_log2, and to the output)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = tl.where(valid[None, :], s, float("-inf"))  # (GROUP_PAD, BLOCK_N)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 # Per-step integers are not specialized on (==1, %16): one compiled variant serves every
 # step, instead of new compilations appearing mid-run as batch shapes change.
 @triton.jit(do_not_specialize=["stride_bt", "num_parts"])
@@ -145,7 +183,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
                    PRECISION: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr,
-                   NORM: tl.constexpr, PDL: tl.constexpr):
+                   NORM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -191,26 +229,29 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        valid = offs < end
-        blk = tl.load(table + offs // BLOCK_SIZE, mask=valid, other=0)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE  # (BLOCK_N,)
-        kv_off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-        if FP8:  # the scales apply to the scores (k_scale, in scale_log2) and the output
-            k = load_e4m3(k_ptr + kv_off, valid[:, None])
-            v = load_e4m3(v_ptr + kv_off, valid[:, None])
-        else:
-            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
-            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))  # (GROUP_PAD, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    tile = tl.arange(0, BLOCK_N)
+    if PREFETCH:  # registers hold tile n's K/V, tile n+1's loads in flight and the
+        # block-table rows of tile n+2 (no shared-memory pipeline: num_stages 1)
+        slot = _slots(table, start + tile, start + tile < end, BLOCK_SIZE)
+        k_nx, v_nx = _kv_tile(k_ptr, v_ptr, slot, start + tile < end, kvh, d,
+                              NUM_KV_HEADS, HEAD_DIM, FP8)
+        nx = start + BLOCK_N + tile
+        slot_nx = _slots(table, nx, nx < end, BLOCK_SIZE)
+        for n0 in range(start, end, BLOCK_N):
+            k, v = k_nx, v_nx
+            nx = n0 + BLOCK_N + tile
+            k_nx, v_nx = _kv_tile(k_ptr, v_ptr, slot_nx, nx < end, kvh, d, NUM_KV_HEADS,
+                                  HEAD_DIM, FP8)
+            slot_nx = _slots(table, nx + BLOCK_N, nx + BLOCK_N < end, BLOCK_SIZE)
+            m_i, l_i, acc = _attend(q, k, v, n0 + tile < end, m_i, l_i, acc, scale_log2,
+                                    PRECISION, FP8)
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            valid = n0 + tile < end
+            k, v = _kv_tile(k_ptr, v_ptr, _slots(table, n0 + tile, valid, BLOCK_SIZE), valid,
+                            kvh, d, NUM_KV_HEADS, HEAD_DIM, FP8)
+            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION,
+                                    FP8)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if FP8:
@@ -299,7 +340,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      block_tables: torch.Tensor, scale: float, max_seq_len: int,
                      seq_ids: torch.Tensor | None = None, num_decodes: int | None = None,
                      num_parts: int | None = None,
-                     config: tuple[int, int, int] | None = None,
+                     config: tuple[int, ...] | None = None,
                      kv_scale: tuple[float, float] = (1.0, 1.0),
                      min_part: int | None = None, new: NewTokens | None = None,
                      merge: int | None = None) -> None:
@@ -310,7 +351,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), contiguous.
     max_seq_len: a host bound on the decode sequences' seq_lens; it only caps num_parts.
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
-    config: (BLOCK_N, num_warps, num_stages), for tuning; min_part: the shortest partition
+    config: (BLOCK_N, num_warps, num_stages[, prefetch]), for tuning (prefetch: the next
+    tile's loads issued into registers before this tile's math, for num_stages 1); min_part: the shortest partition
     in tokens (default _MIN_PART), for tuning; merge: partitions merged a round (a power of
     two; default merge_width), for tuning.
     new: this step's tokens are not rotated or cached yet (NewTokens): query is q as
@@ -333,8 +375,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                           merge=merge)
     fp32 = kv_cache.dtype == torch.float32
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
-                                                2 if fp32 else 3)
+    block_n, num_warps, num_stages, *prefetch = config or (
+        64 if head_dim >= 128 or fp32 else 128, 4, 2 if fp32 else 3)
     if num_parts == 1:  # the scratch is unused; placeholders of the types the kernel expects
         part_out = part_max = part_sum = out
         counters = seq_lens
@@ -372,7 +414,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         FP8=fp8, ROPE=new is not None, NORM=new is not None and new.q_norm is not None,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(query))
+        PREFETCH=bool(prefetch and prefetch[0]), num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
