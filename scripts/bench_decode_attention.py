@@ -27,7 +27,7 @@ ap.add_argument("--quick", action="store_true",
                 help="batch-1 cases only, the default against a serial merge (merge 1)")
 ap.add_argument("--case", default="", help="only the cases whose name contains this")
 ap.add_argument("--configs", help="the configs to try at every batch size, as a Python list "
-                "of tuples (BLOCK_N, warps, stages, min_part[, merge[, rounds[, prefetch]]])")
+                "of tuples (BLOCK_N, warps, stages, min_part[, merge[, rounds]])")
 args = ap.parse_args()
 DEV = "cuda"
 BLOCK = 16
@@ -67,6 +67,8 @@ CASES = [  # name, seqs, ctx, kv heads, q heads, cache dtype, graph max_seq_len
     ("qwen3moe-b1-ctx512", 1, 512, 4, 32, torch.bfloat16, 1024),
     ("qwen3moe-b1-ctx4096", 1, 4096, 4, 32, torch.bfloat16, 4096),
     ("llama8b-b8-ctx1024", 8, 1024, 8, 32, torch.bfloat16, 4096),
+    ("llama8b-b1-ctx2048-fp8", 1, 2048, 8, 32, torch.float8_e4m3fn, 4096),
+    ("llama8b-b8-ctx1024-fp8", 8, 1024, 8, 32, torch.float8_e4m3fn, 4096),
     ("llama8b-b256-ctx4096-bf16", 256, 4096, 8, 32, torch.bfloat16, 4352),
     ("llama8b-b256-ctx4096-fp8", 256, 4096, 8, 32, torch.float8_e4m3fn, 4352),
 ]
@@ -76,7 +78,7 @@ CONFIGS = [None, (64, 4, 3, 128, 1), (64, 4, 3, 64), (64, 4, 3, 64, 1), (32, 4, 
            (64, 4, 4, 512), (128, 4, 2, 512)]
 BIG = (None, (64, 4, 3, 64), (128, 8, 2, 128), (64, 8, 3, 512), (128, 8, 2, 512),
        (64, 4, 4, 512), (32, 4, 3, 32))
-# (BLOCK_N, warps, stages, min_part[, merge[, rounds[, prefetch]]]); merge 1: the last partition merges
+# (BLOCK_N, warps, stages, min_part[, merge[, rounds]]); merge 1: the last partition merges
 # one partition a round (the kernel before 2026-12-02), else merge_width's rounds; rounds:
 # decode.MAX_ROUNDS for that point (64: in effect no cap; (64, 4, 3, 128, None, 64) is the
 # kernel before the tenth session). Big batches only try BIG.
@@ -101,8 +103,7 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
         kw = dict(max_seq_len=max_len, kv_scale=scale)
         rounds = decode.MAX_ROUNDS
         if cfg is not None:
-            kw.update(config=cfg[:3] + cfg[6:7], min_part=cfg[3],
-                      merge=cfg[4] if len(cfg) > 4 else None)
+            kw.update(config=cfg[:3], min_part=cfg[3], merge=cfg[4] if len(cfg) > 4 else None)
             rounds = cfg[5] if len(cfg) > 5 and cfg[5] else rounds
 
         def call(out=out, kw=kw, rounds=rounds):

@@ -140,8 +140,7 @@ def _slots(table, offs, valid, BLOCK_SIZE: tl.constexpr):
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS: tl.constexpr,
              HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
-    """The (BLOCK_N, D) K and V rows at slots, invalid rows 0: as stored (an FP8 cache's
-    bytes as uint8, converted by _attend where they are used)."""
+    """The (BLOCK_N, D) K and V rows at slots, invalid rows 0 (an FP8 cache's as fp16)."""
     off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
     if FP8:
         k = load_e4m3(k_ptr + off, valid[:, None])
@@ -153,8 +152,7 @@ def _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS: tl.constexpr,
 
 
 @triton.jit
-def _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
-            FP8: tl.constexpr):
+def _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
     """One key tile into the online softmax: scores of the group's queries against k,
     running max m_i and sum l_i, acc += p @ v (the scales apply to the scores, k_scale in
     scale_log2, and to the output)."""
@@ -183,7 +181,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
                    PRECISION: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr,
-                   NORM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                   NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -230,28 +228,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     tile = tl.arange(0, BLOCK_N)
-    if PREFETCH:  # registers hold tile n's K/V, tile n+1's loads in flight and the
-        # block-table rows of tile n+2 (no shared-memory pipeline: num_stages 1)
-        slot = _slots(table, start + tile, start + tile < end, BLOCK_SIZE)
-        k_nx, v_nx = _kv_tile(k_ptr, v_ptr, slot, start + tile < end, kvh, d,
-                              NUM_KV_HEADS, HEAD_DIM, FP8)
-        nx = start + BLOCK_N + tile
-        slot_nx = _slots(table, nx, nx < end, BLOCK_SIZE)
-        for n0 in range(start, end, BLOCK_N):
-            k, v = k_nx, v_nx
-            nx = n0 + BLOCK_N + tile
-            k_nx, v_nx = _kv_tile(k_ptr, v_ptr, slot_nx, nx < end, kvh, d, NUM_KV_HEADS,
-                                  HEAD_DIM, FP8)
-            slot_nx = _slots(table, nx + BLOCK_N, nx + BLOCK_N < end, BLOCK_SIZE)
-            m_i, l_i, acc = _attend(q, k, v, n0 + tile < end, m_i, l_i, acc, scale_log2,
-                                    PRECISION, FP8)
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            valid = n0 + tile < end
-            k, v = _kv_tile(k_ptr, v_ptr, _slots(table, n0 + tile, valid, BLOCK_SIZE), valid,
-                            kvh, d, NUM_KV_HEADS, HEAD_DIM, FP8)
-            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION,
-                                    FP8)
+    for n0 in range(start, end, BLOCK_N):
+        valid = n0 + tile < end
+        k, v = _kv_tile(k_ptr, v_ptr, _slots(table, n0 + tile, valid, BLOCK_SIZE), valid, kvh,
+                        d, NUM_KV_HEADS, HEAD_DIM, FP8)
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if FP8:
@@ -340,7 +321,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                      block_tables: torch.Tensor, scale: float, max_seq_len: int,
                      seq_ids: torch.Tensor | None = None, num_decodes: int | None = None,
                      num_parts: int | None = None,
-                     config: tuple[int, ...] | None = None,
+                     config: tuple[int, int, int] | None = None,
                      kv_scale: tuple[float, float] = (1.0, 1.0),
                      min_part: int | None = None, new: NewTokens | None = None,
                      merge: int | None = None) -> None:
@@ -351,8 +332,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     kv_cache: (2, num_blocks, block_size, num_kv_heads, head_dim), contiguous.
     max_seq_len: a host bound on the decode sequences' seq_lens; it only caps num_parts.
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
-    config: (BLOCK_N, num_warps, num_stages[, prefetch]), for tuning (prefetch: the next
-    tile's loads issued into registers before this tile's math, for num_stages 1); min_part: the shortest partition
+    config: (BLOCK_N, num_warps, num_stages), for tuning; min_part: the shortest partition
     in tokens (default _MIN_PART), for tuning; merge: partitions merged a round (a power of
     two; default merge_width), for tuning.
     new: this step's tokens are not rotated or cached yet (NewTokens): query is q as
@@ -375,8 +355,11 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
                                           merge=merge)
     fp32 = kv_cache.dtype == torch.float32
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    block_n, num_warps, num_stages, *prefetch = config or (
-        64 if head_dim >= 128 or fp32 else 128, 4, 2 if fp32 else 3)
+    # FP8 at 2 stages: H200, batch 256 x 4096 (scripts/bench_decode_attention.py), 799 us
+    # against 890 at 3 (its byte tiles converted on the way out of shared memory hold 168
+    # registers at 3 stages, 128 at 2: 4 blocks an SM instead of 3); bf16 stays at 3 (954)
+    block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
+                                                2 if fp32 or fp8 else 3)
     if num_parts == 1:  # the scratch is unused; placeholders of the types the kernel expects
         part_out = part_max = part_sum = out
         counters = seq_lens
@@ -414,7 +397,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         FP8=fp8, ROPE=new is not None, NORM=new is not None and new.q_norm is not None,
-        PREFETCH=bool(prefetch and prefetch[0]), num_warps=num_warps, num_stages=num_stages, **launch_options(query))
+        num_warps=num_warps, num_stages=num_stages, **launch_options(query))
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}

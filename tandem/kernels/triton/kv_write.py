@@ -67,12 +67,6 @@ def load_e4m3(ptrs, mask=None):
         b = tl.load(ptrs.to(tl.pointer_type(tl.uint8)))
     else:
         b = tl.load(ptrs.to(tl.pointer_type(tl.uint8)), mask=mask, other=0)
-    return e4m3_to_f16(b)
-
-
-@triton.jit
-def e4m3_to_f16(b):
-    """Bytes (uint8) of e4m3 values as fp16: the hardware conversion, two an instruction."""
     return b.to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
 
