@@ -333,8 +333,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     max_seq_len: a host bound on the decode sequences' seq_lens; it only caps num_parts.
     num_parts: partitions per (sequence, KV head), default decode_num_partitions(...).
     config: (BLOCK_N, num_warps, num_stages), for tuning; min_part: the shortest partition
-    in tokens (default _MIN_PART), for tuning; merge: partitions merged a round (a power of
-    two; default merge_width), for tuning.
+    in tokens (default _MIN_PART, an FP8 cache's key tile), for tuning; merge: partitions
+    merged a round (a power of two; default merge_width), for tuning.
     new: this step's tokens are not rotated or cached yet (NewTokens): query is q as
     qkv_proj left it, and the launch does rotary_write_kv's work too. Every row must be its
     own sequence (no two rows of one sequence: they would race on each other's K/V).
@@ -346,20 +346,22 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_decodes = seq_ids.shape[0] if seq_ids is not None else seq_lens.shape[0]
     if num_decodes == 0:
         return
-    min_part = min_part or envs.decode_min_part() or _MIN_PART
+    fp32 = kv_cache.dtype == torch.float32
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    # An FP8 cache: 128-key tiles at 2 stages, each warp scoring 32 keys, and partitions of
+    # whole tiles. H200, Llama-3.1-8B's 8 KV heads (scripts/bench_decode_attention.py,
+    # bench/results/2026-12-02-h200-fp8-kv-stages-cc849a6/): batch 256 x 4096 682 us a
+    # layer, against 799 at bf16's (64, 4) at 2 stages and 891 at 3; batch 1 x 2048 8.2 us
+    # against 9.1-9.4; batch 8 x 1024 11.6 against 13.4-14.3.
+    block_n, num_warps, num_stages = config or (
+        (128, 4, 2) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2 if fp32 else 3))
+    min_part = min_part or envs.decode_min_part() or (block_n if fp8 else _MIN_PART)
     group_p2 = triton.next_power_of_2(group)
     merge = merge or merge_width(group_p2, head_dim)
     if num_parts is None:
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
                                           _num_sms(query.device), min_part=min_part,
                                           merge=merge)
-    fp32 = kv_cache.dtype == torch.float32
-    fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    # FP8 at 2 stages: H200, batch 256 x 4096 (scripts/bench_decode_attention.py), 799 us
-    # against 890 at 3 (its byte tiles converted on the way out of shared memory hold 168
-    # registers at 3 stages, 128 at 2: 4 blocks an SM instead of 3); bf16 stays at 3 (954)
-    block_n, num_warps, num_stages = config or (64 if head_dim >= 128 or fp32 else 128, 4,
-                                                2 if fp32 or fp8 else 3)
     if num_parts == 1:  # the scratch is unused; placeholders of the types the kernel expects
         part_out = part_max = part_sum = out
         counters = seq_lens
