@@ -69,6 +69,9 @@ CASES = [  # name, seqs, ctx, kv heads, q heads, cache dtype, graph max_seq_len
     ("llama8b-b8-ctx1024", 8, 1024, 8, 32, torch.bfloat16, 4096),
     ("llama8b-b1-ctx2048-fp8", 1, 2048, 8, 32, torch.float8_e4m3fn, 4096),
     ("llama8b-b8-ctx1024-fp8", 8, 1024, 8, 32, torch.float8_e4m3fn, 4096),
+    ("llama8b-b64-ctx4096-fp8", 64, 4096, 8, 32, torch.float8_e4m3fn, 4352),
+    ("llama8b-b128-ctx4096-fp8", 128, 4096, 8, 32, torch.float8_e4m3fn, 4352),
+    ("llama8b-b192-ctx4096-fp8", 192, 4096, 8, 32, torch.float8_e4m3fn, 4352),
     ("llama8b-b256-ctx4096-bf16", 256, 4096, 8, 32, torch.bfloat16, 4352),
     ("llama8b-b256-ctx4096-fp8", 256, 4096, 8, 32, torch.float8_e4m3fn, 4352),
 ]
