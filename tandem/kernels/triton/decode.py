@@ -353,12 +353,10 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     # bench/results/2026-12-02-h200-fp8-kv-stages-cc849a6/): batch 256 x 4096 682 us a
     # layer, against 799 at bf16's (64, 4) at 2 stages and 891 at 3; batch 1 x 2048 8.2 us
     # against 9.1-9.4; batch 8 x 1024 11.6 against 13.4-14.3.
-    # With 8+ programs an SM (batch 256: 623 us) one warp a 64-key tile, so no reduction
-    # crosses warps; at batch 1 and 8 that is 2x slower (e35eb15 results).
-    big = num_decodes * num_kv_heads >= 8 * _num_sms(query.device)
+    # (One warp a 64-key tile took 623 us at batch 256 but 600 against 502 at 192, wave
+    # quantization at 8 programs an SM, and the throughput run lost with it: e604a8b.)
     block_n, num_warps, num_stages = config or (
-        ((64, 1, 2) if big else (128, 4, 2)) if fp8
-        else (64 if head_dim >= 128 or fp32 else 128, 4, 2 if fp32 else 3))
+        (128, 4, 2) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2 if fp32 else 3))
     min_part = min_part or envs.decode_min_part() or (block_n if fp8 else _MIN_PART)
     group_p2 = triton.next_power_of_2(group)
     merge = merge or merge_width(group_p2, head_dim)
