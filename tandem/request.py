@@ -64,6 +64,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # token id -> a number in [-100, 100] added to its logit before sampling (OpenAI's and
+    # vLLM's logit_bias; the logprobs returned stay the model's)
+    logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -110,6 +113,14 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        self.logit_bias = dict(self.logit_bias or {})
+        for tok, bias in self.logit_bias.items():
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                raise ValueError(f"logit_bias keys must be token ids, got {tok!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                    or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got "
+                                 f"{bias!r} for token {tok}")
 
     @property
     def greedy(self) -> bool:

@@ -8,9 +8,10 @@ emit broken UTF-8. We decode a short window and emit only text that is final:
     delta = decode(ids[prefix:]) minus decode(ids[prefix:read]), held back while it ends
     in U+FFFD (an incomplete character).
 
-Stop strings are matched on the accumulated text; while a stop string could still be
-completed by the next token, the last `max_stop_len - 1` characters are withheld from
-streaming so no client ever sees part of a stop string.
+Stop strings are matched on the accumulated text, once min_tokens tokens are out (as EOS
+and stop tokens are); while a stop string could still be completed by the next token, the
+last `max_stop_len - 1` characters are withheld from streaming so no client ever sees part
+of a stop string.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class IncrementalDetokenizer:
         self.stop = list(params.stop or [])
         self._max_stop = max((len(s) for s in self.stop), default=0)
         self.include_stop = params.include_stop_str_in_output
+        self.min_tokens = params.min_tokens
+        self.num_tokens = 0  # output tokens added
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -43,6 +46,7 @@ class IncrementalDetokenizer:
         """Append tokens; returns True when a stop string matched (the caller finishes)."""
         for tok in new_ids:
             self.ids.append(tok)
+            self.num_tokens += 1
             prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
             full = self._decode(self.ids[self.prefix_offset:])
             if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -58,7 +62,7 @@ class IncrementalDetokenizer:
 
     def _append(self, delta: str) -> None:
         self.text += delta
-        if not self.stop:
+        if not self.stop or self.num_tokens < self.min_tokens:
             return
         start = max(0, len(self.text) - len(delta) - self._max_stop + 1)
         for s in self.stop:

@@ -44,6 +44,16 @@ class ParentState:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
 
+def _stop_token(req: Request) -> bool:
+    """Whether req finished on a stop token whose text is left out: the scheduler's STOP
+    (scheduler._stop_reason) for EOS or a stop_token_ids token, its last output token."""
+    p = req.sampling_params
+    if req.finish_reason is not FinishReason.STOP or p.include_stop_str_in_output:
+        return False
+    token = req.output_token_ids[-1]
+    return token in p.stop_token_ids or (token in req.eos_token_ids and not p.ignore_eos)
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer | None,
                  finish: Callable[[str, FinishReason], object]) -> None:
@@ -118,7 +128,9 @@ class OutputProcessor:
         ones after the token that completed the stop string are dropped, so the output
         ends exactly where one-token steps would have ended it. Only the last token of
         a request that finished as it `arrived` flushes the detokenizer's held-back tail,
-        as when every token is fed in its own step."""
+        as when every token is fed in its own step. A stop token (EOS, stop_token_ids) that
+        ended the request stays in its token ids but not in its text, unless
+        include_stop_str_in_output (as vLLM does)."""
         req = child.request
         new = req.output_token_ids[child.num_seen:]
         if child.detok is None:
@@ -127,8 +139,9 @@ class OutputProcessor:
         for j, token in enumerate(new):
             child.num_seen += 1
             last = j == len(new) - 1
-            if not child.detok.add_tokens([token], finished=arrived and req.is_finished
-                                          and last):
+            flush = arrived and req.is_finished and last
+            if not child.detok.add_tokens([] if flush and _stop_token(req) else [token],
+                                          finished=flush):
                 continue
             if not last:  # tokens past the stop string: never generated, as far as anyone sees
                 del req.output_token_ids[child.num_seen:]

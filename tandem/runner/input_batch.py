@@ -181,8 +181,8 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
                            sample_counts: list[int] | None = None) -> SamplingTensors | None:
     """The sampling tensors of the logits rows: sample_counts[j] rows for seq sample_rows[j]
     (default 1), sampling the tokens at positions end_pos - count + 1 .. end_pos. None when
-    every row is plain greedy (temperature 0, no logprobs, penalties or min_tokens bans
-    pending): the sampler then needs only an argmax, and the step no copy or kernel for
+    every row is plain greedy (temperature 0, no logprobs, penalties, logit_bias or
+    min_tokens bans pending): the sampler then needs only an argmax, and the step no copy or kernel for
     parameters it would not read."""
     counts = sample_counts or [1] * len(sample_rows)
     # a seq's earliest sampled row is at end_pos - c + 1
@@ -204,6 +204,8 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
               if pos - r.num_prompt_tokens < r.params.min_tokens else []
               for pos, r in zip(positions, reqs)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
+    biased = any(p.logit_bias for p in params)
+    width = max(1, max(len(p.logit_bias) for p in params))  # _padded's
     # One host-to-device copy for all per-row floats: (N, 7) -> 7 rows.
     table = _to([r.sampling_row for r in reqs], f32, device).t()
     top_k = table[1].long()
@@ -216,6 +218,10 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
         prompt_tokens=_padded([r.prompt_token_ids for r in reqs], vocab_size, device)
         if repetition else None,
         banned_tokens=_padded(banned, vocab_size, device) if any(banned) else None,
+        bias_tokens=_padded([list(p.logit_bias) for p in params], vocab_size, device)
+        if biased else None,
+        bias_values=_to([list(p.logit_bias.values()) + [0.0] * (width - len(p.logit_bias))
+                         for p in params], f32, device) if biased else None,
         seeds=[row_seed(p.seed, pos) if p.seed is not None else None
                for pos, p in zip(positions, params)],
         all_greedy=all(p.temperature == 0.0 for p in params),

@@ -119,7 +119,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
                             f"server log", code="engine_error")
     choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
                           logprobs=_logprobs(state, body, c, 0),
-                          finish_reason=c.finish_reason) for c in out.outputs]
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+               for c in out.outputs]
     usage = make_usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
                        out.num_cached_tokens)
     resp = ChatCompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage)
@@ -182,15 +183,17 @@ class _ChatStreamWriter(StreamWriter):
         self.ended_choice(c.index, c.finish_reason)
         delta = {"content": text} if text else {}
         if logprobs is None:  # the common case, without pydantic
-            return _plain(c.index, delta, c.finish_reason)
+            return _plain(c.index, delta, c.finish_reason, c.stop_reason)
         return ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs,
-                                finish_reason=c.finish_reason)
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
     def abort_unfinished(self) -> None:
         if self.final is None:
             self.state.engine.abort(self.rid)
 
 
-def _plain(index: int, delta: dict, finish_reason: str | None) -> dict:
+def _plain(index: int, delta: dict, finish_reason: str | None,
+           stop_reason: int | str | None = None) -> dict:
     """A ChatStreamChoice without logprobs, as the dict its JSON is made of."""
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}

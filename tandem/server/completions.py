@@ -185,14 +185,15 @@ def _choice(state: ServerState, body: CompletionRequest, out: RequestOutput,
                                          bool(body.return_tokens_as_token_ids))
             _extend(logprobs, gen)
     return CompletionChoice(index=index, text=text, logprobs=logprobs,
-                            finish_reason=c.finish_reason,
+                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                             prompt_logprobs=_prompt_logprobs(state, body, out))
 
 
-def _plain(index: int, text: str, finish_reason: str | None) -> dict:
+def _plain(index: int, text: str, finish_reason: str | None,
+           stop_reason: int | str | None = None) -> dict:
     """A CompletionChoice without logprobs, as the dict its JSON is made of."""
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
-            "prompt_logprobs": None}
+            "stop_reason": stop_reason, "prompt_logprobs": None}
 
 
 def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> None:
@@ -270,9 +271,10 @@ class _StreamWriter(StreamWriter):
         st.started = True
         self.ended_choice(index, c.finish_reason)
         if logprobs is None and prompt_lps is None:  # the common case, without pydantic
-            return _plain(index, text, c.finish_reason)
+            return _plain(index, text, c.finish_reason, c.stop_reason)
         return CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                finish_reason=c.finish_reason, prompt_logprobs=prompt_lps)
+                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                prompt_logprobs=prompt_lps)
 
     def abort_unfinished(self, prepared: list[_Prepared]) -> None:
         """Background task after the response: abort what did not finish (disconnects)."""

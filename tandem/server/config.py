@@ -24,7 +24,7 @@ class ServerConfig:
     status_interval: float = 10.0  # seconds between status log lines while busy
     enable_log_requests: bool = False  # log each request's id, sizes and sampling parameters
     max_request_body_bytes: int = 16 * 2**20  # larger bodies get 413, checked while reading
-    # Most sequences (prompts x n) one request may create (default: --max-num-seqs).
+    # Most sequences (prompts x n) one request may create (default: 16 x --max-num-seqs).
     max_seqs_per_request: int | None = None
     # Most requests waiting for the engine (a prompt with n samples counts n); past it new
     # requests get 503 with Retry-After

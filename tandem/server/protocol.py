@@ -23,6 +23,7 @@ from tandem.request import RequestOutputKind, SamplingParams
 MAX_N = 128  # most choices per prompt (OpenAI's limit); each one is a sequence in the engine
 MAX_STOP = 64  # most stop strings per request
 MAX_STOP_TOKEN_IDS = 1024  # most stop token ids per request
+MAX_LOGIT_BIAS = 1024  # entries: bounded work per request (OpenAI allows 300)
 # torch.Generator takes 64-bit seeds; sample i of n uses seed + i, so stay in the signed range.
 SEED_RANGE = (-2**63, 2**63 - 1)
 
@@ -38,7 +39,6 @@ def _empty(v: Any) -> bool:
 # Known fields this server does not implement -> whether a value asks for nothing (then it
 # is accepted as the no-op it is); any other value is a 400 that names the field.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "logit_bias": _empty,
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "tools": _empty, "functions": _empty,
     "tool_choice": lambda v: v in (None, "none", "auto"),
@@ -54,7 +54,7 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
     "kv_transfer_params": _none, "vllm_xargs": _none, "documents": _none,
     "continue_final_message": _empty, "audio": _none, "prediction": _none,
-    "reasoning_effort": _none, "web_search_options": _none, "store": _empty,
+    "reasoning_effort": _none, "web_search_options": _none,
     "modalities": lambda v: v in (None, ["text"]),
     "service_tier": lambda v: v in (None, "auto", "default"),
 }
@@ -140,6 +140,8 @@ class SamplingRequest(RequestModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    # OpenAI's: token id (as a string, JSON's keys) -> bias in [-100, 100]
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"
@@ -159,7 +161,13 @@ class SamplingRequest(RequestModel):
             "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
         }.items() if v is not None}
         opt = {**{k: v for k, v in defaults.items() if k != "max_tokens"}, **opt}
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            bias[int(key)] = value
         return SamplingParams(
+            logit_bias=bias,
             output_kind=RequestOutputKind.DELTA,  # the server streams what is new
             n=1 if self.n is None else self.n, stop=self.stop, max_tokens=max_tokens,
             stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos),
@@ -263,6 +271,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or token id that matched
     prompt_logprobs: list[dict[str, dict] | None] | None = None  # vLLM's, when asked
 
 
@@ -302,6 +311,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop string or token id that matched
 
 
 class ChatCompletionResponse(BaseModel):
@@ -319,6 +329,7 @@ class ChatStreamChoice(BaseModel):
     delta: dict[str, str]  # {"role": "assistant"} first, then {"content": ...}; {} at the end
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):

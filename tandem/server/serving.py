@@ -57,8 +57,10 @@ class ServerState:
 
     @property
     def max_seqs_per_request(self) -> int:
+        """Default 16 x max_num_seqs, the waiting queue's default: a request with more
+        sequences than run at once is scheduled in waves, as vLLM does."""
         return (self.config.max_seqs_per_request
-                or self.engine.config.scheduler.max_num_seqs)
+                or 16 * self.engine.config.scheduler.max_num_seqs)
 
     @property
     def max_waiting_requests(self) -> int:

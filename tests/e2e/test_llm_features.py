@@ -86,12 +86,46 @@ def test_stop_strings_across_tokens_and_stop_token_ids(llm):
     tok = full.token_ids[5]
     out = llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
                                             stop_token_ids=[tok]), use_tqdm=False)[0].outputs[0]
-    assert out.token_ids == full.token_ids[: full.token_ids.index(tok) + 1]
+    k = full.token_ids.index(tok)
+    assert out.token_ids == full.token_ids[: k + 1]
     assert out.finish_reason == "stop" and out.stop_reason == tok
+
+    def text_of(n):  # the greedy text of the first n tokens
+        return llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].text
+    # the stop token's id is in the output, its text is not (vLLM's), unless asked for
+    assert out.text == text_of(k) != text_of(k + 1)
+    out = llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                            stop_token_ids=[tok], include_stop_str_in_output=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == text_of(k + 1)
+    # min_tokens holds back stop strings too: the early match is past by then
+    out = llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                            stop=[stop], min_tokens=20),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= 20 and out.text.startswith(text[: text.index(stop) + 1])
     out = llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
                                             stop_token_ids=[tok], min_tokens=30),
                        use_tqdm=False)[0].outputs[0]
     assert tok not in out.token_ids[:30]
+
+
+def test_logit_bias(llm):
+    base = dict(temperature=0.0, max_tokens=6, ignore_eos=True)
+    full = llm.generate(GOOD, SamplingParams(**base), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(GOOD, SamplingParams(**base, logit_bias={5: 100.0}),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [5] * 6
+    out = llm.generate(GOOD, SamplingParams(**base, logprobs=0,
+                                            logit_bias={full.token_ids[0]: -100.0}),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[0] != full.token_ids[0]
+    # the logprobs returned are the model's own: the banned argmax ranks above the choice
+    assert out.logprobs[0][out.token_ids[0]] < 0
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(GOOD, SamplingParams(**base, logit_bias={10**9: 1.0}), use_tqdm=False)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={5: 500.0})
 
 
 def test_eos_stops_unless_ignored(llm):
@@ -104,6 +138,9 @@ def test_eos_stops_unless_ignored(llm):
         out = llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=30),
                            use_tqdm=False)[0].outputs[0]
         assert out.token_ids == full[:3] and out.finish_reason == "stop"
+        assert out.stop_reason is None  # EOS: no stop_reason, and no text (vLLM's)
+        assert out.text == llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=2),
+                                        use_tqdm=False)[0].outputs[0].text
         out = llm.generate(GOOD, SamplingParams(temperature=0.0, max_tokens=30, min_tokens=10),
                            use_tqdm=False)[0].outputs[0]
         assert full[2] not in out.token_ids[:10]

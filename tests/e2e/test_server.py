@@ -198,6 +198,11 @@ def test_n_and_several_prompts_in_openai_order(server, client):
     chat = client.chat.completions.create(model="tiny", n=2, max_tokens=4, **GREEDY,
                                           messages=[{"role": "user", "content": "hi"}])
     assert [c.index for c in chat.choices] == [0, 1]
+    # more sequences than --max-num-seqs (128) run in waves, as in vLLM
+    many = client.completions.create(model="tiny", prompt=[PROMPT] * 130, max_tokens=2,
+                                     **GREEDY)
+    assert [c.index for c in many.choices] == list(range(130))
+    assert len({c.text for c in many.choices}) == 1
 
 
 def test_stop_string(client):
@@ -209,6 +214,15 @@ def test_stop_string(client):
                                     **GREEDY)
     assert out.choices[0].text == full[:full.index(stop)]
     assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].model_extra["stop_reason"] == stop  # vLLM's field
+    streamed = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40,
+                                         stop=[stop], stream=True, **GREEDY)
+    last = [c.choices[0] for c in streamed if c.choices][-1]
+    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == stop
+    chat = client.chat.completions.create(model="tiny", max_tokens=40, stop=[stop], **GREEDY,
+                                          messages=[{"role": "user", "content": "hi"}])
+    c = chat.choices[0]
+    assert c.model_extra["stop_reason"] == (stop if c.finish_reason == "stop" else None)
 
 
 def test_logprobs_and_echo(server, client):
@@ -252,6 +266,25 @@ def test_repeated_long_prompt_reports_cached_tokens(client):
     assert 0 < again.usage.prompt_tokens_details.cached_tokens < n
 
 
+def test_logit_bias(server, client):
+    forced = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3,
+                                       logit_bias={"5": 100}, **GREEDY)
+    assert forced.choices[0].text == server.post("/detokenize",
+                                                 {"tokens": [5, 5, 5]}).json()["prompt"]
+    ids = {"extra_body": {**GREEDY["extra_body"], "return_tokens_as_token_ids": True},
+           **{k: v for k, v in GREEDY.items() if k != "extra_body"}}
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, logprobs=1,
+                                      **ids)
+    first = int(plain.choices[0].logprobs.tokens[0].split(":")[1])
+    banned = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, logprobs=1,
+                                       logit_bias={str(first): -100}, **ids)
+    assert banned.choices[0].logprobs.tokens[0] != plain.choices[0].logprobs.tokens[0]
+    chat = client.chat.completions.create(model="tiny", max_tokens=2, logit_bias={"5": 100},
+                                          messages=[{"role": "user", "content": "hi"}], **GREEDY)
+    assert chat.choices[0].message.content == server.post(
+        "/detokenize", {"tokens": [5, 5]}).json()["prompt"]
+
+
 def test_tokenize_detokenize_roundtrip(server):
     r = server.post("/tokenize", {"prompt": PROMPT}).json()
     assert r["count"] == len(r["tokens"]) and r["max_model_len"] == MAX_MODEL_LEN
@@ -280,6 +313,9 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"prompt": [1, 2, 99999]}, "prompt_token_ids"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"),  # this tokenizer has no FIM tokens
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
 ])
 def test_bad_completion_params_are_400(server, body, param):
     assert _error(server.post("/v1/completions", body), 400)["param"] == param

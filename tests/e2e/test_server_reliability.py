@@ -358,7 +358,8 @@ def test_lone_surrogates_are_400_and_keep_the_connection(server, path, raw, para
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
     ({"prompt": "hi", "structured_outputs": {"regex": "a+"}}, "structured_outputs"),
-    ({"prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": "1"}}, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
     ({"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
     ({"prompt": "hi", "stop": ["a"] * 65}, "stop"),  # bounded work per token
     ({"prompt": "hi", "stop_token_ids": [1] * 1025}, "stop_token_ids"),

@@ -27,7 +27,8 @@ def _tensors(n: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None,
         output_tokens=extra.get("output_tokens"), prompt_tokens=extra.get("prompt_tokens"),
         banned_tokens=extra.get("banned"), seeds=seeds or [None] * n,
         all_greedy=temperature == 0.0, any_top_k=0 < top_k < VOCAB, any_top_p=top_p < 1.0,
-        any_min_p=min_p > 0.0, max_logprobs=max_logprobs)
+        any_min_p=min_p > 0.0, max_logprobs=max_logprobs,
+        bias_tokens=extra.get("bias_tokens"), bias_values=extra.get("bias_values"))
 
 
 def _intended(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
@@ -129,3 +130,26 @@ def test_banned_tokens_never_sampled_and_logprobs_are_raw():
     assert torch.allclose(out.logprobs[:, 0], raw[out.token_ids])
     assert out.logprob_token_ids[0, 1:].tolist() == [0, 1]
     assert math.isclose(out.logprobs[0, 1].item(), raw[0].item(), rel_tol=1e-6)
+
+
+def test_logit_bias_shifts_the_distribution_and_logprobs_stay_raw():
+    # row 0: +2 on token 3 and -100 on token 0 (the argmax); row 1: no bias (padding)
+    tokens = torch.tensor([[3, 0], [VOCAB, VOCAB]])
+    values = torch.tensor([[2.0, -100.0], [0.0, 0.0]])
+    out = Sampler(VOCAB)(LOGITS.expand(2, VOCAB).clone(),
+                         _tensors(2, temperature=0.0, max_logprobs=1, bias_tokens=tokens,
+                                  bias_values=values))
+    assert out.token_ids.tolist() == [3, 0]  # 0.5 + 2 beats 1.5 once token 0 is out
+    raw = LOGITS.log_softmax(-1)
+    assert torch.allclose(out.logprobs[:, 0], raw[out.token_ids])
+    # sampled rows: the biased distribution, by frequency
+    torch.manual_seed(0)
+    n = 20000
+    biased = LOGITS.clone()
+    biased[7] += 5.0
+    out = Sampler(VOCAB)(LOGITS.expand(n, VOCAB).clone(),
+                         _tensors(n, bias_tokens=torch.tensor([[7]] * n),
+                                  bias_values=torch.tensor([[5.0]] * n)))
+    counts = torch.bincount(out.token_ids, minlength=VOCAB).float()
+    expected = biased.softmax(-1) * n
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4
