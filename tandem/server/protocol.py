@@ -54,7 +54,7 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
     "kv_transfer_params": _none, "vllm_xargs": _none, "documents": _none,
     "continue_final_message": _empty, "audio": _none, "prediction": _none,
-    "reasoning_effort": _none, "web_search_options": _none,
+    "reasoning_effort": _none, "web_search_options": _none, "store": _empty,
     "modalities": lambda v: v in (None, ["text"]),
     "service_tier": lambda v: v in (None, "auto", "default"),
 }
