@@ -90,7 +90,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         checks = [
             ("n", self.n >= 1, "must be at least 1"),
-            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**64,
+             "must be a 64-bit integer"),
             ("temperature", self.temperature >= 0.0, "must be non-negative"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be -1, 0 (off) or positive"),

@@ -146,6 +146,13 @@ class SamplingRequest(RequestModel):
     include_stop_str_in_output: bool | None = False
     return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:  # vLLM's 400 too
+            raise PydanticCustomError("stream_options", "{field} is only allowed with "
+                                      "stream: true", {"field": "stream_options"})
+        return self
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)

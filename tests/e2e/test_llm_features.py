@@ -67,6 +67,11 @@ def test_n_samples_distinct_and_seeded(llm):
     assert len(set(seqs)) > 1 and all(len(s) == 12 for s in seqs)
     again = llm.generate(GOOD, params, use_tqdm=False)[0]
     assert [tuple(o.token_ids) for o in again.outputs] == seqs
+    # negative seeds too (vLLM takes any 64-bit seed), reproducible and their own stream
+    neg = SamplingParams(n=2, temperature=1.0, seed=-7, max_tokens=12, ignore_eos=True)
+    a, b = (llm.generate(GOOD, neg, use_tqdm=False)[0] for _ in range(2))
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert tuple(a.outputs[0].token_ids) not in seqs
 
 
 def test_stop_strings_across_tokens_and_stop_token_ids(llm):
@@ -212,6 +217,8 @@ def test_colliding_request_ids_are_refused_without_side_effects(llm):
 def test_seed_out_of_range_is_a_value_error():
     with pytest.raises(ValueError, match="seed"):
         SamplingParams(seed=2**70)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=-2**63 - 1)
 
 
 def test_async_scheduling_plans_one_step_ahead(llm):

@@ -313,6 +313,7 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"prompt": [1, 2, 99999]}, "prompt_token_ids"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"),  # this tokenizer has no FIM tokens
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
