@@ -67,6 +67,7 @@ class SamplingParams:
     # token id -> a number in [-100, 100] added to its logit before sampling (OpenAI's and
     # vLLM's logit_bias; the logprobs returned stay the model's)
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -114,6 +115,13 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            if not self.allowed_token_ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool)
+                    for t in self.allowed_token_ids):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, "
+                                 f"got {self.allowed_token_ids!r}")
         self.logit_bias = dict(self.logit_bias or {})
         for tok, bias in self.logit_bias.items():
             if isinstance(tok, bool) or not isinstance(tok, int):

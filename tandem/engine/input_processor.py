@@ -121,6 +121,10 @@ class InputProcessor:
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"stop_token_ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+        bad = [t for t in params.allowed_token_ids or [] if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"allowed_token_ids out of the vocabulary [0, {vocab}): "
+                             f"{bad[:5]}")
         bad = [t for t in params.logit_bias if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"logit_bias token ids out of the vocabulary [0, {vocab}): "

@@ -205,6 +205,7 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
               for pos, r in zip(positions, reqs)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
     biased = any(p.logit_bias for p in params)
+    restricted = any(p.allowed_token_ids is not None for p in params)
     width = max(1, max(len(p.logit_bias) for p in params))  # _padded's
     # One host-to-device copy for all per-row floats: (N, 7) -> 7 rows.
     table = _to([r.sampling_row for r in reqs], f32, device).t()
@@ -222,6 +223,11 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
         if biased else None,
         bias_values=_to([list(p.logit_bias.values()) + [0.0] * (width - len(p.logit_bias))
                          for p in params], f32, device) if biased else None,
+        # a row without a list: padding only, and allowed_rows False (nothing masked)
+        allowed_tokens=_padded([p.allowed_token_ids or [] for p in params], vocab_size, device)
+        if restricted else None,
+        allowed_rows=_to([p.allowed_token_ids is not None for p in params], torch.bool, device)
+        if restricted else None,
         seeds=[row_seed(p.seed, pos) if p.seed is not None else None
                for pos, p in zip(positions, params)],
         all_greedy=all(p.temperature == 0.0 for p in params),

@@ -48,7 +48,7 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "guided_grammar": _none, "guided_decoding_backend": _none,
     "guided_whitespace_pattern": _none, "structured_outputs": _none,
     "use_beam_search": _empty, "length_penalty": lambda v: v in (None, 1, 1.0),
-    "allowed_token_ids": _none, "bad_words": _empty, "logits_processors": _empty,
+    "bad_words": _empty, "logits_processors": _empty,
     "priority": lambda v: v in (None, 0),
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
@@ -142,6 +142,8 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     # OpenAI's: token id (as a string, JSON's keys) -> bias in [-100, 100]
     logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # vLLM's: sample only among these ids
+    allowed_token_ids: Annotated[list[int], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"
@@ -174,7 +176,7 @@ class SamplingRequest(RequestModel):
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             bias[int(key)] = value
         return SamplingParams(
-            logit_bias=bias,
+            logit_bias=bias, allowed_token_ids=self.allowed_token_ids,
             output_kind=RequestOutputKind.DELTA,  # the server streams what is new
             n=1 if self.n is None else self.n, stop=self.stop, max_tokens=max_tokens,
             stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos),

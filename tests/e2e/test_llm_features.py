@@ -131,6 +131,13 @@ def test_logit_bias(llm):
         llm.generate(GOOD, SamplingParams(**base, logit_bias={10**9: 1.0}), use_tqdm=False)
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={5: 500.0})
+    out = llm.generate(GOOD, SamplingParams(**base, allowed_token_ids=[9, 11]),
+                       use_tqdm=False)[0].outputs[0]
+    assert set(out.token_ids) <= {9, 11}
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.generate(GOOD, SamplingParams(**base, allowed_token_ids=[10**9]), use_tqdm=False)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
 
 
 def test_eos_stops_unless_ignored(llm):

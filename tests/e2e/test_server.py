@@ -279,6 +279,11 @@ def test_logit_bias(server, client):
     banned = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1, logprobs=1,
                                        logit_bias={str(first): -100}, **ids)
     assert banned.choices[0].logprobs.tokens[0] != plain.choices[0].logprobs.tokens[0]
+    only = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, logprobs=0,
+                                     extra_body={**ids["extra_body"],
+                                                 "allowed_token_ids": [7, 9]},
+                                     **{k: v for k, v in ids.items() if k != "extra_body"})
+    assert set(only.choices[0].logprobs.tokens) <= {"token_id:7", "token_id:9"}
     chat = client.chat.completions.create(model="tiny", max_tokens=2, logit_bias={"5": 100},
                                           messages=[{"role": "user", "content": "hi"}], **GREEDY)
     assert chat.choices[0].message.content == server.post(
@@ -317,6 +322,8 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"prompt": "hi", "allowed_token_ids": [99999]}, "allowed_token_ids"),
+    ({"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
 ])
 def test_bad_completion_params_are_400(server, body, param):
     assert _error(server.post("/v1/completions", body), 400)["param"] == param

@@ -28,7 +28,8 @@ def _tensors(n: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=None,
         banned_tokens=extra.get("banned"), seeds=seeds or [None] * n,
         all_greedy=temperature == 0.0, any_top_k=0 < top_k < VOCAB, any_top_p=top_p < 1.0,
         any_min_p=min_p > 0.0, max_logprobs=max_logprobs,
-        bias_tokens=extra.get("bias_tokens"), bias_values=extra.get("bias_values"))
+        bias_tokens=extra.get("bias_tokens"), bias_values=extra.get("bias_values"),
+        allowed_tokens=extra.get("allowed_tokens"), allowed_rows=extra.get("allowed_rows"))
 
 
 def _intended(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> torch.Tensor:
@@ -153,3 +154,18 @@ def test_logit_bias_shifts_the_distribution_and_logprobs_stay_raw():
     counts = torch.bincount(out.token_ids, minlength=VOCAB).float()
     expected = biased.softmax(-1) * n
     assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-4
+
+
+def test_allowed_token_ids_mask_the_rest():
+    # row 0 may only pick 5 or 6; row 1 has no list (padding only) and is left alone
+    allowed = torch.tensor([[5, 6], [VOCAB, VOCAB]])
+    rows = torch.tensor([True, False])
+    out = Sampler(VOCAB)(LOGITS.expand(2, VOCAB).clone(),
+                         _tensors(2, temperature=0.0, allowed_tokens=allowed, allowed_rows=rows))
+    assert out.token_ids.tolist() == [5, 0]
+    torch.manual_seed(0)
+    n = 4000
+    out = Sampler(VOCAB)(LOGITS.expand(n, VOCAB).clone(),
+                         _tensors(n, allowed_tokens=torch.tensor([[5, 6]] * n),
+                                  allowed_rows=torch.ones(n, dtype=torch.bool)))
+    assert set(out.token_ids.tolist()) == {5, 6}
