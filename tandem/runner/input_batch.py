@@ -171,9 +171,10 @@ def build_model_inputs(plan: StepPlan, states: dict[str, RequestState], block_si
                        sample_counts)
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+def _padded(rows: list[list], pad: int | float, device: torch.device,
+            dtype: torch.dtype = torch.int64) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
-    return _to([r + [pad] * (width - len(r)) for r in rows], torch.int64, device)
+    return _to([r + [pad] * (width - len(r)) for r in rows], dtype, device)
 
 
 def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
@@ -181,9 +182,9 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
                            sample_counts: list[int] | None = None) -> SamplingTensors | None:
     """The sampling tensors of the logits rows: sample_counts[j] rows for seq sample_rows[j]
     (default 1), sampling the tokens at positions end_pos - count + 1 .. end_pos. None when
-    every row is plain greedy (temperature 0, no logprobs, penalties, logit_bias or
-    min_tokens bans pending): the sampler then needs only an argmax, and the step no copy or kernel for
-    parameters it would not read."""
+    every row is plain greedy (temperature 0, no logprobs, penalties, logit_bias,
+    allowed_token_ids or min_tokens bans pending): the sampler then needs only an argmax,
+    and the step no copy or kernel for parameters it would not read."""
     counts = sample_counts or [1] * len(sample_rows)
     # a seq's earliest sampled row is at end_pos - c + 1
     if all(states[plan.seqs[i].request_id].greedy_at(plan.seqs[i].end_pos - c + 1)
@@ -206,7 +207,6 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
     asked = [p.logprobs for p in params if p.logprobs is not None]
     biased = any(p.logit_bias for p in params)
     restricted = any(p.allowed_token_ids is not None for p in params)
-    width = max(1, max(len(p.logit_bias) for p in params))  # _padded's
     # One host-to-device copy for all per-row floats: (N, 7) -> 7 rows.
     table = _to([r.sampling_row for r in reqs], f32, device).t()
     top_k = table[1].long()
@@ -221,8 +221,8 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
         banned_tokens=_padded(banned, vocab_size, device) if any(banned) else None,
         bias_tokens=_padded([list(p.logit_bias) for p in params], vocab_size, device)
         if biased else None,
-        bias_values=_to([list(p.logit_bias.values()) + [0.0] * (width - len(p.logit_bias))
-                         for p in params], f32, device) if biased else None,
+        bias_values=_padded([list(p.logit_bias.values()) for p in params], 0.0, device, f32)
+        if biased else None,
         # a row without a list: padding only, and allowed_rows False (nothing masked)
         allowed_tokens=_padded([p.allowed_token_ids or [] for p in params], vocab_size, device)
         if restricted else None,
