@@ -23,30 +23,31 @@ _TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 
 class DisaggMetrics:
-    def __init__(self, model_name: str, registry: CollectorRegistry) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry,
+                 prefix: str = "tandem") -> None:
         r, m = registry, model_name
-        routes = Counter("tandem:disagg_requests", "Requests by where their prompt was "
+        routes = Counter(f"{prefix}:disagg_requests", "Requests by where their prompt was "
                          "prefilled", registry=r, labelnames=["model_name", "route"])
         self.routes = {k: routes.labels(m, k) for k in ("remote", "local", "fallback")}
-        self.bytes = Counter("tandem:kv_transfer_bytes", "KV bytes shipped from prefill to "
+        self.bytes = Counter(f"{prefix}:kv_transfer_bytes", "KV bytes shipped from prefill to "
                              "decode workers", registry=r, labelnames=["model_name"]).labels(m)
-        self.blocks = Counter("tandem:kv_transfer_blocks", "KV blocks shipped", registry=r,
+        self.blocks = Counter(f"{prefix}:kv_transfer_blocks", "KV blocks shipped", registry=r,
                               labelnames=["model_name"]).labels(m)
-        self.seconds = Histogram("tandem:kv_transfer_seconds", "Per request: reading its KV "
+        self.seconds = Histogram(f"{prefix}:kv_transfer_seconds", "Per request: reading its KV "
                                  "blocks on the prefill worker and sending them", registry=r,
                                  labelnames=["model_name"], buckets=_TRANSFER_BUCKETS).labels(m)
         self.import_seconds = Histogram(
-            "tandem:kv_import_seconds", "Per request: the decode worker receiving its KV "
+            f"{prefix}:kv_import_seconds", "Per request: the decode worker receiving its KV "
             "blocks and writing them into its pool", registry=r, labelnames=["model_name"],
             buckets=_TRANSFER_BUCKETS).labels(m)
-        self.failures = Counter("tandem:kv_transfer_failures", "KV transfers that failed",
+        self.failures = Counter(f"{prefix}:kv_transfer_failures", "KV transfers that failed",
                                 registry=r, labelnames=["model_name"]).labels(m)
         labels = ["model_name", "role", "worker"]
-        self._up = Gauge("tandem:worker_up", "1 while the worker process serves", registry=r,
+        self._up = Gauge(f"{prefix}:worker_up", "1 while the worker process serves", registry=r,
                          labelnames=labels)
-        self._waiting = Gauge("tandem:worker_num_requests_waiting", "Requests waiting on the "
+        self._waiting = Gauge(f"{prefix}:worker_num_requests_waiting", "Requests waiting on the "
                               "worker", registry=r, labelnames=labels)
-        self._running = Gauge("tandem:worker_num_requests_running", "Requests running on the "
+        self._running = Gauge(f"{prefix}:worker_num_requests_running", "Requests running on the "
                               "worker", registry=r, labelnames=labels)
         self._model = m
 

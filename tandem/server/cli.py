@@ -115,7 +115,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     engine_config.parallel.master_addr, engine_config.parallel.master_port)
         return run_node(engine_config)
     name = config.served_model_name or args.model_tag or args.model or "default"
-    metrics, status = ServerMetrics(name), StatusLogger(config.status_interval)
+    metrics = ServerMetrics(name, prefix=config.metrics_prefix)
+    status = StatusLogger(config.status_interval)
 
     def on_step(outputs: list, stats: Any) -> None:
         metrics.observe(outputs, stats)
@@ -133,7 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                              "use --tensor-parallel-size 1 with --prefill-workers / "
                              "--decode-workers")
         engine = DisaggAsyncEngine(engine_config, layout, on_step, logging.getLogger().level,
-                                   DisaggMetrics(name, metrics.registry))
+                                   DisaggMetrics(name, metrics.registry, metrics.prefix))
     elif config.engine_process:
         engine = AsyncEngine.in_process(engine_config, on_step, logging.getLogger().level)
     else:

@@ -7,6 +7,8 @@ sequences per request, and the waiting queue (a full queue answers 503 + Retry-A
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -39,6 +41,8 @@ class ServerConfig:
     # CORS: comma-separated origins allowed to call the API from a browser ("*" for any);
     # off when unset.
     allowed_origins: str | None = None
+    # Prefix of the Prometheus series' names (`vllm`: dashboards made for vLLM read them)
+    metrics_prefix: str = "tandem"
 
     def __post_init__(self) -> None:
         for name in ("log_level", "uvicorn_log_level"):
@@ -54,6 +58,9 @@ class ServerConfig:
             raise ValueError("max_waiting_requests must be non-negative")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be non-negative")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.metrics_prefix):
+            raise ValueError(f"metrics_prefix must be a Prometheus name, got "
+                             f"{self.metrics_prefix!r}")
 
     @property
     def origins(self) -> list[str]:

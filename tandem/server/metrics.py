@@ -16,7 +16,9 @@ engine thread after every step through `AsyncEngine.on_step`.
                 (acceptance rate = accepted / draft tokens; mean accepted length =
                 1 + accepted / drafts)
 
-Every series carries a `model_name` label (the served model name), as vLLM's do. Each app
+The names are vLLM's after the prefix (`--metrics-prefix`, default `tandem`; `vllm` lets
+dashboards made for vLLM read them). Every series carries a `model_name` label (the served
+model name), as vLLM's do. Each app
 gets its own CollectorRegistry (prometheus-client is thread-safe), so several servers, or
 tests, in one process never collide.
 """
@@ -49,46 +51,48 @@ class _Timing:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
+                 prefix: str = "tandem") -> None:
         self.registry = registry or CollectorRegistry()
+        self.prefix = prefix
         r = self.registry
         def one(kind, name: str, doc: str, **kw):  # a metric with this engine's label
-            return kind(name, doc, registry=r, labelnames=["model_name"], **kw).labels(
-                model_name)
+            return kind(f"{prefix}:{name}", doc, registry=r, labelnames=["model_name"],
+                        **kw).labels(model_name)
 
-        self.running = one(Gauge, "tandem:num_requests_running", "Requests running (in a batch)")
-        self.waiting = one(Gauge, "tandem:num_requests_waiting",
+        self.running = one(Gauge, "num_requests_running", "Requests running (in a batch)")
+        self.waiting = one(Gauge, "num_requests_waiting",
                            "Requests waiting (incl. preempted)")
-        self.kv_usage = one(Gauge, "tandem:kv_cache_usage_perc",
+        self.kv_usage = one(Gauge, "kv_cache_usage_perc",
                             "Fraction of KV blocks held by live requests (0 to 1)")
-        self.ttft = one(Histogram, "tandem:time_to_first_token_seconds",
+        self.ttft = one(Histogram, "time_to_first_token_seconds",
                         "Arrival to first token", buckets=_TTFT_BUCKETS)
-        self.itl = one(Histogram, "tandem:inter_token_latency_seconds",
+        self.itl = one(Histogram, "inter_token_latency_seconds",
                        "Time between a request's successive outputs, per step",
                        buckets=_ITL_BUCKETS)
-        self.e2e = one(Histogram, "tandem:e2e_request_latency_seconds",
+        self.e2e = one(Histogram, "e2e_request_latency_seconds",
                        "Arrival to the last token of finished (not aborted) requests",
                        buckets=_E2E_BUCKETS)
         # prometheus-client appends _total to counter names on exposition.
-        self.prompt_tokens = one(Counter, "tandem:prompt_tokens", "Prompt tokens processed")
-        self.generation_tokens = one(Counter, "tandem:generation_tokens", "Tokens generated")
-        self.prefix_queries = one(Counter, "tandem:prefix_cache_queries",
+        self.prompt_tokens = one(Counter, "prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = one(Counter, "generation_tokens", "Tokens generated")
+        self.prefix_queries = one(Counter, "prefix_cache_queries",
                                   "Prompt tokens looked up in the prefix cache")
-        self.prefix_hits = one(Counter, "tandem:prefix_cache_hits",
+        self.prefix_hits = one(Counter, "prefix_cache_hits",
                                "Prompt tokens found in the prefix cache")
-        self.preemptions = one(Counter, "tandem:num_preemptions",
+        self.preemptions = one(Counter, "num_preemptions",
                                "Requests preempted (their KV recomputed later)")
-        self.spec_drafts = one(Counter, "tandem:spec_decode_num_drafts",
+        self.spec_drafts = one(Counter, "spec_decode_num_drafts",
                                "Speculative verify steps (one per request per step)")
-        self.spec_draft_tokens = one(Counter, "tandem:spec_decode_num_draft_tokens",
+        self.spec_draft_tokens = one(Counter, "spec_decode_num_draft_tokens",
                                      "Draft tokens verified")
-        self.spec_accepted = one(Counter, "tandem:spec_decode_num_accepted_tokens",
+        self.spec_accepted = one(Counter, "spec_decode_num_accepted_tokens",
                                  "Draft tokens accepted")
-        self._spec_pos = Counter("tandem:spec_decode_num_accepted_tokens_per_pos", "Draft "
+        self._spec_pos = Counter(f"{prefix}:spec_decode_num_accepted_tokens_per_pos", "Draft "
                                  "tokens accepted, by position in the draft", registry=r,
                                  labelnames=["model_name", "position"])
         self._model_name = model_name
-        finished = Counter("tandem:request_success", "Finished requests by finish reason",
+        finished = Counter(f"{prefix}:request_success", "Finished requests by finish reason",
                            registry=r, labelnames=["model_name", "finished_reason"])
         self.finished = {reason: finished.labels(model_name, reason)
                          for reason in ("stop", "length", "abort", "error")}

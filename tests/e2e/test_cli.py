@@ -49,6 +49,10 @@ def test_serve_takes_the_model_positionally_and_server_flags_typed():
         ServerConfig(port=0)
     with pytest.raises(ValueError, match="uvicorn_log_level"):
         ServerConfig(uvicorn_log_level="loud")
+    with pytest.raises(ValueError, match="metrics_prefix"):
+        ServerConfig(metrics_prefix="vllm:x")
+    assert server_config(build_parser().parse_args(
+        ["serve", "--metrics-prefix", "vllm"])).metrics_prefix == "vllm"
 
 
 def _tandem(*args: str) -> subprocess.CompletedProcess:

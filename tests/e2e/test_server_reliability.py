@@ -244,9 +244,16 @@ def capped(tmp_path_factory):
                        "--max-num-seqs", "2", "--max-seqs-per-request", "4",
                        "--max-waiting-requests", "4", "--allowed-origins",
                        "http://app.example", "--enable-log-requests", "--served-model-name",
-                       "tiny", defaults=False)
+                       "tiny", "--metrics-prefix", "vllm", defaults=False)
     yield srv
     stop_server(srv)
+
+
+def test_metrics_prefix_names_the_series(capped):
+    assert capped.post("/v1/completions", {"prompt": "a", "max_tokens": 2}).status_code == 200
+    text = httpx.get(capped.url + "/metrics", timeout=30).text
+    assert 'vllm:num_requests_running{model_name="tiny"}' in text
+    assert "vllm:generation_tokens_total" in text and "tandem:" not in text
 
 
 def test_sequences_per_request_are_capped(capped):
