@@ -285,9 +285,9 @@ def test_full_waiting_queue_is_503_with_retry_after(capped):
             first = [asyncio.create_task(one(i, True)) for i in range(6)]  # 2 run, 4 wait
             for _ in range(200):  # until all six arrived (a loaded machine is slow)
                 await asyncio.sleep(0.05)
-                if capped.metric("tandem:num_requests_waiting") == 4:
+                if capped.metric("vllm:num_requests_waiting") == 4:
                     break
-            assert capped.metric("tandem:num_requests_waiting") == 4
+            assert capped.metric("vllm:num_requests_waiting") == 4
             status = await one(99, False)
             for t in first:
                 t.cancel()
@@ -296,7 +296,7 @@ def test_full_waiting_queue_is_503_with_retry_after(capped):
 
     assert asyncio.run(main()) == [503]
     deadline = time.monotonic() + 20
-    while capped.metric("tandem:num_requests_waiting") and time.monotonic() < deadline:
+    while capped.metric("vllm:num_requests_waiting") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert capped.post("/v1/completions", {"prompt": "a", "max_tokens": 2}).status_code == 200
 
