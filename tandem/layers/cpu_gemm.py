@@ -1,24 +1,57 @@
-"""Linear layers' matmul on CPU: oneDNN with the weight reordered once, after loading.
+"""Linear layers' matmul on CPU: a packed copy of each float32 weight, made once after
+loading, for the short-and-wide matmuls of decode steps.
 
-A decode step's matmuls are short and wide (a few rows against a weight of thousands of
-outputs). There the default BLAS (MKL) is slow on this class of machine, while oneDNN's
-kernels on a weight reordered into their blocked layout run up to 2x faster (measured on
-the 2-core development machine: a 32000 x 512 LM head takes 13 ms at 48 rows and 5.8 ms
-at 8 rows, against 27 and 17 ms through `F.linear`). Prefill-sized inputs go to MKL,
-which is as fast there. The reorder happens once per weight in
-`process_weights_after_loading` (of `OneDNNLinearMethod`, layers/linear_method.py), and
-costs a second copy of each weight in host memory.
+A decode step's matmuls are a few rows against a weight of thousands of outputs. There the
+default BLAS (MKL, `F.linear`) reaches a third to a half of what the cores can do, so each
+weight gets a second copy in a layout made for those shapes:
+
+- `panels` (the default where the CPU kernels build, kernels/cpu/gemm.c): the weight cut
+  into panels of a few dozen output rows, each stored transposed, which the C kernel
+  multiplies as outer products. The fused CPU decode step (runner/cpu_decode.py) reads the
+  same panels, so one copy serves both. A merged gate/up projection keeps its two halves
+  in separate panels (`nseg` 2), which lets the fused step apply silu(gate) * up as it
+  stores.
+- `onednn` (where there is no C compiler): oneDNN's blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`).
+
+Measured on the 2-core development box (AVX-512, Zen 5; scratch benchmark, best of 20),
+GFLOP/s at K 512 / 1536:
+
+    rows   shape (out x in)   F.linear   oneDNN   panels
+    1      3072 x 512         37         54-59    78-94
+    13     8192 x 512                    250-380  410
+    48     3072 x 512         150-172    426-463  460-474
+    48     8192 x 512         107-118    383-410  450
+    5287   3072 x 512         160-168    150-310  ~190
+
+Above PACKED_MAX_ROWS rows (prefill) `F.linear` on the original weight is as fast.
 """
 
 from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tandem.kernels import ops
 
-ONEDNN_MAX_ROWS = 256  # above this many rows MKL is as fast and needs no second layout
+PACKED_MAX_ROWS = 256  # above this many rows F.linear is as fast, and allocates less
 MLP_CHUNK_ROWS = 1024  # prefill MLP in row chunks: intermediates stay small and reused
+
+
+@dataclass
+class PackedWeight:
+    """A CPU weight's second copy. kind "panels": `tensor` is (panels, in, panel_width),
+    the weight's `nseg` equal segments of `seg` output rows each padded to whole panels;
+    kind "onednn": `tensor` is oneDNN's reordered weight."""
+
+    kind: str
+    tensor: torch.Tensor
+    in_features: int
+    seg: int
+    nseg: int = 1
 
 
 def onednn_available() -> bool:
@@ -26,23 +59,64 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A oneDNN-reordered copy of a (out, in) float32 CPU weight, or None where not used."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_available():
+def _library():
+    from tandem.kernels.cpu import load_library
+    return load_library()
+
+
+def available() -> bool:
+    """Whether float32 CPU weights get a packed copy (panels or oneDNN)."""
+    return _library() is not None or onednn_available()
+
+
+def pack_panels(weight: torch.Tensor, panel_width: int, nseg: int = 1) -> torch.Tensor:
+    """(out, in) -> (panels, in, panel_width): each of `nseg` equal segments of output rows
+    padded with zero rows to a multiple of panel_width, cut into panels, each transposed
+    (gemm.c's layout)."""
+    out, k = weight.shape
+    seg = out // nseg
+    per = -(-seg // panel_width)
+    padded = weight.new_zeros(nseg, per * panel_width, k)
+    padded[:, :seg] = weight.detach().view(nseg, seg, k)
+    return padded.view(nseg * per, panel_width, k).transpose(1, 2).contiguous()
+
+
+def pack_weight(weight: torch.Tensor, nseg: int = 1) -> PackedWeight | None:
+    """The packed copy of a (out, in) float32 CPU weight (`nseg` equal segments of output
+    rows, e.g. 2 for a merged gate/up projection), or None where none is made."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    out, k = weight.shape
+    lib = _library()
+    if lib is not None:
+        if out % nseg:
+            nseg = 1
+        return PackedWeight("panels", pack_panels(weight, lib.tandem_panel_width(), nseg),
+                            k, out // nseg, nseg)
+    if onednn_available():
+        return PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach(), None), k, out)
+    return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., in) -> (..., out), through the packed weight when there is one."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if packed is None or x.dtype != torch.float32 or rows == 0:
         return ops.linear(x, weight, bias)
-    if rows > ONEDNN_MAX_ROWS:
+    if rows > PACKED_MAX_ROWS:
         return F.linear(x, weight, bias)
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(),
-                                             packed, bias, "none", [], "")
+    x2 = x.reshape(rows, x.shape[-1]).contiguous()
+    if packed.kind == "onednn":
+        out = torch.ops.mkldnn._linear_pointwise(x2, packed.tensor, bias, "none", [], "")
+    else:
+        out = x2.new_empty(rows, packed.seg * packed.nseg)
+        b = None if bias is None else bias.float().contiguous()
+        _library().tandem_linear_f32(
+            x2.data_ptr(), rows, packed.in_features, packed.tensor.data_ptr(), packed.seg,
+            packed.nseg, None if b is None else b.data_ptr(), out.data_ptr(),
+            torch.get_num_threads())
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -8,8 +8,8 @@ when the layer is constructed (vLLM's quant_method), never by rewriting a model 
     forward          method.apply(layer, x, bias)
 
 Methods here: `UnquantizedLinearMethod` (F.linear, or the Triton GEMV for one row on
-CUDA) and `OneDNNLinearMethod` (float32 on CPU: the weight reordered once into oneDNN's
-blocked layout; see layers/cpu_gemm.py for why); the quantized ones are in
+CUDA) and `CpuPackedLinearMethod` (float32 on CPU: a second copy of the weight packed
+once for decode-sized matmuls; see layers/cpu_gemm.py for why); the quantized ones are in
 tandem/quantization/methods.py, picked by the model's `QuantPolicy`.
 """
 
@@ -64,11 +64,13 @@ class UnquantizedLinearMethod(LinearMethod):
         return ops.carried_linear(x, layer.weight, bias, add)
 
 
-class OneDNNLinearMethod(LinearMethod):
-    """float32 on CPU: short-and-wide decode matmuls through a oneDNN-packed copy."""
+class CpuPackedLinearMethod(LinearMethod):
+    """float32 on CPU: short-and-wide decode matmuls through a packed copy (cpu_gemm)."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        layer.packed = cpu_gemm.pack_weight(layer.weight)
+        sizes = getattr(layer, "output_sizes", None)  # a merged gate/up: two equal halves
+        nseg = 2 if sizes is not None and len(sizes) == 2 and sizes[0] == sizes[1] else 1
+        layer.packed = cpu_gemm.pack_weight(layer.weight, nseg)
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +89,6 @@ def linear_method_for(prefix: str, quant: QuantPolicy | None = None,
         return make_method(name)
     device = device or torch.get_default_device()
     dtype = dtype or torch.get_default_dtype()
-    if device.type == "cpu" and dtype == torch.float32 and cpu_gemm.onednn_available():
-        return OneDNNLinearMethod()
+    if device.type == "cpu" and dtype == torch.float32 and cpu_gemm.available():
+        return CpuPackedLinearMethod()
     return UnquantizedLinearMethod()

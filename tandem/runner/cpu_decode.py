@@ -48,7 +48,7 @@ from tandem.runner.request_state import RequestState
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS = 8  # as TANDEM_DECODE_MAX_ROWS in decode_step.c; larger steps batch well in oneDNN
+MAX_ROWS = 256  # rows of the standing inputs; larger steps take the forward (F.linear rows)
 
 _P = ctypes.c_void_p
 
@@ -71,7 +71,7 @@ def _plain_f32(t: torch.Tensor) -> bool:
 
 def _unsupported(model: nn.Module) -> str | None:
     """Why the fused step cannot run this model (None: it can)."""
-    from tandem.layers.linear_method import OneDNNLinearMethod, UnquantizedLinearMethod
+    from tandem.layers.linear_method import CpuPackedLinearMethod
     from tandem.models.llama import LlamaDecoderLayer
     args = getattr(model, "args", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -84,9 +84,14 @@ def _unsupported(model: nn.Module) -> str | None:
     linears = [m for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     linears.append(model.lm_head)
-    if not all(type(m.method) in (OneDNNLinearMethod, UnquantizedLinearMethod)
-               and _plain_f32(m.weight) for m in linears):
+    if not all(type(m.method) is CpuPackedLinearMethod and _plain_f32(m.weight)
+               for m in linears):
         return "quantized or not float32"
+    if not all(getattr(m, "packed", None) is not None and m.packed.kind == "panels"
+               for m in linears):
+        return "no packed panels"
+    if any(l.mlp.gate_up_proj.packed.nseg != 2 for l in layers):
+        return "gate/up halves of unequal size"
     for layer in layers:
         attn = layer.self_attn.attn
         if not _plain_f32(attn.kv_cache) or attn.fp8_attention:
@@ -94,14 +99,13 @@ def _unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def _move_to_huge_pages(model: nn.Module) -> mmap.mmap | None:
-    """Move every parameter of `model` into one anonymous mapping that asks for
-    transparent huge pages (granted under THP "madvise" or "always"), each at a 64-byte
-    aligned offset, values and shapes unchanged. Returns the mapping, which must outlive
-    the parameters' use; None where it cannot be had (the parameters stay where they
-    are). A tied head is the embedding's parameter, moved once."""
-    params = list(model.parameters())
-    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]
+def _move_to_huge_pages(weights: list) -> mmap.mmap | None:
+    """Move the packed weights' tensors (cpu_gemm.PackedWeight) into one anonymous mapping
+    that asks for transparent huge pages (granted under THP "madvise" or "always"), each
+    at a 64-byte aligned offset, values and shapes unchanged; the PyTorch forward's
+    linears read the same tensors. Returns the mapping, which must outlive the tensors'
+    use; None where it cannot be had (the tensors stay where they are)."""
+    sizes = [-(-w.tensor.numel() * 4 // 64) * 64 for w in weights]
     huge = 2 << 20
     length = -(-sum(sizes) // huge) * huge + huge  # and room to start on a 2 MB boundary
     try:
@@ -112,13 +116,12 @@ def _move_to_huge_pages(model: nn.Module) -> mmap.mmap | None:
         return None
     raw = torch.frombuffer(arena, dtype=torch.uint8)
     offset = -raw.data_ptr() % huge
-    with torch.no_grad():
-        for p, size in zip(params, sizes):
-            view = raw[offset:offset + p.numel() * p.element_size()].view(p.dtype)
-            view = view.view(p.shape)
-            view.copy_(p.data)
-            p.data = view
-            offset += size
+    for w, size in zip(weights, sizes):
+        t = w.tensor
+        view = raw[offset:offset + t.numel() * 4].view(torch.float32).view(t.shape)
+        view.copy_(t)
+        w.tensor = view
+        offset += size
     return arena
 
 
@@ -127,8 +130,11 @@ class CpuDecodeRunner:
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL) -> None:
         self._fn = lib.tandem_llama_decode_f32
-        self._arena = _move_to_huge_pages(model)  # before any pointer is taken
         layers = model.model.layers
+        linears = [m for l in layers for m in (l.self_attn.qkv_proj, l.self_attn.o_proj,
+                                                l.mlp.gate_up_proj, l.mlp.down_proj)]
+        self._arena = _move_to_huge_pages(  # before any pointer is taken
+            [m.packed for m in [*linears, model.lm_head]])
         attn0, rotary = layers[0].self_attn.attn, layers[0].self_attn.rotary_emb
         args = model.args
         self.vocab_rows = model.lm_head.weight.shape[0]  # >= vocab_size (padded shards)
@@ -149,14 +155,14 @@ class CpuDecodeRunner:
             eps=layers[0].input_layernorm.eps, attn_scale=attn0.scale,
             embed=model.model.embed_tokens.weight.data_ptr(),
             final_norm=model.model.norm.weight.data_ptr(),
-            lm_head=model.lm_head.weight.data_ptr(),
+            lm_head=model.lm_head.packed.tensor.data_ptr(),
             cos_cache=self._keep[0].data_ptr(), sin_cache=self._keep[1].data_ptr(),
             input_norm=ptrs([l.input_layernorm.weight for l in layers]),
-            qkv=ptrs([l.self_attn.qkv_proj.weight for l in layers]),
-            o_proj=ptrs([l.self_attn.o_proj.weight for l in layers]),
+            qkv=ptrs([l.self_attn.qkv_proj.packed.tensor for l in layers]),
+            o_proj=ptrs([l.self_attn.o_proj.packed.tensor for l in layers]),
             post_norm=ptrs([l.post_attention_layernorm.weight for l in layers]),
-            gate_up=ptrs([l.mlp.gate_up_proj.weight for l in layers]),
-            down=ptrs([l.mlp.down_proj.weight for l in layers]),
+            gate_up=ptrs([l.mlp.gate_up_proj.packed.tensor for l in layers]),
+            down=ptrs([l.mlp.down_proj.packed.tensor for l in layers]),
             k_cache=ptrs([c[0] for c in caches]), v_cache=ptrs([c[1] for c in caches]))
         self._model_ref = ctypes.byref(self._model)
         self._block_size = self._model.block_size

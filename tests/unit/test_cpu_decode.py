@@ -11,6 +11,7 @@ import torch
 
 from tandem import LLM, SamplingParams
 from tandem.kernels.cpu import load_library
+from tandem.layers.cpu_gemm import pack_panels
 from tandem.runner import cpu_decode
 from tandem.runner.cpu_decode import CpuDecodeRunner
 from tandem.runner.input_batch import ModelInputs
@@ -54,12 +55,13 @@ def _check_every_fused_step(llm: LLM) -> list[int]:
 
 @needs_kernel
 @pytest.mark.parametrize("tied, intermediate_size, block_size, num_prompts", [
-    (True, 128, 16, 1), (False, 100, 16, 3), (True, 96, 1, 8), (False, 128, 32, 11)])
+    (True, 128, 16, 1), (False, 100, 16, 3), (True, 96, 1, 8), (False, 128, 32, 11),
+    (True, 100, 16, 30)])
 def test_fused_step_matches_forward(tmp_path, tied: bool, intermediate_size: int,
                                     block_size: int, num_prompts: int) -> None:
-    """Logits and cache writes of every fused step equal the forward's; rows 1..8, context
-    across block boundaries, an intermediate size with a tail of < 4 rows; with 11 prompts
-    the steps of more than 8 rows take the forward and the rest the fused step."""
+    """Logits and cache writes of every fused step equal the forward's; rows 1..30 (whole
+    register tiles of rows and every remainder), context across block boundaries, an
+    intermediate size that ends in a partial panel."""
     path = make_tiny_model(tmp_path, tie_word_embeddings=tied, num_heads=8, num_kv_heads=2,
                            head_dim=16, intermediate_size=intermediate_size)
     llm = LLM(path, block_size=block_size, num_kv_blocks=1024 // block_size)
@@ -105,19 +107,27 @@ def test_not_built_for_what_it_does_not_cover(tmp_path, kwargs: dict) -> None:
 
 
 @needs_kernel
-def test_parameters_move_into_one_mapping(tmp_path) -> None:
-    """The fused step's runner moves the model's parameters into its huge-page mapping,
-    values unchanged (the eager model loads the same checkpoint and keeps them)."""
+def test_packed_weights_move_into_one_mapping(tmp_path) -> None:
+    """The fused step's runner moves the linears' packed panels into its huge-page mapping,
+    values unchanged: the panels of the eager model's weights (the same checkpoint)."""
     import ctypes
     path = make_tiny_model(tmp_path, tie_word_embeddings=True)
     runner, eager = _runner(LLM(path)), _runner(LLM(path, enforce_eager=True))
     arena = runner.cpu_decode._arena
     assert arena is not None
     start = ctypes.addressof(ctypes.c_char.from_buffer(arena))
-    want = dict(eager.model.named_parameters())
-    for name, param in runner.model.named_parameters():
-        assert start <= param.data_ptr() < start + len(arena), name
-        assert torch.equal(param, want[name]), name
+    width = load_library().tandem_panel_width()
+    want = dict(eager.model.named_modules())
+    moved = 0
+    for name, module in runner.model.named_modules():
+        packed = getattr(module, "packed", None)
+        if packed is None:
+            continue
+        assert start <= packed.tensor.data_ptr() < start + len(arena), name
+        expect = pack_panels(want[name].weight, width, packed.nseg)
+        assert torch.equal(packed.tensor, expect), name
+        moved += 1
+    assert moved == 4 * len(runner.model.model.layers) + 1  # and the LM head
     assert runner.model.lm_head.weight is runner.model.model.embed_tokens.weight
 
 
@@ -149,11 +159,12 @@ def _generate_both_ways(llm: LLM, prompts: list, params) -> tuple[list, list, li
 
 
 @needs_kernel
-@pytest.mark.parametrize("block_size, num_prompts", [(16, 1), (1, 3), (16, 8), (32, 11)])
+@pytest.mark.parametrize("block_size, num_prompts",
+                         [(16, 1), (1, 3), (16, 8), (32, 11), (16, 29)])
 def test_greedy_steps_match_the_general_path(tmp_path, block_size: int,
                                              num_prompts: int) -> None:
     """The greedy shortcut (step and argmax in one native call, inputs in standing
-    buffers) picks the tokens of the general path and of the eager forward: rows 1..8,
+    buffers) picks the tokens of the general path and of the eager forward: rows 1..29,
     requests joining and leaving the standing rows, tables across block boundaries."""
     path = make_tiny_model(tmp_path, num_heads=4, num_kv_heads=2)
     llm = LLM(path, block_size=block_size, num_kv_blocks=2048 // block_size)
@@ -176,11 +187,12 @@ def test_greedy_steps_match_the_general_path(tmp_path, block_size: int,
 def test_greedy_argmax_follows_torch_argmax(tmp_path, tweak: str) -> None:
     """Ties and NaN logits: the native argmax keeps torch.argmax's rule (the first maximum,
     a NaN the largest), also where the candidates lie in different threads' shares of the
-    vocabulary. The LM head's rows are edited in place, where both paths' fused step reads
-    them (the prefill's forward uses a reordered oneDNN copy: first tokens left out)."""
+    vocabulary. The LM head's rows are edited, then packed again in place, where both
+    paths read them."""
     path = make_tiny_model(tmp_path, num_heads=4, num_kv_heads=2, vocab_size=512)
     llm = LLM(path)
-    weight = _runner(llm).model.lm_head.weight
+    head = _runner(llm).model.lm_head
+    weight = head.weight.detach().clone()
     vocab = weight.shape[0]
     with torch.no_grad():
         if tweak == "zero":  # every logit 0: token 0
@@ -191,6 +203,7 @@ def test_greedy_argmax_follows_torch_argmax(tmp_path, tweak: str) -> None:
             weight[vocab - 3] = float("nan")
         else:  # the same largest logit in the first and the last share
             weight[vocab - 2] = weight[2] = weight[2] * 100.0
+        head.packed.tensor.copy_(pack_panels(weight, head.packed.tensor.shape[-1]))
     prompts = [[3, 5, 8, 13], [21, 34], [55]]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     fast, general, rows = _generate_both_ways(llm, prompts, params)
@@ -248,7 +261,9 @@ def test_can_run_only_plain_decode_rows() -> None:
     can_run = CpuDecodeRunner.can_run
     assert can_run(None, inputs([1, 1], [5, 9], [1, 1]))
     assert can_run(None, inputs([1] * 8, [5] * 8, [1] * 8))
-    assert not can_run(None, inputs([1] * 9, [5] * 9, [1] * 9))  # more than MAX_ROWS
+    n = cpu_decode.MAX_ROWS
+    assert can_run(None, inputs([1] * n, [5] * n, [1] * n))
+    assert not can_run(None, inputs([1] * (n + 1), [5] * (n + 1), [1] * (n + 1)))
     assert not can_run(None, inputs([3, 1], [5, 9], [1, 1]))  # a prefill chunk
     assert can_run(None, inputs([1, 1], [5, 6], [2]))  # verify rows of one sequence
     assert not can_run(None, inputs([1], [5], [1], [(0, 1, 1)]))  # prompt logprobs

@@ -10,7 +10,8 @@ what the kernel does not cover (dtypes other than float32, head_dim > 256, GQA g
 > 64), the reference runs instead. `TANDEM_CPU_KERNELS=0` turns the kernel off.
 
 The same library holds `decode_step.c`, a whole decode step of a float32 Llama in one call
-(runner/cpu_decode.py loads it from here).
+(runner/cpu_decode.py loads it from here), and `gemm.c`, the matmul of float32 linear
+layers on their packed weights (layers/cpu_gemm.py).
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ from tandem.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-# One library: decode attention, and the fused decode step of runner/cpu_decode.py.
-_SOURCES = [Path(__file__).with_name(name) for name in ("paged_decode.c", "decode_step.c")]
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# One library: decode attention, the fused decode step of runner/cpu_decode.py, and the
+# packed-weight matmul of layers/cpu_gemm.py.
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("paged_decode.c", "decode_step.c", "gemm.c")]
+# -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C mode turns it off)
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
+          "-std=c11"]
 _MAX_GROUP, _MAX_HEAD_DIM, _MAX_BLOCK = 64, 256, 256  # as in paged_decode.c
 
 
@@ -89,6 +94,10 @@ def load_library() -> ctypes.CDLL | None:
     step = lib.tandem_llama_decode_f32
     step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64, ptr]
     step.restype = ctypes.c_int
+    lib.tandem_panel_width.argtypes = []
+    lib.tandem_panel_width.restype = i64
+    lib.tandem_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.tandem_linear_f32.restype = None
     return lib
 
 

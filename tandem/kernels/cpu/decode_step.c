@@ -23,8 +23,13 @@
  * sequence (speculative decoding's verify rows), since all of a step's K/V is in the cache
  * before any row attends.
  *
- * Layouts (row-major, contiguous): weights (out_features, in_features) as PyTorch stores
- * them; qkv_proj rows | q heads | k heads | v heads |; gate_up_proj rows | gate | up |;
+ * The matmuls run on the weights' packed panels (gemm.c, layers/cpu_gemm.py: the same
+ * copy the PyTorch forward's linears use), each thread over its share of the panels and
+ * every row against each panel, so at any row count the weights stream once a step; the
+ * gate/up panels store silu(gate) * up directly.
+ *
+ * Layouts (row-major, contiguous): qkv_proj's outputs | q heads | k heads | v heads |,
+ * gate_up_proj's | gate | up | (two segments, gemm.c); the embedding (vocab, hidden);
  * k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; cos/sin caches
  * [max_positions, head_dim] (both halves equal, rotate-half layout).
  */
@@ -34,7 +39,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TANDEM_DECODE_MAX_ROWS 8
 #define TANDEM_DECODE_MAX_GROUP 64
 #define TANDEM_DECODE_MAX_HEAD_DIM 256
 #define TANDEM_DECODE_MAX_BLOCK 256
@@ -45,101 +49,27 @@ typedef struct {
     float eps, attn_scale;
     const float *embed;      /* (vocab, hidden) */
     const float *final_norm; /* (hidden,) */
-    const float *lm_head;    /* (vocab, hidden); the embedding when tied */
+    const float *lm_head;    /* panels of (vocab, hidden) */
     const float *cos_cache, *sin_cache;
-    /* per layer, num_layers pointers each */
+    /* per layer, num_layers pointers each; qkv, o_proj, gate_up, down are panels */
     const float *const *input_norm, *const *qkv, *const *o_proj, *const *post_norm;
     const float *const *gate_up, *const *down;
     float *const *k_cache, *const *v_cache;
 } tandem_llama_f32;
 
-/* This thread's share [*lo, *hi) of n output rows, in multiples of 8. */
-static void split_rows(int64_t n, int nt, int t, int64_t *lo, int64_t *hi)
+/* Panels (gemm.c): [p0, p1) of a weight's `nseg` segments of `seg` outputs, rows of x
+ * ldx apart, into y (ldy apart); silu_mul pairs gate and up panels. */
+void tandem_gemm_panels_f32(const float *wp, int64_t in, int64_t seg, int64_t nseg,
+                            const float *x, int64_t ldx, int64_t rows, float *y, int64_t ldy,
+                            int64_t p0, int64_t p1, int silu_mul);
+int64_t tandem_panel_width(void);
+
+/* This thread's share [*lo, *hi) of n panels. */
+static void split(int64_t n, int nt, int t, int64_t *lo, int64_t *hi)
 {
-    int64_t per = ((n + nt - 1) / nt + 7) / 8 * 8;
+    const int64_t per = (n + nt - 1) / nt;
     *lo = t * per < n ? t * per : n;
     *hi = *lo + per < n ? *lo + per : n;
-}
-
-/* y[r * ldy + o] = w[o, :] . x[r * in + :] for o in [lo, hi), r < rows. Eight weight rows
- * at a time (eight independent sums, eight streams in flight: 28-29 GB/s on this 2-core
- * box against 24-28 with four), then four, then one; the later input rows re-read them
- * from L1. */
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
-static inline float hsum8(__m256 v)
-{
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_hadd_ps(a, a);
-    return _mm_cvtss_f32(_mm_hadd_ps(a, a));
-}
-#endif
-
-static void gemv(const float *w, int64_t in, const float *x, int64_t rows, float *y,
-                 int64_t ldy, int64_t lo, int64_t hi)
-{
-    int64_t o = lo;
-#if defined(__AVX2__) && defined(__FMA__)
-    if (in % 8 == 0)
-        for (; o + 8 <= hi; o += 8) {
-            const float *w0 = w + o * in;
-            for (int64_t r = 0; r < rows; ++r) {
-                const float *xr = x + r * in;
-                __m256 a[8];
-                for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-                for (int64_t i = 0; i < in; i += 8) {
-                    const __m256 xv = _mm256_loadu_ps(xr + i);
-                    for (int j = 0; j < 8; ++j)
-                        a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j * in + i), xv, a[j]);
-                }
-                float *yr = y + r * ldy + o;
-                for (int j = 0; j < 8; ++j) yr[j] = hsum8(a[j]);
-            }
-        }
-    if (in % 8 == 0)
-        for (; o + 4 <= hi; o += 4) {
-            const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-            for (int64_t r = 0; r < rows; ++r) {
-                const float *xr = x + r * in;
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-                for (int64_t i = 0; i < in; i += 8) {
-                    const __m256 xv = _mm256_loadu_ps(xr + i);
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
-                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
-                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
-                }
-                float *yr = y + r * ldy + o;
-                yr[0] = hsum8(a0), yr[1] = hsum8(a1), yr[2] = hsum8(a2), yr[3] = hsum8(a3);
-            }
-        }
-#endif
-    for (; o + 4 <= hi; o += 4) {
-        const float *w0 = w + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-        for (int64_t r = 0; r < rows; ++r) {
-            const float *xr = x + r * in;
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-            for (int64_t i = 0; i < in; ++i) {
-                a0 += w0[i] * xr[i];
-                a1 += w1[i] * xr[i];
-                a2 += w2[i] * xr[i];
-                a3 += w3[i] * xr[i];
-            }
-            float *yr = y + r * ldy + o;
-            yr[0] = a0, yr[1] = a1, yr[2] = a2, yr[3] = a3;
-        }
-    }
-    for (; o < hi; ++o)
-        for (int64_t r = 0; r < rows; ++r) {
-            const float *wo = w + o * in, *xr = x + r * in;
-            float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-            for (int64_t i = 0; i < in; ++i) a += wo[i] * xr[i];
-            y[r * ldy + o] = a;
-        }
 }
 
 /* res (+)= delta; h = weight * res / sqrt(mean(res^2) + eps), for each row. */
@@ -241,7 +171,9 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
 {
     const int64_t dim = m->hidden_size, d = m->head_dim, inter = m->intermediate_size;
     const int64_t q_size = m->num_heads * d, qkv_size = q_size + 2 * m->num_kv_heads * d;
-    if (rows < 1 || rows > TANDEM_DECODE_MAX_ROWS || d > TANDEM_DECODE_MAX_HEAD_DIM
+    const int64_t pw = tandem_panel_width();
+#define panels(n) (((n) + pw - 1) / pw)
+    if (rows < 1 || d > TANDEM_DECODE_MAX_HEAD_DIM
         || d % 2 || m->num_heads % m->num_kv_heads
         || m->num_heads / m->num_kv_heads > TANDEM_DECODE_MAX_GROUP
         || m->block_size > TANDEM_DECODE_MAX_BLOCK || num_threads < 1
@@ -275,8 +207,9 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
         add_rms_norm(res, NULL, m->input_norm[0], h, rows, dim, m->eps);
         int64_t lo, hi;
         for (int64_t layer = 0; layer < m->num_layers; ++layer) {
-            split_rows(qkv_size, nt, t, &lo, &hi);
-            gemv(m->qkv[layer], dim, h, rows, qkv, qkv_size, lo, hi);
+            split(panels(qkv_size), nt, t, &lo, &hi);
+            tandem_gemm_panels_f32(m->qkv[layer], dim, qkv_size, 1, h, dim, rows, qkv,
+                                   qkv_size, lo, hi, 0);
 #pragma omp barrier
             const int64_t items = rows * m->num_kv_heads;
             for (int64_t item = t; item < items; item += nt) {
@@ -291,39 +224,33 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
                             seq_lens[r], item % m->num_kv_heads, attn + r * q_size);
             }
 #pragma omp barrier
-            split_rows(dim, nt, t, &lo, &hi);
-            gemv(m->o_proj[layer], q_size, attn, rows, delta, dim, lo, hi);
+            split(panels(dim), nt, t, &lo, &hi);
+            tandem_gemm_panels_f32(m->o_proj[layer], q_size, dim, 1, attn, q_size, rows, delta,
+                                   dim, lo, hi, 0);
 #pragma omp barrier
             add_rms_norm(res, delta, m->post_norm[layer], h, rows, dim, m->eps);
-            /* gate rows [0, inter), up rows [inter, 2 inter): this thread's share of both,
-             * then silu(gate) * up in place of its gate outputs */
-            split_rows(inter, nt, t, &lo, &hi);
-            const float *gu = m->gate_up[layer];
-            for (int64_t o = lo; o < hi; o += 8) {
-                const int64_t n = hi - o < 8 ? hi - o : 8;
-                float gate[TANDEM_DECODE_MAX_ROWS * 8], up[TANDEM_DECODE_MAX_ROWS * 8];
-                gemv(gu + o * dim, dim, h, rows, gate, 8, 0, n);  /* (rows, 8) */
-                gemv(gu + (inter + o) * dim, dim, h, rows, up, 8, 0, n);
-                for (int64_t r = 0; r < rows; ++r)
-                    for (int64_t j = 0; j < n; ++j) {
-                        const float g = gate[r * 8 + j];
-                        act[r * inter + o + j] = g / (1.0f + expf(-g)) * up[r * 8 + j];
-                    }
-            }
+            /* act = silu(gate) * up: this thread's share of the gate panels, each with
+             * its up panel */
+            split(panels(inter), nt, t, &lo, &hi);
+            tandem_gemm_panels_f32(m->gate_up[layer], dim, inter, 2, h, dim, rows, act, inter,
+                                   lo, hi, 1);
 #pragma omp barrier
-            split_rows(dim, nt, t, &lo, &hi);
-            gemv(m->down[layer], inter, act, rows, delta, dim, lo, hi);
+            split(panels(dim), nt, t, &lo, &hi);
+            tandem_gemm_panels_f32(m->down[layer], inter, dim, 1, act, inter, rows, delta, dim,
+                                   lo, hi, 0);
 #pragma omp barrier
             add_rms_norm(res, delta,
                          layer + 1 < m->num_layers ? m->input_norm[layer + 1] : m->final_norm,
                          h, rows, dim, m->eps);
         }
-        split_rows(m->vocab_size, nt, t, &lo, &hi);
-        gemv(m->lm_head, dim, h, rows, logits, m->vocab_size, lo, hi);
-        if (argmax_ids != NULL)
+        split(panels(m->vocab_size), nt, t, &lo, &hi);
+        tandem_gemm_panels_f32(m->lm_head, dim, m->vocab_size, 1, h, dim, rows, logits,
+                               m->vocab_size, lo, hi, 0);
+        if (argmax_ids != NULL) {  /* over this thread's columns */
+            const int64_t c0 = lo * pw, c1 = hi * pw < argmax_cols ? hi * pw : argmax_cols;
             for (int64_t r = 0; r < rows; ++r)
-                candidates[t * rows + r] = first_max(logits + r * m->vocab_size, lo,
-                                                     hi < argmax_cols ? hi : argmax_cols);
+                candidates[t * rows + r] = first_max(logits + r * m->vocab_size, c0, c1);
+        }
     }
     if (argmax_ids != NULL)  /* the threads' shares ascend with t: keep the first maximum */
         for (int64_t r = 0; r < rows; ++r) {
@@ -339,4 +266,5 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
         }
     free(work);
     return 0;
+#undef panels
 }
