@@ -22,9 +22,13 @@ GFLOP/s at K 512 / 1536:
     13     8192 x 512                    250-380  410
     48     3072 x 512         150-172    426-463  460-474
     48     8192 x 512         107-118    383-410  450
-    5287   3072 x 512         160-168    150-310  ~190
+    1024   3072 x 512         202        478      450
+    5287   3072 x 512         166        290      437
+    5287    512 x 1536        196        465      462
 
-Above PACKED_MAX_ROWS rows (prefill) `F.linear` on the original weight is as fast.
+So the panels serve every row count, prefill included. oneDNN's copy (the fallback) serves
+up to ONEDNN_MAX_ROWS rows; above that `F.linear` on the original weight was as fast on
+the AVX2 machine it was measured on.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 
 from tandem.kernels import ops
 
-PACKED_MAX_ROWS = 256  # above this many rows F.linear is as fast, and allocates less
+ONEDNN_MAX_ROWS = 256  # the oneDNN fallback's limit (above it, F.linear)
 MLP_CHUNK_ROWS = 1024  # prefill MLP in row chunks: intermediates stay small and reused
 
 
@@ -105,12 +109,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if packed is None or x.dtype != torch.float32 or rows == 0:
         return ops.linear(x, weight, bias)
-    if rows > PACKED_MAX_ROWS:
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, x.shape[-1]).contiguous()
     if packed.kind == "onednn":
-        out = torch.ops.mkldnn._linear_pointwise(x2, packed.tensor, bias, "none", [], "")
+        if rows > ONEDNN_MAX_ROWS:
+            return F.linear(x, weight, bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(),
+                                                 packed.tensor, bias, "none", [], "")
     else:
+        x2 = x.reshape(rows, x.shape[-1]).contiguous()
         out = x2.new_empty(rows, packed.seg * packed.nseg)
         b = None if bias is None else bias.float().contiguous()
         _library().tandem_linear_f32(

@@ -43,6 +43,7 @@ _SOURCES = [Path(__file__).with_name(name)
 # -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C mode turns it off)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
           "-std=c11"]
+_HEADER = Path(__file__).with_name("vec.h")  # included by the sources
 _MAX_GROUP, _MAX_HEAD_DIM, _MAX_BLOCK = 64, 256, 256  # as in paged_decode.c
 
 
@@ -67,7 +68,7 @@ def load_library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: CPU decode attention uses the PyTorch reference")
         return None
-    key = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES)
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in [*_SOURCES, _HEADER])
                          + " ".join([compiler, *_FLAGS]).encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     path = _cache_dir() / f"tandem_cpu-{key}.so"

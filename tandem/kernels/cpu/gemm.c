@@ -22,28 +22,23 @@
  * the two cores' FMA peak; oneDNN's reordered-weight kernels 380-480, MKL (`F.linear`)
  * 120-200.
  *
- * Vectors are GCC/Clang vector extensions of the widest width the build targets: 16
- * floats with AVX-512 (32 registers: TR 12), 8 with AVX, 4 otherwise (16 registers: TR 6).
+ * Vectors (vec.h) are GCC/Clang vector extensions of the widest width the build targets:
+ * 16 floats with AVX-512 (32 registers: TR 12), 8 with AVX, 4 otherwise (16 registers:
+ * TR 6).
  */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__)
-#define VL 16
+#include "vec.h"
+
+#if VL == 16
 #define TR 12
-#elif defined(__AVX__)
-#define VL 8
-#define TR 6
 #else
-#define VL 4
 #define TR 6
 #endif
 #define PW (2 * VL)
-
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vfu __attribute__((vector_size(VL * 4), aligned(4))); /* unaligned access */
 
 int64_t tandem_panel_width(void) { return PW; }
 
@@ -115,15 +110,10 @@ static inline __attribute__((always_inline)) void store_silu_mul(const int n, vf
                                                                  vf u[][2], float *y,
                                                                  int64_t ldy, int valid)
 {
-    for (int i = 0; i < n; ++i) {
-        float gt[PW], ut[PW];
-        memcpy(gt, &g[i][0], VL * 4);
-        memcpy(gt + VL, &g[i][1], VL * 4);
-        memcpy(ut, &u[i][0], VL * 4);
-        memcpy(ut + VL, &u[i][1], VL * 4);
-        float *yi = y + i * ldy;
-        for (int j = 0; j < valid; ++j) yi[j] = gt[j] / (1.0f + expf(-gt[j])) * ut[j];
-    }
+    vf act[TR][2];
+    for (int i = 0; i < n; ++i)
+        for (int h = 0; h < 2; ++h) act[i][h] = g[i][h] / (1.0f + vexp(-g[i][h])) * u[i][h];
+    store(n, act, y, ldy, valid);
 }
 
 /* Rows r..r+n of one panel (or, with `up`, a gate panel and its up panel). */

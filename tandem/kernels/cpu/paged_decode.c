@@ -13,6 +13,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "vec.h"
+
 #define TANDEM_MAX_GROUP 64
 #define TANDEM_MAX_HEAD_DIM 256
 #define TANDEM_MAX_BLOCK 256
@@ -53,10 +55,13 @@ void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v
             const float m_new = block_max > m[g] ? block_max : m[g];
             const float alpha = expf(m[g] - m_new); /* 0 on the first block */
             float sum = 0.0f;
-            for (int64_t t = 0; t < n; ++t) {
-                p[t] = expf(p[t] - m_new);
-                sum += p[t];
+            int64_t t = 0;
+            for (; t + VL <= n; t += VL) { /* vexp: the block's scores are finite */
+                vfu *pt = (vfu *)(p + t);
+                *pt = vexp(*pt - m_new);
             }
+            for (; t < n; ++t) p[t] = expf(p[t] - m_new);
+            for (t = 0; t < n; ++t) sum += p[t];
             l[g] = l[g] * alpha + sum;
             m[g] = m_new;
             float *a = acc[g];
