@@ -188,7 +188,9 @@ class Rates:
     could be flattered by: the first repeats run before a long load pulls the clocks down
     (power, heat: an H200's sustained bf16 matmul rate measured ~15% under its first
     repeats'), the later ones after an idle GPU's clocks have ramped up. The best of all is
-    the ceiling, so a fraction computed with it is never too high."""
+    the ceiling, so a fraction computed with it is never too high. On CPU in float32 the
+    engine's own matmul (layers/cpu_gemm.py) is timed besides torch.mm, and the faster
+    one sets the ceiling: torch.mm reaches less than half of it on the AVX-512 box."""
 
     matmul_flops_per_s: float  # best repeat: 2 n^3 per (n, n) x (n, n) product in `dtype`
     mem_bytes_per_s: float  # best repeat: a device-to-device copy, bytes read + written
@@ -198,6 +200,7 @@ class Rates:
     matmul_n: int
     copy_bytes: int  # one copy's size (each copy moves twice this)
     window_s: float  # least seconds of each op timed, repeat after repeat
+    matmul_ops: tuple[str, ...] = ("torch.mm",)  # the matmuls timed; the fastest counts
 
     def record(self) -> dict:
         """The JSON form benchmarks store under "rates"."""
@@ -244,13 +247,21 @@ def measure(device: torch.device, dtype: torch.dtype) -> Rates:
         return times
 
     mm = [2 * n**3 / t for t in repeats(lambda: torch.mm(a, b), 10 if cuda else 1)]
+    ops = ("torch.mm",)
+    if not cuda and dtype == torch.float32:  # the engine's own CPU matmul, when faster
+        from tandem.layers import cpu_gemm
+        bt = b.t().contiguous()
+        packed = cpu_gemm.pack_weight(bt)
+        if packed is not None:
+            mm += [2 * n**3 / t for t in repeats(lambda: cpu_gemm.linear(a, bt, packed), 1)]
+            ops += (f"cpu_gemm {packed.kind}",)
     cp = [2 * size / t for t in repeats(lambda: dst.copy_(src), 10 if cuda else 2)]
 
     def summary(r: list[float]) -> tuple[float, ...]:
         return r[0], sorted(r)[len(r) // 2], r[-1]
 
     return Rates(max(mm), max(cp), summary(mm), summary(cp), (len(mm), len(cp)), n, size,
-                 window_s)
+                 window_s, ops)
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
