@@ -121,8 +121,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
         _library().tandem_linear_f32(
             x2.data_ptr(), rows, packed.in_features, packed.tensor.data_ptr(), packed.seg,
             packed.nseg, None if b is None else b.data_ptr(), out.data_ptr(),
-            torch.get_num_threads())
+            torch.get_num_threads(), 0)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def linear_silu_mul(x: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor | None:
+    """silu(gate) * up for a merged gate/up weight packed in two segments, (..., in) ->
+    (..., seg), the matmul storing the product directly (no (rows, 2 seg) intermediate);
+    None where the weight is not such panels or x is not float32."""
+    if (packed is None or packed.kind != "panels" or packed.nseg != 2
+            or x.dtype != torch.float32 or x.numel() == 0):
+        return None
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1]).contiguous()
+    out = x2.new_empty(rows, packed.seg)
+    _library().tandem_linear_f32(x2.data_ptr(), rows, packed.in_features,
+                                 packed.tensor.data_ptr(), packed.seg, packed.nseg, None,
+                                 out.data_ptr(), torch.get_num_threads(), 1)
+    return out.view(*x.shape[:-1], packed.seg)
 
 
 def in_row_chunks(fn, x: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -38,6 +38,11 @@ class LinearMethod:
               bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of a merged gate/up layer without bias in one pass, or None
+        where this method has no such path (the caller applies, then SiluAndMul)."""
+        return None
+
     def carries_norm(self, layer: nn.Module) -> bool:
         """Whether `apply_carried` works for this layer (models/norm_chain.py)."""
         return False
@@ -75,6 +80,9 @@ class CpuPackedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         return cpu_gemm.linear(x, layer.weight, getattr(layer, "packed", None), bias)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return cpu_gemm.linear_silu_mul(x, getattr(layer, "packed", None))
 
 
 def linear_method_for(prefix: str, quant: QuantPolicy | None = None,

@@ -147,7 +147,12 @@ class LlamaMLP(nn.Module):
         return cpu_gemm.in_row_chunks(self._forward, x, self.down_proj.output_size)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        act = None
+        if self.gate_up_proj.bias is None:  # silu(gate) * up as the matmul stores it (CPU)
+            act = self.gate_up_proj.method.apply_silu_mul(self.gate_up_proj, x)
+        if act is None:
+            act = self.act_fn(self.gate_up_proj(x))
+        return self.down_proj(act)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -71,6 +71,21 @@ def test_two_segments_and_bias(half: int) -> None:
                                atol=1e-3, rtol=1e-4)
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows, half", [(1, 32), (13, 50), (300, 96), (1100, 40)])
+def test_silu_mul_matches_reference(rows: int, half: int) -> None:
+    """silu(gate) * up stored by the matmul (the MLP's path) equals F.linear, then
+    silu * mul; a weight that is not two-segment panels gets None (the caller's cue)."""
+    g = torch.Generator().manual_seed(rows + half)
+    x = torch.randn(rows, 64, generator=g)
+    w = torch.randn(2 * half, 64, generator=g) * 0.3
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    got = cpu_gemm.linear_silu_mul(x, _packed(w, nseg=2))
+    torch.testing.assert_close(got, F.silu(gate) * up, atol=1e-4, rtol=1e-4)
+    assert cpu_gemm.linear_silu_mul(x, _packed(w)) is None  # one segment
+    assert cpu_gemm.linear_silu_mul(x.double(), _packed(w, nseg=2)) is None
+
+
 def test_pack_panels_layout() -> None:
     """Panel p holds output rows p * width .. + width, transposed; padding rows zero."""
     w = torch.arange(10 * 3, dtype=torch.float32).view(10, 3)
@@ -94,6 +109,9 @@ def test_layer_forward_at_decode_and_prefill_sizes(tmp_path) -> None:
     layer.process_weights_after_loading()
     assert layer.packed is not None and layer.packed.nseg == 2
     x = torch.randn(1100, 64)
+    act = layer.method.apply_silu_mul(layer, x)
+    gate, up = F.linear(x, layer.weight).chunk(2, dim=-1)
+    torch.testing.assert_close(act, F.silu(gate) * up, atol=1e-4, rtol=1e-4)
     big = layer(x)
     small = torch.cat([layer(x[:100]), layer(x[100:])])
     torch.testing.assert_close(big, small, atol=1e-4, rtol=1e-4)

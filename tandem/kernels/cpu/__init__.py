@@ -97,7 +97,8 @@ def load_library() -> ctypes.CDLL | None:
     step.restype = ctypes.c_int
     lib.tandem_panel_width.argtypes = []
     lib.tandem_panel_width.restype = i64
-    lib.tandem_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.tandem_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int,
+                                      ctypes.c_int]
     lib.tandem_linear_f32.restype = None
     return lib
 

@@ -186,15 +186,17 @@ void tandem_gemm_panels_f32(const float *wp, int64_t in, int64_t seg, int64_t ns
 }
 
 /* y (rows, nseg * seg) = x (rows, in) W^T (+ bias), x and y contiguous, W packed, on
- * num_threads OpenMP threads. Items are (row block, panel block) pairs, row blocks
- * outermost, split statically so a thread walks its items in order; a row block (rows x
- * in floats) stays within half of a 1 MB L2 while its panels pass it. One row block: the
- * panels are split evenly over the threads. */
+ * num_threads OpenMP threads; with silu_mul (nseg 2, no bias) y is (rows, seg),
+ * silu(gate) * up. Items are (row block, panel block) pairs, row blocks outermost, split
+ * statically so a thread walks its items in order; a row block (rows x in floats) stays
+ * within half of a 1 MB L2 while its panels pass it. One row block: the panels are split
+ * evenly over the threads. */
 void tandem_linear_f32(const float *x, int64_t rows, int64_t in, const float *wp,
                        int64_t seg, int64_t nseg, const float *bias, float *y,
-                       int num_threads)
+                       int num_threads, int silu_mul)
 {
-    const int64_t out = seg * nseg, panels = nseg * ((seg + PW - 1) / PW);
+    const int64_t pps = (seg + PW - 1) / PW, out = silu_mul ? seg : seg * nseg;
+    const int64_t panels = silu_mul ? pps : nseg * pps; /* gate panels only with silu_mul */
     /* row blocks of at most 128 Ki floats (512 KB), as even as whole tiles allow */
     int64_t most = (128 * 1024) / (in > 0 ? in : 1) / TR * TR;
     if (most < TR) most = TR;
@@ -209,15 +211,13 @@ void tandem_linear_f32(const float *x, int64_t rows, int64_t in, const float *wp
         const int64_t r1 = r0 + rb < rows ? r0 + rb : rows, p1 = p0 + pb < panels ? p0 + pb : panels;
         if (r0 >= r1) continue;
         tandem_gemm_panels_f32(wp, in, seg, nseg, x + r0 * in, in, r1 - r0, y + r0 * out, out,
-                               p0, p1, 0);
-        if (bias != NULL) {
-            const int64_t pps = (seg + PW - 1) / PW;
+                               p0, p1, silu_mul);
+        if (bias != NULL && !silu_mul)
             for (int64_t p = p0; p < p1; ++p) {
                 const int64_t c0 = (p / pps) * seg + (p % pps) * PW;
                 const int64_t c1 = c0 + PW < (p / pps + 1) * seg ? c0 + PW : (p / pps + 1) * seg;
                 for (int64_t r = r0; r < r1; ++r)
                     for (int64_t c = c0; c < c1; ++c) y[r * out + c] += bias[c];
             }
-        }
     }
 }
