@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tandem.distributed.parallel import ParallelContext
+from tandem.kernels import ops
 from tandem.layers.linear_method import linear_method_for
 from tandem.quantization.policy import QuantPolicy
 
@@ -151,6 +152,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, prefix, parallel, quant)
         for param in self.parameters(recurse=False):
             param.shard_ids = tuple(range(len(self.output_sizes)))
+
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """x W^T (+ bias); with `silu_mul` (two halves, gate | up): silu(gate) * up, in one
+        pass where the method has one (the CPU's packed matmul stores the product)."""
+        if not silu_mul:
+            return self.method.apply(self, x, self.bias)
+        act = self.method.apply_silu_mul(self, x) if self.bias is None else None
+        return act if act is not None else ops.silu_and_mul(self.method.apply(self, x, self.bias))
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: int | None = None) -> None:

@@ -147,12 +147,7 @@ class LlamaMLP(nn.Module):
         return cpu_gemm.in_row_chunks(self._forward, x, self.down_proj.output_size)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = None
-        if self.gate_up_proj.bias is None:  # silu(gate) * up as the matmul stores it (CPU)
-            act = self.gate_up_proj.method.apply_silu_mul(self.gate_up_proj, x)
-        if act is None:
-            act = self.act_fn(self.gate_up_proj(x))
-        return self.down_proj(act)
+        return self.down_proj(self.gate_up_proj(x, silu_mul=True))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,15 +1,15 @@
 """CPU decode steps in one native call: what CUDA graph replay is to a GPU step.
 
-A decode step of a few rows on CPU is bound by reading the weights once (85 MB for the
-embedded model, ~3.4 ms at this machine's ~26 GB/s), but through the model's PyTorch
-forward its ~70 ops each pay a Python call, a dispatch and an OpenMP fork/join: 8-10 ms a
-token on the 2-core development machine. `CpuDecodeRunner` runs the same math
-(embedding, every decoder layer, final norm, LM head) as one call into
-`kernels/cpu/decode_step.c`, on the model's own weight and KV cache tensors (read in
-place), one OpenMP region for the whole step. Before it takes their pointers, the model's
-parameters move once into a mapping backed by 2 MB pages where the system grants them
-(`_move_to_huge_pages`: same values; streaming 89 MB then needs ~45 TLB entries, not
-~22,000, which measured ~4% off the step's best and median times on the 2-core box).
+A decode step of a few rows on CPU is bound by reading the weights once (89 MB for the
+embedded model), one of many rows by the matmuls' arithmetic; through the model's PyTorch
+forward its ~70 ops each pay a Python call, a dispatch and an OpenMP fork/join besides.
+`CpuDecodeRunner` runs the same math (embedding, every decoder layer, final norm, LM head)
+as one call into `kernels/cpu/decode_step.c`, one OpenMP region for the whole step, on the
+linears' packed panels (layers/cpu_gemm.py: the copy the forward's linears use too) and
+the KV cache tensors, read in place. Before it takes their pointers, the panels move once
+into a mapping backed by 2 MB pages where the system grants them (`_move_to_huge_pages`:
+same values; streaming 89 MB then needs ~45 TLB entries, not ~22,000, which measured ~4%
+off the step's best and median times on the 2-core box).
 
     model_runner.launch:  plain decodes (<= MAX_ROWS, one known token each), all plain
                           greedy -> CpuDecodeRunner.greedy(plan)   token ids (a list)
@@ -48,7 +48,7 @@ from tandem.runner.request_state import RequestState
 
 logger = logging.getLogger(__name__)
 
-MAX_ROWS = 256  # rows of the standing inputs; larger steps take the forward (F.linear rows)
+MAX_ROWS = 256  # rows of the standing inputs; larger steps take the forward
 
 _P = ctypes.c_void_p
 
