@@ -4,6 +4,12 @@
  * of the sequence's cache blocks (no gathered copy) and keeps an online softmax for each of
  * the `group` query heads that share it (GQA), so every K/V byte is read once per step.
  *
+ * head_dim of 2, 4, 8 or 16 vectors (64 or 128 with AVX-512 or AVX2) takes the vector path:
+ * the scores of VL tokens at once, summed across lanes by one transposing tree instead of
+ * one sum per token, and the output accumulated in registers. Against the per-token loop
+ * it replaced (scratch benchmark, 2-core AVX-512 box, 48 sequences x 8/2 heads of 64):
+ * 0.28 against 0.47 ms a layer at 200 tokens of context, 2.4 against 4.9 at 1000.
+ *
  * Layout (see tandem/kernels/reference/attention.py, the spec this is tested against):
  *   k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous
  *   query:            row r, head h at query + r * q_row_stride + h * head_dim
@@ -19,13 +25,12 @@
 #define TANDEM_MAX_HEAD_DIM 256
 #define TANDEM_MAX_BLOCK 256
 
-/* One (sequence, KV head) item: the group's `group` query heads q (contiguous, group x
- * head_dim) over the sequence's `len` cached tokens (paged by `table`), online softmax a
- * block at a time; writes the group x head_dim outputs at o. Also decode_step.c's. */
-void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v_cache,
-                            const int32_t *table, int64_t len, int64_t kh, int64_t group,
-                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                            float scale, float *o)
+/* The item for any head_dim: a dot product per (token, query head) and an accumulation
+ * per (token, query head), one lane set at a time. */
+static void attend_scalar(const float *q, const float *k_cache, const float *v_cache,
+                          const int32_t *table, int64_t len, int64_t kh, int64_t group,
+                          int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                          float scale, float *o)
 {
     const int64_t token_stride = num_kv_heads * head_dim;
     float acc[TANDEM_MAX_GROUP][TANDEM_MAX_HEAD_DIM];
@@ -79,6 +84,133 @@ void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v
         const float inv = 1.0f / l[g];
         for (int64_t d = 0; d < head_dim; ++d) o[g * head_dim + d] = acc[g][d] * inv;
     }
+}
+
+/* VL dot products at once: part[j] holds token j's lane-wise products; the result's lane
+ * j is their sum (a transposing tree of shuffles and adds, no sum per token). */
+#if VL == 16
+#define TANDEM_LEVELS 4
+static const vi lane_a[4] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+    {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+    {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+    {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}};
+#elif VL == 8
+#define TANDEM_LEVELS 3
+static const vi lane_a[3] = {{0, 1, 2, 3, 8, 9, 10, 11}, {0, 1, 4, 5, 8, 9, 12, 13},
+                             {0, 2, 4, 6, 8, 10, 12, 14}};
+#else
+#define TANDEM_LEVELS 2
+static const vi lane_a[2] = {{0, 1, 4, 5}, {0, 2, 4, 6}};
+#endif
+
+static inline __attribute__((always_inline)) vf sum_lanes(vf part[VL])
+{
+    int width = VL;
+    for (int level = 0; level < TANDEM_LEVELS; ++level) {
+        const vi a = lane_a[level], b = a + (VL >> (level + 1)); /* the other half */
+        width /= 2;
+        for (int j = 0; j < width; ++j)
+            part[j] = __builtin_shuffle(part[2 * j], part[2 * j + 1], a)
+                      + __builtin_shuffle(part[2 * j], part[2 * j + 1], b);
+    }
+    return part[0];
+}
+
+/* The item for head_dim = nc * VL (nc a constant at each call, so q, the tile's partial
+ * products and the output accumulators stay in registers): per block and query head, the
+ * scores VL tokens at a time (sum_lanes), the softmax's exp on vectors, then the values
+ * accumulated two tokens at a time into two register sets. */
+static inline __attribute__((always_inline)) void attend_vec(
+    const int nc, const float *q, const float *k_cache, const float *v_cache,
+    const int32_t *table, int64_t len, int64_t kh, int64_t group, int64_t num_kv_heads,
+    int64_t block_size, float scale, float *o)
+{
+    const int64_t d = nc * VL, ts = num_kv_heads * d;
+    float acc[TANDEM_MAX_GROUP * TANDEM_MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float p[TANDEM_MAX_BLOCK + VL] __attribute__((aligned(64)));
+    float m[TANDEM_MAX_GROUP], l[TANDEM_MAX_GROUP];
+    for (int64_t g = 0; g < group; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        for (int64_t i = 0; i < d; ++i) acc[g * d + i] = 0.0f;
+    }
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t block = table[start / block_size];
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const float *kb = k_cache + block * block_size * ts + kh * d;
+        const float *vb = v_cache + block * block_size * ts + kh * d;
+        for (int64_t g = 0; g < group; ++g) {
+            vf qv[16];
+            for (int c = 0; c < nc; ++c) qv[c] = *(const vfu *)(q + g * d + c * VL) * scale;
+            for (int64_t t0 = 0; t0 < n; t0 += VL) {
+                vf part[VL];
+                for (int j = 0; j < VL; ++j) {
+                    part[j] = (vf){0};
+                    if (t0 + j < n) {
+                        const float *k = kb + (t0 + j) * ts;
+                        for (int c = 0; c < nc; ++c) part[j] += qv[c] * *(const vfu *)(k + c * VL);
+                    }
+                }
+                *(vf *)(p + t0) = sum_lanes(part);
+            }
+            float block_max = -INFINITY;
+            for (int64_t t = 0; t < n; ++t) block_max = p[t] > block_max ? p[t] : block_max;
+            const float m_new = block_max > m[g] ? block_max : m[g];
+            const float alpha = expf(m[g] - m_new); /* 0 on the first block */
+            int64_t t = 0;
+            for (; t + VL <= n; t += VL) *(vf *)(p + t) = vexp(*(vf *)(p + t) - m_new);
+            for (; t < n; ++t) p[t] = expf(p[t] - m_new);
+            float sum = 0.0f;
+            for (t = 0; t < n; ++t) sum += p[t];
+            l[g] = l[g] * alpha + sum;
+            m[g] = m_new;
+            vf a0[16], a1[16];
+            for (int c = 0; c < nc; ++c) {
+                a0[c] = *(vf *)(acc + g * d + c * VL) * alpha;
+                a1[c] = (vf){0};
+            }
+            for (t = 0; t + 2 <= n; t += 2) {
+                const float *v0 = vb + t * ts, *v1 = v0 + ts;
+                const float p0 = p[t], p1 = p[t + 1];
+                for (int c = 0; c < nc; ++c) {
+                    a0[c] += p0 * *(const vfu *)(v0 + c * VL);
+                    a1[c] += p1 * *(const vfu *)(v1 + c * VL);
+                }
+            }
+            if (t < n)
+                for (int c = 0; c < nc; ++c) a0[c] += p[t] * *(const vfu *)(vb + t * ts + c * VL);
+            for (int c = 0; c < nc; ++c) *(vf *)(acc + g * d + c * VL) = a0[c] + a1[c];
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.0f / l[g];
+        for (int64_t i = 0; i < d; ++i) o[g * d + i] = acc[g * d + i] * inv;
+    }
+}
+
+/* One (sequence, KV head) item: the group's `group` query heads q (contiguous, group x
+ * head_dim) over the sequence's `len` cached tokens (paged by `table`), online softmax a
+ * block at a time; writes the group x head_dim outputs at o. Also decode_step.c's.
+ * head_dim of 2, 4, 8 or 16 vectors takes the vector path, any other the scalar one. */
+void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v_cache,
+                            const int32_t *table, int64_t len, int64_t kh, int64_t group,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                            float scale, float *o)
+{
+    const int64_t nc = head_dim % VL == 0 ? head_dim / VL : 0;
+#define TANDEM_VEC(n) attend_vec(n, q, k_cache, v_cache, table, len, kh, group, \
+                                 num_kv_heads, block_size, scale, o)
+    switch (nc) {
+    case 2: TANDEM_VEC(2); return;
+    case 4: TANDEM_VEC(4); return;
+    case 8: TANDEM_VEC(8); return;
+    case 16: TANDEM_VEC(16); return;
+    default:
+        attend_scalar(q, k_cache, v_cache, table, len, kh, group, num_kv_heads, head_dim,
+                      block_size, scale, o);
+    }
+#undef TANDEM_VEC
 }
 
 void tandem_paged_decode_f32(const float *query, int64_t q_row_stride, const int64_t *rows,
