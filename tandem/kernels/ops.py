@@ -8,6 +8,8 @@ on CUDA, to kernels/reference/quant.py elsewhere. `carried_linear` and `carried_
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -32,13 +34,27 @@ def _impl(x: torch.Tensor):
     return fused if fused is not None and x.is_cuda else reference
 
 
+@functools.cache
+def _cpu_elementwise():
+    from tandem.kernels.cpu import elementwise  # imported late: it needs tandem.kernels
+    return elementwise
+
+
+def _norm_impl(x: torch.Tensor):
+    """rms_norm, fused_add_rms_norm and rotary: on CPU through kernels/cpu/elementwise.py
+    (C for float32, the reference otherwise)."""
+    if fused is not None and x.is_cuda:
+        return fused
+    return _cpu_elementwise() if x.device.type == "cpu" else reference
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _impl(x).rms_norm(x, weight, eps)
+    return _norm_impl(x).rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(x).fused_add_rms_norm(x, residual, weight, eps)
+    return _norm_impl(x).fused_add_rms_norm(x, residual, weight, eps)
 
 
 def sum_add_rms_norm(terms: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -50,7 +66,7 @@ def sum_add_rms_norm(terms: torch.Tensor, residual: torch.Tensor, weight: torch.
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
            sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(q).rotary(positions, q, k, cos_cache, sin_cache)
+    return _norm_impl(q).rotary(positions, q, k, cos_cache, sin_cache)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,10 @@ from tandem.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-# One library: decode attention, the fused decode step of runner/cpu_decode.py, and the
-# packed-weight matmul of layers/cpu_gemm.py.
+# One library: decode attention, the fused decode step of runner/cpu_decode.py, the
+# packed-weight matmul of layers/cpu_gemm.py, and RMSNorm and rotary (elementwise.py).
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("paged_decode.c", "decode_step.c", "gemm.c")]
+            for name in ("paged_decode.c", "decode_step.c", "gemm.c", "elementwise.c")]
 # -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C mode turns it off)
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC",
           "-std=c11"]
@@ -100,6 +100,13 @@ def load_library() -> ctypes.CDLL | None:
     lib.tandem_linear_f32.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int,
                                       ctypes.c_int]
     lib.tandem_linear_f32.restype = None
+    f32 = ctypes.c_float
+    lib.tandem_rms_norm_f32.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, f32,
+                                        ctypes.c_int]
+    lib.tandem_rms_norm_f32.restype = None
+    lib.tandem_rotary_f32.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr,
+                                      i64, i64, ctypes.c_int]
+    lib.tandem_rotary_f32.restype = None
     return lib
 
 
