@@ -18,11 +18,27 @@ replaces the old one from index 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tandem.request import SamplingParams
 
-# {token_id: logprob} for the chosen token plus the top-N alternatives at one position.
+# {token_id: logprob} for the chosen token plus the top-N alternatives at one position
+# (the runner's message; `StepResult` carries the chosen token's rank beside it).
 Logprobs = dict[int, float]
+
+
+class Logprob(NamedTuple):
+    """One token's entry in an output's logprobs, as vLLM's `Logprob`: its log-probability,
+    its 1-based rank in the whole vocabulary's distribution, and its text. A tuple, so
+    outputs pickle cheaply to the server process."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# {token_id: Logprob} at one position: the chosen (or prompt) token and the top-N.
+TokenLogprobs = dict[int, Logprob]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +110,10 @@ class StepResult:
     # per seq: the proposer's guesses of the tokens after the emitted ones (speculative
     # decoding), for the scheduler to verify next step; None when speculation is off
     draft_token_ids: list[list[int]] | None = None
+    # per seq: the rank in the vocabulary of each emitted token (aligned with `logprobs`),
+    # and of each prompt token (aligned with `prompt_logprobs`), where those were asked
+    logprob_ranks: list[list[int] | None] | None = None
+    prompt_logprob_ranks: list[list[int | None] | None] | None = None
 
 
 @dataclass(slots=True)
@@ -103,7 +123,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
-    logprobs: list[Logprobs] | None = None  # per generated token, if asked
+    logprobs: list[TokenLogprobs] | None = None  # per generated token, if asked
     cumulative_logprob: float | None = None  # of every token, on the final output
 
     def finished(self) -> bool:
@@ -130,7 +150,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: list[Logprobs | None] | None
+    prompt_logprobs: list[TokenLogprobs | None] | None
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics

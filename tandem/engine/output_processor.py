@@ -17,8 +17,8 @@ from typing import Callable
 
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.tokenizer import Tokenizer
-from tandem.outputs import (CompletionOutput, Logprobs, RequestMetrics, RequestOutput, StepPlan,
-                            StepResult)
+from tandem.outputs import (CompletionOutput, Logprob, Logprobs, RequestMetrics, RequestOutput,
+                            StepPlan, StepResult, TokenLogprobs)
 from tandem.request import FinishReason, Request, RequestOutputKind
 
 
@@ -27,7 +27,7 @@ class ChildState:
     request: Request
     index: int
     detok: IncrementalDetokenizer | None
-    logprobs: list[Logprobs] | None
+    logprobs: list[TokenLogprobs] | None
     num_seen: int = 0  # output tokens already passed to the detokenizer
     num_sent: int = 0  # output tokens already handed out (DELTA outputs)
     deferred: bool = False  # detokenized when it finishes (see the module docstring)
@@ -39,7 +39,7 @@ class ParentState:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[ChildState]
-    prompt_logprobs: list[Logprobs | None] | None
+    prompt_logprobs: list[TokenLogprobs | None] | None
     metrics: RequestMetrics
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -97,12 +97,31 @@ class OutputProcessor:
                 continue
             parent, child = entry
             if result.logprobs and result.logprobs[i] is not None and child.logprobs is not None:
-                child.logprobs.extend(result.logprobs[i])
+                ranks = result.logprob_ranks[i] if result.logprob_ranks else None
+                child.logprobs.extend(
+                    self._entry(e, t, ranks[j] if ranks else None)
+                    for j, (e, t) in enumerate(zip(result.logprobs[i],
+                                                   result.sampled_token_ids[i])))
             if result.prompt_logprobs and result.prompt_logprobs[i] is not None:
                 entries = result.prompt_logprobs[i]
+                ranks = result.prompt_logprob_ranks[i] if result.prompt_logprob_ranks else None
                 first = seq.start_pos + 1
-                parent.prompt_logprobs[first:first + len(entries)] = entries
+                targets = parent.prompt_token_ids[first:first + len(entries)]
+                parent.prompt_logprobs[first:first + len(entries)] = [
+                    None if e is None else self._entry(e, t, ranks[j] if ranks else None)
+                    for j, (e, t) in enumerate(zip(entries, targets))]
         return self.outputs_of(updated)
+
+    def _entry(self, entry: Logprobs, chosen: int, rank: int | None) -> TokenLogprobs:
+        """A position's {token id: logprob} as vLLM's {token id: Logprob}: the chosen (or
+        prompt) token's rank as the sampler counted it in the whole vocabulary, each top-N
+        token's from the entries above it (every token above a top-N one is in the top-N),
+        and each token's text."""
+        tok = self.tokenizer
+        return {t: Logprob(lp, rank if t == chosen else 1 + sum(v > lp for v in entry.values()),
+                           tok.decode([t], skip_special_tokens=False) if tok is not None
+                           else None)
+                for t, lp in entry.items()}
 
     def outputs_of(self, requests: list[Request], arrived: bool = True
                    ) -> list[RequestOutput]:
@@ -185,7 +204,7 @@ class OutputProcessor:
             token_ids = r.output_token_ids[start:]
             lps = c.logprobs[start:] if c.logprobs is not None else None
             c.num_sent = len(r.output_token_ids)
-            cum = (sum(d[t] for d, t in zip(c.logprobs, r.output_token_ids))
+            cum = (sum(d[t].logprob for d, t in zip(c.logprobs, r.output_token_ids))
                    if c.logprobs and done else None)
             outs.append(CompletionOutput(
                 c.index, text, token_ids,

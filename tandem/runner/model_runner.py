@@ -354,7 +354,8 @@ class ModelRunner:
             self._last_rows = {plan.seqs[i].request_id: end - 1
                                for i, end in zip(inputs.sample_rows, ends)}
             out.host = tuple(_to_host(t) for t in (sampled.token_ids, sampled.logprobs,
-                                                   sampled.logprob_token_ids) if t is not None)
+                                                   sampled.logprob_token_ids, sampled.ranks)
+                             if t is not None)
             if self.device.type == "cuda":
                 out.event = torch.cuda.Event()
                 out.event.record()
@@ -391,10 +392,12 @@ class ModelRunner:
         n = len(plan.seqs)
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[Logprobs] | None] = [None] * n
+        ranks: list[list[int] | None] = [None] * n
         if launched.host:
             ids = launched.host[0].tolist()
             lp_vals = launched.host[1].tolist() if len(launched.host) > 1 else None
             lp_ids = launched.host[2].tolist() if lp_vals is not None else None
+            lp_ranks = launched.host[3].tolist() if lp_vals is not None else None
             row = 0
             for i, count in zip(inputs.sample_rows, inputs.sample_counts):
                 rows = range(row, row + count)
@@ -422,13 +425,16 @@ class ModelRunner:
                 if k is not None and lp_vals is not None:
                     logprobs[i] = [dict(zip(lp_ids[r][: k + 1], lp_vals[r][: k + 1]))
                                    for r in rows[:a + 1]]
+                    ranks[i] = [lp_ranks[r] for r in rows[:a + 1]]
         prompt_lps: list[list[Logprobs | None] | None] = [None] * n
+        prompt_ranks: list[list[int | None] | None] = [None] * n
         if inputs.prompt_lp_spans:
             for i, row0, count in inputs.prompt_lp_spans:
                 lp = logits[row0:row0 + count].float().log_softmax(dim=-1)
-                prompt_lps[i] = _prompt_logprobs(lp, launched.prompt_targets[i],
-                                                 launched.params[i].prompt_logprobs or 0)
-        return StepResult(tokens, logprobs, prompt_lps, self._propose(plan, tokens))
+                prompt_lps[i], prompt_ranks[i] = _prompt_logprobs(
+                    lp, launched.prompt_targets[i], launched.params[i].prompt_logprobs or 0)
+        return StepResult(tokens, logprobs, prompt_lps, self._propose(plan, tokens),
+                          ranks, prompt_ranks)
 
     def _draft_probs(self, seq) -> torch.Tensor | None:
         get = getattr(self.proposer, "draft_probs", None)
@@ -501,11 +507,14 @@ class ModelRunner:
                     {r: round(t * 1e3, 2) for r, t in draft.items()} or "none")
         return {"verify": verify, "draft": draft}
 
-def _prompt_logprobs(lp: torch.Tensor, target_ids: list[int], k: int) -> list[Logprobs | None]:
+def _prompt_logprobs(lp: torch.Tensor, target_ids: list[int], k: int
+                     ) -> tuple[list[Logprobs | None], list[int | None]]:
     """lp: (count, vocab) log-probs whose row r predicts target_ids[r]; each entry holds the
-    target's logprob and the top k."""
+    target's logprob and the top k; and each target's rank in its row."""
     targets = torch.tensor(target_ids, device=lp.device)
-    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    chosen_t = lp.gather(1, targets.unsqueeze(1))
+    ranks = ((lp > chosen_t).sum(dim=-1) + 1).tolist()
+    chosen = chosen_t.squeeze(1).tolist()
     top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
     top_vals = top_vals.tolist() if k else None
     top_ids = top_ids.tolist() if k else None
@@ -516,7 +525,7 @@ def _prompt_logprobs(lp: torch.Tensor, target_ids: list[int], k: int) -> list[Lo
             entry.update(zip(top_ids[r], top_vals[r]))
             entry[tok] = chosen[r]
         out.append(entry)
-    return out
+    return out, ranks
 
 
 class _Recorder:

@@ -59,6 +59,9 @@ class SamplerOutput:
     # (N, vocab) float32: the distribution each row was sampled from (after temperature,
     # top-k/top-p/min-p), when asked for (speculative decoding's p); None otherwise
     probs: torch.Tensor | None = None
+    # (N,) int64: each sampled token's 1-based rank in its row's raw distribution, with
+    # logprobs
+    ranks: torch.Tensor | None = None
 
 
 def _counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -174,8 +177,9 @@ class Sampler:
             return SamplerOutput(tokens, None, None, kept)
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1))
         top_vals, top_ids = raw_logprobs.topk(t.max_logprobs, dim=-1)
+        ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
         return SamplerOutput(tokens, torch.cat([chosen, top_vals], dim=1),
-                             torch.cat([tokens.unsqueeze(1), top_ids], dim=1), kept)
+                             torch.cat([tokens.unsqueeze(1), top_ids], dim=1), kept, ranks)
 
 
 def sampling_probs(logits: torch.Tensor, params: list) -> torch.Tensor:

@@ -35,7 +35,7 @@ from tandem.engine.async_engine import AsyncEngine, EngineError, EngineStopped
 from tandem.engine.input_processor import ContextLengthError
 from tandem.engine.input_processor import resolve_max_tokens as _resolve_max_tokens
 from tandem.engine.tokenizer import Tokenizer
-from tandem.outputs import Logprobs, RequestOutput
+from tandem.outputs import RequestOutput, TokenLogprobs
 from tandem.server.config import ServerConfig
 from tandem.server.errors import APIError, error_body
 from tandem.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
@@ -122,12 +122,18 @@ def token_text(tokenizer: Tokenizer, token_id: int, as_id: bool = False) -> str:
                                                                  skip_special_tokens=False)
 
 
-def _top(entry: Logprobs, num: int) -> list[tuple[int, float]]:
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:num]
+def _top(entry: TokenLogprobs, num: int) -> list[tuple[int, float]]:
+    """The top `num` (token id, logprob) of a position, best first."""
+    return sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda kv: -kv[1])[:num]
+
+
+def _logprob_of(entry: TokenLogprobs, token_id: int) -> float | None:
+    lp = entry.get(token_id)
+    return None if lp is None else lp.logprob
 
 
 def completion_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
-                        entries: Sequence[Logprobs | None], num_top: int,
+                        entries: Sequence[TokenLogprobs | None], num_top: int,
                         offset: int, as_ids: bool = False) -> tuple[CompletionLogprobs, int]:
     """The legacy format for `token_ids` whose text starts at character `offset`; returns
     it and the offset after the last token. A None entry (the first prompt token) has no
@@ -143,34 +149,38 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
             continue
-        out.token_logprobs.append(entry.get(tid))
+        chosen = _logprob_of(entry, tid)
+        out.token_logprobs.append(chosen)
         top = {token_text(tokenizer, t, as_ids): lp for t, lp in _top(entry, num_top)}
-        top.setdefault(shown, entry.get(tid, float("-inf")))
+        top.setdefault(shown, float("-inf") if chosen is None else chosen)
         out.top_logprobs.append(top)
     return out, offset
 
 
 def prompt_logprobs_entries(tokenizer: Tokenizer, token_ids: Sequence[int],
-                            entries: Sequence[Logprobs | None], num_top: int
+                            entries: Sequence[TokenLogprobs | None], num_top: int
                             ) -> list[dict[str, dict] | None]:
     """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id:
-    {logprob, rank, decoded_token}} for the prompt token and the top-N. `rank` is the
-    1-based place among the returned entries, null for a prompt token outside the top-N."""
+    {logprob, rank, decoded_token}} for the prompt token and the top-N; `rank` is the
+    token's 1-based rank in the whole vocabulary (the runner counts it)."""
     out: list[dict[str, dict] | None] = []
     for tid, entry in zip(token_ids, entries):
         if entry is None:
             out.append(None)
             continue
-        top = _top(entry, num_top)
-        ranks = {t: r for r, (t, _) in enumerate(top, start=1)}
-        item = {str(t): {"logprob": lp, "rank": ranks.get(t),
-                         "decoded_token": token_text(tokenizer, t)}
-                for t, lp in [(tid, entry.get(tid, float("-inf")))] + top}
+        keep = [tid] + [t for t, _ in _top(entry, num_top)]
+        item = {}
+        for t in keep:
+            lp = entry.get(t)
+            item[str(t)] = {"logprob": float("-inf") if lp is None else lp.logprob,
+                            "rank": None if lp is None else lp.rank,
+                            "decoded_token": token_text(tokenizer, t)}
         out.append(item)
     return out
 
 
-def chat_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int], entries: Sequence[Logprobs],
+def chat_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
+                  entries: Sequence[TokenLogprobs],
                   num_top: int, as_ids: bool = False) -> list[ChatTokenLogprob]:
     out = []
     for tid, entry in zip(token_ids, entries):
@@ -178,7 +188,9 @@ def chat_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int], entries: Seque
         tops = [TopLogprob(token=(s := token_text(tokenizer, t, as_ids)), logprob=lp,
                            bytes=list(s.encode()))
                 for t, lp in _top(entry, num_top)]
-        out.append(ChatTokenLogprob(token=text, logprob=entry.get(tid, float("-inf")),
+        chosen = _logprob_of(entry, tid)
+        out.append(ChatTokenLogprob(token=text,
+                                    logprob=float("-inf") if chosen is None else chosen,
                                     bytes=list(text.encode()), top_logprobs=tops))
     return out
 

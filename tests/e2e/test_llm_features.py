@@ -126,7 +126,7 @@ def test_logit_bias(llm):
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids[0] != full.token_ids[0]
     # the logprobs returned are the model's own: the banned argmax ranks above the choice
-    assert out.logprobs[0][out.token_ids[0]] < 0
+    assert out.logprobs[0][out.token_ids[0]].logprob < 0
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate(GOOD, SamplingParams(**base, logit_bias={10**9: 1.0}), use_tqdm=False)
     with pytest.raises(ValueError, match="logit_bias"):

@@ -73,10 +73,11 @@ def test_greedy_and_prompt_logprobs_match_transformers(tmp_path, arch, kw, async
         assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(p)
         for i in range(1, len(p)):
             entry = o.prompt_logprobs[i]
-            assert entry[p[i]] == pytest.approx(ref[i - 1, p[i]].item(), abs=1e-4)
+            assert entry[p[i]].logprob == pytest.approx(ref[i - 1, p[i]].item(), abs=1e-4)
+            assert entry[p[i]].rank == int((ref[i - 1] > ref[i - 1, p[i]]).sum()) + 1
             top = ref[i - 1].topk(3)
             for tok, val in zip(top.indices.tolist(), top.values.tolist()):
-                assert entry[tok] == pytest.approx(val, abs=1e-4)
+                assert entry[tok].logprob == pytest.approx(val, abs=1e-4)
 
 
 def test_batch_invariance_greedy(tmp_path):
@@ -105,7 +106,12 @@ def test_generation_logprobs_match_transformers(tmp_path):
     assert len(out.logprobs) == 4
     for j, tok in enumerate(out.token_ids):
         row = ref[len(prompt) - 1 + j]
-        assert out.logprobs[j][tok] == pytest.approx(row[tok].item(), abs=1e-4)
+        assert out.logprobs[j][tok].logprob == pytest.approx(row[tok].item(), abs=1e-4)
         assert set(out.logprobs[j]) == {tok} | set(row.topk(2).indices.tolist())
-    assert out.cumulative_logprob == pytest.approx(sum(d[t] for d, t in
+        # vLLM's Logprob: the rank in the whole vocabulary, and the token's text
+        for t, entry in out.logprobs[j].items():
+            assert entry.rank == int((row > row[t]).sum()) + 1
+            assert entry.decoded_token == llm.get_tokenizer().decode(
+                [t], skip_special_tokens=False)
+    assert out.cumulative_logprob == pytest.approx(sum(d[t].logprob for d, t in
                                                        zip(out.logprobs, out.token_ids)))

@@ -415,6 +415,12 @@ def test_supported_extensions(server):
     prompt_lps = c.model_extra["prompt_logprobs"]
     assert prompt_lps[0] is None and len(prompt_lps) == out.usage.prompt_tokens
     assert all(-50 < v["logprob"] <= 0 for e in prompt_lps[1:] for v in e.values())
+    # every entry has its vocabulary rank, the prompt's own token too (vLLM's), and a
+    # higher logprob never ranks lower
+    for e in prompt_lps[1:]:
+        entries = sorted(e.values(), key=lambda v: -v["logprob"])
+        assert all(isinstance(v["rank"], int) and v["rank"] >= 1 for v in entries)
+        assert [v["rank"] for v in entries] == sorted(v["rank"] for v in entries)
     scored = client.completions.create(model="default", prompt="def add(a, b):", max_tokens=0,
                                        echo=True, logprobs=0)
     s = scored.choices[0]

@@ -184,7 +184,7 @@ def test_logprobs_are_the_targets(pair):
         for d, e in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
             assert d.keys() == e.keys()
             for t in d:
-                assert e[t] == pytest.approx(d[t], abs=1e-5)
+                assert e[t].logprob == pytest.approx(d[t].logprob, abs=1e-5)
         assert y.outputs[0].cumulative_logprob == pytest.approx(
             x.outputs[0].cumulative_logprob, abs=1e-4)
 

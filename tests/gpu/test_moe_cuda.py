@@ -35,11 +35,11 @@ def _agree(out, ref, min_same: int, lp_tol: float) -> None:
         assert same >= min_same, (a.outputs[0].token_ids, b.outputs[0].token_ids)
         for tok, ea, eb in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:],
                                b.prompt_logprobs[1:]):
-            assert abs(ea[tok] - eb[tok]) < lp_tol
+            assert abs(ea[tok].logprob - eb[tok].logprob) < lp_tol
 
 
 def _prompt_logprob_errors(out, ref) -> list[float]:
-    return [abs(ea[tok] - eb[tok]) for a, b in zip(out, ref)
+    return [abs(ea[tok].logprob - eb[tok].logprob) for a, b in zip(out, ref)
             for tok, ea, eb in zip(a.prompt_token_ids[1:], a.prompt_logprobs[1:],
                                    b.prompt_logprobs[1:])]
 
