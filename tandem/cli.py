@@ -16,6 +16,24 @@ from tandem.config import engine_arg_fields, field_comments
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool,
           "SpeculativeConfig": str}  # JSON, parsed by the config
 SHORT_FLAGS = {"tensor_parallel_size": "-tp"}  # vLLM's short spellings
+HUMAN_INTS = ("max_model_len", "max_num_batched_tokens")  # "32k", "1K" as vLLM takes them
+
+
+def human_int(text: str) -> int:
+    """An integer, or vLLM's human-readable one: k, m, g powers of 1000, K, M, G of 1024
+    ("32k" = 32000, "1K" = 1024)."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+    if text and text[-1] in scale:
+        try:
+            return int(float(text[:-1]) * scale[text[-1]])
+        except ValueError:
+            pass
+    else:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"invalid integer {text!r} (e.g. 4096, 32k, 1K)")
 
 
 def add_config_args(group: Any, fields: list[dataclasses.Field], comments: dict[str, str],
@@ -34,7 +52,8 @@ def add_config_args(group: Any, fields: list[dataclasses.Field], comments: dict[
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None,
                                help=text)
         else:
-            group.add_argument(*flags, type=_TYPES[base], default=None, help=text,
+            kind = human_int if f.name in HUMAN_INTS else _TYPES[base]
+            group.add_argument(*flags, type=kind, default=None, help=text,
                                choices=(choices or {}).get(f.name))
 
 

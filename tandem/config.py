@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")  # and vLLM's "half", "float"
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
@@ -32,7 +32,14 @@ class ModelConfig:
     # Always run the model's PyTorch forward: no CUDA graphs, no fused CPU decode step
     # (runner/cpu_decode.py); for debugging, profiling, and as the reference.
     enforce_eager: bool = False
-    max_logprobs: int = 20  # most top-N logprobs one request may ask for (per token)
+    # Most top-N logprobs one request may ask for (per token); -1: up to the vocabulary
+    max_logprobs: int = 20
+    # A directory holding tokenizer.json (and the chat template) when it is not the
+    # model's own
+    tokenizer: str | None = None
+    # Accepted for vLLM's command lines: tandem runs its built-in architectures and never
+    # a checkpoint's own code, so there is nothing for it to allow (a warning says so)
+    trust_remote_code: bool = False
     # Sampling defaults for what a request leaves unset: "auto" reads the model's
     # generation_config.json, "vllm" (or "none") keeps the built-in defaults, any other
     # value is a directory holding a generation_config.json.
@@ -47,14 +54,22 @@ class ModelConfig:
                              f"local Hugging Face-format directories; it downloads nothing)")
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"model directory {self.model!r} has no config.json")
+        alias = {"half": "float16", "float": "float32"}.get(self.dtype)  # vLLM's spellings
+        if alias is not None:
+            object.__setattr__(self, "dtype", alias)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no cap) or non-negative, got "
+                             f"{self.max_logprobs}")
+        if self.tokenizer is not None and not os.path.isfile(
+                os.path.join(self.tokenizer, "tokenizer.json")):
+            raise ValueError(f"tokenizer {self.tokenizer!r} is not a directory holding a "
+                             f"tokenizer.json")
         if self.quantization is not None:
             from tandem.quantization.policy import QuantPolicy
             QuantPolicy.parse(self.quantization)  # ValueError naming what is wrong

@@ -8,6 +8,7 @@ own from the same config, so requests are tokenized and checked before they cros
 
 from __future__ import annotations
 
+import logging
 import os
 
 from tandem.config import EngineConfig
@@ -17,6 +18,8 @@ from tandem.models.loader import read_hf_config
 from tandem.request import SamplingParams
 
 PromptType = str | list[int] | dict
+
+logger = logging.getLogger(__name__)
 
 
 class ContextLengthError(ValueError):
@@ -64,8 +67,12 @@ class InputProcessor:
         self.config = config.with_max_model_len(_resolve_max_model_len(config, hf_config))
         self.vocab_size = int(hf_config["vocab_size"])
         # A directory with only config.json + weights (benchmark shapes) runs on token ids.
-        self.tokenizer = (Tokenizer(model_dir, config.model.chat_template)
-                          if os.path.exists(os.path.join(model_dir, "tokenizer.json")) else None)
+        tok_dir = config.model.tokenizer or model_dir
+        self.tokenizer = (Tokenizer(tok_dir, config.model.chat_template)
+                          if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None)
+        if config.model.trust_remote_code:
+            logger.warning("trust_remote_code has no effect: tandem runs its built-in "
+                           "architectures and never a checkpoint's own code")
         self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer is not None
                               else _config_eos_ids(hf_config))
         # Defaults for what a request leaves unset (the model's generation_config.json).
@@ -129,7 +136,8 @@ class InputProcessor:
         if bad:
             raise ValueError(f"logit_bias token ids out of the vocabulary [0, {vocab}): "
                              f"{bad[:5]}")
-        limit = min(self.config.model.max_logprobs, vocab)
+        cap = self.config.model.max_logprobs
+        limit = vocab if cap == -1 else min(cap, vocab)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > limit:

@@ -55,7 +55,7 @@ def _num_logprobs(state: ServerState, body: ChatCompletionRequest) -> int | None
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        if not 0 <= body.top_logprobs <= limit:
+        if body.top_logprobs < 0 or (limit != -1 and body.top_logprobs > limit):
             raise APIError(400, f"top_logprobs must be in [0, {limit}], got "
                                 f"{body.top_logprobs}", param="top_logprobs")
     return (body.top_logprobs or 0) if body.logprobs else None

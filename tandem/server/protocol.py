@@ -210,6 +210,13 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
 
+    @model_validator(mode="after")
+    def _content_where_required(self) -> ChatMessage:
+        """OpenAI's rule: only an assistant message may leave content out."""
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role!r} message needs content")
+        return self
+
     def to_template(self) -> dict[str, Any]:
         """The message as a chat template sees it: content parts joined into text."""
         msg = self.model_dump(exclude_none=True)

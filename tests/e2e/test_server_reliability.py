@@ -396,6 +396,7 @@ def test_bad_fields_are_400_naming_them(server, body, param):
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),  # needs the trust flag
+    ({"messages": [{"role": "user"}]}, "messages"),  # only an assistant may omit content
 ])
 def test_bad_chat_fields_are_400_naming_them(server, body, param):
     full = {"messages": [{"role": "user", "content": "hi"}], **body}
