@@ -113,7 +113,11 @@ def build_app(state: ServerState, metrics: ServerMetrics | None = None) -> FastA
             tokens = await engine.run_blocking(engine.inputs.encode_text, body.prompt,
                                                add_special_tokens=body.add_special_tokens
                                                is not False)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+        out = {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+        if body.return_token_strs:  # vLLM's: the vocabulary's string of each token
+            tok = engine.tokenizer
+            out["token_strs"] = [tok.id_to_token(t) for t in tokens]
+        return out
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

@@ -54,6 +54,8 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
     "kv_transfer_params": _none, "vllm_xargs": _none, "documents": _none,
     "continue_final_message": _empty, "audio": _none, "prediction": _none,
+    "continuous_usage_stats": _empty,  # vLLM's (in stream_options)
+    "echo": _empty,  # vLLM's echo of the last chat message (completions' echo is supported)
     "reasoning_effort": _none, "web_search_options": _none, "store": _empty,
     "modalities": lambda v: v in (None, ["text"]),
     "service_tier": lambda v: v in (None, "auto", "default"),
@@ -114,7 +116,6 @@ class RequestModel(BaseModel):
 
 class StreamOptions(RequestModel):
     include_usage: bool | None = False
-    continuous_usage_stats: Literal[False] | None = None  # vLLM's; not supported
 
 
 class SamplingRequest(RequestModel):
@@ -238,7 +239,6 @@ class ChatCompletionRequest(SamplingRequest):
     add_special_tokens: bool | None = False  # the template already holds them
     chat_template: str | None = None  # a jinja template for this request
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
-    echo: Literal[False] | None = None  # vLLM's echo of the last message: not supported
     prompt_logprobs: None = None  # on /v1/completions only
 
 
@@ -248,6 +248,7 @@ class TokenizeRequest(RequestModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
+    return_token_strs: bool | None = False  # vLLM's: each token's string as well
 
 
 class DetokenizeRequest(RequestModel):

@@ -161,6 +161,9 @@ def test_completion_usage_matches_tokenize(server, client):
     assert out.usage.total_tokens == count + 7
     ids = server.post("/tokenize", {"prompt": PROMPT + out.choices[0].text}).json()["tokens"]
     assert len(ids) >= count  # the text decodes to something tokenizable
+    strs = server.post("/tokenize", {"prompt": PROMPT, "return_token_strs": True}).json()
+    assert len(strs["token_strs"]) == count and all(isinstance(t, str) for t in strs["token_strs"])
+    assert "token_strs" not in server.post("/tokenize", {"prompt": PROMPT}).json()
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

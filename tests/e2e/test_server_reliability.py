@@ -397,6 +397,9 @@ def test_bad_fields_are_400_naming_them(server, body, param):
     ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),  # needs the trust flag
     ({"messages": [{"role": "user"}]}, "messages"),  # only an assistant may omit content
+    ({"echo": True}, "echo"),  # vLLM's chat echo: refused, saying so
+    ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "continuous_usage_stats"),
 ])
 def test_bad_chat_fields_are_400_naming_them(server, body, param):
     full = {"messages": [{"role": "user", "content": "hi"}], **body}
