@@ -68,6 +68,8 @@ class SamplingParams:
     # vLLM's logit_bias; the logprobs returned stay the model's)
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
+    # vLLM's: keep only the prompt's last N tokens (the front is cut; offline, LLM.generate)
+    truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -105,6 +107,9 @@ class SamplingParams:
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "must not exceed max_tokens"),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be non-negative"),
+            ("truncate_prompt_tokens", self.truncate_prompt_tokens is None
+             or (type(self.truncate_prompt_tokens) is int and self.truncate_prompt_tokens >= 1),
+             "must be a positive integer"),
             ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              "must be non-negative"),
             ("stop", all(isinstance(s, str) and s for s in self.stop),

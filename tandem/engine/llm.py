@@ -34,6 +34,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling a request gets when it gives none: the model's generation_config
+        values over the built-in defaults (vLLM's)."""
+        return self.engine.inputs.default_sampling_params()
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -65,6 +70,10 @@ class LLM:
             raise ValueError(f"sampling_params has {len(params)} entries for "
                              f"{len(prompts)} prompts")
         tokenized = [self.engine.inputs.tokenize_prompt(p) for p in prompts]
+        for i, ((_, token_ids), sp) in enumerate(zip(tokenized, params)):
+            keep = sp.truncate_prompt_tokens
+            if keep is not None and len(token_ids) > keep:  # the front goes; no text for it
+                tokenized[i] = (None, token_ids[-keep:])
         for (_, token_ids), sp in zip(tokenized, params):
             self.engine.inputs.validate(token_ids, sp)
         return [str(next(self._ids)) for _ in prompts], tokenized, params
@@ -72,13 +81,19 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them)."""
+             add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them);
+        chat_template_kwargs: extra template variables (vLLM's)."""
+        if continue_final_message:
+            raise ValueError("continue_final_message is not supported")
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer; this model directory has none")
-        texts = [tok.apply_chat_template(c, add_generation_prompt, chat_template) for c in convs]
+        texts = [tok.apply_chat_template(c, add_generation_prompt, chat_template,
+                                         chat_template_kwargs) for c in convs]
         prompts = [{"prompt": t, "prompt_token_ids": tok.encode(t, add_special_tokens=False)}
                    for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm)

@@ -29,6 +29,11 @@ def _token_str(tok: Any) -> str | None:
     return tok
 
 
+# What the renderer sets itself: chat_template_kwargs may not override these.
+TEMPLATE_RESERVED = frozenset({"messages", "add_generation_prompt", "chat_template",
+                               "bos_token", "eos_token"})
+
+
 class Tokenizer:
     def __init__(self, model_dir: str, chat_template: str | None = None) -> None:
         path = os.path.join(model_dir, "tokenizer.json")
@@ -104,8 +109,14 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True,
-                            chat_template: str | None = None, **kwargs: Any) -> str:
-        """Render `messages` with `chat_template` (text) or else the model's own template."""
+                            chat_template: str | None = None,
+                            template_kwargs: dict[str, Any] | None = None) -> str:
+        """Render `messages` with `chat_template` (text) or else the model's own template;
+        template_kwargs: extra template variables (none of TEMPLATE_RESERVED)."""
+        kwargs = dict(template_kwargs or {})
+        reserved = TEMPLATE_RESERVED & set(kwargs)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}")
         template_text = chat_template if chat_template is not None else self.chat_template
         if not template_text:
             raise ValueError("this model has no chat template; pass chat_template= "

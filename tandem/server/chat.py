@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from tandem.engine.async_engine import EngineError
+from tandem.engine.tokenizer import TEMPLATE_RESERVED
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.server.errors import APIError
 from tandem.server.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk,
@@ -39,14 +40,13 @@ def render_chat(state: ServerState, messages: list[ChatMessage],
     inputs = state.engine.inputs
     if inputs.tokenizer is None:
         raise ValueError("messages: this model has no tokenizer.json, so no chat")
-    reserved = {"messages", "add_generation_prompt", "chat_template", "bos_token",
-                "eos_token"} & set(template_kwargs or {})
+    reserved = TEMPLATE_RESERVED & set(template_kwargs or {})
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {sorted(reserved)}",
                        param="chat_template_kwargs")
     text = inputs.tokenizer.apply_chat_template([m.to_template() for m in messages],
                                                 add_generation_prompt, chat_template,
-                                                **(template_kwargs or {}))
+                                                template_kwargs)
     return text, inputs.encode_text(text, "messages", add_special_tokens=add_special_tokens)
 
 

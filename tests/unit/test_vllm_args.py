@@ -76,3 +76,29 @@ def test_tokenizer_from_another_directory(tmp_path, caplog) -> None:
                                                       ignore_eos=True), use_tqdm=False)[0]
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
     assert got.outputs[0].text == want.outputs[0].text
+
+
+def test_offline_extras(tmp_path) -> None:
+    """truncate_prompt_tokens keeps the prompt's last tokens; get_default_sampling_params;
+    chat_template_kwargs reach the template; continue_final_message is refused."""
+    path = make_tiny_model(tmp_path)
+    llm = LLM(path)
+    greedy = dict(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prompt = list(range(5, 25))
+    cut = llm.generate([prompt], SamplingParams(**greedy, truncate_prompt_tokens=6),
+                       use_tqdm=False)[0]
+    tail = llm.generate([prompt[-6:]], SamplingParams(**greedy), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == prompt[-6:]
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+    assert isinstance(llm.get_default_sampling_params(), SamplingParams)
+    conv = [{"role": "user", "content": "hi"}]
+    template = "{{ greeting }} {{ messages[0]['content'] }}"
+    out = llm.chat(conv, SamplingParams(**greedy), use_tqdm=False, chat_template=template,
+                   chat_template_kwargs={"greeting": "hello"})[0]
+    assert out.prompt == "hello hi"
+    with pytest.raises(ValueError, match="may not set"):
+        llm.chat(conv, chat_template=template, chat_template_kwargs={"messages": []})
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(conv, continue_final_message=True)
