@@ -25,67 +25,6 @@
 #define TANDEM_MAX_HEAD_DIM 256
 #define TANDEM_MAX_BLOCK 256
 
-/* The item for any head_dim: a dot product per (token, query head) and an accumulation
- * per (token, query head), one lane set at a time. */
-static void attend_scalar(const float *q, const float *k_cache, const float *v_cache,
-                          const int32_t *table, int64_t len, int64_t kh, int64_t group,
-                          int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                          float scale, float *o)
-{
-    const int64_t token_stride = num_kv_heads * head_dim;
-    float acc[TANDEM_MAX_GROUP][TANDEM_MAX_HEAD_DIM];
-    float m[TANDEM_MAX_GROUP], l[TANDEM_MAX_GROUP];
-    float p[TANDEM_MAX_BLOCK];
-    for (int64_t g = 0; g < group; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-        for (int64_t d = 0; d < head_dim; ++d) acc[g][d] = 0.0f;
-    }
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t block = table[start / block_size];
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const float *kb = k_cache + block * block_size * token_stride + kh * head_dim;
-        const float *vb = v_cache + block * block_size * token_stride + kh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-            const float *qg = q + g * head_dim;
-            float block_max = -INFINITY;
-            for (int64_t t = 0; t < n; ++t) {
-                const float *k = kb + t * token_stride;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * k[d];
-                p[t] = dot * scale;
-                if (p[t] > block_max) block_max = p[t];
-            }
-            const float m_new = block_max > m[g] ? block_max : m[g];
-            const float alpha = expf(m[g] - m_new); /* 0 on the first block */
-            float sum = 0.0f;
-            int64_t t = 0;
-            for (; t + VL <= n; t += VL) { /* vexp: the block's scores are finite */
-                vfu *pt = (vfu *)(p + t);
-                *pt = vexp(*pt - m_new);
-            }
-            for (; t < n; ++t) p[t] = expf(p[t] - m_new);
-            for (t = 0; t < n; ++t) sum += p[t];
-            l[g] = l[g] * alpha + sum;
-            m[g] = m_new;
-            float *a = acc[g];
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
-            for (int64_t t = 0; t < n; ++t) {
-                const float *v = vb + t * token_stride;
-                const float pt = p[t];
-#pragma omp simd
-                for (int64_t d = 0; d < head_dim; ++d) a[d] += pt * v[d];
-            }
-        }
-    }
-    for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.0f / l[g];
-        for (int64_t d = 0; d < head_dim; ++d) o[g * head_dim + d] = acc[g][d] * inv;
-    }
-}
-
 /* VL dot products at once: part[j] holds token j's lane-wise products; the result's lane
  * j is their sum (a transposing tree of shuffles and adds, no sum per token). */
 #if VL == 16
@@ -117,16 +56,39 @@ static inline __attribute__((always_inline)) vf sum_lanes(vf part[VL])
     return part[0];
 }
 
-/* The item for head_dim = nc * VL (nc a constant at each call, so q, the tile's partial
- * products and the output accumulators stay in registers): per block and query head, the
- * scores VL tokens at a time (sum_lanes), the softmax's exp on vectors, then the values
- * accumulated two tokens at a time into two register sets. */
-static inline __attribute__((always_inline)) void attend_vec(
+/* Online softmax over one block's n scores p for one query head: p becomes exp(p - m'),
+ * m and l (the running max and sum) move on; returns the factor that rescales the head's
+ * accumulated output. */
+static inline float softmax_block(float *p, int64_t n, float *m, float *l)
+{
+    float block_max = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) block_max = p[t] > block_max ? p[t] : block_max;
+    const float m_new = block_max > *m ? block_max : *m;
+    const float alpha = expf(*m - m_new); /* 0 on the first block */
+    int64_t t = 0;
+    for (; t + VL <= n; t += VL) { /* vexp: the block's scores are finite */
+        vfu *pt = (vfu *)(p + t);
+        *pt = vexp(*pt - m_new);
+    }
+    for (; t < n; ++t) p[t] = expf(p[t] - m_new);
+    float sum = 0.0f;
+    for (t = 0; t < n; ++t) sum += p[t];
+    *l = *l * alpha + sum;
+    *m = m_new;
+    return alpha;
+}
+
+/* The item (see tandem_attend_item_f32). nc > 0 (a constant at each call): head_dim is
+ * nc * VL, and q, the tile's partial products and the output accumulators stay in
+ * registers: per block and query head, the scores VL tokens at a time (sum_lanes), then
+ * the values accumulated two tokens at a time into two register sets. nc == 0: any
+ * head_dim, a dot product and an accumulation per (token, query head). */
+static inline __attribute__((always_inline)) void attend(
     const int nc, const float *q, const float *k_cache, const float *v_cache,
     const int32_t *table, int64_t len, int64_t kh, int64_t group, int64_t num_kv_heads,
-    int64_t block_size, float scale, float *o)
+    int64_t head_dim, int64_t block_size, float scale, float *o)
 {
-    const int64_t d = nc * VL, ts = num_kv_heads * d;
+    const int64_t d = nc ? nc * VL : head_dim, ts = num_kv_heads * d;
     float acc[TANDEM_MAX_GROUP * TANDEM_MAX_HEAD_DIM] __attribute__((aligned(64)));
     float p[TANDEM_MAX_BLOCK + VL] __attribute__((aligned(64)));
     float m[TANDEM_MAX_GROUP], l[TANDEM_MAX_GROUP];
@@ -141,8 +103,29 @@ static inline __attribute__((always_inline)) void attend_vec(
         const float *kb = k_cache + block * block_size * ts + kh * d;
         const float *vb = v_cache + block * block_size * ts + kh * d;
         for (int64_t g = 0; g < group; ++g) {
+            const float *qg = q + g * d;
+            float *a = acc + g * d;
+            if (nc == 0) {
+                for (int64_t t = 0; t < n; ++t) {
+                    const float *k = kb + t * ts;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < d; ++i) dot += qg[i] * k[i];
+                    p[t] = dot * scale;
+                }
+                const float alpha = softmax_block(p, n, &m[g], &l[g]);
+#pragma omp simd
+                for (int64_t i = 0; i < d; ++i) a[i] *= alpha;
+                for (int64_t t = 0; t < n; ++t) {
+                    const float *v = vb + t * ts;
+                    const float pt = p[t];
+#pragma omp simd
+                    for (int64_t i = 0; i < d; ++i) a[i] += pt * v[i];
+                }
+                continue;
+            }
             vf qv[16];
-            for (int c = 0; c < nc; ++c) qv[c] = *(const vfu *)(q + g * d + c * VL) * scale;
+            for (int c = 0; c < nc; ++c) qv[c] = *(const vfu *)(qg + c * VL) * scale;
             for (int64_t t0 = 0; t0 < n; t0 += VL) {
                 vf part[VL];
                 for (int j = 0; j < VL; ++j) {
@@ -154,23 +137,14 @@ static inline __attribute__((always_inline)) void attend_vec(
                 }
                 *(vf *)(p + t0) = sum_lanes(part);
             }
-            float block_max = -INFINITY;
-            for (int64_t t = 0; t < n; ++t) block_max = p[t] > block_max ? p[t] : block_max;
-            const float m_new = block_max > m[g] ? block_max : m[g];
-            const float alpha = expf(m[g] - m_new); /* 0 on the first block */
-            int64_t t = 0;
-            for (; t + VL <= n; t += VL) *(vf *)(p + t) = vexp(*(vf *)(p + t) - m_new);
-            for (; t < n; ++t) p[t] = expf(p[t] - m_new);
-            float sum = 0.0f;
-            for (t = 0; t < n; ++t) sum += p[t];
-            l[g] = l[g] * alpha + sum;
-            m[g] = m_new;
+            const float alpha = softmax_block(p, n, &m[g], &l[g]);
             vf a0[16], a1[16];
             for (int c = 0; c < nc; ++c) {
-                a0[c] = *(vf *)(acc + g * d + c * VL) * alpha;
+                a0[c] = *(vf *)(a + c * VL) * alpha;
                 a1[c] = (vf){0};
             }
-            for (t = 0; t + 2 <= n; t += 2) {
+            int64_t t = 0;
+            for (; t + 2 <= n; t += 2) {
                 const float *v0 = vb + t * ts, *v1 = v0 + ts;
                 const float p0 = p[t], p1 = p[t + 1];
                 for (int c = 0; c < nc; ++c) {
@@ -180,7 +154,7 @@ static inline __attribute__((always_inline)) void attend_vec(
             }
             if (t < n)
                 for (int c = 0; c < nc; ++c) a0[c] += p[t] * *(const vfu *)(vb + t * ts + c * VL);
-            for (int c = 0; c < nc; ++c) *(vf *)(acc + g * d + c * VL) = a0[c] + a1[c];
+            for (int c = 0; c < nc; ++c) *(vf *)(a + c * VL) = a0[c] + a1[c];
         }
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -199,18 +173,16 @@ void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v
                             float scale, float *o)
 {
     const int64_t nc = head_dim % VL == 0 ? head_dim / VL : 0;
-#define TANDEM_VEC(n) attend_vec(n, q, k_cache, v_cache, table, len, kh, group, \
-                                 num_kv_heads, block_size, scale, o)
+#define TANDEM_ATTEND(n) attend(n, q, k_cache, v_cache, table, len, kh, group, \
+                                    num_kv_heads, head_dim, block_size, scale, o)
     switch (nc) {
-    case 2: TANDEM_VEC(2); return;
-    case 4: TANDEM_VEC(4); return;
-    case 8: TANDEM_VEC(8); return;
-    case 16: TANDEM_VEC(16); return;
-    default:
-        attend_scalar(q, k_cache, v_cache, table, len, kh, group, num_kv_heads, head_dim,
-                      block_size, scale, o);
+    case 2: TANDEM_ATTEND(2); return;
+    case 4: TANDEM_ATTEND(4); return;
+    case 8: TANDEM_ATTEND(8); return;
+    case 16: TANDEM_ATTEND(16); return;
+    default: TANDEM_ATTEND(0);
     }
-#undef TANDEM_VEC
+#undef TANDEM_ATTEND
 }
 
 void tandem_paged_decode_f32(const float *query, int64_t q_row_stride, const int64_t *rows,
