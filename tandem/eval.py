@@ -73,7 +73,7 @@ def score_files(llm, paths: list[str], progress: bool = False) -> list[FileScore
     counts = [0] * len(paths)
     for w, o, i in zip(windows, outs, owner):
         for pos in range(1, len(w)):
-            nats[i] -= o.prompt_logprobs[pos][w[pos]]
+            nats[i] -= o.prompt_logprobs[pos][w[pos]].logprob
         counts[i] += len(w) - 1
     scores = []
     for path, text, n, c in zip(paths, texts, nats, counts):
