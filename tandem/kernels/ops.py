@@ -41,8 +41,8 @@ def _cpu_elementwise():
 
 
 def _norm_impl(x: torch.Tensor):
-    """rms_norm, fused_add_rms_norm and rotary: on CPU through kernels/cpu/elementwise.py
-    (C for float32, the reference otherwise)."""
+    """The norms and rotary: on CPU through kernels/cpu/elementwise.py (C for float32, the
+    reference otherwise), so every norm of a CPU model rounds alike."""
     if fused is not None and x.is_cuda:
         return fused
     return _cpu_elementwise() if x.device.type == "cpu" else reference
@@ -61,7 +61,7 @@ def sum_add_rms_norm(terms: torch.Tensor, residual: torch.Tensor, weight: torch.
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fused_add_rms_norm(terms.sum(1), residual, ...): terms (T, S, H), summed in float32
     and rounded once (as torch's sum), inside the norm's launch on CUDA."""
-    return _impl(terms).sum_add_rms_norm(terms, residual, weight, eps)
+    return _norm_impl(terms).sum_add_rms_norm(terms, residual, weight, eps)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,

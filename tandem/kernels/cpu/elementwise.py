@@ -1,8 +1,8 @@
-"""RMSNorm and rotary embedding on CPU float32 through `elementwise.c` (one pass over the
-activation where the reference makes five to seven torch ops); kernels/ops.py sends CPU
-tensors here, and each function falls back to the reference (kernels/reference/
-elementwise.py, the spec) for what the C code does not take: other dtypes, rows that are
-not contiguous in their last dim, or no compiled library."""
+"""RMSNorm (also of summed partial terms) and rotary embedding on CPU float32 through
+`elementwise.c` (one pass over the activation where the reference makes five to seven torch
+ops); kernels/ops.py sends CPU tensors here, and each function falls back to the reference
+(kernels/reference/elementwise.py, the spec) for what the C code does not take: other
+dtypes, rows that are not contiguous in their last dim, or no compiled library."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         x2.data_ptr(), x2.stride(0), residual.data_ptr(), res.data_ptr(), weight.data_ptr(),
         y.data_ptr(), x2.shape[0], x2.shape[1], eps, torch.get_num_threads())
     return y, res
+
+
+def sum_add_rms_norm(terms: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm of terms (T, S, H) summed over S, through the same kernel as
+    every other norm (a MoE layer's partial sums normed like the full sum)."""
+    return fused_add_rms_norm(terms.sum(1), residual, weight, eps)
 
 
 def _heads(x: torch.Tensor) -> bool:
