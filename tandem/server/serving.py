@@ -35,7 +35,7 @@ from tandem.engine.async_engine import AsyncEngine, EngineError, EngineStopped
 from tandem.engine.input_processor import ContextLengthError
 from tandem.engine.input_processor import resolve_max_tokens as _resolve_max_tokens
 from tandem.engine.tokenizer import Tokenizer
-from tandem.outputs import RequestOutput, TokenLogprobs
+from tandem.outputs import Logprob, RequestOutput, TokenLogprobs
 from tandem.server.config import ServerConfig
 from tandem.server.errors import APIError, error_body
 from tandem.server.protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
@@ -122,9 +122,16 @@ def token_text(tokenizer: Tokenizer, token_id: int, as_id: bool = False) -> str:
                                                                  skip_special_tokens=False)
 
 
-def _top(entry: TokenLogprobs, num: int) -> list[tuple[int, float]]:
-    """The top `num` (token id, logprob) of a position, best first."""
-    return sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda kv: -kv[1])[:num]
+def _top(entry: TokenLogprobs, num: int) -> list[tuple[int, Logprob]]:
+    """The top `num` (token id, Logprob) of a position, best first."""
+    return sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:num]
+
+
+def _shown(tokenizer: Tokenizer, token_id: int, lp: Logprob, as_id: bool) -> str:
+    """token_text, from the text the engine already decoded into the Logprob."""
+    if as_id or lp.decoded_token is None:
+        return token_text(tokenizer, token_id, as_id)
+    return lp.decoded_token
 
 
 def _logprob_of(entry: TokenLogprobs, token_id: int) -> float | None:
@@ -151,7 +158,7 @@ def completion_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
             continue
         chosen = _logprob_of(entry, tid)
         out.token_logprobs.append(chosen)
-        top = {token_text(tokenizer, t, as_ids): lp for t, lp in _top(entry, num_top)}
+        top = {_shown(tokenizer, t, lp, as_ids): lp.logprob for t, lp in _top(entry, num_top)}
         top.setdefault(shown, float("-inf") if chosen is None else chosen)
         out.top_logprobs.append(top)
     return out, offset
@@ -174,7 +181,8 @@ def prompt_logprobs_entries(tokenizer: Tokenizer, token_ids: Sequence[int],
             lp = entry.get(t)
             item[str(t)] = {"logprob": float("-inf") if lp is None else lp.logprob,
                             "rank": None if lp is None else lp.rank,
-                            "decoded_token": token_text(tokenizer, t)}
+                            "decoded_token": token_text(tokenizer, t) if lp is None
+                            else _shown(tokenizer, t, lp, False)}
         out.append(item)
     return out
 
@@ -185,7 +193,7 @@ def chat_logprobs(tokenizer: Tokenizer, token_ids: Sequence[int],
     out = []
     for tid, entry in zip(token_ids, entries):
         text = token_text(tokenizer, tid, as_ids)
-        tops = [TopLogprob(token=(s := token_text(tokenizer, t, as_ids)), logprob=lp,
+        tops = [TopLogprob(token=(s := _shown(tokenizer, t, lp, as_ids)), logprob=lp.logprob,
                            bytes=list(s.encode()))
                 for t, lp in _top(entry, num_top)]
         chosen = _logprob_of(entry, tid)
