@@ -169,8 +169,7 @@ class CpuDecodeRunner:
         self._alloc_inputs(64)
         # greedy(): the logits it writes (and nobody reads) and the argmax it returns
         self.vocab_size = model.vocab_size  # argmax over these; lm_head rows may be padded
-        self._logits_buf = torch.empty(MAX_ROWS, self.vocab_rows)
-        self._greedy_logits = self._logits_buf.data_ptr()
+        self._logits_buf = torch.empty(8, self.vocab_rows)  # grown to the rows a step has
         self._argmax = (ctypes.c_int64 * MAX_ROWS)()
         self._argmax_ptr = ctypes.addressof(self._argmax)
         eps = {n.eps for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)}
@@ -278,7 +277,9 @@ class CpuDecodeRunner:
         if seq_lens is None:
             return None
         rows = len(seq_lens)
-        rc = self._fn(self._model_ref, rows, *self._input_args, self._greedy_logits,
+        if rows > self._logits_buf.shape[0]:  # (rows, vocab) of a big vocabulary is MBs
+            self._logits_buf = torch.empty(min(MAX_ROWS, 2 * rows), self.vocab_rows)
+        rc = self._fn(self._model_ref, rows, *self._input_args, self._logits_buf.data_ptr(),
                       torch.get_num_threads(), self.vocab_size, self._argmax_ptr)
         if rc != 0:
             raise RuntimeError("tandem_llama_decode_f32 refused the step")
