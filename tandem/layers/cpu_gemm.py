@@ -33,7 +33,6 @@ the AVX2 machine it was measured on.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch

@@ -57,9 +57,9 @@ typedef struct {
     float *const *k_cache, *const *v_cache;
 } tandem_llama_f32;
 
-/* Panels (gemm.c): [p0, p1) of a weight's `nseg` segments of `seg` outputs, rows of x
+/* Panels (gemm.c): [p0, p1) of a weight's segments of `seg` outputs, rows of x
  * ldx apart, into y (ldy apart); silu_mul pairs gate and up panels. */
-void tandem_gemm_panels_f32(const float *wp, int64_t in, int64_t seg, int64_t nseg,
+void tandem_gemm_panels_f32(const float *wp, int64_t in, int64_t seg,
                             const float *x, int64_t ldx, int64_t rows, float *y, int64_t ldy,
                             int64_t p0, int64_t p1, int silu_mul);
 int64_t tandem_panel_width(void);
@@ -208,7 +208,7 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
         int64_t lo, hi;
         for (int64_t layer = 0; layer < m->num_layers; ++layer) {
             split(panels(qkv_size), nt, t, &lo, &hi);
-            tandem_gemm_panels_f32(m->qkv[layer], dim, qkv_size, 1, h, dim, rows, qkv,
+            tandem_gemm_panels_f32(m->qkv[layer], dim, qkv_size, h, dim, rows, qkv,
                                    qkv_size, lo, hi, 0);
 #pragma omp barrier
             const int64_t items = rows * m->num_kv_heads;
@@ -225,18 +225,18 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
             }
 #pragma omp barrier
             split(panels(dim), nt, t, &lo, &hi);
-            tandem_gemm_panels_f32(m->o_proj[layer], q_size, dim, 1, attn, q_size, rows, delta,
+            tandem_gemm_panels_f32(m->o_proj[layer], q_size, dim, attn, q_size, rows, delta,
                                    dim, lo, hi, 0);
 #pragma omp barrier
             add_rms_norm(res, delta, m->post_norm[layer], h, rows, dim, m->eps);
             /* act = silu(gate) * up: this thread's share of the gate panels, each with
              * its up panel */
             split(panels(inter), nt, t, &lo, &hi);
-            tandem_gemm_panels_f32(m->gate_up[layer], dim, inter, 2, h, dim, rows, act, inter,
+            tandem_gemm_panels_f32(m->gate_up[layer], dim, inter, h, dim, rows, act, inter,
                                    lo, hi, 1);
 #pragma omp barrier
             split(panels(dim), nt, t, &lo, &hi);
-            tandem_gemm_panels_f32(m->down[layer], inter, dim, 1, act, inter, rows, delta, dim,
+            tandem_gemm_panels_f32(m->down[layer], inter, dim, act, inter, rows, delta, dim,
                                    lo, hi, 0);
 #pragma omp barrier
             add_rms_norm(res, delta,
@@ -244,7 +244,7 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
                          h, rows, dim, m->eps);
         }
         split(panels(m->vocab_size), nt, t, &lo, &hi);
-        tandem_gemm_panels_f32(m->lm_head, dim, m->vocab_size, 1, h, dim, rows, logits,
+        tandem_gemm_panels_f32(m->lm_head, dim, m->vocab_size, h, dim, rows, logits,
                                m->vocab_size, lo, hi, 0);
         if (argmax_ids != NULL) {  /* over this thread's columns */
             const int64_t c0 = lo * pw, c1 = hi * pw < argmax_cols ? hi * pw : argmax_cols;

@@ -166,16 +166,15 @@ static void panel_all_rows(const float *wp, const float *up, int64_t in, const f
 #undef TANDEM_ROWS
 }
 
-/* Panels [p0, p1) of a packed weight of `nseg` segments of `seg` outputs each, against
+/* Panels [p0, p1) of a packed weight of segments of `seg` outputs each, against
  * `rows` rows of x (ldx apart), on the calling thread: y[r * ldy + c] for the panels'
- * output columns c. silu_mul (nseg must be 2): p0, p1 count gate panels; each is paired
+ * output columns c. silu_mul (two segments): p0, p1 count gate panels; each is paired
  * with its up panel and y gets silu(gate) * up, `seg` columns wide. */
-void tandem_gemm_panels_f32(const float *wp, int64_t in, int64_t seg, int64_t nseg,
+void tandem_gemm_panels_f32(const float *wp, int64_t in, int64_t seg,
                             const float *x, int64_t ldx, int64_t rows, float *y, int64_t ldy,
                             int64_t p0, int64_t p1, int silu_mul)
 {
     const int64_t pps = (seg + PW - 1) / PW; /* panels per segment */
-    (void)nseg;
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t s = p / pps, col = (p % pps) * PW;
         const int valid = seg - col < PW ? (int)(seg - col) : PW;
@@ -210,7 +209,7 @@ void tandem_linear_f32(const float *x, int64_t rows, int64_t in, const float *wp
         const int64_t r0 = (item / npb) * rb, p0 = (item % npb) * pb;
         const int64_t r1 = r0 + rb < rows ? r0 + rb : rows, p1 = p0 + pb < panels ? p0 + pb : panels;
         if (r0 >= r1) continue;
-        tandem_gemm_panels_f32(wp, in, seg, nseg, x + r0 * in, in, r1 - r0, y + r0 * out, out,
+        tandem_gemm_panels_f32(wp, in, seg, x + r0 * in, in, r1 - r0, y + r0 * out, out,
                                p0, p1, silu_mul);
         if (bias != NULL && !silu_mul)
             for (int64_t p = p0; p < p1; ++p) {
