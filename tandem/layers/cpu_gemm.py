@@ -113,15 +113,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None,
             return F.linear(x, weight, bias)
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(),
                                                  packed.tensor, bias, "none", [], "")
-    else:
-        x2 = x.reshape(rows, x.shape[-1]).contiguous()
-        out = x2.new_empty(rows, packed.seg * packed.nseg)
-        b = None if bias is None else bias.float().contiguous()
-        _library().tandem_linear_f32(
-            x2.data_ptr(), rows, packed.in_features, packed.tensor.data_ptr(), packed.seg,
-            packed.nseg, None if b is None else b.data_ptr(), out.data_ptr(),
-            torch.get_num_threads(), 0)
-    return out.view(*x.shape[:-1], out.shape[-1])
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return _panels(x, packed, bias, silu_mul=False)
+
+
+def _panels(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None,
+            silu_mul: bool) -> torch.Tensor:
+    """(..., in) through gemm.c's `tandem_linear_f32` on panels: (..., seg * nseg), or with
+    silu_mul (..., seg) = silu(gate) * up."""
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1]).contiguous()
+    width = packed.seg if silu_mul else packed.seg * packed.nseg
+    out = x2.new_empty(rows, width)
+    b = None if bias is None else bias.float().contiguous()
+    _library().tandem_linear_f32(
+        x2.data_ptr(), rows, packed.in_features, packed.tensor.data_ptr(), packed.seg,
+        packed.nseg, None if b is None else b.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(), int(silu_mul))
+    return out.view(*x.shape[:-1], width)
 
 
 def linear_silu_mul(x: torch.Tensor, packed: PackedWeight | None) -> torch.Tensor | None:
@@ -131,13 +140,7 @@ def linear_silu_mul(x: torch.Tensor, packed: PackedWeight | None) -> torch.Tenso
     if (packed is None or packed.kind != "panels" or packed.nseg != 2
             or x.dtype != torch.float32 or x.numel() == 0):
         return None
-    rows = x.numel() // x.shape[-1]
-    x2 = x.reshape(rows, x.shape[-1]).contiguous()
-    out = x2.new_empty(rows, packed.seg)
-    _library().tandem_linear_f32(x2.data_ptr(), rows, packed.in_features,
-                                 packed.tensor.data_ptr(), packed.seg, packed.nseg, None,
-                                 out.data_ptr(), torch.get_num_threads(), 1)
-    return out.view(*x.shape[:-1], packed.seg)
+    return _panels(x, packed, None, silu_mul=True)
 
 
 def in_row_chunks(fn, x: torch.Tensor, out_features: int) -> torch.Tensor:
