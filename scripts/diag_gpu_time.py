@@ -58,11 +58,16 @@ def summarize(events: list[tuple[str, int, int]], wall_s: float) -> dict:
     busy = 0
     gaps = collections.Counter()  # idle gaps by size class
     gap_time = collections.Counter()
-    cur_s, cur_e = None, None
-    for _, s, e in events:
+    big = collections.Counter()  # gaps over 1 ms by (kernel before, kernel after)
+    big_time = collections.Counter()
+    cur_s, cur_e, last = None, None, ""
+    for name, s, e in events:
         if cur_e is None or s > cur_e:
             if cur_e is not None:
                 gap = s - cur_e
+                if gap >= 1_000_000:
+                    big[(last[:50], name[:50])] += 1
+                    big_time[(last[:50], name[:50])] += gap
                 cls = ("<10us" if gap < 10_000 else "10-100us" if gap < 100_000
                        else "0.1-1ms" if gap < 1_000_000 else ">1ms")
                 gaps[cls] += 1
@@ -71,9 +76,25 @@ def summarize(events: list[tuple[str, int, int]], wall_s: float) -> dict:
             cur_s, cur_e = s, e
         else:
             cur_e = max(cur_e, e)
+        if e >= cur_e:
+            last = name
     if cur_e is not None:
         busy += cur_e - cur_s
     span = (events[-1][2] - events[0][1]) if events else 0
+    # Segments of device work split by gaps of 0.1 ms or more (about one step each): the
+    # largest gaps with the segments on either side (a decode step or a prefill step).
+    segs, seg_s, seg_e = [], None, None
+    for _, s, e in events:
+        if seg_e is not None and s - seg_e >= 100_000:
+            segs.append((seg_s, seg_e))
+            seg_s = None
+        seg_s = s if seg_s is None else seg_s
+        seg_e = e if seg_e is None else max(seg_e, e)
+    if seg_s is not None:
+        segs.append((seg_s, seg_e))
+    around = sorted(((segs[i + 1][0] - segs[i][1], segs[i][1] - segs[i][0],
+                      segs[i + 1][1] - segs[i + 1][0]) for i in range(len(segs) - 1)),
+                    reverse=True)[:12]
     by_kind = collections.Counter()
     by_name = collections.Counter()
     calls = collections.Counter()
@@ -83,6 +104,10 @@ def summarize(events: list[tuple[str, int, int]], wall_s: float) -> dict:
         calls[name] += 1
     return {"wall_s": wall_s, "gpu_span_s": span / 1e9, "gpu_busy_s": busy / 1e9,
             "idle_gaps": {k: {"count": gaps[k], "s": gap_time[k] / 1e9} for k in gaps},
+            "gaps_over_1ms": [{"before": b, "after": a, "count": big[(b, a)],
+                               "s": big_time[(b, a)] / 1e9} for (b, a), _ in big.most_common(8)],
+            "largest_gaps_ms": [{"gap": g / 1e6, "segment_before": b / 1e6,
+                                 "segment_after": a / 1e6} for g, b, a in around],
             "kernel_s_by_kind": {k: v / 1e9 for k, v in by_kind.most_common()},
             "top_kernels": [{"name": n[:90], "calls": calls[n], "s": t / 1e9,
                              "avg_us": t / calls[n] / 1e3}
@@ -113,6 +138,12 @@ def main(argv: list[str]) -> int:
           f"{s['gpu_busy_s']:.2f} s of a {s['gpu_span_s']:.2f} s span")
     for k, g in sorted(s["idle_gaps"].items()):
         print(f"  idle gaps {k:>9}: {g['count']:7d}  {g['s']:7.3f} s")
+    for g in s["gaps_over_1ms"]:
+        print(f"  gaps > 1 ms: {g['count']:5d} x, {g['s']:.3f} s, after {g['before']} "
+              f"before {g['after']}")
+    for g in s["largest_gaps_ms"]:
+        print(f"  gap {g['gap']:8.2f} ms between {g['segment_before']:8.2f} and "
+              f"{g['segment_after']:8.2f} ms of device work")
     for k, v in s["kernel_s_by_kind"].items():
         print(f"  {k:<20} {v:8.3f} s  {v / max(s['gpu_busy_s'], 1e-9):6.1%}")
     for row in s["top_kernels"]:

@@ -22,6 +22,8 @@ rows (row query_start + n), which skips the block-table lookups.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -52,7 +54,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_SEQ_IDS: tl.constexpr, FRESH: tl.constexpr, PRECISION: tl.constexpr,
-                    PREFETCH: tl.constexpr, FP8: tl.constexpr):
+                    PREFETCH: tl.constexpr, FP8: tl.constexpr, FP8_QK: tl.constexpr):
     h = tl.program_id(0)
     tile = tl.program_id(1)
     c = tl.program_id(2)
@@ -75,7 +77,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
     q_rows = (q_start + rows).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + h * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    if FP8:  # e4m3 -> fp16 is one packed conversion per two values; k_scale is in
+    if FP8_QK:  # Q in e4m3 too, one scale a row (its amax / 448), S = Q K^T on FP8 cores
+        q32 = q.to(tl.float32)
+        q_scale = tl.maximum(tl.max(tl.abs(q32), 1), 1e-12) / 448.0
+        q = (q32 / q_scale[:, None]).to(tl.float8e4nv)
+        row_scale = q_scale * scale_log2  # the scores' scale, a row at a time
+    elif FP8:  # e4m3 -> fp16 is one packed conversion per two values; k_scale is in
         q = q.to(tl.float16)  # scale_log2, v_scale applied to the output
     else:
         q = q.to(k_ptr.dtype.element_ty)
@@ -103,13 +110,18 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                             BLOCK_SIZE, FRESH, True)
         else:
             idx = _key_rows(offs, q_start, table, offs < n_full, BLOCK_SIZE, FRESH, False)
-        if FP8:
-            k = load_e4m3(k_base + idx[:, None] * stride_kt)
+        if FP8_QK:  # K stays e4m3: straight into shared memory for the FP8 dot
+            k = tl.load(k_base + idx[:, None] * stride_kt)
             v = load_e4m3(v_base + idx[:, None] * stride_vt)
+            s = tl.dot(q, tl.trans(k)) * row_scale[:, None]
         else:
-            k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
-            v = tl.load(v_base + idx[:, None] * stride_vt)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+            if FP8:
+                k = load_e4m3(k_base + idx[:, None] * stride_kt)
+                v = load_e4m3(v_base + idx[:, None] * stride_vt)
+            else:
+                k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
+                v = tl.load(v_base + idx[:, None] * stride_vt)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (M, N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         pr = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -121,13 +133,22 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         offs = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs < seq_len
         idx = _key_rows(offs, q_start, table, key_ok, BLOCK_SIZE, FRESH, True)
-        if FP8:  # masked rows read as 0: no NaN from stale bytes
-            k = load_e4m3(k_base + idx[:, None] * stride_kt, key_ok[:, None])
+        if FP8_QK:  # masked rows read as 0 (+0.0 in e4m3): no NaN from stale bytes
+            kb = tl.load((k_base + idx[:, None] * stride_kt).to(tl.pointer_type(tl.uint8)),
+                         mask=key_ok[:, None], other=0)
+            k = kb.to(tl.float8e4nv, bitcast=True)
             v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
+            s = tl.dot(q, tl.trans(k)) * row_scale[:, None]
         else:
-            k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            if FP8:  # masked rows read as 0: no NaN from stale bytes
+                k = load_e4m3(k_base + idx[:, None] * stride_kt, key_ok[:, None])
+                v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
+            else:
+                k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None],
+                            other=0.0)
+                v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None],
+                            other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = (offs[None, :] <= ctx + rows[:, None]) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key n_full <= ctx + m0 is visible
@@ -142,6 +163,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         o *= v_scale
     dst = out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+FP8_QK = os.environ.get("TANDEM_FP8_QK", "0") == "1"  # experiment: see prefill_attention
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype,
@@ -166,7 +190,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                       key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                       config: tuple[int, int, int, int] | None = None,
                       prefetch_table: bool = True,
-                      kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
+                      kv_scale: tuple[float, float] = (1.0, 1.0),
+                      fp8_qk: bool | None = None) -> None:
     """out rows of each chunk (all sequences, or those in seq_ids: (num_chunks,) int32) =
     causal attention over its paged context.
 
@@ -175,6 +200,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     key, value: (num_tokens, num_kv_heads, head_dim), this step's K/V rows; pass them only
     when every chunk launched has no cached prefix (query_len == seq_len).
     max_query_len: a host bound on the chunks' query_len; it sizes the grid only.
+    fp8_qk: with an FP8 cache, Q K^T in e4m3 on FP8 tensor cores (Q scaled a row at a
+    time); default FP8_QK.
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -196,6 +223,7 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                                                                        fresh)
     grid = (num_heads, triton.cdiv(max_query_len, block_m), num_chunks)
     fp8 = k_src.dtype == torch.float8_e4m3fn
+    fp8_qk = fp8 and (FP8_QK if fp8_qk is None else fp8_qk)
     _prefill_kernel[grid](
         query, k_src, v_src, out, seq_ids if seq_ids is not None else seq_lens,
         query_start_loc, seq_lens, block_tables,
@@ -207,5 +235,5 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SEQ_IDS=seq_ids is not None, FRESH=fresh,
         PRECISION="ieee" if k_src.dtype == torch.float32 else "tf32",
-        PREFETCH=prefetch_table and not fresh, FP8=fp8,
+        PREFETCH=prefetch_table and not fresh, FP8=fp8, FP8_QK=fp8_qk,
         num_warps=num_warps, num_stages=num_stages)
