@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from tandem.engine.engine import Engine
+from tandem.engine.gc_heap import frozen_heap
 from tandem.engine.engine_loop import (Abort, Add, Command, EngineError, EngineLoop,
                                        EngineStopped, Event, Exit, KVFailed, KVReady)
 from tandem.engine.input_processor import InputProcessor, PromptType
@@ -263,8 +264,9 @@ class AsyncEngine:
     # ---- the engine side, in this process ---------------------------------------------------
     def _run_local(self) -> None:
         loop = EngineLoop(self.engine, self._on_events)
-        while loop.run_once(self._take_commands(block=not loop.has_work())):
-            pass
+        with frozen_heap():
+            while loop.run_once(self._take_commands(block=not loop.has_work())):
+                pass
         self.engine.shutdown()
         if loop.dead is not None:
             self._died(loop.dead)

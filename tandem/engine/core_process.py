@@ -27,6 +27,7 @@ from typing import Any
 
 from tandem.config import EngineConfig
 from tandem.engine.engine_loop import Add, Command, EngineError, EngineLoop
+from tandem.engine.gc_heap import frozen_heap
 from tandem.engine.input_processor import InputProcessor
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
@@ -89,19 +90,20 @@ def core_main(config: EngineConfig, commands: Any, events: Any, log_level: int,
     sched = engine.scheduler
     running = True
     try:
-        while running:
-            batch: list[Command] = []
-            if not loop.has_work():
-                batch += commands.recv()  # idle: wait for work
-            elif not sched.running and not sched.waiting:  # only requests awaiting KV
-                commands.poll(0.002)
-            while commands.poll():
-                batch += commands.recv()
-            running = loop.run_once(batch)
-            if side is not None:
-                control = side.take_control()
-                if control:
-                    events.send(("control", control))
+        with frozen_heap():
+            while running:
+                batch: list[Command] = []
+                if not loop.has_work():
+                    batch += commands.recv()  # idle: wait for work
+                elif not sched.running and not sched.waiting:  # only requests awaiting KV
+                    commands.poll(0.002)
+                while commands.poll():
+                    batch += commands.recv()
+                running = loop.run_once(batch)
+                if side is not None:
+                    control = side.take_control()
+                    if control:
+                        events.send(("control", control))
     finally:
         engine.shutdown()  # the tensor-parallel workers, if any
     if loop.dead is not None:  # the server fails what is left, reports unhealthy, exits

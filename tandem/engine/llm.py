@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from tandem.config import EngineConfig
 from tandem.engine.engine import Engine, PromptType
+from tandem.engine.gc_heap import frozen_heap
 from tandem.outputs import RequestOutput
 from tandem.request import RequestOutputKind, SamplingParams
 
@@ -111,12 +112,13 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
                    dynamic_ncols=True)
         try:
-            while pending:
-                for out in self._step_engines():
-                    if out.finished and out.request_id in pending:
-                        pending.discard(out.request_id)
-                        done[out.request_id] = out
-                        bar.update(1)
+            with frozen_heap():  # no full GC pass over the model and imports mid-run
+                while pending:
+                    for out in self._step_engines():
+                        if out.finished and out.request_id in pending:
+                            pending.discard(out.request_id)
+                            done[out.request_id] = out
+                            bar.update(1)
         except BaseException:  # leave nothing of this batch behind in the engine
             for rid in pending:
                 self._abort(rid)

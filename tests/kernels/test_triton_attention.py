@@ -220,12 +220,15 @@ def test_cuda_prefers_triton() -> None:
     assert get_attention_backend("triton").name == "triton"
 
 
+@pytest.mark.parametrize("fp8_query", [True, False], ids=["fp8-qk", "fp16-qk"])
 @pytest.mark.parametrize("head_dim,group", [(64, 4), (128, 8)])
-def test_fp8_kv_cache_matches_reference(head_dim, group) -> None:
+def test_fp8_kv_cache_matches_reference(head_dim, group, fp8_query, monkeypatch) -> None:
     """An e4m3 cache with per-layer scales: the Triton write stores the reference's bytes,
     and decode + chunks (cached prefix, fresh prompts: read from the cache, not the rows)
     dequantize as the reference does (slots outside the contexts hold NaN bytes, which
-    masked rows must not let in)."""
+    masked rows must not let in); chunks take Q K^T in e4m3 as the reference rounds Q, or
+    (FP8_PREFILL_QUERY off) both keep Q."""
+    monkeypatch.setattr(reference.attention, "FP8_PREFILL_QUERY", fp8_query)
     rng = random.Random(head_dim)
     torch.manual_seed(head_dim)
     seqs = [(1, rng.randint(1, SHORT)), (rng.randint(2, 40), rng.randint(41, SHORT)),

@@ -125,3 +125,43 @@ def test_backend_dispatch() -> None:
     assert get_attention_backend("cuda:0").name == expected
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_attention_backend("no-such-backend")
+
+
+def test_e4m3_rows_scales_each_row_to_its_own_amax() -> None:
+    from tandem.kernels.reference.attention import e4m3_rows
+    torch.manual_seed(0)
+    q = torch.randn(6, 4, 64) * torch.tensor([1e-3, 1.0, 30.0, 1e3]).view(1, 4, 1)
+    q[0, 0] = 0.0  # an all-zero row stays zero (no 0/0)
+    r = e4m3_rows(q)
+    assert r.dtype == q.dtype and torch.equal(r[0, 0], torch.zeros(64))
+    amax = q.abs().amax(-1)
+    torch.testing.assert_close(r.abs().amax(-1), amax, rtol=1e-6, atol=0)  # 448 is exact
+    # 3 mantissa bits: within 2^-4 of each value, relative to its row's amax (values below
+    # the e4m3 normal range, 2^-6 of 448 / amax, lose more but stay within that bound)
+    assert ((r - q).abs() <= amax[..., None] * 2.0 ** -4).all()
+    assert (r - q).abs().max() > 0  # it does round
+
+
+def test_fp8_cache_prefill_rounds_query_rows_decodes_do_not() -> None:
+    """Over an FP8 cache the reference's chunks (prefill) attend with Q rounded to e4m3 a
+    row at a time, as the Triton FP8 prefill kernel computes; decode rows keep Q."""
+    from tandem.kernels.reference.attention import e4m3_rows
+    rng = random.Random(3)
+    torch.manual_seed(3)
+    seqs = [(1, 23), (9, 30), (12, 12)]
+    meta, cache = random_batch(rng, seqs, 8, 2, 64)
+    kv_scale = (0.5, 0.25)
+    cache8 = torch.empty(cache.shape, dtype=torch.float8_e4m3fn)
+    cache8[0], cache8[1] = (cache[0] / kv_scale[0]).to(cache8.dtype), \
+        (cache[1] / kv_scale[1]).to(cache8.dtype)
+    deq = torch.stack([cache8[0].float() * kv_scale[0], cache8[1].float() * kv_scale[1]])
+    query = torch.randn(meta.num_tokens, 8, 64)
+    out = paged_attention(query, cache8, meta, 0.125, kv_scale=kv_scale)
+    decode_rows, chunk_rows = slice(0, 1), slice(1, meta.num_tokens)
+    exact = naive_attention(query, deq, meta, 0.125)
+    rounded = naive_attention(e4m3_rows(query), deq, meta, 0.125)
+    torch.testing.assert_close(out[decode_rows].double(), exact[decode_rows],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[chunk_rows].double(), rounded[chunk_rows],
+                               atol=1e-5, rtol=1e-5)
+    assert (out[chunk_rows].double() - exact[chunk_rows]).abs().max() > 1e-4

@@ -22,12 +22,11 @@ rows (row query_start + n), which skips the block-table lookups.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.reference import attention as reference_attention
 from tandem.kernels.triton.kv_write import load_e4m3
 
 
@@ -165,9 +164,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-FP8_QK = os.environ.get("TANDEM_FP8_QK", "0") == "1"  # experiment: see prefill_attention
-
-
 def prefill_config(head_dim: int, dtype: torch.dtype,
                    fresh: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head size, K/V dtype and source.
@@ -175,9 +171,14 @@ def prefill_config(head_dim: int, dtype: torch.dtype,
     H100, bf16, 8k causal prompt, 32/8 heads of 128 (bench/kernels/attention_bench.py
     --sweep): fresh k/v 465 TFLOP/s at (128, 128, 8, 3) vs 441 at (128, 64, 8, 3); paged
     cache with the block-table prefetch 408 at (128, 64, 8, 3) vs 385 at (128, 128, 8, 3).
+    An FP8 cache (H200, two 4096-token prompts, scripts/bench_prefill_fp8.py): 128-key
+    tiles, 0.700 ms at (128, 128, 8, 3) against 0.846 at (128, 64, 8, 3) with Q K^T in FP8,
+    0.870 against 1.004 with fp16 operands.
     """
     if dtype == torch.float32:
         return 64, 32, 4, 2
+    if dtype == torch.float8_e4m3fn and head_dim >= 128:
+        return 128, 128, 8, 3
     if head_dim >= 128:
         return (128, 128, 8, 3) if fresh else (128, 64, 8, 3)
     return 128, 64, 4, 3
@@ -201,7 +202,7 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     when every chunk launched has no cached prefix (query_len == seq_len).
     max_query_len: a host bound on the chunks' query_len; it sizes the grid only.
     fp8_qk: with an FP8 cache, Q K^T in e4m3 on FP8 tensor cores (Q scaled a row at a
-    time); default FP8_QK.
+    time); default `reference.attention.fp8_prefill_query`, the spec's rule.
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -223,7 +224,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                                                                        fresh)
     grid = (num_heads, triton.cdiv(max_query_len, block_m), num_chunks)
     fp8 = k_src.dtype == torch.float8_e4m3fn
-    fp8_qk = fp8 and (FP8_QK if fp8_qk is None else fp8_qk)
+    fp8_qk = fp8 and (reference_attention.fp8_prefill_query(head_dim) if fp8_qk is None
+                      else fp8_qk)
     _prefill_kernel[grid](
         query, k_src, v_src, out, seq_ids if seq_ids is not None else seq_lens,
         query_start_loc, seq_lens, block_tables,
