@@ -51,6 +51,8 @@ def add_config_args(group: Any, fields: list[dataclasses.Field], comments: dict[
         if base == "bool":
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None,
                                help=text)
+        elif base == "tuple[str, ...]":  # one or more values (vLLM's nargs="+")
+            group.add_argument(*flags, nargs="+", type=str, default=None, help=text)
         else:
             kind = human_int if f.name in HUMAN_INTS else _TYPES[base]
             group.add_argument(*flags, type=kind, default=None, help=text,

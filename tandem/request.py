@@ -19,6 +19,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestStatus(enum.Enum):
@@ -63,6 +64,11 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     skip_special_tokens: bool = True
+    # vLLM's: False leaves every output's text empty (token ids only, logprobs without
+    # decoded_token); stop strings need it
+    detokenize: bool = True
+    # vLLM's; only True: tokenizers' fast decoding has no other way to join special tokens
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # token id -> a number in [-100, 100] added to its logit before sampling (OpenAI's and
     # vLLM's logit_bias; the logprobs returned stay the model's)
@@ -71,6 +77,16 @@ class SamplingParams:
     # vLLM's: keep only the prompt's last N tokens (the front is cut; offline, LLM.generate)
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM's: arbitrary arguments for custom sampling code, carried with the request; no
+    # tandem code reads them (nor does vLLM's own)
+    extra_args: dict[str, Any] | None = None
+    # vLLM's: words never generated, each as written and after a space. A word of one token
+    # is banned outright; a longer word's last token wherever the output ends with the rest.
+    bad_words: list[str] | None = None
+    # the words as token ids (InputProcessor fills it from the model's tokenizer; an init
+    # field so that dataclasses.replace, which makes the n > 1 samples, carries it)
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False,
+                                                         compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -120,6 +136,23 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+        for name in ("detokenize", "spaces_between_special_tokens", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.detokenize and self.stop:
+            raise ValueError("stop strings need detokenize=True (without text nothing can "
+                             "match them); use stop_token_ids")
+        if not self.spaces_between_special_tokens:
+            raise ValueError("spaces_between_special_tokens=False is not supported: special "
+                             "tokens are decoded by the tokenizer as they are")
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str) or not all(
+                    isinstance(w, str) and w.strip() for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of non-blank strings, got "
+                                 f"{self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise ValueError(f"extra_args must be a dict, got {self.extra_args!r}")
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
             if not self.allowed_token_ids or not all(
@@ -145,6 +178,28 @@ class SamplingParams:
         """Repetition, presence or frequency penalty: sampling reads every earlier token."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        return self._bad_words_token_ids
+
+    def set_bad_words_token_ids(self, ids: list[list[int]]) -> None:
+        self._bad_words_token_ids = ids
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """Sampling reads earlier output tokens on the host: penalties, or a bad word of
+        more than one token (whether its last token is banned depends on the output)."""
+        return self.has_penalties or any(len(w) > 1 for w in self._bad_words_token_ids or ())
+
+    def bad_word_bans(self, output_token_ids: list[int]) -> list[int]:
+        """The token ids bad_words bans as the next token after `output_token_ids`."""
+        bans = []
+        for word in self._bad_words_token_ids or ():
+            k = len(word) - 1
+            if k == 0 or (len(output_token_ids) >= k and output_token_ids[-k:] == word[:-1]):
+                bans.append(word[-1])
+        return bans
 
 
 @dataclass(slots=True)

@@ -258,13 +258,14 @@ class Engine:
 
     def _needs_host_tokens(self, plan: StepPlan) -> bool:
         """Whether a request sampled in `plan` needs that token on the host to plan its
-        next step: penalties count every earlier output token, and drafts proposed after
+        next step: penalties (and bad words of several tokens) read earlier output tokens,
+        and drafts proposed after
         `plan` (speculative decoding) are verified by the next step. So a speculating
         engine runs a step at a time, and one whose switch has turned speculation off
         pipelines its steps again. A step that verifies drafts is collected too: how many
         of its tokens count (and so where each request stands) is known only then."""
         return plan.num_spec_tokens > 0 or any(
-            s.spec_token_ids or (s.sample and r.sampling_params.has_penalties)
+            s.spec_token_ids or (s.sample and r.sampling_params.reads_output_tokens)
             for s, r in zip(plan.seqs, self.scheduler.requests_of(plan)))
 
     def _account(self, plan: StepPlan, requests: list[Request], result: StepResult) -> None:

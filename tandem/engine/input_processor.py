@@ -113,6 +113,21 @@ class InputProcessor:
                 f"the {param}.", param)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's tokens as written (leading spaces dropped) and, where a space in
+        front makes other tokens of the same count (" word" as one token), those too."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words need the model's tokenizer (tokenizer.json)")
+        seqs: list[list[int]] = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            for ids in (plain, spaced):
+                if ids and ids not in seqs and (ids is plain or (
+                        len(ids) == len(plain) and ids[0] != plain[0])):
+                    seqs.append(ids)
+        return seqs
+
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Everything about a request that could make a step fail, checked against this
         model before it is queued; ValueError names the field."""
@@ -136,6 +151,8 @@ class InputProcessor:
         if bad:
             raise ValueError(f"logit_bias token ids out of the vocabulary [0, {vocab}): "
                              f"{bad[:5]}")
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.set_bad_words_token_ids(self._bad_words_token_ids(params.bad_words))
         cap = self.config.model.max_logprobs
         limit = vocab if cap == -1 else min(cap, vocab)
         for name in ("logprobs", "prompt_logprobs"):

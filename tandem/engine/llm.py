@@ -84,11 +84,15 @@ class LLM:
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True,
              chat_template_kwargs: dict[str, Any] | None = None,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them);
-        chat_template_kwargs: extra template variables (vLLM's)."""
+        chat_template_kwargs: extra template variables (vLLM's); tools: the template's
+        `tools` (OpenAI's tool definitions; no tool call is parsed from the output)."""
         if continue_final_message:
             raise ValueError("continue_final_message is not supported")
+        if tools:
+            chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
         if tok is None:

@@ -70,7 +70,7 @@ class OutputProcessor:
             request_id, prompt, first.prompt_token_ids,
             [ChildState(r, i, IncrementalDetokenizer(self.tokenizer, r.prompt_token_ids,
                                                      r.sampling_params)
-                        if self.tokenizer is not None else None,
+                        if self.tokenizer is not None and p.detokenize else None,
                         [] if p.logprobs is not None else None)
              for i, r in enumerate(children)],
             [None] * len(first.prompt_token_ids) if p.prompt_logprobs is not None else None,
@@ -96,10 +96,11 @@ class OutputProcessor:
             if entry is None:
                 continue
             parent, child = entry
+            text = child.request.sampling_params.detokenize
             if result.logprobs and result.logprobs[i] is not None and child.logprobs is not None:
                 ranks = result.logprob_ranks[i] if result.logprob_ranks else None
                 child.logprobs.extend(
-                    self._entry(e, t, ranks[j] if ranks else None)
+                    self._entry(e, t, ranks[j] if ranks else None, text)
                     for j, (e, t) in enumerate(zip(result.logprobs[i],
                                                    result.sampled_token_ids[i])))
             if result.prompt_logprobs and result.prompt_logprobs[i] is not None:
@@ -108,16 +109,17 @@ class OutputProcessor:
                 first = seq.start_pos + 1
                 targets = parent.prompt_token_ids[first:first + len(entries)]
                 parent.prompt_logprobs[first:first + len(entries)] = [
-                    None if e is None else self._entry(e, t, ranks[j] if ranks else None)
+                    None if e is None else self._entry(e, t, ranks[j] if ranks else None, text)
                     for j, (e, t) in enumerate(zip(entries, targets))]
         return self.outputs_of(updated)
 
-    def _entry(self, entry: Logprobs, chosen: int, rank: int | None) -> TokenLogprobs:
+    def _entry(self, entry: Logprobs, chosen: int, rank: int | None,
+               text: bool = True) -> TokenLogprobs:
         """A position's {token id: logprob} as vLLM's {token id: Logprob}: the chosen (or
         prompt) token's rank as the sampler counted it in the whole vocabulary, each top-N
         token's from the entries above it (every token above a top-N one is in the top-N),
-        and each token's text."""
-        tok = self.tokenizer
+        and each token's text (None without `text`: detokenize=False)."""
+        tok = self.tokenizer if text else None
         return {t: Logprob(lp, rank if t == chosen else 1 + sum(v > lp for v in entry.values()),
                            tok.decode([t], skip_special_tokens=False) if tok is not None
                            else None)

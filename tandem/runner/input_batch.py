@@ -198,11 +198,13 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
     f32 = torch.float32
     penalize = any(p.has_penalties for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)
-    if penalize and any(s.inflight_input for s in seqs):  # the engine drains first
-        raise RuntimeError("penalties need every earlier token on the host")
-    # Outputs before this sample: the sampled token lands at position pos.
-    banned = [sorted(set(r.eos_token_ids) | set(r.params.stop_token_ids))
-              if pos - r.num_prompt_tokens < r.params.min_tokens else []
+    if any(p.reads_output_tokens and s.inflight_input for p, s in zip(params, seqs)):
+        raise RuntimeError("penalties and bad_words need every earlier token on the host")
+    # Outputs before this sample: the sampled token lands at position pos. Banned: EOS and
+    # stop tokens before min_tokens, and bad_words' tokens.
+    banned = [sorted((set(r.eos_token_ids) | set(r.params.stop_token_ids)
+                      if pos - r.num_prompt_tokens < r.params.min_tokens else set())
+                     | set(r.params.bad_word_bans(r.output_token_ids)))
               for pos, r in zip(positions, reqs)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
     biased = any(p.logit_bias for p in params)

@@ -40,12 +40,13 @@ class RequestState:
 
     def greedy_at(self, pos: int) -> bool:
         """Whether a row sampling the token at position `pos` (or later) takes the argmax
-        alone: greedy, no logprobs, penalties, logit_bias or allowed_token_ids, and no
+        alone: greedy, no logprobs, penalties, logit_bias, allowed_token_ids or bad_words, and no
         min_tokens ban of EOS / stop tokens left (a ban covers output tokens before
         min_tokens)."""
         p = self.params
         return (p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
                 and not p.logit_bias and p.allowed_token_ids is None
+                and not p.bad_words_token_ids
                 and (not p.min_tokens or pos - self.num_prompt_tokens >= p.min_tokens))
 
     @property

@@ -262,9 +262,9 @@ class Scheduler:
         if not spec:
             return []
         params = request.sampling_params
-        # Penalties and min_tokens bans depend on every earlier token of a row, drafts
-        # included: such requests decode one token a step.
-        if params.has_penalties or len(request.output_token_ids) < params.min_tokens:
+        # Penalties, bad words and min_tokens bans depend on every earlier token of a row,
+        # drafts included: such requests decode one token a step.
+        if params.reads_output_tokens or len(request.output_token_ids) < params.min_tokens:
             return []
         left = room
         if params.max_tokens is not None:

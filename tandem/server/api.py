@@ -80,18 +80,17 @@ def build_app(state: ServerState, metrics: ServerMetrics | None = None) -> FastA
         body = metrics.render() if metrics is not None else b""
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card() -> ModelCard:
-        return ModelCard(id=state.model_name, root=state.model_dir,
-                         max_model_len=engine.max_model_len)
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=state.model_dir, max_model_len=engine.max_model_len)
 
     @api.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[card()])
+        return ModelList(data=[card(name) for name in state.model_names])
 
     @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
         check_model(state, model_id)
-        return card()
+        return card(model_id)
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:

@@ -70,9 +70,12 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
     if body.chat_template is not None and not state.config.trust_request_chat_template:
         raise APIError(400, "chat_template in a request needs --trust-request-chat-template",
                        param="chat_template")
+    template_kwargs = body.chat_template_kwargs
+    if body.tools:  # tool_choice "none": the template renders them (protocol.py)
+        template_kwargs = {**(template_kwargs or {}), "tools": body.tools}
     text, ids = await engine.run_blocking(
         render_chat, state, body.messages, body.add_generation_prompt is not False,
-        bool(body.add_special_tokens), body.chat_template, body.chat_template_kwargs)
+        bool(body.add_special_tokens), body.chat_template, template_kwargs)
     defaults = engine.inputs.sampling_defaults
     if body.max_completion_tokens is not None:
         asked, tokens_param = body.max_completion_tokens, "max_completion_tokens"

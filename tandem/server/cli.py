@@ -114,13 +114,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     engine_config.parallel.node_rank, engine_config.parallel.nnodes,
                     engine_config.parallel.master_addr, engine_config.parallel.master_port)
         return run_node(engine_config)
-    name = config.served_model_name or args.model_tag or args.model or "default"
+    names = config.served_model_name or (args.model_tag or args.model or "default",)
+    name = names[0]
     metrics = ServerMetrics(name, prefix=config.metrics_prefix)
     status = StatusLogger(config.status_interval)
 
     def on_step(outputs: list, stats: Any) -> None:
         metrics.observe(outputs, stats)
-        status.observe(stats)
+        if not config.disable_log_stats:
+            status.observe(stats)
 
     layout = disagg_config(args)
     if layout.enabled:
@@ -150,7 +152,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     engine.on_dead = on_dead
     engine.start()  # the model loads here: errors surface before the server listens
-    state = ServerState(engine, name, model_dir, config)
+    state = ServerState(engine, name, model_dir, config, tuple(names[1:]))
     app = build_app(state, metrics)
     logger.info(_summary(engine, name, config.host, config.port))
     if config.api_key:

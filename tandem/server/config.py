@@ -19,11 +19,14 @@ class ServerConfig:
     host: str = "127.0.0.1"  # address to listen on
     port: int = 8000  # port to listen on
     api_key: str | None = None  # require 'Authorization: Bearer KEY' (default: $TANDEM_API_KEY)
-    served_model_name: str | None = None  # the model name clients pass (default: the model path)
+    # the model name(s) clients pass (default: the model path); with several, requests may
+    # name any of them and responses carry the first (vLLM's rule)
+    served_model_name: tuple[str, ...] | None = None
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish on SIGTERM
     log_level: str = "info"  # tandem's log level
     uvicorn_log_level: str = "info"  # uvicorn's log level (its access log is at info)
     status_interval: float = 10.0  # seconds between status log lines while busy
+    disable_log_stats: bool = False  # no status log lines (/metrics keeps its series)
     enable_log_requests: bool = False  # log each request's id, sizes and sampling parameters
     max_request_body_bytes: int = 16 * 2**20  # larger bodies get 413, checked while reading
     # Most sequences (prompts x n) one request may create (default: 16 x --max-num-seqs).
@@ -56,6 +59,13 @@ class ServerConfig:
             raise ValueError("max_seqs_per_request must be positive")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError("max_waiting_requests must be non-negative")
+        names = self.served_model_name
+        if names is not None:  # one name (from Python) or the flag's list: a tuple
+            object.__setattr__(self, "served_model_name",
+                               (names,) if isinstance(names, str) else tuple(names))
+        if self.served_model_name is not None and (
+                not self.served_model_name or not all(n.strip() for n in self.served_model_name)):
+            raise ValueError("served_model_name: every name must be non-empty")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be non-negative")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.metrics_prefix):

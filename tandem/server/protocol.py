@@ -40,7 +40,7 @@ def _empty(v: Any) -> bool:
 # is accepted as the no-op it is); any other value is a 400 that names the field.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "tools": _empty, "functions": _empty,
+    "tools": _empty, "functions": _empty,  # tools: a chat field (tool_choice "none")
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "function_call": lambda v: v in (None, "none", "auto"),
     "parallel_tool_calls": lambda v: v in (None, True, False),  # no tools, no effect
@@ -48,7 +48,7 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "guided_grammar": _none, "guided_decoding_backend": _none,
     "guided_whitespace_pattern": _none, "structured_outputs": _none,
     "use_beam_search": _empty, "length_penalty": lambda v: v in (None, 1, 1.0),
-    "bad_words": _empty, "logits_processors": _empty,
+    "logits_processors": _empty,
     "priority": lambda v: v in (None, 0),
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
@@ -148,6 +148,7 @@ class SamplingRequest(RequestModel):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"
+    bad_words: list[str] | None = Field(None, max_length=MAX_STOP)  # vLLM's
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
@@ -178,6 +179,7 @@ class SamplingRequest(RequestModel):
             bias[int(key)] = value
         return SamplingParams(
             logit_bias=bias, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words or None,
             output_kind=RequestOutputKind.DELTA,  # the server streams what is new
             n=1 if self.n is None else self.n, stop=self.stop, max_tokens=max_tokens,
             stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos),
@@ -240,6 +242,23 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template: str | None = None  # a jinja template for this request
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables
     prompt_logprobs: None = None  # on /v1/completions only
+    # Tools reach the chat template (its `tools`) only with tool_choice "none", as vLLM
+    # renders them: no tool call is parsed out of the output, so nothing else is accepted.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _tools_for_the_template_only(self) -> ChatCompletionRequest:
+        if self.tools and self.tool_choice != "none":  # unset means "auto" with tools
+            raise PydanticCustomError(
+                "unsupported", "{field}: tool calling is not supported by this server; "
+                "send tools with tool_choice \"none\" (the chat template sees them, no "
+                "call is parsed)",
+                {"field": "tools" if self.tool_choice is None else "tool_choice"})
+        if self.tool_choice not in (None, "none", "auto"):
+            raise PydanticCustomError("unsupported", "{field} is not supported by this server",
+                                      {"field": "tool_choice"})
+        return self
 
 
 class TokenizeRequest(RequestModel):

@@ -51,9 +51,14 @@ ENGINE_FAILED = "the engine failed while generating this choice; see the server 
 @dataclass(frozen=True, slots=True)
 class ServerState:
     engine: AsyncEngine
-    model_name: str  # the name clients pass as `model` (--served-model-name)
+    model_name: str  # the name responses carry (--served-model-name's first)
     model_dir: str
     config: ServerConfig
+    aliases: tuple[str, ...] = ()  # other names requests may pass (--served-model-name's rest)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name,) + self.aliases
 
     @property
     def max_seqs_per_request(self) -> int:
@@ -70,9 +75,10 @@ class ServerState:
 
 
 def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.model_name:
+    if model is not None and model not in state.model_names:
+        served = ", ".join(f"`{n}`" for n in state.model_names)
         raise APIError(404, f"The model `{model}` does not exist. This server serves "
-                            f"`{state.model_name}`.", param="model", code="model_not_found")
+                            f"{served}.", param="model", code="model_not_found")
 
 
 def admit(state: ServerState, num_prompts: int, n: int) -> None:

@@ -187,6 +187,22 @@ def test_chat_and_string_prompts(llm):
     assert s.prompt == "The quick brown" and s.prompt_token_ids == tok.encode("The quick brown")
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_chat_tools_reach_the_template(llm):
+    template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    msgs = [{"role": "user", "content": "Weather?"}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False,
+                   chat_template=template, tools=TOOLS)[0]
+    assert out.prompt == "[tool get_weather]user: Weather?\n"
+    plain = llm.chat(msgs, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False,
+                     chat_template=template)[0]
+    assert plain.prompt == "user: Weather?\n"
+
+
 def test_abort_frees_blocks_and_metrics(llm):
     eng = llm.engine
     eng.add_request("a", list(range(3, 60)), SamplingParams(max_tokens=50, ignore_eos=True))
@@ -293,3 +309,48 @@ def test_generation_config_sets_the_default_sampling(tmp_path):
     assert len(a.token_ids) <= 3 and a.token_ids == b.token_ids
     plain = LLM(path, max_model_len=128, generation_config="vllm")
     assert plain.engine.inputs.default_sampling_params() == SamplingParams()
+
+
+def test_detokenize_false_returns_token_ids_only(llm):
+    kw = dict(max_tokens=4, ignore_eos=True, logprobs=1, temperature=0.0)
+    plain = llm.generate(GOOD, SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+    bare = llm.generate(GOOD, SamplingParams(detokenize=False, **kw),
+                        use_tqdm=False)[0].outputs[0]
+    assert bare.token_ids == plain.token_ids and len(bare.token_ids) == 4
+    assert bare.text == "" and plain.text == llm.get_tokenizer().decode(plain.token_ids)
+    assert all(lp.decoded_token is None for pos in bare.logprobs for lp in pos.values())
+    assert all(lp.decoded_token is not None for pos in plain.logprobs for lp in pos.values())
+
+
+def test_vllm_sampling_fields_taken_or_refused_clearly():
+    assert SamplingParams(extra_args={"k": 1}).extra_args == {"k": 1}
+    for kw, field in [({"detokenize": False, "stop": ["x"]}, "detokenize"),
+                      ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+                      ({"extra_args": ["k"]}, "extra_args"), ({"detokenize": 0}, "detokenize")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kw)
+
+
+def test_bad_words_are_never_generated(llm):
+    """A word of one token never appears; a word of two tokens never completes (its last
+    token is banned right after its first), with n > 1 and with async scheduling too."""
+    tok = llm.get_tokenizer()
+    kw = dict(max_tokens=12, ignore_eos=True, temperature=0.0)
+    free = llm.generate(GOOD, SamplingParams(**kw), use_tqdm=False)[0].outputs[0].token_ids
+    one = tok.decode([free[0]])  # the first greedy token: certainly generated without a ban
+    assert one.strip() and tok.encode(one.lstrip(), add_special_tokens=False) == [free[0]]
+    out = llm.generate(GOOD, SamplingParams(bad_words=[one], n=2, seed=1, **kw),
+                       use_tqdm=False)[0].outputs
+    for o in out:
+        assert free[0] not in o.token_ids and len(o.token_ids) == 12
+    # a two-token "word" the free run produces, whose text encodes back to those tokens
+    at = next(i for i in range(1, len(free) - 1)
+              if tok.encode(tok.decode(free[i:i + 2]).lstrip(), add_special_tokens=False)
+              == free[i:i + 2] and free[i] not in free[:i])
+    pair, word = free[at:at + 2], tok.decode(free[at:at + 2])
+    banned = llm.generate(GOOD, SamplingParams(bad_words=[word], **kw),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    assert banned[:at + 1] == free[:at + 1] and banned[at + 1] != free[at + 1]
+    assert all(banned[i:i + 2] != pair for i in range(len(banned) - 1))
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words="word")

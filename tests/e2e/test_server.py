@@ -259,6 +259,25 @@ def test_chat_logprobs_and_usage(server, client):
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
 
 
+def test_chat_tools_only_with_tool_choice_none(server, client):
+    """Tools go to the chat template with tool_choice "none" (vLLM renders them; this
+    model's template ignores them); asking for tool calls is a 400 that says so."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    messages = [{"role": "user", "content": "Hi"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, tools=tools,
+                                         tool_choice="none", max_tokens=3, **GREEDY)
+    assert out.usage.completion_tokens == 3 and not out.choices[0].message.tool_calls
+    for choice in ("auto", None, "required", {"type": "function", "function": {"name": "f"}}):
+        body = {"messages": messages, "tools": tools, "max_tokens": 2}
+        if choice is not None:
+            body["tool_choice"] = choice
+        r = server.post("/v1/chat/completions", body)
+        assert r.status_code == 400 and "tool_choice" in r.text, (choice, r.text)
+    r = server.post("/v1/chat/completions", {"messages": messages, "tool_choice": "required",
+                                             "max_tokens": 2})
+    assert r.status_code == 400
+
+
 def test_repeated_long_prompt_reports_cached_tokens(client):
     prompt = " ".join(f"item{i}" for i in range(90))
     first = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **GREEDY)
@@ -267,6 +286,27 @@ def test_repeated_long_prompt_reports_cached_tokens(client):
     assert n > 64
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert 0 < again.usage.prompt_tokens_details.cached_tokens < n
+
+
+def test_bad_words(server, client):
+    """A token forced by logit_bias +100 is still never generated once its word is bad."""
+    def text_of(t):
+        return server.post("/detokenize", {"tokens": [t]}).json()["prompt"]
+
+    def tokens_of(text):
+        return server.post("/tokenize", {"prompt": text, "add_special_tokens": False}
+                           ).json()["tokens"]
+
+    tok = next(t for t in range(5, 200) if text_of(t).strip()
+               and tokens_of(text_of(t).lstrip()) == [t])
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=3, logit_bias={str(tok): 100}, **GREEDY)
+    forced = client.completions.create(**kw).choices[0].text
+    assert forced == text_of(tok) * 3
+    body = {**GREEDY["extra_body"], "bad_words": [text_of(tok)]}
+    banned = client.completions.create(**{**kw, "extra_body": body}).choices[0].text
+    assert text_of(tok).strip() not in banned
+    r = server.post("/v1/completions", {"prompt": PROMPT, "bad_words": [""]})
+    assert r.status_code == 400 and "bad_words" in r.text
 
 
 def test_logit_bias(server, client):

@@ -244,7 +244,8 @@ def capped(tmp_path_factory):
                        "--max-num-seqs", "2", "--max-seqs-per-request", "4",
                        "--max-waiting-requests", "4", "--allowed-origins",
                        "http://app.example", "--enable-log-requests", "--served-model-name",
-                       "tiny", "--metrics-prefix", "vllm", defaults=False)
+                       "tiny", "tiny-latest", "--metrics-prefix", "vllm",
+                       "--disable-log-stats", "--status-interval", "0.001", defaults=False)
     yield srv
     stop_server(srv)
 
@@ -254,6 +255,22 @@ def test_metrics_prefix_names_the_series(capped):
     text = httpx.get(capped.url + "/metrics", timeout=30).text
     assert 'vllm:num_requests_running{model_name="tiny"}' in text
     assert "vllm:generation_tokens_total" in text and "tandem:" not in text
+
+
+def test_several_served_model_names_and_no_status_lines(capped):
+    """vLLM's rule: requests may name any served name, responses carry the first; and
+    --disable-log-stats keeps the status lines out of the log (at a 1 ms interval every
+    step would write one)."""
+    listed = httpx.get(capped.url + "/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in listed] == ["tiny", "tiny-latest"]
+    assert httpx.get(capped.url + "/v1/models/tiny-latest", timeout=30).json()["id"] == \
+        "tiny-latest"
+    r = capped.post("/v1/completions", {"model": "tiny-latest", "prompt": "a", "max_tokens": 3,
+                                        "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    r = capped.post("/v1/completions", {"model": "other", "prompt": "a", "max_tokens": 2})
+    assert r.status_code == 404 and "`tiny`, `tiny-latest`" in r.json()["error"]["message"]
+    assert "prompt throughput" not in capped.log()
 
 
 def test_sequences_per_request_are_capped(capped):

@@ -32,6 +32,18 @@ def test_serve_flags_parse_vllm_spellings() -> None:
         (2048, "half", True, -1)
 
 
+def test_serve_takes_several_model_names_and_disable_log_stats() -> None:
+    from tandem.server.cli import server_config
+    from tandem.server.config import ServerConfig
+    config = server_config(build_parser().parse_args(
+        ["serve", "m", "--served-model-name", "gpt-x-0613", "gpt-x", "--disable-log-stats"]))
+    assert config.served_model_name == ("gpt-x-0613", "gpt-x") and config.disable_log_stats
+    assert server_config(build_parser().parse_args(["serve", "m"])).served_model_name is None
+    assert ServerConfig(served_model_name="one").served_model_name == ("one",)
+    with pytest.raises(ValueError, match="served_model_name"):
+        ServerConfig(served_model_name=("a", " "))
+
+
 def test_model_config_dtype_aliases_and_limits(tmp_path) -> None:
     path = make_tiny_model(tmp_path)
     assert ModelConfig(path, dtype="half").dtype == "float16"
