@@ -144,7 +144,7 @@ def _logprobs(state: ServerState, body: ChatCompletionRequest, c: CompletionOutp
 class _ChatStreamWriter(StreamWriter):
     def __init__(self, state: ServerState, body: ChatCompletionRequest, rid: str,
                  n: int) -> None:
-        super().__init__(state, rid, n, "chat.completion.chunk")
+        super().__init__(state, rid, n, "chat.completion.chunk", body.continuous_usage)
         self.body, self.n = body, n
         self.final: RequestOutput | None = None
         self.generated = 0  # tokens generated over all choices
@@ -154,7 +154,8 @@ class _ChatStreamWriter(StreamWriter):
 
     async def events(self, first: tuple[int, RequestOutput],
                      rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-        for i in range(self.n):
+        for i in range(self.n):  # the role first (its usage: the prompt, nothing generated)
+            self.count(i, len(first[1].prompt_token_ids), 0)
             yield self.chunk(_plain(i, {"role": "assistant", "content": ""}, None))
         for chunk in self._on_output(first[1]):
             yield chunk
@@ -170,6 +171,8 @@ class _ChatStreamWriter(StreamWriter):
 
     def _on_output(self, out: RequestOutput) -> list[str]:
         self.generated += sum(len(c.token_ids) for c in out.outputs)
+        for c in out.outputs:
+            self.count(c.index, len(out.prompt_token_ids), len(c.token_ids))
         if out.finished:
             self.final = out
         return [self.chunk(ch) for c in out.outputs if (ch := self._delta(c))]

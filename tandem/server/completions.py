@@ -214,7 +214,7 @@ class _StreamWriter(StreamWriter):
 
     def __init__(self, state: ServerState, body: CompletionRequest, rid: str, n: int,
                  num_prompts: int, score_only: bool) -> None:
-        super().__init__(state, rid, num_prompts * n, "text_completion")
+        super().__init__(state, rid, num_prompts * n, "text_completion", body.continuous_usage)
         self.body, self.n, self.score_only = body, n, score_only
         self.choices: dict[int, _ChoiceState] = {}
         self.finals: dict[int, RequestOutput] = {}  # each prompt's last (delta) output
@@ -238,6 +238,9 @@ class _StreamWriter(StreamWriter):
 
     def _on_output(self, i: int, out: RequestOutput, force: bool) -> list[str]:
         self.generated += sum(len(c.token_ids) for c in out.outputs)
+        for c in out.outputs:
+            self.count(i * self.n + c.index, len(out.prompt_token_ids),
+                       0 if self.score_only else len(c.token_ids))
         if out.finished:
             self.finals[i] = out
         chunks = [self.chunk(ch) for c in out.outputs

@@ -54,7 +54,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
     "kv_transfer_params": _none, "vllm_xargs": _none, "documents": _none,
     "continue_final_message": _empty, "audio": _none, "prediction": _none,
-    "continuous_usage_stats": _empty,  # vLLM's (in stream_options)
     "echo": _empty,  # vLLM's echo of the last chat message (completions' echo is supported)
     "reasoning_effort": _none, "web_search_options": _none, "store": _empty,
     "modalities": lambda v: v in (None, ["text"]),
@@ -116,6 +115,8 @@ class RequestModel(BaseModel):
 
 class StreamOptions(RequestModel):
     include_usage: bool | None = False
+    # vLLM's: with include_usage, every chunk carries its choice's usage so far too
+    continuous_usage_stats: bool | None = False
 
 
 class SamplingRequest(RequestModel):
@@ -160,6 +161,10 @@ class SamplingRequest(RequestModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any],
                            logprobs: int | None = None,

@@ -229,8 +229,12 @@ class StreamWriter:
     keeps which choices have ended and closes the rest when the stream must end early."""
 
     def __init__(self, state: ServerState, rid: str, num_choices: int,
-                 object_name: str) -> None:
+                 object_name: str, continuous_usage: bool = False) -> None:
         self.state, self.rid = state, rid
+        # stream_options.continuous_usage_stats: each chunk carries its choice's usage so
+        # far (prompt tokens, tokens generated), counted by `count`
+        self.continuous_usage = continuous_usage
+        self.usage_of: dict[int, tuple[int, int]] = {}  # choice -> (prompt, generated)
         self.created = int(time.time())
         self.num_choices = num_choices
         self.ended: set[int] = set()  # choices whose finish_reason was sent
@@ -242,9 +246,21 @@ class StreamWriter:
         self._head = f"data: {head[:-1]}, \"choices\": ["
         self._tail = "], \"system_fingerprint\": null}\n\n"
 
+    def count(self, index: int, prompt_tokens: int, new_tokens: int) -> None:
+        """Choice `index` got new_tokens more (continuous usage only)."""
+        if self.continuous_usage:
+            generated = self.usage_of.get(index, (0, 0))[1] + new_tokens
+            self.usage_of[index] = (prompt_tokens, generated)
+
     def chunk(self, choice: BaseModel | dict) -> str:
         """One SSE event holding one choice (a pydantic model or a plain dict)."""
         body = choice.model_dump_json() if isinstance(choice, BaseModel) else json.dumps(choice)
+        if self.continuous_usage:
+            index = choice.index if isinstance(choice, BaseModel) else choice["index"]
+            prompt, generated = self.usage_of.get(index, (0, 0))
+            usage = json.dumps({"prompt_tokens": prompt, "completion_tokens": generated,
+                                "total_tokens": prompt + generated})
+            return f"{self._head}{body}{self._tail[:-3]}, \"usage\": {usage}}}\n\n"
         return f"{self._head}{body}{self._tail}"
 
     async def events(self, first: tuple[int, RequestOutput],

@@ -288,6 +288,29 @@ def test_repeated_long_prompt_reports_cached_tokens(client):
     assert 0 < again.usage.prompt_tokens_details.cached_tokens < n
 
 
+def test_continuous_usage_stats(server, client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage
+    so far; the closing usage chunk has the totals."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    for create, kw in [(client.completions.create, {"prompt": PROMPT}),
+                       (client.chat.completions.create,
+                        {"messages": [{"role": "user", "content": "Hi"}]})]:
+        chunks = list(create(model="tiny", max_tokens=5, n=2, stream=True,
+                             stream_options=opts, **kw, **GREEDY))
+        final = chunks[-1].usage
+        assert not chunks[-1].choices and final.completion_tokens == 10
+        seen = {0: [], 1: []}
+        for ch in chunks[:-1]:
+            assert ch.usage is not None and ch.usage.prompt_tokens == final.prompt_tokens
+            assert ch.usage.total_tokens == ch.usage.prompt_tokens + ch.usage.completion_tokens
+            seen[ch.choices[0].index].append(ch.usage.completion_tokens)
+        for counts in seen.values():  # per choice, growing to its 5 tokens
+            assert counts == sorted(counts) and counts[-1] == 5
+        plain = list(create(model="tiny", max_tokens=2, stream=True,
+                            stream_options={"include_usage": True}, **kw, **GREEDY))
+        assert all(ch.usage is None for ch in plain[:-1]) and plain[-1].usage is not None
+
+
 def test_bad_words(server, client):
     """A token forced by logit_bias +100 is still never generated once its word is bad."""
     def text_of(t):

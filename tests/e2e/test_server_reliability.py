@@ -415,8 +415,8 @@ def test_bad_fields_are_400_naming_them(server, body, param):
     ({"chat_template": "{{ messages }}"}, "chat_template"),  # needs the trust flag
     ({"messages": [{"role": "user"}]}, "messages"),  # only an assistant may omit content
     ({"echo": True}, "echo"),  # vLLM's chat echo: refused, saying so
-    ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
-     "continuous_usage_stats"),
+    ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options"),  # stream options need stream: true
 ])
 def test_bad_chat_fields_are_400_naming_them(server, body, param):
     full = {"messages": [{"role": "user", "content": "hi"}], **body}
