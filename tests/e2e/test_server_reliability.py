@@ -265,8 +265,8 @@ def test_several_served_model_names_and_no_status_lines(capped):
     assert [m["id"] for m in listed] == ["tiny", "tiny-latest"]
     assert httpx.get(capped.url + "/v1/models/tiny-latest", timeout=30).json()["id"] == \
         "tiny-latest"
-    r = capped.post("/v1/completions", {"model": "tiny-latest", "prompt": "a", "max_tokens": 3,
-                                        "ignore_eos": True})
+    r = capped.post("/v1/completions", {"model": "tiny-latest", "prompt": "a",
+                                        "max_tokens": 60, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["model"] == "tiny"
     r = capped.post("/v1/completions", {"model": "other", "prompt": "a", "max_tokens": 2})
     assert r.status_code == 404 and "`tiny`, `tiny-latest`" in r.json()["error"]["message"]
