@@ -120,7 +120,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
     if failed:
         raise APIError(500, f"the engine failed while generating choice(s) {failed}; see the "
                             f"server log", code="engine_error")
-    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+    echoed = body.echoed
+    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=echoed + c.text),
                           logprobs=_logprobs(state, body, c, 0),
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                for c in out.outputs]
@@ -154,9 +155,12 @@ class _ChatStreamWriter(StreamWriter):
 
     async def events(self, first: tuple[int, RequestOutput],
                      rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        echoed = self.body.echoed  # echo: the last (assistant) message, before the new text
         for i in range(self.n):  # the role first (its usage: the prompt, nothing generated)
             self.count(i, len(first[1].prompt_token_ids), 0)
             yield self.chunk(_plain(i, {"role": "assistant", "content": ""}, None))
+            if echoed:
+                yield self.chunk(_plain(i, {"content": echoed}, None))
         for chunk in self._on_output(first[1]):
             yield chunk
         async for _, out in rest:

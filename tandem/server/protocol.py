@@ -54,7 +54,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prompt_embeds": _none, "mm_processor_kwargs": _none, "cache_salt": _none,
     "kv_transfer_params": _none, "vllm_xargs": _none, "documents": _none,
     "continue_final_message": _empty, "audio": _none, "prediction": _none,
-    "echo": _empty,  # vLLM's echo of the last chat message (completions' echo is supported)
     "reasoning_effort": _none, "web_search_options": _none, "store": _empty,
     "modalities": lambda v: v in (None, ["text"]),
     "service_tier": lambda v: v in (None, "auto", "default"),
@@ -251,6 +250,17 @@ class ChatCompletionRequest(SamplingRequest):
     # renders them: no tool call is parsed out of the output, so nothing else is accepted.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # vLLM's: each choice's text starts with the last message's content when that message
+    # is the assistant's (continuing it, with add_generation_prompt false)
+    echo: bool | None = False
+
+    @property
+    def echoed(self) -> str:
+        """The text echo puts in front of every choice ("" when nothing is echoed)."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant" or last.content is None:
+            return ""
+        return last.to_template()["content"]
 
     @model_validator(mode="after")
     def _tools_for_the_template_only(self) -> ChatCompletionRequest:

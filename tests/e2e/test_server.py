@@ -288,6 +288,24 @@ def test_repeated_long_prompt_reports_cached_tokens(client):
     assert 0 < again.usage.prompt_tokens_details.cached_tokens < n
 
 
+def test_chat_echo_prepends_the_last_assistant_message(client):
+    """vLLM's chat echo: with the conversation ending in an assistant message (continued,
+    add_generation_prompt false), every choice's text starts with that message."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once "}]
+    kw = dict(model="tiny", messages=messages, max_tokens=4, temperature=0.0)
+    body = {**GREEDY["extra_body"], "add_generation_prompt": False}
+    plain = client.chat.completions.create(**kw, extra_body=body).choices[0].message.content
+    echoed = client.chat.completions.create(**kw, extra_body={**body, "echo": True})
+    assert echoed.choices[0].message.content == "Once " + plain
+    chunks = client.chat.completions.create(**kw, stream=True,
+                                            extra_body={**body, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Once " + plain
+    user_last = client.chat.completions.create(
+        model="tiny", messages=messages[:1], max_tokens=4, temperature=0.0,
+        extra_body={**GREEDY["extra_body"], "echo": True})
+    assert not user_last.choices[0].message.content.startswith("Hi")
+
+
 def test_continuous_usage_stats(server, client):
     """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage
     so far; the closing usage chunk has the totals."""
