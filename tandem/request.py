@@ -77,8 +77,8 @@ class SamplingParams:
     # vLLM's: keep only the prompt's last N tokens (the front is cut; offline, LLM.generate)
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
-    # vLLM's: arbitrary arguments for custom sampling code, carried with the request; no
-    # tandem code reads them (nor does vLLM's own)
+    # vLLM's arguments for custom sampling code (its logits-processor plugins); tandem loads
+    # no such code, so only an empty dict is taken (anything else is a clear error)
     extra_args: dict[str, Any] | None = None
     # vLLM's: words never generated, each as written and after a space. A word of one token
     # is banned outright; a longer word's last token wherever the output ends with the rest.
@@ -151,8 +151,9 @@ class SamplingParams:
                 raise ValueError(f"bad_words must be a list of non-blank strings, got "
                                  f"{self.bad_words!r}")
             self.bad_words = list(self.bad_words)
-        if self.extra_args is not None and not isinstance(self.extra_args, dict):
-            raise ValueError(f"extra_args must be a dict, got {self.extra_args!r}")
+        if self.extra_args:
+            raise ValueError(f"extra_args is for custom sampling code (vLLM's logits-processor "
+                             f"plugins), which tandem does not load; got {self.extra_args!r}")
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
             if not self.allowed_token_ids or not all(

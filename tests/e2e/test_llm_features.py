@@ -323,10 +323,10 @@ def test_detokenize_false_returns_token_ids_only(llm):
 
 
 def test_vllm_sampling_fields_taken_or_refused_clearly():
-    assert SamplingParams(extra_args={"k": 1}).extra_args == {"k": 1}
+    assert SamplingParams(extra_args={}).extra_args == {}  # nothing asked: taken
     for kw, field in [({"detokenize": False, "stop": ["x"]}, "detokenize"),
                       ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
-                      ({"extra_args": ["k"]}, "extra_args"), ({"detokenize": 0}, "detokenize")]:
+                      ({"extra_args": {"k": 1}}, "extra_args"), ({"detokenize": 0}, "detokenize")]:
         with pytest.raises(ValueError, match=field):
             SamplingParams(**kw)
 
