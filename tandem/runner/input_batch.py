@@ -204,7 +204,8 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
     # stop tokens before min_tokens, and bad_words' tokens.
     banned = [sorted((set(r.eos_token_ids) | set(r.params.stop_token_ids)
                       if pos - r.num_prompt_tokens < r.params.min_tokens else set())
-                     | set(r.params.bad_word_bans(r.output_token_ids)))
+                     | (set(r.params.bad_word_bans(r.output_token_ids))
+                        if r.params.bad_words_token_ids else set()))
               for pos, r in zip(positions, reqs)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
     biased = any(p.logit_bias for p in params)

@@ -40,8 +40,8 @@ class RequestState:
 
     def greedy_at(self, pos: int) -> bool:
         """Whether a row sampling the token at position `pos` (or later) takes the argmax
-        alone: greedy, no logprobs, penalties, logit_bias, allowed_token_ids or bad_words, and no
-        min_tokens ban of EOS / stop tokens left (a ban covers output tokens before
+        alone: greedy, no logprobs, penalties, logit_bias, allowed_token_ids or bad_words,
+        and no min_tokens ban of EOS / stop tokens left (a ban covers output tokens before
         min_tokens)."""
         p = self.params
         return (p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
