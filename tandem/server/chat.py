@@ -120,14 +120,16 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
     if failed:
         raise APIError(500, f"the engine failed while generating choice(s) {failed}; see the "
                             f"server log", code="engine_error")
-    echoed = body.echoed
+    echoed, ids = body.echoed, bool(body.return_token_ids)
     choices = [ChatChoice(index=c.index, message=AssistantMessage(content=echoed + c.text),
                           logprobs=_logprobs(state, body, c, 0),
-                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                          token_ids=list(c.token_ids) if ids else None)
                for c in out.outputs]
     usage = make_usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs),
                        out.num_cached_tokens)
-    resp = ChatCompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage)
+    resp = ChatCompletionResponse(id=rid, model=state.model_name, choices=choices, usage=usage,
+                                  prompt_token_ids=list(out.prompt_token_ids) if ids else None)
     return JSONResponse(resp.model_dump())
 
 

@@ -184,9 +184,12 @@ def _choice(state: ServerState, body: CompletionRequest, out: RequestOutput,
                                          body.logprobs, offset,
                                          bool(body.return_tokens_as_token_ids))
             _extend(logprobs, gen)
+    ids = bool(body.return_token_ids)
     return CompletionChoice(index=index, text=text, logprobs=logprobs,
                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                            prompt_logprobs=_prompt_logprobs(state, body, out))
+                            prompt_logprobs=_prompt_logprobs(state, body, out),
+                            prompt_token_ids=list(out.prompt_token_ids) if ids else None,
+                            token_ids=list(c.token_ids) if ids else None)
 
 
 def _plain(index: int, text: str, finish_reason: str | None,

@@ -148,6 +148,8 @@ class SamplingRequest(RequestModel):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"
+    # vLLM's: each choice's generated token ids and its prompt's (not streamed yet)
+    return_token_ids: bool | None = False
     bad_words: list[str] | None = Field(None, max_length=MAX_STOP)  # vLLM's
 
     @model_validator(mode="after")
@@ -155,6 +157,10 @@ class SamplingRequest(RequestModel):
         if self.stream_options is not None and not self.stream:  # vLLM's 400 too
             raise PydanticCustomError("stream_options", "{field} is only allowed with "
                                       "stream: true", {"field": "stream_options"})
+        if self.return_token_ids and self.stream:
+            raise PydanticCustomError("unsupported", "{field} with stream: true is not "
+                                      "supported by this server (without stream it is)",
+                                      {"field": "return_token_ids"})
         return self
 
     @property
@@ -324,6 +330,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that matched
     prompt_logprobs: list[dict[str, dict] | None] | None = None  # vLLM's, when asked
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -363,6 +371,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that matched
+    token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -373,6 +382,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class ChatStreamChoice(BaseModel):

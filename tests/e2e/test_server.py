@@ -306,6 +306,26 @@ def test_chat_echo_prepends_the_last_assistant_message(client):
     assert not user_last.choices[0].message.content.startswith("Hi")
 
 
+def test_return_token_ids(server):
+    """vLLM's return_token_ids: each choice's generated ids and its prompt's (not with
+    stream: a 400 that says so)."""
+    body = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+    r = server.post("/v1/completions", {"prompt": PROMPT, **body}).json()
+    c = r["choices"][0]
+    assert c["prompt_token_ids"] == server.post("/tokenize", {"prompt": PROMPT}).json()["tokens"]
+    assert len(c["token_ids"]) == 4 and c["text"] == server.post(
+        "/detokenize", {"tokens": c["token_ids"]}).json()["prompt"]
+    messages = [{"role": "user", "content": "Hi"}]
+    r = server.post("/v1/chat/completions", {"messages": messages, **body}).json()
+    assert r["prompt_token_ids"] == server.post("/tokenize",
+                                                {"messages": messages}).json()["tokens"]
+    assert len(r["choices"][0]["token_ids"]) == 4
+    plain = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).json()
+    assert plain["choices"][0]["token_ids"] is None
+    r = server.post("/v1/completions", {"prompt": PROMPT, "stream": True, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "return_token_ids"
+
+
 def test_continuous_usage_stats(server, client):
     """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage
     so far; the closing usage chunk has the totals."""
