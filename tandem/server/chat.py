@@ -151,6 +151,9 @@ class _ChatStreamWriter(StreamWriter):
         self.body, self.n = body, n
         self.final: RequestOutput | None = None
         self.generated = 0  # tokens generated over all choices
+        # return_token_ids: each choice's generated ids not sent yet (a delta whose text is
+        # held back sends no chunk)
+        self.pending: dict[int, list[int]] = {}
 
     def finish_chunk(self, index: int, reason: str) -> str:
         return self.chunk(_plain(index, {}, reason))
@@ -158,9 +161,13 @@ class _ChatStreamWriter(StreamWriter):
     async def events(self, first: tuple[int, RequestOutput],
                      rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         echoed = self.body.echoed  # echo: the last (assistant) message, before the new text
+        # return_token_ids: the prompt's ids with each choice's first chunk (vLLM's)
+        top = ({"prompt_token_ids": list(first[1].prompt_token_ids)}
+               if self.body.return_token_ids else None)
         for i in range(self.n):  # the role first (its usage: the prompt, nothing generated)
             self.count(i, len(first[1].prompt_token_ids), 0)
-            yield self.chunk(_plain(i, {"role": "assistant", "content": ""}, None))
+            yield self.chunk(self._ids(_plain(i, {"role": "assistant", "content": ""}, None)),
+                             top)
             if echoed:
                 yield self.chunk(_plain(i, {"content": echoed}, None))
         for chunk in self._on_output(first[1]):
@@ -183,9 +190,21 @@ class _ChatStreamWriter(StreamWriter):
             self.final = out
         return [self.chunk(ch) for c in out.outputs if (ch := self._delta(c))]
 
+    def _ids(self, choice: ChatStreamChoice | dict) -> ChatStreamChoice | dict:
+        """return_token_ids: the choice with its generated ids not sent yet."""
+        if not self.body.return_token_ids:
+            return choice
+        index = choice.index if isinstance(choice, ChatStreamChoice) else choice["index"]
+        ids = {"token_ids": self.pending.pop(index, [])}
+        if isinstance(choice, dict):
+            return {**choice, **ids}
+        return choice.model_copy(update=ids)
+
     def _delta(self, c: CompletionOutput) -> ChatStreamChoice | dict | None:
         if c.index in self.ended:
             return None
+        if self.body.return_token_ids:
+            self.pending.setdefault(c.index, []).extend(c.token_ids)
         text = c.text  # a delta: only what is new
         logprobs = _logprobs(self.state, self.body, c, 0)
         if logprobs is not None and not logprobs.content:
@@ -195,9 +214,10 @@ class _ChatStreamWriter(StreamWriter):
         self.ended_choice(c.index, c.finish_reason)
         delta = {"content": text} if text else {}
         if logprobs is None:  # the common case, without pydantic
-            return _plain(c.index, delta, c.finish_reason, c.stop_reason)
-        return ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs,
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            return self._ids(_plain(c.index, delta, c.finish_reason, c.stop_reason))
+        return self._ids(ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs,
+                                          finish_reason=c.finish_reason,
+                                          stop_reason=c.stop_reason))
 
     def abort_unfinished(self) -> None:
         if self.final is None:

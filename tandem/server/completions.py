@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -210,6 +210,10 @@ def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> None:
 class _ChoiceState:
     offset: int = 0  # text_offset of the next token (logprobs)
     started: bool = False
+    # return_token_ids: generated ids not sent yet (a delta whose text is held back sends
+    # no chunk), and whether the prompt's ids went out
+    pending: list[int] = field(default_factory=list)
+    sent_prompt: bool = False
 
 
 class _StreamWriter(StreamWriter):
@@ -249,8 +253,25 @@ class _StreamWriter(StreamWriter):
         chunks = [self.chunk(ch) for c in out.outputs
                   if (ch := self._delta(out, c, i * self.n + c.index))]
         if not chunks and force:  # the first event leaves with the first token
-            chunks = [self.chunk(_plain(i * self.n + out.outputs[0].index, "", None))]
+            index = i * self.n + out.outputs[0].index
+            chunks = [self.chunk(self._ids(_plain(index, "", None), out, index))]
         return chunks
+
+    def _ids(self, choice: CompletionChoice | dict, out: RequestOutput,
+             index: int) -> CompletionChoice | dict:
+        """return_token_ids: the choice with the generated ids not sent yet, and its
+        prompt's ids the first time."""
+        if not self.body.return_token_ids:
+            return choice
+        st = self.choices.setdefault(index, _ChoiceState())
+        ids = {"token_ids": st.pending}
+        if not st.sent_prompt:
+            ids["prompt_token_ids"] = list(out.prompt_token_ids)
+            st.sent_prompt = True
+        st.pending = []
+        if isinstance(choice, dict):
+            return {**choice, **ids}
+        return choice.model_copy(update=ids)
 
     def _delta(self, out: RequestOutput, c: CompletionOutput,
                index: int) -> CompletionChoice | dict | None:
@@ -260,6 +281,8 @@ class _StreamWriter(StreamWriter):
         body = self.body
         text = "" if self.score_only else c.text
         new_ids = [] if self.score_only else c.token_ids
+        if body.return_token_ids:
+            st.pending += new_ids
         logprobs = prompt_lps = None
         if not st.started:
             prompt_lps = _prompt_logprobs(self.state, body, out)
@@ -277,10 +300,11 @@ class _StreamWriter(StreamWriter):
         st.started = True
         self.ended_choice(index, c.finish_reason)
         if logprobs is None and prompt_lps is None:  # the common case, without pydantic
-            return _plain(index, text, c.finish_reason, c.stop_reason)
-        return CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                prompt_logprobs=prompt_lps)
+            return self._ids(_plain(index, text, c.finish_reason, c.stop_reason), out, index)
+        return self._ids(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                          finish_reason=c.finish_reason,
+                                          stop_reason=c.stop_reason,
+                                          prompt_logprobs=prompt_lps), out, index)
 
     def abort_unfinished(self, prepared: list[_Prepared]) -> None:
         """Background task after the response: abort what did not finish (disconnects)."""

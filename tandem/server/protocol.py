@@ -148,7 +148,8 @@ class SamplingRequest(RequestModel):
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     return_tokens_as_token_ids: bool | None = False  # logprob tokens as "token_id:N"
-    # vLLM's: each choice's generated token ids and its prompt's (not streamed yet)
+    # vLLM's: each choice's generated token ids and its prompt's (streamed: each chunk's
+    # new ids, the prompt's with a choice's first chunk)
     return_token_ids: bool | None = False
     bad_words: list[str] | None = Field(None, max_length=MAX_STOP)  # vLLM's
 
@@ -157,10 +158,6 @@ class SamplingRequest(RequestModel):
         if self.stream_options is not None and not self.stream:  # vLLM's 400 too
             raise PydanticCustomError("stream_options", "{field} is only allowed with "
                                       "stream: true", {"field": "stream_options"})
-        if self.return_token_ids and self.stream:
-            raise PydanticCustomError("unsupported", "{field} with stream: true is not "
-                                      "supported by this server (without stream it is)",
-                                      {"field": "return_token_ids"})
         return self
 
     @property
@@ -391,6 +388,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
 class ChatCompletionChunk(BaseModel):

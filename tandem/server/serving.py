@@ -252,15 +252,20 @@ class StreamWriter:
             generated = self.usage_of.get(index, (0, 0))[1] + new_tokens
             self.usage_of[index] = (prompt_tokens, generated)
 
-    def chunk(self, choice: BaseModel | dict) -> str:
-        """One SSE event holding one choice (a pydantic model or a plain dict)."""
+    def chunk(self, choice: BaseModel | dict, top: dict | None = None) -> str:
+        """One SSE event holding one choice (a pydantic model or a plain dict); `top`: more
+        fields of the envelope (vLLM's prompt_token_ids). With continuous usage, the
+        choice's usage so far too."""
         body = choice.model_dump_json() if isinstance(choice, BaseModel) else json.dumps(choice)
         if self.continuous_usage:
             index = choice.index if isinstance(choice, BaseModel) else choice["index"]
             prompt, generated = self.usage_of.get(index, (0, 0))
-            usage = json.dumps({"prompt_tokens": prompt, "completion_tokens": generated,
-                                "total_tokens": prompt + generated})
-            return f"{self._head}{body}{self._tail[:-3]}, \"usage\": {usage}}}\n\n"
+            top = {**(top or {}), "usage": {"prompt_tokens": prompt,
+                                            "completion_tokens": generated,
+                                            "total_tokens": prompt + generated}}
+        if top:
+            extra = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in top.items())
+            return f"{self._head}{body}{self._tail[:-3]}{extra}}}\n\n"
         return f"{self._head}{body}{self._tail}"
 
     async def events(self, first: tuple[int, RequestOutput],

@@ -322,8 +322,26 @@ def test_return_token_ids(server):
     assert len(r["choices"][0]["token_ids"]) == 4
     plain = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).json()
     assert plain["choices"][0]["token_ids"] is None
-    r = server.post("/v1/completions", {"prompt": PROMPT, "stream": True, **body})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "return_token_ids"
+    # streamed: each chunk's new ids (held-back text's ids ride on a later chunk), the
+    # prompt's with a choice's first chunk
+    for path, extra in [("/v1/completions", {"prompt": PROMPT, "n": 2}),
+                        ("/v1/chat/completions", {"messages": messages, "n": 2})]:
+        full = server.post(path, {**extra, **body}).json()
+        with httpx.stream("POST", server.url + path, json={**extra, **body, "stream": True},
+                          headers=server.headers(), timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+        for choice in full["choices"]:
+            i = choice["index"]
+            got = [t for e in events for ch in e["choices"] if ch["index"] == i
+                   for t in ch["token_ids"]]
+            assert got == choice["token_ids"]
+            prompts = [e.get("prompt_token_ids") or ch.get("prompt_token_ids")
+                       for e in events for ch in e["choices"]
+                       if ch["index"] == i and (e.get("prompt_token_ids")
+                                                or ch.get("prompt_token_ids"))]
+            want = full.get("prompt_token_ids") or choice.get("prompt_token_ids")
+            assert prompts[:1] == [want]
 
 
 def test_continuous_usage_stats(server, client):
