@@ -147,13 +147,11 @@ def _logprobs(state: ServerState, body: ChatCompletionRequest, c: CompletionOutp
 class _ChatStreamWriter(StreamWriter):
     def __init__(self, state: ServerState, body: ChatCompletionRequest, rid: str,
                  n: int) -> None:
-        super().__init__(state, rid, n, "chat.completion.chunk", body.continuous_usage)
+        super().__init__(state, rid, n, "chat.completion.chunk", body.continuous_usage,
+                         bool(body.return_token_ids))
         self.body, self.n = body, n
         self.final: RequestOutput | None = None
         self.generated = 0  # tokens generated over all choices
-        # return_token_ids: each choice's generated ids not sent yet (a delta whose text is
-        # held back sends no chunk)
-        self.pending: dict[int, list[int]] = {}
 
     def finish_chunk(self, index: int, reason: str) -> str:
         return self.chunk(_plain(index, {}, reason))
@@ -165,9 +163,9 @@ class _ChatStreamWriter(StreamWriter):
         top = ({"prompt_token_ids": list(first[1].prompt_token_ids)}
                if self.body.return_token_ids else None)
         for i in range(self.n):  # the role first (its usage: the prompt, nothing generated)
-            self.count(i, len(first[1].prompt_token_ids), 0)
-            yield self.chunk(self._ids(_plain(i, {"role": "assistant", "content": ""}, None)),
-                             top)
+            self.took(i, len(first[1].prompt_token_ids), [])
+            yield self.chunk(self.with_ids(_plain(i, {"role": "assistant", "content": ""},
+                                                  None), i), top)
             if echoed:
                 yield self.chunk(_plain(i, {"content": echoed}, None))
         for chunk in self._on_output(first[1]):
@@ -185,26 +183,14 @@ class _ChatStreamWriter(StreamWriter):
     def _on_output(self, out: RequestOutput) -> list[str]:
         self.generated += sum(len(c.token_ids) for c in out.outputs)
         for c in out.outputs:
-            self.count(c.index, len(out.prompt_token_ids), len(c.token_ids))
+            self.took(c.index, len(out.prompt_token_ids), c.token_ids)
         if out.finished:
             self.final = out
         return [self.chunk(ch) for c in out.outputs if (ch := self._delta(c))]
 
-    def _ids(self, choice: ChatStreamChoice | dict) -> ChatStreamChoice | dict:
-        """return_token_ids: the choice with its generated ids not sent yet."""
-        if not self.body.return_token_ids:
-            return choice
-        index = choice.index if isinstance(choice, ChatStreamChoice) else choice["index"]
-        ids = {"token_ids": self.pending.pop(index, [])}
-        if isinstance(choice, dict):
-            return {**choice, **ids}
-        return choice.model_copy(update=ids)
-
     def _delta(self, c: CompletionOutput) -> ChatStreamChoice | dict | None:
         if c.index in self.ended:
             return None
-        if self.body.return_token_ids:
-            self.pending.setdefault(c.index, []).extend(c.token_ids)
         text = c.text  # a delta: only what is new
         logprobs = _logprobs(self.state, self.body, c, 0)
         if logprobs is not None and not logprobs.content:
@@ -214,10 +200,11 @@ class _ChatStreamWriter(StreamWriter):
         self.ended_choice(c.index, c.finish_reason)
         delta = {"content": text} if text else {}
         if logprobs is None:  # the common case, without pydantic
-            return self._ids(_plain(c.index, delta, c.finish_reason, c.stop_reason))
-        return self._ids(ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs,
-                                          finish_reason=c.finish_reason,
-                                          stop_reason=c.stop_reason))
+            return self.with_ids(_plain(c.index, delta, c.finish_reason, c.stop_reason),
+                                 c.index)
+        return self.with_ids(ChatStreamChoice(index=c.index, delta=delta, logprobs=logprobs,
+                                              finish_reason=c.finish_reason,
+                                              stop_reason=c.stop_reason), c.index)
 
     def abort_unfinished(self) -> None:
         if self.final is None:

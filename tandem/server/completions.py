@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -210,10 +210,7 @@ def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> None:
 class _ChoiceState:
     offset: int = 0  # text_offset of the next token (logprobs)
     started: bool = False
-    # return_token_ids: generated ids not sent yet (a delta whose text is held back sends
-    # no chunk), and whether the prompt's ids went out
-    pending: list[int] = field(default_factory=list)
-    sent_prompt: bool = False
+    sent_prompt: bool = False  # return_token_ids: the prompt's ids went out
 
 
 class _StreamWriter(StreamWriter):
@@ -221,7 +218,8 @@ class _StreamWriter(StreamWriter):
 
     def __init__(self, state: ServerState, body: CompletionRequest, rid: str, n: int,
                  num_prompts: int, score_only: bool) -> None:
-        super().__init__(state, rid, num_prompts * n, "text_completion", body.continuous_usage)
+        super().__init__(state, rid, num_prompts * n, "text_completion", body.continuous_usage,
+                         bool(body.return_token_ids))
         self.body, self.n, self.score_only = body, n, score_only
         self.choices: dict[int, _ChoiceState] = {}
         self.finals: dict[int, RequestOutput] = {}  # each prompt's last (delta) output
@@ -246,8 +244,8 @@ class _StreamWriter(StreamWriter):
     def _on_output(self, i: int, out: RequestOutput, force: bool) -> list[str]:
         self.generated += sum(len(c.token_ids) for c in out.outputs)
         for c in out.outputs:
-            self.count(i * self.n + c.index, len(out.prompt_token_ids),
-                       0 if self.score_only else len(c.token_ids))
+            self.took(i * self.n + c.index, len(out.prompt_token_ids),
+                      [] if self.score_only else c.token_ids)
         if out.finished:
             self.finals[i] = out
         chunks = [self.chunk(ch) for c in out.outputs
@@ -259,19 +257,14 @@ class _StreamWriter(StreamWriter):
 
     def _ids(self, choice: CompletionChoice | dict, out: RequestOutput,
              index: int) -> CompletionChoice | dict:
-        """return_token_ids: the choice with the generated ids not sent yet, and its
-        prompt's ids the first time."""
-        if not self.body.return_token_ids:
+        """`with_ids`, and the prompt's ids with the choice's first chunk."""
+        if not self.return_token_ids:
             return choice
         st = self.choices.setdefault(index, _ChoiceState())
-        ids = {"token_ids": st.pending}
-        if not st.sent_prompt:
-            ids["prompt_token_ids"] = list(out.prompt_token_ids)
-            st.sent_prompt = True
-        st.pending = []
-        if isinstance(choice, dict):
-            return {**choice, **ids}
-        return choice.model_copy(update=ids)
+        if st.sent_prompt:
+            return self.with_ids(choice, index)
+        st.sent_prompt = True
+        return self.with_ids(choice, index, prompt_token_ids=list(out.prompt_token_ids))
 
     def _delta(self, out: RequestOutput, c: CompletionOutput,
                index: int) -> CompletionChoice | dict | None:
@@ -281,8 +274,6 @@ class _StreamWriter(StreamWriter):
         body = self.body
         text = "" if self.score_only else c.text
         new_ids = [] if self.score_only else c.token_ids
-        if body.return_token_ids:
-            st.pending += new_ids
         logprobs = prompt_lps = None
         if not st.started:
             prompt_lps = _prompt_logprobs(self.state, body, out)

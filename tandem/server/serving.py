@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -229,12 +229,17 @@ class StreamWriter:
     keeps which choices have ended and closes the rest when the stream must end early."""
 
     def __init__(self, state: ServerState, rid: str, num_choices: int,
-                 object_name: str, continuous_usage: bool = False) -> None:
+                 object_name: str, continuous_usage: bool = False,
+                 return_token_ids: bool = False) -> None:
         self.state, self.rid = state, rid
-        # stream_options.continuous_usage_stats: each chunk carries its choice's usage so
-        # far (prompt tokens, tokens generated), counted by `count`
+        # Per choice, kept by `took`: stream_options.continuous_usage_stats (each chunk
+        # carries its choice's usage so far: prompt tokens, tokens generated), and
+        # return_token_ids (the generated ids not sent yet: a delta whose text is held back
+        # sends no chunk, so its ids ride on the next one; `with_ids`)
         self.continuous_usage = continuous_usage
         self.usage_of: dict[int, tuple[int, int]] = {}  # choice -> (prompt, generated)
+        self.return_token_ids = return_token_ids
+        self.pending_ids: dict[int, list[int]] = {}
         self.created = int(time.time())
         self.num_choices = num_choices
         self.ended: set[int] = set()  # choices whose finish_reason was sent
@@ -246,11 +251,24 @@ class StreamWriter:
         self._head = f"data: {head[:-1]}, \"choices\": ["
         self._tail = "], \"system_fingerprint\": null}\n\n"
 
-    def count(self, index: int, prompt_tokens: int, new_tokens: int) -> None:
-        """Choice `index` got new_tokens more (continuous usage only)."""
+    def took(self, index: int, prompt_tokens: int, new_ids: list[int]) -> None:
+        """Choice `index` (of a prompt of prompt_tokens) generated new_ids."""
         if self.continuous_usage:
-            generated = self.usage_of.get(index, (0, 0))[1] + new_tokens
+            generated = self.usage_of.get(index, (0, 0))[1] + len(new_ids)
             self.usage_of[index] = (prompt_tokens, generated)
+        if self.return_token_ids:
+            self.pending_ids.setdefault(index, []).extend(new_ids)
+
+    def with_ids(self, choice: BaseModel | dict, index: int, **fields: Any
+                 ) -> BaseModel | dict:
+        """return_token_ids: the choice with its generated ids not sent yet (and `fields`);
+        otherwise the choice as it is."""
+        if not self.return_token_ids:
+            return choice
+        fields = {"token_ids": self.pending_ids.pop(index, []), **fields}
+        if isinstance(choice, dict):
+            return {**choice, **fields}
+        return choice.model_copy(update=fields)
 
     def chunk(self, choice: BaseModel | dict, top: dict | None = None) -> str:
         """One SSE event holding one choice (a pydantic model or a plain dict); `top`: more
