@@ -91,14 +91,12 @@ class LLM:
         `tools` (OpenAI's tool definitions; no tool call is parsed from the output)."""
         if continue_final_message:
             raise ValueError("continue_final_message is not supported")
-        if tools:
-            chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer; this model directory has none")
         texts = [tok.apply_chat_template(c, add_generation_prompt, chat_template,
-                                         chat_template_kwargs) for c in convs]
+                                         chat_template_kwargs, tools) for c in convs]
         prompts = [{"prompt": t, "prompt_token_ids": tok.encode(t, add_special_tokens=False)}
                    for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm)

@@ -110,13 +110,17 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True,
                             chat_template: str | None = None,
-                            template_kwargs: dict[str, Any] | None = None) -> str:
+                            template_kwargs: dict[str, Any] | None = None,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render `messages` with `chat_template` (text) or else the model's own template;
-        template_kwargs: extra template variables (none of TEMPLATE_RESERVED)."""
+        template_kwargs: extra template variables (none of TEMPLATE_RESERVED); tools: the
+        template's `tools` (OpenAI's tool definitions, rendered as the template does)."""
         kwargs = dict(template_kwargs or {})
         reserved = TEMPLATE_RESERVED & set(kwargs)
         if reserved:
             raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}")
+        if tools:
+            kwargs["tools"] = tools
         template_text = chat_template if chat_template is not None else self.chat_template
         if not template_text:
             raise ValueError("this model has no chat template; pass chat_template= "

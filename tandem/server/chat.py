@@ -33,8 +33,8 @@ logger = logging.getLogger("tandem.server")
 
 def render_chat(state: ServerState, messages: list[ChatMessage],
                 add_generation_prompt: bool = True, add_special_tokens: bool = False,
-                chat_template: str | None = None,
-                template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+                chat_template: str | None = None, template_kwargs: dict | None = None,
+                tools: list[dict] | None = None) -> tuple[str, list[int]]:
     """(prompt text, token ids) of a conversation; ValueError (a 400) without a template.
     Blocking: call through `AsyncEngine.run_blocking`."""
     inputs = state.engine.inputs
@@ -46,7 +46,7 @@ def render_chat(state: ServerState, messages: list[ChatMessage],
                        param="chat_template_kwargs")
     text = inputs.tokenizer.apply_chat_template([m.to_template() for m in messages],
                                                 add_generation_prompt, chat_template,
-                                                template_kwargs)
+                                                template_kwargs, tools)
     return text, inputs.encode_text(text, "messages", add_special_tokens=add_special_tokens)
 
 
@@ -70,12 +70,10 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request,
     if body.chat_template is not None and not state.config.trust_request_chat_template:
         raise APIError(400, "chat_template in a request needs --trust-request-chat-template",
                        param="chat_template")
-    template_kwargs = body.chat_template_kwargs
-    if body.tools:  # tool_choice "none": the template renders them (protocol.py)
-        template_kwargs = {**(template_kwargs or {}), "tools": body.tools}
-    text, ids = await engine.run_blocking(
+    text, ids = await engine.run_blocking(  # tools: only with tool_choice "none" (protocol.py)
         render_chat, state, body.messages, body.add_generation_prompt is not False,
-        bool(body.add_special_tokens), body.chat_template, template_kwargs)
+        bool(body.add_special_tokens), body.chat_template, body.chat_template_kwargs,
+        body.tools)
     defaults = engine.inputs.sampling_defaults
     if body.max_completion_tokens is not None:
         asked, tokens_param = body.max_completion_tokens, "max_completion_tokens"
