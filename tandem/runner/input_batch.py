@@ -177,6 +177,19 @@ def _padded(rows: list[list], pad: int | float, device: torch.device,
     return _to([r + [pad] * (width - len(r)) for r in rows], dtype, device)
 
 
+def _banned(r: RequestState, pos: int) -> list[int]:
+    """Token ids the row sampling position `pos` may not take: EOS and stop tokens before
+    min_tokens, and bad_words' (from the outputs before pos)."""
+    p = r.params
+    early = pos - r.num_prompt_tokens < p.min_tokens
+    if not early and not p.bad_words_token_ids:
+        return []  # most rows
+    ban = set(r.eos_token_ids) | set(p.stop_token_ids) if early else set()
+    if p.bad_words_token_ids:
+        ban.update(p.bad_word_bans(r.output_token_ids))
+    return sorted(ban)
+
+
 def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
                            sample_rows: list[int], vocab_size: int, device: torch.device,
                            sample_counts: list[int] | None = None) -> SamplingTensors | None:
@@ -198,15 +211,11 @@ def build_sampling_tensors(plan: StepPlan, states: dict[str, RequestState],
     f32 = torch.float32
     penalize = any(p.has_penalties for p in params)
     repetition = any(p.repetition_penalty != 1.0 for p in params)
-    if any(p.reads_output_tokens and s.inflight_input for p, s in zip(params, seqs)):
+    bad_words = any(p.bad_words_token_ids for p in params)
+    if (penalize or bad_words) and any(p.reads_output_tokens and s.inflight_input
+                                       for p, s in zip(params, seqs)):
         raise RuntimeError("penalties and bad_words need every earlier token on the host")
-    # Outputs before this sample: the sampled token lands at position pos. Banned: EOS and
-    # stop tokens before min_tokens, and bad_words' tokens.
-    banned = [sorted((set(r.eos_token_ids) | set(r.params.stop_token_ids)
-                      if pos - r.num_prompt_tokens < r.params.min_tokens else set())
-                     | (set(r.params.bad_word_bans(r.output_token_ids))
-                        if r.params.bad_words_token_ids else set()))
-              for pos, r in zip(positions, reqs)]
+    banned = [_banned(r, pos) for pos, r in zip(positions, reqs)]
     asked = [p.logprobs for p in params if p.logprobs is not None]
     biased = any(p.logit_bias for p in params)
     restricted = any(p.allowed_token_ids is not None for p in params)
