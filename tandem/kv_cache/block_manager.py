@@ -39,19 +39,25 @@ from tandem.request import Request
 
 def hash_block_tokens(parent_hash: int | None, tokens: Sequence[int]) -> int:
     """The chained hash of one full block (see the module docstring); stable everywhere."""
-    h = hashlib.sha256()
-    if parent_hash is not None:
-        h.update(parent_hash.to_bytes(32, "little"))
+    return hash_blocks(parent_hash, tokens, len(tokens))[0]
+
+
+def hash_blocks(parent_hash: int | None, tokens: Sequence[int], block_size: int
+                ) -> list[int]:
+    """The chained hashes of the full blocks of `tokens` (block 0 chained to parent_hash),
+    each equal to hash_block_tokens of that block: the tokens are packed once, so an 8k
+    prompt's 512 blocks cost ~1 ms rather than ~10."""
     packed = array("q", tokens)  # int64 on every platform CPython supports
     if sys.byteorder != "little":
         packed.byteswap()
-    h.update(packed.tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-def _block_tokens(request: Request, index: int, block_size: int) -> tuple[int, ...]:
-    """Token ids of block `index` (O(block_size))."""
-    return tuple(request.token_ids(index * block_size, (index + 1) * block_size))
+    data = memoryview(packed).cast("B")
+    step = 8 * block_size
+    parent = b"" if parent_hash is None else parent_hash.to_bytes(32, "little")
+    hashes: list[int] = []
+    for start in range(0, len(data) - step + 1, step):
+        parent = hashlib.sha256(parent + data[start:start + step]).digest()
+        hashes.append(int.from_bytes(parent, "little"))
+    return hashes
 
 
 class KVCacheManager:
@@ -95,12 +101,13 @@ class KVCacheManager:
         return self.enable_prefix_caching and request.sampling_params.prompt_logprobs is None
 
     def _block_hash(self, request: Request, index: int) -> int:
-        """Chained hash of the request's full block `index`, extending the hash list."""
+        """Chained hash of the request's full block `index`, extending the hash list (the
+        missing blocks up to `index` hashed in one pass)."""
         hashes = self._hashes.setdefault(request.request_id, [])
-        while len(hashes) <= index:
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, _block_tokens(request, len(hashes),
-                                                                  self.block_size)))
+        if len(hashes) <= index:
+            bs = self.block_size
+            hashes += hash_blocks(hashes[-1] if hashes else None,
+                                  request.token_ids(len(hashes) * bs, (index + 1) * bs), bs)
         return hashes[index]
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
@@ -113,7 +120,10 @@ class KVCacheManager:
         if not self._uses_prefix_cache(request):
             return [], 0
         hit: list[int] = []
-        for i in range((request.num_tokens - 1) // self.block_size):
+        lookup = (request.num_tokens - 1) // self.block_size
+        if lookup:  # all at once: cache_full_blocks registers these same blocks later
+            self._block_hash(request, lookup - 1)
+        for i in range(lookup):
             block_id = self.pool.get_cached_block(self._block_hash(request, i))
             if block_id is None:
                 break
@@ -169,6 +179,8 @@ class KVCacheManager:
         computed = request.num_computed_tokens if num_computed is None else num_computed
         known = min(computed, request.num_tokens)
         num_full = min(known // self.block_size, len(blocks))
+        if num_full > self._num_cached_blocks[rid]:
+            self._block_hash(request, num_full - 1)  # the new full blocks in one pass
         for i in range(self._num_cached_blocks[rid], num_full):
             # False when another request registered the same content first: this copy
             # simply stays unregistered and is recycled when freed.
@@ -180,11 +192,8 @@ class KVCacheManager:
     def prompt_block_hashes(self, token_ids: Sequence[int]) -> list[int]:
         """The chained hashes of the full blocks a request with this prompt looks up
         (`get_computed_blocks`: the first len - 1 tokens)."""
-        hashes: list[int] = []
-        for i in range((len(token_ids) - 1) // self.block_size):
-            block = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, block))
-        return hashes
+        full = (len(token_ids) - 1) // self.block_size * self.block_size
+        return hash_blocks(None, token_ids[:full], self.block_size)
 
     def cached_prefix(self, hashes: Sequence[int]) -> int:
         """How many of the leading `hashes` this pool holds (a transfer skips them)."""

@@ -177,3 +177,23 @@ def test_free_is_idempotent_and_reset_needs_idle_pool():
     assert kv.num_free_blocks == 4 and kv.usage == 0.0
     assert kv.reset_prefix_cache()
     assert kv.get_computed_blocks(make_request("b", list(range(6)))) == ([], 0)
+
+
+def test_bulk_block_hashes_equal_the_chained_definition():
+    """hash_blocks (one pass over a prompt) names each block as the module docstring
+    defines it: sha256(parent's 32 bytes || the block's tokens as little-endian int64)."""
+    import hashlib
+
+    from tandem.kv_cache.block_manager import hash_block_tokens, hash_blocks
+    tokens = [(7919 * i) % 151_000 for i in range(4 * 5 + 3)]  # 5 full blocks and a tail
+    expected, parent = [], b""
+    for b in range(5):
+        block = b"".join(t.to_bytes(8, "little") for t in tokens[4 * b:4 * b + 4])
+        parent = hashlib.sha256(parent + block).digest()
+        expected.append(int.from_bytes(parent, "little"))
+    assert hash_blocks(None, tokens, 4) == expected
+    assert hash_blocks(expected[1], tokens[8:], 4) == expected[2:]
+    assert hash_block_tokens(expected[0], tokens[4:8]) == expected[1]
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    assert kv.prompt_block_hashes(tokens[:21]) == expected  # lookups stop before the last token
+    assert kv.prompt_block_hashes(tokens[:20]) == expected[:4]
