@@ -11,6 +11,8 @@
     TANDEM_NORM_CHAIN     whether batch-1 decode carries its RMSNorms in the matmuls around
                           them instead of launching them (models/norm_chain.py): "quantized"
                           (the default: int8/int4 weights only), "all", or "0" (never)
+    TANDEM_PREFILL_TMA    "0": fresh prompts' prefill attention reads its tiles with pointer
+                          loads, not Hopper tensor descriptors (kernels/triton/prefill.py)
     TANDEM_DECODE_ROTARY  "0": decode steps launch rotary + K/V write apart from attention
                           (the default "1" does all three in the decode kernel on Triton)
     TANDEM_DECODE_MIN_PART for tuning runs: the shortest split-K partition of the decode
@@ -67,6 +69,10 @@ def norm_chain_mode() -> str:
     if mode is None:
         raise ValueError(f"TANDEM_NORM_CHAIN={value!r}: use quantized, all or 0")
     return mode
+
+
+def prefill_tma() -> bool:
+    return os.environ.get("TANDEM_PREFILL_TMA", "1") != "0"
 
 
 def decode_rotary_fused() -> bool:

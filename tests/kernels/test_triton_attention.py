@@ -120,6 +120,35 @@ def test_fresh_prefills(dtype, pass_fresh) -> None:
                 head_dim=128, dtype=dtype, block_size=32, pass_fresh=pass_fresh)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,group", [(64, 4), (128, 4)])
+def test_fresh_prefill_tensor_descriptors(dtype, head_dim, group) -> None:
+    """Hopper: a fresh batch's tiles fetched through tensor descriptors (TMA) give what the
+    pointer loads give, with q/k/v strided views of one fused QKV row and prompts whose
+    last tiles run into the next prompt's rows (and, for the last, past every row)."""
+    from tandem.kernels.triton.prefill import tma_fits
+    rng = random.Random(head_dim)
+    torch.manual_seed(head_dim)
+    seqs = [(q, q) for q in (131, 2, 300, 64, 257)]
+    meta, cache, _, _, _ = make_batch(rng, seqs, 16, 2 * group, 2, head_dim, dtype)
+    heads, kv_heads, t = 2 * group, 2, meta.num_tokens
+    qkv = torch.randn(t, heads + 2 * kv_heads, head_dim, device=DEVICE).to(dtype)
+    query, key, value = qkv[:, :heads], qkv[:, heads:heads + 2], qkv[:, heads + 2:]
+    if not tma_fits(query, key, value):
+        pytest.skip("tensor descriptors need a Hopper GPU and Triton's TensorDescriptor")
+    outs = []
+    for tma in (True, False):
+        out = torch.full_like(query, float("nan"))
+        prefill_attention(query, cache, out, meta.query_start_loc, meta.seq_lens,
+                          meta.block_tables, head_dim ** -0.5, max_query_len=300, key=key,
+                          value=value, tma=tma)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=0)  # same tiles, same math
+    fresh_cache = torch.zeros_like(cache)  # the reference reads K/V from a cache
+    reference.write_kv(key, value, fresh_cache, meta.slot_mapping)
+    check(outs[0], query, fresh_cache, meta, head_dim ** -0.5, dtype)
+
+
 def test_float32() -> None:
     run_backend([(1, 200), (37, 90), (1, 33), (70, 70)], num_heads=4, num_kv_heads=4,
                 head_dim=64, dtype=torch.float32)
