@@ -100,7 +100,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         row_scale = q_scale * scale_log2  # the scores' scale, a row at a time
     elif FP8:  # e4m3 -> fp16 is one packed conversion per two values; k_scale is in
         q = q.to(tl.float16)  # scale_log2, v_scale applied to the output
-    else:
+    elif not TMA:  # (tma_fits: q has K's dtype already)
         q = q.to(k_ptr.dtype.element_ty)
     kvh = h // GROUP
     if not TMA:
