@@ -18,9 +18,9 @@ out), online softmax in base 2, acc (BLOCK_M, D) += P @ V (BLOCK_N, D). Key n of
 read from the paged cache at slot block_table[n // block_size] * block_size + n % block_size,
 or, when no chunk of the batch has a cached prefix (FRESH), straight from this step's k/v
 rows (row query_start + n), which skips the block-table lookups. FRESH rows are contiguous,
-so on Hopper (TMA) the Q, K and V tiles come through tensor descriptors: the copy engine
-fetches each (rows, head_dim) box with no address arithmetic in the program (H200, bf16:
-one 8192-token prompt 1.124 -> 1.070 ms a layer, two of 4096 0.637 -> 0.574;
+so on Hopper (TMA), in eager steps, the Q, K and V tiles come through tensor descriptors:
+the copy engine fetches each (rows, head_dim) box with no address arithmetic in the program
+(H200, bf16: one 8192-token prompt 1.124 -> 1.070 ms a layer, two of 4096 0.637 -> 0.574;
 scripts/bench_prefill_tma.py). A box may run past the chunk into the next one's rows (or
 zeros past the last row): those keys are masked and those query rows are not stored.
 """
@@ -227,8 +227,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     max_query_len: a host bound on the chunks' query_len; it sizes the grid only.
     fp8_qk: with an FP8 cache, Q K^T in e4m3 on FP8 tensor cores (Q scaled a row at a
     time); default `reference.attention.fp8_prefill_query`, the spec's rule.
-    tma: fetch a fresh batch's tiles through tensor descriptors (default: where `tma_fits`;
-    TANDEM_PREFILL_TMA=0 never).
+    tma: fetch a fresh batch's tiles through tensor descriptors (default: where `tma_fits`,
+    outside CUDA graph capture; TANDEM_PREFILL_TMA=0 never).
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -252,8 +252,9 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     fp8 = k_src.dtype == torch.float8_e4m3fn
     fp8_qk = fp8 and (reference_attention.fp8_prefill_query(head_dim) if fp8_qk is None
                       else fp8_qk)
-    if tma is None:
-        tma = fresh and envs.prefill_tma() and tma_fits(query, k_src, v_src)
+    if tma is None:  # not while a CUDA graph is captured (short prefills): unmeasured there
+        tma = (fresh and envs.prefill_tma() and tma_fits(query, k_src, v_src)
+               and not torch.cuda.is_current_stream_capturing())
     srcs = (query, k_src, v_src)
     if tma:
         srcs = (_rows_of_heads(query, block_m), _rows_of_heads(k_src, block_n),
