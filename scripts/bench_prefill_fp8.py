@@ -13,14 +13,14 @@ a 2048-token chunk after a 6144-token cached prefix. TFLOP/s counts causal work.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "kernels"))
-from attention_bench import SCALE, causal_flops, make_case, time_launch  # noqa: E402
+from attention_bench import (SCALE, causal_flops, emit, make_case,  # noqa: E402
+                             time_launch)
 
 from tandem.kernels.triton import prefill_attention  # noqa: E402
 
@@ -71,10 +71,7 @@ def main() -> None:
                     print(f"{name:<18} {label:<7} {cfg}  {row['ms']:8.3f} ms "
                           f"{row['TFLOPs']:6.0f} TFLOP/s  max err {row['max_abs_err']:.4f} "
                           f"rel rms {row['rel_rms_err']:.5f}", flush=True)
-    record = {"device": torch.cuda.get_device_name(), "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(record))
-    print(json.dumps(record))
+    emit(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,15 @@ def make_case(q_lens: list[int], s_lens: list[int], copies: int = 1, seed: int =
     return cache, query, key, value, metas
 
 
+def emit(rows: list[dict], path: str | None) -> None:
+    """The scripts' JSON record: {device, rows}, printed as one line (and written to path)."""
+    record = json.dumps({"device": torch.cuda.get_device_name(), "rows": rows})
+    if path:
+        with open(path, "w") as f:
+            f.write(record)
+    print(record)
+
+
 def time_launch(fn) -> float:
     """Median ms per call, L2 flushed before each."""
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
