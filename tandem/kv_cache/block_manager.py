@@ -39,7 +39,8 @@ from tandem.request import Request
 
 def hash_block_tokens(parent_hash: int | None, tokens: Sequence[int]) -> int:
     """The chained hash of one full block (see the module docstring); stable everywhere."""
-    return hash_blocks(parent_hash, tokens, len(tokens))[0]
+    digest = hashlib.sha256(_parent_bytes(parent_hash) + _packed(tokens)).digest()
+    return int.from_bytes(digest, "little")
 
 
 def hash_blocks(parent_hash: int | None, tokens: Sequence[int], block_size: int
@@ -47,17 +48,27 @@ def hash_blocks(parent_hash: int | None, tokens: Sequence[int], block_size: int
     """The chained hashes of the full blocks of `tokens` (block 0 chained to parent_hash),
     each equal to hash_block_tokens of that block: the tokens are packed once, so an 8k
     prompt's 512 blocks cost ~1 ms rather than ~10."""
-    packed = array("q", tokens)  # int64 on every platform CPython supports
-    if sys.byteorder != "little":
-        packed.byteswap()
-    data = memoryview(packed).cast("B")
-    step = 8 * block_size
-    parent = b"" if parent_hash is None else parent_hash.to_bytes(32, "little")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    data, step = _packed(tokens), 8 * block_size
+    parent = _parent_bytes(parent_hash)
     hashes: list[int] = []
     for start in range(0, len(data) - step + 1, step):
         parent = hashlib.sha256(parent + data[start:start + step]).digest()
         hashes.append(int.from_bytes(parent, "little"))
     return hashes
+
+
+def _parent_bytes(parent_hash: int | None) -> bytes:
+    return b"" if parent_hash is None else parent_hash.to_bytes(32, "little")
+
+
+def _packed(tokens: Sequence[int]) -> memoryview:
+    """The tokens as little-endian int64 bytes (int64 on every platform CPython supports)."""
+    packed = array("q", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return memoryview(packed).cast("B")
 
 
 class KVCacheManager:

@@ -147,6 +147,19 @@ def test_fresh_prefill_tensor_descriptors(dtype, head_dim, group) -> None:
     fresh_cache = torch.zeros_like(cache)  # the reference reads K/V from a cache
     reference.write_kv(key, value, fresh_cache, meta.slot_mapping)
     check(outs[0], query, fresh_cache, meta, head_dim ** -0.5, dtype)
+    # Prompt 0's last tiles read prompt 1's rows: non-finite K/V there must not reach it
+    qkv[131:133, heads:heads + 2] = float("inf")
+    qkv[131:133, heads + 2:] = float("nan")
+    poisoned = torch.full_like(query, float("nan"))
+    prefill_attention(query, cache, poisoned, meta.query_start_loc, meta.seq_lens,
+                      meta.block_tables, head_dim ** -0.5, max_query_len=300, key=key,
+                      value=value, tma=True)
+    others = torch.ones(t, dtype=torch.bool, device=DEVICE)
+    others[131:133] = False
+    assert torch.equal(poisoned[others], outs[0][others])
+    with pytest.raises(ValueError, match="fresh"):  # tma on a paged (non-fresh) batch
+        prefill_attention(query, cache, poisoned, meta.query_start_loc, meta.seq_lens,
+                          meta.block_tables, head_dim ** -0.5, max_query_len=300, tma=True)
 
 
 def test_float32() -> None:

@@ -197,3 +197,18 @@ def test_bulk_block_hashes_equal_the_chained_definition():
     kv = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
     assert kv.prompt_block_hashes(tokens[:21]) == expected  # lookups stop before the last token
     assert kv.prompt_block_hashes(tokens[:20]) == expected[:4]
+
+
+def test_hash_of_an_empty_block_and_bad_block_sizes():
+    import hashlib
+
+    import pytest
+
+    from tandem.kv_cache.block_manager import hash_block_tokens, hash_blocks
+    assert hash_block_tokens(None, []) == int.from_bytes(hashlib.sha256(b"").digest(), "little")
+    assert hash_block_tokens(5, []) == int.from_bytes(
+        hashlib.sha256((5).to_bytes(32, "little")).digest(), "little")
+    assert hash_blocks(None, [1, 2, 3], 4) == []  # no full block
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match="block_size"):
+            hash_blocks(None, [1, 2, 3, 4], bad)

@@ -22,7 +22,9 @@ so on Hopper (TMA), in eager steps, the Q, K and V tiles come through tensor des
 the copy engine fetches each (rows, head_dim) box with no address arithmetic in the program
 (H200, bf16: one 8192-token prompt 1.124 -> 1.070 ms a layer, two of 4096 0.637 -> 0.574;
 scripts/bench_prefill_tma.py). A box may run past the chunk into the next one's rows (or
-zeros past the last row): those keys are masked and those query rows are not stored.
+zeros past the last row): those keys are masked, their V rows zeroed (a non-finite value
+in another request must not reach this one), and those query rows are not stored. Opt-in
+(TANDEM_PREFILL_TMA=1) until that isolation is checked on a GPU.
 """
 
 from __future__ import annotations
@@ -160,9 +162,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
             v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
             s = tl.dot(q, tl.trans(k)) * row_scale[:, None]
         else:
-            if TMA:  # keys past seq_len: the next chunk's rows (finite) or zeros, masked
+            if TMA:  # past seq_len: the next chunk's rows (or zeros). Their scores are
+                # masked below and their V rows zeroed here: 0 * inf is NaN, and another
+                # request's non-finite value must not reach this one
                 k = k_ptr.load([q_start + n0, kvh * HEAD_DIM])
                 v = v_ptr.load([q_start + n0, kvh * HEAD_DIM])
+                v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
             elif FP8:  # masked rows read as 0: no NaN from stale bytes
                 k = load_e4m3(k_base + idx[:, None] * stride_kt, key_ok[:, None])
                 v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
@@ -227,8 +232,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     max_query_len: a host bound on the chunks' query_len; it sizes the grid only.
     fp8_qk: with an FP8 cache, Q K^T in e4m3 on FP8 tensor cores (Q scaled a row at a
     time); default `reference.attention.fp8_prefill_query`, the spec's rule.
-    tma: fetch a fresh batch's tiles through tensor descriptors (default: where `tma_fits`,
-    outside CUDA graph capture; TANDEM_PREFILL_TMA=0 never).
+    tma: fetch a fresh batch's tiles through tensor descriptors (default: with
+    TANDEM_PREFILL_TMA=1, where `tma_fits`, outside CUDA graph capture).
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -255,6 +260,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     if tma is None:  # not while a CUDA graph is captured (short prefills): unmeasured there
         tma = (fresh and envs.prefill_tma() and tma_fits(query, k_src, v_src)
                and not torch.cuda.is_current_stream_capturing())
+    elif tma and not (fresh and tma_fits(query, k_src, v_src)):
+        raise ValueError("tma=True needs a fresh batch (key and value given) that tma_fits")
     srcs = (query, k_src, v_src)
     if tma:
         srcs = (_rows_of_heads(query, block_m), _rows_of_heads(k_src, block_n),
@@ -293,7 +300,8 @@ def tma_fits(*tensors: torch.Tensor) -> bool:
                          else torch.cuda.current_device())):
         return False
     return all(x.dtype == t.dtype and x.stride(2) == 1 and x.stride(1) == x.shape[2]
-               and (x.stride(0) * 2) % 16 == 0 and x.data_ptr() % 16 == 0 for x in tensors)
+               and x.stride(0) >= x.shape[1] * x.shape[2] and (x.stride(0) * 2) % 16 == 0
+               and x.data_ptr() % 16 == 0 for x in tensors)
 
 
 @functools.lru_cache(maxsize=None)
