@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from tandem.bench.timing import per_call_s as timed
+
 N = 8192
 FLOPS = 2 * N ** 3
 
@@ -38,17 +40,6 @@ def smi() -> str:
                               timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "n/a"
-
-
-def timed(fn, reps: int) -> float:
-    """Seconds per call of `reps` back-to-back calls, CUDA events."""
-    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
 
 
 def main() -> None:

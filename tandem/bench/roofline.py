@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.bench.timing import per_call_s
+
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
@@ -231,19 +233,7 @@ def measure(device: torch.device, dtype: torch.dtype) -> Rates:
         times: list[float] = []
         t0 = time.perf_counter()
         while len(times) < least or time.perf_counter() - t0 < window_s:
-            if cuda:
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
-                for _ in range(reps):
-                    fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3 / reps)
-            else:
-                t = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                times.append((time.perf_counter() - t) / reps)
+            times.append(per_call_s(fn, reps, cuda))
         return times
 
     mm = [2 * n**3 / t for t in repeats(lambda: torch.mm(a, b), 10 if cuda else 1)]

@@ -5,6 +5,7 @@ step under CUDA graphs pays)."""
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,3 +42,20 @@ def replay_us(graph: torch.cuda.CUDAGraph, replays: int = 1) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / replays
+
+
+def per_call_s(fn: Callable[[], Any], reps: int = 1, cuda: bool = True) -> float:
+    """Seconds per call of `reps` calls back to back: CUDA events around them (cuda), else
+    the host clock."""
+    if not cuda:
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
