@@ -11,9 +11,9 @@
     TANDEM_NORM_CHAIN     whether batch-1 decode carries its RMSNorms in the matmuls around
                           them instead of launching them (models/norm_chain.py): "quantized"
                           (the default: int8/int4 weights only), "all", or "0" (never)
-    TANDEM_PREFILL_TMA    "1": fresh prompts' prefill attention fetches its tiles through
-                          Hopper tensor descriptors (kernels/triton/prefill.py; opt-in until
-                          its isolation fix has run on a GPU), "0" (default): pointer loads
+    TANDEM_PREFILL_TMA    "0": fresh prompts' prefill attention loads its tiles by pointer
+                          instead of through Hopper tensor descriptors (the default "1";
+                          kernels/triton/prefill.py), for A/B runs
     TANDEM_DECODE_ROTARY  "0": decode steps launch rotary + K/V write apart from attention
                           (the default "1" does all three in the decode kernel on Triton)
     TANDEM_DECODE_MIN_PART for tuning runs: the shortest split-K partition of the decode
@@ -73,7 +73,7 @@ def norm_chain_mode() -> str:
 
 
 def prefill_tma() -> bool:
-    return os.environ.get("TANDEM_PREFILL_TMA", "0") == "1"
+    return os.environ.get("TANDEM_PREFILL_TMA", "1") != "0"
 
 
 def decode_rotary_fused() -> bool:

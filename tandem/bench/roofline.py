@@ -183,14 +183,21 @@ def workload_bytes(shape: ModelShape, w: Workload) -> float:
     return total
 
 
+BURSTS = 12  # GPU repeats after the back-to-back window
+BURST_IDLE_S = 0.05  # idle before each: long enough for the clock to leave the power limit
+
+
 @dataclass(frozen=True, slots=True)
 class Rates:
-    """The two ceilings: the best of many timed repeats (each `reps` back-to-back ops) run
-    without pause for at least `window_s`. The window covers both clock states a fraction
-    could be flattered by: the first repeats run before a long load pulls the clocks down
-    (power, heat: an H200's sustained bf16 matmul rate measured ~15% under its first
-    repeats'), the later ones after an idle GPU's clocks have ramped up. The best of all is
-    the ceiling, so a fraction computed with it is never too high. On CPU in float32 the
+    """The two ceilings: the best of many timed repeats (each `reps` back-to-back ops), run
+    without pause for at least `window_s` and then as short bursts with an idle gap before
+    each (GPU). The window ramps an idle GPU's clocks up; a long load then pulls them down to
+    the power limit (an H200 at 700 W: ~667 TFLOP/s of back-to-back 8192^3 bf16 matmuls
+    after the first 100 ms, against ~790 at 1,980 MHz). A benchmark run ends in either state,
+    so the bursts, each after BURST_IDLE_S without work, read the unthrottled clock: 10
+    matmuls after 50 ms idle ran at 788-792 TFLOP/s (scripts/diag_matmul_clock.py,
+    bench/results/2026-12-02-h200-sixteenth-ee042ad). The best of all is the ceiling, so a
+    fraction computed with it is never too high. On CPU in float32 the
     engine's own matmul (layers/cpu_gemm.py) is timed besides torch.mm, and the faster
     one sets the ceiling: torch.mm reaches less than half of it on the AVX-512 box."""
 
@@ -203,11 +210,14 @@ class Rates:
     copy_bytes: int  # one copy's size (each copy moves twice this)
     window_s: float  # least seconds of each op timed, repeat after repeat
     matmul_ops: tuple[str, ...] = ("torch.mm",)  # the matmuls timed; the fastest counts
+    bursts: int = 0  # repeats after the window, each after burst_idle_s without work
+    burst_idle_s: float = 0.0
 
     def record(self) -> dict:
         """The JSON form benchmarks store under "rates"."""
         return {"method": f"best repeat of >= {self.window_s:g} s of each op timed back to "
-                          "back (repeats: first, median, last)",
+                          f"back, then {self.bursts} after {self.burst_idle_s:g} s idle each "
+                          "(repeats: first, median, last)",
                 **dataclasses.asdict(self)}
 
 
@@ -224,15 +234,20 @@ def measure(device: torch.device, dtype: torch.dtype) -> Rates:
     dst = torch.empty_like(src)
     window_s = 1.0 if cuda else 0.0
     least = 5 if cuda else 3
+    bursts, idle_s = (BURSTS, BURST_IDLE_S) if cuda else (0, 0.0)
 
     def repeats(fn, reps: int) -> list[float]:
-        """Seconds per op of each repeat, timed back to back for window_s (least repeats)."""
+        """Seconds per op of each repeat: timed back to back for window_s (least repeats),
+        then `bursts` more, each after idle_s without work."""
         fn()  # compilation, handles: untimed
         if cuda:
             torch.cuda.synchronize(device)
         times: list[float] = []
         t0 = time.perf_counter()
         while len(times) < least or time.perf_counter() - t0 < window_s:
+            times.append(per_call_s(fn, reps, cuda))
+        for _ in range(bursts):
+            time.sleep(idle_s)
             times.append(per_call_s(fn, reps, cuda))
         return times
 
@@ -251,7 +266,7 @@ def measure(device: torch.device, dtype: torch.dtype) -> Rates:
         return r[0], sorted(r)[len(r) // 2], r[-1]
 
     return Rates(max(mm), max(cp), summary(mm), summary(cp), (len(mm), len(cp)), n, size,
-                 window_s, ops)
+                 window_s, ops, bursts, idle_s)
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:

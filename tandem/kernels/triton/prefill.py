@@ -23,8 +23,10 @@ the copy engine fetches each (rows, head_dim) box with no address arithmetic in 
 (H200, bf16: one 8192-token prompt 1.124 -> 1.070 ms a layer, two of 4096 0.637 -> 0.574;
 scripts/bench_prefill_tma.py). A box may run past the chunk into the next one's rows (or
 zeros past the last row): those keys are masked, their V rows zeroed (a non-finite value
-in another request must not reach this one), and those query rows are not stored. Opt-in
-(TANDEM_PREFILL_TMA=1) until that isolation is checked on a GPU.
+in another request must not reach this one), and those query rows are not stored
+(tests/kernels/test_triton_attention.py poisons a neighbour; it and the engine GPU tests, 53,
+passed on an H200 at ee042ad).
+TANDEM_PREFILL_TMA=0 turns it off.
 """
 
 from __future__ import annotations
@@ -232,8 +234,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     max_query_len: a host bound on the chunks' query_len; it sizes the grid only.
     fp8_qk: with an FP8 cache, Q K^T in e4m3 on FP8 tensor cores (Q scaled a row at a
     time); default `reference.attention.fp8_prefill_query`, the spec's rule.
-    tma: fetch a fresh batch's tiles through tensor descriptors (default: with
-    TANDEM_PREFILL_TMA=1, where `tma_fits`, outside CUDA graph capture).
+    tma: fetch a fresh batch's tiles through tensor descriptors (default: where
+    `tma_fits`, outside CUDA graph capture, unless TANDEM_PREFILL_TMA=0).
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
