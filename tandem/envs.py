@@ -23,10 +23,6 @@
                           launch (kernels/triton/moe_one.py), "0" always two
     TANDEM_MOE_ONE_CONFIG for tuning runs: that launch's tiles
                           "BN1,BK1,BN2,BK2,num_warps,num_stages" instead of its defaults
-    TANDEM_FP8_CAST_DECODE how the one-row FP8 GEMV turns e4m3 weights into float32
-                          (kernels/triton/quant_gemm.py, _gemv_float_kernel's DECODE): "0"
-                          cvt, "1" shifts and masks, "2" prmt; for A/B runs (default: the
-                          module's FP8_CAST_DECODE)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -78,15 +74,6 @@ def norm_chain_mode() -> str:
 
 def prefill_tma() -> bool:
     return os.environ.get("TANDEM_PREFILL_TMA", "1") != "0"
-
-
-def fp8_cast_decode(default: int) -> int:
-    value = os.environ.get("TANDEM_FP8_CAST_DECODE")
-    if value is None or value == "":
-        return default
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"TANDEM_FP8_CAST_DECODE={value!r}: use 0, 1 or 2")
-    return int(value)
 
 
 def decode_rotary_fused() -> bool:

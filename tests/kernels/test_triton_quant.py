@@ -116,38 +116,6 @@ def _check_fp8_dot(x, wq, ws, b, config=None):
     torch.testing.assert_close(fused.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("decode", [1, 2])
-def test_fp8_cast_gemv_bit_decoding(decode):
-    """The cast kernel's integer decodings of e4m3 (shifts; prmt) against its cvt one: every
-    code (the subnormals and both zeros included, NaN left out) through a weight with one
-    code a column and unit scales, then Llama-like rows with bias, x quantized in the kernel
-    or not, in bf16 and fp16: the same products, summed in another order."""
-    from tandem.kernels.triton import quant_gemm
-    codes = torch.arange(256, device="cuda", dtype=torch.int32).to(torch.uint8)
-    codes = codes[~torch.isnan(codes.view(torch.float8_e4m3fn).float())]
-    wq = codes.view(torch.float8_e4m3fn).repeat(512 // codes.numel() + 1)[:512][None, :]
-    wq = wq.repeat(16, 1).contiguous()  # (16, 512): every code at some column
-    ws = torch.ones(16, device="cuda")
-    for col in range(0, 512, 64):  # x one-hot on 64 columns at a time: each code alone
-        x = torch.zeros(64, 512, device="cuda", dtype=torch.bfloat16)
-        x[torch.arange(64), col + torch.arange(64)] = 1.0
-        for row in range(64):
-            out = quant_gemm.fp8_cast_gemv(x[row:row + 1], None, wq, ws, None, torch.float32,
-                                           (16, 512, 4, decode))
-            want = wq[:, col + row].float()
-            assert torch.equal(out[0], want), (col + row, out[0, 0].item(), want[0].item())
-    for dtype in (torch.bfloat16, torch.float16):
-        for n, k, cfg in [(6144, 4096, (16, 512, 4)), (4096, 14336, (16, 1024, 8)),
-                          (300, 1024, (8, 1024, 4))]:
-            x, wq, ws, b = _fp8_case(1, n, k, dtype, True)
-            for quantize_x in (False, True):
-                ref = quant_gemm.fp8_cast_gemv(x, None, wq, ws, b, torch.float32, (*cfg, 0),
-                                               quantize_x=quantize_x)
-                out = quant_gemm.fp8_cast_gemv(x, None, wq, ws, b, torch.float32,
-                                               (*cfg, decode), quantize_x=quantize_x)
-                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-
-
 @pytest.mark.parametrize("m", range(1, 9))
 @pytest.mark.parametrize("n,k", [(100, 300), (130, 2100), (64, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

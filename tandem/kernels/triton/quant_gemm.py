@@ -47,7 +47,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem import envs
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
 from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
 from tandem.kernels.triton.fp8_gemv import e4m3_scale, fp8_dot_gemv, to_e4m3
@@ -178,71 +177,14 @@ def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
-def _e4m3_bits(w, I: tl.constexpr, DECODE: tl.constexpr):
-    """Byte I of each int32 word w, an e4m3 code, as the float32 of its value times 2^-120,
-    with no conversion instruction: the code's 7 exponent-mantissa bits moved to float32
-    bits 20-26 and its sign to bit 31. e4m3's exponent bias is 7 and float32's 127, so every
-    value, subnormals included (they land on float32 subnormals), scales by exactly 2^-120;
-    the NaN codes, which the quantizer never writes, decode to finite values.
-    DECODE 1: shifts and masks (4 integer operations); 2: PTX prmt (byte I into byte 2 and
-    its sign replicated into byte 3), a shift and a mask (3)."""
-    if DECODE == 2:
-        if I == 0:
-            bits = tl.inline_asm_elementwise(
-                "{ prmt.b32 $0, $1, 0, 0x8044; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F00000; }",
-                "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
-        elif I == 1:
-            bits = tl.inline_asm_elementwise(
-                "{ prmt.b32 $0, $1, 0, 0x9144; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F00000; }",
-                "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
-        elif I == 2:
-            bits = tl.inline_asm_elementwise(
-                "{ prmt.b32 $0, $1, 0, 0xA244; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F00000; }",
-                "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            bits = tl.inline_asm_elementwise(
-                "{ prmt.b32 $0, $1, 0, 0xB344; shl.b32 $0, $0, 4; and.b32 $0, $0, 0x87F00000; }",
-                "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        v = w << (24 - 8 * I) if I < 3 else w  # the code in bits 24-31
-        bits = (v & -0x80000000) | ((v >> 4) & 0x07F00000)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _bits_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_K: tl.constexpr,
-               DECODE: tl.constexpr):
-    """(BLOCK_N, BLOCK_K / 4) partial sums of a tile of words w (4 e4m3 codes each) against
-    x[k0, k0 + BLOCK_K), in units of 2^-20: (c 2^-120)(x 2^100), both factors normal floats
-    for x quantized to e4m3, or half-precision x of magnitude 2^-40 to 2^27 (products of
-    smaller x lose bits as float32 subnormals; larger overflow, as the int GEMV's do)."""
-    KW: tl.constexpr = BLOCK_K // 4
-    x = tl.load(x_ptr + k0 + tl.arange(0, KW)[:, None] * 4 + tl.arange(0, 4)[None, :])
-    if QUANT_X:
-        x = to_e4m3(x, x_inv)
-    x = x.to(tl.float32) * (2.0 ** 100)  # (KW, 4): x[4 j + i] at (j, i)
-    a, b = tl.split(tl.reshape(x, [KW, 2, 2]))  # a: bytes 0 and 2, b: 1 and 3
-    x0, x2 = tl.split(a)
-    x1, x3 = tl.split(b)
-    acc = _e4m3_bits(w, 0, DECODE) * x0[None, :]
-    acc += _e4m3_bits(w, 1, DECODE) * x1[None, :]
-    acc += _e4m3_bits(w, 2, DECODE) * x2[None, :]
-    acc += _e4m3_bits(w, 3, DECODE) * x3[None, :]
-    return acc
-
-
-@triton.jit
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DECODE: tl.constexpr,
-                       PDL: tl.constexpr):
-    """fp8 weights (per-channel scales) turned into float32 in the loop. DECODE 0: cast
-    (e4m3 converts in pairs, cvt to f16x2, then to float32; the conversion unit's 16
-    lanes/clk/SM cap it near 2.8 TB/s); 1, 2: w_ptr is the weight's int32 view, each word's
-    four codes placed in float32 bits by integer operations (_e4m3_bits, _bits_tile).
-    QUANT_X: x is half precision and each program quantizes its row to e4m3 itself, with the
-    same arithmetic as _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2),
-    instead of a separate kernel per linear."""
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
+    (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep. QUANT_X: x is half
+    precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
+    _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2), instead of a separate
+    kernel per linear."""
     if PDL:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -250,15 +192,10 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)
+    rows = w_ptr + n.to(tl.int64)[:, None] * K
     x_row = x_ptr + m * stride_xm
     # rows past N are masked (no `other`: 0 cannot cast to fp8); never stored
-    if DECODE == 0:
-        rows = w_ptr + n.to(tl.int64)[:, None] * K
-        tile = k
-    else:
-        rows = w_ptr + n.to(tl.int64)[:, None] * (K // 4)
-        tile = tl.arange(0, BLOCK_K // 4)
-    w = tl.load(rows + tile[None, :], mask=n_ok[:, None])  # the first tile, ahead of the wait
+    w = tl.load(rows + k[None, :], mask=n_ok[:, None])  # the first tile, ahead of the wait
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
@@ -268,19 +205,11 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         for k0 in range(0, K, BLOCK_K):
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
         x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
-    if DECODE == 0:
-        acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w = tl.load(rows + k0 + tile[None, :], mask=n_ok[:, None])
-            acc += _float_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_K)
-        y = tl.sum(acc, 1)
-    else:
-        acc = _bits_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K, DECODE)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w = tl.load(rows + k0 // 4 + tile[None, :], mask=n_ok[:, None])
-            acc += _bits_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_K, DECODE)
-        y = tl.sum(acc, 1) * (2.0 ** 20)
-    y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
+    acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
+        acc += _float_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_K)
+    y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
     if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
         y *= tl.load(xs_ptr + m)
     if QUANT_X:
@@ -431,10 +360,6 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
     return block_n, block_kw, warps
 
 
-# fp8_cast_gemv's weight decoding (_gemv_float_kernel's DECODE): 0 cvt, 1 shifts, 2 prmt
-FP8_CAST_DECODE = envs.fp8_cast_decode(0)
-
-
 def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for fp8_cast_gemv, from the H200 sweeps (the second,
     gemv-sweep-fp8-9b069df.log: gate_up 33.4 us at (16, 512, 4) against 34.9, down 18.2 at
@@ -556,21 +481,18 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
                   w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                   config: tuple[int, int, int] | None = None,
                   quantize_x: bool = False) -> torch.Tensor:
-    """fp8_gemv on CUDA cores, each weight turned into a float32 (K a multiple of BLOCK_K).
-    config (BLOCK_N, BLOCK_K, num_warps[, decode]): fp8_gemv_config by default; decode is
-    _gemv_float_kernel's DECODE (FP8_CAST_DECODE when left out)."""
+    """fp8_gemv on CUDA cores, each weight cast to float32 (K a multiple of BLOCK_K). config
+    (BLOCK_N, BLOCK_K, num_warps): fp8_gemv_config by default."""
     m, k = xq.shape
     n = wq.shape[0]
-    block_n, block_k, warps, *rest = config or fp8_gemv_config(n, k)
-    decode = rest[0] if rest else FP8_CAST_DECODE
+    block_n, block_k, warps = config or fp8_gemv_config(n, k)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    w = wq if decode == 0 else wq.contiguous().view(torch.int32)  # (N, K / 4): 4 codes a word
     _gemv_float_kernel[(triton.cdiv(n, block_n), m)](
-        xq, w, w_scale, bias if bias is not None else w_scale, y,
+        xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
         **launch_options(xq), BLOCK_N=block_n,
-        BLOCK_K=block_k, DECODE=decode, num_warps=warps, num_stages=1)
+        BLOCK_K=block_k, num_warps=warps, num_stages=1)
     return y
 
 
