@@ -26,6 +26,7 @@ Usage, from the repository root on an H200 (the commit in the file names):
     tail -n 1 bench/results/<date>-h200-quant/gemv-sweep-<commit>.log > .../gemv-sweep.json
 
     --fp8-only   bf16 and the FP8 kernels only (skips the int4 / int8 sweeps and rows)
+    --cast-only  bf16 and fp8_cast only
     --dry        tiny shapes on CPU under TRITON_INTERPRET=1, to check the plumbing
 """
 
@@ -36,7 +37,8 @@ import os
 import sys
 
 DRY = "--dry" in sys.argv
-FP8_ONLY = "--fp8-only" in sys.argv
+FP8_ONLY = "--fp8-only" in sys.argv or "--cast-only" in sys.argv
+CAST_ONLY = "--cast-only" in sys.argv
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -56,7 +58,7 @@ if DRY:
     SHAPES = {"a": (48, 1024), "b": (24, 3584)}
     EXTRA_SHAPES = {"c": (200, 300)}
 HBM_TBPS = 4.8  # H200 HBM3e peak
-FP8_KINDS = ("fp8_cast", "fp8_dot", "fp8_dot_sep")
+FP8_KINDS = ("fp8_cast",) if CAST_ONLY else ("fp8_cast", "fp8_dot", "fp8_dot_sep")
 KINDS = FP8_KINDS if FP8_ONLY else ("int4", "int4_asym", "int8") + FP8_KINDS
 
 # int GEMV (BLOCK_N, BLOCK_KW, num_warps): 8 rows x one 16-byte quad a thread, fewer / more
@@ -64,6 +66,9 @@ KINDS = FP8_KINDS if FP8_ONLY else ("int4", "int4_asym", "int8") + FP8_KINDS
 INT_CONFIGS = [(8, 512, 4), (8, 512, 2), (8, 256, 2), (8, 256, 1), (8, 128, 1), (4, 512, 4),
                (4, 256, 2), (4, 256, 1), (4, 128, 1), (16, 256, 2), (16, 256, 4)]
 FP8_CONFIGS = [(16, 512, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 8), (8, 1024, 4), (16, 256, 4)]
+# and each with fp16 products and sums of eight (the config's fourth field: quant_gemm._half_tile)
+FP8_CONFIGS = ([(*c, False) for c in FP8_CONFIGS] + [(*c, True) for c in FP8_CONFIGS]
+               + [(32, 1024, 8, True), (16, 2048, 8, True), (32, 512, 8, True)])
 # fp8_dot tiles (block_n, block_k, num_warps, num_stages), each at every split_k that keeps
 # the programs within ~4 an SM and >= 2 tiles a split; shared memory 70-140 KB
 DOT_TILES = [(64, 256, 4, 4), (64, 256, 4, 3), (64, 128, 4, 6), (64, 512, 4, 3),
@@ -300,10 +305,12 @@ def main() -> None:
     print("per layer (qkv + o + gate_up + down): "
           + ", ".join(f"{key} {us:.1f} us {layer_tbps[key]:.2f} TB/s ({layer['bf16'] / us:.2f}x)"
                       for key, us in layer.items()))
-    print("fp8_dot best config per shape (for fp8_dot_gemv_config): "
-          + ", ".join(f"{s} {rows[s]['fp8_dot']['best_cfg']} ({rows[s]['fp8_dot']['best_us']:.1f}"
-                      f" us, default {rows[s]['fp8_dot']['default_us']:.1f})"
-                      for s in shapes if "fp8_dot" in rows[s]))
+    if not CAST_ONLY:
+        print("fp8_dot best config per shape (for fp8_dot_gemv_config): "
+              + ", ".join(f"{s} {rows[s]['fp8_dot']['best_cfg']} "
+                          f"({rows[s]['fp8_dot']['best_us']:.1f} us, default "
+                          f"{rows[s]['fp8_dot']['default_us']:.1f})"
+                          for s in shapes if "fp8_dot" in rows[s]))
     fp8_m = fp8_rows()
     print("fp8 at M rows, default configs: " + ", ".join(
         f"{m} " + "/".join(f"{rec[q]:.1f}" for q in FP8_KINDS) for m, rec in fp8_m.items())

@@ -116,6 +116,27 @@ def _check_fp8_dot(x, wq, ws, b, config=None):
     torch.testing.assert_close(fused.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
 
 
+def test_fp8_cast_gemv_half_products():
+    """W8A8 with fp16 products and sums of eight (_half_tile) against the float32 path of the
+    same kernel and against the exact product of the same e4m3 values, x e4m3 from the
+    reference quantizer or quantized in the kernel, with a bias; weight-only is refused."""
+    from tandem.kernels.triton import quant_gemm
+    for n, k, cfg in [(6144, 4096, (16, 512, 4)), (4096, 14336, (16, 1024, 8)),
+                      (28672, 4096, (16, 512, 4)), (300, 1024, (8, 1024, 4))]:
+        x, wq, ws, b = _fp8_case(1, n, k, torch.bfloat16, True)
+        xq, xs = quant.quantize_fp8(x.float())
+        exact = (xq.float() * xs[:, None]) @ (wq.float() * ws[:, None]).t() + b.float()
+        for args, kw in [((xq, xs), {}), ((x, None), {"quantize_x": True})]:
+            f32 = quant_gemm.fp8_cast_gemv(*args, wq, ws, b, torch.float32, (*cfg, False), **kw)
+            f16 = quant_gemm.fp8_cast_gemv(*args, wq, ws, b, torch.float32, (*cfg, True), **kw)
+            scale = exact.abs().max().item()
+            torch.testing.assert_close(f16, f32, rtol=0, atol=2e-3 * scale)
+            if not kw:  # the same e4m3 x as `exact`
+                torch.testing.assert_close(f16, exact, rtol=0, atol=2e-3 * scale)
+    with pytest.raises(ValueError, match="W8A8"):
+        quant_gemm.fp8_cast_gemv(x, None, wq, ws, b, torch.bfloat16, (8, 1024, 4, True))
+
+
 @pytest.mark.parametrize("m", range(1, 9))
 @pytest.mark.parametrize("n,k", [(100, 300), (130, 2100), (64, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

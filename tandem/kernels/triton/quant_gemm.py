@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem import envs
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
 from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
 from tandem.kernels.triton.fp8_gemv import e4m3_scale, fp8_dot_gemv, to_e4m3
@@ -177,11 +178,31 @@ def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
+def _half_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K / 8) sums of eight products each, formed and summed in fp16, then
+    float32, in units of 2^-8: W8A8 only (x e4m3, or quantized to it here). e4m3 values are
+    exact in fp16, and so is their product (4 significant bits each), x scaled by 2^-8 keeps
+    every product within [2^-26, 2^9.6] and a sum of eight below 2^12.6 (fp16 stops at 2^16);
+    products under 2^-14 round to fp16's subnormal step, 2^-24. An fp16 sum of eight rounds at
+    2^-11 of itself, finer than the e4m3 steps of x and w (2^-4)."""
+    x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
+    if QUANT_X:
+        x = to_e4m3(x, x_inv)
+    x = (x.to(tl.float32) * (2.0 ** -8)).to(tl.float16)
+    p = w.to(tl.float16) * x[None, :]
+    return tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // 8, 8]), 2).to(tl.float32)
+
+
+@triton.jit
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """fp8 weights (per-channel scales), cast to float32 in the loop: e4m3 converts in pairs
-    (cvt to f16x2), no I2F; the fastest 8-bit path of the I2F-era sweep. QUANT_X: x is half
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
+                       PDL: tl.constexpr):
+    """fp8 weights (per-channel scales), cast in the loop: e4m3 converts in pairs (cvt to
+    f16x2), no I2F. Each weight then goes to float32 (a second conversion a weight: the
+    conversion unit's 16 lanes/clk/SM cap that near 2.8 TB/s), or, HALF (W8A8 only),
+    stays fp16 for its product and a sum of eight (_half_tile). QUANT_X: x is half
     precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
     _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2), instead of a separate
     kernel per linear."""
@@ -205,11 +226,19 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         for k0 in range(0, K, BLOCK_K):
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
         x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
-    acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
-        acc += _float_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_K)
-    y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
+    if HALF:
+        acc = _half_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_N, BLOCK_K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
+            acc += _half_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_N, BLOCK_K)
+        y = tl.sum(acc, 1) * 256.0
+    else:
+        acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
+            acc += _float_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_K)
+        y = tl.sum(acc, 1)
+    y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
     if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
         y *= tl.load(xs_ptr + m)
     if QUANT_X:
@@ -360,6 +389,10 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
     return block_n, block_kw, warps
 
 
+# W8A8 in fp8_cast_gemv: fp16 products and sums of eight (_half_tile) instead of float32
+FP8_CAST_HALF = envs.fp8_cast_half()
+
+
 def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for fp8_cast_gemv, from the H200 sweeps (the second,
     gemv-sweep-fp8-9b069df.log: gate_up 33.4 us at (16, 512, 4) against 34.9, down 18.2 at
@@ -481,18 +514,23 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
                   w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                   config: tuple[int, int, int] | None = None,
                   quantize_x: bool = False) -> torch.Tensor:
-    """fp8_gemv on CUDA cores, each weight cast to float32 (K a multiple of BLOCK_K). config
-    (BLOCK_N, BLOCK_K, num_warps): fp8_gemv_config by default."""
+    """fp8_gemv on CUDA cores, each weight cast (K a multiple of BLOCK_K). config (BLOCK_N,
+    BLOCK_K, num_warps[, half]): fp8_gemv_config by default; half (W8A8 only; default
+    FP8_CAST_HALF there): products and sums of eight in fp16 (_half_tile)."""
     m, k = xq.shape
     n = wq.shape[0]
-    block_n, block_k, warps = config or fp8_gemv_config(n, k)
+    block_n, block_k, warps, *rest = config or fp8_gemv_config(n, k)
+    w8a8 = quantize_x or x_scale is not None
+    half = bool(rest[0]) if rest else FP8_CAST_HALF and w8a8
+    if half and not w8a8:
+        raise ValueError("fp8_cast_gemv: fp16 products need x in e4m3 (W8A8)")
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     _gemv_float_kernel[(triton.cdiv(n, block_n), m)](
         xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
         **launch_options(xq), BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=1)
+        BLOCK_K=block_k, HALF=half, num_warps=warps, num_stages=1)
     return y
 
 
