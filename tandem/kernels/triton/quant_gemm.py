@@ -393,10 +393,18 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
 FP8_CAST_HALF = envs.fp8_cast_half()
 
 
-def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int]:
+def fp8_gemv_config(n: int, k: int, half: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for fp8_cast_gemv, from the H200 sweeps (the second,
     gemv-sweep-fp8-9b069df.log: gate_up 33.4 us at (16, 512, 4) against 34.9, down 18.2 at
-    (16, 1024, 8) against 19.0)."""
+    (16, 1024, 8) against 19.0). half (fp16 products): bench/results/
+    2026-12-02-h200-fp8-half-c90bf4a/gemv-sweep.log, qkv 8.93 us at (16, 1024, 8), o 5.99
+    and down 16.40 at (16, 2048, 8), gate_up 29.07 and lm_head 116.46 at (16, 512, 4)."""
+    if half:
+        if n >= 16384 or k % 1024:
+            return 16, 512, 4
+        if n > k or k % 2048:
+            return 16, 1024, 8
+        return 16, 2048, 8
     if n >= 65536:
         return 16, 256, 4
     if n >= 16384:
@@ -487,8 +495,8 @@ DOT_MIN_N_ONE_ROW = 65536  # one row: the dot kernel only for matrices this wide
 
 
 def _use_dot(rows: int, n: int) -> bool:
-    if FP8_DECODE == "auto":
-        return rows > 1 or n >= DOT_MIN_N_ONE_ROW
+    if FP8_DECODE == "auto":  # with fp16 products the cast kernel wins the widest too
+        return rows > 1 or (n >= DOT_MIN_N_ONE_ROW and not FP8_CAST_HALF)
     return FP8_DECODE == "dot"
 
 
@@ -519,8 +527,8 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
     FP8_CAST_HALF there): products and sums of eight in fp16 (_half_tile)."""
     m, k = xq.shape
     n = wq.shape[0]
-    block_n, block_k, warps, *rest = config or fp8_gemv_config(n, k)
     w8a8 = quantize_x or x_scale is not None
+    block_n, block_k, warps, *rest = config or fp8_gemv_config(n, k, FP8_CAST_HALF and w8a8)
     half = bool(rest[0]) if rest else FP8_CAST_HALF and w8a8
     if half and not w8a8:
         raise ValueError("fp8_cast_gemv: fp16 products need x in e4m3 (W8A8)")
