@@ -23,9 +23,10 @@
                           launch (kernels/triton/moe_one.py), "0" always two
     TANDEM_MOE_ONE_CONFIG for tuning runs: that launch's tiles
                           "BN1,BK1,BN2,BK2,num_warps,num_stages" instead of its defaults
-    TANDEM_FP8_CAST_HALF  "0": the one-row FP8 W8A8 GEMV forms its products in float32
-                          instead of fp16 products and sums of eight (the default "1";
-                          kernels/triton/quant_gemm.py, _half_tile), for A/B runs
+    TANDEM_FP8_CAST_HALF  "1": the one-row FP8 W8A8 GEMV forms its products and sums of
+                          eight in fp16 (kernels/triton/quant_gemm.py, _half_tile) with its
+                          own tiles, the LM head's row included; "0" (default) float32.
+                          Opt-in until a decode step has been timed with it on a GPU
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -80,7 +81,7 @@ def prefill_tma() -> bool:
 
 
 def fp8_cast_half() -> bool:
-    value = os.environ.get("TANDEM_FP8_CAST_HALF", "1")
+    value = os.environ.get("TANDEM_FP8_CAST_HALF", "0")
     if value not in ("0", "1"):
         raise ValueError(f"TANDEM_FP8_CAST_HALF={value!r}: use 0 or 1")
     return value == "1"
