@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One H200 (sixteenth session, issue 12): the one-row FP8 W8A8 GEMV with fp16 products and
-# sums of eight (quant_gemm._half_tile, TANDEM_FP8_CAST_HALF). Steps: its GPU tests, the cast
+# sums of eight (quant_gemm._float_tile, TANDEM_FP8_CAST_HALF). Steps: its GPU tests, the cast
 # kernel's sweep (scripts/bench_quant_gemv.py --cast-only), and batch-1 decode 512 in / 256
 # out, bf16 against FP8 with its head, half off and on. All inside DEADLINE seconds.
 # Usage: OUT=dir DEADLINE=360 bash bench/run_fp8_half_h200.sh [tests sweep latency]

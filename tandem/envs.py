@@ -24,7 +24,7 @@
     TANDEM_MOE_ONE_CONFIG for tuning runs: that launch's tiles
                           "BN1,BK1,BN2,BK2,num_warps,num_stages" instead of its defaults
     TANDEM_FP8_CAST_HALF  "1": the one-row FP8 W8A8 GEMV forms its products and sums of
-                          eight in fp16 (kernels/triton/quant_gemm.py, _half_tile) with its
+                          eight in fp16 (kernels/triton/quant_gemm.py, _float_tile) with its
                           own tiles, the LM head's row included; "0" (default) float32.
                           Opt-in until a decode step has been timed with it on a GPU
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds

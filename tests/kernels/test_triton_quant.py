@@ -117,7 +117,7 @@ def _check_fp8_dot(x, wq, ws, b, config=None):
 
 
 def test_fp8_cast_gemv_half_products():
-    """W8A8 with fp16 products and sums of eight (_half_tile) against the float32 path of the
+    """W8A8 with fp16 products and sums of eight (_float_tile with HALF) against the float32 path of the
     same kernel and against the exact product of the same e4m3 values, x e4m3 from the
     reference quantizer or quantized in the kernel, with a bias; weight-only is refused."""
     from tandem.kernels.triton import quant_gemm

@@ -170,28 +170,23 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
 
 
 @triton.jit
-def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_K: tl.constexpr):
+def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, HALF: tl.constexpr):
+    """A tile's products, float32: (BLOCK_N, BLOCK_K) each weight against its x, or, HALF
+    (W8A8 only: x e4m3, or quantized to it here), (BLOCK_N, BLOCK_K / 8) sums of eight
+    products formed and summed in fp16, in units of 2^-8. e4m3 values are exact in fp16, and
+    so is their product (4 significant bits each); x scaled by 2^-8 keeps every product
+    within [2^-26, 2^9.6] and a sum of eight below 2^12.6 (fp16 stops at 2^16); products
+    under 2^-14 round to fp16's subnormal step, 2^-24. An fp16 sum of eight rounds at 2^-11
+    of itself, finer than the e4m3 steps of x and w (2^-4)."""
     x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
     if QUANT_X:
         x = to_e4m3(x, x_inv)
+    if HALF:
+        x = (x.to(tl.float32) * (2.0 ** -8)).to(tl.float16)
+        p = w.to(tl.float16) * x[None, :]
+        return tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // 8, 8]), 2).to(tl.float32)
     return w.to(tl.float32) * x.to(tl.float32)[None, :]
-
-
-@triton.jit
-def _half_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K / 8) sums of eight products each, formed and summed in fp16, then
-    float32, in units of 2^-8: W8A8 only (x e4m3, or quantized to it here). e4m3 values are
-    exact in fp16, and so is their product (4 significant bits each), x scaled by 2^-8 keeps
-    every product within [2^-26, 2^9.6] and a sum of eight below 2^12.6 (fp16 stops at 2^16);
-    products under 2^-14 round to fp16's subnormal step, 2^-24. An fp16 sum of eight rounds at
-    2^-11 of itself, finer than the e4m3 steps of x and w (2^-4)."""
-    x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
-    if QUANT_X:
-        x = to_e4m3(x, x_inv)
-    x = (x.to(tl.float32) * (2.0 ** -8)).to(tl.float16)
-    p = w.to(tl.float16) * x[None, :]
-    return tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // 8, 8]), 2).to(tl.float32)
 
 
 @triton.jit
@@ -202,7 +197,7 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
     """fp8 weights (per-channel scales), cast in the loop: e4m3 converts in pairs (cvt to
     f16x2), no I2F. Each weight then goes to float32 (a second conversion a weight: the
     conversion unit's 16 lanes/clk/SM cap that near 2.8 TB/s), or, HALF (W8A8 only),
-    stays fp16 for its product and a sum of eight (_half_tile). QUANT_X: x is half
+    stays fp16 for its product and a sum of eight (_float_tile). QUANT_X: x is half
     precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
     _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2), instead of a separate
     kernel per linear."""
@@ -226,19 +221,13 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         for k0 in range(0, K, BLOCK_K):
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
         x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
+    acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_N, BLOCK_K, HALF)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
+        acc += _float_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_N, BLOCK_K, HALF)
+    y = tl.sum(acc, 1) * tl.load(s_ptr + n, mask=n_ok, other=0.0)
     if HALF:
-        acc = _half_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_N, BLOCK_K)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
-            acc += _half_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_N, BLOCK_K)
-        y = tl.sum(acc, 1) * 256.0
-    else:
-        acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_K)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            w = tl.load(rows + k0 + k[None, :], mask=n_ok[:, None])
-            acc += _float_tile(x_row, w, k0, x_inv, QUANT_X, BLOCK_K)
-        y = tl.sum(acc, 1)
-    y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
+        y *= 256.0  # _float_tile's 2^-8
     if HAS_XSCALE:  # FP8 W8A8: x holds e4m3 values with one scale per row
         y *= tl.load(xs_ptr + m)
     if QUANT_X:
@@ -389,7 +378,7 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
     return block_n, block_kw, warps
 
 
-# W8A8 in fp8_cast_gemv: fp16 products and sums of eight (_half_tile) instead of float32
+# W8A8 in fp8_cast_gemv: fp16 products and sums of eight (_float_tile) instead of float32
 FP8_CAST_HALF = envs.fp8_cast_half()
 
 
@@ -524,12 +513,13 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
                   quantize_x: bool = False) -> torch.Tensor:
     """fp8_gemv on CUDA cores, each weight cast (K a multiple of BLOCK_K). config (BLOCK_N,
     BLOCK_K, num_warps[, half]): fp8_gemv_config by default; half (W8A8 only; default
-    FP8_CAST_HALF there): products and sums of eight in fp16 (_half_tile)."""
+    FP8_CAST_HALF there): products and sums of eight in fp16 (_float_tile)."""
     m, k = xq.shape
     n = wq.shape[0]
     w8a8 = quantize_x or x_scale is not None
-    block_n, block_k, warps, *rest = config or fp8_gemv_config(n, k, FP8_CAST_HALF and w8a8)
-    half = bool(rest[0]) if rest else FP8_CAST_HALF and w8a8
+    default_half = FP8_CAST_HALF and w8a8
+    block_n, block_k, warps, *rest = config or fp8_gemv_config(n, k, default_half)
+    half = bool(rest[0]) if rest else default_half
     if half and not w8a8:
         raise ValueError("fp8_cast_gemv: fp16 products need x in e4m3 (W8A8)")
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
