@@ -66,7 +66,7 @@ KINDS = FP8_KINDS if FP8_ONLY else ("int4", "int4_asym", "int8") + FP8_KINDS
 INT_CONFIGS = [(8, 512, 4), (8, 512, 2), (8, 256, 2), (8, 256, 1), (8, 128, 1), (4, 512, 4),
                (4, 256, 2), (4, 256, 1), (4, 128, 1), (16, 256, 2), (16, 256, 4)]
 FP8_CONFIGS = [(16, 512, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 8), (8, 1024, 4), (16, 256, 4)]
-# and each with fp16 products and sums of eight (the config's fourth field: quant_gemm._float_tile with HALF)
+# and each with fp16 products and sums of eight (the fourth field: _float_tile's HALF)
 FP8_CONFIGS = ([(*c, False) for c in FP8_CONFIGS] + [(*c, True) for c in FP8_CONFIGS]
                + [(32, 1024, 8, True), (16, 2048, 8, True), (32, 512, 8, True)])
 # fp8_dot tiles (block_n, block_k, num_warps, num_stages), each at every split_k that keeps

@@ -117,9 +117,10 @@ def _check_fp8_dot(x, wq, ws, b, config=None):
 
 
 def test_fp8_cast_gemv_half_products():
-    """W8A8 with fp16 products and sums of eight (_float_tile with HALF) against the float32 path of the
-    same kernel and against the exact product of the same e4m3 values, x e4m3 from the
-    reference quantizer or quantized in the kernel, with a bias; weight-only is refused."""
+    """W8A8 with fp16 products and sums of eight (_float_tile with HALF) against the
+    float32 path of the same kernel and against the exact product of the same e4m3 values,
+    x e4m3 from the reference quantizer or quantized in the kernel, with a bias;
+    weight-only is refused."""
     from tandem.kernels.triton import quant_gemm
     for n, k, cfg in [(6144, 4096, (16, 512, 4)), (4096, 14336, (16, 1024, 8)),
                       (28672, 4096, (16, 512, 4)), (300, 1024, (8, 1024, 4))]:
