@@ -78,6 +78,32 @@ static inline float softmax_block(float *p, int64_t n, float *m, float *l)
     return alpha;
 }
 
+/* Ask for the K and V rows of this head (d floats at offset `head` in each token's ts) of
+ * the block holding token `start`, if any: the blocks are scattered, so the hardware
+ * prefetchers cannot run ahead into the next one. Issued a block ahead, its rows come in
+ * while the group's heads work on the current one. On the 2-core AVX2 box (Zen 3, 48
+ * sequences x 200 tokens x 6 layers of 2 KV heads of 64, blocks shuffled, two threads) the
+ * attention took 9.4 ms against 10.0 (three runs each; the same loop with its data in L2:
+ * ~2.5x faster, so it stays bound by these scattered 256-byte reads, ~6 GB/s against
+ * ~17 GB/s of sequential reads), and whole decode steps of 32-48 rows at 200-600 tokens of
+ * context 2-10% less. Two or more blocks ahead, or the cache in 2 MB pages, measured no
+ * better. */
+static inline void prefetch_block(const float *k_cache, const float *v_cache,
+                                  const int32_t *table, int64_t start, int64_t len,
+                                  int64_t block_size, int64_t ts, int64_t head, int64_t d)
+{
+    if (start >= len) return;
+    const int64_t block = table[start / block_size];
+    const int64_t n = len - start < block_size ? len - start : block_size;
+    const float *kb = k_cache + block * block_size * ts + head;
+    const float *vb = v_cache + block * block_size * ts + head;
+    for (int64_t t = 0; t < n; ++t)
+        for (int64_t i = 0; i < d; i += 16) { /* a 64-byte line */
+            __builtin_prefetch(kb + t * ts + i);
+            __builtin_prefetch(vb + t * ts + i);
+        }
+}
+
 /* The item (see tandem_attend_item_f32). nc > 0 (a constant at each call): head_dim is
  * nc * VL, and q, the tile's partial products and the output accumulators stay in
  * registers: per block and query head, the scores VL tokens at a time (sum_lanes), then
@@ -97,11 +123,14 @@ static inline __attribute__((always_inline)) void attend(
         l[g] = 0.0f;
         for (int64_t i = 0; i < d; ++i) acc[g * d + i] = 0.0f;
     }
+    prefetch_block(k_cache, v_cache, table, 0, len, block_size, ts, kh * d, d);
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t block = table[start / block_size];
         const int64_t n = len - start < block_size ? len - start : block_size;
         const float *kb = k_cache + block * block_size * ts + kh * d;
         const float *vb = v_cache + block * block_size * ts + kh * d;
+        prefetch_block(k_cache, v_cache, table, start + block_size, len, block_size, ts,
+                       kh * d, d);
         for (int64_t g = 0; g < group; ++g) {
             const float *qg = q + g * d;
             float *a = acc + g * d;
