@@ -65,9 +65,10 @@ KINDS = FP8_KINDS if FP8_ONLY else ("int4", "int4_asym", "int8") + FP8_KINDS
 # rows, two quads a thread
 INT_CONFIGS = [(8, 512, 4), (8, 512, 2), (8, 256, 2), (8, 256, 1), (8, 128, 1), (4, 512, 4),
                (4, 256, 2), (4, 256, 1), (4, 128, 1), (16, 256, 2), (16, 256, 4)]
-FP8_CONFIGS = [(16, 512, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 8), (8, 1024, 4), (16, 256, 4)]
-# and each with fp16 products and sums of eight (the fourth field: _float_tile's HALF)
-FP8_CONFIGS = ([(*c, False) for c in FP8_CONFIGS] + [(*c, True) for c in FP8_CONFIGS]
+# fp8_cast (BLOCK_N, BLOCK_K, num_warps), each with float32 and with fp16 products (the fourth
+# field: _float_tile's HALF), plus tiles only fp16 products use
+FP8_TILES = [(16, 512, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 8), (8, 1024, 4), (16, 256, 4)]
+FP8_CONFIGS = ([(*c, half) for half in (False, True) for c in FP8_TILES]
                + [(32, 1024, 8, True), (16, 2048, 8, True), (32, 512, 8, True)])
 # fp8_dot tiles (block_n, block_k, num_warps, num_stages), each at every split_k that keeps
 # the programs within ~4 an SM and >= 2 tiles a split; shared memory 70-140 KB
