@@ -3,7 +3,9 @@
 # sums of eight (quant_gemm._float_tile, TANDEM_FP8_CAST_HALF). Steps: its GPU tests, the cast
 # kernel's sweep (scripts/bench_quant_gemv.py --cast-only), and batch-1 decode 512 in / 256
 # out, bf16 against FP8 with its head, half off and on. All inside DEADLINE seconds.
-# Usage: OUT=dir DEADLINE=360 bash bench/run_fp8_half_h200.sh [tests sweep latency]
+# diag: the batch-1 step's kernels (scripts/diag_decode.py, PDL on and off), FP8 with its
+# head with half on, and bf16.
+# Usage: OUT=dir DEADLINE=360 bash bench/run_fp8_half_h200.sh [tests sweep latency diag]
 . "$(dirname "$0")/common.sh"
 L="--batch-size 1 --input-len 512 --output-len 256 --max-model-len 1024 --max-num-seqs 1
    --iters 3 --no-progress"
@@ -20,5 +22,11 @@ for what in "$@"; do
                TANDEM_FP8_CAST_HALF=$h bench latency-fp8-head-half$h 60 latency $M \
                  --quantization bench/configs/quant-policies/fp8-with-head.json $L
              done ;;
+    diag) TANDEM_FP8_CAST_HALF=1 step diag-fp8-half ${DIAG_S:-120} python3 scripts/diag_decode.py \
+            bench/configs/llama-3.1-8b /tmp/t.json bench/configs/quant-policies/fp8-with-head.json \
+            --pdl-ab --json "$OUT/diag-fp8-half.json"
+          step diag-bf16 ${DIAG_S:-120} python3 scripts/diag_decode.py bench/configs/llama-3.1-8b \
+            /tmp/t.json --pdl-ab --json "$OUT/diag-bf16.json"
+          grep -A14 "^== TANDEM" "$OUT/diag-fp8-half.log" "$OUT/diag-bf16.log" | cut -c1-110 ;;
   esac
 done
