@@ -182,11 +182,15 @@ def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_N: tl.constexp
     x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
     if QUANT_X:
         x = to_e4m3(x, x_inv)
+    # one return: compiled Triton (not the interpreter) refuses a return inside a constexpr
+    # branch followed by another of a different shape
     if HALF:
         x = (x.to(tl.float32) * (2.0 ** -8)).to(tl.float16)
         p = w.to(tl.float16) * x[None, :]
-        return tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // 8, 8]), 2).to(tl.float32)
-    return w.to(tl.float32) * x.to(tl.float32)[None, :]
+        t = tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // 8, 8]), 2).to(tl.float32)
+    else:
+        t = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return t
 
 
 @triton.jit
