@@ -3,9 +3,11 @@
 # sums of eight (quant_gemm._float_tile, TANDEM_FP8_CAST_HALF). Steps: its GPU tests, the cast
 # kernel's sweep (scripts/bench_quant_gemv.py --cast-only), and batch-1 decode 512 in / 256
 # out, bf16 against FP8 with its head, half off and on. All inside DEADLINE seconds.
+# amax: bf16, then FP8 with its head (half on) with the amax pass in BLOCK_K loads (as
+# before) and in one load of up to 4096 (TANDEM_FP8_AMAX_K), then both again.
 # diag: the batch-1 step's kernels (scripts/diag_decode.py, PDL on and off), FP8 with its
 # head with half on, and bf16.
-# Usage: OUT=dir DEADLINE=360 bash bench/run_fp8_half_h200.sh [tests sweep latency diag]
+# Usage: OUT=dir DEADLINE=360 bash bench/run_fp8_half_h200.sh [tests sweep latency amax diag]
 . "$(dirname "$0")/common.sh"
 L="--batch-size 1 --input-len 512 --output-len 256 --max-model-len 1024 --max-num-seqs 1
    --iters 3 --no-progress"
@@ -22,6 +24,14 @@ for what in "$@"; do
                TANDEM_FP8_CAST_HALF=$h bench latency-fp8-head-half$h 60 latency $M \
                  --quantization bench/configs/quant-policies/fp8-with-head.json $L
              done ;;
+    amax) bench latency-bf16-a 60 latency $M $L
+          for r in a b; do
+            for a in 0 4096; do
+              TANDEM_FP8_AMAX_K=$a bench latency-fp8-amax$a-$r 60 latency $M \
+                --quantization bench/configs/quant-policies/fp8-with-head.json $L
+            done
+          done
+          bench latency-bf16-b 60 latency $M $L ;;
     diag) TANDEM_FP8_CAST_HALF=1 step diag-fp8-half ${DIAG_S:-120} python3 scripts/diag_decode.py \
             bench/configs/llama-3.1-8b /tmp/t.json bench/configs/quant-policies/fp8-with-head.json \
             --pdl-ab --json "$OUT/diag-fp8-half.json"

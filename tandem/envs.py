@@ -23,10 +23,11 @@
                           launch (kernels/triton/moe_one.py), "0" always two
     TANDEM_MOE_ONE_CONFIG for tuning runs: that launch's tiles
                           "BN1,BK1,BN2,BK2,num_warps,num_stages" instead of its defaults
-    TANDEM_FP8_CAST_HALF  "1": the one-row FP8 W8A8 GEMV forms its products and sums of
-                          eight in fp16 (kernels/triton/quant_gemm.py, _float_tile) with its
-                          own tiles, the LM head's row included; "0" (default) float32.
-                          Opt-in until a decode step has been timed with it on a GPU
+    TANDEM_FP8_CAST_HALF  "1" (the default): the one-row FP8 W8A8 GEMV forms its products and
+                          sums of eight in fp16 (kernels/triton/quant_gemm.py, _float_tile)
+                          with its own tiles, the LM head's row included; "0": float32
+    TANDEM_FP8_AMAX_K     for A/B runs: x values a load in that GEMV's amax pass (default
+                          4096, a power of two >= 16; "0": the kernel's BLOCK_K, as before)
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -81,10 +82,19 @@ def prefill_tma() -> bool:
 
 
 def fp8_cast_half() -> bool:
-    value = os.environ.get("TANDEM_FP8_CAST_HALF", "0")
+    value = os.environ.get("TANDEM_FP8_CAST_HALF", "1")
     if value not in ("0", "1"):
         raise ValueError(f"TANDEM_FP8_CAST_HALF={value!r}: use 0 or 1")
     return value == "1"
+
+
+def fp8_amax_k() -> int:
+    """0 (the kernel's BLOCK_K) or a power of two >= 16 (TANDEM_FP8_AMAX_K)."""
+    value = os.environ.get("TANDEM_FP8_AMAX_K", "4096")
+    n = int(value) if value.isdigit() else -1
+    if n != 0 and (n < 16 or n & (n - 1)):
+        raise ValueError(f"TANDEM_FP8_AMAX_K={value!r}: 0 or a power of two >= 16")
+    return n
 
 
 def decode_rotary_fused() -> bool:

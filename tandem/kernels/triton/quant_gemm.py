@@ -197,7 +197,7 @@ def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_N: tl.constexp
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
-                       PDL: tl.constexpr):
+                       AMAX_K: tl.constexpr, PDL: tl.constexpr):
     """fp8 weights (per-channel scales), cast in the loop: e4m3 converts in pairs (cvt to
     f16x2), no I2F. Each weight then goes to float32 (a second conversion a weight: the
     conversion unit's 16 lanes/clk/SM cap that near 2.8 TB/s), or, HALF (W8A8 only),
@@ -220,10 +220,12 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
     x_inv = 1.0
-    if QUANT_X:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + k).to(tl.float32)))
+    if QUANT_X:  # AMAX_K values a load: one L2 round trip (two to four for down_proj)
+        ka = tl.arange(0, AMAX_K)
+        amax = tl.zeros([AMAX_K], dtype=tl.float32)
+        for k0 in range(0, K, AMAX_K):
+            xa = tl.load(x_row + k0 + ka, mask=k0 + ka < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(xa.to(tl.float32)))
         x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
     acc = _float_tile(x_row, w, 0, x_inv, QUANT_X, BLOCK_N, BLOCK_K, HALF)
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -386,6 +388,16 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
 FP8_CAST_HALF = envs.fp8_cast_half()
 
 
+FP8_AMAX_K = envs.fp8_amax_k()  # 0: BLOCK_K, as before (A/B runs)
+
+
+def fp8_amax_k(k: int, block_k: int) -> int:
+    """x values a load in fp8_cast_gemv's amax pass (QUANT_X): the whole row, up to
+    FP8_AMAX_K. The pass runs after the PDL wait, before any product, so each of its loads
+    is an L2 round trip on the launch's critical path (K / BLOCK_K of them before: up to 8)."""
+    return min(FP8_AMAX_K, triton.next_power_of_2(k)) if FP8_AMAX_K else block_k
+
+
 def fp8_gemv_config(n: int, k: int, half: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for fp8_cast_gemv, from the H200 sweeps (the second,
     gemv-sweep-fp8-9b069df.log: gate_up 33.4 us at (16, 512, 4) against 34.9, down 18.2 at
@@ -532,7 +544,8 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
         **launch_options(xq), BLOCK_N=block_n,
-        BLOCK_K=block_k, HALF=half, num_warps=warps, num_stages=1)
+        BLOCK_K=block_k, HALF=half, AMAX_K=fp8_amax_k(k, block_k) if quantize_x else 16,
+        num_warps=warps, num_stages=1)
     return y
 
 
