@@ -40,6 +40,46 @@ def test_decode_kernel_matches_reference(head_dim: int, group: int, block_size: 
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("group", [1, 4, 64])
+def test_items_of_many_kv_heads_match_reference(threads: int, group: int) -> None:
+    """Whole sequences a work item (tandem_heads_per_item: 4+ sequences a thread) and one
+    KV head an item give the reference's result; both shapes run here."""
+    lib = load_library()
+    rng = random.Random(threads * 1000 + group)
+    torch.manual_seed(rng.randrange(1 << 30))
+    num_kv_heads = 4
+    lens = [rng.randint(1, 300) for _ in range(9)]
+    nkh = lib.tandem_heads_per_item(len(lens), num_kv_heads, group, threads)
+    assert nkh == (1 if threads == 3 or group == 64 else 4)  # 9 sequences: 4+ a thread at 1
+    meta, cache = random_batch(rng, [(1, n) for n in lens], 16, num_kv_heads, 64)
+    query = torch.randn(len(lens), num_kv_heads * group, 64)
+    seqs, starts = list(range(len(lens))), list(range(len(lens) + 1))
+    want = torch.full_like(query, float("nan"))
+    got = torch.full_like(query, float("nan"))
+    decode_batch(query, cache, meta, 0.1, seqs, starts, want)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernel's team: omp_get_max_threads
+    try:
+        paged_decode(query, cache, meta, 0.1, seqs, starts, got)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_heads_per_item_rule() -> None:
+    lib = load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    assert lib.tandem_heads_per_item(7, 2, 4, 2) == 1  # fewer than 4 sequences a thread
+    assert lib.tandem_heads_per_item(8, 2, 4, 2) == 2
+    assert lib.tandem_heads_per_item(48, 8, 8, 2) == 8  # 64 query heads: all
+    assert lib.tandem_heads_per_item(48, 8, 16, 2) == 4  # at most 64 query heads
+    assert lib.tandem_heads_per_item(48, 6, 16, 2) == 3  # a divisor of num_kv_heads
+    assert lib.tandem_heads_per_item(48, 2, 64, 2) == 1
+
+
+@needs_kernel
 def test_mixed_batch_through_backend_matches_naive() -> None:
     """Decodes interleaved with chunks: only the decodes go to the kernel, at their rows."""
     rng = random.Random(7)

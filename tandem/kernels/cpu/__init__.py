@@ -92,6 +92,8 @@ def load_library() -> ctypes.CDLL | None:
     fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
                    ctypes.c_float, ptr, i64]
     fn.restype = None
+    lib.tandem_heads_per_item.argtypes = [i64, i64, i64, i64]
+    lib.tandem_heads_per_item.restype = i64
     step = lib.tandem_llama_decode_f32
     step.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64, ptr]
     step.restype = ctypes.c_int

@@ -121,16 +121,19 @@ static void rotate_store_item(const tandem_llama_f32 *m, int64_t layer, float *q
 /* One (row, KV head) item of attention: the group's rotated queries over the row's cached
  * context (kernels/cpu/paged_decode.c, the same library). */
 void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v_cache,
-                            const int32_t *table, int64_t len, int64_t kh, int64_t group,
-                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                            float scale, float *o);
+                            const int32_t *table, int64_t len, int64_t kh, int64_t nkh,
+                            int64_t group, int64_t num_kv_heads, int64_t head_dim,
+                            int64_t block_size, float scale, float *o);
+int64_t tandem_heads_per_item(int64_t num_seqs, int64_t num_kv_heads, int64_t group,
+                              int64_t threads);
 
 static void attend_item(const tandem_llama_f32 *m, int64_t layer, const float *qkv_row,
-                        const int32_t *table, int64_t len, int64_t kh, float *out_row)
+                        const int32_t *table, int64_t len, int64_t kh, int64_t nkh,
+                        float *out_row)
 {
     const int64_t d = m->head_dim, group = m->num_heads / m->num_kv_heads;
     tandem_attend_item_f32(qkv_row + kh * group * d, m->k_cache[layer], m->v_cache[layer],
-                           table, len, kh, group, m->num_kv_heads, d, m->block_size,
+                           table, len, kh, nkh, group, m->num_kv_heads, d, m->block_size,
                            m->attn_scale, out_row + kh * group * d);
 }
 
@@ -197,6 +200,9 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
     for (int64_t i = 0; i < num_threads * rows; ++i)
         candidates[i] = -1;  /* a team smaller than asked leaves some unset */
 
+    const int64_t nkh = tandem_heads_per_item(rows, m->num_kv_heads,
+                                              m->num_heads / m->num_kv_heads, num_threads);
+    const int64_t per_row = m->num_kv_heads / nkh;
 #pragma omp parallel num_threads(num_threads)
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -218,12 +224,14 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
                                   item % m->num_kv_heads);
             }
 #pragma omp barrier
-            for (int64_t item = t; item < items; item += nt) {
-                const int64_t r = item / m->num_kv_heads;
+            /* rows of many KV heads, or whole rows (tandem_heads_per_item), as threads
+             * come free: rows differ in length */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < rows * per_row; ++item) {
+                const int64_t r = item / per_row;
                 attend_item(m, layer, qkv + r * qkv_size, block_tables + r * bt_stride,
-                            seq_lens[r], item % m->num_kv_heads, attn + r * q_size);
+                            seq_lens[r], item % per_row * nkh, nkh, attn + r * q_size);
             }
-#pragma omp barrier
             split(panels(dim), nt, t, &lo, &hi);
             tandem_gemm_panels_f32(m->o_proj[layer], q_size, dim, attn, q_size, rows, delta,
                                    dim, lo, hi, 0);
