@@ -15,7 +15,7 @@ L="--batch-size 1 --input-len 512 --output-len 256 --max-model-len 1024 --max-nu
 for what in "$@"; do
   case $what in
     tests) step quant-tests ${TESTS_S:-90} python3 -m pytest -q -rf --tb=short \
-             tests/kernels/test_triton_quant.py -k "fp8_cast or fp8_gemv"
+             tests/kernels/test_triton_quant.py -k "${TESTS_K:-fp8_cast or fp8_gemv}"
            tail -2 "$OUT/quant-tests.log"; grep -E "^FAILED" "$OUT/quant-tests.log" | head -8 | cut -c1-200 ;;
     sweep) step gemv-sweep ${SWEEP_S:-120} python3 scripts/bench_quant_gemv.py --cast-only
            grep -v '^{' "$OUT/gemv-sweep.log" | cut -c1-160 ;;
