@@ -4,7 +4,7 @@
 # (issue 12's FP8 KV 1.15x). All inside DEADLINE seconds.
 # Usage: OUT=dir DEADLINE=560 bash bench/run_seventeenth_h200.sh
 . "$(dirname "$0")/common.sh"
-TESTS_S=110 TESTS_K="fp8 or quant or gemv" bash bench/run_fp8_half_h200.sh tests amax \
+DEADLINE=250 TESTS_S=100 TESTS_K="fp8 or quant or gemv" bash bench/run_fp8_half_h200.sh tests amax \
   | grep -E "^==|ms per output|fraction|passed|failed|FAILED"
 K="--num-prompts 256 --input-len 4096 --output-len 256 --max-model-len 4352 --max-num-seqs 256 --no-progress"
 for kv in fp8 auto; do
