@@ -11,3 +11,6 @@ for kv in fp8 auto; do
   step one-time-$kv 170 python3 scripts/diag_one_time.py $M --kv-cache-dtype $kv $K
   grep -E "^start-up|^bench|^again" "$OUT/one-time-$kv.log" | cut -c1-300
 done
+step one-time-throughput 120 python3 scripts/diag_one_time.py $M --num-prompts 1024 \
+  --input-len 512 --output-len 256 --max-model-len 1024 --max-num-seqs 512 --no-progress
+grep -E "^start-up|^bench|^again" "$OUT/one-time-throughput.log" | cut -c1-300
