@@ -4,7 +4,7 @@
 # kernel's sweep (scripts/bench_quant_gemv.py --cast-only), and batch-1 decode 512 in / 256
 # out, bf16 against FP8 with its head, half off and on. All inside DEADLINE seconds.
 # amax: bf16, then FP8 with its head (half on) with the amax pass in BLOCK_K loads (as
-# before) and in one load of up to 4096 (TANDEM_FP8_AMAX_K), then both again.
+# before), eight values a thread (auto) and loads of up to 4096 (TANDEM_FP8_AMAX_K), twice.
 # diag: the batch-1 step's kernels (scripts/diag_decode.py, PDL on and off), FP8 with its
 # head with half on, and bf16.
 # Usage: OUT=dir DEADLINE=360 bash bench/run_fp8_half_h200.sh [tests sweep latency amax diag]
@@ -26,7 +26,7 @@ for what in "$@"; do
              done ;;
     amax) bench latency-bf16-a 60 latency $M $L
           for r in a b; do
-            for a in 0 4096; do
+            for a in 0 auto 4096; do
               TANDEM_FP8_AMAX_K=$a bench latency-fp8-amax$a-$r 60 latency $M \
                 --quantization bench/configs/quant-policies/fp8-with-head.json $L
             done

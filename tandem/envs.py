@@ -26,8 +26,9 @@
     TANDEM_FP8_CAST_HALF  "1" (the default): the one-row FP8 W8A8 GEMV forms its products and
                           sums of eight in fp16 (kernels/triton/quant_gemm.py, _float_tile)
                           with its own tiles, the LM head's row included; "0": float32
-    TANDEM_FP8_AMAX_K     for A/B runs: x values a load in that GEMV's amax pass (default
-                          4096, a power of two >= 16; "0": the kernel's BLOCK_K, as before)
+    TANDEM_FP8_AMAX_K     for A/B runs: x values a load in that GEMV's amax pass: "auto" (the
+                          default: eight a thread, at least BLOCK_K), "0" (BLOCK_K, as
+                          before) or a power of two >= 16
     TANDEM_FAULT_TOKEN_ID testing only: a step that samples for a request whose prompt holds
                           this token id raises `InjectedFault` (fault-isolation tests)
 
@@ -88,12 +89,14 @@ def fp8_cast_half() -> bool:
     return value == "1"
 
 
-def fp8_amax_k() -> int:
-    """0 (the kernel's BLOCK_K) or a power of two >= 16 (TANDEM_FP8_AMAX_K)."""
-    value = os.environ.get("TANDEM_FP8_AMAX_K", "4096")
+def fp8_amax_k() -> int | None:
+    """None ("auto"), 0 (the kernel's BLOCK_K) or a power of two >= 16 (TANDEM_FP8_AMAX_K)."""
+    value = os.environ.get("TANDEM_FP8_AMAX_K", "auto")
+    if value == "auto":
+        return None
     n = int(value) if value.isdigit() else -1
     if n != 0 and (n < 16 or n & (n - 1)):
-        raise ValueError(f"TANDEM_FP8_AMAX_K={value!r}: 0 or a power of two >= 16")
+        raise ValueError(f"TANDEM_FP8_AMAX_K={value!r}: auto, 0 or a power of two >= 16")
     return n
 
 

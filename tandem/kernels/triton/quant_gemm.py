@@ -388,14 +388,20 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int]:
 FP8_CAST_HALF = envs.fp8_cast_half()
 
 
-FP8_AMAX_K = envs.fp8_amax_k()  # 0: BLOCK_K, as before (A/B runs)
+FP8_AMAX_K = envs.fp8_amax_k()  # None: auto; 0: BLOCK_K, as before (A/B runs)
 
 
-def fp8_amax_k(k: int, block_k: int) -> int:
-    """x values a load in fp8_cast_gemv's amax pass (QUANT_X): the whole row, up to
-    FP8_AMAX_K. The pass runs after the PDL wait, before any product, so each of its loads
-    is an L2 round trip on the launch's critical path (K / BLOCK_K of them before: up to 8)."""
-    return min(FP8_AMAX_K, triton.next_power_of_2(k)) if FP8_AMAX_K else block_k
+def fp8_amax_k(k: int, block_k: int, warps: int) -> int:
+    """x values a load in fp8_cast_gemv's amax pass (QUANT_X). The pass runs after the PDL
+    wait, before any product, so each of its loads is an L2 round trip on the launch's
+    critical path (K / BLOCK_K of them before: up to 8). Wider loads hold more registers
+    (sm_90a, ptxas of Triton 3.6, (16, 512, 4) with fp16 products: 60 a thread at 512 values,
+    64 at 1024, 70 at 2048, 91 at 4096; eight programs an SM fit up to 64), so by default
+    eight values a thread, and never fewer than BLOCK_K."""
+    if FP8_AMAX_K == 0:
+        return block_k
+    most = FP8_AMAX_K if FP8_AMAX_K is not None else max(block_k, 256 * warps)
+    return min(most, triton.next_power_of_2(k))
 
 
 def fp8_gemv_config(n: int, k: int, half: bool = False) -> tuple[int, int, int]:
@@ -544,7 +550,7 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
         **launch_options(xq), BLOCK_N=block_n,
-        BLOCK_K=block_k, HALF=half, AMAX_K=fp8_amax_k(k, block_k) if quantize_x else 16,
+        BLOCK_K=block_k, HALF=half, AMAX_K=fp8_amax_k(k, block_k, warps) if quantize_x else 16,
         num_warps=warps, num_stages=1)
     return y
 
