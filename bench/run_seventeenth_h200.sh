@@ -4,11 +4,11 @@
 # (issue 12's FP8 KV 1.15x). All inside DEADLINE seconds.
 # Usage: OUT=dir DEADLINE=560 bash bench/run_seventeenth_h200.sh
 . "$(dirname "$0")/common.sh"
-DEADLINE=250 TESTS_S=100 TESTS_K="fp8 or quant or gemv" bash bench/run_fp8_half_h200.sh tests amax \
+DEADLINE=280 TESTS_S=80 TESTS_K="fp8 or quant or gemv" bash bench/run_fp8_half_h200.sh tests amax \
   | grep -E "^==|ms per output|fraction|passed|failed|FAILED"
 K="--num-prompts 256 --input-len 4096 --output-len 256 --max-model-len 4352 --max-num-seqs 256 --no-progress"
 for kv in fp8 auto; do
-  step one-time-$kv 170 python3 scripts/diag_one_time.py $M --kv-cache-dtype $kv $K
+  step one-time-$kv 140 python3 scripts/diag_one_time.py $M --kv-cache-dtype $kv $K
   grep -E "^start-up|^bench|^again" "$OUT/one-time-$kv.log" | cut -c1-300
 done
 step one-time-throughput 120 python3 scripts/diag_one_time.py $M --num-prompts 1024 \
