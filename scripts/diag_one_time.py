@@ -25,7 +25,7 @@ import torch
 from tandem.bench import cli as bench_cli
 from tandem.cli import build_parser
 
-compiles: list[tuple[str, float, float]] = []  # (kernel, start, seconds)
+compiles: list[tuple[str, float, float, str]] = []  # (kernel, start, seconds, what)
 
 
 def _watch_triton() -> None:
@@ -36,12 +36,13 @@ def _watch_triton() -> None:
         return
     inner = JITFunction._do_compile
 
-    def do_compile(self, *args, **kwargs):
+    def do_compile(self, key, signature, device, constexprs, *args, **kwargs):
         t = time.perf_counter()
         try:
-            return inner(self, *args, **kwargs)
+            return inner(self, key, signature, device, constexprs, *args, **kwargs)
         finally:
-            compiles.append((self.__name__, t, time.perf_counter() - t))
+            what = f"{signature} {constexprs}"
+            compiles.append((self.__name__, t, time.perf_counter() - t, what))
 
     JITFunction._do_compile = do_compile
 
@@ -78,16 +79,19 @@ def window(llm, name: str, run) -> dict:
         llm.generate = generate
     t, (a0, b0), g0 = starts[-1]
     wall = time.perf_counter() - t
-    new = [(n, s) for n, t0, s in compiles if t0 >= t]
+    new = [(n, s, w) for n, t0, s, w in compiles if t0 >= t]
     a1, b1 = _allocs()
     rec = {"window": name, "elapsed_s": elapsed, "wall_s": wall, "output_tokens": tokens,
-           "compiles": len(new), "compile_s": sum(s for _, s in new),
-           "compiled": sorted({n for n, _ in new}), "cuda_mallocs": a1 - a0,
+           "compiles": len(new), "compile_s": sum(s for _, s, _ in new),
+           "compiled": sorted({n for n, _, _ in new}), "variants": [w for _, _, w in new],
+           "cuda_mallocs": a1 - a0,
            "malloc_bytes": b1 - b0, "graphs_captured": _captures(llm) - g0}
     print(f"{name}: {elapsed:.2f} s ({tokens / elapsed:,.0f} output tok/s); Triton compiles "
           f"{rec['compiles']} ({rec['compile_s']:.2f} s: {', '.join(rec['compiled'])}); "
           f"cudaMalloc {rec['cuda_mallocs']} ({rec['malloc_bytes'] / 2**20:.0f} MiB); "
           f"graphs captured {rec['graphs_captured']}", flush=True)
+    for w in rec["variants"]:
+        print(f"  compiled: {w[:1500]}")
     return rec
 
 

@@ -185,6 +185,30 @@ def test_decode_partition_counts_and_padding_rows() -> None:
         assert (out[1] == 0).all() and torch.isfinite(out[0]).all()
 
 
+@pytest.mark.skipif(INTERPRET, reason="counts compiled variants (none in the interpreter)")
+def test_decode_one_variant_for_any_partition_count() -> None:
+    """One partition (direct write) and many (scratch, merge) run the same compiled kernel:
+    a second variant used to compile mid-run when a long run's mixed steps first met one."""
+    from tandem.kernels.triton.decode import _decode_kernel
+    rng = random.Random(5)
+    meta, cache, query, _, _ = make_batch(rng, [(1, 300), (1, 70)], 16, 8, 2, 64,
+                                          torch.bfloat16)
+    seq_ids = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+
+    def variants() -> int:
+        return sum(len(c[0]) for c in _decode_kernel.device_caches.values())
+
+    counts = []
+    for num_parts in (4, 1, 2):
+        out = torch.full_like(query, float("nan"))
+        decode_attention(query, cache, out, meta.query_start_loc, meta.seq_lens,
+                         meta.block_tables, 0.125, max_seq_len=300, num_parts=num_parts,
+                         seq_ids=seq_ids)
+        check(out, query, cache, meta, 0.125, torch.bfloat16)
+        counts.append(variants())
+    assert counts[0] == counts[1] == counts[2]
+
+
 @pytest.mark.parametrize("group", [1, 4])
 def test_decode_merge_rounds(group) -> None:
     """The last partition merges in rounds of `merge` partitions (loads issued together):

@@ -364,8 +364,11 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
                                           _num_sms(query.device), min_part=min_part,
                                           merge=merge)
-    if num_parts == 1:  # the scratch is unused; placeholders of the types the kernel expects
-        part_out = part_max = part_sum = out
+    if num_parts == 1:  # the scratch is unused; placeholders of the scratch's own types, so
+        # that one compiled variant serves both (a float32 scratch against `out`'s dtype was
+        # a second variant, first met in a long run's mixed steps: a compile inside the
+        # measurement, scripts/diag_one_time.py)
+        part_out = part_max = part_sum = _f32_placeholder(query.device)
         counters = seq_lens
     else:
         counters = _arrival_counters(query.device, num_decodes * num_kv_heads)
@@ -405,6 +408,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _f32_placeholder(device: torch.device) -> torch.Tensor:
+    """A float32 tensor standing in for unused scratch (kept: graphs capture its address)."""
+    if device not in _PLACEHOLDERS:
+        _PLACEHOLDERS[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _PLACEHOLDERS[device]
 
 
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
