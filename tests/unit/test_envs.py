@@ -39,3 +39,14 @@ def test_decode_min_part(monkeypatch):
     _check(monkeypatch, "TANDEM_DECODE_MIN_PART", envs.decode_min_part,
            [(None, None), ("", None), ("64", 64), ("128", 128), ("16", 16)],
            ["8", "96", "-64", "64.0", "x"])
+
+
+def test_fp8_cast_half(monkeypatch):
+    _check(monkeypatch, "TANDEM_FP8_CAST_HALF", envs.fp8_cast_half,
+           [(None, True), ("1", True), ("0", False)], ["2", "yes", ""])
+
+
+def test_fp8_amax_k(monkeypatch):
+    _check(monkeypatch, "TANDEM_FP8_AMAX_K", envs.fp8_amax_k,
+           [(None, None), ("auto", None), ("0", 0), ("16", 16), ("4096", 4096)],
+           ["8", "1000", "-16", "x", ""])

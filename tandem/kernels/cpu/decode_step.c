@@ -118,8 +118,8 @@ static void rotate_store_item(const tandem_llama_f32 *m, int64_t layer, float *q
     }
 }
 
-/* One (row, KV head) item of attention: the group's rotated queries over the row's cached
- * context (kernels/cpu/paged_decode.c, the same library). */
+/* An item of attention: KV heads kh .. kh + nkh - 1 of a row, their groups' rotated
+ * queries over the row's cached context (kernels/cpu/paged_decode.c, the same library). */
 void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v_cache,
                             const int32_t *table, int64_t len, int64_t kh, int64_t nkh,
                             int64_t group, int64_t num_kv_heads, int64_t head_dim,
@@ -224,8 +224,8 @@ int tandem_llama_decode_f32(const tandem_llama_f32 *m, int64_t rows, const int64
                                   item % m->num_kv_heads);
             }
 #pragma omp barrier
-            /* rows of many KV heads, or whole rows (tandem_heads_per_item), as threads
-             * come free: rows differ in length */
+            /* items of one KV head or of all of a row's (tandem_heads_per_item), handed
+             * out as threads come free: rows differ in length */
 #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < rows * per_row; ++item) {
                 const int64_t r = item / per_row;

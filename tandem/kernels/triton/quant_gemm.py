@@ -30,12 +30,14 @@ one quad of every row in the tile and loads the quad's x (32 or 16 values) once 
             thread 0  thread 1 ...                 x[k] of a quad: one 64 B / 32 B load
 
 Also here: `fp8_gemv`, FP8 decode (M <= 8). W8A8 goes to the tensor-core kernel of fp8_gemv.py
-(e4m3 x e4m3 QGMMA, no conversions) or to `fp8_cast_gemv`, which casts each weight to float32
-in registers (fp8 weight-only always goes there). FP8_DECODE "auto" (the default) picks by the
+(e4m3 x e4m3 QGMMA, no conversions) or to `fp8_cast_gemv`, which casts each weight in
+registers: to fp16 for W8A8 (products and sums of eight in fp16, FP8_CAST_HALF), to float32
+for fp8 weight-only, which always goes there. FP8_DECODE "auto" (the default) picks by the
 H200 sweep (bench/results/2026-12-01-h200-quant/gemv-sweep-fp8-9b069df.log): one row casts
 (9.2 / 6.3 / 33.4 / 18.2 us against dot's 10.2 / 7.8 / 33.3 / 19.8 for qkv / o / gate_up /
-down), except the widest matrices (lm_head 128256 rows: 132 against 125 us); from two rows
-the dot kernel (M=2: 11.6 against 14.9 us, M=8: 16.3 against 37.7). And
+down), and with fp16 products the widest too (lm_head 128256 rows: 116.5 us against the dot
+kernel's ~125; float32 products 132); from two rows the dot kernel (M=2: 11.6 against 14.9
+us, M=8: 16.3 against 37.7). And
 `quantize_fp8_per_token`, the activation quantizer ahead of `torch._scaled_mm`.
 """
 
@@ -220,7 +222,7 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
     x_inv = 1.0
-    if QUANT_X:  # AMAX_K values a load: one L2 round trip (two to four for down_proj)
+    if QUANT_X:  # K / AMAX_K loads of x, each an L2 round trip (fp8_amax_k)
         ka = tl.arange(0, AMAX_K)
         amax = tl.zeros([AMAX_K], dtype=tl.float32)
         for k0 in range(0, K, AMAX_K):
