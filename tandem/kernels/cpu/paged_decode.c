@@ -3,12 +3,13 @@
  * One work item per (sequence, KV heads): the item streams those heads' K and V straight
  * out of the sequence's cache blocks (no gathered copy) and keeps an online softmax for
  * each of the `group` query heads that share each (GQA), so every K/V byte is read once
- * per step. With 4+ sequences a thread, an item takes all of a sequence's KV heads
+ * per step. With 2+ sequences a thread, an item takes all of a sequence's KV heads
  * (tandem_heads_per_item), so it reads each block's rows whole and in order instead of one
  * head's 256 bytes of every token: 48 sequences x 6 layers of 2 KV heads of 64, blocks
  * shuffled, 2 threads on the AVX2 box: 5.3 against 7.0 ms at 200 tokens, 17.6 against 20.9
- * at 600 (best of five; 16 sequences at 600: 4.9 against 6.4). Below that, one KV head an
- * item, so that a few sequences still spread over the threads.
+ * at 600 (best of five; 16 sequences at 600: 4.9 against 6.4; 4 and 6 at 1000: 2.20 and
+ * 4.30 against 2.47 and 4.95). Below that, one KV head an item, so that a few sequences
+ * still spread over the threads (3 sequences at 1000: 1.82 ms, against 2.08 as whole rows).
  *
  * head_dim of 2, 4, 8 or 16 vectors (64 or 128 with AVX-512 or AVX2) takes the vector path:
  * the scores of VL tokens at once, summed across lanes by one transposing tree instead of
@@ -223,12 +224,12 @@ void tandem_attend_item_f32(const float *q, const float *k_cache, const float *v
 #undef TANDEM_ATTEND
 }
 
-/* KV heads a work item covers: one while there are fewer than 4 sequences a thread, else
+/* KV heads a work item covers: one while there are fewer than 2 sequences a thread, else
  * as many as divide num_kv_heads within 64 query heads (all of a sequence's, mostly). */
 int64_t tandem_heads_per_item(int64_t num_seqs, int64_t num_kv_heads, int64_t group,
                               int64_t threads)
 {
-    if (num_seqs < 4 * threads) return 1;
+    if (num_seqs < 2 * threads) return 1;
     int64_t nkh = num_kv_heads;
     while (nkh * group > TANDEM_MAX_GROUP || num_kv_heads % nkh) --nkh;
     return nkh;
