@@ -29,7 +29,8 @@ compiles: list[tuple[str, float, float, str]] = []  # (kernel, start, seconds, w
 
 
 def _watch_triton() -> None:
-    """Record every Triton compile (name, seconds) by wrapping JITFunction._do_compile."""
+    """Record every Triton compile (kernel, start, seconds, signature and constexprs) by
+    wrapping JITFunction._do_compile."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:
