@@ -2,8 +2,8 @@
 imports, else the PyTorch reference with the same signature (CPU, and the spec). `linear`
 sends single-row half-precision CUDA matmuls (batch-1 decode) to the Triton GEMV; the
 quantized linears go to Triton (int8/int4 weight-only) or `torch._scaled_mm` (FP8 W8A8)
-on CUDA, to kernels/reference/quant.py elsewhere. `carried_linear` and `carried_int_linear`
-(batch-1 decode, models/norm_chain.py) carry an RMSNorm through a GEMV's input or epilogue
+on CUDA, to kernels/reference/quant.py elsewhere. `carried_linear`, `carried_int_linear` and
+`carried_fp8_linear` (batch-1 decode, models/norm_chain.py) carry an RMSNorm through a GEMV's input or epilogue
 (kernels/reference/carried_norm.py)."""
 
 from __future__ import annotations
@@ -126,6 +126,19 @@ def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
     dense = (quant_reference.dequantize_int8(qweight, scales) if bits == 8 else
              quant_reference.dequantize_int4(qweight, scales, zeros, group_size))
     return carried_reference.linear(x, dense, bias, row.dtype, add)
+
+
+def carried_fp8_linear(x: torch.Tensor | NormedRow, wq: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, add: AddNorm | None = None
+                       ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+    """`carried_linear` for FP8 W8A8 (e4m3 wq (N, K), per-channel scales): the one-row cast
+    kernel, which quantizes the row itself (from the producer's amax, where it left one), on
+    CUDA; else the reference."""
+    row = _row(x)
+    if _scaled_mm_ok(row, wq) and row.shape[0] == 1 and wq.shape[1] % 512 == 0:
+        return quant_gemm.fp8_cast_gemv(x, None, wq, w_scale, bias, row.dtype,
+                                        quantize_x=True, add=add)
+    return carried_reference.fp8_linear(x, wq, w_scale, bias, row.dtype, add)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -14,8 +14,11 @@ down_proj hands its plain output to the final norm. Same function as
 LlamaDecoderLayer, the same rounding of the residual stream; the normalized rows agree to the
 dtype's rounding (carried_norm.py says why not to the bit).
 
+FP8 W8A8 (the one-row cast kernel) carries norms too, and its consumers take the producers'
+max |xn| with the sums of squares: they quantize xn to e4m3 without a pass over the row.
+
 Possible (`chainable`) in half precision when every layer has a dense MLP and all four
-matmuls' methods carry norms (unquantized, int8, int4), with one rank. On by default for
+matmuls' methods carry norms (unquantized, int8, int4, FP8 W8A8), with one rank. On by default for
 quantized weights only: on the H200 (Llama-3.1-8B shapes, batch 1, graph replay) it took
 int4 1.944 -> 1.900 ms and int8 2.381 -> 2.356, but bf16 3.819 -> 3.858 (the partial sums'
 load and reduction at the end of every consumer program cost more than the norm launches

@@ -46,6 +46,14 @@ class Fp8LinearMethod(LinearMethod):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         return ops.fp8_linear(x, layer.weight_q, layer.weight_scale, bias)
 
+    def carries_norm(self, layer: nn.Module) -> bool:
+        return True
+
+    def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
+                      bias: torch.Tensor | None = None, add: AddNorm | None = None
+                      ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
+        return ops.carried_fp8_linear(x, layer.weight_q, layer.weight_scale, bias, add)
+
 
 class Int8WeightOnlyMethod(LinearMethod):
     """W8A16: int8 weights, per-output-channel scales; the matmul runs in the activation

@@ -59,6 +59,27 @@ def test_the_chain_decodes_like_the_plain_layers(tmp_path, arch, kw, quant):
     assert not torch.equal(got, plain)  # a different computation, not the plain one again
 
 
+@pytest.mark.parametrize("arch,kw", [("LlamaForCausalLM", {}),
+                                     ("Qwen2ForCausalLM", {}),
+                                     ("Qwen3ForCausalLM", dict(head_dim=32))])
+def test_the_fp8_chain_is_as_close_to_bf16_as_the_plain_fp8_layers(tmp_path, arch, kw):
+    """FP8 W8A8: the chain quantizes xn rather than the normed row, and e4m3's steps (2^-3)
+    turn the two bf16 roundings' differences into codes a step apart now and then, so the
+    chain and the plain FP8 layers differ as much as two FP8 roundings do (~7% of this
+    random model's logits). What must hold: each is as far from the unquantized model's
+    output (~15%) as the other."""
+    path = make_tiny_model(tmp_path, arch, **TINY, **kw)
+    base, base_kv = _decode(load_model(path, torch.bfloat16, "cpu"), chain=False)
+    model = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("fp8"))
+    assert norm_chain.chainable(model.model)
+    plain, plain_kv = _decode(model, chain=False)
+    got, got_kv = _decode(model, chain=True)
+    assert _rel(got, plain) < 0.12
+    assert _rel(got, base) < 1.2 * _rel(plain, base)
+    assert (max(_rel(a, b) for a, b in zip(got_kv, base_kv))
+            < 1.2 * max(_rel(a, b) for a, b in zip(plain_kv, base_kv)))
+
+
 def test_the_producer_and_consumer_compose_to_add_norm_matmul():
     g = torch.Generator().manual_seed(0)
     y, res = (torch.randn(1, 256, generator=g).to(torch.bfloat16) for _ in range(2))
@@ -80,6 +101,31 @@ def test_the_producer_and_consumer_compose_to_add_norm_matmul():
     nxt, s2 = ref.linear(row, w, b, torch.bfloat16, ref.AddNorm(r96, nw[:96], 1e-5))
     assert torch.equal(s2, ref.linear(row, w, b, torch.bfloat16) + r96)
     assert torch.equal(nxt.x, (s2.float() * nw[:96].float()).to(torch.bfloat16))
+    assert torch.equal(nxt.amax, nxt.x.abs().amax().float().reshape(1))  # for FP8 consumers
+
+
+def test_the_fp8_consumer_quantizes_xn_as_well_as_the_normed_row():
+    """FP8 W8A8 after a carried norm quantizes xn (the norm's scale cancels in x / amax):
+    as close to the exact float32 product as W8A8 on the plain norm's row; and the
+    reference's producer end is the plain product's."""
+    from tandem.kernels.reference import quant
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(1, 4096, generator=g) * 3).to(torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(4096, generator=g)).to(torch.bfloat16)
+    wq, ws = quant.quantize_fp8(torch.randn(192, 4096, generator=g) / 64)
+    row, _ = ref.add_norm(torch.zeros_like(s), ref.AddNorm(s, nw, 1e-5))
+    got = ref.fp8_linear(row, wq, ws, None, torch.bfloat16)
+    want = quant.fp8_linear(rms_norm(s, nw, 1e-5), wq, ws)
+    exact = torch.nn.functional.linear(
+        s.float() * torch.rsqrt(s.float().pow(2).mean() + 1e-5) * nw.float(),
+        wq.float() * ws[:, None])
+    assert got.dtype == torch.bfloat16 and _rel(got, want) < 4e-2
+    assert not torch.equal(got, want)  # xn itself was quantized, not the normed row
+    assert _rel(got, exact) < 1.2 * _rel(want, exact)
+    r192 = torch.randn(1, 192, generator=g).to(torch.bfloat16)
+    nxt, s2 = ref.fp8_linear(s, wq, ws, None, torch.bfloat16,
+                             ref.AddNorm(r192, nw[:192], 1e-5))
+    assert torch.equal(s2, quant.fp8_linear(s, wq, ws) + r192)
 
 
 def test_when_the_chain_applies(tmp_path):
@@ -91,11 +137,12 @@ def test_when_the_chain_applies(tmp_path):
     assert norm_chain._survey(bf16.model) == (True, False)  # by default: quantized only
     int8 = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("int8"))
     assert norm_chain._survey(int8.model) == (True, True)
-    # float32 on the CPU (oneDNN), FP8 W8A8 and fp8 weight-only: not carried
+    fp8 = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("fp8"))
+    assert norm_chain._survey(fp8.model) == (True, True)  # W8A8 carries norms too
+    # float32 on the CPU (oneDNN) and fp8 weight-only: not carried
     assert not norm_chain.chainable(load_model(path, torch.float32, "cpu").model)
-    for method in ("fp8", "fp8_weight_only"):
-        m = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse(method))
-        assert not norm_chain.chainable(m.model)
+    m = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("fp8_weight_only"))
+    assert not norm_chain.chainable(m.model)
     moe = load_model(make_tiny_model(tmp_path / "moe", "MixtralForCausalLM"), torch.bfloat16,
                      "cpu")
     assert not norm_chain.chainable(moe.model)

@@ -1,12 +1,13 @@
 """The two ends of a carried RMSNorm in a GEMV (spec: kernels/reference/carried_norm.py), shared
-by the bf16 GEMV (gemv.py) and the int8/int4 one (quant_gemm.py):
+by the bf16 GEMV (gemv.py) and the int8/int4 and FP8 ones (quant_gemm.py):
 
     norm_scale       the consumer's rsqrt(sum(sumsq) / K + eps), from the producer's P
                      partial sums (one a program: 1-4 KB from L2, once a program, after
                      its loop)
     add_norm_store   the producer's epilogue: y rounded, s = round(y + residual) stored,
                      xn = round(s * w_norm) stored as the GEMV's output, and the program's
-                     sum of s^2 stored at sumsq[pid]
+                     sum of s^2 stored at sumsq[pid], its max |xn| at amax[pid] (for an FP8
+                     consumer: row_amax)
 
 Loading the partial sums, the residual and w_norm ahead of the loop instead (their latency
 under the weight stream) measured slower on the H200: +140 us a step in bf16, +90 in int8
@@ -33,7 +34,14 @@ def norm_scale(ss_ptr, P, K, eps, P_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, xn_ptr, ss_ptr):
+def row_amax(am_ptr, P, P_BLOCK: tl.constexpr):
+    """max |xn| over the row, from the producer's P partial maxima (exact: max is)."""
+    p = tl.arange(0, P_BLOCK)
+    return tl.max(tl.load(am_ptr + p, mask=p < P, other=0.0), 0)
+
+
+@triton.jit
+def add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, xn_ptr, ss_ptr, am_ptr):
     """y (BLOCK_N,) float32: output rows n of this program, bias added."""
     dt = s_ptr.dtype.element_ty
     r = tl.load(r_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -41,8 +49,10 @@ def add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, xn_ptr, ss_ptr):
     tl.store(s_ptr + n, s, mask=n_ok)
     s32 = s.to(tl.float32)
     nw = tl.load(nw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(xn_ptr + n, (s32 * nw).to(xn_ptr.dtype.element_ty), mask=n_ok)
+    xn = (s32 * nw).to(xn_ptr.dtype.element_ty)
+    tl.store(xn_ptr + n, xn, mask=n_ok)
     tl.store(ss_ptr + pid, tl.sum(tl.where(n_ok, s32 * s32, 0.0), 0))
+    tl.store(am_ptr + pid, tl.max(tl.where(n_ok, tl.abs(xn.to(tl.float32)), 0.0), 0))
 
 
 def norm_args(x: torch.Tensor | NormedRow) -> tuple[torch.Tensor, tuple, dict]:
@@ -57,12 +67,18 @@ def norm_args(x: torch.Tensor | NormedRow) -> tuple[torch.Tensor, tuple, dict]:
 
 def add_args(add: AddNorm | None, y: torch.Tensor, programs: int
              ) -> tuple[tuple, torch.Tensor | None, torch.Tensor | None]:
-    """((residual, w_norm, s, sumsq) kernel args, s, sumsq) of a producer GEMV writing y
-    with `programs` programs; dummies (y) when add is None."""
+    """((residual, w_norm, s, sumsq, amax) kernel args, s, (sumsq, amax)) of a producer GEMV
+    writing y with `programs` programs; dummies (y) when add is None."""
     if add is None:
-        return (y, y, y, y), None, None
+        return (y, y, y, y, y), None, None
     assert add.residual.shape == y.shape and add.residual.is_contiguous(), \
         "the residual must be one contiguous row shaped like the output"
     s = torch.empty_like(y)
-    sumsq = torch.empty(programs, dtype=torch.float32, device=y.device)
-    return (add.residual, add.weight, s, sumsq), s, sumsq
+    parts = torch.empty(2, programs, dtype=torch.float32, device=y.device)
+    return (add.residual, add.weight, s, parts[0], parts[1]), s, (parts[0], parts[1])
+
+
+def normed_row(y: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor], add: AddNorm
+               ) -> NormedRow:
+    """A producer GEMV's output row as the next norm's NormedRow (parts: add_args')."""
+    return NormedRow(y, parts[0], add.eps, parts[1])

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
-from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
+from tandem.kernels.triton.carried_norm import (add_args, add_norm_store, norm_args, norm_scale,
+                                               normed_row)
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -47,7 +48,7 @@ def _load_w(rows, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, eps,
-                 r_ptr, nw_ptr, s_ptr, ss_ptr,
+                 r_ptr, nw_ptr, s_ptr, ss_ptr, am_ptr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
                  ADD_NORM: tl.constexpr, PDL: tl.constexpr):
@@ -70,7 +71,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, ep
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:
-        add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, y_ptr, ss_ptr)
+        add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, y_ptr, ss_ptr, am_ptr)
     else:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -88,13 +89,13 @@ def gemv(x: torch.Tensor | NormedRow, weight: torch.Tensor, bias: torch.Tensor |
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     programs = triton.cdiv(n_out, block_n)
-    add_in, s, sumsq = add_args(add, y, programs)
+    add_in, s, parts = add_args(add, y, programs)
     _gemv_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, y, n_out, k_in, weight.stride(0),
         *norm_in, *add_in, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k_in % block_k == 0, ADD_NORM=add is not None, **norm_flags, num_warps=warps,
         num_stages=stages, **launch_options(x))
-    return y if add is None else (NormedRow(y, sumsq, add.eps), s)
+    return y if add is None else (normed_row(y, parts, add), s)
 
 
 def default_config(n_out: int, k_in: int) -> tuple[int, int, int, int]:

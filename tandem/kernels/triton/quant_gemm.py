@@ -51,7 +51,8 @@ import triton.language as tl
 
 from tandem import envs
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
-from tandem.kernels.triton.carried_norm import add_args, add_norm_store, norm_args, norm_scale
+from tandem.kernels.triton.carried_norm import (add_args, add_norm_store, norm_args, norm_scale,
+                                               normed_row, row_amax)
 from tandem.kernels.triton.fp8_gemv import e4m3_scale, fp8_dot_gemv, to_e4m3
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
@@ -132,7 +133,7 @@ def _load_x(x_ptrs, word, kw0, KW, PER: tl.constexpr, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, stride_ym,
-                 ss_in_ptr, P_in, eps, r_ptr, nw_ptr, sres_ptr, ss_ptr,
+                 ss_in_ptr, P_in, eps, r_ptr, nw_ptr, sres_ptr, ss_ptr, am_ptr,
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM_IN: tl.constexpr,
@@ -166,7 +167,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:  # one row
-        add_norm_store(y, n, n_ok, tl.program_id(1), r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr)
+        add_norm_store(y, n, n_ok, tl.program_id(1), r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr,
+                       am_ptr)
     else:
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -197,16 +199,20 @@ def _float_tile(x_ptr, w, k0, x_inv, QUANT_X: tl.constexpr, BLOCK_N: tl.constexp
 
 @triton.jit
 def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_xm, stride_ym,
+                       ss_in_ptr, P_in, eps, am_in_ptr, r_ptr, nw_ptr, sres_ptr, ss_ptr, am_ptr,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
-                       AMAX_K: tl.constexpr, PDL: tl.constexpr):
+                       AMAX_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
+                       AMAX_IN: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     """fp8 weights (per-channel scales), cast in the loop: e4m3 converts in pairs (cvt to
     f16x2), no I2F. Each weight then goes to float32 (a second conversion a weight: the
     conversion unit's 16 lanes/clk/SM cap that near 2.8 TB/s), or, HALF (W8A8 only),
     stays fp16 for its product and a sum of eight (_float_tile). QUANT_X: x is half
     precision and each program quantizes its row to e4m3 itself, with the same arithmetic as
     _fp8_rows_kernel (a pass over the row for its amax, ~8 KB from L2), instead of a separate
-    kernel per linear."""
+    kernel per linear. One row may carry an RMSNorm (carried_norm.py): NORM_IN, x the
+    producer's xn with its sums of squares, and AMAX_IN its partial maxima of |xn| (no pass
+    over the row here); ADD_NORM, the producer's epilogue."""
     if PDL:
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -222,7 +228,9 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
     x_inv = 1.0
-    if QUANT_X:  # K / AMAX_K loads of x, each an L2 round trip (fp8_amax_k)
+    if QUANT_X and AMAX_IN:  # one load of the producer's P partial maxima
+        x_scale, x_inv = e4m3_scale(row_amax(am_in_ptr, P_in, P_BLOCK))
+    elif QUANT_X:  # K / AMAX_K loads of x, each an L2 round trip (fp8_amax_k)
         ka = tl.arange(0, AMAX_K)
         amax = tl.zeros([AMAX_K], dtype=tl.float32)
         for k0 in range(0, K, AMAX_K):
@@ -240,9 +248,14 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         y *= tl.load(xs_ptr + m)
     if QUANT_X:
         y *= x_scale
+    if NORM_IN:  # one row
+        y *= norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if ADD_NORM:  # one row
+        add_norm_store(y, n, n_ok, pid_n, r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr, am_ptr)
+    else:
+        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -446,7 +459,7 @@ def int_gemv(x2: torch.Tensor | NormedRow, qweight: torch.Tensor, scales: torch.
     block_n, block_kw, warps = config or gemv_config(bits, n, k)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     programs = triton.cdiv(n, block_n)
-    add_in, s, sumsq = add_args(add, y, programs)
+    add_in, s, parts = add_args(add, y, programs)
     _gemv_kernel[(m, programs)](
         x2, words, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, n, kw, x2.stride(0), y.stride(0),
@@ -455,7 +468,7 @@ def int_gemv(x2: torch.Tensor | NormedRow, qweight: torch.Tensor, scales: torch.
         BLOCK_KW=block_kw, EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0,
         ADD_NORM=add is not None, **norm_flags, num_warps=warps, num_stages=1,
         **launch_options(x2))
-    return y if add is None else (NormedRow(y, sumsq, add.eps), s)
+    return y if add is None else (normed_row(y, parts, add), s)
 
 
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -531,15 +544,23 @@ def fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
     return fp8_cast_gemv(xq, x_scale, wq, w_scale, bias, out_dtype, config, quantize_x)
 
 
-def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
-                  w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                  config: tuple[int, int, int] | None = None,
-                  quantize_x: bool = False) -> torch.Tensor:
+def fp8_cast_gemv(xq: torch.Tensor | NormedRow, x_scale: torch.Tensor | None,
+                  wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype, config: tuple[int, int, int] | None = None,
+                  quantize_x: bool = False, add: AddNorm | None = None
+                  ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """fp8_gemv on CUDA cores, each weight cast (K a multiple of BLOCK_K). config (BLOCK_N,
     BLOCK_K, num_warps[, half]): fp8_gemv_config by default; half (W8A8 only; default
-    FP8_CAST_HALF there): products and sums of eight in fp16 (_float_tile)."""
+    FP8_CAST_HALF there): products and sums of eight in fp16 (_float_tile). One row may carry
+    an RMSNorm (carried_norm.py): xq a NormedRow (quantized in the kernel, quantize_x, from
+    its amax where the producer left one), and/or `add` (then the result is (NormedRow of the
+    next norm, the new residual))."""
+    amax_in = xq.amax if isinstance(xq, NormedRow) and quantize_x else None
+    xq, norm_in, norm_flags = norm_args(xq)
     m, k = xq.shape
     n = wq.shape[0]
+    assert m == 1 or (add is None and not norm_flags["NORM_IN"]), "a carried norm is one row"
+    assert amax_in is None or amax_in.numel() == norm_in[1], "one partial max a sum of squares"
     w8a8 = quantize_x or x_scale is not None
     default_half = FP8_CAST_HALF and w8a8
     block_n, block_k, warps, *rest = config or fp8_gemv_config(n, k, default_half)
@@ -547,14 +568,18 @@ def fp8_cast_gemv(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tens
     if half and not w8a8:
         raise ValueError("fp8_cast_gemv: fp16 products need x in e4m3 (W8A8)")
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    _gemv_float_kernel[(triton.cdiv(n, block_n), m)](
+    programs = triton.cdiv(n, block_n)
+    add_in, s, parts = add_args(add, y, programs)
+    _gemv_float_kernel[(programs, m)](
         xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
+        *norm_in, amax_in if amax_in is not None else w_scale, *add_in,
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
         **launch_options(xq), BLOCK_N=block_n,
         BLOCK_K=block_k, HALF=half, AMAX_K=fp8_amax_k(k, block_k, warps) if quantize_x else 16,
+        AMAX_IN=amax_in is not None, ADD_NORM=add is not None, **norm_flags,
         num_warps=warps, num_stages=1)
-    return y
+    return y if add is None else (normed_row(y, parts, add), s)
 
 
 def supported(x: torch.Tensor, k: int, bits: int, group_size: int) -> bool:
