@@ -6,6 +6,11 @@
 #   latency  batch-1 decode 512 in / 256 out: bf16, then FP8 with its head with the chain on
 #            (the default) and off (TANDEM_NORM_CHAIN=0), twice, interleaved, then bf16
 #   diag     the FP8 step's kernels, chain off and on (scripts/diag_decode.py --env-ab)
+#   chain    bf16 batch-1 128 in / 256 out (issue 16's figure) with the chain off (the
+#            default), on (TANDEM_NORM_CHAIN=all) and on with the consumers' sums of squares
+#            loaded early (TANDEM_NORM_EARLY=1), twice; then at 512 in / 256 out bf16, INT4,
+#            INT8 and FP8 with their heads, FP8 with early loads too
+#   early-tests  the carried-norm GPU tests with TANDEM_NORM_EARLY=1
 # Outputs under $OUT. Carry the server wheels as .whl/site.tar.xz, then:
 #   mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 # Usage: OUT=dir DEADLINE=570 bash bench/run_eighteenth_h200.sh [tests latency diag]
@@ -13,6 +18,9 @@
 L="--batch-size 1 --input-len 512 --output-len 256 --max-model-len 1024 --max-num-seqs 1
    --iters 3 --no-progress"
 Q="--quantization bench/configs/quant-policies/fp8-with-head.json"
+S="--batch-size 1 --input-len 128 --output-len 256 --max-model-len 1024 --max-num-seqs 1
+   --iters 3 --no-progress"
+P=bench/configs/quant-policies
 [ $# -gt 0 ] || set -- tests latency
 for what in "$@"; do
   case $what in
@@ -26,6 +34,20 @@ for what in "$@"; do
                TANDEM_NORM_CHAIN=0 bench latency-fp8-plain-$r 60 latency $M $Q $L
              done
              bench latency-bf16-b 60 latency $M $L ;;
+    chain) for r in a b; do
+             bench bf16-128-plain-$r 60 latency $M $S
+             TANDEM_NORM_CHAIN=all bench bf16-128-chain-$r 60 latency $M $S
+             TANDEM_NORM_CHAIN=all TANDEM_NORM_EARLY=1 bench bf16-128-early-$r 60 latency $M $S
+           done
+           bench bf16-512 60 latency $M $L
+           for q in int4 int8 fp8; do
+             bench $q-head-512 60 latency $M --quantization $P/$q-with-head.json $L
+           done
+           TANDEM_NORM_EARLY=1 bench fp8-head-early-512 60 latency $M \
+             --quantization $P/fp8-with-head.json $L ;;
+    early-tests) TANDEM_NORM_EARLY=1 step early-tests ${TESTS_S:-150} python3 -m pytest -q -rf \
+             --tb=short -p no:cacheprovider tests/kernels/test_triton_carried_norm.py
+           tail -2 "$OUT/early-tests.log"; grep -E "^FAILED" "$OUT/early-tests.log" | head -8 | cut -c1-200 ;;
     diag) step diag-fp8 ${DIAG_S:-120} python3 scripts/diag_decode.py bench/configs/llama-3.1-8b \
             /tmp/t.json bench/configs/quant-policies/fp8-with-head.json \
             --env-ab TANDEM_NORM_CHAIN=0,1 --json "$OUT/diag-fp8.json"

@@ -3,7 +3,8 @@ by the bf16 GEMV (gemv.py) and the int8/int4 and FP8 ones (quant_gemm.py):
 
     norm_scale       the consumer's rsqrt(sum(sumsq) / K + eps), from the producer's P
                      partial sums (one a program: 1-4 KB from L2, once a program, after
-                     its loop)
+                     its loop; NORM_EARLY, TANDEM_NORM_EARLY=1: right after its PDL wait,
+                     under the weight stream)
     add_norm_store   the producer's epilogue: y rounded, s = round(y + residual) stored,
                      xn = round(s * w_norm) stored as the GEMV's output, and the program's
                      sum of s^2 stored at sumsq[pid], its max |xn| at amax[pid] (for an FP8
@@ -23,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem import envs
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
+
+NORM_EARLY = envs.norm_scale_early()
 
 
 @triton.jit
@@ -60,9 +64,9 @@ def norm_args(x: torch.Tensor | NormedRow) -> tuple[torch.Tensor, tuple, dict]:
     slot holds a dummy pointer when x is a plain tensor."""
     if isinstance(x, NormedRow):
         p = x.sumsq.numel()
-        return x.x, (x.sumsq, p, x.eps), dict(NORM_IN=True,
+        return x.x, (x.sumsq, p, x.eps), dict(NORM_IN=True, NORM_EARLY=NORM_EARLY,
                                               P_BLOCK=max(16, triton.next_power_of_2(p)))
-    return x, (x, 1, 0.0), dict(NORM_IN=False, P_BLOCK=16)
+    return x, (x, 1, 0.0), dict(NORM_IN=False, NORM_EARLY=False, P_BLOCK=16)
 
 
 def add_args(add: AddNorm | None, y: torch.Tensor, programs: int

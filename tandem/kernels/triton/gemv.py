@@ -50,7 +50,8 @@ def _load_w(rows, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, eps,
                  r_ptr, nw_ptr, s_ptr, ss_ptr, am_ptr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
+                 EVEN_K: tl.constexpr, NORM_IN: tl.constexpr, NORM_EARLY: tl.constexpr,
+                 P_BLOCK: tl.constexpr,
                  ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
@@ -61,13 +62,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, ep
     w = _load_w(rows, n_ok, 0, K, BLOCK_K, EVEN_K)  # the first tile, ahead of the wait
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
+    r_in = 1.0
+    if NORM_IN and NORM_EARLY:
+        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     acc = _gemv_tile(x_ptr, rows, w, 0, K, BLOCK_K, EVEN_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         acc += _gemv_tile(x_ptr, rows, _load_w(rows, n_ok, k0, K, BLOCK_K, EVEN_K), k0, K,
                           BLOCK_K, EVEN_K)
     y = tl.sum(acc, 1)
+    if NORM_IN and not NORM_EARLY:
+        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if NORM_IN:
-        y *= norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
+        y *= r_in
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:

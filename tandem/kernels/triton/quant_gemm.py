@@ -137,6 +137,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM_IN: tl.constexpr,
+                 NORM_EARLY: tl.constexpr,
                  P_BLOCK: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
@@ -152,6 +153,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     w = _load_words(w_ptrs, n_ok, word, 0, KW, EVEN_N and EVEN_K)  # ahead of the wait
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
+    r_in = 1.0
+    if NORM_IN and NORM_EARLY:
+        r_in = norm_scale(ss_in_ptr, P_in, KW * PER, eps, P_BLOCK)
     acc = _int_tile(w, _load_x(x_ptrs, word, 0, KW, PER, EVEN_K),
                     tl.zeros([Q, BLOCK_N], dtype=tl.float32), s_ptr, z_ptr, n, n_ok, 0, KW,
                     quad, BITS, G, HAS_ZERO)
@@ -162,8 +166,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     y = tl.sum(acc, 0) * (2.0 ** 49)  # (BLOCK_N,)
     if BITS == 8:
         y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
-    if NORM_IN:  # one row (carried_norm.py)
-        y *= norm_scale(ss_in_ptr, P_in, KW * PER, eps, P_BLOCK)
+    if NORM_IN and not NORM_EARLY:  # one row (carried_norm.py)
+        r_in = norm_scale(ss_in_ptr, P_in, KW * PER, eps, P_BLOCK)
+    if NORM_IN:
+        y *= r_in
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:  # one row
@@ -202,7 +208,8 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
                        ss_in_ptr, P_in, eps, am_in_ptr, r_ptr, nw_ptr, sres_ptr, ss_ptr, am_ptr,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
-                       AMAX_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
+                       AMAX_K: tl.constexpr, NORM_IN: tl.constexpr, NORM_EARLY: tl.constexpr,
+                       P_BLOCK: tl.constexpr,
                        AMAX_IN: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
     """fp8 weights (per-channel scales), cast in the loop: e4m3 converts in pairs (cvt to
     f16x2), no I2F. Each weight then goes to float32 (a second conversion a weight: the
@@ -228,6 +235,9 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
     x_inv = 1.0
+    r_in = 1.0
+    if NORM_IN and NORM_EARLY:
+        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if QUANT_X and AMAX_IN:  # one load of the producer's P partial maxima
         x_scale, x_inv = e4m3_scale(row_amax(am_in_ptr, P_in, P_BLOCK))
     elif QUANT_X:  # K / AMAX_K loads of x, each an L2 round trip (fp8_amax_k)
@@ -248,8 +258,10 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         y *= tl.load(xs_ptr + m)
     if QUANT_X:
         y *= x_scale
-    if NORM_IN:  # one row
-        y *= norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
+    if NORM_IN and not NORM_EARLY:  # one row
+        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
+    if NORM_IN:
+        y *= r_in
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:  # one row
