@@ -7,10 +7,10 @@
 #            (the default) and off (TANDEM_NORM_CHAIN=0), twice, interleaved, then bf16
 #   diag     the FP8 step's kernels, chain off and on (scripts/diag_decode.py --env-ab)
 #   chain    bf16 batch-1 128 in / 256 out (issue 16's figure) with the chain off (the
-#            default), on (TANDEM_NORM_CHAIN=all) and on with the consumers' sums of squares
-#            loaded early (TANDEM_NORM_EARLY=1), twice; then at 512 in / 256 out bf16, INT4,
-#            INT8 and FP8 with their heads, FP8 with early loads too
-#   early-tests  the carried-norm GPU tests with TANDEM_NORM_EARLY=1
+#            default) and on (TANDEM_NORM_CHAIN=all), twice
+#   quant    batch-1 512 in / 256 out: bf16, then INT4, INT8 and FP8 with their heads, twice
+#   (184b19a ran `chain` with a third variant, TANDEM_NORM_EARLY=1, since removed, and FP8
+#   with it; see bench/results/2026-12-02-h200-eighteenth-184b19a/)
 # Outputs under $OUT. Carry the server wheels as .whl/site.tar.xz, then:
 #   mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 # Usage: OUT=dir DEADLINE=570 bash bench/run_eighteenth_h200.sh [tests latency diag]
@@ -37,17 +37,13 @@ for what in "$@"; do
     chain) for r in a b; do
              bench bf16-128-plain-$r 60 latency $M $S
              TANDEM_NORM_CHAIN=all bench bf16-128-chain-$r 60 latency $M $S
-             TANDEM_NORM_CHAIN=all TANDEM_NORM_EARLY=1 bench bf16-128-early-$r 60 latency $M $S
-           done
-           bench bf16-512 60 latency $M $L
-           for q in int4 int8 fp8; do
-             bench $q-head-512 60 latency $M --quantization $P/$q-with-head.json $L
-           done
-           TANDEM_NORM_EARLY=1 bench fp8-head-early-512 60 latency $M \
-             --quantization $P/fp8-with-head.json $L ;;
-    early-tests) TANDEM_NORM_EARLY=1 step early-tests ${TESTS_S:-150} python3 -m pytest -q -rf \
-             --tb=short -p no:cacheprovider tests/kernels/test_triton_carried_norm.py
-           tail -2 "$OUT/early-tests.log"; grep -E "^FAILED" "$OUT/early-tests.log" | head -8 | cut -c1-200 ;;
+           done ;;
+    quant) for r in a b; do
+             bench bf16-512-$r 60 latency $M $L
+             for q in int4 int8 fp8; do
+               bench $q-head-512-$r 60 latency $M --quantization $P/$q-with-head.json $L
+             done
+           done ;;
     diag) step diag-fp8 ${DIAG_S:-120} python3 scripts/diag_decode.py bench/configs/llama-3.1-8b \
             /tmp/t.json bench/configs/quant-policies/fp8-with-head.json \
             --env-ab TANDEM_NORM_CHAIN=0,1 --json "$OUT/diag-fp8.json"

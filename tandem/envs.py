@@ -78,15 +78,6 @@ def norm_chain_mode() -> str:
     return mode
 
 
-def norm_scale_early() -> bool:
-    """TANDEM_NORM_EARLY=1: a carried norm's consumer GEMV loads the producer's sums of
-    squares right after its PDL wait, under its weight stream, instead of after its loop."""
-    value = os.environ.get("TANDEM_NORM_EARLY", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TANDEM_NORM_EARLY={value!r}: use 0 or 1")
-    return value == "1"
-
-
 def prefill_tma() -> bool:
     return os.environ.get("TANDEM_PREFILL_TMA", "1") != "0"
 

@@ -27,6 +27,10 @@ from tandem.quantization.policy import QuantPolicy
 class LinearMethod:
     """The interface: create parameters, post-process them after loading, apply."""
 
+    # apply_carried quantizes its input row per token (FP8 W8A8): a carried norm's producer
+    # leaves max |xn| for it (kernels/reference/carried_norm.py)
+    carried_amax = False
+
     def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
         """Register `layer.weight` (output_size, input_size) for this rank's shard."""
         layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)

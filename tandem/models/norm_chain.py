@@ -81,24 +81,28 @@ def _apply(linear: nn.Module, x: torch.Tensor | NormedRow, add: AddNorm | None =
     return linear.method.apply_carried(linear, x, linear.bias, add)
 
 
-def _add_norm(residual: torch.Tensor, norm: nn.Module) -> AddNorm:
-    return AddNorm(residual, norm.weight, norm.eps)
+def _add_norm(residual: torch.Tensor, norm: nn.Module, consumer: nn.Module) -> AddNorm:
+    """The producer's epilogue for `norm`, whose output `consumer` multiplies (an FP8 W8A8
+    consumer also takes the producer's max |xn|)."""
+    return AddNorm(residual, norm.weight, norm.eps, consumer.method.carried_amax)
 
 
 def decoder_layer(layer: nn.Module, positions: torch.Tensor, x: torch.Tensor | NormedRow,
                   residual: torch.Tensor, meta: AttentionMetadata,
-                  next_norm: nn.Module | None
+                  next_layer: nn.Module | None
                   ) -> tuple[torch.Tensor | NormedRow, torch.Tensor]:
     """One layer: x is its input norm's output (NormedRow, or a tensor for layer 0) ->
-    (next_norm's NormedRow, or the plain output when next_norm is None; the residual)."""
+    (next_layer's input norm's NormedRow, or the plain output when next_layer is None; the
+    residual)."""
     attn, mlp = layer.self_attn, layer.mlp
     qkv = _apply(attn.qkv_proj, x)
     x, residual = _apply(attn.o_proj, attn.attend_qkv(positions, qkv, meta),
-                         _add_norm(residual, layer.post_attention_layernorm))
+                         _add_norm(residual, layer.post_attention_layernorm, mlp.gate_up_proj))
     act = mlp.act_fn(_apply(mlp.gate_up_proj, x))
-    if next_norm is None:
+    if next_layer is None:
         return _apply(mlp.down_proj, act), residual
-    return _apply(mlp.down_proj, act, _add_norm(residual, next_norm))
+    return _apply(mlp.down_proj, act, _add_norm(residual, next_layer.input_layernorm,
+                                                next_layer.self_attn.qkv_proj))
 
 
 def forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -108,7 +112,7 @@ def forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
     residual = model.embed_tokens(input_ids)
     x = layers[0].input_layernorm(residual)
     for i, layer in enumerate(layers):
-        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
-        x, residual = decoder_layer(layer, positions, x, residual, meta, next_norm)
+        x, residual = decoder_layer(layer, positions, x, residual, meta,
+                                    layers[i + 1] if i + 1 < len(layers) else None)
     hidden, _ = model.norm(x, residual)
     return hidden

@@ -36,6 +36,7 @@ class Fp8LinearMethod(LinearMethod):
     """W8A8: e4m3 weights with per-output-channel scales; activations per token at run time."""
 
     name, weight_bits = "fp8", 8.0
+    carried_amax = True
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         wq, scale = quant.quantize_fp8(_take_weight(layer))

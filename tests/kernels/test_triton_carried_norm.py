@@ -65,7 +65,7 @@ def test_producer_epilogue_matches_the_reference(kind, n, k, dtype, bias):
     b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
     res = torch.randn(1, n, device="cuda", generator=g).to(dtype)
     nw = (1 + 0.1 * torch.randn(n, device="cuda", generator=g)).to(dtype)
-    add = ref.AddNorm(res, nw, 1e-5)
+    add = ref.AddNorm(res, nw, 1e-5, amax=True)  # max |xn| too, as for an FP8 consumer
     y = run(x, b, None)  # the same kernel's plain output: same sums, same order
     row, s = run(x, b, add)
     want_row, want_s = ref.add_norm(y, add)
@@ -74,6 +74,8 @@ def test_producer_epilogue_matches_the_reference(kind, n, k, dtype, bias):
     torch.testing.assert_close(row.sumsq.sum(), want_row.sumsq.sum(), rtol=1e-5, atol=0)
     assert row.amax.shape == row.sumsq.shape and torch.equal(row.amax.max(), want_row.amax[0])
     assert row.eps == 1e-5
+    row0, s0 = run(x, b, ref.AddNorm(res, nw, 1e-5))  # not asked: no maxima
+    assert row0.amax is None and torch.equal(row0.x, row.x) and torch.equal(s0, s)
 
 
 @pytest.mark.parametrize("kind", KINDS)

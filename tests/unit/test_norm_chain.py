@@ -101,7 +101,9 @@ def test_the_producer_and_consumer_compose_to_add_norm_matmul():
     nxt, s2 = ref.linear(row, w, b, torch.bfloat16, ref.AddNorm(r96, nw[:96], 1e-5))
     assert torch.equal(s2, ref.linear(row, w, b, torch.bfloat16) + r96)
     assert torch.equal(nxt.x, (s2.float() * nw[:96].float()).to(torch.bfloat16))
-    assert torch.equal(nxt.amax, nxt.x.abs().amax().float().reshape(1))  # for FP8 consumers
+    assert nxt.amax is None  # max |xn| only where asked (for FP8 consumers)
+    nxt, _ = ref.linear(row, w, b, torch.bfloat16, ref.AddNorm(r96, nw[:96], 1e-5, amax=True))
+    assert torch.equal(nxt.amax, nxt.x.abs().amax().float().reshape(1))
 
 
 def test_the_fp8_consumer_quantizes_xn_as_well_as_the_normed_row():
@@ -139,6 +141,12 @@ def test_when_the_chain_applies(tmp_path):
     assert norm_chain._survey(int8.model) == (True, True)
     fp8 = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("fp8"))
     assert norm_chain._survey(fp8.model) == (True, True)  # W8A8 carries norms too
+    # producers leave max |xn| for FP8 consumers only (a second reduction in each program)
+    res = torch.zeros(1, TINY["hidden_size"], dtype=torch.bfloat16)
+    for m, want in ((fp8, True), (int8, False)):
+        layer = m.model.layers[0]
+        assert norm_chain._add_norm(res, layer.post_attention_layernorm,
+                                    layer.mlp.gate_up_proj).amax is want
     # float32 on the CPU (oneDNN) and fp8 weight-only: not carried
     assert not norm_chain.chainable(load_model(path, torch.float32, "cpu").model)
     m = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("fp8_weight_only"))

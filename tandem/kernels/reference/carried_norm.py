@@ -46,10 +46,12 @@ class NormedRow:
 @dataclass(frozen=True, slots=True)
 class AddNorm:
     """What a producer's epilogue needs: the residual stream to add its output to, and the
-    weight and eps of the RMSNorm that follows."""
+    weight and eps of the RMSNorm that follows; amax: also leave max |xn| (the consumer is
+    FP8 W8A8)."""
     residual: torch.Tensor
     weight: torch.Tensor
     eps: float
+    amax: bool = False
 
 
 def add_norm(y: torch.Tensor, add: AddNorm) -> tuple[NormedRow, torch.Tensor]:
@@ -57,8 +59,8 @@ def add_norm(y: torch.Tensor, add: AddNorm) -> tuple[NormedRow, torch.Tensor]:
     s = y + add.residual
     s32 = s.float()
     xn = (s32 * add.weight.float()).to(s.dtype)
-    return NormedRow(xn, s32.pow(2).sum(-1).reshape(1), add.eps,
-                     xn.abs().amax(-1).float().reshape(1)), s
+    amax = xn.abs().amax(-1).float().reshape(1) if add.amax else None
+    return NormedRow(xn, s32.pow(2).sum(-1).reshape(1), add.eps, amax), s
 
 
 def linear(x: torch.Tensor | NormedRow, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -3,12 +3,11 @@ by the bf16 GEMV (gemv.py) and the int8/int4 and FP8 ones (quant_gemm.py):
 
     norm_scale       the consumer's rsqrt(sum(sumsq) / K + eps), from the producer's P
                      partial sums (one a program: 1-4 KB from L2, once a program, after
-                     its loop; NORM_EARLY, TANDEM_NORM_EARLY=1: right after its PDL wait,
-                     under the weight stream)
+                     its loop)
     add_norm_store   the producer's epilogue: y rounded, s = round(y + residual) stored,
                      xn = round(s * w_norm) stored as the GEMV's output, and the program's
-                     sum of s^2 stored at sumsq[pid], its max |xn| at amax[pid] (for an FP8
-                     consumer: row_amax)
+                     sum of s^2 stored at sumsq[pid] (AMAX_OUT, for an FP8 consumer: its
+                     max |xn| at amax[pid], which the consumer reduces with row_amax)
 
 Loading the partial sums, the residual and w_norm ahead of the loop instead (their latency
 under the weight stream) measured slower on the H200: +140 us a step in bf16, +90 in int8
@@ -24,10 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem import envs
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
-
-NORM_EARLY = envs.norm_scale_early()
 
 
 @triton.jit
@@ -45,7 +41,8 @@ def row_amax(am_ptr, P, P_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, xn_ptr, ss_ptr, am_ptr):
+def add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, xn_ptr, ss_ptr, am_ptr,
+                   AMAX_OUT: tl.constexpr):
     """y (BLOCK_N,) float32: output rows n of this program, bias added."""
     dt = s_ptr.dtype.element_ty
     r = tl.load(r_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -56,7 +53,8 @@ def add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, xn_ptr, ss_ptr, am_ptr
     xn = (s32 * nw).to(xn_ptr.dtype.element_ty)
     tl.store(xn_ptr + n, xn, mask=n_ok)
     tl.store(ss_ptr + pid, tl.sum(tl.where(n_ok, s32 * s32, 0.0), 0))
-    tl.store(am_ptr + pid, tl.max(tl.where(n_ok, tl.abs(xn.to(tl.float32)), 0.0), 0))
+    if AMAX_OUT:  # only where asked: a second reduction at every program's end
+        tl.store(am_ptr + pid, tl.max(tl.where(n_ok, tl.abs(xn.to(tl.float32)), 0.0), 0))
 
 
 def norm_args(x: torch.Tensor | NormedRow) -> tuple[torch.Tensor, tuple, dict]:
@@ -64,25 +62,26 @@ def norm_args(x: torch.Tensor | NormedRow) -> tuple[torch.Tensor, tuple, dict]:
     slot holds a dummy pointer when x is a plain tensor."""
     if isinstance(x, NormedRow):
         p = x.sumsq.numel()
-        return x.x, (x.sumsq, p, x.eps), dict(NORM_IN=True, NORM_EARLY=NORM_EARLY,
+        return x.x, (x.sumsq, p, x.eps), dict(NORM_IN=True,
                                               P_BLOCK=max(16, triton.next_power_of_2(p)))
-    return x, (x, 1, 0.0), dict(NORM_IN=False, NORM_EARLY=False, P_BLOCK=16)
+    return x, (x, 1, 0.0), dict(NORM_IN=False, P_BLOCK=16)
 
 
 def add_args(add: AddNorm | None, y: torch.Tensor, programs: int
-             ) -> tuple[tuple, torch.Tensor | None, torch.Tensor | None]:
-    """((residual, w_norm, s, sumsq, amax) kernel args, s, (sumsq, amax)) of a producer GEMV
-    writing y with `programs` programs; dummies (y) when add is None."""
+             ) -> tuple[tuple, dict, torch.Tensor | None, torch.Tensor | None]:
+    """((residual, w_norm, s, sumsq, amax) kernel args, constexprs, s, parts (2, programs):
+    sums of squares and maxima) of a producer GEMV writing y with `programs` programs;
+    dummies (y) when add is None."""
     if add is None:
-        return (y, y, y, y, y), None, None
+        return (y, y, y, y, y), dict(ADD_NORM=False, AMAX_OUT=False), None, None
     assert add.residual.shape == y.shape and add.residual.is_contiguous(), \
         "the residual must be one contiguous row shaped like the output"
     s = torch.empty_like(y)
-    parts = torch.empty(2, programs, dtype=torch.float32, device=y.device)
-    return (add.residual, add.weight, s, parts[0], parts[1]), s, (parts[0], parts[1])
+    parts = torch.empty(2 if add.amax else 1, programs, dtype=torch.float32, device=y.device)
+    return ((add.residual, add.weight, s, parts[0], parts[-1]),
+            dict(ADD_NORM=True, AMAX_OUT=add.amax), s, parts)
 
 
-def normed_row(y: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor], add: AddNorm
-               ) -> NormedRow:
+def normed_row(y: torch.Tensor, parts: torch.Tensor, add: AddNorm) -> NormedRow:
     """A producer GEMV's output row as the next norm's NormedRow (parts: add_args')."""
-    return NormedRow(y, parts[0], add.eps, parts[1])
+    return NormedRow(y, parts[0], add.eps, parts[1] if add.amax else None)

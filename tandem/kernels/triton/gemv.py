@@ -50,9 +50,8 @@ def _load_w(rows, n_ok, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, eps,
                  r_ptr, nw_ptr, s_ptr, ss_ptr, am_ptr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, NORM_IN: tl.constexpr, NORM_EARLY: tl.constexpr,
-                 P_BLOCK: tl.constexpr,
-                 ADD_NORM: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
+                 ADD_NORM: tl.constexpr, AMAX_OUT: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -62,22 +61,17 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w, ss_in_ptr, P_in, ep
     w = _load_w(rows, n_ok, 0, K, BLOCK_K, EVEN_K)  # the first tile, ahead of the wait
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
-    r_in = 1.0
-    if NORM_IN and NORM_EARLY:
-        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     acc = _gemv_tile(x_ptr, rows, w, 0, K, BLOCK_K, EVEN_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         acc += _gemv_tile(x_ptr, rows, _load_w(rows, n_ok, k0, K, BLOCK_K, EVEN_K), k0, K,
                           BLOCK_K, EVEN_K)
     y = tl.sum(acc, 1)
-    if NORM_IN and not NORM_EARLY:
-        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if NORM_IN:
-        y *= r_in
+        y *= norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:
-        add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, y_ptr, ss_ptr, am_ptr)
+        add_norm_store(y, n, n_ok, pid, r_ptr, nw_ptr, s_ptr, y_ptr, ss_ptr, am_ptr, AMAX_OUT)
     else:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -95,11 +89,11 @@ def gemv(x: torch.Tensor | NormedRow, weight: torch.Tensor, bias: torch.Tensor |
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     programs = triton.cdiv(n_out, block_n)
-    add_in, s, parts = add_args(add, y, programs)
+    add_in, add_flags, s, parts = add_args(add, y, programs)
     _gemv_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, y, n_out, k_in, weight.stride(0),
         *norm_in, *add_in, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k_in % block_k == 0, ADD_NORM=add is not None, **norm_flags, num_warps=warps,
+        EVEN_K=k_in % block_k == 0, **add_flags, **norm_flags, num_warps=warps,
         num_stages=stages, **launch_options(x))
     return y if add is None else (normed_row(y, parts, add), s)
 

@@ -137,8 +137,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
                  BITS: tl.constexpr, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM_IN: tl.constexpr,
-                 NORM_EARLY: tl.constexpr,
-                 P_BLOCK: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
+                 P_BLOCK: tl.constexpr, ADD_NORM: tl.constexpr, AMAX_OUT: tl.constexpr,
+                 PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
     PER: tl.constexpr = 32 // BITS
@@ -153,9 +153,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     w = _load_words(w_ptrs, n_ok, word, 0, KW, EVEN_N and EVEN_K)  # ahead of the wait
     if PDL:
         gdc_wait()  # x comes from the previous kernel (pdl.py)
-    r_in = 1.0
-    if NORM_IN and NORM_EARLY:
-        r_in = norm_scale(ss_in_ptr, P_in, KW * PER, eps, P_BLOCK)
     acc = _int_tile(w, _load_x(x_ptrs, word, 0, KW, PER, EVEN_K),
                     tl.zeros([Q, BLOCK_N], dtype=tl.float32), s_ptr, z_ptr, n, n_ok, 0, KW,
                     quad, BITS, G, HAS_ZERO)
@@ -166,15 +163,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, stride_xm, str
     y = tl.sum(acc, 0) * (2.0 ** 49)  # (BLOCK_N,)
     if BITS == 8:
         y *= tl.load(s_ptr + n, mask=n_ok, other=0.0)
-    if NORM_IN and not NORM_EARLY:  # one row (carried_norm.py)
-        r_in = norm_scale(ss_in_ptr, P_in, KW * PER, eps, P_BLOCK)
-    if NORM_IN:
-        y *= r_in
+    if NORM_IN:  # one row (carried_norm.py)
+        y *= norm_scale(ss_in_ptr, P_in, KW * PER, eps, P_BLOCK)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:  # one row
         add_norm_store(y, n, n_ok, tl.program_id(1), r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr,
-                       am_ptr)
+                       am_ptr, AMAX_OUT)
     else:
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -208,9 +203,9 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
                        ss_in_ptr, P_in, eps, am_in_ptr, r_ptr, nw_ptr, sres_ptr, ss_ptr, am_ptr,
                        HAS_BIAS: tl.constexpr, HAS_XSCALE: tl.constexpr, QUANT_X: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
-                       AMAX_K: tl.constexpr, NORM_IN: tl.constexpr, NORM_EARLY: tl.constexpr,
-                       P_BLOCK: tl.constexpr,
-                       AMAX_IN: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr):
+                       AMAX_K: tl.constexpr, NORM_IN: tl.constexpr, P_BLOCK: tl.constexpr,
+                       AMAX_IN: tl.constexpr, ADD_NORM: tl.constexpr, AMAX_OUT: tl.constexpr,
+                       PDL: tl.constexpr):
     """fp8 weights (per-channel scales), cast in the loop: e4m3 converts in pairs (cvt to
     f16x2), no I2F. Each weight then goes to float32 (a second conversion a weight: the
     conversion unit's 16 lanes/clk/SM cap that near 2.8 TB/s), or, HALF (W8A8 only),
@@ -235,9 +230,6 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         gdc_wait()  # x comes from the previous kernel (pdl.py)
     x_scale = 1.0
     x_inv = 1.0
-    r_in = 1.0
-    if NORM_IN and NORM_EARLY:
-        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if QUANT_X and AMAX_IN:  # one load of the producer's P partial maxima
         x_scale, x_inv = e4m3_scale(row_amax(am_in_ptr, P_in, P_BLOCK))
     elif QUANT_X:  # K / AMAX_K loads of x, each an L2 round trip (fp8_amax_k)
@@ -258,14 +250,13 @@ def _gemv_float_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, xs_ptr, N, K, stride_x
         y *= tl.load(xs_ptr + m)
     if QUANT_X:
         y *= x_scale
-    if NORM_IN and not NORM_EARLY:  # one row
-        r_in = norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
-    if NORM_IN:
-        y *= r_in
+    if NORM_IN:  # one row
+        y *= norm_scale(ss_in_ptr, P_in, K, eps, P_BLOCK)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if ADD_NORM:  # one row
-        add_norm_store(y, n, n_ok, pid_n, r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr, am_ptr)
+        add_norm_store(y, n, n_ok, pid_n, r_ptr, nw_ptr, sres_ptr, y_ptr, ss_ptr, am_ptr,
+                       AMAX_OUT)
     else:
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -471,14 +462,14 @@ def int_gemv(x2: torch.Tensor | NormedRow, qweight: torch.Tensor, scales: torch.
     block_n, block_kw, warps = config or gemv_config(bits, n, k)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     programs = triton.cdiv(n, block_n)
-    add_in, s, parts = add_args(add, y, programs)
+    add_in, add_flags, s, parts = add_args(add, y, programs)
     _gemv_kernel[(m, programs)](
         x2, words, scales, zeros if zeros is not None else scales,
         bias if bias is not None else scales, y, n, kw, x2.stride(0), y.stride(0),
         *norm_in, *add_in, BITS=bits, G=group_size if bits == 4 else 32,
         HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_KW=block_kw, EVEN_N=n % block_n == 0, EVEN_K=kw % block_kw == 0,
-        ADD_NORM=add is not None, **norm_flags, num_warps=warps, num_stages=1,
+        **add_flags, **norm_flags, num_warps=warps, num_stages=1,
         **launch_options(x2))
     return y if add is None else (normed_row(y, parts, add), s)
 
@@ -581,7 +572,7 @@ def fp8_cast_gemv(xq: torch.Tensor | NormedRow, x_scale: torch.Tensor | None,
         raise ValueError("fp8_cast_gemv: fp16 products need x in e4m3 (W8A8)")
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     programs = triton.cdiv(n, block_n)
-    add_in, s, parts = add_args(add, y, programs)
+    add_in, add_flags, s, parts = add_args(add, y, programs)
     _gemv_float_kernel[(programs, m)](
         xq, wq, w_scale, bias if bias is not None else w_scale, y,
         x_scale if x_scale is not None else w_scale, n, k, xq.stride(0), y.stride(0),
@@ -589,7 +580,7 @@ def fp8_cast_gemv(xq: torch.Tensor | NormedRow, x_scale: torch.Tensor | None,
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None, QUANT_X=quantize_x,
         **launch_options(xq), BLOCK_N=block_n,
         BLOCK_K=block_k, HALF=half, AMAX_K=fp8_amax_k(k, block_k, warps) if quantize_x else 16,
-        AMAX_IN=amax_in is not None, ADD_NORM=add is not None, **norm_flags,
+        AMAX_IN=amax_in is not None, **add_flags, **norm_flags,
         num_warps=warps, num_stages=1)
     return y if add is None else (normed_row(y, parts, add), s)
 
