@@ -13,7 +13,7 @@
 #   with it; see bench/results/2026-12-02-h200-eighteenth-184b19a/)
 # Outputs under $OUT. Carry the server wheels as .whl/site.tar.xz, then:
 #   mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-# Usage: OUT=dir DEADLINE=570 bash bench/run_eighteenth_h200.sh [tests latency diag]
+# Usage: OUT=dir DEADLINE=570 bash bench/run_eighteenth_h200.sh [tests latency diag chain quant]
 . "$(dirname "$0")/common.sh"
 L="--batch-size 1 --input-len 512 --output-len 256 --max-model-len 1024 --max-num-seqs 1
    --iters 3 --no-progress"
