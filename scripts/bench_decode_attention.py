@@ -27,7 +27,7 @@ ap.add_argument("--quick", action="store_true",
                 help="batch-1 cases only, the default against a serial merge (merge 1)")
 ap.add_argument("--case", default="", help="only the cases whose name contains this")
 ap.add_argument("--configs", help="the configs to try at every batch size, as a Python list "
-                "of tuples (BLOCK_N, warps, stages, min_part[, merge[, rounds]])")
+                "of tuples (BLOCK_N, warps, stages, min_part[, merge[, rounds[, parts]]])")
 args = ap.parse_args()
 DEV = "cuda"
 BLOCK = 16
@@ -84,7 +84,8 @@ BIG = (None, (64, 4, 3, 64), (128, 8, 2, 128), (64, 8, 3, 512), (128, 8, 2, 512)
 # (BLOCK_N, warps, stages, min_part[, merge[, rounds]]); merge 1: the last partition merges
 # one partition a round (the kernel before 2026-12-02), else merge_width's rounds; rounds:
 # decode.MAX_ROUNDS for that point (64: in effect no cap; (64, 4, 3, 128, None, 64) is the
-# kernel before the tenth session). Big batches only try BIG.
+# kernel before the tenth session); parts: that many partitions a sequence, whatever
+# decode_num_partitions would pick (at batch 256 it picks 1). Big batches only try BIG.
 if args.quick:
     CASES = [c for c in CASES if c[1] == 1]
     CONFIGS = [None, (64, 4, 3, 128, None, 64), (64, 4, 3, 64, None, 64),
@@ -108,6 +109,8 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
         if cfg is not None:
             kw.update(config=cfg[:3], min_part=cfg[3], merge=cfg[4] if len(cfg) > 4 else None)
             rounds = cfg[5] if len(cfg) > 5 and cfg[5] else rounds
+            if len(cfg) > 6 and cfg[6]:
+                kw.update(num_parts=cfg[6])
 
         def call(out=out, kw=kw, rounds=rounds):
             saved, decode.MAX_ROUNDS = decode.MAX_ROUNDS, rounds
@@ -130,7 +133,8 @@ for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
                      "GBps": kv_bytes / us / 1e3})
         print(f"  {str(cfg):<22} {us:8.2f} us  {kv_bytes / us / 1e3:8.0f} GB/s")
 rec = {"bench": "decode_attention", "device": torch.cuda.get_device_name(),
-       "config_fields": "(BLOCK_N, num_warps, num_stages, min_part[, merge[, max rounds]]); "
+       "config_fields": "(BLOCK_N, num_warps, num_stages, min_part[, merge[, max rounds"
+                        "[, partitions]]]); "
                         "null: the default",
        "rows": rows}
 print(json.dumps(rec))
