@@ -1,6 +1,8 @@
 """A prototype, not used by the engine: decode attention over an FP8 (e4m3) cache with
 Q K^T on FP8 tensor cores, timed against kernels/triton/decode.py's FP8 path at batch 64-256
 x 4096 (Llama-3.1-8B heads, 32/8 of 128, shuffled block tables, one partition a sequence).
+Measured on an H200 (bench/results/2026-12-02-h200-eighteenth-fp8qk-807d804/): 22-27%
+slower than the engine's kernel at batch 256, so the engine does not use it.
 
 The engine's kernel converts every K and V byte to fp16 in registers and multiplies on
 mma.sync (16 padded query rows: too few for wgmma). Here the operands are swapped so that
