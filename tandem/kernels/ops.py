@@ -3,8 +3,8 @@ imports, else the PyTorch reference with the same signature (CPU, and the spec).
 sends single-row half-precision CUDA matmuls (batch-1 decode) to the Triton GEMV; the
 quantized linears go to Triton (int8/int4 weight-only) or `torch._scaled_mm` (FP8 W8A8)
 on CUDA, to kernels/reference/quant.py elsewhere. `carried_linear`, `carried_int_linear` and
-`carried_fp8_linear` (batch-1 decode, models/norm_chain.py) carry an RMSNorm through a GEMV's input or epilogue
-(kernels/reference/carried_norm.py)."""
+`carried_fp8_linear` (batch-1 decode, models/norm_chain.py) carry an RMSNorm through a
+GEMV's input or epilogue (kernels/reference/carried_norm.py)."""
 
 from __future__ import annotations
 
