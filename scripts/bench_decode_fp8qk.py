@@ -1,6 +1,7 @@
 """A prototype, not used by the engine: decode attention over an FP8 (e4m3) cache with
 Q K^T on FP8 tensor cores, timed against kernels/triton/decode.py's FP8 path at batch 64-256
-x 4096 (Llama-3.1-8B heads, 32/8 of 128, shuffled block tables, one partition a sequence).
+x 4096 (Llama-3.1-8B heads, 32/8 of 128, shuffled block tables, one partition a sequence;
+the cases of bench/kernels/attention_bench.py).
 Measured on an H200 (bench/results/2026-12-02-h200-eighteenth-fp8qk-807d804/): 22-27%
 slower than the engine's kernel at batch 256, so the engine does not use it.
 
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from tandem.bench.timing import graph_us
-from tandem.kernels import kv_cache_shape, reference
-from tandem.kernels.reference.attention import e4m3_rows
-from tandem.kernels.triton.decode import decode_attention
-from tandem.layers.attention_metadata import AttentionMetadata
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "kernels"))
+from attention_bench import make_case  # noqa: E402
+
+from tandem.bench.timing import graph_us  # noqa: E402
+from tandem.kernels import reference  # noqa: E402
+from tandem.kernels.reference.attention import e4m3_rows  # noqa: E402
+from tandem.kernels.triton.decode import decode_attention  # noqa: E402
 
 
 @triton.jit
@@ -89,23 +93,12 @@ def decode_fp8qk(q, cache, meta, scale, kv_scale, config):
     return out
 
 
-def batch(num_seqs: int, ctx: int, seed: int, dev: str = "cuda", block: int = 16):
-    rng = random.Random(seed)
-    need = -(-ctx // block)
-    pool = list(range(num_seqs * need + 1))
-    rng.shuffle(pool)
-    tables = [[pool.pop() for _ in range(need)] for _ in range(num_seqs)]
-    cache = torch.randn(kv_cache_shape(num_seqs * need + 1, block, 8, 128), device=dev)
-    cache = (cache / 0.05).clamp(-448, 448).to(torch.float8_e4m3fn)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(num_seqs, dtype=torch.int64, device=dev),
-        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=dev),
-        seq_lens=torch.full((num_seqs,), ctx, dtype=torch.int32, device=dev),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-        query_lens_cpu=[1] * num_seqs, seq_lens_cpu=[ctx] * num_seqs, max_query_len=1,
-        max_seq_len=ctx, block_size=block)
-    q = torch.randn(num_seqs, 32, 128, device=dev).to(torch.bfloat16)
-    return q, cache, meta
+def batch(num_seqs: int, ctx: int, seed: int):
+    """One decode row a sequence over `ctx` cached tokens (attention_bench.make_case), the
+    bf16 cache's values turned into e4m3 codes for a scale of 0.05."""
+    cache, q, _, _, metas = make_case([1] * num_seqs, [ctx] * num_seqs, seed=seed)
+    cache = (cache.float() / 0.05).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, cache, metas[0]
 
 
 def main() -> None:
