@@ -89,6 +89,16 @@ def fp8_cast_half() -> bool:
     return value == "1"
 
 
+def fp8_decode() -> str:
+    """TANDEM_FP8_DECODE: "auto" (the default), "dot" or "cast", the FP8 W8A8 decode kernel,
+    for A/B runs (kernels/triton/quant_gemm.py). "dot" also keeps FP8 layers out of the
+    batch-1 norm chain, whose carried GEMV is the cast kernel (models/norm_chain.py)."""
+    value = os.environ.get("TANDEM_FP8_DECODE", "auto")
+    if value not in ("auto", "dot", "cast"):
+        raise ValueError(f"TANDEM_FP8_DECODE must be 'auto', 'dot' or 'cast', not {value!r}")
+    return value
+
+
 def fp8_amax_k() -> int | None:
     """None ("auto"), 0 (the kernel's BLOCK_K) or a power of two >= 16 (TANDEM_FP8_AMAX_K)."""
     value = os.environ.get("TANDEM_FP8_AMAX_K", "auto")

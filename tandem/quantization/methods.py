@@ -18,6 +18,7 @@ import re
 import torch
 from torch import nn
 
+from tandem import envs
 from tandem.kernels import ops
 from tandem.kernels.reference import quant
 from tandem.kernels.reference.carried_norm import AddNorm, NormedRow
@@ -48,7 +49,8 @@ class Fp8LinearMethod(LinearMethod):
         return ops.fp8_linear(x, layer.weight_q, layer.weight_scale, bias)
 
     def carries_norm(self, layer: nn.Module) -> bool:
-        return True
+        # the carried GEMV is the cast kernel: TANDEM_FP8_DECODE=dot keeps the plain layers
+        return envs.fp8_decode() != "dot"
 
     def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
                       bias: torch.Tensor | None = None, add: AddNorm | None = None

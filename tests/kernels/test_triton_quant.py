@@ -203,13 +203,6 @@ def test_fp8_gemv_dispatch(monkeypatch):
     explicit (cast) config, and fp8 weight-only always on the cast kernel."""
     from tandem.kernels.triton import quant_gemm
     from tandem.kernels.triton.fp8_gemv import fp8_dot_gemv
-    monkeypatch.delenv("TANDEM_FP8_DECODE", raising=False)
-    assert quant_gemm.fp8_decode_from_env() == "auto"
-    monkeypatch.setenv("TANDEM_FP8_DECODE", "cast")
-    assert quant_gemm.fp8_decode_from_env() == "cast"
-    monkeypatch.setenv("TANDEM_FP8_DECODE", "fast")
-    with pytest.raises(ValueError):
-        quant_gemm.fp8_decode_from_env()
     x, wq, ws, b = _fp8_case(4, 1024, 2048, torch.bfloat16, True, seed=11)
     args = (x, None, wq, ws, b, torch.bfloat16)
     dot = fp8_dot_gemv(*args)

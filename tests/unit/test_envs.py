@@ -50,3 +50,9 @@ def test_fp8_amax_k(monkeypatch):
     _check(monkeypatch, "TANDEM_FP8_AMAX_K", envs.fp8_amax_k,
            [(None, None), ("auto", None), ("0", 0), ("16", 16), ("4096", 4096)],
            ["8", "1000", "-16", "x", ""])
+
+
+def test_fp8_decode(monkeypatch):
+    _check(monkeypatch, "TANDEM_FP8_DECODE", envs.fp8_decode,
+           [(None, "auto"), ("auto", "auto"), ("dot", "dot"), ("cast", "cast")],
+           ["fast", "", "Dot"])

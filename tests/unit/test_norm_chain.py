@@ -130,7 +130,7 @@ def test_the_fp8_consumer_quantizes_xn_as_well_as_the_normed_row():
     assert torch.equal(s2, quant.fp8_linear(s, wq, ws) + r192)
 
 
-def test_when_the_chain_applies(tmp_path):
+def test_when_the_chain_applies(tmp_path, monkeypatch):
     path = make_tiny_model(tmp_path, "LlamaForCausalLM", **TINY)
     one = torch.tensor([5])
     bf16 = load_model(path, torch.bfloat16, "cpu")
@@ -141,6 +141,11 @@ def test_when_the_chain_applies(tmp_path):
     assert norm_chain._survey(int8.model) == (True, True)
     fp8 = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("fp8"))
     assert norm_chain._survey(fp8.model) == (True, True)  # W8A8 carries norms too
+    # TANDEM_FP8_DECODE=dot: the plain layers (the carried GEMV is the cast kernel)
+    monkeypatch.setenv("TANDEM_FP8_DECODE", "dot")
+    dot = load_model(path, torch.bfloat16, "cpu", quant=QuantPolicy.parse("fp8"))
+    assert not norm_chain.chainable(dot.model)
+    monkeypatch.delenv("TANDEM_FP8_DECODE")
     # producers leave max |xn| for FP8 consumers only (a second reduction in each program)
     res = torch.zeros(1, TINY["hidden_size"], dtype=torch.bfloat16)
     for m, want in ((fp8, True), (int8, False)):

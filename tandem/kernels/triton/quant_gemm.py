@@ -43,8 +43,6 @@ us, M=8: 16.3 against 37.7). And
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -508,18 +506,9 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.reshape(*shape[:-1], n)
 
 
-def fp8_decode_from_env() -> str:
-    """TANDEM_FP8_DECODE: "auto" (the default), "dot" or "cast", the FP8 W8A8 decode kernel;
-    for A/B runs. (To move into tandem/envs.py with the other variables.)"""
-    value = os.environ.get("TANDEM_FP8_DECODE", "auto")
-    if value not in ("auto", "dot", "cast"):
-        raise ValueError(f"TANDEM_FP8_DECODE must be 'auto', 'dot' or 'cast', not {value!r}")
-    return value
-
-
 # FP8 W8A8 decode: "dot", the tensor-core kernel (fp8_gemv.py), "cast", fp8_cast_gemv, or
-# "auto": by rows and width, from the H200 sweep (module docstring).
-FP8_DECODE = fp8_decode_from_env()
+# "auto": by rows and width, from the H200 sweep (module docstring). TANDEM_FP8_DECODE.
+FP8_DECODE = envs.fp8_decode()
 DOT_MIN_N_ONE_ROW = 65536  # one row: the dot kernel only for matrices this wide
 
 
