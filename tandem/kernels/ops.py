@@ -128,14 +128,22 @@ def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
     return carried_reference.linear(x, dense, bias, row.dtype, add)
 
 
+def fp8_row_kernel(wq: torch.Tensor) -> bool:
+    """Whether one-row FP8 W8A8 products with e4m3 wq (N, K) run the Triton cast kernel
+    (quant_gemm.fp8_cast_gemv): CUDA with FP8 support, K a multiple of 512."""
+    return (quant_gemm is not None and wq.is_cuda and wq.shape[1] % 512 == 0
+            and torch.cuda.get_device_capability(wq.device) >= (8, 9))
+
+
 def carried_fp8_linear(x: torch.Tensor | NormedRow, wq: torch.Tensor, w_scale: torch.Tensor,
                        bias: torch.Tensor | None = None, add: AddNorm | None = None
                        ) -> torch.Tensor | tuple[NormedRow, torch.Tensor]:
     """`carried_linear` for FP8 W8A8 (e4m3 wq (N, K), per-channel scales): the one-row cast
-    kernel, which quantizes the row itself (from the producer's amax, where it left one), on
-    CUDA; else the reference."""
+    kernel, which quantizes the row itself (from the producer's amax, where it left one),
+    where fp8_row_kernel; else the reference."""
     row = _row(x)
-    if _scaled_mm_ok(row, wq) and row.shape[0] == 1 and wq.shape[1] % 512 == 0:
+    if (fp8_row_kernel(wq) and row.shape[0] == 1
+            and row.dtype in (torch.bfloat16, torch.float16)):
         return quant_gemm.fp8_cast_gemv(x, None, wq, w_scale, bias, row.dtype,
                                         quantize_x=True, add=add)
     return carried_reference.fp8_linear(x, wq, w_scale, bias, row.dtype, add)

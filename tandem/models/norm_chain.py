@@ -15,7 +15,9 @@ LlamaDecoderLayer, the same rounding of the residual stream; the normalized rows
 dtype's rounding (carried_norm.py says why not to the bit).
 
 FP8 W8A8 (the one-row cast kernel) carries norms too, and its consumers take the producers'
-max |xn| with the sums of squares: they quantize xn to e4m3 without a pass over the row.
+max |xn| with the sums of squares: they quantize xn to e4m3 without a pass over the row. On
+CUDA only where that kernel takes the width (ops.fp8_row_kernel), and not with
+TANDEM_FP8_DECODE=dot.
 
 Possible (`chainable`) in half precision when every layer has a dense MLP and all four
 matmuls' methods carry norms (unquantized, int8, int4, FP8 W8A8), with one rank. On by default for

@@ -49,8 +49,11 @@ class Fp8LinearMethod(LinearMethod):
         return ops.fp8_linear(x, layer.weight_q, layer.weight_scale, bias)
 
     def carries_norm(self, layer: nn.Module) -> bool:
-        # the carried GEMV is the cast kernel: TANDEM_FP8_DECODE=dot keeps the plain layers
-        return envs.fp8_decode() != "dot"
+        # The carried GEMV is the cast kernel: TANDEM_FP8_DECODE=dot keeps the plain layers,
+        # and so does a CUDA weight that kernel cannot take (the plain path's _scaled_mm
+        # beats the reference's dequantized matmul there). On the CPU both are references.
+        wq = layer.weight_q
+        return envs.fp8_decode() != "dot" and (not wq.is_cuda or ops.fp8_row_kernel(wq))
 
     def apply_carried(self, layer: nn.Module, x: torch.Tensor | NormedRow,
                       bias: torch.Tensor | None = None, add: AddNorm | None = None

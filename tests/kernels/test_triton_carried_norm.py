@@ -186,6 +186,11 @@ def test_fp8_chain_decode_is_as_close_to_bf16_as_the_plain_fp8_layers(tmp_path, 
     model = load_model(path, torch.bfloat16, "cuda", quant=QuantPolicy.parse("fp8"))
     monkeypatch.delenv("TANDEM_NORM_CHAIN", raising=False)
     assert norm_chain.applies(model.model, torch.tensor([5], device="cuda"))
+    # widths the cast kernel cannot take (K = 256) keep the plain layers (_scaled_mm)
+    narrow = make_tiny_model(tmp_path / "narrow", arch, hidden_size=256, num_heads=4,
+                             num_kv_heads=2, intermediate_size=512, num_layers=2, **kw)
+    narrow_model = load_model(narrow, torch.bfloat16, "cuda", quant=QuantPolicy.parse("fp8"))
+    assert not norm_chain.chainable(narrow_model.model)
     plain, plain_kv = _decode_logits(model, monkeypatch, "0")
     got, got_kv = _decode_logits(model, monkeypatch, "1")
     assert _rel(got, plain) < 0.12
