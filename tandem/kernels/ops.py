@@ -129,8 +129,9 @@ def carried_int_linear(x: torch.Tensor | NormedRow, qweight: torch.Tensor,
 
 
 def fp8_row_kernel(wq: torch.Tensor) -> bool:
-    """Whether one-row FP8 W8A8 products with e4m3 wq (N, K) run the Triton cast kernel
-    (quant_gemm.fp8_cast_gemv): CUDA with FP8 support, K a multiple of 512."""
+    """Whether FP8 W8A8 decode rows against e4m3 wq (N, K) run the Triton GEMVs
+    (quant_gemm.fp8_gemv; one row, and a carried norm's, on the cast kernel): CUDA with FP8
+    support, K a multiple of 512."""
     return (quant_gemm is not None and wq.is_cuda and wq.shape[1] % 512 == 0
             and torch.cuda.get_device_capability(wq.device) >= (8, 9))
 
@@ -178,7 +179,7 @@ def fp8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
         return quant_reference.fp8_linear(x, wq, w_scale, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.shape[0] <= quant_gemm.GEMV_MAX_ROWS and wq.shape[1] % 512 == 0:  # decode
+    if x2.shape[0] <= quant_gemm.GEMV_MAX_ROWS and fp8_row_kernel(wq):  # decode
         return quant_gemm.fp8_gemv(x2.contiguous(), None, wq, w_scale, bias, x.dtype,
                                    quantize_x=True).reshape(*shape[:-1], wq.shape[0])
     xq, x_scale = quant_gemm.quantize_fp8_per_token(x2.contiguous())
