@@ -271,8 +271,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                              HEAD_DIM, BLOCK_SIZE, VEC, False)
             m_i, l_i, acc = _attend(q, k, v, None, m_i, l_i, acc, scale_log2, PRECISION,
                                     False, True)
-        if n_full < end:
-            pos = tl.multiple_of(n_full, VEC) + tile
+        # the rest in narrower masked tiles: one of BLOCK_N keys took registers enough to
+        # cost the loop a program an SM (191 a thread against 162)
+        TAIL: tl.constexpr = max(32, VEC)
+        sub = tl.arange(0, TAIL)
+        for t0 in range(n_full, end, TAIL):
+            pos = tl.multiple_of(t0, VEC) + sub
             k, v = _fp8_tile(k_ptr, v_ptr, table, pos, end, kvh, d, NUM_KV_HEADS, HEAD_DIM,
                              BLOCK_SIZE, VEC, True)
             m_i, l_i, acc = _attend(q, k, v, pos < end, m_i, l_i, acc, scale_log2, PRECISION,
