@@ -19,7 +19,7 @@ for what in "$@"; do
   case $what in
     tests) step gpu-tests ${TESTS_S:-150} python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
              tests/kernels/test_triton_attention.py tests/kernels/test_triton_decode_rotary.py \
-             tests/kernels/test_triton_rotary_write_kv.py ${TESTS_EXTRA:-}
+             tests/kernels/test_triton_rotary_write_kv.py -k "${TESTS_K:-not nothing}"
            tail -2 "$OUT/gpu-tests.log"; grep -E "^FAILED" "$OUT/gpu-tests.log" | head -8 | cut -c1-200 ;;
     decode) step decode-fp8 ${DECODE_S:-120} python3 scripts/bench_decode_attention.py --case fp8 \
               --configs "${DECODE_CONFIGS:-[None, (128, 8, 2, 128), (128, 4, 3, 128), (64, 4, 2, 64), (256, 8, 2, 256)]}" \
