@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One H200 (nineteenth session, issue 12): an FP8 cache's blocks hold V transposed, so the
 # decode and prefill kernels read the P V operand 16 keys at a time (one byte a key before).
+# That layout was measured (trees 268c7aa and 155f032..68fc81a) and reverted; the `write`
+# step's scripts/bench_kv_write.py went with it. See bench/results/2026-12-03-h200-nineteenth-*.
 # Steps, all inside DEADLINE seconds:
 #   tests    the attention, fused decode-rotary and rotary-write GPU tests
 #   decode   decode attention alone (scripts/bench_decode_attention.py): FP8 cases over a few
 #            tiles, and bf16 at batch 256 x 4096
-#   write    a prompt's K/V write into a bf16 and an FP8 cache (scripts/bench_kv_write.py)
 #   prefill  the FP8 prefill kernel (scripts/bench_prefill_fp8.py)
 #   kv       256 x 4096 in / 256 out, FP8 KV then bf16 KV (`tandem bench throughput`)
 # Outputs under $OUT. Carry the server wheels as .whl/site.tar.xz, then:
 #   mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-# Usage: OUT=dir DEADLINE=570 bash bench/run_nineteenth_h200.sh [tests decode write prefill kv]
+# Usage: OUT=dir DEADLINE=570 bash bench/run_nineteenth_h200.sh [tests decode prefill kv]
 . "$(dirname "$0")/common.sh"
 K="--num-prompts 256 --input-len 4096 --output-len 256 --max-model-len 4352 --max-num-seqs 256
    --no-progress"
@@ -28,8 +29,6 @@ for what in "$@"; do
             step decode-bf16 60 python3 scripts/bench_decode_attention.py --case b256-ctx4096-bf16 \
               --configs "[None]" --json "$OUT/decode-bf16.json"
             grep -E "^llama|^  " "$OUT/decode-bf16.log" | cut -c1-90 ;;
-    write) step kv-write 60 python3 scripts/bench_kv_write.py --json "$OUT/kv-write.json"
-           grep -E "us  " "$OUT/kv-write.log" ;;
     prefill) step prefill-fp8 ${PREFILL_S:-150} python3 scripts/bench_prefill_fp8.py --json "$OUT/prefill-fp8.json"
              grep -E "TFLOP|Error" "$OUT/prefill-fp8.log" | cut -c1-120 ;;
     kv) for kv in fp8 auto; do

@@ -13,9 +13,7 @@ An `AttentionBackend` owns the operations an attention layer needs per step:
         -> backend.rotary_decode(...)   all of the above in the decode launch: Triton)
 
 Every backend uses the same KV cache layout, `kv_cache_shape(...)`:
-(2, num_blocks, block_size, num_kv_heads, head_dim), index 0 = K, 1 = V; an FP8 cache's
-blocks hold V transposed, (num_kv_heads, head_dim, block_size), in the same bytes
-(`reference.value_blocks` is its row view), so its attention kernels read V along the keys. The pure-PyTorch
+(2, num_blocks, block_size, num_kv_heads, head_dim), index 0 = K, 1 = V. The pure-PyTorch
 reference (`reference/`) is the spec and runs anywhere; fast backends (Triton, later)
 register themselves in `ATTENTION_BACKENDS` with the same signatures and are picked by
 `get_attention_backend(device)`.
@@ -119,8 +117,7 @@ def get_attention_backend(name_or_device: str | torch.device = "torch") -> Atten
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
                    head_dim: int) -> tuple[int, int, int, int, int]:
-    """Shape of one layer's KV cache tensor; index 0 = K, 1 = V (an FP8 cache's V blocks
-    transposed inside: reference.value_blocks)."""
+    """Shape of one layer's KV cache tensor; index 0 = K, 1 = V."""
     return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
 

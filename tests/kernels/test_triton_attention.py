@@ -306,8 +306,8 @@ def test_fp8_kv_cache_matches_reference(head_dim, group, fp8_query, monkeypatch)
     flat = cache.view(2, -1, 2, head_dim)
     q8.view(2, -1, 2, head_dim)[0] = (flat[0].float() / kv_scale[0]).clamp(-448, 448).to(
         torch.float8_e4m3fn)
-    reference.value_blocks(q8)[:] = (cache[1].float() / kv_scale[1]).clamp(-448, 448).to(
-        torch.float8_e4m3fn)  # (V transposed in its blocks)
+    q8.view(2, -1, 2, head_dim)[1] = (flat[1].float() / kv_scale[1]).clamp(-448, 448).to(
+        torch.float8_e4m3fn)
     ref_cache = q8.clone()
     reference.write_kv(key, value, ref_cache, meta.slot_mapping, kv_scale)
     write_kv(key, value, q8, meta.slot_mapping, kv_scale)

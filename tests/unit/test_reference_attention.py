@@ -128,7 +128,7 @@ def test_backend_dispatch() -> None:
 
 
 def test_e4m3_rows_scales_each_row_to_its_own_amax() -> None:
-    from tandem.kernels.reference.attention import cache_rows, e4m3_rows, quantize_cache
+    from tandem.kernels.reference.attention import e4m3_rows
     torch.manual_seed(0)
     q = torch.randn(6, 4, 64) * torch.tensor([1e-3, 1.0, 30.0, 1e3]).view(1, 4, 1)
     q[0, 0] = 0.0  # an all-zero row stays zero (no 0/0)
@@ -145,14 +145,16 @@ def test_e4m3_rows_scales_each_row_to_its_own_amax() -> None:
 def test_fp8_cache_prefill_rounds_query_rows_decodes_do_not() -> None:
     """Over an FP8 cache the reference's chunks (prefill) attend with Q rounded to e4m3 a
     row at a time, as the Triton FP8 prefill kernel computes; decode rows keep Q."""
-    from tandem.kernels.reference.attention import cache_rows, e4m3_rows, quantize_cache
+    from tandem.kernels.reference.attention import e4m3_rows
     rng = random.Random(3)
     torch.manual_seed(3)
     seqs = [(1, 23), (9, 30), (12, 12)]
     meta, cache = random_batch(rng, seqs, 8, 2, 64)
     kv_scale = (0.5, 0.25)
-    cache8 = quantize_cache(cache, kv_scale)
-    deq = cache_rows(cache8, kv_scale)
+    cache8 = torch.empty(cache.shape, dtype=torch.float8_e4m3fn)
+    cache8[0], cache8[1] = (cache[0] / kv_scale[0]).to(cache8.dtype), \
+        (cache[1] / kv_scale[1]).to(cache8.dtype)
+    deq = torch.stack([cache8[0].float() * kv_scale[0], cache8[1].float() * kv_scale[1]])
     query = torch.randn(meta.num_tokens, 8, 64)
     out = paged_attention(query, cache8, meta, 0.125, kv_scale=kv_scale)
     decode_rows, chunk_rows = slice(0, 1), slice(1, meta.num_tokens)
@@ -163,34 +165,3 @@ def test_fp8_cache_prefill_rounds_query_rows_decodes_do_not() -> None:
     torch.testing.assert_close(out[chunk_rows].double(), rounded[chunk_rows],
                                atol=1e-5, rtol=1e-5)
     assert (out[chunk_rows].double() - exact[chunk_rows]).abs().max() > 1e-4
-
-
-def test_fp8_cache_holds_v_transposed_in_its_blocks() -> None:
-    """An FP8 cache's block holds K in rows (slot, head, dim) and V as (head, dim, slot):
-    the byte of V at (slot, h, d) sits at block * (H * D * bs) + (h * D + d) * bs + offset.
-    value_blocks is its row view; quantize_cache and cache_rows convert a model-layout
-    cache both ways."""
-    from tandem.kernels.reference.attention import cache_rows, quantize_cache, value_blocks
-    bs, heads, dim = 4, 2, 8
-    cache = torch.zeros(kv_cache_shape(3, bs, heads, dim), dtype=torch.float8_e4m3fn)
-    key, value = torch.randn(2, 3, heads, dim).unbind(0)
-    slots = torch.tensor([1, 6, 11])
-    write_kv(key, value, cache, slots, (0.5, 0.25))
-    raw_k = cache[0].view(torch.uint8).reshape(-1)
-    raw_v = cache[1].view(torch.uint8).reshape(-1)
-    code = lambda x: x.to(torch.float8_e4m3fn).view(torch.uint8).item()  # noqa: E731
-    for i, slot in enumerate(slots.tolist()):
-        block, offset = divmod(slot, bs)
-        for h in range(heads):
-            for d in (0, 5):
-                assert raw_k[(slot * heads + h) * dim + d] == code(key[i, h, d] / 0.5)
-                v_at = block * heads * dim * bs + (h * dim + d) * bs + offset
-                assert raw_v[v_at] == code(value[i, h, d] / 0.25)
-    assert raw_v.count_nonzero() == raw_k.count_nonzero() > 0  # nothing else written
-    assert torch.equal(value_blocks(cache)[slots // bs, slots % bs].float(),
-                       (value / 0.25).to(torch.float8_e4m3fn).float())
-    rows = torch.randn(kv_cache_shape(3, bs, heads, dim))
-    back = cache_rows(quantize_cache(rows, (0.5, 0.25)), (0.5, 0.25))
-    assert ((back - rows).abs() <= rows.abs() / 16 + 2 ** -9).all()
-    assert not torch.equal(quantize_cache(rows, (1.0, 1.0))[1].float(),
-                           rows[1].to(torch.float8_e4m3fn).float())  # V is not in rows

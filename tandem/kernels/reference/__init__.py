@@ -9,7 +9,6 @@ compare the two on random inputs.
 
 from __future__ import annotations
 
-from tandem.kernels.reference.attention import (paged_attention, rotary_write_kv, value_blocks,
-                                                write_kv)
+from tandem.kernels.reference.attention import paged_attention, rotary_write_kv, write_kv
 
-__all__ = ["paged_attention", "rotary_write_kv", "value_blocks", "write_kv"]
+__all__ = ["paged_attention", "rotary_write_kv", "write_kv"]

@@ -7,11 +7,6 @@ KV cache layout, one tensor per attention layer (index 0 = K, 1 = V):
     block b:  | slot b*bs+0 | slot b*bs+1 | ... | slot b*bs+bs-1 |
     a sequence's position p lives in block block_table[p // bs], offset p % bs
 
-An FP8 cache stores each block's V transposed, (num_kv_heads, head_dim, block_size), the
-same bytes in another order (`value_blocks` is its (num_blocks, block_size, num_kv_heads,
-head_dim) view): a decode or prefill kernel's P V product reduces over keys, and reads its
-e4m3 operand 16 keys of one dimension at a time instead of one byte a key.
-
 `write_kv` scatters the step's new K/V into their slots (`rotary_write_kv`: after Qwen3's
 per-head q/k RMSNorm, if any, and rotary, the ops the Triton kernel of that name fuses);
 `paged_attention` gathers each
@@ -61,36 +56,6 @@ def fp8_prefill_query(head_dim: int) -> bool:
 
 def is_fp8(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == torch.float8_e4m3fn
-
-
-def value_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
-    """kv_cache's V as (num_blocks, block_size, num_kv_heads, head_dim): kv_cache[1], or for
-    an FP8 cache, whose blocks hold V transposed, a strided view of it."""
-    v = kv_cache[1]
-    if not is_fp8(kv_cache):
-        return v
-    num_blocks, block_size, num_kv_heads, head_dim = v.shape
-    return v.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
-
-
-def quantize_cache(cache: torch.Tensor, kv_scale: KVScale) -> torch.Tensor:
-    """The FP8 cache holding a model-layout cache's (2, num_blocks, block_size, Hkv, D)
-    K / k_scale and V / v_scale, saturated to e4m3's range (NaN stays NaN), V transposed in
-    its blocks."""
-    out = torch.empty(cache.shape, dtype=torch.float8_e4m3fn, device=cache.device)
-    for i, (dst, scale) in enumerate(((out[0], kv_scale[0]),
-                                      (value_blocks(out), kv_scale[1]))):
-        _raw(dst).copy_(_raw((cache[i].float() / scale).clamp(-448.0, 448.0).to(out.dtype)))
-    return out
-
-
-def cache_rows(kv_cache: torch.Tensor, kv_scale: KVScale = NO_SCALE) -> torch.Tensor:
-    """kv_cache in the model layout, (2, num_blocks, block_size, Hkv, D) float32: an FP8
-    cache dequantized (K * k_scale, V * v_scale) with V back in rows; else a copy."""
-    if not is_fp8(kv_cache):
-        return kv_cache.float()
-    return torch.stack([kv_cache[0].float() * kv_scale[0],
-                        value_blocks(kv_cache).float() * kv_scale[1]])
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -180,12 +145,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         key = (key.float() / kv_scale[0]).clamp(-448.0, 448.0)
         value = (value.float() / kv_scale[1]).clamp(-448.0, 448.0)
     _raw(flat[0]).index_copy_(0, slot_mapping, _raw(key.to(kv_cache.dtype)))
-    if is_fp8(kv_cache):  # V transposed in its blocks: through value_blocks' view
-        blocks = _raw(value_blocks(kv_cache))
-        blocks[slot_mapping // block_size, slot_mapping % block_size] = _raw(
-            value.to(kv_cache.dtype))
-    else:
-        _raw(flat[1]).index_copy_(0, slot_mapping, _raw(value.to(kv_cache.dtype)))
+    _raw(flat[1]).index_copy_(0, slot_mapping, _raw(value.to(kv_cache.dtype)))
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -234,7 +194,7 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor,
     num_blocks = -(-num_positions // block_size)
     blocks = block_table[:num_blocks].long()
     k = _select(kv_cache[0], blocks).flatten(0, 1)
-    v = _select(value_blocks(kv_cache), blocks).flatten(0, 1)
+    v = _select(kv_cache[1], blocks).flatten(0, 1)
     return k[:num_positions], v[:num_positions]
 
 
@@ -264,7 +224,7 @@ def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
         dtype = query.dtype if is_fp8(kv_cache) else kv_cache.dtype
         k = _load(_select(kv_cache[0], blocks), kv_scale[0], dtype).view(
             b, nb * block_size, num_kv_heads, head_dim).transpose(1, 2)
-        v = _load(_select(value_blocks(kv_cache), blocks), kv_scale[1], dtype).view(
+        v = _load(_select(kv_cache[1], blocks), kv_scale[1], dtype).view(
             b, nb * block_size, num_kv_heads, head_dim).transpose(1, 2)
         rows = torch.tensor([starts[i] for i in idx], device=device)
         q = query.index_select(0, rows).unsqueeze(2).to(k.dtype)  # (b, H, 1, D)

@@ -42,7 +42,6 @@ past a sequence's last partition exit at once.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,7 @@ import triton.language as tl
 
 from tandem import envs
 from tandem.kernels.triton.elementwise import norm_rotate
-from tandem.kernels.triton.kv_write import cached, load_e4m3, load_value_t, value_offset
+from tandem.kernels.triton.kv_write import cached, load_e4m3
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -65,8 +64,7 @@ def _part_len(seq_len, num_parts, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr)
 def _new_token(q1, q2, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
                qw_ptr, kw_ptr, row, kvh, holds_last, stride_kt, stride_kh, stride_vt,
                stride_vh, stride_c, eps, k_scale, v_scale, NUM_KV_HEADS: tl.constexpr,
-               HEAD_DIM: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
-               BLOCK_SIZE: tl.constexpr):
+               HEAD_DIM: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr):
     """ROPE: what rotary_write_kv does for this program's heads, inside the decode launch.
     Returns the group's query halves q1, q2 (GROUP_PAD, D / 2) [normed and] rotated as
     rotary_write_kv rounds them (the same norm_rotate); the program whose partition holds the
@@ -88,11 +86,8 @@ def _new_token(q1, q2, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr,
             dst = slot * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + dh[None, :]
             tl.store(k_ptr + dst, cached(k1, k_scale, k_ptr, FP8))
             tl.store(k_ptr + dst + HALF, cached(k2, k_scale, k_ptr, FP8))
-            dv = v_ptr + value_offset(slot, kvh, dh[None, :], NUM_KV_HEADS, HEAD_DIM,
-                                      BLOCK_SIZE, FP8)
-            tl.store(dv, cached(tl.load(pv), v_scale, v_ptr, FP8))
-            tl.store(dv + HALF * (BLOCK_SIZE if FP8 else 1),
-                     cached(tl.load(pv + HALF), v_scale, v_ptr, FP8))
+            tl.store(v_ptr + dst, cached(tl.load(pv), v_scale, v_ptr, FP8))
+            tl.store(v_ptr + dst + HALF, cached(tl.load(pv + HALF), v_scale, v_ptr, FP8))
     tl.debug_barrier()  # the block's stores above, visible to its loads below
     return q1, q2
 
@@ -144,59 +139,29 @@ def _slots(table, offs, valid, BLOCK_SIZE: tl.constexpr):
 
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS: tl.constexpr,
-             HEAD_DIM: tl.constexpr):
-    """The (BLOCK_N, D) K and V rows at slots of a model-dtype cache, invalid rows 0."""
+             HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
+    """The (BLOCK_N, D) K and V rows at slots, invalid rows 0 (an FP8 cache's as fp16)."""
     off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-    k = tl.load(k_ptr + off, mask=valid[:, None], other=0.0)
-    v = tl.load(v_ptr + off, mask=valid[:, None], other=0.0)
+    if FP8:
+        k = load_e4m3(k_ptr + off, valid[:, None])
+        v = load_e4m3(v_ptr + off, valid[:, None])
+    else:
+        k = tl.load(k_ptr + off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + off, mask=valid[:, None], other=0.0)
     return k, v
 
 
 @triton.jit
-def _fp8_tile(k_ptr, v_ptr, table, pos, end, kvh, d, NUM_KV_HEADS: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, VEC: tl.constexpr,
-              MASKED: tl.constexpr):
-    """An FP8 cache's keys at context positions pos (BLOCK_N,), from a multiple of VEC, as
-    fp16: K (BLOCK_N, D) and V^T (D, BLOCK_N) (kv_write.load_value_t). MASKED (the last
-    tile): keys from `end` on read as 0, V's loaded a block at a time and then zeroed (stale
-    bytes may be NaN, and 0 * NaN is NaN)."""
-    if MASKED:
-        valid = pos < end
-        blk_ok = (pos // BLOCK_SIZE) * BLOCK_SIZE < end  # constant over a block's keys
-        blk = tl.load(table + pos // BLOCK_SIZE, mask=blk_ok, other=0).to(tl.int64)
-    else:
-        blk = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
-    within = pos % BLOCK_SIZE
-    koff = ((blk * BLOCK_SIZE + within) * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM)[:, None] \
-        + d[None, :]
-    if MASKED:
-        k = load_e4m3(k_ptr + koff, valid[:, None])
-        v = load_value_t(v_ptr, blk, within, kvh, d, blk_ok[None, :], NUM_KV_HEADS, HEAD_DIM,
-                         BLOCK_SIZE, VEC)
-        v = tl.where(valid[None, :], v, 0.0)
-    else:
-        k = load_e4m3(k_ptr + koff)
-        v = load_value_t(v_ptr, blk, within, kvh, d, None, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
-                         VEC)
-    return k, v
-
-
-@triton.jit
-def _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
-            MASKED: tl.constexpr = True, V_T: tl.constexpr = False):
+def _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
     """One key tile into the online softmax: scores of the group's queries against k,
-    running max m_i and sum l_i, acc += p @ v (v given as V^T (D, BLOCK_N) with V_T; the
-    scales apply to the scores, k_scale in scale_log2, and to the output). MASKED: keys
-    where not valid score -inf."""
+    running max m_i and sum l_i, acc += p @ v (the scales apply to the scores, k_scale in
+    scale_log2, and to the output)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-    if MASKED:
-        s = tl.where(valid[None, :], s, float("-inf"))  # (GROUP_PAD, BLOCK_N)
+    s = tl.where(valid[None, :], s, float("-inf"))  # (GROUP_PAD, BLOCK_N)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     pr = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
-    if V_T:
-        v = tl.trans(v)
     acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -214,7 +179,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    GROUP_P2: tl.constexpr, MERGE: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MIN_PART: tl.constexpr, VEC: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
+                   MIN_PART: tl.constexpr, HAS_SEQ_IDS: tl.constexpr,
                    PRECISION: tl.constexpr, FP8: tl.constexpr, ROPE: tl.constexpr,
                    NORM: tl.constexpr, PDL: tl.constexpr):
     if PDL:
@@ -251,7 +216,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         q1, q2 = _new_token(q1, q2, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr,
                             sin_ptr, qw_ptr, kw_ptr, row, kvh, end == seq_len, stride_kt,
                             stride_kh, stride_vt, stride_vh, stride_c, eps, k_scale, v_scale,
-                            NUM_KV_HEADS, HEAD_DIM, NORM, FP8, BLOCK_SIZE)
+                            NUM_KV_HEADS, HEAD_DIM, NORM, FP8)
     q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))  # | q1 | q2 |
     if FP8:  # e4m3 -> fp16 is one packed conversion per two values (fp32 was three each);
         q = q.to(tl.float16)  # (a query past fp16's range, 65504, would overflow)
@@ -263,30 +228,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     tile = tl.arange(0, BLOCK_N)
-    if FP8:  # whole tiles with no masks, then the last one masked
-        n_full = start + (end - start) // BLOCK_N * BLOCK_N
-        for n0 in range(start, n_full, BLOCK_N):
-            n0 = tl.multiple_of(n0, VEC)
-            k, v = _fp8_tile(k_ptr, v_ptr, table, n0 + tile, end, kvh, d, NUM_KV_HEADS,
-                             HEAD_DIM, BLOCK_SIZE, VEC, False)
-            m_i, l_i, acc = _attend(q, k, v, None, m_i, l_i, acc, scale_log2, PRECISION,
-                                    False, True)
-        # the rest in narrower masked tiles: one of BLOCK_N keys took registers enough to
-        # cost the loop a program an SM (191 a thread against 162)
-        TAIL: tl.constexpr = max(32, VEC)
-        sub = tl.arange(0, TAIL)
-        for t0 in range(n_full, end, TAIL):
-            pos = tl.multiple_of(t0, VEC) + sub
-            k, v = _fp8_tile(k_ptr, v_ptr, table, pos, end, kvh, d, NUM_KV_HEADS, HEAD_DIM,
-                             BLOCK_SIZE, VEC, True)
-            m_i, l_i, acc = _attend(q, k, v, pos < end, m_i, l_i, acc, scale_log2, PRECISION,
-                                    True, True)
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            valid = n0 + tile < end
-            k, v = _kv_tile(k_ptr, v_ptr, _slots(table, n0 + tile, valid, BLOCK_SIZE), valid,
-                            kvh, d, NUM_KV_HEADS, HEAD_DIM)
-            m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION)
+    for n0 in range(start, end, BLOCK_N):
+        valid = n0 + tile < end
+        k, v = _kv_tile(k_ptr, v_ptr, _slots(table, n0 + tile, valid, BLOCK_SIZE), valid, kvh,
+                        d, NUM_KV_HEADS, HEAD_DIM, FP8)
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if FP8:
@@ -455,8 +401,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         GROUP_PAD=max(16, triton.next_power_of_2(group)), GROUP_P2=group_p2,
         MERGE=merge, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PART=min_part,
-        # an FP8 cache's V^T loads: runs of VEC keys in one block, from a multiple of VEC
-        VEC=math.gcd(block_size, block_n, min_part) if fp8 else 1,
         HAS_SEQ_IDS=seq_ids is not None,
         PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         FP8=fp8, ROPE=new is not None, NORM=new is not None and new.q_norm is not None,

@@ -7,9 +7,6 @@ One program per new token copies its whole (num_kv_heads, head_dim) row of K and
                          >-- slot_mapping[t] --> | ... | slot s | ... |
     value[t] (Hkv, D) --/                      kv_cache[1] likewise
 
-An FP8 cache's blocks hold V transposed, (Hkv, D, block_size) (`value_offset`;
-reference.attention.value_blocks), for the attention kernels' P V product.
-
 A negative slot is skipped (padding rows of a CUDA-graph batch write nothing); the PyTorch
 reference requires every slot to be valid, so on valid input the two agree bit for bit
 (a plain copy, cast to the cache dtype).
@@ -32,7 +29,7 @@ def _write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
                      k_scale, v_scale,
                      NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                      HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, FP8: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+                     PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -48,33 +45,7 @@ def _write_kv_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr,
     v = tl.load(value_ptr + row * stride_vt + h * stride_vh + d, mask=mask)
     dst = cache_ptr + slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + d
     tl.store(dst, cached(k, k_scale, cache_ptr, FP8), mask=mask)
-    tl.store(cache_ptr + kv_stride + value_offset(slot, h, d, NUM_KV_HEADS, HEAD_DIM,
-                                                  BLOCK_SIZE, FP8),
-             cached(v, v_scale, cache_ptr, FP8), mask=mask)
-
-
-@triton.jit
-def value_offset(slot, h, d, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
-    """Element offset in kv_cache[1] of V at (slot, KV head h, dim d), broadcast: rows of
-    (Hkv, D) per slot, or an FP8 cache's blocks of (Hkv, D, block_size)."""
-    if FP8:
-        return (((slot // BLOCK_SIZE) * NUM_KV_HEADS + h) * (HEAD_DIM * BLOCK_SIZE)
-                + d * BLOCK_SIZE + slot % BLOCK_SIZE)
-    return slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + d
-
-
-@triton.jit
-def load_value_t(v_ptr, blk, within, kvh, d, mask, NUM_KV_HEADS: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, VEC: tl.constexpr):
-    """V^T (D, N) of an FP8 cache, as fp16: keys at offsets `within` (N,) of blocks `blk`
-    (N,), in runs of VEC keys of one block that start at a multiple of VEC (the loads are
-    VEC bytes wide: one byte a key is what V rows cost the P V dot, whose operand runs
-    along the keys). mask (1, N) or None, whole runs only."""
-    off = (((blk * NUM_KV_HEADS + kvh) * (HEAD_DIM * BLOCK_SIZE) + within)[None, :]
-           + d[:, None] * BLOCK_SIZE)
-    off = tl.max_contiguous(tl.multiple_of(off, [1, VEC]), [1, VEC])
-    return load_e4m3(v_ptr + off, mask)
+    tl.store(dst + kv_stride, cached(v, v_scale, cache_ptr, FP8), mask=mask)
 
 
 @triton.jit
@@ -116,9 +87,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
         key, value, kv_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), float(kv_scale[0]), float(kv_scale[1]),
-        FP8=kv_cache.dtype == torch.float8_e4m3fn, NUM_KV_HEADS=num_kv_heads,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=kv_cache.shape[2],
+        FP8=kv_cache.dtype == torch.float8_e4m3fn, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **launch_options(key))
 
 
@@ -129,7 +99,7 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_p
                             k_scale, v_scale, NUM_KV_HEADS: tl.constexpr,
                             BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
                             HALF: tl.constexpr, NORM: tl.constexpr, FP8: tl.constexpr,
-                            BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+                            PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -154,11 +124,8 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qw_p
     dst = cache_ptr + slot * (NUM_KV_HEADS * 2 * HALF) + h * (2 * HALF) + d[None, :]
     tl.store(dst, cached(k1, k_scale, cache_ptr, FP8), mask=mask)
     tl.store(dst + HALF, cached(k2, k_scale, cache_ptr, FP8), mask=mask)
-    dv = cache_ptr + kv_stride + value_offset(slot, h, d[None, :], NUM_KV_HEADS, 2 * HALF,
-                                              BLOCK_SIZE, FP8)
-    tl.store(dv, cached(v1, v_scale, cache_ptr, FP8), mask=mask)
-    tl.store(dv + HALF * (BLOCK_SIZE if FP8 else 1), cached(v2, v_scale, cache_ptr, FP8),
-             mask=mask)
+    tl.store(dst + kv_stride, cached(v1, v_scale, cache_ptr, FP8), mask=mask)
+    tl.store(dst + kv_stride + HALF, cached(v2, v_scale, cache_ptr, FP8), mask=mask)
 
 
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -185,6 +152,5 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             cos_cache.stride(0), kv_cache.stride(0), h, eps, float(kv_scale[0]),
             float(kv_scale[1]), NUM_KV_HEADS=hkv, BLOCK_QH=triton.next_power_of_2(h),
             BLOCK_KH=triton.next_power_of_2(hkv), HALF=d // 2, NORM=q_norm is not None,
-            FP8=kv_cache.dtype == torch.float8_e4m3fn, BLOCK_SIZE=kv_cache.shape[2],
-            num_warps=4, **launch_options(q))
+            FP8=kv_cache.dtype == torch.float8_e4m3fn, num_warps=4, **launch_options(q))
     return q, k

@@ -32,7 +32,6 @@ TANDEM_PREFILL_TMA=0 turns it off.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -40,7 +39,7 @@ import triton.language as tl
 
 from tandem import envs
 from tandem.kernels.reference import attention as reference_attention
-from tandem.kernels.triton.kv_write import load_e4m3, load_value_t
+from tandem.kernels.triton.kv_write import load_e4m3
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -68,8 +67,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                     seq_lens_ptr, block_tables_ptr, scale_log2,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, k_scale, v_scale,
-                    GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, VEC: tl.constexpr,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_SEQ_IDS: tl.constexpr, FRESH: tl.constexpr, PRECISION: tl.constexpr,
                     PREFETCH: tl.constexpr, FP8: tl.constexpr, FP8_QK: tl.constexpr,
@@ -133,11 +131,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                             BLOCK_SIZE, FRESH, True)
         else:
             idx = _key_rows(offs, q_start, table, offs < n_full, BLOCK_SIZE, FRESH, False)
-        if FP8:  # V^T (D, BLOCK_N): the cache's blocks hold V transposed
-            v = load_value_t(v_ptr, idx // BLOCK_SIZE, idx % BLOCK_SIZE, kvh, d, None,
-                             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, VEC)
         if FP8_QK:  # K stays e4m3: straight into shared memory for the FP8 dot
             k = tl.load(k_base + idx[:, None] * stride_kt)
+            v = load_e4m3(v_base + idx[:, None] * stride_vt)
             s = tl.dot(q, tl.trans(k)) * row_scale[:, None]
         else:
             if TMA:
@@ -145,6 +141,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                 v = v_ptr.load([q_start + n0, kvh * HEAD_DIM])
             elif FP8:
                 k = load_e4m3(k_base + idx[:, None] * stride_kt)
+                v = load_e4m3(v_base + idx[:, None] * stride_vt)
             else:
                 k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
                 v = tl.load(v_base + idx[:, None] * stride_vt)
@@ -153,8 +150,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         pr = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
-        if FP8:
-            v = tl.trans(v)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -162,17 +157,11 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         offs = n0 + tl.arange(0, BLOCK_N)
         key_ok = offs < seq_len
         idx = _key_rows(offs, q_start, table, key_ok, BLOCK_SIZE, FRESH, True)
-        if FP8:  # V^T read whole blocks at a time, then zeroed past seq_len (stale bytes
-            # may be NaN, and 0 * NaN is NaN)
-            blk_ok = (offs // BLOCK_SIZE) * BLOCK_SIZE < seq_len  # constant over a block
-            blk = tl.load(table + offs // BLOCK_SIZE, mask=blk_ok, other=0).to(tl.int64)
-            v = load_value_t(v_ptr, blk, offs % BLOCK_SIZE, kvh, d, blk_ok[None, :],
-                             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, VEC)
-            v = tl.where(key_ok[None, :], v, 0.0)
         if FP8_QK:  # masked rows read as 0 (+0.0 in e4m3): no NaN from stale bytes
             kb = tl.load((k_base + idx[:, None] * stride_kt).to(tl.pointer_type(tl.uint8)),
                          mask=key_ok[:, None], other=0)
             k = kb.to(tl.float8e4nv, bitcast=True)
+            v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
             s = tl.dot(q, tl.trans(k)) * row_scale[:, None]
         else:
             if TMA:  # past seq_len: the next chunk's rows (or zeros). Their scores are
@@ -183,6 +172,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                 v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
             elif FP8:  # masked rows read as 0: no NaN from stale bytes
                 k = load_e4m3(k_base + idx[:, None] * stride_kt, key_ok[:, None])
+                v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
             else:
                 k = tl.load(k_base + idx[:, None] * stride_kt, mask=key_ok[:, None],
                             other=0.0)
@@ -195,8 +185,6 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         pr = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
-        if FP8:
-            v = tl.trans(v)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -288,8 +276,7 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         *k_strides, *v_strides, block_tables.stride(0), float(kv_scale[0]),
         float(kv_scale[1]),
-        GROUP=num_heads // num_kv_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, VEC=math.gcd(block_size, block_n),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SEQ_IDS=seq_ids is not None, FRESH=fresh,
         PRECISION="ieee" if k_src.dtype == torch.float32 else "tf32",
         PREFETCH=prefetch_table and not fresh, FP8=fp8, FP8_QK=fp8_qk, TMA=tma,
