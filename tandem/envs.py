@@ -123,6 +123,23 @@ def decode_min_part() -> int | None:
     return int(value)
 
 
+def decode_tiles() -> tuple[int, int, int] | None:
+    """TANDEM_DECODE_TILES=BLOCK_N,num_warps,num_stages: decode attention's tiles for every
+    cache dtype, for tuning runs (kernels/triton/decode.py picks them per dtype otherwise)."""
+    value = os.environ.get("TANDEM_DECODE_TILES")
+    if not value:
+        return None
+    try:
+        cfg = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) != 3 or cfg[0] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] not in (1, 2, 4, 8) \
+            or not 1 <= cfg[2] <= 8:
+        raise ValueError(f"TANDEM_DECODE_TILES={value!r}: BLOCK_N (a power of two >= 16),"
+                         "num_warps (1, 2, 4 or 8),num_stages (1-8)")
+    return cfg  # type: ignore[return-value]
+
+
 def moe_one_launch() -> str:
     """"auto", "always" or "never" (TANDEM_MOE_ONE_LAUNCH: auto, 1 or 0)."""
     value = os.environ.get("TANDEM_MOE_ONE_LAUNCH", "auto").strip().lower()

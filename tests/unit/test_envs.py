@@ -41,6 +41,12 @@ def test_decode_min_part(monkeypatch):
            ["8", "96", "-64", "64.0", "x"])
 
 
+def test_decode_tiles(monkeypatch):
+    _check(monkeypatch, "TANDEM_DECODE_TILES", envs.decode_tiles,
+           [(None, None), ("", None), ("64,4,3", (64, 4, 3)), ("128,8,2", (128, 8, 2))],
+           ["64,4", "64,4,3,1", "48,4,3", "64,3,3", "64,4,0", "64,4,9", "a,b,c"])
+
+
 def test_fp8_cast_half(monkeypatch):
     _check(monkeypatch, "TANDEM_FP8_CAST_HALF", envs.fp8_cast_half,
            [(None, True), ("1", True), ("0", False)], ["2", "yes", ""])

@@ -228,10 +228,17 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     tile = tl.arange(0, BLOCK_N)
+    # The next tile's slots are read a tile ahead and carried, so that the K/V copies depend
+    # on no load of their own iteration: only then does Triton's pipeliner give them more
+    # than one shared-memory buffer (num_stages - 1) and issue the next tile's copies before
+    # this tile's dots. Read in the same iteration, every stage count left one buffer: the
+    # copies waited for the dots, and the program for its copies (sm_90 TTGIR, Triton 3.6).
+    slot = _slots(table, start + tile, start + tile < end, BLOCK_SIZE)
     for n0 in range(start, end, BLOCK_N):
         valid = n0 + tile < end
-        k, v = _kv_tile(k_ptr, v_ptr, _slots(table, n0 + tile, valid, BLOCK_SIZE), valid, kvh,
-                        d, NUM_KV_HEADS, HEAD_DIM, FP8)
+        k, v = _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS, HEAD_DIM, FP8)
+        ahead = n0 + BLOCK_N + tile
+        slot = _slots(table, ahead, ahead < end, BLOCK_SIZE)
         m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -355,7 +362,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     # against 9.1-9.4; batch 8 x 1024 11.6 against 13.4-14.3.
     # (One warp a 64-key tile took 623 us at batch 256 but 600 against 502 at 192, wave
     # quantization at 8 programs an SM, and the throughput run lost with it: e604a8b.)
-    block_n, num_warps, num_stages = config or (
+    block_n, num_warps, num_stages = config or envs.decode_tiles() or (
         (128, 4, 2) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2 if fp32 else 3))
     min_part = min_part or envs.decode_min_part() or (block_n if fp8 else _MIN_PART)
     group_p2 = triton.next_power_of_2(group)
