@@ -1,0 +1,101 @@
+"""Decode attention over two cache layouts, the same bytes: the engine's NHD blocks
+(block_size, num_kv_heads, head_dim) against HND blocks (num_kv_heads, block_size,
+head_dim), the prototype in scripts/proto/decode_hnd.py. In NHD a program (one sequence,
+one KV head) reads a 128-byte FP8 row per slot, 1 KB apart; in HND 2 KB runs (block 16).
+Each point is checked against the PyTorch reference; NHD and HND alternate, twice.
+
+    python scripts/bench_decode_layout.py [--case SUBSTR] [--json F]
+
+Prints a table and one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "proto"))
+import decode_hnd  # noqa: E402
+
+from tandem.bench.timing import graph_us  # noqa: E402
+from tandem.kernels import kv_cache_shape, reference  # noqa: E402
+from tandem.kernels.triton.decode import decode_attention  # noqa: E402
+from tandem.layers.attention_metadata import AttentionMetadata  # noqa: E402
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--json", help="also write the JSON record here")
+ap.add_argument("--case", default="", help="only the cases whose name contains this")
+args = ap.parse_args()
+DEV, BLOCK, FP8 = "cuda", 16, torch.float8_e4m3fn
+CASES = [  # name, seqs, ctx, cache dtype, graph max_seq_len, configs
+    ("b1-ctx2048-fp8", 1, 2048, FP8, 4096, [(128, 4, 2)]),
+    ("b8-ctx1024-fp8", 8, 1024, FP8, 4096, [(128, 4, 2)]),
+    ("b64-ctx4096-fp8", 64, 4096, FP8, 4352, [(128, 4, 2), (128, 4, 3)]),
+    ("b128-ctx4096-fp8", 128, 4096, FP8, 4352, [(128, 4, 2), (128, 4, 3)]),
+    ("b256-ctx4096-fp8", 256, 4096, FP8, 4352, [(128, 4, 2), (128, 4, 3), (64, 4, 3)]),
+    ("b1-ctx2048-bf16", 1, 2048, torch.bfloat16, 4096, [(64, 4, 2)]),
+    ("b256-ctx4096-bf16", 256, 4096, torch.bfloat16, 4352, [(64, 4, 2), (64, 4, 3)]),
+]
+
+
+def batch(num_seqs, ctx, dtype, seed):
+    rng = random.Random(seed)
+    need = -(-ctx // BLOCK)
+    num_blocks = num_seqs * need + 1
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables = [[pool.pop() for _ in range(need)] for _ in range(num_seqs)]
+    cache = torch.randn(kv_cache_shape(num_blocks, BLOCK, 8, 128), device=DEV)
+    scale = (1.0, 1.0)
+    if dtype == FP8:
+        scale = (0.05, 0.05)
+        cache = (cache / 0.05).clamp(-448, 448)
+    cache = cache.to(dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(num_seqs, dtype=torch.int64, device=DEV),
+        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEV),
+        seq_lens=torch.full((num_seqs,), ctx, dtype=torch.int32, device=DEV),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEV),
+        query_lens_cpu=[1] * num_seqs, seq_lens_cpu=[ctx] * num_seqs, max_query_len=1,
+        max_seq_len=ctx, block_size=BLOCK)
+    q = torch.randn(num_seqs, 32, 128, device=DEV).to(torch.bfloat16)
+    return q, cache, meta, scale
+
+
+rows = []
+for name, seqs, ctx, dtype, max_len, configs in CASES:
+    if args.case not in name:
+        continue
+    q, nhd, meta, scale = batch(seqs, ctx, dtype, seed=len(rows))
+    hnd = nhd.transpose(2, 3).contiguous()  # (2, blocks, heads, block_size, D)
+    ref = reference.paged_attention(q.float(), nhd.float() if dtype != FP8 else nhd, meta,
+                                    128 ** -0.5, kv_scale=scale)
+    kv_bytes = seqs * ctx * 8 * 128 * 2 * nhd.element_size()
+    print(f"\n{name}: {kv_bytes / 1e6:.1f} MB of K/V")
+    for cfg in configs:
+        for layout in ("NHD", "HND", "NHD", "HND"):
+            fn, cache = (decode_attention, nhd) if layout == "NHD" else (
+                decode_hnd.decode_attention, hnd)
+            out = torch.empty_like(q)
+
+            def call(fn=fn, cache=cache, out=out, cfg=cfg):
+                fn(q, cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                   128 ** -0.5, max_seq_len=max_len, kv_scale=scale, config=cfg)
+            call()
+            err = (out.float() - ref.float()).abs().max().item()
+            if err > 3e-2 * max(1.0, ref.abs().max().item()):
+                print(f"  {layout} {cfg}: WRONG (max err {err:.3g})")
+                continue
+            us = graph_us(call, calls=32, repeats=5, best=True)
+            rows.append({"case": name, "layout": layout, "config": cfg, "us": us,
+                         "GBps": kv_bytes / us / 1e3})
+            print(f"  {layout} {str(cfg):<14} {us:8.2f} us  {kv_bytes / us / 1e3:8.0f} GB/s")
+rec = {"bench": "decode_layout", "device": torch.cuda.get_device_name(), "rows": rows}
+print(json.dumps(rec))
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump(rec, f)
