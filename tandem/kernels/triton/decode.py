@@ -362,8 +362,14 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     # against 9.1-9.4; batch 8 x 1024 11.6 against 13.4-14.3.
     # (One warp a 64-key tile took 623 us at batch 256 but 600 against 502 at 192, wave
     # quantization at 8 programs an SM, and the throughput run lost with it: e604a8b.)
+    # Since the slots are read a tile ahead (twentieth session, 8273a8d, in one call against
+    # the kernel before, bench/results/2026-12-03-h200-twentieth-8273a8d/): bf16 at 2 stages
+    # matches the old kernel at batch 256 x 4096 (956 against 956 us; 990 at 3 stages, now
+    # two buffers) and is 3-9% faster at batch 1 (2048 tokens 9.36 against 10.11 us). FP8
+    # at 3 stages gains 1-11% from batch 64 up (256: 659 against 682 us) but loses 11% at
+    # batch 1 and 8, and the 256 x 4096 / 256 run moved only 34.54 -> 34.49 s: kept at 2.
     block_n, num_warps, num_stages = config or envs.decode_tiles() or (
-        (128, 4, 2) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2 if fp32 else 3))
+        (128, 4, 2) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2))
     min_part = min_part or envs.decode_min_part() or (block_n if fp8 else _MIN_PART)
     group_p2 = triton.next_power_of_2(group)
     merge = merge or merge_width(group_p2, head_dim)
