@@ -3,7 +3,8 @@
 # read a tile ahead, so Triton's pipeliner double-buffers the K/V copies (before, every stage
 # count left one buffer and a program's copies waited on its own dots). Steps, all inside
 # DEADLINE seconds:
-#   old      the previous kernel (bench/ab/decode_old.py, copied in for this step only):
+#   old      the previous kernel ($OLD_DECODE: fdb856e's decode.py, copied in untracked as
+#            bench/ab/decode_old.py in the session's call; in for this step only):
 #            FP8 cases, bf16 at batch 256 x 4096 and the batch-1 cases, default tiles
 #   decode   the new kernel over tiles: FP8 cases, bf16 at batch 256 x 4096, batch-1 cases
 #   kv       256 x 4096 in / 256 out: FP8 KV with the FP8 tiles that were fastest summed over
@@ -22,7 +23,7 @@ BF16_CONFIGS=${BF16_CONFIGS:-"[None, (64, 4, 2, 64), (32, 4, 3, 64), (32, 4, 4, 
 [ $# -gt 0 ] || set -- old decode kv kvdef tests
 for what in "$@"; do
   case $what in
-    old) cp $D /tmp/decode_new.py && cp bench/ab/decode_old.py $D
+    old) cp $D /tmp/decode_new.py && cp "${OLD_DECODE:-bench/ab/decode_old.py}" $D
          step old-fp8 ${OLD_S:-60} python3 scripts/bench_decode_attention.py --case fp8 \
            --configs "[None]" --json "$OUT/old-fp8.json"
          step old-bf16 40 python3 scripts/bench_decode_attention.py --case ctx4096-bf16 \
