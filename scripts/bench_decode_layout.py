@@ -1,7 +1,8 @@
 """Decode attention over two cache layouts, the same bytes: the engine's NHD blocks
 (block_size, num_kv_heads, head_dim) against HND blocks (num_kv_heads, block_size,
-head_dim), the prototype in scripts/proto/decode_hnd.py. In NHD a program (one sequence,
-one KV head) reads a 128-byte FP8 row per slot, 1 KB apart; in HND 2 KB runs (block 16).
+head_dim), a prototype: decode.py with its addressing rewritten (HND_EDITS). In NHD a
+program (one sequence, one KV head) reads a 128-byte FP8 row per slot, 1 KB apart; in HND
+2 KB runs (block 16).
 Each point is checked against the PyTorch reference; NHD and HND alternate, twice.
 
     python scripts/bench_decode_layout.py [--case SUBSTR] [--json F]
@@ -18,13 +19,50 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "proto"))
-import decode_hnd  # noqa: E402
+import importlib.util
+import tempfile
 
-from tandem.bench.timing import graph_us  # noqa: E402
-from tandem.kernels import kv_cache_shape, reference  # noqa: E402
-from tandem.kernels.triton.decode import decode_attention  # noqa: E402
-from tandem.layers.attention_metadata import AttentionMetadata  # noqa: E402
+import tandem.kernels.triton.decode as decode_nhd
+from tandem.bench.timing import graph_us
+from tandem.kernels import kv_cache_shape, reference
+from tandem.kernels.triton.decode import decode_attention
+from tandem.layers.attention_metadata import AttentionMetadata
+
+# The HND prototype: the engine's decode.py with only its addressing rewritten (the fused
+# new-token write, ROPE, is left NHD and refused). Each edit must apply exactly once.
+HND_EDITS = [
+    ("def _slots(table, offs, valid, BLOCK_SIZE: tl.constexpr):",
+     "def _slots(table, offs, valid, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr):"),
+    ("    return blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE",
+     "    return blk.to(tl.int64) * (BLOCK_SIZE * NUM_KV_HEADS) + offs % BLOCK_SIZE"),
+    ("             HEAD_DIM: tl.constexpr, FP8: tl.constexpr):",
+     "             HEAD_DIM: tl.constexpr, FP8: tl.constexpr, BLOCK_SIZE: tl.constexpr):"),
+    ("    off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]",
+     "    off = slot[:, None] * HEAD_DIM + kvh * (BLOCK_SIZE * HEAD_DIM) + d[None, :]"),
+    ("start + tile < end, BLOCK_SIZE)", "start + tile < end, BLOCK_SIZE, NUM_KV_HEADS)"),
+    ("ahead < end, BLOCK_SIZE)", "ahead < end, BLOCK_SIZE, NUM_KV_HEADS)"),
+    ("NUM_KV_HEADS, HEAD_DIM, FP8)", "NUM_KV_HEADS, HEAD_DIM, FP8, BLOCK_SIZE)"),
+    ("    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape\n",
+     "    _, _, num_kv_heads, block_size, head_dim = kv_cache.shape\n    assert new is None\n"),
+]
+
+
+def load_hnd():
+    src = open(decode_nhd.__file__).read()
+    for old, new in HND_EDITS:
+        assert src.count(old) == 1, f"decode.py changed: {old!r}"
+        src = src.replace(old, new)
+    path = os.path.join(tempfile.mkdtemp(), "decode_hnd.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location("decode_hnd", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["decode_hnd"] = module  # (its dataclasses look themselves up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+decode_hnd = load_hnd()
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--json", help="also write the JSON record here")
