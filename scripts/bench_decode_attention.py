@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import torch
 
+from tandem.bench.decode_inputs import decode_batch
 from tandem.bench.timing import graph_us
-from tandem.kernels import kv_cache_shape, reference
+from tandem.kernels import reference
 from tandem.kernels.triton import decode
 from tandem.kernels.triton.decode import decode_attention
-from tandem.layers.attention_metadata import AttentionMetadata
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--json", help="also write the JSON record here")
@@ -29,32 +28,6 @@ ap.add_argument("--case", default="", help="only the cases whose name contains t
 ap.add_argument("--configs", help="the configs to try at every batch size, as a Python list "
                 "of tuples (BLOCK_N, warps, stages, min_part[, merge[, rounds[, parts]]])")
 args = ap.parse_args()
-DEV = "cuda"
-BLOCK = 16
-
-
-def batch(num_seqs: int, ctx: int, kv_heads: int, heads: int, dtype: torch.dtype, seed: int):
-    rng = random.Random(seed)
-    need = -(-ctx // BLOCK)
-    num_blocks = num_seqs * need + 1
-    pool = list(range(num_blocks))
-    rng.shuffle(pool)
-    tables = [[pool.pop() for _ in range(need)] for _ in range(num_seqs)]
-    cache = torch.randn(kv_cache_shape(num_blocks, BLOCK, kv_heads, 128), device=DEV)
-    scale = (1.0, 1.0)
-    if dtype == torch.float8_e4m3fn:
-        scale = (0.05, 0.05)
-        cache = (cache / 0.05).clamp(-448, 448)
-    cache = cache.to(dtype)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(num_seqs, dtype=torch.int64, device=DEV),
-        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEV),
-        seq_lens=torch.full((num_seqs,), ctx, dtype=torch.int32, device=DEV),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEV),
-        query_lens_cpu=[1] * num_seqs, seq_lens_cpu=[ctx] * num_seqs, max_query_len=1,
-        max_seq_len=ctx, block_size=BLOCK)
-    q = torch.randn(num_seqs, heads, 128, device=DEV).to(torch.bfloat16)
-    return q, cache, meta, scale
 
 
 CASES = [  # name, seqs, ctx, kv heads, q heads, cache dtype, graph max_seq_len
@@ -95,7 +68,7 @@ if args.configs:
     CONFIGS = BIG = [None if c is None else tuple(c) for c in eval(args.configs)]
 rows = []
 for name, seqs, ctx, kvh, h, dtype, max_len in CASES:
-    q, cache, meta, scale = batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
+    q, cache, meta, scale = decode_batch(seqs, ctx, kvh, h, dtype, seed=len(rows))
     ref = reference.paged_attention(q.float(), cache.float() if dtype != torch.float8_e4m3fn
                                     else cache, meta, 128 ** -0.5, kv_scale=scale)
     kv_bytes = seqs * ctx * kvh * 128 * 2 * cache.element_size()

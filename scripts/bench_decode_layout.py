@@ -12,21 +12,19 @@ Prints a table and one JSON line."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import random
 import sys
+import tempfile
 
 import torch
 
-import importlib.util
-import tempfile
-
 import tandem.kernels.triton.decode as decode_nhd
+from tandem.bench.decode_inputs import decode_batch
 from tandem.bench.timing import graph_us
-from tandem.kernels import kv_cache_shape, reference
+from tandem.kernels import reference
 from tandem.kernels.triton.decode import decode_attention
-from tandem.layers.attention_metadata import AttentionMetadata
 
 # The HND prototype: the engine's decode.py with only its addressing rewritten (the fused
 # new-token write, ROPE, is left NHD and refused). Each edit must apply exactly once.
@@ -68,7 +66,7 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--json", help="also write the JSON record here")
 ap.add_argument("--case", default="", help="only the cases whose name contains this")
 args = ap.parse_args()
-DEV, BLOCK, FP8 = "cuda", 16, torch.float8_e4m3fn
+FP8 = torch.float8_e4m3fn
 CASES = [  # name, seqs, ctx, cache dtype, graph max_seq_len, configs
     ("b1-ctx2048-fp8", 1, 2048, FP8, 4096, [(128, 4, 2)]),
     ("b8-ctx1024-fp8", 8, 1024, FP8, 4096, [(128, 4, 2)]),
@@ -80,35 +78,11 @@ CASES = [  # name, seqs, ctx, cache dtype, graph max_seq_len, configs
 ]
 
 
-def batch(num_seqs, ctx, dtype, seed):
-    rng = random.Random(seed)
-    need = -(-ctx // BLOCK)
-    num_blocks = num_seqs * need + 1
-    pool = list(range(num_blocks))
-    rng.shuffle(pool)
-    tables = [[pool.pop() for _ in range(need)] for _ in range(num_seqs)]
-    cache = torch.randn(kv_cache_shape(num_blocks, BLOCK, 8, 128), device=DEV)
-    scale = (1.0, 1.0)
-    if dtype == FP8:
-        scale = (0.05, 0.05)
-        cache = (cache / 0.05).clamp(-448, 448)
-    cache = cache.to(dtype)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(num_seqs, dtype=torch.int64, device=DEV),
-        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEV),
-        seq_lens=torch.full((num_seqs,), ctx, dtype=torch.int32, device=DEV),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=DEV),
-        query_lens_cpu=[1] * num_seqs, seq_lens_cpu=[ctx] * num_seqs, max_query_len=1,
-        max_seq_len=ctx, block_size=BLOCK)
-    q = torch.randn(num_seqs, 32, 128, device=DEV).to(torch.bfloat16)
-    return q, cache, meta, scale
-
-
 rows = []
 for name, seqs, ctx, dtype, max_len, configs in CASES:
     if args.case not in name:
         continue
-    q, nhd, meta, scale = batch(seqs, ctx, dtype, seed=len(rows))
+    q, nhd, meta, scale = decode_batch(seqs, ctx, 8, 32, dtype, seed=len(rows))
     hnd = nhd.transpose(2, 3).contiguous()  # (2, blocks, heads, block_size, D)
     ref = reference.paged_attention(q.float(), nhd.float() if dtype != FP8 else nhd, meta,
                                     128 ** -0.5, kv_scale=scale)

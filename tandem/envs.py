@@ -123,16 +123,22 @@ def decode_min_part() -> int | None:
     return int(value)
 
 
+def _ints(value: str) -> tuple[int, ...]:
+    """Comma-separated integers, or () where any is not one (the caller names the variable
+    in its error)."""
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        return ()
+
+
 def decode_tiles() -> tuple[int, int, int] | None:
     """TANDEM_DECODE_TILES=BLOCK_N,num_warps,num_stages: decode attention's tiles for every
     cache dtype, for tuning runs (kernels/triton/decode.py picks them per dtype otherwise)."""
     value = os.environ.get("TANDEM_DECODE_TILES")
     if not value:
         return None
-    try:
-        cfg = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        cfg = ()
+    cfg = _ints(value)
     if len(cfg) != 3 or cfg[0] < 16 or cfg[0] & (cfg[0] - 1) or cfg[1] not in (1, 2, 4, 8) \
             or not 1 <= cfg[2] <= 8:
         raise ValueError(f"TANDEM_DECODE_TILES={value!r}: BLOCK_N (a power of two >= 16),"
@@ -153,10 +159,7 @@ def moe_one_config() -> tuple[int, int, int, int, int, int] | None:
     value = os.environ.get("TANDEM_MOE_ONE_CONFIG")
     if not value:
         return None
-    try:
-        cfg = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        cfg = ()
+    cfg = _ints(value)
     if len(cfg) != 6 or any(v <= 0 for v in cfg) or any(v & (v - 1) for v in cfg[:5]):
         raise ValueError(f"TANDEM_MOE_ONE_CONFIG={value!r}: BN1,BK1,BN2,BK2,num_warps "
                          "(powers of two),num_stages")
