@@ -50,7 +50,7 @@ import triton.language as tl
 
 from tandem import envs
 from tandem.kernels.triton.elementwise import norm_rotate
-from tandem.kernels.triton.kv_write import cached, load_e4m3
+from tandem.kernels.triton.kv_write import cached, load_e4m3, load_e4m3_pairs
 from tandem.kernels.triton.pdl import gdc_launch_dependents, gdc_wait, launch_options
 
 
@@ -140,11 +140,15 @@ def _slots(table, offs, valid, BLOCK_SIZE: tl.constexpr):
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS: tl.constexpr,
              HEAD_DIM: tl.constexpr, FP8: tl.constexpr):
-    """The (BLOCK_N, D) K and V rows at slots, invalid rows 0 (an FP8 cache's as fp16)."""
+    """The (BLOCK_N, D) K and V rows at slots, invalid rows 0 (an FP8 cache's as fp16, its
+    V as (even dims, odd dims), (BLOCK_N, D / 2) each: load_e4m3_pairs)."""
     off = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
     if FP8:
         k = load_e4m3(k_ptr + off, valid[:, None])
-        v = load_e4m3(v_ptr + off, valid[:, None])
+        HALF: tl.constexpr = HEAD_DIM // 2  # V's rows as 16-bit words, offsets in words
+        words = (v_ptr.to(tl.pointer_type(tl.uint16)) + slot[:, None] * (NUM_KV_HEADS * HALF)
+                 + kvh * HALF + tl.arange(0, HALF)[None, :])
+        v = load_e4m3_pairs(words, valid[:, None])
     else:
         k = tl.load(k_ptr + off, mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + off, mask=valid[:, None], other=0.0)
@@ -152,17 +156,23 @@ def _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS: tl.constexpr,
 
 
 @triton.jit
-def _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+def _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
+            FP8: tl.constexpr):
     """One key tile into the online softmax: scores of the group's queries against k,
     running max m_i and sum l_i, acc += p @ v (the scales apply to the scores, k_scale in
-    scale_log2, and to the output)."""
+    scale_log2, and to the output). FP8: v and acc are (even dims, odd dims) pairs."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     s = tl.where(valid[None, :], s, float("-inf"))  # (GROUP_PAD, BLOCK_N)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     pr = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
-    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
+    if FP8:
+        pr = pr.to(tl.float16)
+        acc = (acc[0] * alpha[:, None] + tl.dot(pr, v[0]),
+               acc[1] * alpha[:, None] + tl.dot(pr, v[1]))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -225,7 +235,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
 
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    if FP8:  # the even and the odd dims (_kv_tile)
+        acc = (tl.zeros([GROUP_PAD, HEAD_DIM // 2], dtype=tl.float32),
+               tl.zeros([GROUP_PAD, HEAD_DIM // 2], dtype=tl.float32))
+    else:
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     tile = tl.arange(0, BLOCK_N)
     # The next tile's slots are read a tile ahead and carried, so that the K/V copies depend
@@ -239,8 +253,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_max_ptr, par
         k, v = _kv_tile(k_ptr, v_ptr, slot, valid, kvh, d, NUM_KV_HEADS, HEAD_DIM, FP8)
         ahead = n0 + BLOCK_N + tile
         slot = _slots(table, ahead, ahead < end, BLOCK_SIZE)
-        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION)
+        m_i, l_i, acc = _attend(q, k, v, valid, m_i, l_i, acc, scale_log2, PRECISION, FP8)
 
+    if FP8:  # dims interleaved back: column 2j is even's j, 2j + 1 odd's
+        acc = tl.reshape(tl.join(acc[0], acc[1]), (GROUP_PAD, HEAD_DIM))
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if FP8:
         o *= v_scale
