@@ -7,10 +7,11 @@
 #   decode   the new kernel: FP8 cases over $FP8_CONFIGS
 #   kv       256 x 4096 in / 256 out: FP8 KV with the FP8 tiles fastest summed over batches
 #            64-256 x 4096 in the decode step (TANDEM_DECODE_TILES), then bf16 KV
+#   kvdef    the same pair again, FP8 KV with the default tiles
 #   tests    the attention and fused decode-rotary GPU tests
 # The bf16 kernel is unchanged (its branch of the code is the same), so bf16 decode is not
 # timed again. Needs no server wheels. Usage:
-#   OUT=dir DEADLINE=570 bash bench/run_twentyfirst_h200.sh [old decode kv tests]
+#   OUT=dir DEADLINE=570 bash bench/run_twentyfirst_h200.sh [old decode kv kvdef tests]
 . "$(dirname "$0")/common.sh"
 K="--num-prompts 256 --input-len 4096 --output-len 256 --max-model-len 4352 --max-num-seqs 256
    --no-progress"
@@ -44,6 +45,8 @@ PY
         echo "FP8 tiles for kv: '${best}'"
         TANDEM_DECODE_TILES=$best bench kv-fp8 ${KV_S:-130} throughput $M --kv-cache-dtype fp8 $K
         bench kv-auto ${KV_S:-130} throughput $M --kv-cache-dtype auto $K ;;
+    kvdef) bench kv-fp8-default ${KV_S:-130} throughput $M --kv-cache-dtype fp8 $K
+           bench kv-auto-2 ${KV_S:-130} throughput $M --kv-cache-dtype auto $K ;;
     tests) step gpu-tests ${TESTS_S:-120} python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
              tests/kernels/test_triton_attention.py tests/kernels/test_triton_decode_rotary.py \
              -k "${TESTS_K:-not nothing}"

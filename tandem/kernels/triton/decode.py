@@ -371,20 +371,19 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         return
     fp32 = kv_cache.dtype == torch.float32
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    # An FP8 cache: 128-key tiles at 2 stages, each warp scoring 32 keys, and partitions of
-    # whole tiles. H200, Llama-3.1-8B's 8 KV heads (scripts/bench_decode_attention.py,
-    # bench/results/2026-12-02-h200-fp8-kv-stages-cc849a6/): batch 256 x 4096 682 us a
-    # layer, against 799 at bf16's (64, 4) at 2 stages and 891 at 3; batch 1 x 2048 8.2 us
-    # against 9.1-9.4; batch 8 x 1024 11.6 against 13.4-14.3.
-    # (One warp a 64-key tile took 623 us at batch 256 but 600 against 502 at 192, wave
-    # quantization at 8 programs an SM, and the throughput run lost with it: e604a8b.)
-    # Since the slots are read a tile ahead (twentieth session, 8273a8d, in one call against
-    # the kernel before, bench/results/2026-12-03-h200-twentieth-8273a8d/): bf16 at 2 stages
-    # matches the old kernel at batch 256 x 4096 (956 against 956 us; 990 at 3 stages, now
-    # two buffers) and is 3-9% faster at batch 1 (2048 tokens 9.36 against 10.11 us). FP8
-    # at 3 stages gains 1-11% from batch 64 up (256: 659 against 682 us) but loses 11% at
-    # batch 1 and 8, and the 256 x 4096 / 256 run moved only 34.54 -> 34.49 s: kept at 2.
-    block_n, num_warps, num_stages = config or envs.decode_tiles() or (
+    # An FP8 cache: 128-key tiles, each warp scoring 32 keys, and partitions of whole tiles;
+    # 3 stages (two tiles in flight) when the batch alone fills the chip (one partition a
+    # sequence), else 2. H200, Llama-3.1-8B's 8 KV heads, us a layer, V read as 16-bit words
+    # (twenty-first session, ef8beac, bench/results/2026-12-03-h200-twentyfirst-ef8beac/):
+    # batch 256 x 4096 560 at 3 stages, 623 at 2 (the byte-gather kernel before: 672, 694);
+    # batch 64 x 4096 171 against 195; batch 1 x 2048 7.7 at 2 stages against 8.1 at 3,
+    # batch 8 x 1024 10.6 against 11.2. (One warp a 64-key tile took 623 us at batch 256 but
+    # 600 against 502 at 192, wave quantization at 8 programs an SM: e604a8b.)
+    # bf16 at 2 stages since the slots are read a tile ahead (twentieth session, 8273a8d,
+    # bench/results/2026-12-03-h200-twentieth-8273a8d/): 956 us at batch 256 x 4096 as
+    # before (990 at 3 stages), 3-9% faster at batch 1 (2048 tokens 9.36 against 10.11 us).
+    tiles = config or envs.decode_tiles()
+    block_n, num_warps, num_stages = tiles or (
         (128, 4, 2) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2))
     min_part = min_part or envs.decode_min_part() or (block_n if fp8 else _MIN_PART)
     group_p2 = triton.next_power_of_2(group)
@@ -393,6 +392,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
                                           _num_sms(query.device), min_part=min_part,
                                           merge=merge)
+    if fp8 and tiles is None and num_parts == 1:
+        num_stages = 3
     if num_parts == 1:  # the scratch is unused; placeholders of the scratch's own types, so
         # that one compiled variant serves both (a float32 scratch against `out`'s dtype was
         # a second variant, first met in a long run's mixed steps: a compile inside the
