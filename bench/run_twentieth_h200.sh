@@ -40,20 +40,7 @@ for what in "$@"; do
             step decode-b1 60 python3 scripts/bench_decode_attention.py --case b1-ctx \
               --configs "[None, (64, 4, 2, 64)]" --json "$OUT/decode-b1.json"
             grep -E "^llama|^qwen|^  " "$OUT"/decode-bf16.log "$OUT"/decode-b1.log | cut -c1-100 ;;
-    kv) best=$(python3 - "$OUT/decode-fp8.json" <<'PY'
-import json, sys
-rows = json.load(open(sys.argv[1]))["rows"]
-big = ("b64-", "b128-", "b192-", "b256-")
-tot = {}
-for r in rows:
-    if any(b in r["case"] for b in big):
-        key = tuple(r["config"][:3]) if r["config"] else None
-        tot.setdefault(key, []).append(r["us"])
-full = {k: sum(v) for k, v in tot.items() if len(v) == 4}
-best = min(full, key=full.get)
-print(",".join(map(str, best)) if best else "")
-PY
-)
+    kv) best=$(python3 scripts/best_decode_tiles.py "$OUT/decode-fp8.json")
         echo "FP8 tiles for kv: '${best}'"
         TANDEM_DECODE_TILES=$best bench kv-fp8 ${KV_S:-130} throughput $M --kv-cache-dtype fp8 $K
         bench kv-auto ${KV_S:-130} throughput $M --kv-cache-dtype auto $K ;;
