@@ -67,23 +67,24 @@ def load_e4m3(ptrs, mask=None):
         b = tl.load(ptrs.to(tl.pointer_type(tl.uint8)))
     else:
         b = tl.load(ptrs.to(tl.pointer_type(tl.uint8)), mask=mask, other=0)
+    return _e4m3_f16(b)
+
+
+@triton.jit
+def _e4m3_f16(b):
+    """e4m3 bytes (uint8) as fp16: the hardware conversion, two values an instruction."""
     return b.to(tl.float8e4nv, bitcast=True).to(tl.float16)
 
 
 @triton.jit
-def load_e4m3_pairs(words, mask=None):
+def load_e4m3_pairs(words, mask):
     """An FP8 cache tile read as 16-bit words, words (rows, D / 2) pointers to uint16, each
     two dims: (even dims, odd dims) as fp16, (rows, D / 2) each (masked rows 0). As words
     the tile reaches an attention dot's B operand through the 16-bit transposing ldmatrix;
     as bytes, V's rows (keys: the dot's inner dimension) were gathered a byte at a time
     (sm_90 has no transposing ldmatrix for bytes: 128 LDS.U8 a thread per 128-key tile)."""
-    if mask is None:
-        w = tl.load(words)
-    else:
-        w = tl.load(words, mask=mask, other=0)
-    even = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    odd = (w >> 8).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    return even, odd
+    w = tl.load(words, mask=mask, other=0)
+    return _e4m3_f16((w & 0xFF).to(tl.uint8)), _e4m3_f16((w >> 8).to(tl.uint8))
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
