@@ -98,7 +98,7 @@ def main() -> None:
     lines, _ = sampler.communicate()
     rows = [r for r in (parse(line, fields) for line in lines.splitlines()) if r]
     summary = {"command": command, "rc": rc, "wall_s": wall, **summarize(rows)}
-    print(f"\n{"figure":<30} value")
+    print(f"\n{'figure':<30} value")
     for key, value in summary.items():
         if key != "command":
             print(f"{key:<30} {value:.3f}" if isinstance(value, float) else f"{key:<30} {value}")
