@@ -186,13 +186,18 @@ def test_decode_partition_counts_and_padding_rows() -> None:
 
 
 @pytest.mark.skipif(INTERPRET, reason="counts compiled variants (none in the interpreter)")
-def test_decode_one_variant_for_any_partition_count() -> None:
-    """One partition (direct write) and many (scratch, merge) run the same compiled kernel:
-    a second variant used to compile mid-run when a long run's mixed steps first met one."""
+@pytest.mark.skipif(INTERPRET, reason="counts compiled kernels")
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_decode_one_variant_for_any_partition_count(kv) -> None:
+    """One partition (direct write) and many (scratch, merge) run the same compiled kernel,
+    for either cache dtype: a second variant used to compile mid-run when a long run's mixed
+    steps first met one (the scratch's dtype; later, FP8 stages chosen by partition count)."""
     from tandem.kernels.triton.decode import _decode_kernel
     rng = random.Random(5)
     meta, cache, query, _, _ = make_batch(rng, [(1, 300), (1, 70)], 16, 8, 2, 64,
                                           torch.bfloat16)
+    if kv == "fp8":  # scale 1: the values are N(0, 1); NaN slots stay NaN
+        cache = cache.to(torch.float8_e4m3fn)
     seq_ids = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
 
     def variants() -> int:
@@ -204,7 +209,7 @@ def test_decode_one_variant_for_any_partition_count() -> None:
         decode_attention(query, cache, out, meta.query_start_loc, meta.seq_lens,
                          meta.block_tables, 0.125, max_seq_len=300, num_parts=num_parts,
                          seq_ids=seq_ids)
-        check(out, query, cache, meta, 0.125, torch.bfloat16)
+        check(out, query, cache.float(), meta, 0.125, torch.bfloat16)
         counts.append(variants())
     assert counts[0] == counts[1] == counts[2]
 

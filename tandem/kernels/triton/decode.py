@@ -371,20 +371,23 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         return
     fp32 = kv_cache.dtype == torch.float32
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    # An FP8 cache: 128-key tiles, each warp scoring 32 keys, and partitions of whole tiles;
-    # 3 stages (two tiles in flight) when the batch alone fills the chip (one partition a
-    # sequence), else 2. H200, Llama-3.1-8B's 8 KV heads, us a layer, V read as 16-bit words
-    # (twenty-first session, ef8beac, bench/results/2026-12-03-h200-twentyfirst-ef8beac/):
-    # batch 256 x 4096 560 at 3 stages, 623 at 2 (the byte-gather kernel before: 672, 694);
-    # batch 64 x 4096 171 against 195; batch 1 x 2048 7.7 at 2 stages against 8.1 at 3,
-    # batch 8 x 1024 10.6 against 11.2. (One warp a 64-key tile took 623 us at batch 256 but
-    # 600 against 502 at 192, wave quantization at 8 programs an SM: e604a8b.)
+    # An FP8 cache: 128-key tiles at 3 stages (two tiles in flight), each warp scoring 32
+    # keys, and partitions of whole tiles. H200, Llama-3.1-8B's 8 KV heads, us a layer, V read
+    # as 16-bit words (twenty-first session, ef8beac,
+    # bench/results/2026-12-03-h200-twentyfirst-ef8beac/): batch 256 x 4096 560 at 3 stages,
+    # 623 at 2 (the byte-gather kernel before: 672, 694); batch 64 x 4096 171 against 195.
+    # At 2 stages batch 1 x 2048 was 7.7 against 8.1 and batch 8 x 1024 10.6 against 11.2,
+    # but stages chosen by partition count are two compiled variants, and the second one
+    # compiled inside a long run's measurement, in its first mixed step with few decodes:
+    # 256 x 4096 / 256 took 35.68 s that way against 34.40 at 3 stages throughout
+    # (twenty-second session, bench/results/2026-12-03-h200-twentysecond-c9b5cc3/). So one
+    # stage count for any batch. (One warp a 64-key tile took 623 us at batch 256 but 600
+    # against 502 at 192, wave quantization at 8 programs an SM: e604a8b.)
     # bf16 at 2 stages since the slots are read a tile ahead (twentieth session, 8273a8d,
     # bench/results/2026-12-03-h200-twentieth-8273a8d/): 956 us at batch 256 x 4096 as
     # before (990 at 3 stages), 3-9% faster at batch 1 (2048 tokens 9.36 against 10.11 us).
-    tiles = config or envs.decode_tiles()
-    block_n, num_warps, num_stages = tiles or (
-        (128, 4, 2) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2))
+    block_n, num_warps, num_stages = config or envs.decode_tiles() or (
+        (128, 4, 3) if fp8 else (64 if head_dim >= 128 or fp32 else 128, 4, 2))
     min_part = min_part or envs.decode_min_part() or (block_n if fp8 else _MIN_PART)
     group_p2 = triton.next_power_of_2(group)
     merge = merge or merge_width(group_p2, head_dim)
@@ -392,8 +395,6 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
         num_parts = decode_num_partitions(max_seq_len, num_decodes, num_kv_heads,
                                           _num_sms(query.device), min_part=min_part,
                                           merge=merge)
-    if fp8 and tiles is None and num_parts == 1:
-        num_stages = 3
     if num_parts == 1:  # the scratch is unused; placeholders of the scratch's own types, so
         # that one compiled variant serves both (a float32 scratch against `out`'s dtype was
         # a second variant, first met in a long run's mixed steps: a compile inside the
