@@ -3,10 +3,15 @@
 #   kvdef tests   bench/run_twentyfirst_h200.sh's steps: FP8 KV against bf16 KV at
 #                 256 x 4096/256 with the default tiles, then the attention GPU tests
 #   onetime       scripts/diag_one_time.py on the FP8 KV run: compiles inside its window
+#   prefill       the prefill kernel with each row's max taken before the scale (one FFMA an
+#                 element) against the kernel before ($OLD_PREFILL: 667b929's prefill.py,
+#                 copied in untracked as bench/ab/prefill_old.py for the session's call),
+#                 scripts/bench_prefill_tma.py new, old, new, old; then the 8k prefill
+#                 benchmark and the attention GPU tests on the new kernel
 #   power         issue 16's throughput (1024 x 512/256) and 8k prefill runs, bf16, each
 #                 under scripts/diag_power.py (board power, SM clock, power-cap share)
 # Needs no server wheels. Usage:
-#   OUT=dir DEADLINE=570 bash bench/run_twentysecond_h200.sh [kvdef tests onetime power]
+#   OUT=dir DEADLINE=570 bash bench/run_twentysecond_h200.sh [kvdef tests onetime prefill power]
 . "$(dirname "$0")/common.sh"
 [ $# -gt 0 ] || set -- kvdef tests power
 for what in "$@"; do
@@ -16,6 +21,19 @@ for what in "$@"; do
                --kv-cache-dtype fp8 --num-prompts 256 --input-len 4096 --output-len 256 \
                --max-model-len 4352 --max-num-seqs 256 --no-progress
              grep -v '^{' "$OUT/one-time-fp8.log" | tail -12 ;;
+    prefill)
+      P=tandem/kernels/triton/prefill.py; cp $P /tmp/prefill_new.py
+      for r in new-1 old-1 new-2 old-2; do
+        case $r in old*) cp "${OLD_PREFILL:-bench/ab/prefill_old.py}" $P ;; *) cp /tmp/prefill_new.py $P ;; esac
+        step prefill-ab-$r 60 python3 scripts/bench_prefill_tma.py --json "$OUT/prefill-ab-$r.json"
+        grep -E "default " "$OUT/prefill-ab-$r.log" | sed "s/^/$r  /"
+      done
+      cp /tmp/prefill_new.py $P
+      bench prefill-8k 80 prefill $M --input-len 8192 --max-num-batched-tokens 8192 \
+        --max-model-len 8448 --max-num-seqs 1 --iters 3 --no-progress
+      step attn-tests ${TESTS_S:-150} python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
+        tests/kernels/test_triton_attention.py
+      tail -2 "$OUT/attn-tests.log"; grep -E "^FAILED" "$OUT/attn-tests.log" | head -8 | cut -c1-200 ;;
     power)
       nvidia-smi -q -d POWER,CLOCK > "$OUT/nvidia-smi-power.txt" 2>&1
       step throughput-power ${TP_S:-150} python3 scripts/diag_power.py \

@@ -101,11 +101,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         q32 = q.to(tl.float32)
         q_scale = tl.maximum(tl.max(tl.abs(q32), 1), 1e-12) / 448.0
         q = (q32 / q_scale[:, None]).to(tl.float8e4nv)
-        row_scale = q_scale * scale_log2  # the scores' scale, a row at a time
+        s_scale = q_scale * scale_log2  # (BLOCK_M,) the scores' scale, a row at a time
     elif FP8:  # e4m3 -> fp16 is one packed conversion per two values; k_scale is in
         q = q.to(tl.float16)  # scale_log2, v_scale applied to the output
     elif not TMA:  # (tma_fits: q has K's dtype already)
         q = q.to(k_ptr.dtype.element_ty)
+    if not FP8_QK:
+        s_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
+    # s_scale > 0 commutes with max: each row's max is taken before scaling, and exp2's
+    # argument s * scale - max is one FFMA an element (FMUL + FFMA when S was scaled first)
     kvh = h // GROUP
     if not TMA:
         k_base = k_ptr + kvh * stride_kh + d[None, :]
@@ -134,7 +138,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
         if FP8_QK:  # K stays e4m3: straight into shared memory for the FP8 dot
             k = tl.load(k_base + idx[:, None] * stride_kt)
             v = load_e4m3(v_base + idx[:, None] * stride_vt)
-            s = tl.dot(q, tl.trans(k)) * row_scale[:, None]
+            s = tl.dot(q, tl.trans(k))
         else:
             if TMA:
                 k = k_ptr.load([q_start + n0, kvh * HEAD_DIM])
@@ -145,9 +149,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
             else:
                 k = tl.load(k_base + idx[:, None] * stride_kt)  # (BLOCK_N, D)
                 v = tl.load(v_base + idx[:, None] * stride_vt)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (M, N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        pr = tl.exp2(s - m_new[:, None])
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (M, N), unscaled
+        m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+        pr = tl.exp2(s * s_scale[:, None] - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
@@ -162,7 +166,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                          mask=key_ok[:, None], other=0)
             k = kb.to(tl.float8e4nv, bitcast=True)
             v = load_e4m3(v_base + idx[:, None] * stride_vt, key_ok[:, None])
-            s = tl.dot(q, tl.trans(k)) * row_scale[:, None]
+            s = tl.dot(q, tl.trans(k))
         else:
             if TMA:  # past seq_len: the next chunk's rows (or zeros). Their scores are
                 # masked below and their V rows zeroed here: 0 * inf is NaN, and another
@@ -178,11 +182,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, seq_ids_ptr, query_start_loc_p
                             other=0.0)
                 v = tl.load(v_base + idx[:, None] * stride_vt, mask=key_ok[:, None],
                             other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         visible = (offs[None, :] <= ctx + rows[:, None]) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key n_full <= ctx + m0 is visible
-        pr = tl.exp2(s - m_new[:, None])
+        # finite: key n_full <= ctx + m0 is visible
+        m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+        pr = tl.exp2(s * s_scale[:, None] - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(pr, 1)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
