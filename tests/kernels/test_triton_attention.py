@@ -186,7 +186,6 @@ def test_decode_partition_counts_and_padding_rows() -> None:
 
 
 @pytest.mark.skipif(INTERPRET, reason="counts compiled variants (none in the interpreter)")
-@pytest.mark.skipif(INTERPRET, reason="counts compiled kernels")
 @pytest.mark.parametrize("kv", ["bf16", "fp8"])
 def test_decode_one_variant_for_any_partition_count(kv) -> None:
     """One partition (direct write) and many (scratch, merge) run the same compiled kernel,
