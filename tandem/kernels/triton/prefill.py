@@ -24,10 +24,10 @@ the copy engine fetches each (rows, head_dim) box with no address arithmetic in 
 scripts/bench_prefill_tma.py). Each row's max is taken before the scores' scale, so the
 exponent is one FFMA an element: 1.089-1.099 -> 1.045 ms, 0.582 -> 0.567
 (bench/results/2026-12-03-h200-twentysecond-ce56946/). A box may run past the chunk into
-the next one's rows (or zeros past the last row): those keys are masked, their V rows zeroed (a non-finite value
-in another request must not reach this one), and those query rows are not stored
-(tests/kernels/test_triton_attention.py poisons a neighbour; it and the engine GPU tests, 53,
-passed on an H200 at ee042ad).
+the next one's rows (or zeros past the last row): those keys are masked, their V rows
+zeroed (a non-finite value in another request must not reach this one), and those query
+rows are not stored (tests/kernels/test_triton_attention.py poisons a neighbour; it and the
+engine GPU tests, 53, passed on an H200 at ee042ad).
 TANDEM_PREFILL_TMA=0 turns it off.
 """
 
