@@ -29,6 +29,8 @@ ap.add_argument("--input-len", type=int, default=8192)
 ap.add_argument("--runs", type=int, default=5, help="unprofiled runs (wall median)")
 ap.add_argument("--gaps", type=int, default=8, help="largest GPU gaps listed")
 ap.add_argument("--trace", help="also keep the chrome trace here")
+ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                help="then one run under cProfile: its N functions of most own time")
 args = ap.parse_args()
 
 llm = LLM(args.model, load_format="dummy", max_model_len=args.input_len + 256,
@@ -109,3 +111,12 @@ for e in gpu:
 print("GPU ops (ms):")
 for name, dur in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]:
     print(f"  {dur / 1e3:8.2f}  {name}")
+if args.cprofile:
+    import cProfile
+    import pstats
+    sync()
+    pr = cProfile.Profile()
+    pr.enable()
+    llm.generate(prompt(77000), one, use_tqdm=False)
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(args.cprofile)
