@@ -5,6 +5,7 @@
 #   gemms     scripts/bench_prefill_gemms.py: the prefill's linears, weight layouts, the
 #             residual add in the GEMM epilogue, cuBLASLt
 #   tiles     scripts/bench_prefill_tma.py over tile configs ($TILES), pointer and TMA loads
+#   views     the default tiles with Q, K, V as views of one fused QKV output (the model's)
 #   prefill   `tandem bench prefill`, 8192 tokens (issue 16's figure), 5 runs
 # Needs no server wheels. Usage:
 #   OUT=dir DEADLINE=570 bash bench/run_twentythird_h200.sh [timeline gemms prefill]
@@ -13,13 +14,16 @@
 for what in "$@"; do
   case $what in
     timeline) step timeline ${TL_S:-120} python3 scripts/diag_prefill_timeline.py \
-                bench/configs/llama-3.1-8b --input-len 8192 --runs 5 --cprofile 40
+                bench/configs/llama-3.1-8b --input-len 8192 --runs 5 --events 5
               grep -v "Warning\|warn" "$OUT/timeline.log" | grep -v "^ *[0-9]* *0.000 *0.000" | head -75 | cut -c1-160 ;;
     gemms) step gemms ${GEMM_S:-120} python3 scripts/bench_prefill_gemms.py --rounds 5
            grep -v '^{' "$OUT/gemms.log" | tail -8 ;;
     tiles) step tiles ${TILES_S:-150} python3 scripts/bench_prefill_tma.py \
              --json "$OUT/tiles.json" --configs "${TILES:-default;64,64,4,2;64,64,4,3;128,64,8,2;64,128,4,2;128,64,4,2}"
            grep -v '^{' "$OUT/tiles.log" | tail -30 ;;
+    views) step views ${TILES_S:-90} python3 scripts/bench_prefill_tma.py --qkv-views \
+             --json "$OUT/views.json" --configs default
+           grep -v '^{' "$OUT/views.log" | tail -8 ;;
     prefill) bench prefill-8k ${PF_S:-90} prefill $M --input-len 8192 \
                --max-num-batched-tokens 8192 --max-model-len 8448 --max-num-seqs 1 \
                --iters 5 --no-progress ;;

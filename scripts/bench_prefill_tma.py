@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--configs", help="tile configs instead of the usual ones: "
                     "'BLOCK_M,BLOCK_N,warps,stages;...' ('default' for the default)")
+    ap.add_argument("--qkv-views", action="store_true",
+                    help="Q, K and V as strided views of one fused QKV output, as in the model")
     ap.add_argument("--cases", type=int, default=len(CASES), help="the first N cases")
     args = ap.parse_args()
     configs = CONFIGS if not args.configs else [
@@ -45,6 +47,11 @@ def main() -> None:
     rows = []
     for name, lens in CASES[:args.cases]:
         cache, query, key, value, metas = make_case(lens, lens, seed=len(lens))
+        if args.qkv_views:  # rows of (H + 2 Hkv) D, as qkv_proj writes them
+            t, h, d = query.shape
+            qkv = torch.cat([x.reshape(t, -1) for x in (query, key, value)], 1)
+            query, key, value = (x.view(t, -1, d) for x in qkv.split(
+                [h * d, key.shape[1] * d, value.shape[1] * d], 1))
         m = metas[0]
         flops = sum(causal_flops(n, n) for n in lens)
         baseline = torch.empty_like(query)

@@ -29,6 +29,8 @@ ap.add_argument("--input-len", type=int, default=8192)
 ap.add_argument("--runs", type=int, default=5, help="unprofiled runs (wall median)")
 ap.add_argument("--gaps", type=int, default=8, help="largest GPU gaps listed")
 ap.add_argument("--trace", help="also keep the chrome trace here")
+ap.add_argument("--events", type=int, default=0, metavar="N",
+                help="then N unprofiled runs timed with CUDA events at the phase marks")
 ap.add_argument("--cprofile", type=int, default=0, metavar="N",
                 help="then one run under cProfile: its N functions of most own time")
 args = ap.parse_args()
@@ -120,3 +122,42 @@ if args.cprofile:
     llm.generate(prompt(77000), one, use_tqdm=False)
     pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(args.cprofile)
+if args.events and torch.cuda.is_available():
+    # Each mark records a CUDA event and the host clock. An event fires when the GPU reaches
+    # it: with the GPU idle, at once; behind queued kernels, when they are done.
+    marks_at: list[tuple[str, float, torch.cuda.Event]] = []
+
+    def mark(name: str) -> None:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        marks_at.append((name, time.perf_counter(), e))
+
+    def around(name: str, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            mark(name + " start")
+            out = fn(*a, **kw)
+            mark(name + " end")
+            return out
+        return wrapper
+
+    runner.model.forward = around("forward", runner.model.forward)
+    runner.sampler = around("sampler", runner.sampler)
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for k in range(args.events):
+        marks_at.clear()
+        sync()
+        mark("generate start")
+        llm.generate(prompt(55000 + 1000 * k), one, use_tqdm=False)
+        t_end = time.perf_counter()
+        sync()
+        name0, t0, e0 = marks_at[0]
+        for name, t, e in marks_at[1:]:
+            rows.setdefault(name, []).append(((t - t0) * 1e3, e0.elapsed_time(e)))
+        rows.setdefault("generate returns", []).append(((t_end - t0) * 1e3, float("nan")))
+    print(f"CUDA-event marks, unprofiled, median of {args.events} runs "
+          "(ms from generate's start: host clock when reached, GPU when the event fired):")
+    for name, vals in rows.items():
+        host = statistics.median(v[0] for v in vals)
+        gpu = statistics.median(v[1] for v in vals)
+        print(f"  {name:18s} host {host:8.2f}   gpu {gpu:8.2f}")
