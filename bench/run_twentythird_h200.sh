@@ -6,6 +6,8 @@
 #             residual add in the GEMM epilogue, cuBLASLt
 #   tiles     scripts/bench_prefill_tma.py over tile configs ($TILES), pointer and TMA loads
 #   views     the default tiles with Q, K, V as views of one fused QKV output (the model's)
+#   tp512 tp1024 tp1024fp8  issue 16's throughput (1024 x 512/256) at max_num_seqs 512 or
+#             1024 (all prompts in one wave), the last with an FP8 KV cache
 #   prefill   `tandem bench prefill`, 8192 tokens (issue 16's figure), 5 runs
 # Needs no server wheels. Usage:
 #   OUT=dir DEADLINE=570 bash bench/run_twentythird_h200.sh [timeline gemms prefill]
@@ -24,6 +26,10 @@ for what in "$@"; do
     views) step views ${TILES_S:-90} python3 scripts/bench_prefill_tma.py --qkv-views \
              --json "$OUT/views.json" --configs default
            grep -v '^{' "$OUT/views.log" | tail -8 ;;
+    tp512|tp1024|tp1024fp8) n=${what#tp}; n=${n%fp8}; kv=auto; case $what in *fp8) kv=fp8 ;; esac
+           bench throughput-$what ${TP_S:-150} throughput $M --num-prompts 1024 \
+             --input-len 512 --output-len 256 --max-model-len 1024 --max-num-seqs $n \
+             --kv-cache-dtype $kv --no-progress ;;
     prefill) bench prefill-8k ${PF_S:-90} prefill $M --input-len 8192 \
                --max-num-batched-tokens 8192 --max-model-len 8448 --max-num-seqs 1 \
                --iters 5 --no-progress ;;
