@@ -1,5 +1,6 @@
 """Fresh-prompt prefill attention (kernels/triton/prefill.py) with its Q/K/V tiles fetched
-through Hopper tensor descriptors (TMA) against pointer loads, over tile configs.
+through Hopper tensor descriptors (TMA) against pointer loads, over tile configs, and the
+warp-specialized kernel (prefill_ws.py, "ws").
 Llama-3.1-8B heads (32/8 of 128), bf16, K/V read straight from this step's rows (the FRESH
 path of a prompt with no cached prefix).
 
@@ -56,24 +57,27 @@ def main() -> None:
         flops = sum(causal_flops(n, n) for n in lens)
         baseline = torch.empty_like(query)
         for cfg in configs:
-            for tma in (False, True):
+            modes = [("ptr", False, False), ("tma", True, False)]
+            if cfg is None:  # the warp-specialized kernel has its own tiles
+                modes.append(("ws", True, True))
+            for mode, tma, ws in modes:
                 out = baseline if cfg is None and not tma else torch.empty_like(query)
 
-                def run(out=out, cfg=cfg, tma=tma):
+                def run(out=out, cfg=cfg, tma=tma, ws=ws):
                     prefill_attention(query, cache, out, m.query_start_loc, m.seq_lens,
                                       m.block_tables, SCALE, max(lens), key=key, value=value,
-                                      config=cfg, tma=tma)
+                                      config=cfg, tma=tma, ws=ws)
                 try:
                     run()
                     ms = time_launch(run)
                 except Exception as exc:  # e.g. out of shared memory or registers
-                    print(f"{name:<10} {str(cfg):<18} {'tma' if tma else 'ptr'}  failed: "
-                          f"{repr(exc)[:100]}", flush=True)
+                    print(f"{name:<10} {str(cfg):<18} {mode}  failed: {repr(exc)[:100]}",
+                          flush=True)
                     continue
                 err = (out.float() - baseline.float()).abs().max().item()
-                rows.append({"case": name, "config": cfg, "tma": tma, "ms": ms,
+                rows.append({"case": name, "config": cfg, "tma": tma, "ws": ws, "ms": ms,
                              "TFLOPs": flops / ms / 1e9, "max_abs_err": err})
-                print(f"{name:<10} {str(cfg or 'default'):<18} {'tma' if tma else 'ptr'}  "
+                print(f"{name:<10} {str(cfg or 'default'):<18} {mode:<4} "
                       f"{ms:7.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  max diff {err:.4f}",
                       flush=True)
     emit(rows, args.json)
