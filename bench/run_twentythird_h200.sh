@@ -5,9 +5,8 @@
 #   gemms     scripts/bench_prefill_gemms.py: the prefill's linears, weight layouts, the
 #             residual add in the GEMM epilogue, cuBLASLt
 #   tiles     scripts/bench_prefill_tma.py over tile configs ($TILES), pointer and TMA loads
-#   ws        the warp-specialized prefill kernel against the TMA and pointer kernels
-#             (bench_prefill_tma.py), then the attention GPU tests
-#   nows      the 8k prefill benchmark with TANDEM_PREFILL_WS=0 (the kernel before)
+#   wsprobe   scripts/probe_triton_ws.py: does Triton's Hopper warp specialization run a
+#             minimal attention loop, or hang (the engine's variant, at 0f53b66, hung)
 #   views     the default tiles with Q, K, V as views of one fused QKV output (the model's)
 #   tp512 tp1024 tp1024fp8  issue 16's throughput (1024 x 512/256) at max_num_seqs 512 or
 #             1024 (all prompts in one wave), the last with an FP8 KV cache
@@ -26,17 +25,8 @@ for what in "$@"; do
     tiles) step tiles ${TILES_S:-150} python3 scripts/bench_prefill_tma.py \
              --json "$OUT/tiles.json" --configs "${TILES:-default;64,64,4,2;64,64,4,3;128,64,8,2;64,128,4,2;128,64,4,2}"
            grep -v '^{' "$OUT/tiles.log" | tail -30 ;;
-    ws) step ws-tiles ${TILES_S:-120} python3 scripts/bench_prefill_tma.py \
-          --json "$OUT/ws-tiles.json" --configs default
-        grep -v '^{' "$OUT/ws-tiles.log" | tail -8
-        step ws-tests ${TESTS_S:-200} python3 -m pytest -q -rf --tb=short -p no:cacheprovider \
-          tests/kernels/test_triton_attention.py
-        tail -2 "$OUT/ws-tests.log"; grep -E "^FAILED|Error" "$OUT/ws-tests.log" | head -8 | cut -c1-200 ;;
-    nows) export TANDEM_PREFILL_WS=0
-          bench prefill-8k-nows ${PF_S:-90} prefill $M --input-len 8192 \
-            --max-num-batched-tokens 8192 --max-model-len 8448 --max-num-seqs 1 --iters 5 \
-            --no-progress
-          unset TANDEM_PREFILL_WS ;;
+    wsprobe) step ws-probe ${PROBE_S:-100} python3 scripts/probe_triton_ws.py --timeout 40
+             grep -v '^{"bench' "$OUT/ws-probe.log" | tail -3 ;;
     views) step views ${TILES_S:-90} python3 scripts/bench_prefill_tma.py --qkv-views \
              --json "$OUT/views.json" --configs default
            grep -v '^{' "$OUT/views.log" | tail -8 ;;

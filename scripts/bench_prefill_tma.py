@@ -1,6 +1,5 @@
 """Fresh-prompt prefill attention (kernels/triton/prefill.py) with its Q/K/V tiles fetched
-through Hopper tensor descriptors (TMA) against pointer loads, over tile configs, and the
-warp-specialized kernel (prefill_ws.py, "ws").
+through Hopper tensor descriptors (TMA) against pointer loads, over tile configs.
 Llama-3.1-8B heads (32/8 of 128), bf16, K/V read straight from this step's rows (the FRESH
 path of a prompt with no cached prefix).
 
@@ -57,16 +56,13 @@ def main() -> None:
         flops = sum(causal_flops(n, n) for n in lens)
         baseline = torch.empty_like(query)
         for cfg in configs:
-            modes = [("ptr", False, False), ("tma", True, False)]
-            if cfg is None:  # the warp-specialized kernel has its own tiles
-                modes.append(("ws", True, True))
-            for mode, tma, ws in modes:
+            for mode, tma in (("ptr", False), ("tma", True)):
                 out = baseline if cfg is None and not tma else torch.empty_like(query)
 
-                def run(out=out, cfg=cfg, tma=tma, ws=ws):
+                def run(out=out, cfg=cfg, tma=tma):
                     prefill_attention(query, cache, out, m.query_start_loc, m.seq_lens,
                                       m.block_tables, SCALE, max(lens), key=key, value=value,
-                                      config=cfg, tma=tma, ws=ws)
+                                      config=cfg, tma=tma)
                 try:
                     run()
                     ms = time_launch(run)
@@ -75,7 +71,7 @@ def main() -> None:
                           flush=True)
                     continue
                 err = (out.float() - baseline.float()).abs().max().item()
-                rows.append({"case": name, "config": cfg, "tma": tma, "ws": ws, "ms": ms,
+                rows.append({"case": name, "config": cfg, "tma": tma, "ms": ms,
                              "TFLOPs": flops / ms / 1e9, "max_abs_err": err})
                 print(f"{name:<10} {str(cfg or 'default'):<18} {mode:<4} "
                       f"{ms:7.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  max diff {err:.4f}",

@@ -14,8 +14,6 @@
     TANDEM_PREFILL_TMA    "0": fresh prompts' prefill attention loads its tiles by pointer
                           instead of through Hopper tensor descriptors (the default "1";
                           kernels/triton/prefill.py), for A/B runs
-    TANDEM_PREFILL_WS     "0": fresh prompts on Hopper skip the warp-specialized prefill
-                          attention kernel (kernels/triton/prefill_ws.py; default "1")
     TANDEM_DECODE_ROTARY  "0": decode steps launch rotary + K/V write apart from attention
                           (the default "1" does all three in the decode kernel on Triton)
     TANDEM_DECODE_MIN_PART for tuning runs: the shortest split-K partition of the decode
@@ -82,10 +80,6 @@ def norm_chain_mode() -> str:
 
 def prefill_tma() -> bool:
     return os.environ.get("TANDEM_PREFILL_TMA", "1") != "0"
-
-
-def prefill_ws() -> bool:
-    return os.environ.get("TANDEM_PREFILL_WS", "1") != "0"
 
 
 def fp8_cast_half() -> bool:

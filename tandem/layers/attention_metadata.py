@@ -43,14 +43,3 @@ class AttentionMetadata:
     @property
     def num_tokens(self) -> int:
         return int(self.slot_mapping.shape[0])
-
-    def tiles_stay_in_chunks(self, chunks: list[int], tile: int, num_rows: int) -> bool:
-        """Whether key tiles of `tile` rows, read from this step's rows (a tensor of
-        num_rows) from each chunk's first row on, stay inside the chunk's own rows for every
-        chunk in `chunks` (indices of sequences): its length a multiple of `tile`, or
-        nothing after it but the tensor's end (a tensor descriptor's bounds read zeros)."""
-        end, ends = 0, []
-        for n in self.query_lens_cpu:
-            end += n
-            ends.append(end)
-        return all(self.query_lens_cpu[i] % tile == 0 or ends[i] == num_rows for i in chunks)

@@ -162,58 +162,6 @@ def test_fresh_prefill_tensor_descriptors(dtype, head_dim, group) -> None:
                           meta.block_tables, head_dim ** -0.5, max_query_len=300, tma=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group", [1, 4])
-def test_fresh_prefill_warp_specialized(dtype, group, monkeypatch) -> None:
-    """Hopper: the warp-specialized kernel (prefill_ws.py) gives what the TMA kernel gives
-    for chunks whose key tiles stay in their own rows (lengths that are multiples of 128,
-    the last one any length), with q/k/v strided views of one fused QKV row; a
-    neighbour's non-finite K/V reaches no other chunk; with decodes in the step (seq_ids)
-    too; and the backend picks it only where tiles_stay_in_chunks holds."""
-    from tandem.kernels.triton.prefill import tma_fits
-    head_dim, heads, kv_heads = 128, 2 * group, 2
-    rng = random.Random(group)
-    torch.manual_seed(group)
-    seqs = [(q, q) for q in (256, 128, 384, 300)]
-    meta, cache, _, _, _ = make_batch(rng, seqs, 16, heads, kv_heads, head_dim, dtype)
-    t = meta.num_tokens
-    qkv = torch.randn(t, heads + 2 * kv_heads, head_dim, device=DEVICE).to(dtype)
-    query, key, value = qkv[:, :heads], qkv[:, heads:heads + 2], qkv[:, heads + 2:]
-    if not tma_fits(query, key, value) or INTERPRET:
-        pytest.skip("the warp-specialized kernel needs a Hopper GPU")
-    assert meta.tiles_stay_in_chunks(list(range(4)), 128, t)
-
-    def run(ws: bool) -> torch.Tensor:
-        out = torch.full_like(query, float("nan"))
-        prefill_attention(query, cache, out, meta.query_start_loc, meta.seq_lens,
-                          meta.block_tables, head_dim ** -0.5, max_query_len=384, key=key,
-                          value=value, tma=True, ws=ws)
-        return out
-    ws, tma = run(True), run(False)
-    torch.testing.assert_close(ws, tma, atol=2e-3, rtol=0)  # same tiles, same math
-    fresh_cache = torch.zeros_like(cache)
-    reference.write_kv(key, value, fresh_cache, meta.slot_mapping)
-    check(ws, query, fresh_cache, meta, head_dim ** -0.5, dtype)
-    qkv[256:258, heads:heads + 2] = float("inf")  # chunk 1's first rows
-    qkv[256:258, heads + 2:] = float("nan")
-    poisoned = run(True)
-    others = torch.ones(t, dtype=torch.bool, device=DEVICE)
-    others[256:384] = False  # chunk 1 attends to its own poisoned rows
-    assert torch.equal(poisoned[others], ws[others])
-    # the engine's path: decodes mixed in (seq_ids), the backend choosing the kernel
-    mixed = [(1, 40), (256, 256), (1, 70), (300, 300)]
-    meta, cache, query, key, value = make_batch(rng, mixed, 16, heads, kv_heads, head_dim,
-                                                dtype)
-    assert meta.tiles_stay_in_chunks([1, 3], 128, meta.num_tokens)
-    from tandem.kernels.triton import prefill_ws
-    launches = []
-    launch = prefill_ws.prefill_ws
-    monkeypatch.setattr(prefill_ws, "prefill_ws", lambda *a: launches.append(a) or launch(*a))
-    out = TritonAttentionBackend().forward(query, cache, meta, head_dim ** -0.5, key, value)
-    check(out, query, cache, meta, head_dim ** -0.5, dtype)
-    assert len(launches) == 1
-
-
 def test_float32() -> None:
     run_backend([(1, 200), (37, 90), (1, 33), (70, 70)], num_heads=4, num_kv_heads=4,
                 head_dim=64, dtype=torch.float32)

@@ -21,7 +21,6 @@ from tandem.kernels import reference
 from tandem.kernels.triton.decode import NewTokens, decode_attention
 from tandem.kernels.triton.kv_write import rotary_write_kv, write_kv
 from tandem.kernels.triton.prefill import prefill_attention
-from tandem.kernels.triton import prefill_ws
 from tandem.layers.attention_metadata import AttentionMetadata
 
 
@@ -114,6 +113,5 @@ class TritonAttentionBackend:
                           seq_ids=None if not decodes else _device_ids(chunks, query.device),
                           num_chunks=len(chunks),
                           key=key if fresh else None, value=value if fresh else None,
-                          kv_scale=kv_scale, ws=fresh and meta.tiles_stay_in_chunks(
-                              chunks, prefill_ws.BLOCK, query.shape[0]))
+                          kv_scale=kv_scale)
         return out

@@ -41,7 +41,6 @@ import triton.language as tl
 
 from tandem import envs
 from tandem.kernels.reference import attention as reference_attention
-from tandem.kernels.triton import prefill_ws
 from tandem.kernels.triton.kv_write import load_e4m3
 
 try:
@@ -231,8 +230,7 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                       config: tuple[int, int, int, int] | None = None,
                       prefetch_table: bool = True,
                       kv_scale: tuple[float, float] = (1.0, 1.0),
-                      fp8_qk: bool | None = None, tma: bool | None = None,
-                      ws: bool = False) -> None:
+                      fp8_qk: bool | None = None, tma: bool | None = None) -> None:
     """out rows of each chunk (all sequences, or those in seq_ids: (num_chunks,) int32) =
     causal attention over its paged context.
 
@@ -245,10 +243,6 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     time); default `reference.attention.fp8_prefill_query`, the spec's rule.
     tma: fetch a fresh batch's tiles through tensor descriptors (default: where
     `tma_fits`, outside CUDA graph capture, unless TANDEM_PREFILL_TMA=0).
-    ws: the caller has checked that no key tile of prefill_ws.BLOCK rows crosses from one
-    chunk into another's rows (AttentionMetadata.tiles_stay_in_chunks): with TMA, head_dim
-    128 and no `config`, run the warp-specialized kernel (prefill_ws.py) unless
-    TANDEM_PREFILL_WS=0.
     """
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -278,11 +272,6 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     elif tma and not (fresh and tma_fits(query, k_src, v_src)):
         raise ValueError("tma=True needs a fresh batch (key and value given) that tma_fits")
     srcs = (query, k_src, v_src)
-    if tma and ws and config is None and head_dim == prefill_ws.BLOCK and envs.prefill_ws():
-        descs = [_rows_of_heads(t, prefill_ws.BLOCK) for t in srcs]
-        prefill_ws.prefill_ws(*descs, out, query_start_loc, scale * 1.4426950408889634,
-                              max_query_len, num_chunks, num_heads // num_kv_heads, seq_ids)
-        return
     if tma:
         srcs = (_rows_of_heads(query, block_m), _rows_of_heads(k_src, block_n),
                 _rows_of_heads(v_src, block_n))
