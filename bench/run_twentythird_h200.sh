@@ -25,7 +25,7 @@ for what in "$@"; do
     tiles) step tiles ${TILES_S:-150} python3 scripts/bench_prefill_tma.py \
              --json "$OUT/tiles.json" --configs "${TILES:-default;64,64,4,2;64,64,4,3;128,64,8,2;64,128,4,2;128,64,4,2}"
            grep -v '^{' "$OUT/tiles.log" | tail -30 ;;
-    wsprobe) step ws-probe ${PROBE_S:-100} python3 scripts/probe_triton_ws.py --timeout 40
+    wsprobe) step ws-probe ${PROBE_S:-100} python3 scripts/probe_triton_ws.py --timeout ${PROBE_TIMEOUT:-40}
              grep -v '^{"bench' "$OUT/ws-probe.log" | tail -3 ;;
     views) step views ${TILES_S:-90} python3 scripts/bench_prefill_tma.py --qkv-views \
              --json "$OUT/views.json" --configs default
