@@ -5,6 +5,11 @@ before the first kernel starts, the GPU idle gaps between kernels (the largest, 
 kernels around them), the time after the last kernel ends, and the host phases' sums.
 
     python scripts/diag_prefill_timeline.py [MODEL_DIR] [--input-len 8192] [--trace F.json]
+        [--events N] [--cprofile N]
+
+--events N: then N unprofiled runs with a CUDA event and the host clock at each mark
+(the profiler's own cost per op inflates the host phases above). On a machine without
+CUDA the CPU ops stand in for kernels, for a smoke run.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ path = args.trace or os.path.join(tempfile.mkdtemp(), "trace.json")
 prof.export_chrome_trace(path)
 events = json.load(open(path))["traceEvents"]
 gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-              or (not torch.cuda.is_available() and e.get("cat") == "cpu_op")),
+              or (not torch.cuda.is_available() and e.get("cat") == "cpu_op")),  # smoke run
              key=lambda e: e["ts"])
 marks = [e for e in events if e.get("cat") == "user_annotation"
          and str(e.get("name", "")).startswith("phase:")]
