@@ -156,7 +156,7 @@ if args.events and torch.cuda.is_available():
         llm.generate(prompt(55000 + 1000 * k), one, use_tqdm=False)
         t_end = time.perf_counter()
         sync()
-        name0, t0, e0 = marks_at[0]
+        _, t0, e0 = marks_at[0]
         for name, t, e in marks_at[1:]:
             rows.setdefault(name, []).append(((t - t0) * 1e3, e0.elapsed_time(e)))
         rows.setdefault("generate returns", []).append(((t_end - t0) * 1e3, float("nan")))
