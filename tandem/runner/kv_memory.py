@@ -8,7 +8,8 @@
 
 CUDA: after the weights are loaded, one profiling forward at the largest step the scheduler
 can plan (max_num_batched_tokens tokens, max_num_seqs sampled rows) measures peak activation
-memory; the pool takes what `gpu_memory_utilization` leaves. CPU: a fixed memory budget.
+memory; the pool takes what `gpu_memory_utilization` leaves, and a pool larger than the
+device's free memory is refused with a ValueError. CPU: a fixed memory budget.
 `num_kv_blocks` overrides both.
 """
 
@@ -64,7 +65,7 @@ def num_blocks_for(cache: CacheConfig, block_bytes: int, device: torch.device,
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
     if device.type == "cuda":
-        _, total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
         budget = int(total * cache.gpu_memory_utilization) - peak_bytes
         if budget <= 0:
             raise ValueError(
@@ -72,6 +73,13 @@ def num_blocks_for(cache: CacheConfig, block_bytes: int, device: torch.device,
                 f"{cache.gpu_memory_utilization} of {total / 2**30:.1f} GiB is "
                 f"{total * cache.gpu_memory_utilization / 2**30:.1f} GiB, but weights and "
                 f"activations peak at {peak_bytes / 2**30:.1f} GiB")
+        if budget > free:  # held by other processes or engines (as vLLM, an error, not OOM)
+            raise ValueError(
+                f"the KV cache needs {budget / 2**30:.1f} GiB (gpu_memory_utilization="
+                f"{cache.gpu_memory_utilization} of {total / 2**30:.1f} GiB, less "
+                f"{peak_bytes / 2**30:.1f} GiB of weights and activations), but only "
+                f"{free / 2**30:.1f} GiB of the device is free: other processes or engines "
+                f"hold the rest. Lower gpu_memory_utilization or set num_kv_blocks")
         return budget // block_bytes
     return int(cache.cpu_kv_cache_gib * 2**30) // block_bytes
 

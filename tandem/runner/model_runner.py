@@ -110,6 +110,12 @@ class ModelRunner:
         self.device = device or resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
+        if self.device.type == "cuda":
+            # Give back what torch caches from engines that died in this process: a segment
+            # left cached would be carved up by this engine's first allocations, and one
+            # long-lived tensor inside it would keep all of it (a dead engine's KV pool)
+            # from the driver for good.
+            torch.cuda.empty_cache()
         self.model = load_model(config.model.model, self.dtype, self.device,
                                 config.model.load_format, config.model.seed, self.parallel,
                                 quant_policy(config.model))

@@ -8,7 +8,8 @@ import torch
 
 from tandem.config import CacheConfig
 from tandem.kernels import reference
-from tandem.runner.kv_memory import allocate_kv_caches, kv_block_bytes, kv_cache_spec
+from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, kv_cache_spec,
+                                     num_blocks_for)
 from tests.model_factory import make_attn_metadata
 
 
@@ -61,3 +62,23 @@ def test_fp8_reference_round_trip_and_attention():
     assert not reference.attention.fp8_prefill_query(16)
     ref = reference.paged_attention(q_ref, back.view_as(full), meta, 0.25)
     torch.testing.assert_close(out8, ref)  # reads dequantize; prompts read the cache too
+
+
+def test_cuda_pool_sizing_takes_the_budget_and_refuses_memory_that_is_not_free(monkeypatch):
+    """CUDA: blocks = (total x gpu_memory_utilization - peak) // block bytes; a budget
+    above the device's free memory (other processes or engines hold it) is a clear
+    ValueError, as vLLM's start-up check, not an out-of-memory error mid-allocation.
+    num_kv_blocks bypasses both."""
+    gib = 2**30
+    free = {"bytes": 100 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 140 * gib))
+    cuda = torch.device("cuda")
+    cache = CacheConfig(gpu_memory_utilization=0.5)
+    assert num_blocks_for(cache, gib, cuda, peak_bytes=20 * gib) == 50  # 70 - 20 GiB
+    free["bytes"] = 40 * gib  # e.g. another engine holds 60 GiB
+    with pytest.raises(ValueError, match=r"needs 50.0 GiB .* only 40.0 GiB of the device is "
+                                         r"free.*Lower gpu_memory_utilization"):
+        num_blocks_for(cache, gib, cuda, peak_bytes=20 * gib)
+    with pytest.raises(ValueError, match="no memory left for the KV cache"):
+        num_blocks_for(cache, gib, cuda, peak_bytes=80 * gib)
+    assert num_blocks_for(CacheConfig(num_kv_blocks=7), gib, cuda, peak_bytes=20 * gib) == 7
