@@ -4,6 +4,8 @@
     TANDEM_WORKER_KEY     authenticates a disaggregated front end to its `tandem worker`s
     TANDEM_CPU_KERNELS    "0": never build or use the C kernels (decode attention and the
                           fused decode step: the PyTorch reference instead)
+    TANDEM_CPU_MALLOPT    "0": a CPU engine leaves glibc's malloc thresholds as they are
+                          (runner/host_malloc.py)
     TANDEM_CACHE_DIR      where compiled CPU kernels are cached (default ~/.cache/tandem)
     TANDEM_GIT_COMMIT     the commit benchmarks report, for a tree copied without .git
     TANDEM_PDL            "0": launch the Triton kernels without programmatic dependent
@@ -53,6 +55,10 @@ def worker_key() -> str | None:
 
 def api_key() -> str | None:
     return os.environ.get("TANDEM_API_KEY") or None
+
+
+def cpu_mallopt() -> bool:
+    return os.environ.get("TANDEM_CPU_MALLOPT", "1") != "0"
 
 
 def cpu_kernels_enabled() -> bool:

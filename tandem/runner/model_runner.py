@@ -44,6 +44,7 @@ from tandem.request import SamplingParams
 from tandem.runner.cpu_decode import CpuDecodeRunner
 from tandem.runner.cuda_graph import CudaGraphRunner
 from tandem.runner.input_batch import ModelInputs, build_model_inputs, build_sampling_tensors
+from tandem.runner import host_malloc
 from tandem.runner.kv_memory import (allocate_kv_caches, kv_block_bytes, kv_cache_spec,
                                      num_blocks_for)
 from tandem.runner.request_state import RequestState, apply_plan
@@ -116,6 +117,8 @@ class ModelRunner:
             # long-lived tensor inside it would keep all of it (a dead engine's KV pool)
             # from the driver for good.
             torch.cuda.empty_cache()
+        elif self.device.type == "cpu":
+            host_malloc.tune()  # activations reuse freed heap instead of faulting in pages
         self.model = load_model(config.model.model, self.dtype, self.device,
                                 config.model.load_format, config.model.seed, self.parallel,
                                 quant_policy(config.model))
