@@ -73,6 +73,8 @@ def num_blocks_for(cache: CacheConfig, block_bytes: int, device: torch.device,
                 f"{cache.gpu_memory_utilization} of {total / 2**30:.1f} GiB is "
                 f"{total * cache.gpu_memory_utilization / 2**30:.1f} GiB, but weights and "
                 f"activations peak at {peak_bytes / 2**30:.1f} GiB")
+        # free: the driver's, plus what torch holds cached but unused in this process
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         if budget > free:  # held by other processes or engines (as vLLM, an error, not OOM)
             raise ValueError(
                 f"the KV cache needs {budget / 2**30:.1f} GiB (gpu_memory_utilization="

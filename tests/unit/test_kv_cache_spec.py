@@ -72,6 +72,9 @@ def test_cuda_pool_sizing_takes_the_budget_and_refuses_memory_that_is_not_free(m
     gib = 2**30
     free = {"bytes": 100 * gib}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 140 * gib))
+    cached = {"reserved": 0, "allocated": 0}  # torch's cache in this process
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: cached["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: cached["allocated"])
     cuda = torch.device("cuda")
     cache = CacheConfig(gpu_memory_utilization=0.5)
     assert num_blocks_for(cache, gib, cuda, peak_bytes=20 * gib) == 50  # 70 - 20 GiB
@@ -79,6 +82,9 @@ def test_cuda_pool_sizing_takes_the_budget_and_refuses_memory_that_is_not_free(m
     with pytest.raises(ValueError, match=r"needs 50.0 GiB .* only 40.0 GiB of the device is "
                                          r"free.*Lower gpu_memory_utilization"):
         num_blocks_for(cache, gib, cuda, peak_bytes=20 * gib)
+    cached.update(reserved=25 * gib, allocated=5 * gib)  # 20 GiB cached and unused: usable
+    assert num_blocks_for(cache, gib, cuda, peak_bytes=20 * gib) == 50
+    cached.update(reserved=0, allocated=0)
     with pytest.raises(ValueError, match="no memory left for the KV cache"):
         num_blocks_for(cache, gib, cuda, peak_bytes=80 * gib)
     assert num_blocks_for(CacheConfig(num_kv_blocks=7), gib, cuda, peak_bytes=20 * gib) == 7
